@@ -1,0 +1,192 @@
+"""The model folder: config.json + model.safetensors + tokenizer (+ train_state.pt for training runs).
+
+A folder is written whole or not at all: everything goes into a temporary sibling folder that is then swapped
+in by rename, so a crash mid-save leaves the previous checkpoint intact. Loading checks what it reads and
+names the file and the fix when something is wrong (truncated, foreign or corrupted weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import ModelConfig
+from lmforge.model import Transformer
+
+CONFIG_FILE, WEIGHTS_FILE, TRAIN_STATE_FILE = "config.json", "model.safetensors", "train_state.pt"
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded; the message names the file and what is wrong."""
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, shapes, dtypes and bytes, so a shuffled or altered tensor is caught at load time."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without tied duplicates (safetensors stores each buffer once)."""
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen and t.numel():
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.detach().contiguous()
+    return out
+
+
+def write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp_folder) and swap the result in for `folder` atomically (old contents are replaced)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def save_model_files(tmp: Path, model: torch.nn.Module, config: ModelConfig, tokenizer=None) -> None:
+    """Write config, weights and tokenizer into `tmp` (a folder being built by write_folder)."""
+    tensors = model_tensors(model)
+    (tmp / CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
+    save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "lmforge_sha256": tensors_digest(tensors)})
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+
+
+def save_model(folder: str | os.PathLike, model: Transformer, tokenizer=None, train_state: dict | None = None,
+               extra_files: dict[str, bytes] | None = None) -> Path:
+    """Save a model folder atomically; `train_state` (optimizer, scheduler, RNG, step) goes to train_state.pt."""
+
+    def write(tmp: Path) -> None:
+        save_model_files(tmp, model, model.config, tokenizer)
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE_FILE)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+
+    return write_folder(folder, write)
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model folder, or a training run folder (whose best/ checkpoint, else last/, is taken)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    if (path / CONFIG_FILE).exists():
+        return path
+    for sub in ("best", "last"):
+        if (path / sub / CONFIG_FILE).exists():
+            return path / sub
+    raise CheckpointError(f"{path} holds no {CONFIG_FILE}: not an lmforge model folder or training run "
+                          f"(make one with `lmforge train`, or import one with `lmforge import`)")
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise CheckpointError(f"weights file missing: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                              f"corrupt: re-save or re-download it") from None
+    expected = metadata.get("lmforge_sha256")
+    if expected and tensors_digest(tensors) != expected:
+        raise CheckpointError(f"{path}: weights do not match the checksum recorded when they were saved; "
+                              f"the file was altered or corrupted after saving")
+    return tensors, metadata
+
+
+def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Load tensors into model with every name and shape checked (tied weights may be absent)."""
+    own = model.state_dict()
+    kept = model_tensors(model)  # tied duplicates are not stored
+    missing = [n for n in kept if n not in tensors]
+    unexpected = [n for n in tensors if n not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit this model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; is it a checkpoint "
+                              f"of another architecture?")
+    for name, t in tensors.items():
+        if own[name].shape != t.shape:
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, the config in "
+                                  f"{path.parent / CONFIG_FILE} expects {tuple(own[name].shape)}")
+    model.load_state_dict(tensors, strict=False, assign=False)
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               with_tokenizer: bool = True):
+    """Load (model, tokenizer) from a model folder or training run; the tokenizer is None when absent."""
+    folder = resolve_model_dir(path)
+    try:
+        config = ModelConfig.from_file(folder / CONFIG_FILE)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from None
+    tensors, _ = read_weights(folder / WEIGHTS_FILE)
+    model = build_model(config)
+    load_state(model, tensors, folder / WEIGHTS_FILE)
+    model.eval().to(device=device)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    tokenizer = None
+    if with_tokenizer:
+        from lmforge.tokenizer import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(folder)
+        except FileNotFoundError:
+            tokenizer = None
+    return model, tokenizer
+
+
+def build_model(config: ModelConfig) -> Transformer:
+    """The model for a config; quantized configs get their quantized linear layers swapped in."""
+    model = Transformer(config)
+    if config.quantization:
+        from lmforge.infer.quantize import convert_for_runtime
+
+        convert_for_runtime(model, config.quantization)
+    return model
+
+
+def load_train_state(path: str | os.PathLike) -> dict:
+    path = Path(path) / TRAIN_STATE_FILE
+    if not path.exists():
+        raise CheckpointError(f"no training state in {path.parent} ({TRAIN_STATE_FILE} missing): "
+                              f"it is a model folder, not a resumable training checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many kinds for a damaged pickle/zip
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}); it may be truncated") from None
+

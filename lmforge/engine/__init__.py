@@ -1,0 +1,1 @@
+"""The serving engine: paged KV blocks, a continuous-batching scheduler, schedule -> execute -> update."""

@@ -1,0 +1,1 @@
+"""Inference: sampling, generation, quantization, speculative decoding."""
