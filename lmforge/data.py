@@ -1,0 +1,558 @@
+"""Data: corpora in, token memmaps out, batches for training and evaluation.
+
+The flow is nanoGPT's `data/<name>/prepare.py` made general: read a corpus, split it into train / val
+(/ test), train a tokenizer on the training text, encode every split and write each as one flat array of token
+ids (`train.bin`, `val.bin`, ...) that `np.memmap` reads without loading it, plus the tokenizer and `meta.json`.
+Training then samples random windows from the memmap (`random_batch`, as nanoGPT), or walks it in parallel
+streams (`sequential_batches`, as PyTorch's `word_language_model`); evaluation scores each token once
+(`eval_windows`).
+
+A corpus is one of:
+- a text file: the first `1 - val_fraction` of its characters train, the rest validate (nanoGPT's
+  `data[:int(n*0.9)]`);
+- a folder of text files: whole files are held out for validation by a stable hash of their relative path, so a
+  file stays on its side whatever else is added to the folder;
+- a folder of given splits (`train.txt`, `valid.txt` or `val.txt`, optional `test.txt`, as WikiText-2): used as is;
+- a built-in name: `python-stdlib` (the running interpreter's standard library sources, on every machine) or
+  `tinyshakespeare` (downloaded once, checked against its sha256).
+
+All text is read as UTF-8 with universal newlines, as Python's `open()` in text mode reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import sysconfig
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+
+from lmforge.fsutil import atomic_path, atomic_write_text
+from lmforge.tokenizer import KINDS, Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
+
+
+class DataError(ValueError):
+    """Bad data input: a missing or undecodable file, an empty corpus, a failed download, a missing split."""
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _decode(raw: bytes, path: Path, errors: str) -> str:
+    if errors not in ("strict", "replace"):
+        raise DataError(f"errors={errors!r} is not supported; use 'strict' or 'replace'")
+    try:
+        text = raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not valid UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start} ({e.reason}); "
+            "re-run with --errors replace to replace undecodable bytes with U+FFFD, or fix the file"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_text(path: str | os.PathLike, errors: str = "strict") -> str:
+    """Read a UTF-8 text file. `errors="replace"` turns undecodable bytes into U+FFFD instead of failing."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a file")
+    return _decode(path.read_bytes(), path, errors)
+
+
+# ------------------------------------------------------------------------------------------ download
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60.0) -> Path:
+    """Fetch `url` to `dest`, streamed to a temporary file beside it and renamed only once its sha256 matches.
+
+    On any failure (HTTP error, network error, checksum mismatch) nothing is left at or beside `dest`.
+    """
+    dest = Path(dest)
+    try:
+        with atomic_path(dest) as tmp:
+            digest = hashlib.sha256()
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+                while block := response.read(1 << 16):
+                    digest.update(block)
+                    f.write(block)
+            if digest.hexdigest() != sha256:
+                raise DataError(
+                    f"download of {url} has sha256 {digest.hexdigest()}, expected {sha256}; "
+                    "the file changed upstream or the transfer was corrupted, so it was not kept"
+                )
+    except urllib.error.HTTPError as e:
+        raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise DataError(
+            f"download of {url} failed ({reason}); check the network, or download it yourself and pass from_file"
+        ) from None
+    return dest
+
+
+# ------------------------------------------------------------------------------------------ corpora
+
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+BUILTIN_CORPORA = ("python-stdlib", "tinyshakespeare")
+STDLIB_SKIP_DIRS = ("site-packages", "dist-packages", "test", "tests", "idlelib/idle_test")
+SPLITS = ("train", "val", "test")
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "lmforge"
+
+
+@dataclass
+class Document:
+    """One unit of text: a file, or a piece of one. Documents are separated by the tokenizer's eos token."""
+
+    name: str
+    text: str
+
+
+@dataclass
+class Corpus:
+    source: str
+    splits: dict[str, list[Document]]  # "train", "val" and maybe "test"
+    split_method: str  # "tail", "file-hash" or "given"
+
+
+def _relative_files(root: Path, skip_dirs: Sequence[str] = ()) -> list[str]:
+    """Relative POSIX paths of the regular files under `root`, sorted; hidden files and folders are skipped."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        rel_folder = Path(folder).relative_to(root)
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".") and d not in skip_dirs and (rel_folder / d).as_posix() not in skip_dirs
+        ]
+        for name in files:
+            if not name.startswith(".") and (Path(folder) / name).is_file():
+                found.append((rel_folder / name).as_posix())
+    return sorted(found)
+
+
+def _read_documents(root: Path, names: Sequence[str], errors: str, max_chars: int | None) -> list[Document]:
+    """Read files in order until `max_chars` is reached (the last one cut to fit); skip binary (NUL) files."""
+    docs, total = [], 0
+    for name in names:
+        if max_chars is not None and total >= max_chars:
+            break
+        raw = (root / name).read_bytes()
+        if b"\0" in raw:
+            continue
+        text = _decode(raw, root / name, errors)
+        if max_chars is not None:
+            text = text[: max_chars - total]
+        docs.append(Document(name, text))
+        total += len(text)
+    return docs
+
+
+def python_stdlib_files() -> tuple[Path, list[str]]:
+    """The running interpreter's standard library `.py` files, without third-party packages and test suites."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return root, [name for name in _relative_files(root, STDLIB_SKIP_DIRS) if name.endswith(".py")]
+
+
+def fetch_tinyshakespeare(cache_dir: str | os.PathLike, from_file: str | os.PathLike | None = None,
+                          timeout: float = 60.0) -> Path:
+    """Path of a verified tiny Shakespeare `input.txt`: `from_file` if given, else cached or downloaded."""
+    if from_file is not None:
+        from_file = Path(from_file)
+        if not from_file.is_file():
+            raise DataError(f"from_file {from_file} does not exist")
+        actual = sha256_file(from_file)
+        if actual != TINYSHAKESPEARE_SHA256:
+            raise DataError(
+                f"from_file {from_file} has sha256 {actual}, but tiny Shakespeare's input.txt has "
+                f"{TINYSHAKESPEARE_SHA256}; point from_file at an unmodified copy of {TINYSHAKESPEARE_URL}"
+            )
+        return from_file
+    cached = Path(cache_dir) / "tinyshakespeare" / "input.txt"
+    if cached.is_file() and sha256_file(cached) == TINYSHAKESPEARE_SHA256:
+        return cached
+    return download(TINYSHAKESPEARE_URL, cached, TINYSHAKESPEARE_SHA256, timeout)
+
+
+# ------------------------------------------------------------------------------------------ splits
+
+
+def _held_out(name: str, val_fraction: float) -> bool:
+    """A stable per-file coin: sha256 of the relative path read as a number in [0, 1)."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64 < val_fraction
+
+
+def _tail_split(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """The first `1 - val_fraction` of the characters train; the document straddling the cut is cut in two."""
+    total = sum(len(d.text) for d in docs)
+    cut = int(total * (1 - val_fraction))  # nanoGPT: data[:int(n*0.9)]
+    train, val, seen = [], [], 0
+    for doc in docs:
+        if seen + len(doc.text) <= cut:
+            train.append(doc)
+        elif seen >= cut:
+            val.append(doc)
+        else:
+            k = cut - seen
+            train.append(Document(doc.name, doc.text[:k]))
+            val.append(Document(doc.name, doc.text[k:]))
+        seen += len(doc.text)
+    return train, val
+
+
+def _hash_split(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document], str]:
+    train = [d for d in docs if not _held_out(d.name, val_fraction)]
+    val = [d for d in docs if _held_out(d.name, val_fraction)]
+    if any(d.text for d in train) and any(d.text for d in val):
+        return train, val, "file-hash"
+    return (*_tail_split(docs, val_fraction), "tail")  # too few files for whole-file hold-out
+
+
+def _given_split_files(folder: Path) -> dict[str, Path] | None:
+    if not (folder / "train.txt").is_file():
+        return None
+    val = next((folder / n for n in ("valid.txt", "val.txt") if (folder / n).is_file()), None)
+    if val is None:
+        raise DataError(
+            f"{folder} has train.txt but no valid.txt or val.txt; add a validation file, "
+            "or rename train.txt to use the folder as plain text files"
+        )
+    files = {"train": folder / "train.txt", "val": val}
+    if (folder / "test.txt").is_file():
+        files["test"] = folder / "test.txt"
+    return files
+
+
+def load_corpus(source: str | os.PathLike, *, val_fraction: float = 0.1, errors: str = "strict",
+                cache_dir: str | os.PathLike | None = None, from_file: str | os.PathLike | None = None,
+                max_chars: int | None = None) -> Corpus:
+    """Read `source` (file, folder, folder of given splits, or built-in name) and split it.
+
+    `max_chars` keeps the first that many characters, in reading order (for given splits: of each split).
+    """
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1")
+    if max_chars is not None and max_chars < 1:
+        raise DataError(f"max_chars={max_chars} must be a positive number of characters, or None for no cap")
+    name, path = str(source), Path(source)
+    if from_file is not None and not (name == "tinyshakespeare" and not path.exists()):
+        raise DataError(f"from_file is only for the built-in tinyshakespeare corpus, not for source {name!r}")
+
+    def cap(text: str) -> str:
+        return text if max_chars is None else text[:max_chars]
+
+    if path.is_file():
+        train, val = _tail_split([Document(path.name, cap(read_text(path, errors)))], val_fraction)
+        return Corpus(name, {"train": train, "val": val}, "tail")
+    if path.is_dir():
+        given = _given_split_files(path)
+        if given is not None:
+            splits = {split: [Document(f.name, cap(read_text(f, errors)))] for split, f in given.items()}
+            return Corpus(name, splits, "given")
+        docs = _read_documents(path, _relative_files(path), errors, max_chars)
+        if not docs:
+            raise DataError(f"folder {path} holds no text files (hidden and binary files are skipped)")
+        train, val, method = _hash_split(docs, val_fraction)
+        return Corpus(name, {"train": train, "val": val}, method)
+    if name == "python-stdlib":
+        root, names = python_stdlib_files()
+        train, val, method = _hash_split(_read_documents(root, names, errors, max_chars), val_fraction)
+        return Corpus(name, {"train": train, "val": val}, method)
+    if name == "tinyshakespeare":
+        file = fetch_tinyshakespeare(default_cache_dir() if cache_dir is None else cache_dir, from_file)
+        train, val = _tail_split([Document("input.txt", cap(read_text(file, errors)))], val_fraction)
+        return Corpus(name, {"train": train, "val": val}, "tail")
+    raise DataError(
+        f"{name!r} is not an existing file or folder, nor a built-in corpus ({', '.join(BUILTIN_CORPORA)})"
+    )
+
+
+# ------------------------------------------------------------------------------------------ prepare
+
+CHUNK_CHARS = 1 << 18  # long texts are encoded in pieces of about this size, in parallel for BPE
+BATCH_CHARS = 1 << 24  # characters handed to one encode_batch call
+
+
+def _chunks(text: str) -> list[str]:
+    """Cut `text` after a newline that is followed by a non-space character.
+
+    Pre-tokenizers (GPT-2's regex, whitespace splitting) never join tokens across such a point, so encoding the
+    pieces gives the same ids as encoding the whole, while letting `encode_batch` spread them over threads.
+    """
+    pieces, start = [], 0
+    while len(text) - start > CHUNK_CHARS:
+        cut = text.find("\n", start + CHUNK_CHARS)
+        while cut != -1 and cut + 1 < len(text) and text[cut + 1].isspace():
+            cut = text.find("\n", cut + 1)
+        if cut == -1 or cut + 1 >= len(text):
+            break
+        pieces.append(text[start : cut + 1])
+        start = cut + 1
+    pieces.append(text[start:])
+    return pieces
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def encode_documents(tok: Tokenizer, docs: Sequence[Document]) -> np.ndarray:
+    """All documents as one flat id array, each followed by eos when the tokenizer has one.
+
+    The word tokenizer already ends every line with `<eos>`, so it gets no extra separator.
+    """
+    dtype = token_dtype(tok.vocab_size)
+    separator = None if tok.eos_id is None or tok.kind == "word" else np.array([tok.eos_id], dtype=dtype)
+    parts: list[np.ndarray] = []
+    pending: list[tuple[str, bool]] = []  # (chunk, ends a document)
+
+    def flush() -> None:
+        for ids, ends_doc in zip(tok.encode_batch([c for c, _ in pending]), (e for _, e in pending)):
+            parts.append(ids.astype(dtype))
+            if ends_doc and separator is not None:
+                parts.append(separator)
+        pending.clear()
+
+    pending_chars = 0
+    for doc in docs:
+        if not doc.text:
+            continue
+        chunks = _chunks(doc.text)
+        for i, chunk in enumerate(chunks):
+            pending.append((chunk, i == len(chunks) - 1))
+            pending_chars += len(chunk)
+            if pending_chars >= BATCH_CHARS:
+                flush()
+                pending_chars = 0
+    flush()
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer: str = "char",
+            vocab_size: int | None = None, val_fraction: float = 0.1, errors: str = "strict",
+            cache_dir: str | os.PathLike | None = None, from_file: str | os.PathLike | None = None,
+            max_chars: int | None = None, tokenizer_from: str | os.PathLike | None = None) -> dict:
+    """Turn a corpus into `train.bin`, `val.bin` (and `test.bin`), the tokenizer files and `meta.json`.
+
+    Args:
+        source: a text file, a folder, a folder of given splits, or "python-stdlib" / "tinyshakespeare".
+        out_dir: the data folder to write; existing files there are replaced.
+        tokenizer: "char", "word" or "bpe", trained on the training split (a char vocabulary is the
+            character set of the whole corpus, as in nanoGPT, because it has no `<unk>` to fall back on).
+        vocab_size: word vocabulary cap / BPE vocabulary size.
+        val_fraction: share of the corpus held out for validation (ignored for given splits).
+        errors: "strict" fails on invalid UTF-8, "replace" substitutes U+FFFD.
+        cache_dir: where downloads are kept (default ~/.cache/lmforge).
+        from_file: a local copy of the tinyshakespeare corpus, checked against its sha256.
+        max_chars: cap on the characters read, for quick runs.
+        tokenizer_from: a folder with a saved tokenizer to reuse instead of training one.
+
+    Returns:
+        The metadata written to `meta.json`.
+
+    Everything is read, trained and encoded before `out_dir` is touched, so bad input leaves an earlier data
+    folder as it was. `meta.json` is removed first and written last: a folder with it is complete.
+    """
+    if tokenizer_from is None and tokenizer not in KINDS:  # fail before reading or downloading anything
+        raise DataError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(KINDS)}")
+    corpus = load_corpus(source, val_fraction=val_fraction, errors=errors, cache_dir=cache_dir,
+                         from_file=from_file, max_chars=max_chars)
+    if not any(d.text for docs in corpus.splits.values() for d in docs):
+        raise DataError(f"corpus {corpus.source} is empty: there is no text to prepare")
+
+    if tokenizer_from is not None:
+        if vocab_size is not None:
+            raise DataError("vocab_size applies when training a tokenizer; leave it unset with tokenizer_from")
+        tok = load_tokenizer(tokenizer_from)
+    else:
+        training = corpus.splits["train"]
+        if tokenizer == "char":
+            training = [d for docs in corpus.splits.values() for d in docs]
+        tok = train_tokenizer(tokenizer, (d.text for d in training if d.text), vocab_size)
+
+    arrays = {}
+    for split, docs in corpus.splits.items():
+        try:
+            arrays[split] = encode_documents(tok, docs)
+        except TokenizerError as e:
+            raise DataError(f"cannot encode the {split} split of {corpus.source}: {e}") from e
+        if split in ("train", "val") and len(arrays[split]) == 0:
+            raise DataError(
+                f"the {split} split of {corpus.source} has no tokens; give the corpus more text "
+                "or change val_fraction"
+            )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    for split in SPLITS:
+        if split in arrays:
+            with atomic_path(out_dir / f"{split}.bin") as tmp:
+                arrays[split].tofile(tmp)
+        else:
+            (out_dir / f"{split}.bin").unlink(missing_ok=True)  # stale from an earlier prepare
+    tok.save(out_dir)
+    meta = {
+        "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "dtype": arrays["train"].dtype.name,
+        "eos_id": tok.eos_id,
+        "bos_id": tok.bos_id,
+        "splits": {split: int(len(a)) for split, a in arrays.items()},
+        "documents": {split: sum(1 for d in docs if d.text) for split, docs in corpus.splits.items()},
+        "source": corpus.source,
+        "split_method": corpus.split_method,
+        "val_fraction": None if corpus.split_method == "given" else val_fraction,
+        "max_chars": max_chars,
+        "errors": errors,
+    }
+    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def load_meta(data_dir: str | os.PathLike) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; `lmforge prepare` makes it (a prepare that stopped midway has none)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is corrupt ({e}); re-run `lmforge prepare`") from e
+
+
+def load_split(data_dir: str | os.PathLike, split: str) -> np.memmap:
+    """The token ids of `split` ("train", "val" or "test"), memory-mapped read-only."""
+    meta = load_meta(data_dir)
+    path = Path(data_dir) / f"{split}.bin"
+    if split not in meta["splits"] or not path.is_file():
+        raise DataError(
+            f"{path} does not exist (this data folder has splits {', '.join(meta['splits'])}); "
+            "`lmforge prepare` makes it"
+        )
+    data = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    if len(data) != meta["splits"][split]:
+        raise DataError(f"{path} holds {len(data)} tokens but meta.json says {meta['splits'][split]}; "
+                        "re-run `lmforge prepare`")
+    return data
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def random_batch(data: np.ndarray, batch_size: int, block_size: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_size` random windows, as nanoGPT's `get_batch`: x = data[i:i+T], y = data[i+1:i+T+1].
+
+    Returns int64 tensors of shape (B, T). One fancy-indexed read of the memmap fetches all rows.
+    """
+    if len(data) <= block_size:
+        raise DataError(f"a split of {len(data)} tokens cannot fill a window of block_size+1 = {block_size + 1}; "
+                        "use a smaller block_size or more data")
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    rows = torch.from_numpy(np.asarray(data[ix.numpy()[:, None] + np.arange(block_size + 1)], dtype=np.int64))
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T), (B, T)
+
+
+def sequential_batches(data: np.ndarray, batch_size: int,
+                       block_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """PyTorch `word_language_model`'s `batchify` + `get_batch`, in (B, T) layout.
+
+    The data is trimmed to a multiple of `batch_size` and cut into `batch_size` contiguous streams
+    (row b = data[b*n:(b+1)*n]); windows of `block_size` walk all streams together, the last one shorter,
+    so an RNN's hidden state can carry over from one window to the next.
+    """
+    n = len(data) // batch_size
+    if n < 2:
+        raise DataError(f"{len(data)} tokens make streams of {n} tokens for batch_size={batch_size}; "
+                        "need at least 2 each")
+    streams = data[: n * batch_size].reshape(batch_size, n)  # (B, n), still a memmap view
+    for i in range(0, n - 1, block_size):
+        seq_len = min(block_size, n - 1 - i)
+        window = torch.from_numpy(np.asarray(streams[:, i : i + seq_len + 1], dtype=np.int64))
+        yield window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (B, seq_len), (B, seq_len)
+
+
+def eval_windows(data: np.ndarray, block_size: int, stride: int | None = None,
+                 batch_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Windows over `data` that score every target token (data[1:]) exactly once.
+
+    stride=None: non-overlapping windows. stride < block_size: sliding windows, each scoring only its last
+    targets, so every scored token sees at least `block_size - stride` tokens of context. The last window is
+    moved back to end at the last token, so all windows are full length and stack into batches.
+
+    Yields (x, y, mask), each (B, T): inputs, targets, and True where a target is scored. The mean loss is
+    `(cross_entropy(logits, y, reduction="none") * mask).sum() / mask.sum()` over all batches.
+    """
+    stride = block_size if stride is None else stride
+    if not 1 <= stride <= block_size:
+        raise DataError(f"stride={stride} must be between 1 and block_size={block_size}")
+    n_targets = len(data) - 1
+    if n_targets < 1:
+        raise DataError(f"a split of {len(data)} tokens has nothing to score; it needs at least 2")
+    T = min(block_size, n_targets)
+    starts, first_scored = [], []
+    scored, begin = 0, 0  # targets data[1..scored] are already scored
+    while scored < n_targets:
+        start = min(begin, n_targets - T)
+        starts.append(start)
+        first_scored.append(scored - start)  # window position t predicts data[start+1+t]
+        scored = start + T
+        begin += stride
+    positions = np.arange(T + 1)
+    for k in range(0, len(starts), batch_size):
+        s = np.array(starts[k : k + batch_size])
+        rows = torch.from_numpy(np.asarray(data[s[:, None] + positions], dtype=np.int64))  # (B, T+1)
+        mask = torch.arange(T)[None, :] >= torch.tensor(first_scored[k : k + batch_size])[:, None]
+        yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), mask
+
+
+def prepare_command(source: str, out: str | None = None, tokenizer: Literal["char", "word", "bpe"] = "char",
+                    vocab_size: int | None = None, val_fraction: float = 0.1,
+                    errors: Literal["strict", "replace"] = "strict", cache_dir: str | None = None, from_file: str | None = None,
+                    max_chars: int | None = None, tokenizer_from: str | None = None) -> int:
+    """Tokenize a corpus into train/validation token files (numpy memmaps) plus meta.json and the tokenizer.
+
+    Args:
+        source: a text file, a folder of files, a folder of given splits (train.txt, valid.txt, test.txt), or a
+            built-in corpus: python-stdlib (this interpreter's standard library source) or tinyshakespeare
+            (downloaded once, sha256-checked).
+        out: the data folder to write (default: data/NAME, NAME being the source's name).
+        tokenizer: char, word or bpe (byte-level BPE trained on the training split).
+        vocab_size: BPE vocabulary size, or the word vocabulary cap.
+        val_fraction: share held out for validation (a file's tail, or whole files of a folder).
+        errors: strict fails on invalid UTF-8 naming the file and byte offset; replace substitutes U+FFFD.
+        cache_dir: where downloaded corpora are kept (default ~/.cache/lmforge).
+        from_file: a local copy of tinyshakespeare to use instead of downloading (checked against its sha256).
+        max_chars: read at most this many characters (quick experiments).
+        tokenizer_from: reuse the tokenizer saved in this folder (a model or data folder) instead of training.
+    """
+    out = out or str(Path("data") / Path(source).stem)
+    meta = prepare(source, out, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
+                   errors=errors, cache_dir=cache_dir, from_file=from_file, max_chars=max_chars,
+                   tokenizer_from=tokenizer_from)
+    splits = ", ".join(f"{name} {n:,} tokens" for name, n in meta["splits"].items())
+    print(f"prepared {meta['source']} -> {out}: {meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']:,}; "
+          f"{splits} ({meta['dtype']})")
+    return 0
