@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "train": "lmforge.train.trainer:train_command",
     "eval": "lmforge.evaluate:eval_command",
     "generate": "lmforge.infer.generate:generate_command",
+    "import": "lmforge.interop:import_command",
+    "export": "lmforge.interop:export_command",
 }
 
 

@@ -32,7 +32,8 @@ from lmforge.fsutil import atomic_write_text
 
 LMFORGE_TOKENIZER_FILE = "lmforge_tokenizer.json"  # char and word tokenizers
 HF_TOKENIZER_FILE = "tokenizer.json"  # byte-level BPE, and any imported Hugging Face tokenizer
-TOKENIZER_FILES = (LMFORGE_TOKENIZER_FILE, HF_TOKENIZER_FILE)  # what a model folder may carry
+LLAMA2C_TOKENIZER_FILE = "llama2c_tokenizer.bin"  # an imported llama2.c tokenizer (lmforge.interop.llama2c)
+TOKENIZER_FILES = (LMFORGE_TOKENIZER_FILE, HF_TOKENIZER_FILE, LLAMA2C_TOKENIZER_FILE)  # what a model folder may carry
 KINDS = ("char", "word", "bpe")
 DEFAULT_BPE_VOCAB_SIZE = 4096  # small enough to train in seconds on a few MB, big enough to beat chars
 EOS, UNK = "<eos>", "<unk>"  # the word tokenizer's two special words (WikiText-2 spelling)
@@ -77,7 +78,8 @@ def _save_own_format(folder: str | os.PathLike, kind: str, vocab: list[str]) -> 
     folder = Path(folder)
     path = folder / LMFORGE_TOKENIZER_FILE
     atomic_write_text(path, json.dumps({"kind": kind, "vocab": vocab}, ensure_ascii=False))
-    (folder / HF_TOKENIZER_FILE).unlink(missing_ok=True)
+    for stale in (HF_TOKENIZER_FILE, LLAMA2C_TOKENIZER_FILE):
+        (folder / stale).unlink(missing_ok=True)
     return path
 
 
@@ -320,7 +322,8 @@ class BPETokenizer:
         folder = Path(folder)
         path = folder / HF_TOKENIZER_FILE
         atomic_write_text(path, self.tok.to_str())
-        (folder / LMFORGE_TOKENIZER_FILE).unlink(missing_ok=True)
+        for stale in (LMFORGE_TOKENIZER_FILE, LLAMA2C_TOKENIZER_FILE):
+            (folder / stale).unlink(missing_ok=True)
         return path
 
 
@@ -347,6 +350,10 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = No
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     """Load the tokenizer saved in `folder`: `lmforge_tokenizer.json` (char/word) or `tokenizer.json` (BPE)."""
     folder = Path(folder)
+    if (folder / LLAMA2C_TOKENIZER_FILE).is_file():
+        from lmforge.interop.llama2c import Llama2cTokenizer
+
+        return Llama2cTokenizer.from_file(folder / LLAMA2C_TOKENIZER_FILE)
     own, hf = folder / LMFORGE_TOKENIZER_FILE, folder / HF_TOKENIZER_FILE
     if own.is_file() and hf.is_file():
         raise TokenizerError(f"{folder} holds both {own.name} and {hf.name}; remove the one that is stale")
