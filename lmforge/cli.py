@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "generate": "lmforge.infer.generate:generate_command",
     "import": "lmforge.interop:import_command",
     "export": "lmforge.interop:export_command",
+    "bench": "lmforge.infer.bench:bench_command",
 }
 
 

@@ -1,0 +1,157 @@
+"""Greedy decode speed: lmforge `generate` vs Hugging Face transformers `generate`, same random weights.
+
+For each case (model preset, dtype, batch size) both libraries continue the same random prompts of 32 tokens by
+128 greedy tokens; tok/s = batch * new tokens / wall time of the whole call (prefill included), median of a few
+repeats, both run side by side in this one process. Prints one JSON line per case:
+{"model", "dtype", "batch", "lmforge_tok_s", "hf_tok_s", "ratio", ...}.
+
+    python bench/decode_vs_hf.py            # gpt-14m and gpt2, fp32, batch 1 and 8
+    python bench/decode_vs_hf.py --quick    # fewer tokens and repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from lmforge.config import ModelConfig
+from lmforge.infer.generate import generate
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model import Transformer
+
+
+def to_hf_gpt2(model: Transformer):
+    """The same weights in a transformers GPT2LMHeadModel (Conv1D layers store weights transposed)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                           n_head=c.n_head, activation_function="gelu_new", layer_norm_epsilon=c.norm_eps,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    hf = GPT2LMHeadModel(hf_config)
+    sd = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
+          "transformer.ln_f.weight": model.norm_f.weight, "transformer.ln_f.bias": model.norm_f.bias,
+          "lm_head.weight": model.lm_head.weight}
+    for i, b in enumerate(model.blocks):
+        p = f"transformer.h.{i}."
+        sd.update({p + "ln_1.weight": b.norm1.weight, p + "ln_1.bias": b.norm1.bias,
+                   p + "attn.c_attn.weight": b.attn.qkv.weight.T, p + "attn.c_attn.bias": b.attn.qkv.bias,
+                   p + "attn.c_proj.weight": b.attn.proj.weight.T, p + "attn.c_proj.bias": b.attn.proj.bias,
+                   p + "ln_2.weight": b.norm2.weight, p + "ln_2.bias": b.norm2.bias,
+                   p + "mlp.c_fc.weight": b.mlp.fc.weight.T, p + "mlp.c_fc.bias": b.mlp.fc.bias,
+                   p + "mlp.c_proj.weight": b.mlp.proj.weight.T, p + "mlp.c_proj.bias": b.mlp.proj.bias})
+    missing, unexpected = hf.load_state_dict({k: v.detach().contiguous() for k, v in sd.items()}, strict=False)
+    assert not unexpected and all("attn.bias" in k or "masked_bias" in k for k in missing), (missing, unexpected)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf.eval()
+
+
+class PackedDecodeLinear(nn.Module):
+    """A proposed speed-up, measured here before anyone adopts it: one-token-per-row (decode) calls of a linear
+    layer go through oneDNN with weights pre-packed for that batch size, where MKL's small-M fp32 GEMM is slow;
+    every other call (prefill) keeps the original layer."""
+
+    def __init__(self, linear: nn.Linear, batch: int):
+        super().__init__()
+        self.linear = linear
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x):
+        if x.dim() == 3 and x.shape[1] == 1:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return self.linear(x)
+
+
+def packed_copy(model: Transformer, batch: int) -> Transformer:
+    model = copy.deepcopy(model)
+    for block in model.blocks:
+        for parent, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc"), (block.mlp, "proj")):
+            setattr(parent, name, PackedDecodeLinear(getattr(parent, name), batch))
+    model.lm_head = PackedDecodeLinear(model.lm_head, batch)
+    return model
+
+
+def interleaved(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, object]]:
+    """Median seconds of each function, run in turn (a, b, c, a, b, c, ...) so load changes hit all alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    outs: dict[str, object] = {}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[k] = fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, outs
+
+
+def run_case(name: str, dtype: str, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+             packed: bool = False) -> dict:
+    torch.manual_seed(0)
+    torch_dtype = getattr(torch, dtype)
+    model = Transformer(ModelConfig.from_name(name)).eval().to(torch_dtype)
+    hf = to_hf_gpt2(model).to(torch_dtype)
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
+    params = SamplingParams(max_tokens=new_tokens, temperature=0)
+
+    def ours(net=model):
+        return [c.tokens for c in generate(net, prompts.tolist(), params)]
+
+    def theirs():
+        with torch.inference_mode():
+            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False)
+        return out[:, prompt_len:].tolist()
+
+    fns = {"ours": ours, "hf": theirs}
+    if packed:
+        net = packed_copy(model, batch)
+        fns["packed"] = lambda: ours(net)
+    for fn in fns.values():
+        fn()  # warm up
+    t, outs = interleaved(fns, repeats)
+    agree = sum(a == b for a, b in zip(outs["ours"], outs["hf"])) / batch
+    n = batch * new_tokens
+    case = {"model": name, "dtype": dtype, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "lmforge_tok_s": round(n / t["ours"], 1), "hf_tok_s": round(n / t["hf"], 1),
+            "ratio": round(t["hf"] / t["ours"], 2), "same_tokens_fraction": agree, "threads": torch.get_num_threads()}
+    if packed:
+        case.update(packed_tok_s=round(n / t["packed"], 1), packed_ratio=round(t["hf"] / t["packed"], 2),
+                    packed_same_tokens=outs["packed"] == outs["ours"])
+    return case
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="*", default=["gpt-14m", "gpt2"])
+    ap.add_argument("--dtypes", nargs="*", default=["float32"])
+    ap.add_argument("--batches", nargs="*", type=int, default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--packed-linear", action="store_true",
+                    help="also time lmforge with oneDNN-packed decode linears (a proposed change: PackedDecodeLinear)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.new_tokens, args.repeats = 32, 1
+    for name in args.models:
+        for dtype in args.dtypes:
+            for batch in args.batches:
+                print(json.dumps(run_case(name, dtype, batch, args.prompt_len, args.new_tokens, args.repeats,
+                                          args.packed_linear)),
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Choosing the next token: small functions over a batch of logits (B, V), each row with its own settings.
+
+One step of decoding is
+
+    raw logits --penalties--> --logit bias--> --banned sequences-->   (the "processed" logits)
+               --temperature--> --top-k--> --top-p--> --min-p--> sample (or argmax when temperature is 0)
+
+`process_logits` runs that chain for rows with different `SamplingParams`; `sample_next` adds the draw.
+Both are stateless: what a row has generated so far comes in as its token list (`contexts`), so the serving
+engine can call them on any batch composition. Each stage is also a public function on tensors with one value
+per row, tested against a plain loop.
+
+Per-token logprobs (`token_logprobs`) are taken from the model's raw log-softmax, before penalties,
+temperature and filtering -- what the model believes, not what the sampler happened to draw from (vLLM's
+default "raw_logprobs" and the OpenAI API behave the same way).
+
+Randomness is per row: each sequence owns a `torch.Generator` seeded from its request's `seed`, so a seeded
+request draws the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class SamplingError(ValueError):
+    """A sampling setting out of range; the message names the setting, its value and what is allowed."""
+
+
+MAX_LOGPROBS = 20  # the OpenAI API's limit on top alternatives per token
+
+
+@dataclass
+class SamplingParams:
+    """How to continue one prompt. Field names and ranges follow the OpenAI completions API where it has them."""
+
+    max_tokens: int = 256  # new tokens at most (stop tokens and strings may end it earlier)
+    temperature: float = 1.0  # 0 means greedy (argmax of the processed logits)
+    top_k: int = 0  # keep the k most likely tokens; 0 keeps all
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability sums to >= top_p (nucleus)
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    repetition_penalty: float = 1.0  # CTRL/HF: divide positive logits (multiply negative) of seen tokens
+    presence_penalty: float = 0.0  # OpenAI: subtract once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence in the generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    banned_sequences: list[list[int]] = field(default_factory=list)  # token sequences that must never appear
+    stop: list[str] = field(default_factory=list)  # output ends before the first of these strings
+    stop_token_ids: list[int] = field(default_factory=list)  # output ends at these tokens (not included)
+    ignore_eos: bool = False  # keep going past the tokenizer's end-of-sequence token
+    seed: int | None = None  # per-request RNG seed; None draws one from torch's global generator
+    n: int = 1  # independent samples of this prompt (they share its prefill)
+    logprobs: int | None = None  # None: no logprobs; N: the chosen token's logprob plus the top-N alternatives
+
+    def __post_init__(self) -> None:
+        self.logit_bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
+        self.banned_sequences = [[int(t) for t in seq] for seq in self.banned_sequences]
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        checks = [
+            ("max_tokens", self.max_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature >= 0 and math.isfinite(self.temperature), ">= 0 (0 is greedy)"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 disables it)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", 0 < self.repetition_penalty and math.isfinite(self.repetition_penalty),
+             "> 0 (1 disables it)"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+            ("n", self.n >= 1, ">= 1"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"None or in [0, {MAX_LOGPROBS}]"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise SamplingError(f"sampling setting {name}={getattr(self, name)!r} is out of range: "
+                                    f"it must be {allowed}")
+        for token, bias in self.logit_bias.items():
+            if token < 0 or not -100 <= bias <= 100:
+                raise SamplingError(f"sampling setting logit_bias={{{token}: {bias}}} is out of range: token ids "
+                                    f"must be >= 0 and biases in [-100, 100]")
+        for seq in self.banned_sequences:
+            if not seq or min(seq) < 0:
+                raise SamplingError(f"sampling setting banned_sequences holds {seq!r}: each banned sequence "
+                                    f"must be a non-empty list of token ids >= 0")
+        if any(not s for s in self.stop):
+            raise SamplingError("sampling setting stop holds an empty string: stop strings must be non-empty")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise SamplingError(f"sampling setting stop_token_ids={self.stop_token_ids} holds a negative id")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids in the settings must exist in the model's vocabulary."""
+        ids = [("logit_bias", t) for t in self.logit_bias] + [("stop_token_ids", t) for t in self.stop_token_ids]
+        ids += [("banned_sequences", t) for seq in self.banned_sequences for t in seq]
+        for name, t in ids:
+            if t >= vocab_size:
+                raise SamplingError(f"sampling setting {name} names token id {t}, but the model's vocabulary "
+                                    f"has ids 0..{vocab_size - 1}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def plain(self) -> bool:
+        """True when the processed logits equal the raw ones (no penalty, bias or ban), the fast path."""
+        return (self.repetition_penalty == 1 and self.presence_penalty == 0 and self.frequency_penalty == 0
+                and not self.logit_bias and not self.banned_sequences)
+
+
+def make_generator(seed: int | None, sample_index: int = 0, device="cpu") -> torch.Generator:
+    """The RNG of one sequence: sample i of a seeded request gets a stream derived from (seed, i).
+
+    Without a seed, the seed is drawn from torch's global generator, so `torch.manual_seed` still makes a
+    whole run reproducible.
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    mixed = int(np.random.SeedSequence([seed & (2**63 - 1), sample_index]).generate_state(2, np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(mixed & (2**63 - 1))
+
+
+# ---------------------------------------------------------------------------------- logit processors
+# Each takes logits (B, V) and per-row settings, returns new logits (B, V); none modifies its input.
+
+def token_counts(contexts: Sequence[Sequence[int]], starts: Sequence[int], vocab_size: int,
+                 device="cpu") -> torch.Tensor:
+    """counts (B, V): how often each token occurs in contexts[b][starts[b]:] (float, for vectorised penalties)."""
+    counts = torch.zeros(len(contexts), vocab_size, device=device)
+    for b, (ctx, start) in enumerate(zip(contexts, starts)):
+        if len(ctx) > start:
+            ids = torch.as_tensor(ctx[start:], dtype=torch.long, device=device)
+            counts[b].index_add_(0, ids, torch.ones(len(ids), device=device))
+    return counts
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor,
+                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """Repetition, presence and frequency penalties, one value of each per row (B,).
+
+    seen (B, V): tokens anywhere in the context (prompt and output) -- what the repetition penalty of
+    Keskar et al. 2019 / Hugging Face looks at; generated (B, V): counts in the output only -- what the OpenAI
+    presence and frequency penalties look at (as vLLM does).
+    """
+    out = logits
+    if bool((repetition != 1).any()):
+        r = repetition[:, None]
+        penalised = torch.where(logits > 0, logits / r, logits * r)
+        out = torch.where(seen > 0, penalised, out)
+    if bool((presence != 0).any()) or bool((frequency != 0).any()):
+        out = out - presence[:, None] * (generated > 0).to(out.dtype) - frequency[:, None] * generated.to(out.dtype)
+    return out
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: Sequence[dict[int, float]]) -> torch.Tensor:
+    """Add biases[b][token] to logits[b, token] (OpenAI's logit_bias; -100 effectively bans a token)."""
+    rows, cols, vals = [], [], []
+    for b, bias in enumerate(biases):
+        for token, value in bias.items():
+            rows.append(b), cols.append(token), vals.append(value)
+    if not rows:
+        return logits
+    out = logits.clone()
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    out.index_put_(index, torch.tensor(vals, dtype=logits.dtype, device=logits.device), accumulate=True)
+    return out
+
+
+def ban_sequences(logits: torch.Tensor, contexts: Sequence[Sequence[int]],
+                  banned: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
+    """Mask the last token of each banned sequence whose other tokens end the row's context.
+
+    A banned sequence [a, b, c] sets logits[row, c] = -inf whenever the context ends with [a, b], so it can
+    never be completed; a one-token sequence [c] bans c outright.
+    """
+    hits = [(b, seq[-1]) for b, (ctx, seqs) in enumerate(zip(contexts, banned)) for seq in seqs
+            if len(seq) == 1 or (len(ctx) >= len(seq) - 1 and list(ctx[len(ctx) - len(seq) + 1:]) == list(seq[:-1]))]
+    if not hits:
+        return logits
+    out = logits.clone()
+    rows, cols = zip(*hits)
+    out[list(rows), list(cols)] = -math.inf
+    return out
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Divide each row by its temperature (B,); rows with temperature 0 (greedy) are left as they are."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    return logits / t[:, None].to(logits.dtype)
+
+
+def top_k_filter(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's top_k[b] largest logits (ties at the boundary kept); 0 keeps the whole row."""
+    V = logits.shape[-1]
+    k = torch.where((top_k > 0) & (top_k < V), top_k, torch.full_like(top_k, V)).long()
+    kth = logits.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])  # (B, 1)
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2019): keep the most likely tokens until their mass reaches top_p[b].
+
+    A token is kept when the mass of the tokens strictly more likely than it is < top_p, so the most likely
+    token always survives and rows with top_p = 1 keep everything.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, V): mass of strictly earlier tokens in sorted order
+    drop_sorted = mass_before >= top_p[:, None].to(probs.dtype)
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop & (top_p[:, None] < 1), -math.inf)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p[b] times the row's largest probability (Nguyen et al. 2024)."""
+    probs = logits.softmax(dim=-1)
+    threshold = min_p[:, None].to(probs.dtype) * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, -math.inf)
+
+
+# ---------------------------------------------------------------------------------- the composed step
+
+def _column(params: Sequence[SamplingParams], name: str, device, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+
+
+def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], contexts: Sequence[Sequence[int]],
+                   prompt_lens: Sequence[int]) -> torch.Tensor:
+    """The distribution each row samples from, as logits (B, V) with -inf for removed tokens.
+
+    logits: the model's raw next-token logits (B, V), any float dtype (computed in float32).
+    contexts[b]: row b's prompt followed by the tokens it has generated; prompt_lens[b] marks the boundary.
+    """
+    logits = logits.float()
+    device = logits.device
+    if not all(p.plain for p in params):
+        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
+            V = logits.shape[-1]
+            generated = token_counts(contexts, prompt_lens, V, device)
+            seen = token_counts(contexts, [0] * len(contexts), V, device)
+            logits = apply_penalties(logits, seen, generated, _column(params, "repetition_penalty", device),
+                                     _column(params, "presence_penalty", device),
+                                     _column(params, "frequency_penalty", device))
+        logits = apply_logit_bias(logits, [p.logit_bias for p in params])
+        logits = ban_sequences(logits, contexts, [p.banned_sequences for p in params])
+    if all(p.greedy for p in params):
+        return logits  # argmax is unchanged by temperature and by filters that keep the top token
+    logits = apply_temperature(logits, _column(params, "temperature", device))
+    if any(p.top_k for p in params):
+        logits = top_k_filter(logits, _column(params, "top_k", device, torch.long))
+    if any(p.top_p < 1 for p in params):
+        logits = top_p_filter(logits, _column(params, "top_p", device))
+    if any(p.min_p > 0 for p in params):
+        logits = min_p_filter(logits, _column(params, "min_p", device))
+    return logits
+
+
+def sample(logits: torch.Tensor, greedy: Sequence[bool], generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Next tokens (B,) from processed logits: argmax for greedy rows, a draw with the row's own RNG otherwise."""
+    tokens = logits.argmax(dim=-1)
+    for b, (is_greedy, gen) in enumerate(zip(greedy, generators)):
+        if not is_greedy:
+            probs = logits[b].softmax(dim=-1)
+            tokens[b] = torch.multinomial(probs, 1, generator=gen)[0]
+    return tokens
+
+
+def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], contexts: Sequence[Sequence[int]],
+                prompt_lens: Sequence[int], generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One decoding step for a batch of rows with different settings: raw logits (B, V) -> tokens (B,)."""
+    if all(p.greedy and p.plain for p in params):
+        return logits.argmax(dim=-1)  # the hot path: nothing to process
+    processed = process_logits(logits, params, contexts, prompt_lens)
+    return sample(processed, [p.greedy for p in params], generators)
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's log-probability under the raw model, and the top alternatives (id -> logprob)."""
+
+    token: int
+    logprob: float
+    top: dict[int, float]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   top_n: Sequence[int | None]) -> list[TokenLogprob | None]:
+    """Per row: log_softmax(raw logits)[token] and the top_n[b] most likely alternatives; None where top_n is None."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    chosen = logp.gather(-1, tokens.view(-1, 1))[:, 0].tolist()
+    k = max((n for n in top_n if n is not None), default=0)
+    top_vals, top_ids = logp.topk(k, dim=-1) if k else (None, None)
+    out: list[TokenLogprob | None] = []
+    for b, n in enumerate(top_n):
+        if n is None:
+            out.append(None)
+            continue
+        top = dict(zip(top_ids[b, :n].tolist(), top_vals[b, :n].tolist())) if n else {}
+        out.append(TokenLogprob(int(tokens[b]), chosen[b], top))
+    return out
+
+
+# ---------------------------------------------------------------------------------- stop strings
+
+class StopStrings:
+    """Incremental stop-string detection on decoded text, for one sequence.
+
+    Feed the full decoded output after every token; `update` returns the text that is now safe to show (the
+    delta), holding back a tail that could still grow into a stop string (a stop string split over tokens) and
+    a trailing U+FFFD (a multi-byte character not yet complete). When a stop string appears, the output is
+    truncated just before it, as the OpenAI API does, and `stopped` becomes True.
+    """
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = list(stop)
+        self.longest = max((len(s) for s in self.stop), default=0)
+        self.emitted = 0  # characters already returned
+        self.stopped = False
+        self.text = ""  # final text so far (truncated at the stop string once stopped)
+
+    def update(self, text: str, final: bool = False) -> str:
+        """Take the whole decoded output so far; return the newly safe text. `final`: no more tokens come."""
+        if self.stopped:
+            return ""
+        start = max(0, self.emitted - self.longest + 1)  # a new match must end in text not yet checked
+        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            self.text = text[:min(hits)]
+            safe = len(self.text)
+        else:
+            self.text = text
+            body = text[:-1] if text.endswith("\ufffd") and not final else text
+            safe = len(body)
+            if not final:
+                for s in self.stop:  # hold back the longest tail that could still become this stop string
+                    for k in range(min(len(s) - 1, len(body)), 0, -1):
+                        if body.endswith(s[:k]):
+                            safe = min(safe, len(body) - k)
+                            break
+        safe = max(safe, self.emitted)
+        delta = text[self.emitted:safe]
+        self.emitted = safe
+        return delta
