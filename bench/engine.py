@@ -1,0 +1,109 @@
+"""Engine throughput: one request alone vs 32 at once on gpt-14m (random weights), and KV bytes per live token.
+
+Each figure is the median of --repeats runs, measured side by side in one process:
+- engine_single / engine_concurrent: tokens/s of the serving engine with 1 and with --concurrency requests
+  submitted together (prompts of --prompt-len tokens, --new-tokens each, greedy, ignore_eos);
+- plain_single / plain_batched: the same work through lmforge.infer.generate (one left-padded batch, contiguous
+  KV cache), the plain way the engine must keep up with.
+Ends with one JSON line holding concurrency_speedup (engine concurrent / engine single, the median of per-repeat
+ratios) and kv_bytes_per_token (measured: bytes of the KV blocks held / live tokens, at the moment of most live
+tokens; kv_bytes_per_token_ideal is 2 * n_layer * kv_dim * dtype bytes).
+
+    python bench/engine.py [--dtype bfloat16] [--concurrency 32] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.engine.engine import Engine
+from lmforge.infer.generate import generate
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def run_engine(model, prompts, params, block_size: int, budget: int) -> tuple[float, dict]:
+    """(tokens/s, stats at the step with the most live tokens) for one batch of requests through the engine."""
+    engine = Engine(model, block_size=block_size, max_num_seqs=len(prompts), max_num_batched_tokens=budget)
+    for p in prompts:
+        engine.add_request(p, params)
+    peak, tokens = {"live_tokens": 0}, 0
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        tokens += sum(len(o.new_token_ids) for o in engine.step())
+        s = engine.stats()
+        if s["live_tokens"] > peak["live_tokens"]:
+            peak = s
+    return tokens / (time.perf_counter() - t0), peak
+
+
+def run_plain(model, prompts, params) -> float:
+    t0 = time.perf_counter()
+    outs = generate(model, prompts, params)
+    return sum(len(c.tokens) for c in outs) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="gpt-14m")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens per step")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name(args.preset)).eval().to(DTYPES[args.dtype])
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, model.config.vocab_size, (args.prompt_len,), generator=g).tolist()
+               for _ in range(args.concurrency)]
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+
+    with torch.inference_mode():
+        run_engine(model, prompts[:2], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), 16, 512)  # warm up
+        runs = {"engine_single": [], "engine_concurrent": [], "plain_single": [], "plain_batched": []}
+        peak = None
+        for _ in range(args.repeats):
+            runs["engine_single"].append(run_engine(model, prompts[:1], params, args.block_size, args.budget)[0])
+            tps, peak = run_engine(model, prompts, params, args.block_size, args.budget)
+            runs["engine_concurrent"].append(tps)
+            runs["plain_single"].append(run_plain(model, prompts[:1], params))
+            runs["plain_batched"].append(run_plain(model, prompts, params))
+            print(json.dumps({k: round(v[-1], 1) for k, v in runs.items()}), flush=True)
+
+    med = {k: statistics.median(v) for k, v in runs.items()}
+
+    def ratio(a: str, b: str) -> float:
+        """Median over repeats of a/b measured in the same repeat: steadier than a ratio of medians on a busy
+        machine, where the load drifts between repeats."""
+        return round(statistics.median(x / y for x, y in zip(runs[a], runs[b])), 2)
+
+    result = dict(
+        preset=args.preset, dtype=args.dtype, concurrency=args.concurrency, prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens, block_size=args.block_size, threads=torch.get_num_threads(),
+        repeats=args.repeats, **{f"{k}_tok_s": round(v, 1) for k, v in med.items()},
+        concurrency_speedup=ratio("engine_concurrent", "engine_single"),
+        speedup_vs_plain_single=ratio("engine_concurrent", "plain_single"),
+        engine_vs_plain_batched=ratio("engine_concurrent", "plain_batched"),
+        kv_bytes_per_token=round(peak["kv_bytes_per_live_token"], 1),
+        kv_bytes_per_token_ideal=peak["kv_bytes_per_token_ideal"], kv_blocks_used_at_peak=peak["kv_blocks_used"],
+        live_tokens_at_peak=peak["live_tokens"])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

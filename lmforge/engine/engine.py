@@ -1,0 +1,239 @@
+"""The serving engine: schedule -> execute -> update, one step at a time (lmforge.engine.loop serves it from a thread).
+
+`Engine.step()` asks the scheduler which sequences run and how many tokens each computes, runs the model over
+them with the paged KV cache, chooses the next token of every sequence that caught up with its tokens (with
+lmforge.infer.sampling, per-row settings and per-request RNG), and lets the scheduler record the tokens, stop
+finished sequences and free their blocks.
+
+Execution: a step runs at most two forwards: all decoding rows (one new token each) batched, and all prefill
+chunks batched, right-padded to the longest chunk. Padding decodes up to a chunk's length would waste up to
+chunk x rows of compute; one forward per chunk instead was 5.6x slower than one padded forward for 32 prompts of
+32 tokens (fp32, 2 shared cores), because small matrix products use the CPU poorly.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from collections import deque
+from typing import Sequence as Seq
+
+import torch
+
+from lmforge.engine.block_manager import BlockManager
+from lmforge.engine.paged_cache import PagedKVCache
+from lmforge.engine.scheduler import Scheduler, SchedulerOutput
+from lmforge.engine.sequence import RequestOutput, Sequence
+from lmforge.infer.generate import Completion
+from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
+
+
+class Engine:
+    """Continuous batching over one model.
+
+    Args:
+        model: an lmforge `Transformer` (anything with `hidden`, `lm_head`, `config` and the cache protocol).
+        tokenizer: decodes text and enables stop strings; its `eos_id` ends outputs unless ignore_eos.
+        num_blocks: KV blocks in the pool; default: room for max_num_seqs full-context sequences.
+        block_size: token slots per KV block.
+        max_num_seqs: the most sequences running at once.
+        max_num_batched_tokens: the per-step token budget (decodes take 1, prompts are chunked to fit).
+        eos_id: the end-of-sequence token without a tokenizer (or to override its).
+    """
+
+    def __init__(self, model, tokenizer=None, *, num_blocks: int | None = None, block_size: int = 16,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 256, eos_id: int | None = None):
+        self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
+        p = next(model.parameters())
+        self.device = p.device
+        if num_blocks is None:
+            num_blocks = max_num_seqs * -(-self.config.block_size // block_size)
+        self.cache = PagedKVCache(self.config, num_blocks, block_size, dtype=p.dtype, device=p.device)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        self.requests: dict[str, list[Sequence]] = {}  # live requests -> their sequences
+        self.counters = dict(prompt_tokens=0, generated_tokens=0, computed_tokens=0, steps=0)
+        self.ttft_s: deque[float] = deque(maxlen=1000)  # of recently finished requests
+        self.itl_s: deque[float] = deque(maxlen=1000)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def make_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
+                     request_id: str | None = None) -> list[Sequence]:
+        """Check a request and build its sequences (n per prompt), without queueing them."""
+        params = params if params is not None else SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        V, ctx = self.config.vocab_size, self.config.block_size
+        if not prompt:
+            raise ValueError("the prompt is empty; start it with the tokenizer's BOS/EOS token")
+        if min(prompt) < 0 or max(prompt) >= V:
+            raise ValueError(f"the prompt holds token ids outside the model's vocabulary 0..{V - 1}")
+        params.check_vocab(V)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer to decode text; pass tokenizer=... or use stop_token_ids")
+        need = len(prompt) + params.max_tokens - 1  # positions fed to the model
+        if self.config.pos != "sinusoidal" and need > ctx:
+            raise ValueError(f"the prompt ({len(prompt)} tokens) plus max_tokens={params.max_tokens} needs {need + 1} "
+                             f"positions but the model's context is {ctx}; shorten the prompt or lower max_tokens")
+        if self.block_manager.blocks_needed(need) > self.block_manager.num_blocks:
+            raise ValueError(f"the request needs {self.block_manager.blocks_needed(need)} KV blocks but the pool has "
+                             f"{self.block_manager.num_blocks}; raise num_blocks or lower max_tokens")
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(request_id, prompt, params, i, self.eos_id)
+            seq.generator = None if params.greedy else make_generator(params.seed, i, self.device)
+            seq.stops = StopStrings(params.stop) if self.tokenizer is not None else None
+            seqs.append(seq)
+        return seqs
+
+    def enqueue(self, seqs: list[Sequence]) -> str:
+        self.requests[seqs[0].request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.counters["prompt_tokens"] += seqs[0].prompt_len
+        return seqs[0].request_id
+
+    def add_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a prompt; it joins the running batch at the next step with room. Returns its request id."""
+        return self.enqueue(self.make_request(prompt_ids, params, request_id))
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Stop a request now and free its KV blocks; returns the final output of each of its live sequences."""
+        outs = []
+        for seq in self.requests.pop(request_id, []):
+            if not seq.finished:
+                self.scheduler.abort(seq)
+                outs.append(RequestOutput(seq.request_id, seq.index, finish_reason="abort",
+                                          num_cached_tokens=seq.num_cached_tokens, metrics=self._metrics(seq)))
+        return outs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Schedule, execute, update: one forward's worth of work for the running batch."""
+        scheduled = self.scheduler.schedule()
+        sampled, logprobs = self._execute(scheduled)
+        advanced = self.scheduler.update_from_output(scheduled, sampled)
+        return self._outputs(advanced, logprobs)
+
+    def _execute(self, out: SchedulerOutput) -> tuple[dict[int, int], dict]:
+        """Run the model over the scheduled rows; sample a token for each row that caught up with its tokens."""
+        decodes = [(s, n) for s, n in out.scheduled if n == 1]
+        prefills = [(s, n) for s, n in out.scheduled if n > 1]
+        groups = [g for g in (decodes, prefills) if g]
+        logits, seqs = [], []
+        for group in groups:
+            last = self._forward(group)  # (B, C) hidden state at each row's last new token
+            pick = [b for b, (s, n) in enumerate(group) if out.samples(s, n)]
+            if pick:
+                logits.append(self.model.lm_head(last[pick]))
+                seqs += [group[b][0] for b in pick]
+        self.counters["computed_tokens"] += out.num_batched_tokens
+        self.counters["steps"] += 1
+        if not seqs:
+            return {}, {}
+        return self._sample(torch.cat(logits), seqs)
+
+    def _forward(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """One forward over rows (sequence, new tokens), right-padded to the longest; (B, C) last real states."""
+        starts = [s.num_computed_tokens for s, _ in rows]
+        lengths = [n for _, n in rows]
+        tokens = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+        for b, (s, n) in enumerate(rows):
+            tokens[b, :n] = torch.as_tensor(s.token_ids[starts[b]:starts[b] + n])
+        self.cache.prepare([s.block_table for s, _ in rows], starts, lengths)
+        hidden = self.model.hidden(tokens.to(self.device), kv_cache=self.cache)  # (B, T, C)
+        return hidden[torch.arange(len(rows)), torch.tensor(lengths) - 1]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[dict[int, int], dict]:
+        """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG."""
+        params = [s.params for s in seqs]
+        tokens = sample_next(logits, params, [s.token_ids for s in seqs], [s.prompt_len for s in seqs],
+                             [s.generator for s in seqs])
+        lps = {}
+        if any(p.logprobs is not None for p in params):
+            lps = dict(zip((s.seq_id for s in seqs), token_logprobs(logits, tokens, [p.logprobs for p in params])))
+        return dict(zip((s.seq_id for s in seqs), tokens.tolist())), lps
+
+    def _outputs(self, advanced: list[Sequence], logprobs: dict) -> list[RequestOutput]:
+        """Turn each advanced sequence's new tokens into a RequestOutput; stop strings end sequences here."""
+        now, outs = time.perf_counter(), []
+        for seq in advanced:
+            new = seq.output_ids[seq.num_emitted:]
+            seq.num_emitted += len(new)
+            seq.token_times += [now] * len(new)
+            self.counters["generated_tokens"] += len(new)
+            text = ""
+            if seq.stops is not None:
+                text = seq.stops.update(self.tokenizer.decode(seq.output_ids), final=seq.finished)
+                if seq.stops.stopped and not seq.finished:
+                    self.scheduler.finish(seq, "stop")
+            lp = logprobs.get(seq.seq_id)
+            out = RequestOutput(seq.request_id, seq.index, new, text, [lp] if lp is not None else None,
+                                seq.finish_reason, seq.num_cached_tokens)
+            if seq.finished:
+                out.metrics = self._metrics(seq)
+                seqs = self.requests.get(seq.request_id, [])
+                if all(s.finished for s in seqs):
+                    self.requests.pop(seq.request_id, None)
+            outs.append(out)
+        return outs
+
+    def _metrics(self, seq: Sequence) -> dict:
+        t = seq.token_times
+        m = dict(output_tokens=len(t), ttft_s=t[0] - seq.arrival_time if t else None,
+                 itl_s=(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None)
+        if m["ttft_s"] is not None:
+            self.ttft_s.append(m["ttft_s"])
+        if m["itl_s"] is not None:
+            self.itl_s.append(m["itl_s"])
+        return m
+
+    # ---- reporting -----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Queue and batch sizes, KV memory (blocks and bytes per live token), token counts and latencies."""
+        bm, sched = self.block_manager, self.scheduler
+        live = sum(s.num_computed_tokens for s in list(sched.running))
+        used_bytes = bm.num_used_blocks * self.cache.bytes_per_block
+        median = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+        return dict(waiting=len(sched.waiting), running=len(sched.running), kv_blocks_total=bm.num_blocks,
+                    kv_blocks_used=bm.num_used_blocks, kv_blocks_free=bm.num_free_blocks,
+                    kv_blocks_cached=bm.num_cached_free_blocks, kv_block_bytes=self.cache.bytes_per_block,
+                    live_tokens=live, kv_bytes_per_live_token=used_bytes / live if live else None,
+                    kv_bytes_per_token_ideal=self.cache.bytes_per_token, prefix_hit_tokens=sched.num_prefix_hit_tokens,
+                    preemptions=sched.num_preemptions, ttft_s_median=median(list(self.ttft_s)),
+                    itl_s_median=median(list(self.itl_s)), **self.counters)
+
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
+                 ) -> list[Completion]:
+        """Run prompts to the end: one `Completion` per output (prompt-major, n each), as infer.generate does."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(plist)} SamplingParams; pass one per prompt "
+                             f"or a single one for all")
+        keys = []
+        for i, (prompt, sp) in enumerate(zip(prompts, plist)):
+            rid = self.add_request(prompt, sp)
+            keys += [(rid, j, i) for j in range(len(self.requests[rid]))]
+        text = "" if self.tokenizer is not None else None
+        done = {(rid, j): Completion(i, j, text=text) for rid, j, i in keys}
+        while self.has_unfinished():
+            for out in self.step():
+                c = done.get((out.request_id, out.index))
+                if c is None:
+                    continue
+                c.tokens += out.new_token_ids
+                if out.logprobs:
+                    c.logprobs = (c.logprobs or []) + out.logprobs
+                if text is not None:
+                    c.text += out.text
+                c.finish_reason = out.finish_reason
+        return [done[(rid, j)] for rid, j, _ in keys]

@@ -1,0 +1,153 @@
+"""The scheduler: which sequences run in the next step, and how many of their tokens each computes.
+
+As vLLM v1's scheduler: there is no prefill phase and decode phase. Every sequence has `num_computed_tokens`
+catching up with its `num_tokens`; a step gives each running sequence up to (tokens still to compute) new
+tokens under a per-step budget of `max_num_batched_tokens`. A decoding sequence asks for 1, a fresh prompt for
+all of it, and a prompt longer than what the budget leaves is split over steps (chunked prefill). Sequences with
+the fewest tokens to compute are served first, so a long prompt never stalls the running decodes: they take
+their one token each and the prompt's chunk takes what is left.
+
+Continuous batching: between two steps, finished sequences leave (their blocks are freed) and waiting ones join
+while there is budget, room under `max_num_seqs` and KV blocks for their first chunk.
+
+Preemption by recomputation: when a running sequence needs a block and none is free, the newest other running
+sequence gives all its blocks back and returns to the front of the waiting queue; when it is admitted again it
+recomputes its tokens (prompt and output so far), often from the prefix cache.
+
+The scheduler needs no model: tests drive `schedule()` and `update_from_output()` with hand-made tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from lmforge.engine.block_manager import BlockManager
+from lmforge.engine.sequence import Sequence, Status
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's plan: (sequence, number of new tokens to compute) rows, and who was preempted to make room."""
+
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    def samples(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Whether this row catches up with all its tokens, so its last position's logits choose a token."""
+        return seq.num_computed_tokens + num_new_tokens == seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 32, max_num_batched_tokens: int = 256):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_seqs={max_num_seqs} and max_num_batched_tokens={max_num_batched_tokens} "
+                             f"must both be >= 1")
+        self.block_manager = block_manager
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.num_prefix_hit_tokens = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- schedule ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        # 1. Running sequences, fewest tokens to compute first (decodes before prefill chunks).
+        for seq in sorted(self.running, key=lambda s: (s.num_to_compute, s.seq_id)):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_to_compute, budget)
+            while not bm.allocate_slots(seq, n):
+                victim = self._pick_victim(seq, out)
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                out.scheduled.append((seq, n))
+                budget -= n
+
+        # 2. Waiting sequences join, oldest first, unless this step already had to preempt.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            hits = bm.match_prefix(seq.token_ids)
+            n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
+            if not bm.allocate_slots(seq, n, hits):
+                break  # no room for its first chunk: it waits for blocks to be freed
+            seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * bm.block_size
+            self.num_prefix_hit_tokens += seq.num_cached_tokens
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.scheduled.append((seq, n))
+            budget -= n
+        return out
+
+    def _pick_victim(self, seq: Sequence, out: SchedulerOutput) -> Sequence:
+        """The newest running sequence not already given work this step; `seq` itself when there is none."""
+        busy = {s.seq_id for s, _ in out.scheduled}
+        others = [s for s in self.running if s is not seq and s.seq_id not in busy]
+        return max(others, key=lambda s: s.seq_id) if others else seq
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+
+    # ---- update --------------------------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
+        """Record a step's work and its sampled tokens (seq_id -> token); return the sequences that got one.
+
+        A sampled token in the sequence's stop ids ends it with reason "stop" and is not part of the output;
+        reaching max_tokens ends it with "length". Finished sequences leave and free their blocks now.
+        """
+        advanced = []
+        for seq, n in out.scheduled:
+            if seq.status is not Status.RUNNING:  # aborted between schedule and update
+                continue
+            seq.num_computed_tokens += n
+            self.block_manager.cache_blocks(seq)
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # a prefill chunk: nothing to sample yet
+            token = sampled[seq.seq_id]
+            advanced.append(seq)
+            if token in seq.stop_ids:
+                self.finish(seq, "stop")
+                continue
+            seq.token_ids.append(token)
+            if seq.num_tokens - seq.prompt_len >= seq.params.max_tokens:
+                self.finish(seq, "length")
+        return advanced
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence now (stop, length, a stop string found by the engine, or abort) and free its blocks."""
+        if seq.finished:
+            return
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def abort(self, seq: Sequence) -> None:
+        self.finish(seq, "abort")

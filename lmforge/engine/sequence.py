@@ -1,0 +1,93 @@
+"""One sequence being served, and what the engine reports about it after each step.
+
+A sequence's state is its tokens (prompt, then output) and how many of them are already in the KV cache
+(`num_computed_tokens`). There is no separate prefill or decode phase: each step computes some of the tokens
+not yet computed (the whole remaining prompt, a chunk of it, or the one token sampled last), and when the
+computed tokens catch up with all tokens, the last position's logits give the next token.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from lmforge.infer.sampling import SamplingParams, TokenLogprob
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_seq_ids = itertools.count()
+
+
+class Sequence:
+    """One output stream of a request (a request with n > 1 has n sequences sharing its prompt).
+
+    Attributes set by the block manager: block_table (ids of the pool blocks holding this sequence's keys and
+    values, in order) and num_hashed_blocks (how many of them are named in the prefix cache).
+    """
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, index: int = 0,
+                 eos_id: int | None = None):
+        self.seq_id = next(_seq_ids)  # also the arrival order: lower ids are older
+        self.request_id, self.index, self.params = request_id, index, params
+        self.token_ids = list(prompt_ids)
+        self.prompt_len = len(prompt_ids)
+        # Tokens that end the output (not part of it): the stop_token_ids, and EOS unless ignore_eos.
+        self.stop_ids = frozenset(params.stop_token_ids) | (
+            {eos_id} if eos_id is not None and not params.ignore_eos else frozenset())
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at the last admission
+        self.block_table: list[int] = []
+        self.num_hashed_blocks = 0
+        self.generator = None  # torch.Generator of a sampled (non-greedy) sequence; set by the engine
+        self.stops = None  # StopStrings over the decoded output, when the engine has a tokenizer
+        self.num_emitted = 0  # output tokens already reported in a RequestOutput
+        self.arrival_time = time.perf_counter()
+        self.token_times: list[float] = []  # when each output token was chosen (TTFT, inter-token latency)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_to_compute(self) -> int:
+        """Tokens not yet in the KV cache: the remaining prompt while prefilling, 1 while decoding."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}#{self.index}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={self.block_table})")
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one sequence: the new tokens and text, and on its last output why it ended."""
+
+    request_id: str
+    index: int  # which of the request's n samples
+    new_token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # newly printable text ("" without a tokenizer)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last output, else None
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served
+    metrics: dict | None = None  # on the last output: ttft_s, mean inter-token latency, tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
