@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "import": "lmforge.interop:import_command",
     "export": "lmforge.interop:export_command",
     "bench": "lmforge.infer.bench:bench_command",
+    "quantize": "lmforge.infer.quantize:quantize_command",
 }
 
 

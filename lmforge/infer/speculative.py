@@ -1,0 +1,150 @@
+"""Speculative decoding: a small draft model proposes k tokens, the target model checks them all in one forward.
+
+Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding"; Chen et al. 2023,
+"Accelerating Large Language Model Decoding with Speculative Sampling". One round:
+
+1. the draft samples x_1..x_k autoregressively from its distributions q_1..q_k (k cheap forwards);
+2. the target runs once over [last token, x_1..x_k] and gets its distributions p_1..p_{k+1};
+3. `accept_reject` keeps a prefix of the draft and adds one token of the target's, so every round yields
+   between 1 and k+1 tokens for one target forward.
+
+The accept/reject rule makes the output follow the target's distribution exactly, whatever the draft. Greedy
+decoding is the same rule with one-hot distributions (the argmax of each model's processed logits): a draft
+token is accepted iff it is the target's argmax, and a rejection puts the target's argmax in its place, so the
+tokens are those of plain greedy decoding.
+
+Both models keep a KV cache holding every context token but the last; after a round the caches are cropped
+(`KVCache.crop`) back to the accepted context, and each forward first feeds whatever context its cache lacks
+(the prompt on the first round, an accepted draft token the draft never fed). Batch size is 1.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from lmforge.infer.sampling import SamplingParams, make_generator, process_logits
+
+
+class SpeculativeError(ValueError):
+    """A speculative decoding request that cannot run; the message names the setting and the fix."""
+
+
+def token_probs(logits: torch.Tensor, params: SamplingParams, context: Sequence[int], prompt_len: int) -> torch.Tensor:
+    """The distributions (N, V) to sample from, for logits (N, V) whose row i predicts the token after
+    context[:len(context) - N + 1 + i]: one-hot at the argmax when greedy, else the softmax of the logits after
+    penalties, temperature and top-k/top-p/min-p (`sampling.process_logits`)."""
+    N = logits.shape[0]
+    contexts = [context] * N if params.plain else [context[:len(context) - N + 1 + i] for i in range(N)]
+    processed = process_logits(logits, [params] * N, contexts, [prompt_len] * N)
+    if params.greedy:
+        return torch.zeros_like(processed).scatter_(-1, processed.argmax(-1, keepdim=True), 1.0)
+    return processed.softmax(dim=-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator)[0])
+
+
+def accept_reject(draft_tokens: Sequence[int], q: torch.Tensor, p: torch.Tensor,
+                  generator: torch.Generator) -> list[int]:
+    """The tokens one round yields: the accepted prefix of the draft, then one token drawn for the target.
+
+    draft_tokens: x_1..x_k, drawn from the draft's distributions q (k, V); p (k+1, V): the target's
+    distributions at the same k positions and one more.
+    """
+    for i, x in enumerate(draft_tokens):
+        # Accept x_i with probability min(1, p_i(x_i) / q_i(x_i)).
+        if q[i, x] <= p[i, x] or torch.rand((), generator=generator) * q[i, x] < p[i, x]:
+            continue
+        # Rejected: draw the replacement from norm(max(0, p_i - q_i)), the part of p that q under-covers.
+        residual = (p[i] - q[i]).clamp(min=0)
+        residual = residual if float(residual.sum()) > 0 else p[i]  # only reachable through rounding
+        return list(draft_tokens[:i]) + [draw(residual, generator)]
+    # All k accepted: draw one more token from p_{k+1}, which the target computed anyway.
+    return list(draft_tokens) + [draw(p[len(draft_tokens)], generator)]
+
+
+def feed(model, cache, sequence: Sequence[int], last: int) -> torch.Tensor:
+    """Run the tokens of `sequence` that `cache` lacks through `model`; logits (last, V) of its last positions."""
+    device = next(model.parameters()).device
+    new = torch.tensor(sequence[cache.length:], dtype=torch.long, device=device)[None]  # (1, T)
+    hidden = model.hidden(new, kv_cache=cache)[0, -last:]  # (last, C): only these go through the head
+    return model.lm_head(hidden)
+
+
+def _check(target, draft, prompt: list[int], params: SamplingParams, k: int) -> None:
+    if k < 1:
+        raise SpeculativeError(f"speculative k={k} is out of range: the draft must propose >= 1 token per round")
+    V, Vd = target.config.vocab_size, draft.config.vocab_size
+    if V != Vd:
+        raise SpeculativeError(f"the draft's vocabulary has {Vd} tokens but the target's has {V}: the two models "
+                               f"must share one tokenizer")
+    if not prompt:
+        raise SpeculativeError("the prompt is empty; start it with the tokenizer's BOS/EOS token")
+    if min(prompt) < 0 or max(prompt) >= V:
+        raise SpeculativeError(f"the prompt holds token ids outside the vocabulary 0..{V - 1}")
+    for name, bad in (("n", params.n != 1), ("stop", bool(params.stop)), ("logprobs", params.logprobs is not None)):
+        if bad:
+            raise SpeculativeError(f"sampling setting {name}={getattr(params, name)!r} is not supported by "
+                                   f"speculative decoding (one sample, stop token ids only, no logprobs)")
+    params.check_vocab(V)
+
+
+@torch.inference_mode()
+def speculative_generate(target, draft, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                         k: int = 4, *, eos_id: int | None = None) -> tuple[list[int], dict]:
+    """Continue one prompt with the target's distribution, drafting k tokens per target forward.
+
+    Args:
+        target: the model whose distribution the output follows (an lmforge Transformer).
+        draft: a smaller model with the same tokenizer (vocabulary) and at least the same context length.
+        prompt_ids: the prompt's token ids.
+        params: sampling settings (temperature 0 is greedy; penalties, top-k/top-p/min-p and seed apply to
+            both models); one sample, stop token ids but not stop strings.
+        k: draft tokens proposed per round.
+        eos_id: a token that ends the output (not included) unless params.ignore_eos.
+
+    Returns:
+        (generated token ids, stats) with stats: acceptance_rate (accepted / proposed draft tokens), proposed,
+        accepted, rounds (= target forwards), tokens_per_round, finish_reason ("stop" or "length").
+    """
+    params = params or SamplingParams()
+    prompt = [int(t) for t in prompt_ids]
+    _check(target, draft, prompt, params, k)
+    stop_ids = set(params.stop_token_ids) | ({eos_id} if eos_id is not None and not params.ignore_eos else set())
+    max_len = len(prompt) + params.max_tokens - 1  # the last token is never fed
+    target_cache, draft_cache = target.new_cache(1, max_len), draft.new_cache(1, max_len)
+    generator = make_generator(params.seed)
+
+    context = list(prompt)
+    proposed = accepted = rounds = 0
+    finish_reason = "length"
+    while len(context) - len(prompt) < params.max_tokens:
+        k_round = min(k, params.max_tokens - (len(context) - len(prompt)) - 1)  # never run past max_tokens
+        drafted, q_rows = [], []
+        for _ in range(k_round):
+            sequence = context + drafted
+            q = token_probs(feed(draft, draft_cache, sequence, 1), params, sequence, len(prompt))[0]
+            drafted.append(draw(q, generator))
+            q_rows.append(q)
+        sequence = context + drafted
+        p = token_probs(feed(target, target_cache, sequence, k_round + 1), params, sequence, len(prompt))
+        q = torch.stack(q_rows) if q_rows else p[:0]
+        new = accept_reject(drafted, q, p, generator)
+        proposed, accepted, rounds = proposed + k_round, accepted + len(new) - 1, rounds + 1
+
+        stop_at = next((i for i, t in enumerate(new) if t in stop_ids), None)
+        context += new if stop_at is None else new[:stop_at]
+        if stop_at is not None:
+            finish_reason = "stop"
+            break
+        target_cache.crop(len(context) - 1)  # forget rejected draft tokens
+        draft_cache.crop(len(context) - 1)
+
+    generated = context[len(prompt):]
+    stats = {"acceptance_rate": accepted / proposed if proposed else 0.0, "proposed": proposed,
+             "accepted": accepted, "rounds": rounds, "tokens_per_round": len(generated) / max(rounds, 1),
+             "finish_reason": finish_reason}
+    return generated, stats
