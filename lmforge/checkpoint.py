@@ -161,12 +161,10 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
         model.to(dtype=dtype)
     tokenizer = None
     if with_tokenizer:
-        from lmforge.tokenizer import load_tokenizer
+        from lmforge.tokenizer import TOKENIZER_FILES, load_tokenizer
 
-        try:
+        if any((folder / name).is_file() for name in TOKENIZER_FILES):
             tokenizer = load_tokenizer(folder)
-        except FileNotFoundError:
-            tokenizer = None
     return model, tokenizer
 
 
