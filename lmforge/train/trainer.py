@@ -1,0 +1,484 @@
+"""The training loop: a prepared data folder in, a run folder out. nanoGPT's train.py, made a library function.
+
+    RUN/train_args.json   every setting of the run (TrainConfig)
+    RUN/metrics.jsonl     one JSON line per logged iteration (iter, loss, lr, tokens_per_s) and per evaluation
+    RUN/loss.png          the loss curves
+    RUN/best/             the model with the lowest validation loss so far (a model folder)
+    RUN/last/             the latest model + train_state.pt (optimizer, schedule, RNG states, counters): what
+                          `resume` continues from, so that a resumed run's losses equal an uninterrupted one's
+
+Batches come in two modes: `random` windows each iteration (nanoGPT), or `sequential` (PyTorch's
+word_language_model: the split cut into batch_size streams walked in consecutive windows, an epoch = one pass).
+The budget is iterations, epochs or wall-clock minutes, whichever ends first; early stopping ends a run whose
+validation loss has not improved for `patience` evaluations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.checkpoint import load_model, load_train_state, save_model
+from lmforge.config import PRESETS, ModelConfig
+from lmforge.data import load_meta, load_split, random_batch, sequential_batches
+from lmforge.fsutil import atomic_write_text
+from lmforge.model import Transformer
+from lmforge.train.optim import OPTIMIZERS, SCHEDULES, Schedule, make_optimizer, set_lr
+
+
+class TrainConfigError(ValueError):
+    """A training setting out of range; the message names it and what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Model sizes left None come from the preset."""
+
+    data: str
+    """A data folder made by `lmforge prepare` (meta.json, train.bin, val.bin, tokenizer)."""
+    out: str
+    """The run folder to write (best/, last/, metrics.jsonl, loss.png, train_args.json)."""
+    preset: str = "gpt-nano"
+    """Model preset (lmforge.config.PRESETS); the vocabulary size always comes from the data."""
+    n_layer: int | None = None
+    """Override the preset's number of layers."""
+    n_head: int | None = None
+    """Override the preset's number of attention heads."""
+    n_embd: int | None = None
+    """Override the preset's model width."""
+    block_size: int | None = None
+    """Context length trained on (the window length; the example's bptt). None: the preset's."""
+    dropout: float | None = None
+    """Override the preset's dropout."""
+    bias: bool | None = None
+    """Override whether linear layers and norms have biases (nanoGPT's default is bias=False)."""
+    batch_size: int = 12
+    """Sequences per micro-batch (sequential mode: the number of parallel streams)."""
+    batch_mode: str = "random"
+    """random: random windows each iteration (nanoGPT); sequential: consecutive windows of B streams."""
+    grad_accum: int = 1
+    """Micro-batches whose gradients are summed before each optimizer step."""
+    optimizer: str = "adamw"
+    """adamw or sgd."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    schedule: str = "cosine"
+    """cosine (warmup + cosine decay to min_lr), constant (warmup + flat) or plateau (lr/4 when val stalls)."""
+    warmup_iters: int = 100
+    """Iterations of linear warmup."""
+    lr_decay_iters: int | None = None
+    """Iteration where cosine decay reaches min_lr. None: the iteration budget."""
+    min_lr: float = 1e-4
+    """The cosine schedule's floor."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay on >= 2-D non-embedding weights (SGD: L2 on all)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2."""
+    momentum: float = 0.0
+    """SGD momentum (the example uses none)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing for the training loss (evaluation never smooths)."""
+    dtype: str = "float32"
+    """float32, or bfloat16 autocast for the model's matmuls (weights, optimizer and loss stay float32)."""
+    compile: bool = False
+    """torch.compile the model (compile time counts in the run's wall time)."""
+    num_threads: int | None = None
+    """torch.set_num_threads for the run. None: PyTorch's default."""
+    seed: int = 1337
+    """Seeds the model init, dropout and the batch sampler."""
+    max_iters: int | None = None
+    """Budget: optimizer steps. At least one of max_iters, epochs, max_minutes must be set."""
+    epochs: float | None = None
+    """Budget: passes over the training split (random mode: train tokens / tokens per iteration)."""
+    max_minutes: float | None = None
+    """Budget: wall-clock minutes of training (resumed runs count the time already spent)."""
+    eval_interval: int = 250
+    """Evaluate every this many iterations, and at the end. 0: at the end of each epoch."""
+    eval_mode: str = "random"
+    """random: eval_iters random val batches from a fixed seed (nanoGPT's estimate_loss); streams: the val split
+    as eval_batch_size streams of non-overlapping windows (the example); full: every val token once."""
+    eval_iters: int = 20
+    """Batches per evaluation in random mode."""
+    eval_batch_size: int | None = None
+    """Batch size for evaluation. None: batch_size."""
+    eval_seed: int = 1234
+    """Seed of the random evaluation batches: the same batches at every evaluation and in every run."""
+    patience: int | None = None
+    """Stop after this many evaluations in a row without a new best validation loss. None: never."""
+    log_interval: int = 10
+    """Write a metrics line (and read the loss back from the tensors) every this many iterations."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+    resume: bool = False
+    """Continue the run in `out` from its last/ checkpoint."""
+
+    def check(self) -> None:
+        """Raise TrainConfigError naming the first setting out of range."""
+        choices = {"preset": tuple(PRESETS), "batch_mode": ("random", "sequential"), "optimizer": OPTIMIZERS,
+                   "schedule": SCHEDULES, "dtype": ("float32", "bfloat16"), "eval_mode": ("random", "streams", "full")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise TrainConfigError(f"{key}={getattr(self, key)!r} is not one of: {', '.join(allowed)}")
+        positive = ("batch_size", "grad_accum", "lr", "log_interval", "n_layer", "n_head", "n_embd", "block_size",
+                    "max_iters", "epochs", "max_minutes", "eval_batch_size", "patience")
+        for key in positive:
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise TrainConfigError(f"{key}={value} must be > 0")
+        non_negative = ("warmup_iters", "min_lr", "weight_decay", "momentum", "grad_clip", "eval_interval",
+                        "eval_iters")
+        for key in non_negative:
+            if getattr(self, key) < 0:
+                raise TrainConfigError(f"{key}={getattr(self, key)} must be >= 0")
+        for key in ("dropout", "label_smoothing"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < 1:
+                raise TrainConfigError(f"{key}={value} must be in [0, 1)")
+        if self.max_iters is None and self.epochs is None and self.max_minutes is None:
+            raise TrainConfigError("no budget: set max_iters, epochs or max_minutes")
+        if self.schedule == "cosine" and self.max_iters is None and self.epochs is None and not self.lr_decay_iters:
+            raise TrainConfigError("the cosine schedule needs to know where it ends: set lr_decay_iters (or "
+                                   "max_iters / epochs) with a minutes budget, or use schedule='constant'")
+        if self.eval_mode == "random" and self.eval_iters < 1:
+            raise TrainConfigError("eval_iters must be >= 1 with eval_mode='random'")
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+
+def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+                 if getattr(cfg, k) is not None}
+    return ModelConfig.from_name(cfg.preset, vocab_size=vocab_size, **overrides)
+
+
+def iters_per_epoch(cfg: TrainConfig, n_train: int, T: int) -> int:
+    """Optimizer steps in one pass over the training split."""
+    if cfg.batch_mode == "sequential":
+        windows = math.ceil((n_train // cfg.batch_size - 1) / T)
+    else:
+        windows = n_train // (cfg.batch_size * T)
+    return max(1, windows // cfg.grad_accum)
+
+
+def batches(train: np.ndarray, cfg: TrainConfig, T: int, generator: torch.Generator, skip: int):
+    """Endless (x, y) micro-batches of shape (B, T); sequential mode skips the first `skip` (a resumed run)."""
+    if cfg.batch_mode == "random":
+        while True:
+            yield random_batch(train, cfg.batch_size, T, generator)
+    epochs = itertools.chain.from_iterable(sequential_batches(train, cfg.batch_size, T) for _ in itertools.count())
+    yield from itertools.islice(epochs, skip, None)
+
+
+@torch.no_grad()
+def estimate_loss(model: Transformer, val: np.ndarray, cfg: TrainConfig, T: int, autocast) -> float:
+    """Mean validation loss (no dropout, no label smoothing) over the batches `cfg.eval_mode` names."""
+    B = cfg.eval_batch_size or cfg.batch_size
+    if cfg.eval_mode == "random":  # nanoGPT's estimate_loss, on the same batches every time
+        gen = torch.Generator().manual_seed(cfg.eval_seed)
+        windows = (random_batch(val, B, T, gen) + (None,) for _ in range(cfg.eval_iters))
+    elif cfg.eval_mode == "streams":  # the example's evaluate(): batchify(val, 10), consecutive bptt windows
+        windows = ((x, y, None) for x, y in sequential_batches(val, B, T))
+    else:
+        from lmforge.data import eval_windows
+
+        windows = eval_windows(val, T, batch_size=B)
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for x, y, mask in windows:
+        with autocast:
+            logits = model(x)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        if mask is not None:
+            ce, n = ce * mask.flatten(), int(mask.sum())
+        else:
+            n = ce.numel()
+        total += ce.sum().double()
+        count += n
+    model.train(was_training)
+    return float(total) / max(count, 1)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "data": generator.get_state()}
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["data"])
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as written. A resumed run first drops the lines logged
+    after its checkpoint (iter > keep_until), so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.path = path
+        kept = [line for line in self.records() if line["iter"] <= keep_until] if keep_until else []
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(log: MetricsLog, png: Path) -> None:
+    """Training and validation loss against iteration, written atomically (matplotlib's Agg backend, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmforge.fsutil import atomic_path
+
+    records = log.records()
+    train_pts = [(r["iter"], r["loss"]) for r in records if "loss" in r]
+    val_pts = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for pts, label, style in ((train_pts, "train", "-"), (val_pts, "validation", "o-")):
+        if pts:
+            ax.plot(*zip(*pts), style, label=label, markersize=3)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def load_data_tokenizer(data_dir: str):
+    """The data folder's tokenizer, saved with every checkpoint; None if it has none (or cannot be read)."""
+    try:
+        from lmforge.tokenizer import load_tokenizer
+
+        return load_tokenizer(data_dir)
+    except (ImportError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig) -> dict:
+    """Train a model as `config` says; return a summary (iterations, losses, speed, where things are)."""
+    cfg = config
+    cfg.check()
+    run = Path(cfg.out)
+    meta = load_meta(cfg.data)
+    train_data, val_data = load_split(cfg.data, "train"), load_split(cfg.data, "val")
+    tokenizer = load_data_tokenizer(cfg.data)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+    # ---- model, optimizer, schedule: fresh, or as the last checkpoint left them
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    state = None
+    if cfg.resume:
+        state = load_train_state(run / "last")
+        model, _ = load_model(run / "last", with_tokenizer=False)
+    else:
+        model = Transformer(build_model_config(cfg, meta["vocab_size"]))
+    if meta["vocab_size"] > model.config.vocab_size:
+        raise TrainConfigError(f"the data in {cfg.data} has {meta['vocab_size']} token ids but the model's "
+                               f"vocabulary is {model.config.vocab_size}")
+    model.train()
+    T = cfg.block_size or model.config.block_size
+    per_epoch = iters_per_epoch(cfg, len(train_data), T)
+    budgets = [b for b in (cfg.max_iters, cfg.epochs and math.ceil(cfg.epochs * per_epoch)) if b]
+    max_iters = min(budgets) if budgets else None
+    eval_interval = cfg.eval_interval or per_epoch
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                               cfg.momentum)
+    schedule = Schedule(cfg.schedule, cfg.lr, cfg.warmup_iters, cfg.lr_decay_iters or max_iters or 0,
+                        min(cfg.min_lr, cfg.lr))
+    start, best_val, bad_evals, elapsed_before = 0, math.inf, 0, 0.0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        set_rng_state(state["rng"], data_gen)
+        start, best_val, bad_evals = state["iter"], state["best_val_loss"], state["bad_evals"]
+        elapsed_before = state["elapsed_s"]
+    atomic_write_text(run / "train_args.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    metrics = MetricsLog(run / "metrics.jsonl", keep_until=start)
+
+    step_model = torch.compile(model) if cfg.compile else model
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    stream = batches(train_data, cfg, T, data_gen, skip=start * cfg.grad_accum)
+    tokens_per_iter = cfg.batch_size * T * cfg.grad_accum
+    params = list(model.parameters())
+
+    def checkpoint(folder: str, it: int) -> None:
+        train_state = {"iter": it, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                       "rng": rng_state(data_gen), "best_val_loss": best_val, "bad_evals": bad_evals,
+                       "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                       "train_config": dataclasses.asdict(cfg)}
+        save_model(run / folder, model, tokenizer, train_state)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=max_iters, initial=start, disable=not cfg.progress, unit="it", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    train_time, pending, stop_reason, it = 0.0, [], "budget", start
+    last_val = None
+    t_log = time.perf_counter()
+    while max_iters is None or it < max_iters:
+        if cfg.max_minutes is not None and elapsed_before + time.perf_counter() - t_start >= 60 * cfg.max_minutes:
+            stop_reason = "minutes"
+            break
+        # ---- one optimizer step: grad_accum micro-batches, clip, step
+        t_step = time.perf_counter()
+        lr = schedule.lr_at(it)
+        set_lr(optimizer, lr)
+        loss_sum = torch.zeros(())
+        for _ in range(cfg.grad_accum):
+            x, y = next(stream)
+            with autocast:
+                logits = step_model(x)  # (B, T, vocab)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), label_smoothing=cfg.label_smoothing)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        pending.append(loss_sum / cfg.grad_accum)  # read back only at log time: no sync every step
+        train_time += time.perf_counter() - t_step
+        it += 1
+        bar.update(1)
+
+        # ---- log: the mean training loss since the last line
+        if it % cfg.log_interval == 0 or it == max_iters:
+            loss_value = float(torch.stack(pending).mean())
+            now = time.perf_counter()
+            tokens_per_s = len(pending) * tokens_per_iter / max(now - t_log, 1e-9)
+            metrics.write({"iter": it, "loss": loss_value, "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            pending, t_log = [], now
+            if not math.isfinite(loss_value):
+                stop_reason = "diverged"
+                break
+
+        # ---- evaluate, keep the best, maybe stop
+        if it % eval_interval == 0 or it == max_iters:
+            last_val = estimate_loss(model, val_data, cfg, T, autocast)
+            record = {"iter": it, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0)),
+                      "elapsed_s": round(elapsed_before + time.perf_counter() - t_start, 2)}
+            if meta.get("tokenizer") == "char":
+                record["val_bpc"] = last_val / math.log(2)
+            if schedule.observe(last_val):
+                record["lr_reduced_to"] = schedule.lr_at(it)
+            metrics.write(record)
+            improved = last_val < best_val
+            best_val, bad_evals = min(best_val, last_val), 0 if improved else bad_evals + 1
+            if improved:
+                checkpoint("best", it)
+            checkpoint("last", it)
+            plot_losses(metrics, run / "loss.png")
+            t_log = time.perf_counter()  # evaluation time is not training time
+            if cfg.patience is not None and bad_evals >= cfg.patience:
+                stop_reason = "early_stop"
+                break
+    bar.close()
+
+    checkpoint("last", it)
+    if not (run / "best").exists():  # a run that never evaluated: its final model is its best
+        checkpoint("best", it)
+    plot_losses(metrics, run / "loss.png")
+    wall = time.perf_counter() - t_start
+    trained = it - start
+    return {"run_dir": str(run), "iters": it, "stop_reason": stop_reason, "best_val_loss": best_val,
+            "last_val_loss": last_val, "train_tokens_per_s": trained * tokens_per_iter / max(train_time, 1e-9),
+            "wall_s": wall, "params": model.num_params(), "tokens_per_iter": tokens_per_iter,
+            "iters_per_epoch": per_epoch}
+
+
+def train_command(data: str, out: str, preset: str = "gpt-nano", n_layer: int | None = None,
+                  n_head: int | None = None, n_embd: int | None = None, block_size: int | None = None,
+                  dropout: float | None = None, no_bias: bool = False, batch_size: int = 12,
+                  batch_mode: str = "random", grad_accum: int = 1, optimizer: str = "adamw", lr: float = 1e-3,
+                  schedule: str = "cosine", warmup_iters: int = 100, lr_decay_iters: int | None = None,
+                  min_lr: float = 1e-4, weight_decay: float = 0.1, beta1: float = 0.9, beta2: float = 0.99,
+                  momentum: float = 0.0, grad_clip: float = 1.0, label_smoothing: float = 0.0,
+                  dtype: str = "float32", compile: bool = False, num_threads: int | None = None,
+                  seed: int = 1337, max_iters: int | None = None, epochs: float | None = None,
+                  max_minutes: float | None = None, eval_interval: int = 250, eval_mode: str = "random",
+                  eval_iters: int = 20, eval_batch_size: int | None = None, eval_seed: int = 1234,
+                  patience: int | None = None, log_interval: int = 10, progress: bool = True,
+                  resume: bool = False) -> int:
+    """Train a language model on a prepared data folder, writing best/ and last/ checkpoints, metrics and a plot.
+
+    Args:
+        data: a data folder made by `lmforge prepare`.
+        out: the run folder (best/, last/, metrics.jsonl, loss.png, train_args.json).
+        preset: model preset; the vocabulary size comes from the data.
+        n_layer: override the preset's layer count.
+        n_head: override the preset's head count.
+        n_embd: override the preset's width.
+        block_size: context length trained on (the bptt length); default the preset's.
+        dropout: override the preset's dropout.
+        no_bias: drop the biases of linear layers and norms (nanoGPT's bias=False); default: the preset's.
+        batch_size: sequences per micro-batch (sequential mode: parallel streams).
+        batch_mode: random (random windows, nanoGPT) or sequential (consecutive windows of streams, by epoch).
+        grad_accum: micro-batches per optimizer step.
+        optimizer: adamw or sgd.
+        lr: peak learning rate.
+        schedule: cosine (warmup + cosine decay to min_lr), constant, or plateau (lr/4 when validation stalls).
+        warmup_iters: linear warmup iterations.
+        lr_decay_iters: iteration where cosine decay ends (default: the iteration budget).
+        min_lr: the cosine schedule's floor.
+        weight_decay: AdamW decoupled weight decay on non-embedding matrices (SGD: L2 on all).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        momentum: SGD momentum.
+        grad_clip: clip the global gradient norm to this (0: off).
+        label_smoothing: label smoothing of the training loss.
+        dtype: float32, or bfloat16 autocast for the matmuls.
+        compile: torch.compile the model.
+        num_threads: CPU threads for PyTorch.
+        seed: random seed (init, dropout, batches).
+        max_iters: budget in optimizer steps.
+        epochs: budget in passes over the training split.
+        max_minutes: budget in wall-clock minutes.
+        eval_interval: evaluate every this many iterations (0: every epoch), and at the end.
+        eval_mode: random (eval_iters fixed-seed random batches), streams (the example's), or full.
+        eval_iters: batches per evaluation in random mode.
+        eval_batch_size: evaluation batch size (default batch_size).
+        eval_seed: seed of the random evaluation batches.
+        patience: stop after this many evaluations without improvement.
+        log_interval: iterations per metrics line.
+        progress: show a progress bar.
+        resume: continue the run in OUT from its last/ checkpoint.
+    """
+    args = {k: v for k, v in locals().items() if k != "no_bias"}
+    args["bias"] = False if no_bias else None
+    summary = train(TrainConfig(**args))
+    print(json.dumps(summary))
+    return 0
