@@ -46,7 +46,7 @@ class ModelConfig:
     final_norm: bool = True  # a norm after the last block (pre-norm models need one)
     dropout: float = 0.0
     init: str = "gpt2"  # gpt2: normal(0, 0.02) + scaled residual projections | seed: the example's uniform(-0.1, 0.1)
-    quantization: str | None = None  # None | int8 | int4: weight-only quantized checkpoint
+    quantization: str | None = None  # None | int8: weight-only quantized checkpoint
     extra: dict = field(default_factory=dict)  # provenance (e.g. imported from), never read by the model
 
     def __post_init__(self) -> None:
@@ -62,7 +62,7 @@ class ModelConfig:
     def _check(self) -> None:
         choices = {"norm": ("layernorm", "rmsnorm"), "norm_placement": ("pre", "post"),
                    "mlp": ("gelu", "relu", "swiglu"), "pos": ("learned", "rope", "sinusoidal"),
-                   "init": ("gpt2", "seed"), "quantization": (None, "int8", "int4")}
+                   "init": ("gpt2", "seed"), "quantization": (None, "int8")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config {key}={getattr(self, key)!r} is not one of {allowed}")
@@ -142,6 +142,8 @@ PRESETS: dict[str, dict] = {
     "gpt-nano": dict(_GPT2, n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65),
     # nanoGPT config/train_shakespeare_char.py "baby GPT".
     "gpt-micro": dict(_GPT2, n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.2),
+    # The demo's model: small enough to learn code in a few minutes on two CPU cores.
+    "gpt-mini": dict(_GPT2, n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=4096),
     # A 14M GPT-2 for CPU serving benchmarks: 6 layers, 384 dims, 6 heads, 8192-token BPE.
     "gpt-14m": dict(_GPT2, n_layer=6, n_head=6, n_embd=384, block_size=512, vocab_size=8192),
     # Small Llama-style models for CPU work.
