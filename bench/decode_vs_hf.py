@@ -28,27 +28,15 @@ from lmforge.model import Transformer
 
 
 def to_hf_gpt2(model: Transformer):
-    """The same weights in a transformers GPT2LMHeadModel (Conv1D layers store weights transposed)."""
+    """The same weights in a transformers GPT2LMHeadModel, through lmforge's own Hugging Face export mapping."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    c = model.config
-    hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                           n_head=c.n_head, activation_function="gelu_new", layer_norm_epsilon=c.norm_eps,
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    hf = GPT2LMHeadModel(hf_config)
-    sd = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
-          "transformer.ln_f.weight": model.norm_f.weight, "transformer.ln_f.bias": model.norm_f.bias,
-          "lm_head.weight": model.lm_head.weight}
-    for i, b in enumerate(model.blocks):
-        p = f"transformer.h.{i}."
-        sd.update({p + "ln_1.weight": b.norm1.weight, p + "ln_1.bias": b.norm1.bias,
-                   p + "attn.c_attn.weight": b.attn.qkv.weight.T, p + "attn.c_attn.bias": b.attn.qkv.bias,
-                   p + "attn.c_proj.weight": b.attn.proj.weight.T, p + "attn.c_proj.bias": b.attn.proj.bias,
-                   p + "ln_2.weight": b.norm2.weight, p + "ln_2.bias": b.norm2.bias,
-                   p + "mlp.c_fc.weight": b.mlp.fc.weight.T, p + "mlp.c_fc.bias": b.mlp.fc.bias,
-                   p + "mlp.c_proj.weight": b.mlp.proj.weight.T, p + "mlp.c_proj.bias": b.mlp.proj.bias})
-    missing, unexpected = hf.load_state_dict({k: v.detach().contiguous() for k, v in sd.items()}, strict=False)
-    assert not unexpected and all("attn.bias" in k or "masked_bias" in k for k in missing), (missing, unexpected)
+    from lmforge.interop.hf import convert_lmforge_to_hf, hf_config_from
+
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config_from(model.config, bos_id=0, eos_id=0)))
+    missing, unexpected = hf.load_state_dict(convert_lmforge_to_hf(model), strict=False)
+    assert not unexpected and all(k == "lm_head.weight" or "attn.bias" in k for k in missing), (missing, unexpected)
+    hf.tie_weights()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     return hf.eval()

@@ -37,7 +37,7 @@ class ModelConfig:
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     norm_placement: str = "pre"  # pre (GPT-2, Llama) | post (the classic encoder layer)
-    mlp: str = "gelu"  # gelu | relu | swiglu
+    mlp: str = "gelu"  # gelu (exact, erf) | gelu_tanh (GPT-2's "gelu_new") | relu | swiglu
     pos: str = "learned"  # learned | rope | sinusoidal
     rope_base: float = 10000.0
     bias: bool = True
@@ -61,7 +61,7 @@ class ModelConfig:
 
     def _check(self) -> None:
         choices = {"norm": ("layernorm", "rmsnorm"), "norm_placement": ("pre", "post"),
-                   "mlp": ("gelu", "relu", "swiglu"), "pos": ("learned", "rope", "sinusoidal"),
+                   "mlp": ("gelu", "gelu_tanh", "relu", "swiglu"), "pos": ("learned", "rope", "sinusoidal"),
                    "init": ("gpt2", "seed"), "quantization": (None, "int8")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -135,9 +135,9 @@ PRESETS: dict[str, dict] = {
                  norm="layernorm", norm_placement="post", mlp="relu", pos="sinusoidal", bias=True,
                  tie_embeddings=False, embed_scale=True, final_norm=False, dropout=0.2, init="seed"),
     # GPT-2, https://huggingface.co/openai-community/gpt2/blob/main/config.json
-    "gpt2": dict(_GPT2, n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    "gpt2": dict(_GPT2, mlp="gelu_tanh", n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
     # https://huggingface.co/openai-community/gpt2-medium/blob/main/config.json
-    "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
+    "gpt2-medium": dict(_GPT2, mlp="gelu_tanh", n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
     # nanoGPT's CPU recipe for shakespeare_char (README "I only have a macbook").
     "gpt-nano": dict(_GPT2, n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65),
     # nanoGPT config/train_shakespeare_char.py "baby GPT".

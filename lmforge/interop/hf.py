@@ -60,8 +60,9 @@ def config_from_hf(hf_config: dict, name: str | None = None) -> ModelConfig:
     if model_type == "gpt2":
         act = d.get("activation_function", "gelu_new")
         problems = []
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            problems.append(f"activation_function={act!r} (lmforge's GPT-2 uses the tanh GELU, 'gelu_new')")
+        mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(act)
+        if mlp is None:
+            problems.append(f"activation_function={act!r} (lmforge's GPT-2 runs 'gelu_new' or 'gelu')")
         if not d.get("tie_word_embeddings", True):
             problems.append("tie_word_embeddings=false (HF's untied GPT-2 head has no bias, lmforge's has one)")
         if d.get("scale_attn_by_inverse_layer_idx"):
@@ -75,7 +76,7 @@ def config_from_hf(hf_config: dict, name: str | None = None) -> ModelConfig:
         return ModelConfig(
             name=name, vocab_size=d["vocab_size"], block_size=d.get("n_positions", 1024), n_layer=d["n_layer"],
             n_head=d["n_head"], n_embd=d["n_embd"], intermediate_size=d.get("n_inner") or 4 * d["n_embd"],
-            norm="layernorm", norm_eps=d.get("layer_norm_epsilon", 1e-5), mlp="gelu", pos="learned", bias=True,
+            norm="layernorm", norm_eps=d.get("layer_norm_epsilon", 1e-5), mlp=mlp, pos="learned", bias=True,
             tie_embeddings=True, extra={"imported_from": "huggingface", "model_type": "gpt2"})
     if model_type in LLAMA_LIKE:
         n_embd, n_head = d["hidden_size"], d["num_attention_heads"]
@@ -104,6 +105,9 @@ def config_from_hf(hf_config: dict, name: str | None = None) -> ModelConfig:
                                 f"'gpt2', {', '.join(repr(t) for t in LLAMA_LIKE)}")
 
 
+GPT2_ACTS = {"gelu_tanh": "gelu_new", "gelu": "gelu"}  # our mlp -> Hugging Face activation_function
+
+
 def hf_family(config: ModelConfig) -> str:
     """'gpt2' or 'llama' when our config has that architecture exactly, else UnsupportedModelError saying why."""
     c = config
@@ -111,11 +115,11 @@ def hf_family(config: ModelConfig) -> str:
         raise UnsupportedModelError(f"model is quantized ({c.quantization}); export the float checkpoint")
     common = dict(norm_placement="pre", final_norm=True, embed_scale=False)
     families = {
-        "gpt2": dict(common, norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_embeddings=True),
+        "gpt2": dict(common, norm="layernorm", pos="learned", bias=True, tie_embeddings=True),
         "llama": dict(common, norm="rmsnorm", mlp="swiglu", pos="rope", bias=False),
     }
     for family, wanted in families.items():
-        if all(getattr(c, k) == v for k, v in wanted.items()):
+        if all(getattr(c, k) == v for k, v in wanted.items()) and (family == "llama" or c.mlp in GPT2_ACTS):
             return family
     diffs = {fam: [f"{k}={getattr(c, k)!r} (needs {v!r})" for k, v in w.items() if getattr(c, k) != v]
              for fam, w in families.items()}
@@ -132,7 +136,7 @@ def hf_config_from(config: ModelConfig, dtype: torch.dtype = torch.float32, bos_
     if hf_family(c) == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
                 "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
-                "n_inner": c.intermediate_size, "activation_function": "gelu_new",
+                "n_inner": c.intermediate_size, "activation_function": GPT2_ACTS[c.mlp],
                 "layer_norm_epsilon": c.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "tie_word_embeddings": True, "dtype": dtype_name, "torch_dtype": dtype_name, **ids}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
