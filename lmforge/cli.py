@@ -2,8 +2,8 @@
 
 Flags come from each function's signature and its Google-style "Args:" docstring, so the help text is the
 docstring and a verb is added by writing a typed function and one line in COMMANDS. Parameters without a
-default are positional; `x: bool = False` becomes `--x`, `x: bool = True` becomes `--no-x`; `list[...]`
-takes several values; `Literal[...]` gives choices.
+default, and positional-only ones (before `/`), are positional; `x: bool = False` becomes `--x`, `x: bool = True`
+becomes `--no-x`; `list[...]` takes several values; `Literal[...]` gives choices.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
     "export": "lmforge.interop:export_command",
     "bench": "lmforge.infer.bench:bench_command",
     "quantize": "lmforge.infer.quantize:quantize_command",
+    "serve": "lmforge.serve.app:serve_command",
+    "chat": "lmforge.serve.chat:chat_command",
 }
 
 
@@ -74,7 +76,9 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn) -> None:
             pass
         else:
             kwargs["type"] = tp
-        if param.default is inspect.Parameter.empty:
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY and param.default is not inspect.Parameter.empty:
+            parser.add_argument(name, nargs="?", default=param.default, **kwargs)  # `def f(model=None, /)`
+        elif param.default is inspect.Parameter.empty:
             parser.add_argument(name, **kwargs)
         elif tp is bool:
             if param.default:
@@ -94,7 +98,9 @@ def load(verb: str):
 
 
 def build_parser(verbs: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.split("\n")[0].replace("The `lmforge` command: ", "lmforge: "))
+    import lmforge
+
+    parser = argparse.ArgumentParser(prog="lmforge", description=f"lmforge {lmforge.__version__}: {lmforge.__doc__.split(': ', 1)[1]}")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
     for verb in COMMANDS:
         if verbs is not None and verb not in verbs:
@@ -121,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     if verb is None:
         parser.print_help()
         return 0
+    fn = load(verb)
+    positional = [args.pop(name) for name, p in inspect.signature(fn).parameters.items()
+                  if p.kind is inspect.Parameter.POSITIONAL_ONLY]
     try:
-        result = load(verb)(**args)
+        result = fn(*positional, **args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

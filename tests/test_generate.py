@@ -249,3 +249,23 @@ def test_bench_command_prints_a_line_per_case_and_a_summary(capsys):
     assert lines[2]["summary"] and lines[2]["cases"] == 2
     with pytest.raises(ValueError, match="batch_sizes"):
         bench_command("gpt-nano", batch_sizes=[0])
+
+
+def test_generate_command_draft_and_quantize(model, tok, tmp_path, capsys):
+    """--draft (speculative decoding) prints the same greedy text as plain decoding; --quantize int8 runs."""
+    from lmforge.checkpoint import save_model
+    from lmforge.cli import main
+
+    save_model(tmp_path / "m", model, tok)
+    argv = ["generate", str(tmp_path / "m"), "--prompt", "bcd", "--temperature", "0", "--max-new-tokens", "8",
+            "--no-stream"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main(argv + ["--draft", str(tmp_path / "m")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "acceptance_rate" in captured.err
+    assert main(argv + ["--quantize", "int8"]) == 0
+    assert capsys.readouterr().out.strip()
+    with pytest.raises(SystemExit):  # argparse rejects the choice, naming the allowed ones
+        main(argv + ["--quantize", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err

@@ -105,10 +105,14 @@ class _Row:
         return self.context[self.prompt_len:]
 
     def text(self, tokenizer) -> str:
-        """The generated text, decoded after the prompt's last token so that context-dependent decoding (no
-        space after BOS, word spacing) comes out as it would for the whole sequence."""
-        anchor = self.context[self.prompt_len - 1:self.prompt_len]
-        return tokenizer.decode(anchor + self.generated)[len(tokenizer.decode(anchor)):]
+        return continuation_text(tokenizer, self.context[:self.prompt_len], self.generated)
+
+
+def continuation_text(tokenizer, prompt: Sequence[int], generated: Sequence[int]) -> str:
+    """Generated text decoded after the prompt's last token, so that context-dependent decoding (no space after
+    BOS, word spacing) comes out as it would in the whole sequence."""
+    anchor = list(prompt[-1:])
+    return tokenizer.decode(anchor + list(generated))[len(tokenizer.decode(anchor)):]
 
 
 def _normalise(model, prompts, params) -> tuple[list[list[int]], list[SamplingParams]]:
@@ -286,7 +290,8 @@ def beam_search(model, prompt: Sequence[int], beam_width: int = 4, max_tokens: i
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_for_generation(model: str, dtype: str = "float32", tokenizer: str | None = None, device: str = "cpu"):
+def load_for_generation(model: str, dtype: str = "float32", tokenizer: str | None = None, device: str = "cpu",
+                        quantize: str | None = None):
     """(model, tokenizer) ready for inference from a model folder, anything `lmforge.interop.load_any` opens,
     or a preset name (random weights, no tokenizer: for benchmarks).
 
@@ -307,6 +312,10 @@ def load_for_generation(model: str, dtype: str = "float32", tokenizer: str | Non
         tok = load_tokenizer_path(tokenizer, net.config.vocab_size) if tokenizer else None
     else:
         net, tok = load_any(model, tokenizer=tokenizer, device=device, dtype=torch_dtype)
+    if quantize is not None and net.config.quantization is None:
+        from lmforge.infer.quantize import quantize_model
+
+        quantize_model(net, quantize)
     return net.eval(), tok
 
 
@@ -365,8 +374,9 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 200, te
                      ignore_eos: bool = False, seed: int | None = None, num_samples: int = 1,
                      logprobs: int | None = None, batch_file: str | None = None, stream: bool = True,
                      beam_width: int = 0, length_penalty: float = 1.0, tokenizer: str | None = None,
-                     dtype: Literal["float32", "bfloat16"] = "float32") -> int:
-    """Generate text from a model folder (or a Hugging Face folder / llama2.c file when interop is installed).
+                     dtype: Literal["float32", "bfloat16"] = "float32", quantize: Literal["int8"] | None = None,
+                     draft: str | None = None, speculative_k: int = 4) -> int:
+    """Generate text from a model folder, a Hugging Face folder or a llama2.c file, streaming it as it comes.
 
     Args:
         model: model folder (config.json + model.safetensors + tokenizer), or a preset name for random weights.
@@ -390,8 +400,11 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 200, te
         length_penalty: beam scores divide by length ** length_penalty.
         tokenizer: tokenizer.json or folder to use instead of the model folder's own.
         dtype: weights and activations dtype.
+        quantize: quantize the weights on load (int8, per-channel scales).
+        draft: a smaller model sharing the tokenizer: speculative decoding (one prompt, one sample at a time).
+        speculative_k: tokens the draft proposes per target forward.
     """
-    net, tok = load_for_generation(model, dtype, tokenizer)
+    net, tok = load_for_generation(model, dtype, tokenizer, quantize=quantize)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, stop=list(stop), ignore_eos=ignore_eos, seed=seed,
@@ -406,5 +419,16 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 200, te
     else:
         texts = [prompt]
     prompts = [prompt_tokens(tok, t) for t in texts]
+    if draft is not None:
+        from lmforge.infer.speculative import speculative_generate
+
+        draft_net, _ = load_for_generation(draft, dtype, tokenizer, quantize=quantize)
+        for prompt_ids in prompts:
+            tokens, stats = speculative_generate(net, draft_net, prompt_ids, params, k=speculative_k,
+                                                 eos_id=None if params.ignore_eos else getattr(tok, "eos_id", None))
+            print(continuation_text(tok, prompt_ids, tokens) if tok is not None else tokens, flush=True)
+            print(json.dumps({"acceptance_rate": round(stats["acceptance_rate"], 3),
+                              "tokens_per_round": round(stats["tokens_per_round"], 2)}), file=sys.stderr)
+        return 0
     print_outputs(net, tok, prompts, params, stream, beam_width, length_penalty)
     return 0
