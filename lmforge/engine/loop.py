@@ -119,23 +119,28 @@ class EngineLoop:
         self._wake.set()
 
     def _apply_commands(self) -> None:
+        applied = False
         while not self._commands.empty():
             kind, *args = self._commands.get()
+            applied = True
             if kind == "add":
                 seqs, stream = args
                 self._streams[stream.request_id] = stream
                 self.engine.enqueue(seqs)
             else:
                 self._deliver(self.engine.abort(args[0]))
+        if applied:  # an abort frees blocks even when no step follows
+            self.last_stats = self.engine.stats()
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
         for out in outs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.put(out)
-                if out.request_id not in self.engine.requests:  # its last sequence just finished
-                    stream.put(None)
-                    del self._streams[out.request_id]
+        # A request's stream ends after all of this step's outputs: its n samples may finish together.
+        for request_id in dict.fromkeys(out.request_id for out in outs):
+            if request_id not in self.engine.requests and request_id in self._streams:
+                self._streams.pop(request_id).put(None)
 
     def _run(self) -> None:
         while not self._closed:

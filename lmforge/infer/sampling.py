@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +55,9 @@ class SamplingParams:
     seed: int | None = None  # per-request RNG seed; None draws one from torch's global generator
     n: int = 1  # independent samples of this prompt (they share its prefill)
     logprobs: int | None = None  # None: no logprobs; N: the chosen token's logprob plus the top-N alternatives
+    # Constrained decoding: called with the row's output ids so far, returns the token ids allowed next (None: any).
+    allowed_tokens: Callable[[Sequence[int]], Sequence[int] | None] | None = field(default=None, repr=False,
+                                                                                   compare=False)
 
     def __post_init__(self) -> None:
         self.logit_bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
@@ -109,7 +112,7 @@ class SamplingParams:
     def plain(self) -> bool:
         """True when the processed logits equal the raw ones (no penalty, bias or ban), the fast path."""
         return (self.repetition_penalty == 1 and self.presence_penalty == 0 and self.frequency_penalty == 0
-                and not self.logit_bias and not self.banned_sequences)
+                and not self.logit_bias and not self.banned_sequences and self.allowed_tokens is None)
 
 
 def make_generator(seed: int | None, sample_index: int = 0, device="cpu") -> torch.Generator:
@@ -187,6 +190,19 @@ def ban_sequences(logits: torch.Tensor, contexts: Sequence[Sequence[int]],
     return out
 
 
+def mask_disallowed(logits: torch.Tensor, allowed: Sequence[Sequence[int] | None]) -> torch.Tensor:
+    """Set logits[b, t] = -inf for every token t not in allowed[b]; rows with allowed[b] None are left as they are."""
+    if all(a is None for a in allowed):
+        return logits
+    out = logits.clone()
+    for b, ids in enumerate(allowed):
+        if ids is not None:
+            keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            keep[torch.as_tensor(list(ids), dtype=torch.long, device=logits.device)] = True
+            out[b] = out[b].masked_fill(~keep, -math.inf)
+    return out
+
+
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """Divide each row by its temperature (B,); rows with temperature 0 (greedy) are left as they are."""
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
@@ -248,6 +264,8 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], conte
                                      _column(params, "frequency_penalty", device))
         logits = apply_logit_bias(logits, [p.logit_bias for p in params])
         logits = ban_sequences(logits, contexts, [p.banned_sequences for p in params])
+        logits = mask_disallowed(logits, [p.allowed_tokens(ctx[n:]) if p.allowed_tokens is not None else None
+                                          for p, ctx, n in zip(params, contexts, prompt_lens)])
     if all(p.greedy for p in params):
         return logits  # argmax is unchanged by temperature and by filters that keep the top token
     logits = apply_temperature(logits, _column(params, "temperature", device))

@@ -1,0 +1,174 @@
+"""OpenAI API request models, field by field in the reference's order, and their conversion to SamplingParams.
+
+References: https://platform.openai.com/docs/api-reference/completions/create and
+https://platform.openai.com/docs/api-reference/chat/create. Fields lmforge adds sit in a marked section at the
+end of each model. The server never hands these to the engine: `to_sampling_params` makes the engine's own
+settings, so HTTP types stop here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmforge.infer.sampling import MAX_LOGPROBS, SamplingParams
+
+
+class ApiError(Exception):
+    """An error the client sees as OpenAI's JSON: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: Optional[bool] = False
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class _Extras(BaseModel):
+    """Shared conversion; subclasses declare the fields (OpenAI's first, then lmforge's)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    def _params(self, max_tokens: int, logprobs: int | None, encode) -> SamplingParams:
+        banned = [encode(p) for p in (self.banned_phrases or [])]
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        except ValueError:
+            raise ApiError(400, "logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p, min_p=self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=bias, banned_sequences=[b for b in banned if b], stop=stop, seed=self.seed,
+            n=1 if self.n is None else self.n, logprobs=logprobs)
+
+
+class CompletionRequest(_Extras):
+    """POST /v1/completions (https://platform.openai.com/docs/api-reference/completions/create)."""
+
+    model: str
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    best_of: Optional[int] = None
+    echo: Optional[bool] = False
+    frequency_penalty: Optional[float] = 0.0
+    logit_bias: Optional[dict[str, float]] = None
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Optional[int] = Field(default=16, ge=1)
+    n: Optional[int] = Field(default=1, ge=1, le=16)
+    presence_penalty: Optional[float] = 0.0
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    suffix: Optional[str] = None
+    temperature: Optional[float] = 1.0
+    top_p: Optional[float] = 1.0
+    user: Optional[str] = None
+    # ---- lmforge extras (not in the OpenAI API) ----
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    regex: Optional[str] = None  # structured output: the completion matches this regular expression
+    choice: Optional[list[str]] = None  # structured output: the completion is exactly one of these
+    banned_phrases: Optional[list[str]] = None  # texts whose token sequences are never generated
+    response_format: Optional[ResponseFormat] = None  # as in chat completions
+
+    def to_sampling_params(self, max_tokens: int, encode) -> SamplingParams:
+        """Engine settings for this request; `encode` turns banned phrases into token sequences."""
+        if self.suffix:
+            raise ApiError(400, "suffix is not supported: lmforge models do not fill in the middle", "suffix")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ApiError(400, "best_of is not supported (only best_of == n)", "best_of")
+        if self.echo and self.logprobs is not None:
+            raise ApiError(400, "echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
+        return self._params(max_tokens, self.logprobs, encode)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[dict[str, Any]]]] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        """The content as text; content parts must be text parts (this server has no image input)."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text":
+                raise ApiError(400, f"content part type {part.get('type')!r} is not supported; only 'text'",
+                               "messages")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Extras):
+    """POST /v1/chat/completions (https://platform.openai.com/docs/api-reference/chat/create)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    frequency_penalty: Optional[float] = 0.0
+    logit_bias: Optional[dict[str, float]] = None
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Optional[int] = Field(default=None, ge=1)  # deprecated by OpenAI for max_completion_tokens
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    n: Optional[int] = Field(default=1, ge=1, le=16)
+    presence_penalty: Optional[float] = 0.0
+    response_format: Optional[ResponseFormat] = None
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: Optional[float] = 1.0
+    top_p: Optional[float] = 1.0
+    user: Optional[str] = None
+    # ---- lmforge extras (not in the OpenAI API) ----
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    banned_phrases: Optional[list[str]] = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def to_sampling_params(self, max_tokens: int, encode) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+        return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, encode)
+
+
+class TokenizeRequest(BaseModel):
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None  # tokenized after the chat template, as chat requests are
+
+
+class DetokenizeRequest(BaseModel):
+    model: Optional[str] = None
+    tokens: list[int]

@@ -1,0 +1,337 @@
+"""The OpenAI-compatible server, driven as a client would: the official `openai` package and raw HTTP.
+
+The server runs as a subprocess (`lmforge serve`) on a free loopback port with a tiny random model and a BPE
+tokenizer trained here; the model is random, so tests check shapes, counts, reproducibility and constraints,
+never the text's quality.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import torch
+
+from lmforge.checkpoint import save_model
+from lmforge.config import ModelConfig
+from lmforge.model import Transformer
+from lmforge.tokenizer import train_tokenizer
+
+CORPUS = ["the cat sat on the mat. {\"name\": \"tom\", \"ok\": true}\n"] * 50 + ["hello world, how are you?\n"] * 50
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model_folder(path, block_size: int):
+    tok = train_tokenizer("bpe", CORPUS, 300)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=32)
+    save_model(path, Transformer(cfg), tok)
+    return tok
+
+
+def _start(folder, *flags):
+    from lmforge import cli
+
+    port = _free_port()
+    cmd = ([sys.executable, "-m", "lmforge", "serve"] if "serve" in cli.COMMANDS
+           else [sys.executable, "-m", "lmforge.serve.app"])
+    proc = subprocess.Popen(cmd + [str(folder), "--port", str(port), "--log-level", "warning", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become healthy in 60 s")
+
+
+def _stop(proc):
+    proc.terminate()  # SIGTERM: uvicorn shuts down gracefully and the lifespan closes the engine loop
+    try:
+        assert proc.wait(timeout=15) in (0, -15)  # uvicorn re-raises the signal after a clean shutdown
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve") / "tiny"
+    tok = _model_folder(folder, 256)
+    proc, base = _start(folder, "--max-batch", "4", "--max-queue", "4")
+    yield base, tok
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory):
+    """A server with an API key and room for one request: for 401, 429 and disconnects."""
+    folder = tmp_path_factory.mktemp("serve_small") / "tiny"
+    tok = _model_folder(folder, 1024)
+    proc, base = _start(folder, "--max-batch", "1", "--max-queue", "0", "--api-key", "sekret",
+                        "--max-body-bytes", "20000")
+    yield base, tok
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    health = httpx.get(server[0] + "/health").json()
+    assert health["status"] == "ok" and health["engine"]["kv_blocks_total"] > 0
+
+
+def test_completion_usage_is_exact(server, client):
+    base, tok = server
+    r = client.completions.create(model="tiny", prompt="the cat", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and len(r.choices) == 1
+    assert r.usage.prompt_tokens == len(tok.encode("the cat"))
+    assert 1 <= r.usage.completion_tokens <= 5
+    assert r.choices[0].finish_reason in ("stop", "length")
+    # greedy is deterministic and the text decodes the counted tokens
+    again = client.completions.create(model="tiny", prompt="the cat", max_tokens=5, temperature=0)
+    assert again.choices[0].text == r.choices[0].text
+
+
+def test_chat_completion_counts_template_tokens(server, client):
+    base, tok = server
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    rendered = httpx.post(base + "/tokenize", json={"messages": messages}).json()
+    assert r.usage.prompt_tokens == rendered["count"]  # counted after the chat template
+    assert tok.decode(rendered["tokens"]) == "be brief\n\nUser: hello\nAssistant:"
+    assert r.usage.completion_tokens <= 4
+
+
+def test_streaming_matches_non_streaming(client):
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    stream = list(client.completions.create(model="tiny", prompt="the", max_tokens=6, temperature=0, stream=True))
+    plain = client.completions.create(model="tiny", prompt="the", max_tokens=6, temperature=0)
+    assert "".join(c.choices[0].text for c in stream) == plain.choices[0].text
+
+
+def test_n_seed_and_logprobs(client):
+    kwargs = dict(model="tiny", prompt="hello", max_tokens=6, temperature=1.0, n=3, seed=7, logprobs=2)
+    a, b = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
+    lp = a.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          logprobs=True, top_logprobs=3, temperature=0)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    # greedy: the chosen token is the most likely alternative
+    assert all(c.logprob == pytest.approx(max(t.logprob for t in c.top_logprobs)) for c in content)
+
+
+def test_response_format_json_schema_always_validates(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                               "ok": {"type": "boolean"}, "pet": {"enum": ["cat", "dog"]}},
+              "required": ["name", "ok", "pet"], "additionalProperties": False}
+    for seed in range(4):  # a random model, yet every sample parses and validates
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "json please"}], max_tokens=120, seed=seed,
+            temperature=1.0, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+def test_choice_and_regex(server):
+    base, _ = server
+    body = dict(model="tiny", prompt="pick", max_tokens=20, temperature=1.0, n=4, seed=3,
+                choice=["red", "green", "blue"])
+    r = httpx.post(base + "/v1/completions", json=body).json()
+    assert {c["text"] for c in r["choices"]} <= {"red", "green", "blue"}
+    body = dict(model="tiny", prompt="num", max_tokens=20, temperature=1.0, n=3, seed=3, regex=r"[0-9]{3}-[a-c]{2}")
+    r = httpx.post(base + "/v1/completions", json=body).json()
+    import re
+    assert all(re.fullmatch(r"[0-9]{3}-[a-c]{2}", c["text"]) for c in r["choices"])
+
+
+def test_stop_echo_and_json_object(client):
+    plain = client.completions.create(model="tiny", prompt="the", max_tokens=12, temperature=0).choices[0].text
+    stop = plain[len(plain) // 2:len(plain) // 2 + 2]  # a string the greedy output is known to contain
+    cut = client.completions.create(model="tiny", prompt="the", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == plain[:plain.index(stop)] and cut.choices[0].finish_reason == "stop"
+    echoed = client.completions.create(model="tiny", prompt="the", max_tokens=12, temperature=0, echo=True)
+    assert echoed.choices[0].text == "the" + plain
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=100,
+                                       seed=5, response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":  # a random model may use all 100 tokens inside one string
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    else:
+        assert r.choices[0].message.content.startswith("{")
+
+
+# EngineLoop._deliver ends a request's stream at the first of its outputs in the step where it finishes, so when
+# two samples of a request finish in the same step the other's last output (its finish_reason) is dropped.
+# The fix belongs in lmforge/engine/loop.py (reported to the lead); remove this marker with it.
+def test_streaming_chat_with_n(client):
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=5, n=2, seed=3, stream=True))
+    texts, finished = {0: "", 1: ""}, {}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert set(finished) == {0, 1}
+    whole = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=5, n=2, seed=3)
+    assert [texts[0], texts[1]] == [c.message.content for c in whole.choices]
+
+
+def test_errors_use_openai_shape(server):
+    base, _ = server
+    cases = [
+        (dict(model="tiny", prompt="x", temperature=-1), 400, "temperature"),
+        (dict(model="tiny", prompt="x", max_tokens=0), 400, "max_tokens"),
+        (dict(model="tiny", prompt="x", max_tokens=100000), 400, "max_tokens"),
+        (dict(model="tiny", prompt="x", regex="("), 400, "regex"),
+        (dict(model="nope", prompt="x"), 404, "model"),
+        (dict(prompt="x"), 400, "model"),
+    ]
+    for body, status, param in cases:
+        r = httpx.post(base + "/v1/completions", json=body)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["param"] == param, err
+    with pytest.raises(openai.BadRequestError):
+        openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], top_p=0)
+
+
+def test_tokenize_round_trip_and_metrics(server):
+    base, tok = server
+    t = httpx.post(base + "/tokenize", json={"prompt": "the cat sat"}).json()
+    assert t["tokens"] == tok.encode("the cat sat")
+    assert httpx.post(base + "/detokenize", json={"tokens": t["tokens"]}).json()["prompt"] == "the cat sat"
+    text = httpx.get(base + "/metrics").text
+    for name in ("lmforge_requests_total", "lmforge_prompt_tokens_total", "lmforge_generated_tokens_total",
+                 "lmforge_queue_length", "lmforge_running_batch_size", "lmforge_kv_blocks_used",
+                 "lmforge_kv_blocks_free", "lmforge_time_to_first_token_seconds_bucket",
+                 "lmforge_inter_token_latency_seconds_bucket"):
+        assert name in text
+
+
+def test_auth_queue_body_limit_and_disconnect(small_server):
+    base, tok = small_server
+    good = {"Authorization": "Bearer sekret"}
+    assert httpx.get(base + "/v1/models").status_code == 401
+    r = httpx.get(base + "/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(base + "/v1/completions", headers=good, json={"model": "tiny", "prompt": "x" * 30000})
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
+
+    # one long request fills the server (max_batch 1, max_queue 0); EOS banned so it cannot end early
+    long = {"model": "tiny", "prompt": "the", "max_tokens": 1000, "stream": True,
+            "logit_bias": {str(tok.eos_id): -100}}
+    with httpx.Client(timeout=30) as c:
+        with c.stream("POST", base + "/v1/completions", headers=good, json=long) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            busy = httpx.post(base + "/v1/completions", headers=good, json={"model": "tiny", "prompt": "x"})
+            assert busy.status_code == 429 and busy.headers["retry-after"]
+            assert httpx.get(base + "/health").json()["engine"]["kv_blocks_used"] > 0
+        # leaving the block closes the connection mid-stream: the request is aborted and its blocks freed.
+    # EngineLoop.last_stats is refreshed after engine steps, so a short request runs before reading them; that
+    # it is admitted at all (max_batch 1, max_queue 0) shows the aborted request gave its slot back.
+    deadline, ok = time.time() + 5, None
+    while time.time() < deadline:
+        ok = httpx.post(base + "/v1/completions", headers=good, json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        if ok.status_code != 429:
+            break
+        time.sleep(0.05)
+    assert ok.status_code == 200, ok.text
+    stats = httpx.get(base + "/health").json()["engine"]
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0, stats
+    assert stats["generated_tokens"] < 500, stats  # the 1000-token request stopped early
+
+
+# ---------------------------------------------------------------------------------- in-process (no subprocess)
+
+@pytest.fixture(scope="module")
+def tiny_parts():
+    tok = train_tokenizer("bpe", CORPUS, 300)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=1, n_head=2, n_embd=32))
+    return model, tok
+
+
+def test_rate_limit_chunked_body_and_prompt_length(tiny_parts):
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import ServeSettings, create_app
+
+    model, tok = tiny_parts
+    settings = ServeSettings(model_name="tiny", api_keys=["k1", "k2"], rate_limit_tpm=10, max_body_bytes=5000)
+    with TestClient(create_app(model, tok, settings)) as c:
+        k1, k2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
+        body = {"model": "tiny", "prompt": "the cat sat on the mat", "max_tokens": 8}
+        assert c.post("/v1/completions", headers=k1, json=body).status_code == 200
+        limited = c.post("/v1/completions", headers=k1, json=body)  # k1 spent its 10 tokens per minute
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+        assert c.post("/v1/completions", headers=k2, json=body).status_code == 200  # per key
+        chunks = (b'{"model": "tiny", "prompt": "' + b"x" * 1000 for _ in range(8))
+        big = c.post("/v1/completions", headers=k2, content=chunks)  # chunked: no content-length
+        assert big.status_code == 413 and "max_body_bytes" in big.json()["error"]["message"]
+    with TestClient(create_app(model, tok, ServeSettings(model_name="tiny"))) as c:
+        long = {"model": "tiny", "prompt": "the cat " * 100, "max_tokens": 8}
+        err = c.post("/v1/completions", json=long).json()["error"]
+        assert err["param"] == "prompt" and "max_model_len is 128" in err["message"]
+        room = 128 - len(tok.encode("the cat"))
+        for max_tokens, status in ((room, 200), (room + 1, 400)):
+            r = c.post("/v1/completions", json={"model": "tiny", "prompt": "the cat", "max_tokens": max_tokens})
+            assert r.status_code == status, r.text
+        assert r.json()["error"]["param"] == "max_tokens"
+
+
+def test_chat_template_from_model_folder(tiny_parts, tmp_path):
+    from lmforge.serve.templates import PLAIN_TEMPLATE, ChatTemplate, ChatTemplateError
+
+    model, tok = tiny_parts
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    plain = ChatTemplate.for_model(tmp_path, tok)  # no tokenizer_config.json: the plain default
+    assert plain.source == PLAIN_TEMPLATE and plain.turn_stops == ["\nUser:"]
+    assert plain.render(messages) == "S\n\nUser: U\nAssistant:"
+    template = "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}" \
+               "{% if add_generation_prompt %}[assistant]{% endif %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    own = ChatTemplate.for_model(tmp_path, tok)
+    assert own.render(messages) == "[system]S[user]U[assistant]" and own.turn_stops == []
+    # templates are untrusted: the sandbox refuses attribute escapes
+    evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(ChatTemplateError):
+        ChatTemplate(evil, tok).render(messages)
