@@ -10,7 +10,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 
 def demo(out: str = "runs/demo", iters: int = 400, minutes: float = 5.0, preset: str = "gpt-mini",
@@ -53,9 +52,10 @@ def demo(out: str = "runs/demo", iters: int = 400, minutes: float = 5.0, preset:
           f"over {result['tokens']:,} tokens")
 
     print(f"[4/4] sampling from the prompt {prompt!r}:\n")
-    torch.manual_seed(seed)
-    [completion] = generate(model, [tokenizer.encode(prompt)],
-                            SamplingParams(max_tokens=160, temperature=0.8, top_k=50, seed=seed), tokenizer=tokenizer)
+    prompt_ids = tokenizer.encode(prompt)
+    max_tokens = min(160, model.config.block_size - len(prompt_ids))  # the model sees at most its context
+    [completion] = generate(model, [prompt_ids], SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=50,
+                                                                 seed=seed), tokenizer=tokenizer)
     print(prompt + completion.text)
     print("\n" + json.dumps({"val_loss": round(result["loss"], 4), "val_ppl": round(result["ppl"], 2),
                              "train_iters": summary.get("iters"), "wall_s": round(time.perf_counter() - t0, 1)}))
