@@ -2,8 +2,10 @@
 
 For each case (model preset, dtype, batch size) both libraries continue the same random prompts of 32 tokens by
 128 greedy tokens; tok/s = batch * new tokens / wall time of the whole call (prefill included), median of a few
-repeats, both run side by side in this one process. Prints one JSON line per case:
-{"model", "dtype", "batch", "lmforge_tok_s", "hf_tok_s", "ratio", ...}.
+repeats, all run side by side in this one process, interleaved. "lmforge" is the model as `lmforge generate` and
+`serve` run it (linear layers packed for oneDNN, lmforge.infer.packed); "plain" is the same model with PyTorch's
+default nn.Linear. Prints one JSON line per case:
+{"model", "dtype", "batch", "lmforge_tok_s", "hf_tok_s", "ratio", "plain_tok_s", ...}.
 
     python bench/decode_vs_hf.py            # gpt-14m and gpt2, fp32, batch 1 and 8
     python bench/decode_vs_hf.py --quick    # fewer tokens and repeats
@@ -12,17 +14,16 @@ repeats, both run side by side in this one process. Prints one JSON line per cas
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
 
-import copy
-
 import torch
-import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.infer.generate import generate
+from lmforge.infer.packed import pack_linears
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
 
@@ -42,32 +43,6 @@ def to_hf_gpt2(model: Transformer):
     return hf.eval()
 
 
-class PackedDecodeLinear(nn.Module):
-    """A proposed speed-up, measured here before anyone adopts it: one-token-per-row (decode) calls of a linear
-    layer go through oneDNN with weights pre-packed for that batch size, where MKL's small-M fp32 GEMM is slow;
-    every other call (prefill) keeps the original layer."""
-
-    def __init__(self, linear: nn.Linear, batch: int):
-        super().__init__()
-        self.linear = linear
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch)
-        self.bias = None if linear.bias is None else linear.bias.detach()
-
-    def forward(self, x):
-        if x.dim() == 3 and x.shape[1] == 1:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return self.linear(x)
-
-
-def packed_copy(model: Transformer, batch: int) -> Transformer:
-    model = copy.deepcopy(model)
-    for block in model.blocks:
-        for parent, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc"), (block.mlp, "proj")):
-            setattr(parent, name, PackedDecodeLinear(getattr(parent, name), batch))
-    model.lm_head = PackedDecodeLinear(model.lm_head, batch)
-    return model
-
-
 def interleaved(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, object]]:
     """Median seconds of each function, run in turn (a, b, c, a, b, c, ...) so load changes hit all alike."""
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -81,7 +56,7 @@ def interleaved(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, ob
 
 
 def run_case(name: str, dtype: str, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-             packed: bool = False) -> dict:
+             ) -> dict:
     torch.manual_seed(0)
     torch_dtype = getattr(torch, dtype)
     model = Transformer(ModelConfig.from_name(name)).eval().to(torch_dtype)
@@ -89,7 +64,9 @@ def run_case(name: str, dtype: str, batch: int, prompt_len: int, new_tokens: int
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
     params = SamplingParams(max_tokens=new_tokens, temperature=0)
 
-    def ours(net=model):
+    served = pack_linears(copy.deepcopy(model))  # what `lmforge generate/serve/bench` run: oneDNN-packed linears
+
+    def ours(net=served):
         return [c.tokens for c in generate(net, prompts.tolist(), params)]
 
     def theirs():
@@ -98,10 +75,7 @@ def run_case(name: str, dtype: str, batch: int, prompt_len: int, new_tokens: int
                               min_new_tokens=new_tokens, do_sample=False)
         return out[:, prompt_len:].tolist()
 
-    fns = {"ours": ours, "hf": theirs}
-    if packed:
-        net = packed_copy(model, batch)
-        fns["packed"] = lambda: ours(net)
+    fns = {"ours": ours, "plain": lambda: ours(model), "hf": theirs}
     for fn in fns.values():
         fn()  # warm up
     t, outs = interleaved(fns, repeats)
@@ -109,10 +83,9 @@ def run_case(name: str, dtype: str, batch: int, prompt_len: int, new_tokens: int
     n = batch * new_tokens
     case = {"model": name, "dtype": dtype, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "lmforge_tok_s": round(n / t["ours"], 1), "hf_tok_s": round(n / t["hf"], 1),
-            "ratio": round(t["hf"] / t["ours"], 2), "same_tokens_fraction": agree, "threads": torch.get_num_threads()}
-    if packed:
-        case.update(packed_tok_s=round(n / t["packed"], 1), packed_ratio=round(t["hf"] / t["packed"], 2),
-                    packed_same_tokens=outs["packed"] == outs["ours"])
+            "ratio": round(t["hf"] / t["ours"], 2), "plain_tok_s": round(n / t["plain"], 1),
+            "same_tokens_fraction": agree, "same_tokens_as_plain": outs["plain"] == outs["ours"],
+            "threads": torch.get_num_threads()}
     return case
 
 
@@ -126,8 +99,6 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    ap.add_argument("--packed-linear", action="store_true",
-                    help="also time lmforge with oneDNN-packed decode linears (a proposed change: PackedDecodeLinear)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,8 +107,7 @@ def main(argv=None) -> None:
     for name in args.models:
         for dtype in args.dtypes:
             for batch in args.batches:
-                print(json.dumps(run_case(name, dtype, batch, args.prompt_len, args.new_tokens, args.repeats,
-                                          args.packed_linear)),
+                print(json.dumps(run_case(name, dtype, batch, args.prompt_len, args.new_tokens, args.repeats)),
                       flush=True)
 
 

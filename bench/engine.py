@@ -24,6 +24,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.engine.engine import Engine
 from lmforge.infer.generate import generate
+from lmforge.infer.packed import pack_linears
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
 
@@ -67,7 +68,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name(args.preset)).eval().to(DTYPES[args.dtype])
+    # as `lmforge serve` runs it: float32 linear layers packed for oneDNN (lmforge.infer.packed)
+    model = pack_linears(Transformer(ModelConfig.from_name(args.preset)).eval().to(DTYPES[args.dtype]))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (args.prompt_len,), generator=g).tolist()
                for _ in range(args.concurrency)]

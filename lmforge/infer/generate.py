@@ -21,6 +21,7 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 
+from lmforge.infer.packed import pack_linears
 from lmforge.infer.sampling import (SamplingParams, StopStrings, TokenLogprob, make_generator,
                                     sample_next, token_logprobs)
 
@@ -295,7 +296,8 @@ def load_for_generation(model: str, dtype: str = "float32", tokenizer: str | Non
     """(model, tokenizer) ready for inference from a model folder, anything `lmforge.interop.load_any` opens,
     or a preset name (random weights, no tokenizer: for benchmarks).
 
-    The one place the CLI verbs load a model; quantization and draft models hook in here.
+    The one place the CLI verbs load a model; quantization and draft models hook in here. Float32 linear layers
+    are packed for oneDNN (lmforge.infer.packed), the fast CPU path for decoding.
     """
     from lmforge.config import PRESETS, ModelConfig
 
@@ -316,7 +318,7 @@ def load_for_generation(model: str, dtype: str = "float32", tokenizer: str | Non
         from lmforge.infer.quantize import quantize_model
 
         quantize_model(net, quantize)
-    return net.eval(), tok
+    return pack_linears(net.eval()), tok
 
 
 def prompt_tokens(tokenizer, text: str) -> list[int]:

@@ -733,11 +733,7 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
     for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("port", port, 0)):
         if value < low:
             raise ValueError(f"{name}={value} is out of range: it must be >= {low}")
-    net, tok = load_for_generation(model, dtype, tokenizer)
-    if quantize == "int8":
-        from lmforge.infer.quantize import quantize_model
-
-        net = quantize_model(net, "int8")
+    net, tok = load_for_generation(model, dtype, tokenizer, quantize=None if quantize == "none" else quantize)
     path = Path(model)
     settings = ServeSettings(model_name=served_model_name or path.stem, max_batch=max_batch, max_queue=max_queue,
                              max_model_len=max_model_len, api_keys=keys, rate_limit_tpm=rate_limit_tpm,

@@ -1,0 +1,54 @@
+"""Inference-only linear layers whose weights are pre-packed for oneDNN, swapped in like quantized layers.
+
+On a CPU, decoding multiplies a few rows of activations by every weight matrix, so it runs at the speed the
+weights stream from memory. PyTorch's default float32 path (MKL) streams them slowly for one to a few dozen
+rows; oneDNN with the weight reordered once into its blocked layout streams them faster and handles any number
+of rows, so one packed copy serves prefill and decode alike (bench/decode_vs_hf.py measures both paths side by
+side with Hugging Face transformers). The packed weight replaces the float one, so the model stays the same size;
+a head tied to the token embedding gets its own packed copy while the embedding stays float.
+
+`pack_linears` is for inference: packed layers hold no trainable parameters and are not saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def packing_available(model: nn.Module) -> bool:
+    """oneDNN packing applies to float32 models on the CPU when PyTorch was built with oneDNN."""
+    p = next(model.parameters(), None)
+    return (p is not None and p.device.type == "cpu" and p.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W.T + b with W held in oneDNN's blocked layout (reordered once, for `batch_hint` rows)."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 1):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().contiguous()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint), persistent=False)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@torch.no_grad()
+def pack_linears(model: nn.Module, batch_hint: int = 1) -> nn.Module:
+    """Swap every nn.Linear of a float32 CPU model for a PackedLinear, in place; other models are returned as
+    they are. Returns the model."""
+    if not packing_available(model):
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, PackedLinear(child, batch_hint))
+    return model

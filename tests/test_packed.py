@@ -1,0 +1,43 @@
+"""oneDNN-packed linear layers against PyTorch's own nn.Linear, the plain twin they replace."""
+
+import copy
+
+import pytest
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.infer.generate import generate
+from lmforge.infer.packed import PackedLinear, pack_linears, packing_available
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model import Transformer
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 96), (8, 1, 96), (2, 33, 96), (5, 96)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_equals_linear(shape, bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200, bias=bias)
+    x = torch.randn(*shape)
+    torch.testing.assert_close(PackedLinear(linear)(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt-nano", "llama-nano"])
+def test_packed_model_generates_what_the_plain_model_does(name):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name(name, vocab_size=64, n_layer=2)).eval()
+    packed = pack_linears(copy.deepcopy(model))
+    assert not any(type(m) is torch.nn.Linear for m in packed.modules())
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    assert [c.tokens for c in generate(packed, prompts, params)] == [c.tokens for c in generate(model, prompts, params)]
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_only_float32_cpu_models_are_packed():
+    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=1)).to(torch.bfloat16)
+    assert not packing_available(model)
+    assert pack_linears(model) is model and any(type(m) is torch.nn.Linear for m in model.modules())
