@@ -25,10 +25,7 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import statistics
-import subprocess
-import sys
 import sysconfig
 import tempfile
 import time
@@ -37,7 +34,8 @@ from pathlib import Path
 
 import httpx
 
-LMFORGE = [sys.executable, "-m", "lmforge"]
+from lmforge.serve.process import start_server, stop_server
+
 
 
 def stdlib_text(max_chars: int = 400_000) -> str:
@@ -66,29 +64,6 @@ def default_model(folder: Path, corpus: str) -> str:
     model = Transformer(ModelConfig.from_name("gpt-14m", vocab_size=tok.vocab_size))
     save_model(folder, model, tok)
     return str(folder)
-
-
-def start_server(model: str, max_batch: int, max_queue: int, max_model_len: int, timeout: float = 120.0):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([*LMFORGE, "serve", model, "--host", "127.0.0.1", "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", str(max_queue),
-                             "--max-model-len", str(max_model_len), "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"lmforge serve exited with {proc.returncode}: {proc.stderr.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError(f"lmforge serve did not answer /health within {timeout} s")
 
 
 # ---------------------------------------------------------------------------------- requests
@@ -217,7 +192,9 @@ def main() -> None:
     corpus = stdlib_text()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or default_model(Path(tmp) / "gpt-14m-stdlib", corpus)
-        proc, url = start_server(model, args.max_batch, max(256, args.concurrency * 2), args.max_model_len)
+        proc, url = start_server(model, "--max-batch", str(args.max_batch), "--max-queue",
+                                 str(max(256, args.concurrency * 2)), "--max-model-len", str(args.max_model_len),
+                                 "--log-level", "warning", timeout=120.0)
         try:
             model_id = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
             jobs = make_jobs(args.requests, corpus, args.drop_fraction, args.max_tokens, rng)
@@ -232,11 +209,7 @@ def main() -> None:
             results, wall = asyncio.run(run_all(url, model_id, jobs, args.concurrency, args.timeout))
             leaked = settled_blocks_used(url)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
     ttfts = [r.ttft_s * 1000 for r in results if r.ttft_s is not None]
     tok_s = sum(r.tokens for r in results) / wall

@@ -1,19 +1,16 @@
 """`lmforge chat` as a person uses it: a subprocess fed lines on stdin, locally and against a running server."""
 
-import importlib.util
 import os
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 import torch
 
 from lmforge.checkpoint import save_model
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
+from lmforge.serve.process import start_server, stop_server
 from lmforge.serve.chat import ChatError, ChatSettings, sse_text_deltas
 from lmforge.tokenizer import train_tokenizer
 
@@ -31,46 +28,6 @@ def tiny_model_folder(folder, block_size=256):
                                               block_size=block_size))
     save_model(folder, model, tok)
     return str(folder)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_folder, *extra, timeout=60.0):
-    """`lmforge serve` on a free loopback port as a subprocess; returns (process, base URL) once /health answers."""
-    port = free_port()
-    proc = subprocess.Popen([*LMFORGE, "serve", model_folder, "--host", "127.0.0.1", "--port", str(port), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"lmforge serve exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"lmforge serve did not answer /health within {timeout} s:\n{proc.stdout.read()}")
-
-
-def stop_server(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def needs_server():
-    return pytest.mark.skipif(importlib.util.find_spec("lmforge.serve.app") is None,
-                              reason="lmforge/serve/app.py (the server) is not written yet")
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +99,6 @@ def test_sse_parsing_reads_deltas_until_done():
         list(sse_text_deltas(['data: {"error": {"message": "boom"}}']))
 
 
-@needs_server()
 def test_chat_against_a_running_server(model_folder):
     proc, url = start_server(model_folder, "--api-key", "sekrit")
     try:

@@ -13,9 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import schemathesis
-from test_chat_repl import needs_server, start_server, stop_server, tiny_model_folder
+from test_chat_repl import tiny_model_folder
 
-pytestmark = [pytest.mark.slow, needs_server()]
+from lmforge.serve.process import start_server, stop_server
+
+pytestmark = pytest.mark.slow
 
 EXAMPLES = 150  # per operation; the GET operations without inputs need one, the POST bodies use them all
 MIN_REQUESTS = 500

@@ -6,9 +6,6 @@ never the text's quality.
 """
 
 import json
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -20,15 +17,10 @@ import torch
 from lmforge.checkpoint import save_model
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
+from lmforge.serve.process import start_server, stop_server
 from lmforge.tokenizer import train_tokenizer
 
 CORPUS = ["the cat sat on the mat. {\"name\": \"tom\", \"ok\": true}\n"] * 50 + ["hello world, how are you?\n"] * 50
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model_folder(path, block_size: int):
@@ -40,34 +32,12 @@ def _model_folder(path, block_size: int):
 
 
 def _start(folder, *flags):
-    from lmforge import cli
-
-    port = _free_port()
-    cmd = ([sys.executable, "-m", "lmforge", "serve"] if "serve" in cli.COMMANDS
-           else [sys.executable, "-m", "lmforge.serve.app"])
-    proc = subprocess.Popen(cmd + [str(folder), "--port", str(port), "--log-level", "warning", *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become healthy in 60 s")
+    return start_server(str(folder), "--log-level", "warning", *flags)
 
 
 def _stop(proc):
-    proc.terminate()  # SIGTERM: uvicorn shuts down gracefully and the lifespan closes the engine loop
-    try:
-        assert proc.wait(timeout=15) in (0, -15)  # uvicorn re-raises the signal after a clean shutdown
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # SIGTERM: uvicorn shuts down gracefully, the lifespan closes the engine loop, and it re-raises the signal
+    assert stop_server(proc) in (0, -15)
 
 
 @pytest.fixture(scope="module")

@@ -5,22 +5,21 @@ The screenshot goes to test-artifacts/web_chat.png (git-ignored) for a person to
 """
 
 import os
-import time
 from pathlib import Path
 
 import pytest
 
-from test_chat_repl import needs_server, start_server, stop_server, tiny_model_folder
+from test_chat_repl import tiny_model_folder
+
+from lmforge.serve.process import start_server, stop_server
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
-pytestmark = [
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium)"),
-    needs_server(),
-]
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason=f"{CHROMIUM} is absent (apt-get install chromium)")
 
 
 @pytest.fixture(scope="module")
