@@ -111,7 +111,9 @@ def download(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 BUILTIN_CORPORA = ("python-stdlib", "tinyshakespeare")
-STDLIB_SKIP_DIRS = ("site-packages", "dist-packages", "test", "tests", "idlelib/idle_test")
+# Not code anyone writes: third-party packages, test suites, and `encodings/` (generated codec tables, which a small
+# model trained on a sample would otherwise learn to recite).
+STDLIB_SKIP_DIRS = ("site-packages", "dist-packages", "test", "tests", "idlelib/idle_test", "encodings")
 SPLITS = ("train", "val", "test")
 
 
