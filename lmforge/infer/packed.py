@@ -7,6 +7,9 @@ of rows, so one packed copy serves prefill and decode alike (bench/decode_vs_hf.
 side with Hugging Face transformers). The packed weight replaces the float one, so the model stays the same size;
 a head tied to the token embedding gets its own packed copy while the embedding stays float.
 
+The layout is chosen for a number of rows (`batch_hint`); 8 measured as fast as 1 for single-row decoding and
+1.5-2x faster for 8 to 32 rows (prefill, batched decode), so it is the default.
+
 `pack_linears` is for inference: packed layers hold no trainable parameters and are not saved in checkpoints.
 """
 
@@ -26,7 +29,7 @@ def packing_available(model: nn.Module) -> bool:
 class PackedLinear(nn.Module):
     """y = x @ W.T + b with W held in oneDNN's blocked layout (reordered once, for `batch_hint` rows)."""
 
-    def __init__(self, linear: nn.Linear, batch_hint: int = 1):
+    def __init__(self, linear: nn.Linear, batch_hint: int = 8):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().contiguous()
@@ -42,7 +45,7 @@ class PackedLinear(nn.Module):
 
 
 @torch.no_grad()
-def pack_linears(model: nn.Module, batch_hint: int = 1) -> nn.Module:
+def pack_linears(model: nn.Module, batch_hint: int = 8) -> nn.Module:
     """Swap every nn.Linear of a float32 CPU model for a PackedLinear, in place; other models are returned as
     they are. Returns the model."""
     if not packing_available(model):
