@@ -284,8 +284,12 @@ def load_data_tokenizer(data_dir: str):
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def train(config: TrainConfig) -> dict:
-    """Train a model as `config` says; return a summary (iterations, losses, speed, where things are)."""
+def train(config: TrainConfig, on_eval=None) -> dict:
+    """Train a model as `config` says; return a summary (iterations, losses, speed, where things are).
+
+    `on_eval(iteration, val_loss)`, when given, is called after each evaluation's checkpoints are written;
+    an exception it raises (a pruned search trial, say) ends training there and propagates.
+    """
     cfg = config
     cfg.check()
     run = Path(cfg.out)
@@ -402,6 +406,8 @@ def train(config: TrainConfig) -> dict:
                 checkpoint("best", it)
             checkpoint("last", it)
             plot_losses(metrics, run / "loss.png")
+            if on_eval is not None:
+                on_eval(it, last_val)
             t_log = time.perf_counter()  # evaluation time is not training time
             if cfg.patience is not None and bad_evals >= cfg.patience:
                 stop_reason = "early_stop"
