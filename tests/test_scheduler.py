@@ -25,7 +25,7 @@ def step(sched, token=7):
     """One step whose sampled token is `token` for every row that caught up; returns {request: new tokens}."""
     out = sched.schedule()
     plan = {s.request_id: n for s, n in out.scheduled}
-    sampled = {s.seq_id: token for s, n in out.scheduled if out.samples(s, n)}
+    sampled = {s.seq_id: [token] for s, n in out.scheduled if out.samples(s, n)}
     sched.update_from_output(out, sampled)
     return plan, out
 
@@ -77,7 +77,7 @@ def test_stop_token_and_eos_end_a_request_without_entering_the_output():
     sched.add(a), sched.add(b)
     step(sched, token=5)
     out = sched.schedule()
-    sched.update_from_output(out, {a.seq_id: EOS, b.seq_id: 9})
+    sched.update_from_output(out, {a.seq_id: [EOS], b.seq_id: [9]})
     assert (a.finish_reason, b.finish_reason) == ("stop", "stop")
     assert a.output_ids == [5] and b.output_ids == [5]
     assert not sched.has_unfinished() and sched.block_manager.num_used_blocks == 0

@@ -9,6 +9,12 @@ Execution: a step runs at most two forwards: all decoding rows (one new token ea
 chunks batched, right-padded to the longest chunk. Padding decodes up to a chunk's length would waste up to
 chunk x rows of compute; one forward per chunk instead was 5.6x slower than one padded forward for 32 prompts of
 32 tokens (fp32, 2 shared cores), because small matrix products use the CPU poorly.
+
+Speculative decoding (a `draft` model): the draft (lmforge.engine.drafter) proposes up to k tokens for every
+decoding row, the target checks all of them in one forward over [last token, drafts] per row, and
+lmforge.infer.speculative's accept/reject rule keeps a prefix and adds one token of the target's, so each row
+gains 1 to k + 1 tokens per step with the target's distribution (greedy: exactly plain greedy's tokens). Rows
+whose request asks for logprobs get them from the target's logits at each kept token.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from typing import Sequence as Seq
 import torch
 
 from lmforge.engine.block_manager import BlockManager
+from lmforge.engine.drafter import Drafter
 from lmforge.engine.paged_cache import PagedKVCache
 from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.engine.sequence import RequestOutput, Sequence
 from lmforge.infer.generate import Completion
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
+from lmforge.infer.speculative import accept_reject, token_probs
 
 
 class Engine:
@@ -40,10 +48,13 @@ class Engine:
         max_num_seqs: the most sequences running at once.
         max_num_batched_tokens: the per-step token budget (decodes take 1, prompts are chunked to fit).
         eos_id: the end-of-sequence token without a tokenizer (or to override its).
+        draft: a smaller model sharing the tokenizer: speculative decoding of every decoding row.
+        num_speculative_tokens: tokens the draft proposes per row and step.
     """
 
     def __init__(self, model, tokenizer=None, *, num_blocks: int | None = None, block_size: int = 16,
-                 max_num_seqs: int = 32, max_num_batched_tokens: int = 256, eos_id: int | None = None):
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 256, eos_id: int | None = None,
+                 draft=None, num_speculative_tokens: int = 4):
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
         p = next(model.parameters())
         self.device = p.device
@@ -51,10 +62,14 @@ class Engine:
             num_blocks = max_num_seqs * -(-self.config.block_size // block_size)
         self.cache = PagedKVCache(self.config, num_blocks, block_size, dtype=p.dtype, device=p.device)
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.drafter = None if draft is None else Drafter(draft, self.config, num_blocks, block_size,
+                                                          num_speculative_tokens)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
+                                   num_speculative_tokens if draft is not None else 0)
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
         self.requests: dict[str, list[Sequence]] = {}  # live requests -> their sequences
-        self.counters = dict(prompt_tokens=0, generated_tokens=0, computed_tokens=0, steps=0)
+        self.counters = dict(prompt_tokens=0, generated_tokens=0, computed_tokens=0, steps=0,
+                             draft_proposed=0, draft_accepted=0)
         self.ttft_s: deque[float] = deque(maxlen=1000)  # of recently finished requests
         self.itl_s: deque[float] = deque(maxlen=1000)
 
@@ -124,44 +139,77 @@ class Engine:
         advanced = self.scheduler.update_from_output(scheduled, sampled)
         return self._outputs(advanced, logprobs)
 
-    def _execute(self, out: SchedulerOutput) -> tuple[dict[int, int], dict]:
-        """Run the model over the scheduled rows; sample a token for each row that caught up with its tokens."""
-        decodes = [(s, n) for s, n in out.scheduled if n == 1]
+    def _execute(self, out: SchedulerOutput) -> tuple[dict[int, list[int]], dict]:
+        """Run the model over the scheduled rows; choose the next token(s) of each row that caught up."""
+        speculative = [(s, n) for s, n in out.scheduled if s.seq_id in out.lookahead]
+        decodes = [(s, n) for s, n in out.scheduled if n == 1 and s.seq_id not in out.lookahead]
         prefills = [(s, n) for s, n in out.scheduled if n > 1]
+        if self.drafter is not None:
+            self.drafter.mirror(decodes + prefills)
         groups = [g for g in (decodes, prefills) if g]
         logits, seqs = [], []
         for group in groups:
-            last = self._forward(group)  # (B, C) hidden state at each row's last new token
+            last = self._forward(group)[torch.arange(len(group)), torch.tensor([n for _, n in group]) - 1]  # (B, C)
             pick = [b for b, (s, n) in enumerate(group) if out.samples(s, n)]
             if pick:
                 logits.append(self.model.lm_head(last[pick]))
                 seqs += [group[b][0] for b in pick]
         self.counters["computed_tokens"] += out.num_batched_tokens
         self.counters["steps"] += 1
-        if not seqs:
-            return {}, {}
-        return self._sample(torch.cat(logits), seqs)
+        sampled, lps = self._sample(torch.cat(logits), seqs) if seqs else ({}, {})
+        if speculative:
+            more, more_lps = self._speculate([s for s, _ in speculative], [out.lookahead[s.seq_id] for s, _ in speculative])
+            sampled.update(more)
+            lps.update(more_lps)
+        return sampled, lps
 
-    def _forward(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """One forward over rows (sequence, new tokens), right-padded to the longest; (B, C) last real states."""
+    def _forward(self, rows: list[tuple[Sequence, int]], feeds: list[list[int]] | None = None) -> torch.Tensor:
+        """One forward over rows (sequence, new tokens), right-padded to the longest: hidden states (B, T, C).
+
+        The new tokens are the sequence's next uncomputed ones, or feeds[b] (speculation: last token + drafts).
+        """
         starts = [s.num_computed_tokens for s, _ in rows]
-        lengths = [n for _, n in rows]
+        feeds = feeds or [s.token_ids[a:a + n] for (s, n), a in zip(rows, starts)]
+        lengths = [len(f) for f in feeds]
         tokens = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-        for b, (s, n) in enumerate(rows):
-            tokens[b, :n] = torch.as_tensor(s.token_ids[starts[b]:starts[b] + n])
+        for b, f in enumerate(feeds):
+            tokens[b, :len(f)] = torch.as_tensor(f)
         self.cache.prepare([s.block_table for s, _ in rows], starts, lengths)
-        hidden = self.model.hidden(tokens.to(self.device), kv_cache=self.cache)  # (B, T, C)
-        return hidden[torch.arange(len(rows)), torch.tensor(lengths) - 1]
+        return self.model.hidden(tokens.to(self.device), kv_cache=self.cache)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[dict[int, int], dict]:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[dict[int, list[int]], dict]:
         """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG."""
         params = [s.params for s in seqs]
         tokens = sample_next(logits, params, [s.token_ids for s in seqs], [s.prompt_len for s in seqs],
                              [s.generator for s in seqs])
         lps = {}
         if any(p.logprobs is not None for p in params):
-            lps = dict(zip((s.seq_id for s in seqs), token_logprobs(logits, tokens, [p.logprobs for p in params])))
-        return dict(zip((s.seq_id for s in seqs), tokens.tolist())), lps
+            lps = {s.seq_id: [lp] for s, lp in zip(seqs, token_logprobs(logits, tokens, [p.logprobs for p in params]))
+                   if lp is not None}
+        return {s.seq_id: [t] for s, t in zip(seqs, tokens.tolist())}, lps
+
+    def _speculate(self, seqs: list[Sequence], ks: list[int]) -> tuple[dict[int, list[int]], dict]:
+        """Draft ks[b] tokens for each decoding row, check them in one target forward, keep what the rule keeps."""
+        drafted, q = self.drafter.propose(seqs, ks)
+        hidden = self._forward([(s, 1) for s in seqs], [s.token_ids[-1:] + d for s, d in zip(seqs, drafted)])
+        sampled, lps = {}, {}
+        for b, s in enumerate(seqs):
+            logits = self.model.lm_head(hidden[b, :ks[b] + 1])  # (k + 1, V): the target after each fed token
+            context = s.token_ids + drafted[b]
+            p = token_probs(logits, s.params, context, s.prompt_len)
+            if s.generator is None:  # greedy: keep drafts while they are the target's argmax, then its argmax
+                best = p.argmax(-1).tolist()
+                j = next((i for i, t in enumerate(drafted[b]) if t != best[i]), ks[b])
+                new = drafted[b][:j] + [best[j]]
+            else:
+                new = accept_reject(drafted[b], q[b], p, s.generator)
+            s.num_draft_computed = s.num_tokens + min(len(new) - 1, ks[b] - 1)
+            self.counters["draft_proposed"] += ks[b]
+            self.counters["draft_accepted"] += len(new) - 1
+            sampled[s.seq_id] = new
+            if s.params.logprobs is not None:
+                lps[s.seq_id] = token_logprobs(logits[:len(new)], torch.tensor(new), [s.params.logprobs] * len(new))
+        return sampled, lps
 
     def _outputs(self, advanced: list[Sequence], logprobs: dict) -> list[RequestOutput]:
         """Turn each advanced sequence's new tokens into a RequestOutput; stop strings end sequences here."""
@@ -177,7 +225,7 @@ class Engine:
                 if seq.stops.stopped and not seq.finished:
                     self.scheduler.finish(seq, "stop")
             lp = logprobs.get(seq.seq_id)
-            out = RequestOutput(seq.request_id, seq.index, new, text, [lp] if lp is not None else None,
+            out = RequestOutput(seq.request_id, seq.index, new, text, lp[:len(new)] if lp is not None else None,
                                 seq.finish_reason, seq.num_cached_tokens)
             if seq.finished:
                 out.metrics = self._metrics(seq)

@@ -10,6 +10,10 @@ their one token each and the prompt's chunk takes what is left.
 Continuous batching: between two steps, finished sequences leave (their blocks are freed) and waiting ones join
 while there is budget, room under `max_num_seqs` and KV blocks for their first chunk.
 
+Speculative decoding (`num_lookahead_tokens` > 0): a decoding sequence also gets KV slots and budget for the
+draft tokens the target checks in the same forward (as many as its max_tokens still allows), and a step may then
+give it several tokens.
+
 Preemption by recomputation: when a running sequence needs a block and none is free, the newest other running
 sequence gives all its blocks back and returns to the front of the waiting queue; when it is admitted again it
 recomputes its tokens (prompt and output so far), often from the prefix cache.
@@ -28,14 +32,16 @@ from lmforge.engine.sequence import Sequence, Status
 
 @dataclass
 class SchedulerOutput:
-    """One step's plan: (sequence, number of new tokens to compute) rows, and who was preempted to make room."""
+    """One step's plan: (sequence, number of new tokens to compute) rows, who was preempted to make room, and
+    how many draft tokens each speculating sequence may have checked (seq_id -> lookahead)."""
 
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    lookahead: dict[int, int] = field(default_factory=dict)
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
+        return sum(n for _, n in self.scheduled) + sum(self.lookahead.values())
 
     def samples(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Whether this row catches up with all its tokens, so its last position's logits choose a token."""
@@ -43,12 +49,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 32, max_num_batched_tokens: int = 256):
-        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 32, max_num_batched_tokens: int = 256,
+                 num_lookahead_tokens: int = 0):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or num_lookahead_tokens < 0:
             raise ValueError(f"max_num_seqs={max_num_seqs} and max_num_batched_tokens={max_num_batched_tokens} "
-                             f"must both be >= 1")
+                             f"must both be >= 1 and num_lookahead_tokens={num_lookahead_tokens} >= 0")
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -73,14 +81,17 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_to_compute, budget)
-            while not bm.allocate_slots(seq, n):
+            ahead = self._lookahead(seq, budget - n) if n == seq.num_to_compute == 1 else 0
+            while not bm.allocate_slots(seq, n + ahead):
                 victim = self._pick_victim(seq, out)
                 self._preempt(victim, out)
                 if victim is seq:
                     break
             else:
                 out.scheduled.append((seq, n))
-                budget -= n
+                if ahead:
+                    out.lookahead[seq.seq_id] = ahead
+                budget -= n + ahead
 
         # 2. Waiting sequences join, oldest first, unless this step already had to preempt.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
@@ -90,6 +101,7 @@ class Scheduler:
             if not bm.allocate_slots(seq, n, hits):
                 break  # no room for its first chunk: it waits for blocks to be freed
             seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * bm.block_size
+            seq.num_draft_computed = seq.num_computed_tokens  # a draft model's cache (if any) holds the same prefix
             self.num_prefix_hit_tokens += seq.num_cached_tokens
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -97,6 +109,11 @@ class Scheduler:
             out.scheduled.append((seq, n))
             budget -= n
         return out
+
+    def _lookahead(self, seq: Sequence, budget: int) -> int:
+        """Draft tokens a decoding sequence may have checked: never past its max_tokens or the step's budget."""
+        room = seq.params.max_tokens - (seq.num_tokens - seq.prompt_len) - 1
+        return max(0, min(self.num_lookahead_tokens, room, budget))
 
     def _pick_victim(self, seq: Sequence, out: SchedulerOutput) -> Sequence:
         """The newest running sequence not already given work this step; `seq` itself when there is none."""
@@ -114,27 +131,32 @@ class Scheduler:
         self.num_preemptions += 1
 
     # ---- update --------------------------------------------------------------------------------
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
-        """Record a step's work and its sampled tokens (seq_id -> token); return the sequences that got one.
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[int, list[int]]) -> list[Sequence]:
+        """Record a step's work and its sampled tokens (seq_id -> tokens); return the sequences that got some.
 
-        A sampled token in the sequence's stop ids ends it with reason "stop" and is not part of the output;
-        reaching max_tokens ends it with "length". Finished sequences leave and free their blocks now.
+        A step gives a sequence one token, or several when it speculated: then all but the last were fed to
+        the model in this step's forward (accepted draft tokens), so their keys and values are cached too.
+        A token in the sequence's stop ids ends it with reason "stop" and is not part of the output; reaching
+        max_tokens ends it with "length". Finished sequences leave and free their blocks now.
         """
         advanced = []
         for seq, n in out.scheduled:
             if seq.status is not Status.RUNNING:  # aborted between schedule and update
                 continue
             seq.num_computed_tokens += n
-            self.block_manager.cache_blocks(seq)
             if seq.num_computed_tokens < seq.num_tokens:
+                self.block_manager.cache_blocks(seq)
                 continue  # a prefill chunk: nothing to sample yet
-            token = sampled[seq.seq_id]
+            tokens = sampled[seq.seq_id]
             advanced.append(seq)
-            if token in seq.stop_ids:
+            stop = next((i for i, t in enumerate(tokens) if t in seq.stop_ids), None)
+            keep = tokens[:stop][:seq.params.max_tokens - (seq.num_tokens - seq.prompt_len)]
+            seq.token_ids += keep
+            seq.num_computed_tokens += min(len(keep), len(tokens) - 1)  # the accepted draft tokens
+            self.block_manager.cache_blocks(seq)
+            if stop is not None and stop <= len(keep):
                 self.finish(seq, "stop")
-                continue
-            seq.token_ids.append(token)
-            if seq.num_tokens - seq.prompt_len >= seq.params.max_tokens:
+            elif seq.num_tokens - seq.prompt_len >= seq.params.max_tokens:
                 self.finish(seq, "length")
         return advanced
 

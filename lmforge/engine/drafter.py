@@ -1,0 +1,81 @@
+"""The draft model of speculative decoding inside the engine: it proposes tokens for many sequences at once.
+
+The draft keeps its own paged KV pool with the target's block size and block count, indexed by the target's
+block tables: a token's draft keys and values sit in the same block and slot as its target keys and values, so
+the block manager (allocation, prefix caching, freeing) serves both models with one bookkeeping.
+
+`mirror` runs the draft over the same prompt chunks (and plain decodes) as the target, so a sequence's draft cache holds its prompt
+when it starts decoding (and prefix-cache hits hold the draft's keys too). `propose` drafts k tokens per
+sequence, batched: the first forward feeds each sequence what its draft cache lacks (the last token, and the
+token the target added after the draft's last accepted proposal), then one token per forward. A sequence's
+`num_draft_computed` counts the leading tokens whose draft keys and values are valid; the engine sets it after
+the target has accepted or rejected the proposals (lmforge.infer.speculative.accept_reject).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.engine.paged_cache import PagedKVCache
+from lmforge.infer.speculative import SpeculativeError, draw, token_probs
+
+
+class Drafter:
+    def __init__(self, model, target_config, num_blocks: int, block_size: int, k: int):
+        if k < 1:
+            raise SpeculativeError(f"num_speculative_tokens={k} is out of range: the draft must propose >= 1 "
+                                   f"token per step")
+        V, Vd = target_config.vocab_size, model.config.vocab_size
+        if V != Vd:
+            raise SpeculativeError(f"the draft's vocabulary has {Vd} tokens but the target's has {V}: the two "
+                                   f"models must share one tokenizer")
+        if model.config.pos != "sinusoidal" and model.config.block_size < target_config.block_size:
+            raise SpeculativeError(f"the draft's context ({model.config.block_size}) is shorter than the target's "
+                                   f"({target_config.block_size})")
+        p = next(model.parameters())
+        self.model, self.k, self.device = model.eval(), k, p.device
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=p.dtype, device=p.device)
+
+    def _forward(self, seqs, feeds: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Feed feeds[b] at positions starts[b].. of seqs[b]; logits (B, V) at each row's last fed token."""
+        lengths = [len(f) for f in feeds]
+        tokens = torch.zeros(len(feeds), max(lengths), dtype=torch.long)
+        for b, f in enumerate(feeds):
+            tokens[b, :len(f)] = torch.as_tensor(f)
+        self.cache.prepare([s.block_table for s in seqs], starts, lengths)
+        hidden = self.model.hidden(tokens.to(self.device), kv_cache=self.cache)
+        return self.model.lm_head(hidden[torch.arange(len(feeds)), torch.tensor(lengths) - 1])
+
+    def mirror(self, rows) -> None:
+        """Run the draft over the tokens (sequence, new tokens) the target computes this step without speculating,
+        and over any it lags behind by."""
+        if not rows:
+            return
+        seqs = [s for s, _ in rows]
+        starts = [min(s.num_draft_computed, s.num_computed_tokens) for s in seqs]
+        ends = [s.num_computed_tokens + n for s, n in rows]
+        self._forward(seqs, [s.token_ids[a:e] for s, a, e in zip(seqs, starts, ends)], starts)
+        for s, e in zip(seqs, ends):
+            s.num_draft_computed = e
+
+    def propose(self, seqs, ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor]]:
+        """Draft ks[b] tokens for seqs[b]; returns the tokens and the distributions (ks[b], V) they were drawn from."""
+        drafted = [[] for _ in seqs]
+        q_rows = [[] for _ in seqs]
+        starts = [min(s.num_draft_computed, s.num_tokens - 1) for s in seqs]
+        feeds = [s.token_ids[a:] for s, a in zip(seqs, starts)]
+        active = list(range(len(seqs)))
+        for i in range(max(ks)):
+            logits = self._forward([seqs[b] for b in active], [feeds[b] for b in active],
+                                   [starts[b] for b in active])
+            for row, b in enumerate(active):
+                s = seqs[b]
+                context = s.token_ids + drafted[b]
+                q = token_probs(logits[row:row + 1], s.params, context, s.prompt_len)[0]
+                token = draw(q, s.generator) if s.generator is not None else int(q.argmax())
+                drafted[b].append(token)
+                q_rows[b].append(q)
+                starts[b] += len(feeds[b])
+                feeds[b] = [token]
+            active = [b for b in active if ks[b] > i + 1]
+        return drafted, [torch.stack(q) for q in q_rows]
