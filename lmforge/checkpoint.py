@@ -57,6 +57,8 @@ def write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     try:
         write(tmp)
         for f in tmp.iterdir():
+            if f.is_dir():  # a subfolder (a sharded checkpoint's files) syncs its own files as it writes them
+                continue
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         old = None
@@ -153,6 +155,10 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
         config = ModelConfig.from_file(folder / CONFIG_FILE)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from None
+    if not (folder / WEIGHTS_FILE).exists() and (folder / "sharded").is_dir():
+        raise CheckpointError(f"{folder} is a sharded FSDP checkpoint (its weights are split across {folder / 'sharded'}); "
+                              f"resume it under torchrun with --fsdp, or make a normal model folder from it with "
+                              f"lmforge.train.distributed.consolidate")
     tensors, _ = read_weights(folder / WEIGHTS_FILE)
     model = build_model(config)
     load_state(model, tensors, folder / WEIGHTS_FILE)

@@ -11,14 +11,21 @@ Batches come in two modes: `random` windows each iteration (nanoGPT), or `sequen
 word_language_model: the split cut into batch_size streams walked in consecutive windows, an epoch = one pass).
 The budget is iterations, epochs or wall-clock minutes, whichever ends first; early stopping ends a run whose
 validation loss has not improved for `patience` evaluations.
+
+Launched by torchrun, the same function trains on every process (lmforge.train.distributed: DDP or FSDP, each
+rank its own rows of the global batch, rank 0 writing the files); `batch_size` is then per process, and a run on
+N processes equals a single-process run with N times the batch_size. `device` and `dtype` choose the hardware
+and mixed precision (bfloat16 or float16 autocast; float16 with a gradient scaler).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -28,11 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.checkpoint import load_model, load_train_state, save_model
+from lmforge.checkpoint import CONFIG_FILE, load_model, load_train_state
 from lmforge.config import PRESETS, ModelConfig
 from lmforge.data import load_meta, load_split, random_batch, sequential_batches
 from lmforge.fsutil import atomic_write_text
 from lmforge.model import Transformer
+from lmforge.train import distributed
+from lmforge.train.distributed import Dist
 from lmforge.train.optim import OPTIMIZERS, SCHEDULES, Schedule, make_optimizer, set_lr
 
 
@@ -63,7 +72,7 @@ class TrainConfig:
     bias: bool | None = None
     """Override whether linear layers and norms have biases (nanoGPT's default is bias=False)."""
     batch_size: int = 12
-    """Sequences per micro-batch (sequential mode: the number of parallel streams)."""
+    """Sequences per micro-batch (sequential mode: the number of parallel streams); per process under torchrun."""
     batch_mode: str = "random"
     """random: random windows each iteration (nanoGPT); sequential: consecutive windows of B streams."""
     grad_accum: int = 1
@@ -93,7 +102,16 @@ class TrainConfig:
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing for the training loss (evaluation never smooths)."""
     dtype: str = "float32"
-    """float32, or bfloat16 autocast for the model's matmuls (weights, optimizer and loss stay float32)."""
+    """float32, or bfloat16 / float16 autocast for the model's matmuls (weights, optimizer and loss stay float32;
+    float16 scales the loss with a GradScaler). Half precision pays on GPUs; on a CPU bfloat16 may, float16 rarely."""
+    device: str = "cpu"
+    """cpu, cuda, mps, or auto (this rank's CUDA GPU if there is one, else the CPU)."""
+    fsdp: bool = False
+    """Under torchrun: shard parameters, gradients and optimizer state across processes (FSDP2) instead of
+    replicating the model on each (DDP)."""
+    fsdp_checkpoint: str = "consolidated"
+    """With fsdp: consolidated (rank 0 gathers the weights: a normal model folder) or sharded (each rank writes
+    its shard into sharded/ of the folder; `distributed.consolidate` makes a normal one later)."""
     compile: bool = False
     """torch.compile the model (compile time counts in the run's wall time)."""
     num_threads: int | None = None
@@ -129,7 +147,9 @@ class TrainConfig:
     def check(self) -> None:
         """Raise TrainConfigError naming the first setting out of range."""
         choices = {"preset": tuple(PRESETS), "batch_mode": ("random", "sequential"), "optimizer": OPTIMIZERS,
-                   "schedule": SCHEDULES, "dtype": ("float32", "bfloat16"), "eval_mode": ("random", "streams", "full")}
+                   "schedule": SCHEDULES, "dtype": ("float32", "bfloat16", "float16"),
+                   "eval_mode": ("random", "streams", "full"), "device": distributed.DEVICES,
+                   "fsdp_checkpoint": ("consolidated", "sharded")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise TrainConfigError(f"{key}={getattr(self, key)!r} is not one of: {', '.join(allowed)}")
@@ -166,28 +186,40 @@ def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     return ModelConfig.from_name(cfg.preset, vocab_size=vocab_size, **overrides)
 
 
-def iters_per_epoch(cfg: TrainConfig, n_train: int, T: int) -> int:
-    """Optimizer steps in one pass over the training split."""
+def iters_per_epoch(cfg: TrainConfig, n_train: int, T: int, world: int = 1) -> int:
+    """Optimizer steps in one pass over the training split (`world` processes each taking batch_size rows)."""
+    B = cfg.batch_size * world
     if cfg.batch_mode == "sequential":
-        windows = math.ceil((n_train // cfg.batch_size - 1) / T)
+        windows = math.ceil((n_train // B - 1) / T)
     else:
-        windows = n_train // (cfg.batch_size * T)
+        windows = n_train // (B * T)
     return max(1, windows // cfg.grad_accum)
 
 
-def batches(train: np.ndarray, cfg: TrainConfig, T: int, generator: torch.Generator, skip: int):
-    """Endless (x, y) micro-batches of shape (B, T); sequential mode skips the first `skip` (a resumed run)."""
+def batches(train: np.ndarray, cfg: TrainConfig, T: int, generator: torch.Generator, skip: int, env: Dist):
+    """Endless (x, y) micro-batches of shape (B, T); sequential mode skips the first `skip` (a resumed run).
+    Under torchrun each is this rank's rows of the global batch of B * world rows."""
     if cfg.batch_mode == "random":
         while True:
-            yield random_batch(train, cfg.batch_size, T, generator)
+            if env.world == 1:
+                yield random_batch(train, cfg.batch_size, T, generator)
+            else:
+                yield distributed.random_batch_shard(train, cfg.batch_size, T, generator, env)
+    if env.world > 1:
+        train = distributed.stream_shard(train, cfg.batch_size, env)
     epochs = itertools.chain.from_iterable(sequential_batches(train, cfg.batch_size, T) for _ in itertools.count())
     yield from itertools.islice(epochs, skip, None)
 
 
 @torch.no_grad()
-def estimate_loss(model: Transformer, val: np.ndarray, cfg: TrainConfig, T: int, autocast) -> float:
-    """Mean validation loss (no dropout, no label smoothing) over the batches `cfg.eval_mode` names."""
-    B = cfg.eval_batch_size or cfg.batch_size
+def estimate_loss(model: Transformer, val: np.ndarray, cfg: TrainConfig, T: int, autocast,
+                  env: Dist = Dist()) -> float:
+    """Mean validation loss (no dropout, no label smoothing) over the batches `cfg.eval_mode` names.
+
+    Under torchrun each rank scores its rows of every global batch (eval batch size * world rows) and the sums
+    are all-reduced, so every rank gets the value a single process with the global batch size computes."""
+    rows = cfg.eval_batch_size or cfg.batch_size
+    B = rows * env.world
     if cfg.eval_mode == "random":  # nanoGPT's estimate_loss, on the same batches every time
         gen = torch.Generator().manual_seed(cfg.eval_seed)
         windows = (random_batch(val, B, T, gen) + (None,) for _ in range(cfg.eval_iters))
@@ -199,31 +231,42 @@ def estimate_loss(model: Transformer, val: np.ndarray, cfg: TrainConfig, T: int,
         windows = eval_windows(val, T, batch_size=B)
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), dtype=torch.float64), 0
+    acc = torch.float32 if env.device.type == "mps" else torch.float64  # MPS has no float64
+    total, count = torch.zeros((), dtype=acc, device=env.device), 0
     for x, y, mask in windows:
+        x, y, mask = distributed.shard_rows(x, y, mask, rows, env)
+        x, y = x.to(env.device), y.to(env.device)
         with autocast:
             logits = model(x)
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
         if mask is not None:
-            ce, n = ce * mask.flatten(), int(mask.sum())
+            ce, n = ce * mask.flatten().to(env.device), int(mask.sum())
         else:
             n = ce.numel()
-        total += ce.sum().double()
+        total += ce.sum().to(acc)
         count += n
     model.train(was_training)
+    if env.world > 1:
+        sums = distributed.all_reduce(torch.stack([total, torch.tensor(count, dtype=acc, device=env.device)]), env)
+        total, count = sums[0], int(sums[1])
     return float(total) / max(count, 1)
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "data": generator.get_state()}
+def rng_state(generator: torch.Generator, device: torch.device = torch.device("cpu")) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "data": generator.get_state()}
+    if device.type == "cuda":  # dropout on the GPU draws from the device's generator
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
+def set_rng_state(state: dict, generator: torch.Generator, device: torch.device = torch.device("cpu")) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     generator.set_state(state["data"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class MetricsLog:
@@ -288,10 +331,24 @@ def train(config: TrainConfig, on_eval=None) -> dict:
     """Train a model as `config` says; return a summary (iterations, losses, speed, where things are).
 
     `on_eval(iteration, val_loss)`, when given, is called after each evaluation's checkpoints are written;
-    an exception it raises (a pruned search trial, say) ends training there and propagates.
+    an exception it raises (a pruned search trial, say) ends training there and propagates. Under torchrun
+    every process runs this (and calls on_eval with the same value); only rank 0 writes files.
     """
     cfg = config
     cfg.check()
+    env = distributed.setup(cfg.device)
+    try:
+        return run_training(cfg, env, on_eval)
+    finally:
+        distributed.teardown(env)
+
+
+def run_training(cfg: TrainConfig, env: Dist, on_eval=None) -> dict:
+    """The loop of `train`, on the process group and device `env` describes."""
+    device, main = env.device, env.is_main
+    if cfg.fsdp and env.world == 1:
+        raise TrainConfigError("fsdp=True shards the model across processes: launch with torchrun "
+                               "--nproc_per_node N (N > 1), or drop --fsdp")
     run = Path(cfg.out)
     meta = load_meta(cfg.data)
     train_data, val_data = load_split(cfg.data, "train"), load_split(cfg.data, "val")
@@ -303,19 +360,25 @@ def train(config: TrainConfig, on_eval=None) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: they draw the same global batch
     state = None
     if cfg.resume:
         state = load_train_state(run / "last")
-        model, _ = load_model(run / "last", with_tokenizer=False)
+        if (run / "last" / distributed.SHARDED_DIR).is_dir():  # weights come with the optimizer state below
+            model = Transformer(ModelConfig.from_file(run / "last" / CONFIG_FILE))
+        else:
+            model, _ = load_model(run / "last", with_tokenizer=False)
     else:
         model = Transformer(build_model_config(cfg, meta["vocab_size"]))
     if meta["vocab_size"] > model.config.vocab_size:
         raise TrainConfigError(f"the data in {cfg.data} has {meta['vocab_size']} token ids but the model's "
                                f"vocabulary is {model.config.vocab_size}")
-    model.train()
+    model.train().to(device)
+    wrapped = distributed.wrap(model, env, cfg.fsdp)  # DDP / FSDP under torchrun, else the model itself
+    if env.world > 1:
+        torch.manual_seed(cfg.seed + env.rank)  # dropout masks differ between ranks, as between rows
     T = cfg.block_size or model.config.block_size
-    per_epoch = iters_per_epoch(cfg, len(train_data), T)
+    per_epoch = iters_per_epoch(cfg, len(train_data), T, env.world)
     budgets = [b for b in (cfg.max_iters, cfg.epochs and math.ceil(cfg.epochs * per_epoch)) if b]
     max_iters = min(budgets) if budgets else None
     eval_interval = cfg.eval_interval or per_epoch
@@ -325,65 +388,93 @@ def train(config: TrainConfig, on_eval=None) -> dict:
                         min(cfg.min_lr, cfg.lr))
     start, best_val, bad_evals, elapsed_before = 0, math.inf, 0, 0.0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            distributed.restore_optimizer(run / "last", wrapped, optimizer, state)
+        except ValueError as e:
+            raise TrainConfigError(str(e)) from None
         schedule.load_state_dict(state["schedule"])
-        set_rng_state(state["rng"], data_gen)
+        per_rank = state.get("rng_per_rank")
+        own = per_rank[env.rank] if per_rank and len(per_rank) == env.world else state["rng"]
+        set_rng_state({**own, "data": state["rng"]["data"]}, data_gen, device)
         start, best_val, bad_evals = state["iter"], state["best_val_loss"], state["bad_evals"]
         elapsed_before = state["elapsed_s"]
-    atomic_write_text(run / "train_args.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    metrics = MetricsLog(run / "metrics.jsonl", keep_until=start)
+    distributed.barrier(env)  # every rank has read last/ before rank 0 may overwrite it
+    metrics = None
+    if main:
+        atomic_write_text(run / "train_args.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        metrics = MetricsLog(run / "metrics.jsonl", keep_until=start)
 
-    step_model = torch.compile(model) if cfg.compile else model
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    stream = batches(train_data, cfg, T, data_gen, skip=start * cfg.grad_accum)
-    tokens_per_iter = cfg.batch_size * T * cfg.grad_accum
+    step_model = torch.compile(wrapped) if cfg.compile else wrapped
+    eval_model = distributed.unwrap(wrapped)  # DDP's replica (no hooks); FSDP's sharded model itself
+    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
+    autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+    scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "float16" else None
+    stream = batches(train_data, cfg, T, data_gen, skip=start * cfg.grad_accum, env=env)
+    tokens_per_iter = cfg.batch_size * env.world * T * cfg.grad_accum
     params = list(model.parameters())
 
-    def checkpoint(folder: str, it: int) -> None:
-        train_state = {"iter": it, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                       "rng": rng_state(data_gen), "best_val_loss": best_val, "bad_evals": bad_evals,
-                       "elapsed_s": elapsed_before + time.perf_counter() - t_start,
-                       "train_config": dataclasses.asdict(cfg)}
-        save_model(run / folder, model, tokenizer, train_state)
+    def checkpoint(folder: str, it: int) -> None:  # every rank calls it; rank 0 writes
+        rng = rng_state(data_gen, device)
+        train_state = {"iter": it, "schedule": schedule.state_dict(), "rng": rng, "best_val_loss": best_val,
+                       "bad_evals": bad_evals, "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                       "train_config": dataclasses.asdict(cfg), "world_size": env.world}
+        if env.world > 1:
+            train_state["rng_per_rank"] = distributed.gather_objects(rng, env)
+        distributed.save_checkpoint(run / folder, wrapped, optimizer, tokenizer, train_state, env,
+                                    sharded=cfg.fsdp_checkpoint == "sharded")
 
     from tqdm import tqdm
 
-    bar = tqdm(total=max_iters, initial=start, disable=not cfg.progress, unit="it", dynamic_ncols=True)
+    bar = tqdm(total=max_iters, initial=start, disable=not (cfg.progress and main), unit="it", dynamic_ncols=True)
     t_start = time.perf_counter()
     train_time, pending, stop_reason, it = 0.0, [], "budget", start
     last_val = None
     t_log = time.perf_counter()
     while max_iters is None or it < max_iters:
-        if cfg.max_minutes is not None and elapsed_before + time.perf_counter() - t_start >= 60 * cfg.max_minutes:
+        if cfg.max_minutes is not None and distributed.any_rank(
+                elapsed_before + time.perf_counter() - t_start >= 60 * cfg.max_minutes, env):
             stop_reason = "minutes"
             break
-        # ---- one optimizer step: grad_accum micro-batches, clip, step
+        # ---- one optimizer step: grad_accum micro-batches (gradients all-reduced on the last), clip, step
         t_step = time.perf_counter()
         lr = schedule.lr_at(it)
         set_lr(optimizer, lr)
-        loss_sum = torch.zeros(())
-        for _ in range(cfg.grad_accum):
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
             x, y = next(stream)
-            with autocast:
-                logits = step_model(x)  # (B, T, vocab)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), label_smoothing=cfg.label_smoothing)
-            (loss / cfg.grad_accum).backward()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = micro == cfg.grad_accum - 1
+            with distributed.grad_sync(wrapped, sync) if env.world > 1 else contextlib.nullcontext():
+                with autocast:
+                    logits = step_model(x)  # (B, T, vocab)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                       label_smoothing=cfg.label_smoothing)
+                scaled = loss / cfg.grad_accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
             loss_sum += loss.detach()
+        if scaler:
+            scaler.unscale_(optimizer)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-        optimizer.step()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         pending.append(loss_sum / cfg.grad_accum)  # read back only at log time: no sync every step
         train_time += time.perf_counter() - t_step
         it += 1
         bar.update(1)
 
-        # ---- log: the mean training loss since the last line
+        # ---- log: the mean training loss since the last line (over all ranks' rows)
         if it % cfg.log_interval == 0 or it == max_iters:
-            loss_value = float(torch.stack(pending).mean())
+            mean_loss = distributed.all_reduce(torch.stack(pending).mean(), env)
+            loss_value = float(mean_loss) / env.world
             now = time.perf_counter()
             tokens_per_s = len(pending) * tokens_per_iter / max(now - t_log, 1e-9)
-            metrics.write({"iter": it, "loss": loss_value, "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
+            if main:
+                metrics.write({"iter": it, "loss": loss_value, "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             pending, t_log = [], now
             if not math.isfinite(loss_value):
@@ -392,20 +483,22 @@ def train(config: TrainConfig, on_eval=None) -> dict:
 
         # ---- evaluate, keep the best, maybe stop
         if it % eval_interval == 0 or it == max_iters:
-            last_val = estimate_loss(model, val_data, cfg, T, autocast)
+            last_val = estimate_loss(eval_model, val_data, cfg, T, autocast, env)
             record = {"iter": it, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0)),
                       "elapsed_s": round(elapsed_before + time.perf_counter() - t_start, 2)}
             if meta.get("tokenizer") == "char":
                 record["val_bpc"] = last_val / math.log(2)
             if schedule.observe(last_val):
                 record["lr_reduced_to"] = schedule.lr_at(it)
-            metrics.write(record)
+            if main:
+                metrics.write(record)
             improved = last_val < best_val
             best_val, bad_evals = min(best_val, last_val), 0 if improved else bad_evals + 1
             if improved:
                 checkpoint("best", it)
             checkpoint("last", it)
-            plot_losses(metrics, run / "loss.png")
+            if main:
+                plot_losses(metrics, run / "loss.png")
             if on_eval is not None:
                 on_eval(it, last_val)
             t_log = time.perf_counter()  # evaluation time is not training time
@@ -415,15 +508,17 @@ def train(config: TrainConfig, on_eval=None) -> dict:
     bar.close()
 
     checkpoint("last", it)
-    if not (run / "best").exists():  # a run that never evaluated: its final model is its best
-        checkpoint("best", it)
-    plot_losses(metrics, run / "loss.png")
+    if not math.isfinite(best_val) and (env.world > 1 or not (run / "best").exists()):
+        checkpoint("best", it)  # a run that never evaluated: its final model is its best
+    if main:
+        plot_losses(metrics, run / "loss.png")
+    distributed.barrier(env)  # the files are complete when any rank returns
     wall = time.perf_counter() - t_start
     trained = it - start
     return {"run_dir": str(run), "iters": it, "stop_reason": stop_reason, "best_val_loss": best_val,
             "last_val_loss": last_val, "train_tokens_per_s": trained * tokens_per_iter / max(train_time, 1e-9),
             "wall_s": wall, "params": model.num_params(), "tokens_per_iter": tokens_per_iter,
-            "iters_per_epoch": per_epoch}
+            "iters_per_epoch": per_epoch, "world_size": env.world}
 
 
 def train_command(data: str, out: str, preset: str = "gpt-nano", n_layer: int | None = None,
@@ -438,7 +533,8 @@ def train_command(data: str, out: str, preset: str = "gpt-nano", n_layer: int | 
                   max_minutes: float | None = None, eval_interval: int = 250, eval_mode: str = "random",
                   eval_iters: int = 20, eval_batch_size: int | None = None, eval_seed: int = 1234,
                   patience: int | None = None, log_interval: int = 10, progress: bool = True,
-                  resume: bool = False) -> int:
+                  resume: bool = False, device: str = "cpu", fsdp: bool = False,
+                  fsdp_checkpoint: str = "consolidated") -> int:
     """Train a language model on a prepared data folder, writing best/ and last/ checkpoints, metrics and a plot.
 
     Args:
@@ -466,7 +562,7 @@ def train_command(data: str, out: str, preset: str = "gpt-nano", n_layer: int | 
         momentum: SGD momentum.
         grad_clip: clip the global gradient norm to this (0: off).
         label_smoothing: label smoothing of the training loss.
-        dtype: float32, or bfloat16 autocast for the matmuls.
+        dtype: float32, or bfloat16 / float16 autocast for the matmuls (float16 with a loss scaler; for GPUs).
         compile: torch.compile the model.
         num_threads: CPU threads for PyTorch.
         seed: random seed (init, dropout, batches).
@@ -482,9 +578,14 @@ def train_command(data: str, out: str, preset: str = "gpt-nano", n_layer: int | 
         log_interval: iterations per metrics line.
         progress: show a progress bar.
         resume: continue the run in OUT from its last/ checkpoint.
+        device: cpu, cuda, mps, or auto (the GPU if there is one). Under torchrun each process takes
+            cuda:LOCAL_RANK.
+        fsdp: under torchrun, shard the model across processes (FSDP) instead of replicating it (DDP).
+        fsdp_checkpoint: with --fsdp: consolidated (a normal model folder) or sharded (each rank writes its part).
     """
     args = {k: v for k, v in locals().items() if k != "no_bias"}
     args["bias"] = False if no_bias else None
     summary = train(TrainConfig(**args))
-    print(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary line, not one per process
+        print(json.dumps(summary))
     return 0
