@@ -49,9 +49,23 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def recover_folder(folder: Path) -> None:
+    """Put the previous copy of `folder` back if a `write_folder` was killed between its two renames."""
+    if folder.exists():
+        return
+    olds = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        os.replace(olds[-1], folder)
+
+
 def write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp_folder) and swap the result in for `folder` atomically (old contents are replaced)."""
+    """Call write(tmp_folder) and swap the result in for `folder`: readers see the old or the new contents.
+
+    Directories cannot be renamed over each other, so the old folder moves aside first; a process killed between
+    the two renames leaves it as `.NAME.old-PID`, which `recover_folder` (called by every reader) puts back.
+    """
     folder = Path(folder)
+    recover_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -100,11 +114,13 @@ def save_model(folder: str | os.PathLike, model: Transformer, tokenizer=None, tr
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A model folder, or a training run folder (whose best/ checkpoint, else last/, is taken)."""
     path = Path(path)
+    recover_folder(path)
     if not path.exists():
         raise FileNotFoundError(f"model folder not found: {path}")
     if (path / CONFIG_FILE).exists():
         return path
     for sub in ("best", "last"):
+        recover_folder(path / sub)
         if (path / sub / CONFIG_FILE).exists():
             return path / sub
     raise CheckpointError(f"{path} holds no {CONFIG_FILE}: not an lmforge model folder or training run "
@@ -185,6 +201,7 @@ def build_model(config: ModelConfig) -> Transformer:
 
 
 def load_train_state(path: str | os.PathLike) -> dict:
+    recover_folder(Path(path))
     path = Path(path) / TRAIN_STATE_FILE
     if not path.exists():
         raise CheckpointError(f"no training state in {path.parent} ({TRAIN_STATE_FILE} missing): "

@@ -100,3 +100,17 @@ def test_run_folder_resolves_to_best(tmp_path):
     save_model(tmp_path / "run" / "best", tiny("llama-nano"))
     loaded, _ = load_model(tmp_path / "run")
     assert loaded.config.name == "llama-nano"
+
+
+def test_a_write_killed_between_its_renames_leaves_the_old_copy_to_find(tmp_path):
+    # write_folder moves the old folder aside, then renames the new one in; a kill in between leaves only the
+    # aside copy, which readers put back.
+    from lmforge.checkpoint import load_model, load_train_state, save_model
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=11, n_layer=1))
+    save_model(tmp_path / "run" / "last", model, train_state={"iter": 7})
+    (tmp_path / "run" / "last").rename(tmp_path / "run" / ".last.old-4242")
+    assert load_train_state(tmp_path / "run" / "last")["iter"] == 7
+    loaded, _ = load_model(tmp_path / "run", with_tokenizer=False)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
