@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.config import ModelConfig
+from lmforge.fsutil import default_mode
 from lmforge.model import Transformer
 
 CONFIG_FILE, WEIGHTS_FILE, TRAIN_STATE_FILE = "config.json", "model.safetensors", "train_state.pt"
@@ -68,6 +69,7 @@ def write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     recover_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    default_mode(tmp, directory=True)
     try:
         write(tmp)
         for f in tmp.iterdir():

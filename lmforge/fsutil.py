@@ -8,6 +8,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def default_mode(path: Path, directory: bool = False) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (mode 0600/0700) the mode a plain open/mkdir would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -20,6 +28,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    default_mode(tmp)
     try:
         yield tmp
         with open(tmp, "rb+") as f:

@@ -114,3 +114,19 @@ def test_a_write_killed_between_its_renames_leaves_the_old_copy_to_find(tmp_path
     assert load_train_state(tmp_path / "run" / "last")["iter"] == 7
     loaded, _ = load_model(tmp_path / "run", with_tokenizer=False)
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_written_files_and_folders_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from lmforge.fsutil import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        save_model(tmp_path / "m", Transformer(ModelConfig.from_name("gpt-nano", vocab_size=11, n_layer=1)))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644  # not mkstemp's 0600
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
