@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test llama-cpp clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# Optional: llama-cpp-python compiles llama.cpp from source (15+ minutes on 2 cores; pip caches the wheel) so the
+# GGUF tests also run the exported files in llama.cpp. Without it those tests skip with a reason.
+llama-cpp: $(VENV)/.installed
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install --quiet llama-cpp-python==0.3.36
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,5 +1,6 @@
 """Checkpoint interop: load whatever a path holds (lmforge folder, Hugging Face folder, llama2.c file), import it
-into an lmforge model folder, or export an lmforge model to Hugging Face format.
+into an lmforge model folder, or export an lmforge model to Hugging Face format or a GGUF file
+(lmforge.interop.gguf).
 
 `load_any` is what generate and serve call: it decides by what is on disk, never by a flag.
 """
@@ -113,17 +114,31 @@ def import_command(source: str, out: str, tokenizer: str | None = None) -> None:
           f"{model.num_params() / 1e6:.2f}M parameters, tokenizer {getattr(tok, 'kind', None)}")
 
 
-def export_command(model: str, out: str, format: Literal["hf"] = "hf") -> None:
-    """Export a model (lmforge folder, or anything `import` reads) to a Hugging Face folder.
+def export_command(model: str, out: str, format: Literal["hf", "gguf"] = "hf",
+                   gguf_type: Literal["f32", "f16", "q8_0"] | None = None) -> None:
+    """Export a model (lmforge folder, or anything `import` reads) to a Hugging Face folder or a GGUF file.
 
     Args:
         model: the lmforge model folder or training run to export (a Hugging Face folder or llama2.c .bin works too).
-        out: the folder to write (replaced atomically if it exists).
-        format: the output format; "hf" loads with transformers.AutoModelForCausalLM.from_pretrained.
+        out: the folder to write for "hf", the .gguf file for "gguf" (replaced atomically if it exists).
+        format: the output format; "hf" loads with transformers.AutoModelForCausalLM.from_pretrained, "gguf" with
+            llama.cpp (Llama and GPT-2 architectures, tokenizer embedded).
+        gguf_type: GGUF type of the weight matrices: f32, f16 (default) or q8_0; norms and biases stay f32.
     """
-    if format != "hf":
-        raise ValueError(f"unknown export format {format!r}; choose 'hf'")
+    if format not in ("hf", "gguf"):
+        raise ValueError(f"unknown export format {format!r}; choose 'hf' or 'gguf'")
+    if gguf_type is not None and format != "gguf":
+        raise ValueError(f"--gguf-type {gguf_type} applies to --format gguf only")
     m, tok, extras = load_source(model)
+    if format == "gguf":
+        from lmforge.interop.gguf import export_gguf
+
+        done = export_gguf(m, tok, out, gguf_type or "f16", extras=extras)
+        for note in done.notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"exported {model} -> {out} (GGUF {done.arch}, {gguf_type or 'f16'}, tokenizer {done.tokenizer_model}, "
+              f"{len(done.tensor_types)} tensors)")
+        return
     if tok is not None and tok.kind != "bpe":
         print(f"note: a {tok.kind} tokenizer has no tokenizer.json form; only the model is exported", file=sys.stderr)
     export_hf(m, tok, out, extra_files=extras)

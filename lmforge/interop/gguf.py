@@ -1,0 +1,342 @@
+"""GGUF export: an lmforge Llama or GPT-2 model and its tokenizer as one llama.cpp GGUF file.
+
+The file is written with llama.cpp's own `gguf` Python package (GGUFWriter, its tensor names and keys, its Q8_0
+quantizer), so names, metadata keys and block layouts are llama.cpp's by construction.
+
+Weights (ours -> llama.cpp):
+- Llama: our fused `attn.qkv` rows [q; k; v] split into attn_q, attn_k, attn_v; our fused SwiGLU `mlp.fc` rows
+  [gate; up] into ffn_gate, ffn_up. llama.cpp's "llama" architecture rotates *adjacent* pairs (x[2i], x[2i+1])
+  of each head (Meta's and llama2.c's layout), while lmforge rotates pairs (x[i], x[i + hs/2]) (Hugging Face's
+  half-split layout). So q and k rows are permuted per head exactly as convert_hf_to_gguf.py's `permute` does for
+  Hugging Face weights: half-split row j goes to 2j, row hs/2 + j to 2j + 1. A tied head is left out (llama.cpp
+  falls back to token_embd).
+- GPT-2: llama.cpp's "gpt2" architecture keeps q/k/v fused as attn_qkv in our row order; linear weights are
+  (out, in) on both sides. The tied head is written as `output` too, as convert_hf_to_gguf.py does. llama.cpp
+  computes GELU with the tanh approximation; a model trained with exact (erf) GELU exports with a note.
+
+Tensor types: "f32", "f16" or "q8_0" for 2-D weights; 1-D tensors (norms, biases) stay float32, as llama.cpp's
+converter keeps them. Q8_0 packs rows in blocks of 32; a weight whose row length is not a multiple of 32 (e.g.
+stories260K's 172-wide ffn_down) is written as f16 instead, as llama-quantize falls back.
+
+Tokenizers (all metadata llama.cpp's tokenizer needs):
+- llama2.c / SentencePiece-style (`Llama2cTokenizer`): tokenizer.ggml.model "llama": pieces with spaces written as
+  U+2581, scores, token types (unknown, control, byte, normal), unk/bos/eos ids, add_bos, add_space_prefix.
+  The pieces, scores and types are what llama.cpp's own convert-llama2c-to-ggml writes.
+- byte-level BPE (`BPETokenizer`, a tokenizer.json): tokenizer.ggml.model "gpt2": tokens in id order, merges,
+  token types (special added tokens control), the pre-tokenizer type ("gpt-2" for GPT-2's ByteLevel regex,
+  "llama-bpe" for Llama 3's split), bos/eos ids, and the chat template from tokenizer_config.json if any.
+- char/word tokenizers (or none) have no GGUF form: tokenizer.ggml.model "none" (llama.cpp runs on token ids).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from lmforge.checkpoint import model_tensors
+from lmforge.fsutil import atomic_path
+from lmforge.interop.hf import UnsupportedModelError, hf_family
+from lmforge.interop.llama2c import Llama2cTokenizer
+from lmforge.model import Transformer
+from lmforge.tokenizer import BPETokenizer
+
+GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUFType = Literal["f32", "f16", "q8_0"]
+BYTE_PIECE = re.compile(rb"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback piece, as llama.cpp reads it
+SPIECE_SPACE = "\u2581"  # SentencePiece's visible space, which llama.cpp's "llama" tokenizer expects in pieces
+# Llama 3's pre-tokenizer regex (tokenizer.json Split pattern) -> llama.cpp's "llama-bpe" pre-tokenizer.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@dataclass
+class GGUFExport:
+    """What `export_gguf` wrote: the file, its architecture and tokenizer model, and each tensor's type."""
+
+    path: Path
+    arch: str
+    tokenizer_model: str
+    tensor_types: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _gguf():
+    import gguf  # llama.cpp's package; imported when used so that `lmforge --help` stays fast
+
+    return gguf
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+
+def half_split_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q or k rows (n_heads * hs, C) per head from half-split to adjacent-pair RoPE order.
+
+    convert_hf_to_gguf.py's `permute`: within a head, row j -> 2j and row hs/2 + j -> 2j + 1. The inverse of
+    lmforge.interop.llama2c.interleaved_to_half_split.
+    """
+    out, C = w.shape
+    hs = out // n_heads
+    return w.reshape(n_heads, 2, hs // 2, C).transpose(1, 2).reshape(out, C)
+
+
+def gguf_arch(model: Transformer) -> str:
+    """'llama' or 'gpt2' (llama.cpp's architecture names); UnsupportedModelError names what does not fit."""
+    family = hf_family(model.config)  # the same two architectures, and the same refusal of quantized models
+    return {"llama": "llama", "gpt2": "gpt2"}[family]
+
+
+def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our weights under llama.cpp's tensor names, in llama.cpp's layout (float32, (out, in) for matrices)."""
+    gguf = _gguf()
+    T, names = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+    c = model.config
+    arch = gguf_arch(model)
+    sd = {k: v.detach().float().cpu() for k, v in model_tensors(model).items()}
+    out: dict[str, torch.Tensor] = {}
+
+    def put(tensor, key, suffix="weight", bid=None):
+        out[f"{names[tensor].format(bid=bid)}.{suffix}"] = key if isinstance(key, torch.Tensor) else sd[key]
+
+    put(T.TOKEN_EMBD, "tok_emb.weight")
+    if arch == "gpt2":
+        put(T.POS_EMBD, "pos_emb.weight")
+    put(T.OUTPUT_NORM, "norm_f.weight")
+    if arch == "gpt2":
+        put(T.OUTPUT_NORM, "norm_f.bias", "bias")
+        put(T.OUTPUT, "tok_emb.weight")  # tied; convert_hf_to_gguf.py writes it out for GPT-2
+    elif not c.tie_embeddings:
+        put(T.OUTPUT, "lm_head.weight")
+    for i in range(c.n_layer):
+        p = f"blocks.{i}."
+        if arch == "llama":
+            q, k, v = sd[p + "attn.qkv.weight"].split([c.n_embd, c.kv_dim, c.kv_dim])
+            gate, up = sd[p + "mlp.fc.weight"].chunk(2)
+            put(T.ATTN_NORM, p + "norm1.weight", bid=i)
+            put(T.ATTN_Q, half_split_to_interleaved(q, c.n_head), bid=i)
+            put(T.ATTN_K, half_split_to_interleaved(k, c.n_kv_head), bid=i)
+            put(T.ATTN_V, v, bid=i)
+            put(T.ATTN_OUT, p + "attn.proj.weight", bid=i)
+            put(T.FFN_NORM, p + "norm2.weight", bid=i)
+            put(T.FFN_GATE, gate, bid=i)
+            put(T.FFN_UP, up, bid=i)
+            put(T.FFN_DOWN, p + "mlp.proj.weight", bid=i)
+        else:
+            parts = {T.ATTN_NORM: "norm1", T.ATTN_QKV: "attn.qkv", T.ATTN_OUT: "attn.proj", T.FFN_NORM: "norm2",
+                     T.FFN_UP: "mlp.fc", T.FFN_DOWN: "mlp.proj"}
+            for tensor, ours in parts.items():
+                put(tensor, f"{p}{ours}.weight", bid=i)
+                put(tensor, f"{p}{ours}.bias", "bias", bid=i)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def encode_tensor(array: np.ndarray, ftype: str):
+    """(data, raw_dtype, type name) for GGUFWriter.add_tensor: 1-D stays f32; q8_0 falls back to f16 on odd rows."""
+    gguf = _gguf()
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if array.ndim == 1 or ftype == "f32":
+        return array, None, "f32"
+    if ftype == "q8_0":
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+        if array.shape[-1] % block == 0:
+            return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0, "q8_0"
+    return array.astype(np.float16), None, "f16"
+
+
+# ------------------------------------------------------------------------------------------ metadata
+
+
+def add_hparams(writer, model: Transformer, arch: str, name: str) -> None:
+    """The architecture hyperparameters llama.cpp reads for `arch`."""
+    c = model.config
+    writer.add_name(name)
+    writer.add_context_length(c.block_size)
+    writer.add_embedding_length(c.n_embd)
+    writer.add_block_count(c.n_layer)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.n_head)
+    writer.add_head_count_kv(c.n_kv_head)
+    writer.add_vocab_size(c.vocab_size)
+    if arch == "llama":
+        writer.add_rope_dimension_count(c.head_dim)
+        writer.add_rope_freq_base(c.rope_base)
+        writer.add_layer_norm_rms_eps(c.norm_eps)
+    else:
+        writer.add_layer_norm_eps(c.norm_eps)
+
+
+def _padded(tokens: list[str], types: list[int], vocab_size: int, what: str) -> tuple[list[str], list[int]]:
+    """Fill a vocabulary up to the model's embedding rows with unused "[PAD{i}]" tokens (convert_hf_to_gguf.py)."""
+    gguf = _gguf()
+    if len(tokens) > vocab_size:
+        raise UnsupportedModelError(f"the {what} tokenizer has {len(tokens)} tokens but the model only "
+                                    f"{vocab_size} embedding rows; they do not belong together")
+    extra = range(len(tokens), vocab_size)
+    return tokens + [f"[PAD{i}]" for i in extra], types + [int(gguf.TokenType.UNUSED)] * len(extra)
+
+
+def add_llama2c_tokenizer(writer, tok: Llama2cTokenizer, vocab_size: int) -> None:
+    """tokenizer.ggml.model "llama": llama2.c's vocabulary as convert-llama2c-to-ggml writes it."""
+    gguf = _gguf()
+    TT = gguf.TokenType
+    tokens, types = [], []
+    for i, piece in enumerate(tok.pieces):
+        try:
+            text = piece.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UnsupportedModelError(f"llama2.c token {i} ({piece!r}) is not valid UTF-8; GGUF stores pieces "
+                                        f"as text") from None
+        if i == 0:
+            text, kind = "<unk>", TT.UNKNOWN
+        elif i == tok.bos_id:
+            text, kind = "<s>", TT.CONTROL
+        elif i == tok.eos_id:
+            text, kind = "</s>", TT.CONTROL
+        elif not text:
+            kind = TT.CONTROL
+        elif BYTE_PIECE.fullmatch(piece):
+            kind = TT.BYTE
+        else:
+            kind = TT.NORMAL
+        tokens.append(text.replace(" ", SPIECE_SPACE))
+        types.append(int(kind))
+    tokens, types = _padded(tokens, types, vocab_size, "llama2.c")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(tok.scores + [-1000.0] * (vocab_size - tok.vocab_size))
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(tok.bos_id)
+    writer.add_eos_token_id(tok.eos_id)
+    writer.add_add_bos_token(True)  # llama2.c's encoder starts every prompt with BOS
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(True)  # and its " " dummy prefix
+
+
+def bpe_pre_tokenizer(spec: dict | None) -> str:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json "pre_tokenizer", or UnsupportedModelError."""
+    if spec and spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
+        return "gpt-2"  # GPT-2's regex (lmforge's own trained BPE, GPT-2's tokenizer.json)
+    if spec and spec.get("type") == "Sequence":
+        steps = spec.get("pretokenizers", [])
+        kinds = [s.get("type") for s in steps]
+        if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT \
+                and not steps[1].get("use_regex", True):
+            return "llama-bpe"
+    raise UnsupportedModelError(f"the tokenizer.json pre-tokenizer {json.dumps(spec)[:200]} has no llama.cpp "
+                                f"equivalent lmforge knows (it maps GPT-2's ByteLevel regex to 'gpt-2' and "
+                                f"Llama 3's split to 'llama-bpe')")
+
+
+def add_bpe_tokenizer(writer, tok: BPETokenizer, vocab_size: int, chat_template: str | None = None) -> None:
+    """tokenizer.ggml.model "gpt2": byte-level BPE tokens, merges, types and pre-tokenizer from tokenizer.json."""
+    gguf = _gguf()
+    spec = json.loads(tok.tok.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        what = f"{model.get('type')} model" + (" with byte fallback (SentencePiece-style)"
+                                               if model.get("byte_fallback") else "")
+        raise UnsupportedModelError(f"tokenizer.json holds a {what}; GGUF export takes byte-level BPE (GPT-2 "
+                                    f"style) or a llama2.c tokenizer")
+    pre = bpe_pre_tokenizer(spec.get("pre_tokenizer"))
+    vocab = tok.tok.get_vocab(with_added_tokens=True)
+    by_id = {i: t for t, i in vocab.items()}
+    n = max(by_id) + 1 if by_id else 0
+    missing = [i for i in range(n) if i not in by_id]
+    if missing:
+        raise UnsupportedModelError(f"tokenizer.json has no token with id {missing[0]}; GGUF needs ids 0..{n - 1}")
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    TT = gguf.TokenType
+    types = [int(TT.NORMAL if i not in added else TT.CONTROL if added[i].get("special") else TT.USER_DEFINED)
+             for i in range(n)]
+    tokens, types = _padded([by_id[i] for i in range(n)], types, vocab_size, "BPE")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    bos = tok.bos_id if tok.bos_id is not None else tok.eos_id  # GPT-2 uses <|endoftext|> for both
+    if bos is not None:
+        writer.add_bos_token_id(bos)
+    if tok.eos_id is not None:
+        writer.add_eos_token_id(tok.eos_id)
+    writer.add_add_bos_token(False)  # lmforge's BPE encode adds no special tokens
+    writer.add_add_eos_token(False)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+def chat_template_of(extras: dict[str, bytes] | None) -> str | None:
+    """The chat_template string of a kept tokenizer_config.json, if it has one."""
+    raw = (extras or {}).get("tokenizer_config.json")
+    if not raw:
+        return None
+    try:
+        template = json.loads(raw).get("chat_template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return template if isinstance(template, str) else None
+
+
+# -------------------------------------------------------------------------------------------- export
+
+
+def export_gguf(model: Transformer, tokenizer, path: str | os.PathLike, ftype: str = "f16",
+                extras: dict[str, bytes] | None = None, name: str | None = None) -> GGUFExport:
+    """Write `model` (Llama or GPT-2 architecture) and `tokenizer` to the GGUF file `path`, atomically.
+
+    `ftype` is the type of 2-D weights: "f32", "f16" or "q8_0". `extras` are files kept with the model (a
+    tokenizer_config.json's chat template is embedded). Raises UnsupportedModelError for another architecture,
+    a quantized model or a tokenizer that does not fit, ValueError for an unknown type.
+    """
+    gguf = _gguf()
+    if ftype not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF tensor type {ftype!r}; choose one of {', '.join(GGUF_TYPES)}")
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"GGUF output {path} is a folder; give a file path such as {path / 'model.gguf'}")
+    arch = gguf_arch(model)
+    c = model.config
+    result = GGUFExport(path, arch, "none")
+    if arch == "gpt2" and c.mlp == "gelu":
+        result.notes.append("the model uses exact (erf) GELU; llama.cpp's gpt2 computes the tanh approximation, "
+                            "so its outputs differ slightly")
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        add_hparams(writer, model, arch, name or c.name)
+        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if isinstance(tokenizer, Llama2cTokenizer):
+            add_llama2c_tokenizer(writer, tokenizer, c.vocab_size)
+            result.tokenizer_model = "llama"
+        elif isinstance(tokenizer, BPETokenizer):
+            add_bpe_tokenizer(writer, tokenizer, c.vocab_size, chat_template_of(extras))
+            result.tokenizer_model = "gpt2"
+        else:
+            writer.add_tokenizer_model("none")
+            kind = getattr(tokenizer, "kind", None)
+            result.notes.append(f"a {kind} tokenizer has no GGUF form; the file holds no vocabulary (llama.cpp "
+                                f"runs it on token ids)" if kind else "no tokenizer found; the file holds no "
+                                "vocabulary")
+        for tensor_name, t in gguf_tensors(model).items():
+            data, raw_dtype, kind = encode_tensor(t.numpy(), ftype)
+            writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
+            result.tensor_types[tensor_name] = kind
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    fell_back = [n for n, k in result.tensor_types.items() if ftype == "q8_0" and k == "f16"]
+    if fell_back:
+        result.notes.append(f"{len(fell_back)} weights have rows not a multiple of 32 and are f16, not q8_0: "
+                            f"{', '.join(fell_back[:4])}{'...' if len(fell_back) > 4 else ''}")
+    return result
