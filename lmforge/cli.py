@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "demo": "lmforge.demo:demo",
     "prepare": "lmforge.data:prepare_command",
     "train": "lmforge.train.trainer:train_command",
+    "tune": "lmforge.train.tune:tune_command",
     "eval": "lmforge.evaluate:eval_command",
     "generate": "lmforge.infer.generate:generate_command",
     "import": "lmforge.interop:import_command",
@@ -29,6 +30,10 @@ COMMANDS: dict[str, str] = {
     "quantize": "lmforge.infer.quantize:quantize_command",
     "serve": "lmforge.serve.app:serve_command",
     "chat": "lmforge.serve.chat:chat_command",
+    "finetune": "lmforge.apps.finetune:finetune_command",
+    "classify": "lmforge.apps.classify:classify_command",
+    "translate": "lmforge.apps.translate:translate_command",
+    "explain": "lmforge.apps.explain:explain_command",
 }
 
 
@@ -58,6 +63,15 @@ def _unwrap_optional(tp):
     return tp
 
 
+class ExtendList(argparse.Action):
+    """A list flag given several times keeps every value (`--space a=1 --space b=2`); its default goes at once."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is self.default:
+            setattr(namespace, self.dest, [])
+        getattr(namespace, self.dest).extend(values)
+
+
 def add_function_arguments(parser: argparse.ArgumentParser, fn) -> None:
     _, helps = parse_docstring(fn.__doc__)
     hints = typing.get_type_hints(fn)
@@ -71,6 +85,7 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn) -> None:
             kwargs["type"] = type(kwargs["choices"][0])
         elif typing.get_origin(tp) is list:
             kwargs["nargs"] = "*"
+            kwargs["action"] = ExtendList
             kwargs["type"] = (typing.get_args(tp) or (str,))[0]
         elif tp is bool:
             pass

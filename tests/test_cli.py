@@ -43,3 +43,22 @@ def test_unknown_command_and_bad_input_are_clear(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing"), str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "error" in err and "missing" in err
+
+
+def test_a_list_flag_given_twice_keeps_every_value_and_replaces_its_default():
+    import argparse
+
+    from lmforge.cli import add_function_arguments
+
+    def fn(space: list[str] = ["x=1"], sizes: list[int] = [1, 8]) -> int:  # noqa: B006
+        """Args:
+            space: specs.
+            sizes: sizes.
+        """
+        return 0
+
+    parser = argparse.ArgumentParser()
+    add_function_arguments(parser, fn)
+    args = parser.parse_args(["--space", "a=1", "b=2", "--space", "c=3", "--sizes", "4"])
+    assert args.space == ["a=1", "b=2", "c=3"] and args.sizes == [4]
+    assert parser.parse_args([]).sizes == [1, 8]
