@@ -292,12 +292,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_for_generation(model: str, dtype: str = "float32", tokenizer: str | None = None, device: str = "cpu",
-                        quantize: str | None = None):
+                        quantize: str | None = None, adapter: str | None = None):
     """(model, tokenizer) ready for inference from a model folder, anything `lmforge.interop.load_any` opens,
     or a preset name (random weights, no tokenizer: for benchmarks).
 
     The one place the CLI verbs load a model; quantization and draft models hook in here. Float32 linear layers
-    are packed for oneDNN (lmforge.infer.packed), the fast CPU path for decoding.
+    are packed for oneDNN (lmforge.infer.packed), the fast CPU path for decoding. A LoRA `adapter` folder
+    (lmforge.apps.lora) is merged into the float32 base weights first, before any dtype cast, quantization or
+    packing.
     """
     from lmforge.config import PRESETS, ModelConfig
 
@@ -313,7 +315,11 @@ def load_for_generation(model: str, dtype: str = "float32", tokenizer: str | Non
         net = Transformer(ModelConfig.from_name(model)).to(device=device, dtype=torch_dtype)
         tok = load_tokenizer_path(tokenizer, net.config.vocab_size) if tokenizer else None
     else:
-        net, tok = load_any(model, tokenizer=tokenizer, device=device, dtype=torch_dtype)
+        net, tok = load_any(model, tokenizer=tokenizer, device=device, dtype=None if adapter else torch_dtype)
+    if adapter is not None:
+        from lmforge.apps.lora import apply_adapter
+
+        apply_adapter(net, adapter).to(dtype=torch_dtype)
     if quantize is not None and net.config.quantization is None:
         from lmforge.infer.quantize import quantize_model
 
@@ -377,7 +383,8 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 200, te
                      logprobs: int | None = None, batch_file: str | None = None, stream: bool = True,
                      beam_width: int = 0, length_penalty: float = 1.0, tokenizer: str | None = None,
                      dtype: Literal["float32", "bfloat16"] = "float32", quantize: Literal["int8"] | None = None,
-                     draft: str | None = None, speculative_k: int = 4) -> int:
+                     draft: str | None = None, speculative_k: int = 4, adapter: str | None = None,
+                     controls: str | None = None) -> int:
     """Generate text from a model folder, a Hugging Face folder or a llama2.c file, streaming it as it comes.
 
     Args:
@@ -405,12 +412,23 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 200, te
         quantize: quantize the weights on load (int8, per-channel scales).
         draft: a smaller model sharing the tokenizer: speculative decoding (one prompt, one sample at a time).
         speculative_k: tokens the draft proposes per target forward.
+        adapter: a LoRA adapter folder (from `lmforge finetune --method lora`) merged into the model on load.
+        controls: banned phrases and word logit biases (JSON or text file, see lmforge.infer.controls); how often
+            each fired is printed to stderr as a JSON line.
     """
-    net, tok = load_for_generation(model, dtype, tokenizer, quantize=quantize)
+    spec = None
+    if controls is not None:
+        from lmforge.infer.controls import Controls, ControlsError, load_controls
+
+        if draft is not None or beam_width > 0:
+            raise ControlsError("--controls works with sampling and greedy decoding, not with --draft or --beam-width")
+        spec = load_controls(controls)
+    net, tok = load_for_generation(model, dtype, tokenizer, quantize=quantize, adapter=adapter)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, stop=list(stop), ignore_eos=ignore_eos, seed=seed,
                             n=num_samples, logprobs=logprobs)
+    guard = Controls(spec, tok, net.config.vocab_size).attach(params) if spec is not None else None
     if batch_file is not None:
         path = Path(batch_file)
         if not path.is_file():
@@ -433,4 +451,6 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 200, te
                               "tokens_per_round": round(stats["tokens_per_round"], 2)}), file=sys.stderr)
         return 0
     print_outputs(net, tok, prompts, params, stream, beam_width, length_penalty)
+    if guard is not None:
+        print(json.dumps({"controls": guard.counts()}), file=sys.stderr)
     return 0

@@ -60,19 +60,26 @@ class ChatSettings:
 class LocalBackend:
     """A model folder loaded in this process; the conversation is re-rendered and re-prefilled every turn."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, adapter: str | None = None, controls: str | None = None):
+        from lmforge.apps.lora import chat_template_folder
         from lmforge.infer.generate import load_for_generation
         from lmforge.serve.templates import ChatTemplate
 
-        self.model, self.tokenizer = load_for_generation(model)
+        self.model, self.tokenizer = load_for_generation(model, adapter=adapter)
         if self.tokenizer is None:
             raise ChatError(f"{model} has no tokenizer; chat needs a model folder with one")
-        self.template = ChatTemplate.for_model(model, self.tokenizer)
+        self.template = ChatTemplate.for_model(chat_template_folder(model, adapter), self.tokenizer)
         # Where the assistant's turn ends: the plain template's next "User:" line, else the template's EOS text
         # (ChatML's <|im_end|> when it is not the tokenizer's EOS token, which already ends a row).
         self.stop = ["\nUser:"] if self.template.is_plain else (["<|im_end|>"] if "<|im_end|>" in self.template.source
                                                                 else [])
         self.name = model
+        self.controls = None  # banned phrases and word biases (lmforge.infer.controls), and their fires so far
+        self.control_counts: dict = {}
+        if controls is not None:
+            from lmforge.infer.controls import Controls
+
+            self.controls = Controls.from_file(controls, self.tokenizer, self.model.config.vocab_size)
 
     def prompt(self, messages: list[dict], max_tokens: int) -> list[int]:
         """The rendered conversation's tokens, dropping the oldest turns (then the oldest tokens) so that the
@@ -97,11 +104,18 @@ class LocalBackend:
 
         params = SamplingParams(max_tokens=settings.max_tokens, temperature=settings.temperature,
                                 top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed, stop=self.stop)
-        with torch.inference_mode():
-            for event in stream(self.model, [self.prompt(messages, settings.max_tokens)], params,
-                                tokenizer=self.tokenizer):
-                if event.text:
-                    yield event.text
+        guard = self.controls.attach(params) if self.controls is not None else None
+        try:
+            with torch.inference_mode():
+                for event in stream(self.model, [self.prompt(messages, settings.max_tokens)], params,
+                                    tokenizer=self.tokenizer):
+                    if event.text:
+                        yield event.text
+        finally:
+            if guard is not None:
+                from lmforge.infer.controls import merge_counts
+
+                merge_counts(self.control_counts, guard.counts())
 
 
 class RemoteBackend:
@@ -182,6 +196,7 @@ HELP = """commands:
   /system TEXT          set the system prompt (empty TEXT removes it) and reset
   /set NAME VALUE       change a setting: temperature, max_tokens, top_p, top_k, seed
   /settings             show the settings
+  /controls             how often each --controls entry fired in this chat
   /quit                 leave (also Ctrl-D)"""
 
 
@@ -226,6 +241,11 @@ class ChatSession:
             self.say(f"system prompt set to {arg!r}; conversation reset" if arg else "system prompt removed")
         elif command == "settings":
             self.say(", ".join(f"{f.name}={getattr(self.settings, f.name)}" for f in fields(self.settings)))
+        elif command == "controls":
+            if getattr(self.backend, "controls", None) is None:
+                self.say("no --controls file is loaded here (a server applies its own --controls)")
+            else:
+                self.say(json.dumps(self.backend.control_counts, ensure_ascii=False))
         elif command == "set":
             name, _, value = arg.partition(" ")
             try:
@@ -277,7 +297,8 @@ class ChatSession:
 
 
 def chat_command(model: str | None = None, /, url: str | None = None, system: str = "", temperature: float = 0.7,
-                 max_tokens: int = 256, api_key: str | None = None) -> int:
+                 max_tokens: int = 256, api_key: str | None = None, adapter: str | None = None,
+                 controls: str | None = None) -> int:
     """Chat with a model in the terminal: answers stream as they are generated; /help lists the commands.
 
     Args:
@@ -287,13 +308,18 @@ def chat_command(model: str | None = None, /, url: str | None = None, system: st
         temperature: sampling temperature; 0 is greedy decoding.
         max_tokens: new tokens per answer at most.
         api_key: the server's API key (sent as a Bearer token), with --url.
+        adapter: a LoRA adapter folder merged into the model on load (its saved chat template is used).
+        controls: banned phrases and word logit biases for the local model (JSON or text file, see
+            lmforge.infer.controls); /controls shows how often each fired. A server applies its own --controls.
     """
     if model is None and url is None:
         raise ChatError("give a model folder to chat with, or --url of a running `lmforge serve`")
+    if url is not None and controls is not None:
+        raise ChatError("--controls applies to a local model; start the server with `lmforge serve --controls FILE`")
     settings = ChatSettings()
     settings.set("temperature", str(temperature))
     settings.set("max_tokens", str(max_tokens))
-    backend = RemoteBackend(url, api_key, model) if url else LocalBackend(model)
+    backend = RemoteBackend(url, api_key, model) if url else LocalBackend(model, adapter, controls)
     where = f"{backend.name} at {url}" if url else backend.name
     print(f"chatting with {where}; /help lists the commands, /quit leaves", flush=True)
     ChatSession(backend, system, settings).run()
