@@ -131,7 +131,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, layer, rope, cache, mask, is_causal):
+    def project(self, x, rope):
+        """Queries (B, nh, T, hs), keys and values (B, nkv, T, hs) of x (B, T, C), rotated when rope is given.
+
+        Public so that interpretability tools (lmforge.apps.explain) see exactly the q, k that attention uses.
+        """
         B, T, C = x.shape
         q, k, v = self.qkv(x).split([C, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -139,6 +143,11 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, x, layer, rope, cache, mask, is_causal):
+        B, T, C = x.shape
+        q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs)
         y = F.scaled_dot_product_attention(

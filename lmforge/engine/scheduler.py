@@ -112,6 +112,8 @@ class Scheduler:
 
     def _lookahead(self, seq: Sequence, budget: int) -> int:
         """Draft tokens a decoding sequence may have checked: never past its max_tokens or the step's budget."""
+        if seq.params.guard is not None:  # text-level controls vet each token as it is sampled: no drafts
+            return 0
         room = seq.params.max_tokens - (seq.num_tokens - seq.prompt_len) - 1
         return max(0, min(self.num_lookahead_tokens, room, budget))
 

@@ -21,8 +21,8 @@ request draws the same tokens whatever else shares its batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,17 @@ import torch
 
 class SamplingError(ValueError):
     """A sampling setting out of range; the message names the setting, its value and what is allowed."""
+
+
+class TokenGuard(Protocol):
+    """A veto on chosen tokens that a logit mask cannot express (a banned phrase is a property of the decoded text,
+    which many token sequences can produce); see `apply_guards`. `end_token` (EOS) ends a row that cannot go on."""
+
+    end_token: int | None
+
+    def rejects(self, context: Sequence[int], prompt_len: int, token: int) -> bool: ...
+
+    def observe(self, logits: torch.Tensor) -> None: ...
 
 
 MAX_LOGPROBS = 20  # the OpenAI API's limit on top alternatives per token
@@ -58,6 +69,9 @@ class SamplingParams:
     # Constrained decoding: called with the row's output ids so far, returns the token ids allowed next (None: any).
     allowed_tokens: Callable[[Sequence[int]], Sequence[int] | None] | None = field(default=None, repr=False,
                                                                                    compare=False)
+    # Text-level checks (lmforge.infer.controls.ControlGuard): `rejects(context, prompt_len, token)` vetoes a chosen
+    # token, which is then masked and the row drawn again; `observe(logits)` sees each step's raw logits (B=1 row).
+    guard: TokenGuard | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.logit_bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
@@ -112,7 +126,8 @@ class SamplingParams:
     def plain(self) -> bool:
         """True when the processed logits equal the raw ones (no penalty, bias or ban), the fast path."""
         return (self.repetition_penalty == 1 and self.presence_penalty == 0 and self.frequency_penalty == 0
-                and not self.logit_bias and not self.banned_sequences and self.allowed_tokens is None)
+                and not self.logit_bias and not self.banned_sequences and self.allowed_tokens is None
+                and self.guard is None)
 
 
 def make_generator(seed: int | None, sample_index: int = 0, device="cpu") -> torch.Generator:
@@ -294,7 +309,54 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], contexts
     if all(p.greedy and p.plain for p in params):
         return logits.argmax(dim=-1)  # the hot path: nothing to process
     processed = process_logits(logits, params, contexts, prompt_lens)
-    return sample(processed, [p.greedy for p in params], generators)
+    tokens = sample(processed, [p.greedy for p in params], generators)
+    if any(p.guard is not None for p in params):
+        tokens = apply_guards(logits, processed, tokens, params, contexts, prompt_lens, generators)
+    return tokens
+
+
+def apply_guards(logits: torch.Tensor, processed: torch.Tensor, tokens: torch.Tensor,
+                 params: Sequence[SamplingParams], contexts: Sequence[Sequence[int]], prompt_lens: Sequence[int],
+                 generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Redraw each guarded row's token until its guard accepts it.
+
+    A rejected token is masked (-inf) and the row drawn again from what is left of its processed distribution
+    (argmax for greedy rows, the row's own RNG otherwise), so the output is a sample from the distribution
+    conditioned on passing the guard. When every token the filters (top-k, top-p, min-p) kept is rejected, the
+    most likely accepted token under the unfiltered constraints (penalties, biases, bans, allowed tokens) is taken,
+    and when no token at all passes, the guard's `end_token` ends the row (a SamplingError when it has none).
+    """
+    tokens = tokens.clone()
+    for b, p in enumerate(params):
+        if p.guard is None:
+            continue
+        p.guard.observe(logits[b])
+        token, row, tried = int(tokens[b]), None, set()
+        while p.guard.rejects(contexts[b], prompt_lens[b], token):
+            tried.add(token)
+            row = processed[b].clone() if row is None else row
+            row[token] = -math.inf
+            if bool(torch.isinf(row).all()):
+                token = _first_accepted(logits[b], p, contexts[b], prompt_lens[b], tried)
+                break
+            token = int(sample(row[None], [p.greedy], [generators[b]])[0])
+        tokens[b] = token
+    return tokens
+
+
+def _first_accepted(logits: torch.Tensor, p: SamplingParams, context: Sequence[int], prompt_len: int,
+                    tried: set[int]) -> int:
+    """The most likely token (after penalties, biases, bans and allowed tokens) that p.guard accepts."""
+    hard = process_logits(logits[None], [replace(p, temperature=0.0, n=1)], [context], [prompt_len])[0]
+    for token in hard.argsort(descending=True).tolist():
+        if math.isinf(hard[token]):
+            break
+        if token not in tried and not p.guard.rejects(context, prompt_len, token):
+            return token
+    if p.guard.end_token is not None:
+        return p.guard.end_token
+    raise SamplingError("sampling setting guard rejects every token allowed at this step: each would complete a "
+                        "banned phrase (lmforge.infer.controls); the output cannot continue")
 
 
 @dataclass
