@@ -16,11 +16,17 @@ A corpus is one of:
 - a built-in name: `python-stdlib` (the running interpreter's standard library sources, on every machine) or
   `tinyshakespeare` (downloaded once, checked against its sha256).
 
+A corpus of files (a folder, `python-stdlib`) can also hold out whole files by name (`holdout_files`: paths or
+glob patterns; `default` is `STDLIB_HOLDOUT` for `python-stdlib`). They become the `test` split, which neither
+training nor the tokenizer ever sees: the files for a code-completion evaluation (docs/code-completion.md).
+
 All text is read as UTF-8 with universal newlines, as Python's `open()` in text mode reads it.
 """
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import hashlib
 import http.client
 import json
@@ -28,7 +34,7 @@ import os
 import sysconfig
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -111,10 +117,16 @@ def download(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 BUILTIN_CORPORA = ("python-stdlib", "tinyshakespeare")
-# Not code anyone writes: third-party packages, test suites, and `encodings/` (generated codec tables, which a small
-# model trained on a sample would otherwise learn to recite).
-STDLIB_SKIP_DIRS = ("site-packages", "dist-packages", "test", "tests", "idlelib/idle_test", "encodings")
+# Not code anyone writes: third-party packages, test suites, `encodings/` (generated codec tables, which a small
+# model trained on a sample would otherwise learn to recite) and `pydoc_data/` (one generated 750k-character dict
+# of help texts, 7 % of the library, which would otherwise be a validation set's bulk or a sample's).
+STDLIB_SKIP_DIRS = ("site-packages", "dist-packages", "test", "tests", "idlelib/idle_test", "encodings", "pydoc_data")
 SPLITS = ("train", "val", "test")
+# The python-stdlib files `holdout_files=["default"]` holds out: ordinary, self-contained modules of every kind of
+# code (text processing, parsing, data structures, scheduling), present from Python 3.9 on; 112k characters in 3.11.
+STDLIB_HOLDOUT = ("fnmatch.py", "getopt.py", "glob.py", "graphlib.py", "html/parser.py", "json/decoder.py",
+                  "queue.py", "sched.py", "shlex.py", "textwrap.py")
+DEFAULT_HOLDOUT = "default"
 
 
 def default_cache_dir() -> Path:
@@ -134,6 +146,7 @@ class Corpus:
     source: str
     splits: dict[str, list[Document]]  # "train", "val" and maybe "test"
     split_method: str  # "tail", "file-hash" or "given"
+    holdout: list[str] = field(default_factory=list)  # names of the files held out as the "test" split
 
 
 def _relative_files(root: Path, skip_dirs: Sequence[str] = ()) -> list[str]:
@@ -172,12 +185,15 @@ def _read_documents(root: Path, names: Sequence[str], errors: str, max_chars: in
 def python_stdlib_files() -> tuple[Path, list[str]]:
     """The running interpreter's standard library `.py` files, without third-party packages and test suites.
 
-    They come in a stable pseudo-random order (by the sha256 of their names), so that a `max_chars` cap takes a
-    sample of the whole library rather than its alphabetically first packages (mostly `encodings/` tables).
+    They come in a stable pseudo-random order (by a salted sha256 of their names), so that a `max_chars` cap takes
+    a sample of the whole library rather than its alphabetically first packages (mostly `encodings/` tables). The
+    salt keeps the order independent of the validation coin (`_held_out`, the unsalted hash): ordered by the same
+    hash, the validation files would all come first and a capped corpus would validate on far more than
+    `val_fraction` of it.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     names = [name for name in _relative_files(root, STDLIB_SKIP_DIRS) if name.endswith(".py")]
-    return root, sorted(names, key=lambda name: hashlib.sha256(name.encode()).hexdigest())
+    return root, sorted(names, key=lambda name: hashlib.sha256(b"order:" + name.encode()).hexdigest())
 
 
 def fetch_tinyshakespeare(cache_dir: str | os.PathLike, from_file: str | os.PathLike | None = None,
@@ -249,12 +265,44 @@ def _given_split_files(folder: Path) -> dict[str, Path] | None:
     return files
 
 
+def match_holdout(names: Sequence[str], patterns: Sequence[str], source: str) -> list[str]:
+    """The names of `names` that `patterns` hold out, sorted.
+
+    A pattern is a relative path ("json/decoder.py") or an fnmatch glob on it ("json/*", "*parser.py"; `*` also
+    crosses `/`); `default` stands for STDLIB_HOLDOUT when the source is python-stdlib. A pattern that matches
+    nothing is an error, so a misspelt name never silently trains on the file it meant to hold out.
+    """
+    expanded: list[str] = []
+    for pattern in patterns:
+        if pattern == DEFAULT_HOLDOUT:
+            if source != "python-stdlib":
+                raise DataError(f"holdout_files {DEFAULT_HOLDOUT!r} is the default held-out set of python-stdlib; "
+                                f"for {source} name the files or glob patterns to hold out")
+            expanded.extend(STDLIB_HOLDOUT)
+        else:
+            expanded.append(pattern)
+    known, held = set(names), set()
+    for pattern in expanded:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)] if pattern not in known else [pattern]
+        if not hits:
+            close = difflib.get_close_matches(pattern, names, n=3)
+            hint = (f"; did you mean {', '.join(close)}?" if close else
+                    " (names are paths relative to the corpus root, such as json/decoder.py, or glob patterns)")
+            raise DataError(f"held-out file {pattern!r} matches no file of {source}{hint}")
+        held.update(hits)
+    if held >= known:
+        raise DataError(f"holdout_files hold out all {len(known)} files of {source}, leaving nothing to train on")
+    return sorted(held)
+
+
 def load_corpus(source: str | os.PathLike, *, val_fraction: float = 0.1, errors: str = "strict",
                 cache_dir: str | os.PathLike | None = None, from_file: str | os.PathLike | None = None,
-                max_chars: int | None = None) -> Corpus:
+                max_chars: int | None = None, holdout_files: Sequence[str] | None = None) -> Corpus:
     """Read `source` (file, folder, folder of given splits, or built-in name) and split it.
 
     `max_chars` keeps the first that many characters, in reading order (for given splits: of each split).
+    `holdout_files` (folders and python-stdlib only) moves whole files to a "test" split before the rest is
+    split into train / val; they are read whole, whatever `max_chars` says.
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1")
@@ -267,6 +315,25 @@ def load_corpus(source: str | os.PathLike, *, val_fraction: float = 0.1, errors:
     def cap(text: str) -> str:
         return text if max_chars is None else text[:max_chars]
 
+    def files_corpus(root: Path, names: list[str]) -> Corpus:
+        held = match_holdout(names, holdout_files, name) if holdout_files else []
+        held_set = set(held)
+        docs = _read_documents(root, [n for n in names if n not in held_set], errors, max_chars)
+        if not docs:
+            raise DataError(f"folder {root} holds no text files (hidden and binary files are skipped)")
+        train, val, method = _hash_split(docs, val_fraction)
+        splits = {"train": train, "val": val}
+        if held:
+            splits["test"] = [d for d in _read_documents(root, held, errors, None) if d.text]
+            if not splits["test"]:
+                raise DataError(f"the held-out files of {name} ({', '.join(held)}) are empty or binary")
+        return Corpus(name, splits, method, [d.name for d in splits.get("test", [])])
+
+    one_text = path.is_file() or (name == "tinyshakespeare" and not path.exists())
+    if holdout_files and (one_text or (path.is_dir() and _given_split_files(path) is not None)):
+        raise DataError(f"holdout_files holds out whole files, so it needs a folder of files or python-stdlib; "
+                        f"{name} is a single text, or a folder of given splits (use its test.txt instead)")
+
     if path.is_file():
         train, val = _tail_split([Document(path.name, cap(read_text(path, errors)))], val_fraction)
         return Corpus(name, {"train": train, "val": val}, "tail")
@@ -275,15 +342,9 @@ def load_corpus(source: str | os.PathLike, *, val_fraction: float = 0.1, errors:
         if given is not None:
             splits = {split: [Document(f.name, cap(read_text(f, errors)))] for split, f in given.items()}
             return Corpus(name, splits, "given")
-        docs = _read_documents(path, _relative_files(path), errors, max_chars)
-        if not docs:
-            raise DataError(f"folder {path} holds no text files (hidden and binary files are skipped)")
-        train, val, method = _hash_split(docs, val_fraction)
-        return Corpus(name, {"train": train, "val": val}, method)
+        return files_corpus(path, _relative_files(path))
     if name == "python-stdlib":
-        root, names = python_stdlib_files()
-        train, val, method = _hash_split(_read_documents(root, names, errors, max_chars), val_fraction)
-        return Corpus(name, {"train": train, "val": val}, method)
+        return files_corpus(*python_stdlib_files())
     if name == "tinyshakespeare":
         file = fetch_tinyshakespeare(default_cache_dir() if cache_dir is None else cache_dir, from_file)
         train, val = _tail_split([Document("input.txt", cap(read_text(file, errors)))], val_fraction)
@@ -357,7 +418,8 @@ def encode_documents(tok: Tokenizer, docs: Sequence[Document]) -> np.ndarray:
 def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer: str = "char",
             vocab_size: int | None = None, val_fraction: float = 0.1, errors: str = "strict",
             cache_dir: str | os.PathLike | None = None, from_file: str | os.PathLike | None = None,
-            max_chars: int | None = None, tokenizer_from: str | os.PathLike | None = None) -> dict:
+            max_chars: int | None = None, tokenizer_from: str | os.PathLike | None = None,
+            holdout_files: Sequence[str] | None = None) -> dict:
     """Turn a corpus into `train.bin`, `val.bin` (and `test.bin`), the tokenizer files and `meta.json`.
 
     Args:
@@ -372,6 +434,8 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
         from_file: a local copy of the tinyshakespeare corpus, checked against its sha256.
         max_chars: cap on the characters read, for quick runs.
         tokenizer_from: a folder with a saved tokenizer to reuse instead of training one.
+        holdout_files: files of a folder or python-stdlib (relative paths, glob patterns, or `default`) held
+            out whole as the `test` split; the tokenizer is trained without them (a char vocabulary too).
 
     Returns:
         The metadata written to `meta.json`.
@@ -382,7 +446,7 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
     if tokenizer_from is None and tokenizer not in KINDS:  # fail before reading or downloading anything
         raise DataError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(KINDS)}")
     corpus = load_corpus(source, val_fraction=val_fraction, errors=errors, cache_dir=cache_dir,
-                         from_file=from_file, max_chars=max_chars)
+                         from_file=from_file, max_chars=max_chars, holdout_files=holdout_files)
     if not any(d.text for docs in corpus.splits.values() for d in docs):
         raise DataError(f"corpus {corpus.source} is empty: there is no text to prepare")
 
@@ -392,8 +456,9 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
         tok = load_tokenizer(tokenizer_from)
     else:
         training = corpus.splits["train"]
-        if tokenizer == "char":
-            training = [d for docs in corpus.splits.values() for d in docs]
+        if tokenizer == "char":  # held-out files stay unseen: a character only they use cannot be encoded
+            training = [d for split, docs in corpus.splits.items() if not (corpus.holdout and split == "test")
+                        for d in docs]
         tok = train_tokenizer(tokenizer, (d.text for d in training if d.text), vocab_size)
 
     arrays = {}
@@ -431,6 +496,8 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
         "val_fraction": None if corpus.split_method == "given" else val_fraction,
         "max_chars": max_chars,
         "errors": errors,
+        "holdout_files": corpus.holdout or None,  # the files of the test split, which nothing trained on
+        "holdout_patterns": list(holdout_files) if holdout_files else None,
     }
     atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
@@ -538,7 +605,8 @@ def eval_windows(data: np.ndarray, block_size: int, stride: int | None = None,
 def prepare_command(source: str, out: str | None = None, tokenizer: Literal["char", "word", "bpe"] = "char",
                     vocab_size: int | None = None, val_fraction: float = 0.1,
                     errors: Literal["strict", "replace"] = "strict", cache_dir: str | None = None, from_file: str | None = None,
-                    max_chars: int | None = None, tokenizer_from: str | None = None) -> int:
+                    max_chars: int | None = None, tokenizer_from: str | None = None,
+                    holdout_files: list[str] | None = None) -> int:
     """Tokenize a corpus into train/validation token files (numpy memmaps) plus meta.json and the tokenizer.
 
     Args:
@@ -554,12 +622,18 @@ def prepare_command(source: str, out: str | None = None, tokenizer: Literal["cha
         from_file: a local copy of tinyshakespeare to use instead of downloading (checked against its sha256).
         max_chars: read at most this many characters (quick experiments).
         tokenizer_from: reuse the tokenizer saved in this folder (a model or data folder) instead of training.
+        holdout_files: whole files held out as the test split, unseen by training and the tokenizer: paths
+            relative to the folder (json/decoder.py), glob patterns ('json/*'), or default (python-stdlib's
+            default set: fnmatch.py getopt.py glob.py graphlib.py html/parser.py json/decoder.py queue.py
+            sched.py shlex.py textwrap.py). For code completion: see docs/code-completion.md.
     """
     out = out or str(Path("data") / Path(source).stem)
     meta = prepare(source, out, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
                    errors=errors, cache_dir=cache_dir, from_file=from_file, max_chars=max_chars,
-                   tokenizer_from=tokenizer_from)
+                   tokenizer_from=tokenizer_from, holdout_files=holdout_files)
     splits = ", ".join(f"{name} {n:,} tokens" for name, n in meta["splits"].items())
     print(f"prepared {meta['source']} -> {out}: {meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']:,}; "
           f"{splits} ({meta['dtype']})")
+    if meta["holdout_files"]:
+        print(f"held out as the test split ({len(meta['holdout_files'])} files): {' '.join(meta['holdout_files'])}")
     return 0
