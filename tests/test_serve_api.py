@@ -222,7 +222,7 @@ def test_auth_queue_body_limit_and_disconnect(small_server):
     r = httpx.get(base + "/v1/models", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     r = httpx.post(base + "/v1/completions", headers=good, json={"model": "tiny", "prompt": "x" * 30000})
-    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "max_body_bytes" in r.json()["error"]["message"]
 
     # one long request fills the server (max_batch 1, max_queue 0); EOS banned so it cannot end early
     long = {"model": "tiny", "prompt": "the", "max_tokens": 1000, "stream": True,
@@ -276,7 +276,7 @@ def test_rate_limit_chunked_body_and_prompt_length(tiny_parts):
         assert c.post("/v1/completions", headers=k2, json=body).status_code == 200  # per key
         chunks = (b'{"model": "tiny", "prompt": "' + b"x" * 1000 for _ in range(8))
         big = c.post("/v1/completions", headers=k2, content=chunks)  # chunked: no content-length
-        assert big.status_code == 413 and "max_body_bytes" in big.json()["error"]["message"]
+        assert big.status_code == 400 and "max_body_bytes" in big.json()["error"]["message"]
     with TestClient(create_app(model, tok, ServeSettings(model_name="tiny"))) as c:
         long = {"model": "tiny", "prompt": "the cat " * 100, "max_tokens": 8}
         err = c.post("/v1/completions", json=long).json()["error"]
@@ -305,3 +305,27 @@ def test_chat_template_from_model_folder(tiny_parts, tmp_path):
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(ChatTemplateError):
         ChatTemplate(evil, tok).render(messages)
+
+
+def test_a_draft_model_speculates_without_changing_greedy_output(tmp_path):
+    from lmforge.infer.generate import generate, load_for_generation
+    from lmforge.infer.sampling import SamplingParams
+
+    tok = _model_folder(tmp_path / "target", 256)
+    torch.manual_seed(1)
+    save_model(tmp_path / "draft", Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1,
+                                                           n_head=2, n_embd=16)), tok)
+    model, _ = load_for_generation(str(tmp_path / "target"))
+    prompts = ["the cat", "hello world, how"]
+    want = [c.text for c in generate(model, [tok.encode(p) for p in prompts],
+                                     SamplingParams(max_tokens=12, temperature=0), tokenizer=tok)]
+    proc, base = _start(tmp_path / "target", "--draft", str(tmp_path / "draft"), "--num-speculative-tokens", "3")
+    try:
+        for prompt, text in zip(prompts, want):
+            r = httpx.post(base + "/v1/completions", json={"model": "target", "prompt": prompt, "max_tokens": 12,
+                                                           "temperature": 0})
+            assert r.json()["choices"][0]["text"] == text
+        engine = httpx.get(base + "/health").json()["engine"]
+        assert engine["draft_proposed"] > 0
+    finally:
+        _stop(proc)

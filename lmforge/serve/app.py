@@ -33,11 +33,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.apps.classify import CLASSIFY_FILE
 from lmforge.engine.engine import Engine
 from lmforge.engine.loop import EngineLoop, RequestStream
 from lmforge.engine.sequence import RequestOutput
+from lmforge.infer.controls import Controls, load_controls
 from lmforge.infer.generate import prompt_tokens
 from lmforge.infer.sampling import SamplingError, SamplingParams
+from lmforge.serve.classify import ClassifierService, classify_router
 from lmforge.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest)
 from lmforge.serve.structured import (JSON_OBJECT_SCHEMA, ConstraintCompiler, StructuredOutputError, check_regex,
@@ -48,7 +51,7 @@ log = logging.getLogger("lmforge.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 METRIC_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
-                 "/metrics", "/"}
+                 "/metrics", "/", "/v1/classify"}
 
 
 @dataclass
@@ -63,8 +66,11 @@ class ServeSettings:
     rate_limit_tpm: int = 0  # tokens (prompt + generated) per minute per API key; 0: unlimited
     max_body_bytes: int = 1_000_000
     chat_template: str | None = None  # Jinja source; None: the default for the tokenizer (templates.py)
-    draft: str | None = None  # recorded only: speculative decoding is batch-1, the engine does not use it yet
+    draft: str | None = None  # the draft model's path (speculative decoding), as reported by /health
+    num_speculative_tokens: int = 4
     max_num_batched_tokens: int = 256
+    classifier: str | None = None  # a classifier folder (lmforge classify train) served at /v1/classify
+    controls: str | None = None  # banned phrases and word logit biases for every request (lmforge.infer.controls)
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -86,6 +92,12 @@ class Metrics:
                               buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.itl = Histogram("lmforge_inter_token_latency_seconds", "mean time between output tokens", registry=r,
                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
+        self.controls_fired = Counter("lmforge_control_fired", "--controls entries that fired, by kind "
+                                      "(banned_phrase, logit_bias) and entry", ["kind", "control"], registry=r)
+
+    def control_fired(self, kind: str, control: str) -> None:
+        """One fire of a --controls entry (labels come from the operator's file, so their number is bounded)."""
+        self.controls_fired.labels(kind, control).inc()
 
     def scrape(self, stats: dict) -> bytes:
         self.queue.set(stats["waiting"])
@@ -145,7 +157,8 @@ class Slot:
 class Server:
     """One model served: engine loop, tokenizer, chat template, structured-output compiler, admission."""
 
-    def __init__(self, model, tokenizer, settings: ServeSettings, model_folder: str | Path | None = None):
+    def __init__(self, model, tokenizer, settings: ServeSettings, model_folder: str | Path | None = None,
+                 draft=None):
         if tokenizer is None:
             raise ValueError("serving needs a tokenizer: the model folder has none; pass --tokenizer PATH")
         self.settings, self.tokenizer = settings, tokenizer
@@ -154,11 +167,14 @@ class Server:
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len={settings.max_model_len} is too small; it must be >= 2")
         self.engine = Engine(model, tokenizer, max_num_seqs=settings.max_batch,
-                             max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_batch))
+                             max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_batch),
+                             draft=draft, num_speculative_tokens=settings.num_speculative_tokens)
         self.vocab_size = model.config.vocab_size
         self.template = ChatTemplate(settings.chat_template, tokenizer) if settings.chat_template else \
             ChatTemplate.for_model(model_folder, tokenizer)
         self.compiler = ConstraintCompiler(tokenizer, self.vocab_size)
+        self.controls = Controls.from_file(settings.controls, tokenizer, self.vocab_size) if settings.controls \
+            else None
         self.metrics = Metrics()
         self.rate = RateLimiter(settings.rate_limit_tpm)
         self.loop: EngineLoop | None = None
@@ -223,6 +239,10 @@ class Server:
         spec = self.constraint_regex(req)
         if spec is not None:
             params.allowed_tokens = await asyncio.to_thread(self.compiler.constraint, *spec)
+
+    def attach_controls(self, params: SamplingParams):
+        """Apply --controls to a request's params; its guard (None without controls) counts what fired."""
+        return self.controls.attach(params, self.metrics.control_fired) if self.controls is not None else None
 
     # -- running
     def submit(self, prompts: list[list[int]], params: SamplingParams, slot: "Slot") -> list[RequestStream]:
@@ -317,6 +337,13 @@ def _chat_logprobs(server: Server, lps) -> dict:
                         for lp in lps], "refusal": None}
 
 
+def _extra(guard) -> dict:
+    """The response's lmforge-only field: how often each --controls entry fired for this request (so far, on a
+    stream's finish chunks). Clients of the OpenAI API ignore unknown fields; openai's objects keep it in
+    `model_extra`."""
+    return {"lmforge": {"controls": guard.counts()}} if guard is not None else {}
+
+
 def _finish(reason: str | None) -> str | None:
     return "stop" if reason == "abort" else reason
 
@@ -357,7 +384,7 @@ class EdgeMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > settings.max_body_bytes:  # an HTTPException passes FastAPI's body parsing as is
-                    raise StarletteHTTPException(413, f"the request body exceeds max_body_bytes="
+                    raise StarletteHTTPException(400, f"the request body exceeds max_body_bytes="
                                                       f"{settings.max_body_bytes}")
             return message
 
@@ -365,7 +392,7 @@ class EdgeMiddleware:
         try:
             size = int(headers.get("content-length") or 0)
             if size > settings.max_body_bytes:
-                raise ApiError(413, f"the request body is {size} bytes; the limit is max_body_bytes="
+                raise ApiError(400, f"the request body is {size} bytes; the limit is max_body_bytes="
                                     f"{settings.max_body_bytes}")
             if settings.api_keys and path.startswith(PROTECTED_PREFIXES):
                 auth = headers.get("authorization", "")
@@ -410,11 +437,12 @@ def _error_response(e: ApiError) -> JSONResponse:
 
 
 def create_app(model, tokenizer, settings: ServeSettings | None = None,
-               model_folder: str | Path | None = None) -> FastAPI:
+               model_folder: str | Path | None = None, draft=None) -> FastAPI:
     """The FastAPI app serving `model` (an lmforge Transformer) with `tokenizer`; the engine loop runs while the
-    app's lifespan does. `model_folder` is where the chat template is looked for (tokenizer_config.json)."""
+    app's lifespan does. `model_folder` is where the chat template is looked for (tokenizer_config.json);
+    `draft`, a smaller model sharing the tokenizer, turns on speculative decoding in the engine."""
     settings = settings or ServeSettings()
-    server = Server(model, tokenizer, settings, model_folder)
+    server = Server(model, tokenizer, settings, model_folder, draft)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -463,6 +491,8 @@ def create_app(model, tokenizer, settings: ServeSettings | None = None,
         return _error_response(ApiError(500, f"internal error: {type(e).__name__}", type="server_error"))
 
     app.add_middleware(EdgeMiddleware, server=server)
+    app.include_router(classify_router(ClassifierService(settings.classifier, (settings.model_name,))
+                                       if settings.classifier else None))
 
     # -- pages
     @app.get("/", include_in_schema=False)
@@ -528,6 +558,7 @@ def create_app(model, tokenizer, settings: ServeSettings | None = None,
         params = req.to_sampling_params(server.max_tokens(req.max_tokens, longest, 16, "max_tokens", "prompt"),
                                         tokenizer.encode)
         await server.attach_constraint(req, params)
+        guard = server.attach_controls(params)
         slot = server.admit(http.scope["lmforge.api_key"])
         streams = server.submit(prompts, params, slot)
         created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
@@ -562,7 +593,8 @@ def create_app(model, tokenizer, settings: ServeSettings | None = None,
                             total += len(out.new_token_ids)
                             if text or out.finished or lp:
                                 yield _sse(chunk([{"index": index, "text": text, "logprobs": lp,
-                                                   "finish_reason": _finish(out.finish_reason)}]))
+                                                   "finish_reason": _finish(out.finish_reason)}])
+                                           | (_extra(guard) if out.finished else {}))
                     except ApiError as e:  # after the 200 went out, an error can only be an event
                         yield _sse(e.body())
                         return
@@ -588,7 +620,7 @@ def create_app(model, tokenizer, settings: ServeSettings | None = None,
         for c in choices.values():  # text offsets run over the whole completion
             if c["logprobs"]:
                 c["logprobs"]["text_offset"] = list(_offsets(c["logprobs"]["tokens"]))
-        return chunk(list(choices.values()), usage(total))
+        return chunk(list(choices.values()), usage(total)) | _extra(guard)
 
     # -- chat completions
     @app.post("/v1/chat/completions")
@@ -604,6 +636,7 @@ def create_app(model, tokenizer, settings: ServeSettings | None = None,
         if server.constraint_regex(req) is None:  # a constrained output ends by its format, not by a turn marker
             params.stop += [s for s in server.template.turn_stops if s not in params.stop]
         await server.attach_constraint(req, params)
+        guard = server.attach_controls(params)
         slot = server.admit(http.scope["lmforge.api_key"])
         streams = server.submit([prompt], params, slot)
         created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
@@ -635,7 +668,7 @@ def create_app(model, tokenizer, settings: ServeSettings | None = None,
                                                    "logprobs": lp, "finish_reason": None}]))
                             if out.finished:
                                 yield _sse(chunk([{"index": out.index, "delta": {}, "logprobs": None,
-                                                   "finish_reason": _finish(out.finish_reason)}]))
+                                                   "finish_reason": _finish(out.finish_reason)}]) | _extra(guard))
                     except ApiError as e:  # after the 200 went out, an error can only be an event
                         yield _sse(e.body())
                         return
@@ -660,7 +693,7 @@ def create_app(model, tokenizer, settings: ServeSettings | None = None,
                     c["finish_reason"] = _finish(out.finish_reason)
         finally:
             slot.release()
-        return chunk(choices, _usage(len(prompt), total), obj="chat.completion")
+        return chunk(choices, _usage(len(prompt), total), obj="chat.completion") | _extra(guard)
 
     def _prompts(prompt) -> list[list[int]]:
         """The completions `prompt` field (text, texts, token ids, lists of token ids) as token id lists."""
@@ -693,10 +726,11 @@ def _offsets(tokens: list[str]):
 def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                   api_key_file: str | None = None, max_batch: int = 16, max_queue: int = 64,
                   max_model_len: int | None = None, quantize: Literal["none", "int8"] = "none",
-                  draft: str | None = None, tokenizer: str | None = None,
+                  draft: str | None = None, num_speculative_tokens: int = 4, tokenizer: str | None = None,
                   dtype: Literal["float32", "bfloat16"] = "float32", served_model_name: str | None = None,
                   rate_limit_tpm: int = 0, max_body_bytes: int = 1_000_000,
-                  log_level: Literal["critical", "error", "warning", "info", "debug"] = "info") -> int:
+                  log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
+                  adapter: str | None = None, classifier: str | None = None, controls: str | None = None) -> int:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) and a web chat.
 
     Args:
@@ -709,14 +743,21 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
         max_queue: requests allowed to wait beyond the running batch; more get 429 with Retry-After.
         max_model_len: prompt plus output tokens per request at most (default: the model's context).
         quantize: int8 quantizes the linear layers' weights at load time (less memory, faster on CPU).
-        draft: draft model for speculative decoding; accepted and recorded, but the batching engine ignores it
-            for now (speculative decoding is batch-1 only).
+        draft: a smaller model sharing the tokenizer: speculative decoding of every running request (the
+            output keeps the model's distribution; greedy output is unchanged).
+        num_speculative_tokens: tokens the draft proposes per request and step.
         tokenizer: tokenizer.json or folder to use instead of the model folder's own.
         dtype: weights and activations dtype.
         served_model_name: the model id clients send (default: the model folder's name).
         rate_limit_tpm: tokens (prompt + generated) per minute per API key; 0 means unlimited.
         max_body_bytes: largest request body accepted.
         log_level: uvicorn's log level.
+        adapter: a LoRA adapter folder merged into the model on load (its saved chat template is used).
+        classifier: a classifier folder (`lmforge classify train`) served at POST /v1/classify (default: MODEL
+            itself when it is one).
+        controls: banned phrases and word logit biases applied to every request (JSON or text file, see
+            lmforge.infer.controls); responses carry the fire counts in an extra `lmforge` field, /metrics in
+            lmforge_control_fired_total.
     """
     import uvicorn
 
@@ -733,14 +774,23 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
     for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("port", port, 0)):
         if value < low:
             raise ValueError(f"{name}={value} is out of range: it must be >= {low}")
-    net, tok = load_for_generation(model, dtype, tokenizer, quantize=None if quantize == "none" else quantize)
+    if controls:
+        load_controls(controls)  # a bad file fails now, before the model loads
+    net, tok = load_for_generation(model, dtype, tokenizer, quantize=None if quantize == "none" else quantize,
+                                   adapter=adapter)
     path = Path(model)
     settings = ServeSettings(model_name=served_model_name or path.stem, max_batch=max_batch, max_queue=max_queue,
                              max_model_len=max_model_len, api_keys=keys, rate_limit_tpm=rate_limit_tpm,
-                             max_body_bytes=max_body_bytes, draft=draft)
+                             max_body_bytes=max_body_bytes, draft=draft,
+                             num_speculative_tokens=num_speculative_tokens,
+                             classifier=classifier or (model if (path / CLASSIFY_FILE).is_file() else None),
+                             controls=controls)
+    draft_net = None
     if draft:
-        log.warning("--draft %s recorded; the batching engine does not use speculative decoding yet", draft)
-    app = create_app(net, tok, settings, path if path.is_dir() else path.parent)
+        draft_net, _ = load_for_generation(draft, dtype, tokenizer, quantize=None if quantize == "none" else quantize)
+    from lmforge.apps.lora import chat_template_folder
+
+    app = create_app(net, tok, settings, chat_template_folder(model, adapter) or path.parent, draft_net)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
     return 0
 

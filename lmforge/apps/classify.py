@@ -1,0 +1,443 @@
+"""Text classification (sentiment analysis): a pretrained lmforge model with a linear head on its pooled states.
+
+    text -> tokens (+ EOS) -> Transformer.hidden -> pool -> Linear(n_embd, n_labels) -> softmax
+
+Pooling is `last` (the state at the last real token: a causal model has read the whole text there, as GPT-style
+classifiers do) or `mean` (the mean over the real tokens). Batches are right-padded; attention is causal, so
+padding after a text never changes its states, and pooling reads only its real positions: a text's probabilities
+do not depend on what it is batched with.
+
+Training is cross-entropy on labelled sentences (`text<TAB>label` lines, label an index or a label name), either
+of the whole model or of the head only (`head_only`: the body is frozen, its pooled features are computed once).
+Full fine-tuning starts from the head fitted on frozen features (linear probing, then fine-tuning: Kumar et al.
+2022, "Fine-Tuning can Distort Pretrained Features"), with a smaller learning rate for the body than the head.
+The epoch with the best validation accuracy is kept.
+
+The classifier is a model folder (config.json, model.safetensors, tokenizer) plus `head.safetensors` and
+`classify.json` (labels, pooling, base, ...), written atomically and loadable on its own by `load_classifier`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from lmforge.checkpoint import (CheckpointError, load_model, read_weights, resolve_model_dir, save_model_files,
+                                tensors_digest, write_folder)
+from lmforge.model import Transformer
+
+CLASSIFY_FILE, HEAD_FILE = "classify.json", "head.safetensors"
+DEFAULT_LABELS = ("negative", "positive")
+POOLINGS = ("last", "mean")
+
+
+class ClassifyDataError(ValueError):
+    """A labelled data file that cannot be used; the message names the file and line."""
+
+
+@dataclass
+class Labelled:
+    text: str
+    label: int
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def read_labelled(path: str | Path, labels: Sequence[str] = DEFAULT_LABELS) -> list[Labelled]:
+    """Read `text<TAB>label` lines (label: an index 0..n-1 or one of `labels`); blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClassifyDataError(f"labelled data file {path} does not exist or is not a file")
+    allowed = {str(i): i for i in range(len(labels))} | {name: i for i, name in enumerate(labels)}
+    spelled = ", ".join(list(map(str, range(len(labels)))) + list(labels))
+    out = []
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            raise ClassifyDataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                    f"{e.start + 1}); save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise ClassifyDataError(f"{path}:{lineno}: no label: expected 'text<TAB>label', got {line[:60]!r}")
+        text, label = line.rsplit("\t", 1)
+        if label.strip() not in allowed:
+            raise ClassifyDataError(f"{path}:{lineno}: label {label.strip()!r} is not one of {spelled}")
+        if not text.strip():
+            raise ClassifyDataError(f"{path}:{lineno}: the text before the label is empty")
+        out.append(Labelled(text.strip(), allowed[label.strip()]))
+    if not out:
+        raise ClassifyDataError(f"{path} holds no labelled lines ('text<TAB>label')")
+    return out
+
+
+def split_labelled(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A fixed, seeded split: (kept, held_out), held_out taking round(fraction * n) examples."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"held-out fraction {fraction} must be in [0, 1)")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n = round(fraction * len(examples))
+    return [examples[i] for i in order[n:]], [examples[i] for i in order[:n]]
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    return sum(t == p for t, p in zip(y_true, y_pred, strict=True)) / max(1, len(y_true))
+
+
+def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], n_labels: int) -> float:
+    """The unweighted mean over labels of F1 = 2TP / (2TP + FP + FN) (0 for a label never true nor predicted)."""
+    scores = []
+    for k in range(n_labels):
+        tp = sum(t == k and p == k for t, p in zip(y_true, y_pred, strict=True))
+        fp = sum(t != k and p == k for t, p in zip(y_true, y_pred))
+        fn = sum(t == k and p != k for t, p in zip(y_true, y_pred))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / n_labels
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+def pool(h: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, C) from right-padded states h (B, T, C) whose rows have `lengths` (B,) real tokens."""
+    if pooling == "last":
+        return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+    real = torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]  # (B, T)
+    return (h * real[..., None].to(h.dtype)).sum(1) / lengths[:, None].to(h.dtype)
+
+
+class Classifier(nn.Module):
+    """A Transformer body, pooling and a linear head: logits (B, n_labels) for right-padded tokens (B, T)."""
+
+    def __init__(self, body: Transformer, labels: Sequence[str], pooling: str = "last"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not one of: {', '.join(POOLINGS)}")
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be at least two distinct names, got {list(labels)}")
+        self.body, self.labels, self.pooling = body, list(labels), pooling
+        self.head = nn.Linear(body.config.n_embd, len(labels))
+        nn.init.zeros_(self.head.weight)  # a zero head: every label equally likely until trained
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return pool(self.body.hidden(tokens), lengths, self.pooling)  # (B, C)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(tokens, lengths))
+
+
+class TextEncoder:
+    """Texts -> token ids as the classifier reads them: the tokenizer's ids, then EOS when it has one."""
+
+    def __init__(self, tokenizer, max_tokens: int):
+        if tokenizer is None:
+            raise ValueError("a classifier needs a tokenizer: the model folder has none")
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+        self.eos = getattr(tokenizer, "eos_id", None)
+
+    def ids(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text) + ([self.eos] if self.eos is not None else [])
+        return ids or [0]
+
+    def fit(self, ids: list[int]) -> list[int]:
+        """Keep the first max_tokens - 1 tokens and the last one (the EOS that `last` pooling reads)."""
+        return ids if len(ids) <= self.max_tokens else ids[:self.max_tokens - 1] + ids[-1:]
+
+
+def batch_tensors(seqs: Sequence[Sequence[int]], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists with 0 into (B, T) tokens and (B,) lengths."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return tokens.to(device), lengths.to(device)
+
+
+def length_batches(seqs: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (less padding), in length order."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def predict_ids(clf: Classifier, seqs: Sequence[Sequence[int]], batch_size: int = 64) -> torch.Tensor:
+    """Probabilities (N, n_labels) for token id lists, in input order."""
+    clf.eval()
+    device = next(clf.parameters()).device
+    probs = torch.empty(len(seqs), len(clf.labels))
+    for idx in length_batches(seqs, batch_size):
+        logits = clf(*batch_tensors([seqs[i] for i in idx], device))
+        probs[idx] = logits.float().softmax(-1).cpu()
+    return probs
+
+
+def predict(clf: Classifier, encoder: TextEncoder, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Probabilities (N, n_labels) for texts (longer ones are cut to the classifier's context)."""
+    return predict_ids(clf, [encoder.fit(encoder.ids(t)) for t in texts], batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+@dataclass
+class ClassifyConfig:
+    """How a classifier is trained."""
+
+    pooling: str = "last"
+    head_only: bool = False  # train only the head on frozen features
+    epochs: int = 8  # epochs of full fine-tuning (early stopped by patience)
+    head_epochs: int = 100  # epochs of the head on frozen features (head_only, and the warm start of full)
+    batch_size: int = 32
+    lr: float = 1e-4  # the body's learning rate (full fine-tuning)
+    head_lr: float = 1e-2  # the head's learning rate on frozen features
+    weight_decay: float = 0.01
+    patience: int | None = 3  # stop after this many epochs without a better validation accuracy
+    max_minutes: float | None = None
+    seed: int = 0
+
+
+def fit_head(clf: Classifier, feats: torch.Tensor, y: torch.Tensor, cfg: ClassifyConfig,
+             val: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Train the head alone on fixed features (N, C): full-batch AdamW, the best validation epoch kept."""
+    opt = torch.optim.AdamW(clf.head.parameters(), lr=cfg.head_lr, weight_decay=cfg.weight_decay)
+    best, best_state = -1.0, None
+    for _ in range(cfg.head_epochs):
+        loss = F.cross_entropy(clf.head(feats), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if val is not None:
+            with torch.no_grad():
+                acc = (clf.head(val[0]).argmax(-1) == val[1]).float().mean().item()
+            if acc > best:
+                best, best_state = acc, copy.deepcopy(clf.head.state_dict())
+    if best_state is not None:
+        clf.head.load_state_dict(best_state)
+
+
+@torch.no_grad()
+def all_features(clf: Classifier, seqs: Sequence[Sequence[int]], batch_size: int = 64) -> torch.Tensor:
+    clf.eval()
+    device = next(clf.parameters()).device
+    feats = torch.empty(len(seqs), clf.body.config.n_embd)
+    for idx in length_batches(seqs, batch_size):
+        feats[idx] = clf.features(*batch_tensors([seqs[i] for i in idx], device)).float().cpu()
+    return feats
+
+
+def train_classifier(clf: Classifier, encoder: TextEncoder, train: list[Labelled], val: list[Labelled] | None,
+                     cfg: ClassifyConfig, log=print) -> dict:
+    """Fit `clf` on `train` (in place), keeping the weights with the best accuracy on `val`; a summary."""
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    seqs = [encoder.fit(encoder.ids(e.text)) for e in train]
+    y = torch.tensor([e.label for e in train])
+    vseqs = [encoder.fit(encoder.ids(e.text)) for e in val] if val else []
+    vy = torch.tensor([e.label for e in val]) if val else None
+
+    def val_acc() -> float | None:
+        return accuracy(vy.tolist(), predict_ids(clf, vseqs).argmax(-1).tolist()) if val else None
+
+    # 1. the head on frozen features (all of head_only; the warm start of full fine-tuning)
+    feats = all_features(clf, seqs)
+    fit_head(clf, feats, y, cfg, (all_features(clf, vseqs), vy) if val else None)
+    history = [{"epoch": 0, "val_acc": val_acc()}]
+    log(json.dumps({"stage": "head", **history[-1]}))
+    if cfg.head_only:
+        return {"history": history, "best_val_acc": history[-1]["val_acc"],
+                "minutes": round((time.perf_counter() - t0) / 60, 3)}
+
+    # 2. the whole model, body at lr, head at lr * 10
+    device = next(clf.parameters()).device
+    body_params = [p for p in clf.body.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": body_params, "lr": cfg.lr},
+                             {"params": clf.head.parameters(), "lr": cfg.lr * 10}], weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(seqs) / cfg.batch_size)
+    total, step = steps_per_epoch * cfg.epochs, 0
+    best, best_state, stale = history[0]["val_acc"] or -1.0, copy.deepcopy(clf.state_dict()), 0
+    for epoch in range(1, cfg.epochs + 1):
+        clf.train()
+        batches = length_batches(seqs, cfg.batch_size)
+        rng.shuffle(batches)
+        loss_sum = 0.0
+        for idx in batches:
+            scale = 0.5 * (1 + math.cos(math.pi * step / total))  # cosine decay to 0
+            for group, base in zip(opt.param_groups, (cfg.lr, cfg.lr * 10)):
+                group["lr"] = base * scale
+            tokens, lengths = batch_tensors([seqs[i] for i in idx], device)
+            loss = F.cross_entropy(clf(tokens, lengths), y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(clf.parameters(), 1.0)
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            step += 1
+        history.append({"epoch": epoch, "loss": round(loss_sum / len(seqs), 4), "val_acc": val_acc()})
+        log(json.dumps({"stage": "full", **history[-1]}))
+        if val is None or history[-1]["val_acc"] > best:
+            best, best_state, stale = history[-1]["val_acc"] or -1.0, copy.deepcopy(clf.state_dict()), 0
+        else:
+            stale += 1
+        out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > cfg.max_minutes * 60
+        if (cfg.patience is not None and stale >= cfg.patience) or out_of_time:
+            break
+    clf.load_state_dict(best_state)
+    clf.eval()
+    return {"history": history, "best_val_acc": best if val else None,
+            "minutes": round((time.perf_counter() - t0) / 60, 3)}
+
+
+# ---------------------------------------------------------------------------------------------- the folder
+
+def save_classifier(folder: str | Path, clf: Classifier, tokenizer, info: dict) -> Path:
+    """Write the classifier folder atomically: model files, head.safetensors and classify.json (labels, pooling
+    and `info`: base, training summary, ...)."""
+    head = {k: v.detach().contiguous().cpu() for k, v in clf.head.state_dict().items()}
+    meta = {"labels": clf.labels, "pooling": clf.pooling, **info}
+
+    def write(tmp: Path) -> None:
+        save_model_files(tmp, clf.body, clf.body.config, tokenizer)
+        save_file(head, tmp / HEAD_FILE, metadata={"format": "pt", "lmforge_sha256": tensors_digest(head)})
+        (tmp / CLASSIFY_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    return write_folder(folder, write)
+
+
+def load_classifier(folder: str | Path, device: str = "cpu") -> tuple[Classifier, TextEncoder, dict]:
+    """(classifier in eval mode, its text encoder, classify.json) from a folder made by save_classifier."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"classifier folder not found: {folder}")
+    meta_path = folder / CLASSIFY_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{folder} holds no {CLASSIFY_FILE}: not a classifier folder (make one with "
+                              f"`lmforge classify train BASE --data FILE --out DIR`)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        labels, pooling = meta["labels"], meta["pooling"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path} is not a valid classifier description ({type(e).__name__}: {e})") from None
+    body, tokenizer = load_model(folder)
+    clf = Classifier(body, labels, pooling)
+    head, _ = read_weights(folder / HEAD_FILE)
+    try:
+        clf.head.load_state_dict(head)
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder / HEAD_FILE} does not fit {len(labels)} labels over width "
+                              f"{body.config.n_embd}: {e}") from None
+    clf.to(device).eval()
+    return clf, TextEncoder(tokenizer, meta.get("max_tokens", body.config.block_size)), meta
+
+
+def new_classifier(base: str | Path, labels: Sequence[str], pooling: str, head_only: bool,
+                   dropout: float | None = None) -> tuple[Classifier, TextEncoder]:
+    """A classifier on a pretrained model folder (or training run): the body's weights, a zero head."""
+    body, tokenizer = load_model(resolve_model_dir(base))
+    if dropout is not None:  # the body's dropout modules read the config's rate when built: rebuild
+        config = dataclasses.replace(body.config, dropout=dropout)
+        fresh = Transformer(config)
+        fresh.load_state_dict(body.state_dict())
+        body = fresh
+    clf = Classifier(body, labels, pooling)
+    if head_only:
+        clf.body.requires_grad_(False)
+    return clf, TextEncoder(tokenizer, body.config.block_size)
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+def report(clf: Classifier, encoder: TextEncoder, examples: list[Labelled]) -> dict:
+    """Accuracy and macro-F1 of the classifier on labelled examples."""
+    pred = predict(clf, encoder, [e.text for e in examples]).argmax(-1).tolist()
+    truth = [e.label for e in examples]
+    return {"n": len(examples), "accuracy": round(accuracy(truth, pred), 4),
+            "macro_f1": round(macro_f1(truth, pred, len(clf.labels)), 4)}
+
+
+def classify_command(action: Literal["train", "predict", "eval"], model: str, /, data: list[str] | None = None,
+                     out: str | None = None, text: list[str] | None = None,
+                     pooling: Literal["last", "mean"] = "last", head_only: bool = False,
+                     labels: list[str] | None = None, epochs: int = 8, batch_size: int = 32, lr: float = 1e-4,
+                     dropout: float | None = None, test_fraction: float = 0.2, val_fraction: float = 0.1,
+                     seed: int = 0, max_minutes: float | None = None, num_threads: int | None = None) -> int:
+    """Sentiment analysis / text classification with a pretrained model and a linear head.
+
+    `train MODEL --data FILE... --out DIR` fine-tunes MODEL (a model folder or training run) on `text<TAB>label`
+    lines, holds out --test-fraction of them (seeded) and prints accuracy and macro-F1 there; `predict DIR
+    --text "..."` prints each text's label and probabilities; `eval DIR --data FILE...` scores a classifier on
+    labelled files.
+
+    Args:
+        action: train, predict or eval.
+        model: train: the pretrained model folder; predict/eval: the classifier folder.
+        data: labelled files, one 'text<TAB>label' per line (label: 0..n-1 or a label name).
+        out: train: the classifier folder to write.
+        text: predict: the texts to classify (default: the texts of --data).
+        pooling: last (the state at the last token) or mean (the mean over the text's tokens).
+        head_only: train only the linear head on the frozen model's features.
+        labels: label names, in index order (default: negative positive).
+        epochs: full fine-tuning epochs (early stopped on the validation split).
+        batch_size: sentences per step.
+        lr: learning rate of the model body (the head gets 10x).
+        dropout: dropout inside the model while fine-tuning (default: the model's own).
+        test_fraction: share of the data held out (seeded) for the final accuracy and macro-F1.
+        val_fraction: share of the rest held out for choosing the best epoch.
+        seed: seeds the splits, the head and the batch order.
+        max_minutes: wall-clock budget for fine-tuning.
+        num_threads: torch.set_num_threads (default: PyTorch's).
+    """
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    names = tuple(labels) if labels else DEFAULT_LABELS
+    if action == "train":
+        if not data or not out:
+            raise ValueError("classify train needs --data FILE... and --out DIR")
+        examples = [e for f in data for e in read_labelled(f, names)]
+        rest, test = split_labelled(examples, test_fraction, seed)
+        train, val = split_labelled(rest, val_fraction, seed + 1)
+        if not train:
+            raise ValueError(f"no training examples left after holding out test ({len(test)}) and val ({len(val)})")
+        clf, encoder = new_classifier(model, names, pooling, head_only, dropout)
+        cfg = ClassifyConfig(pooling=pooling, head_only=head_only, epochs=epochs, batch_size=batch_size, lr=lr,
+                             seed=seed, max_minutes=max_minutes)
+        summary = train_classifier(clf, encoder, train, val or None, cfg)
+        scores = report(clf, encoder, test) if test else None
+        save_classifier(out, clf, encoder.tokenizer, {
+            "base": str(model), "max_tokens": encoder.max_tokens, "data": [str(f) for f in data],
+            "split": {"train": len(train), "val": len(val), "test": len(test), "seed": seed},
+            "config": dataclasses.asdict(cfg), "training": summary, "test": scores})
+        print(json.dumps({"out": str(out), "split": {"train": len(train), "val": len(val), "test": len(test)},
+                          "test": scores, "minutes": summary["minutes"]}))
+        return 0
+    clf, encoder, _ = load_classifier(model)
+    if action == "eval":
+        if not data:
+            raise ValueError("classify eval needs --data FILE...")
+        examples = [e for f in data for e in read_labelled(f, clf.labels)]
+        print(json.dumps(report(clf, encoder, examples)))
+        return 0
+    texts = list(text or []) or [e.text for f in (data or []) for e in read_labelled(f, clf.labels)]
+    if not texts:
+        raise ValueError("classify predict needs --text \"...\" (or --data FILE)")
+    probs = predict(clf, encoder, texts)
+    for t, p in zip(texts, probs.tolist()):
+        best = max(range(len(p)), key=p.__getitem__)
+        shown = " ".join(f"{name}={q:.4f}" for name, q in zip(clf.labels, p))
+        print(f"{clf.labels[best]}\t{shown}\t{t}")
+    return 0
