@@ -44,8 +44,10 @@ def run_chat(args, lines, timeout=120):
 
 
 def answers(output: str) -> list[str]:
-    """The text after each `assistant> ` prompt, one per answered message."""
-    return [line.split("assistant> ", 1)[1] for line in output.splitlines() if "assistant> " in line]
+    """The text after each `assistant> ` prompt up to the next `you> ` prompt (a sampled answer may hold or start
+    with a line break), one per answered message."""
+    return [part.split("assistant> ", 1)[1].split("\nyou> ", 1)[0] for part in output.split("\nyou> ")[1:]
+            if "assistant> " in part]
 
 
 SCRIPT = ["the cat sat", "/set temperature 0", "/settings", "the dog ran", "/reset", "the dog ran",
