@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from lmforge.checkpoint import (CheckpointError, load_model, read_weights, resolve_model_dir, save_model_files,
                                 tensors_digest, write_folder)
 from lmforge.model import Transformer
+from lmforge.textfile import text_lines
 
 CLASSIFY_FILE, HEAD_FILE = "classify.json", "head.safetensors"
 DEFAULT_LABELS = ("negative", "positive")
@@ -63,14 +64,7 @@ def read_labelled(path: str | Path, labels: Sequence[str] = DEFAULT_LABELS) -> l
     allowed = {str(i): i for i in range(len(labels))} | {name: i for i, name in enumerate(labels)}
     spelled = ", ".join(list(map(str, range(len(labels)))) + list(labels))
     out = []
-    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError as e:
-            raise ClassifyDataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                    f"{e.start + 1}); save the file as UTF-8") from None
-        if not line.strip():
-            continue
+    for lineno, line in text_lines(path, ClassifyDataError):
         if "\t" not in line:
             raise ClassifyDataError(f"{path}:{lineno}: no label: expected 'text<TAB>label', got {line[:60]!r}")
         text, label = line.rsplit("\t", 1)

@@ -36,6 +36,7 @@ import torch
 
 from lmforge.apps.sft import Example
 from lmforge.fsutil import atomic_write_text
+from lmforge.textfile import text_lines
 
 FORMAT_FILE = "translate.json"
 
@@ -60,21 +61,13 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
     if not path.is_file():
         raise FileNotFoundError(f"pairs file not found: {path}")
     pairs = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise TranslationDataError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
-                                           f"{e.start + 1} of the line); convert the file to UTF-8") from None
-            if not line.strip():
-                continue
-            cols = line.split("\t")
-            if len(cols) < 2 or not cols[0].strip() or not cols[1].strip():
-                found = "one column" if len(cols) < 2 else "an empty " + ("source" if not cols[0].strip() else "target")
-                raise TranslationDataError(f"{path}:{n}: expected 'source<TAB>target[<TAB>attribution]', found "
-                                           f"{found}: {line[:60]!r}")
-            pairs.append(Pair(cols[0].strip(), cols[1].strip(), "\t".join(cols[2:]).strip(), n))
+    for n, line in text_lines(path, TranslationDataError):
+        cols = line.split("\t")
+        if len(cols) < 2 or not cols[0].strip() or not cols[1].strip():
+            found = "one column" if len(cols) < 2 else "an empty " + ("source" if not cols[0].strip() else "target")
+            raise TranslationDataError(f"{path}:{n}: expected 'source<TAB>target[<TAB>attribution]', found "
+                                       f"{found}: {line[:60]!r}")
+        pairs.append(Pair(cols[0].strip(), cols[1].strip(), "\t".join(cols[2:]).strip(), n))
     if not pairs:
         raise TranslationDataError(f"{path} holds no sentence pairs")
     return pairs
