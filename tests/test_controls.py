@@ -345,3 +345,16 @@ def test_unsupported_combinations_are_refused(tmp_path):
         chat_command(url="http://127.0.0.1:9", controls=str(controls))
     with pytest.raises(ControlsError, match="need the model's tokenizer"):
         Controls(load_controls(controls), None, 10)
+
+
+def test_a_requests_own_banned_phrase_holds_on_the_text_and_stays_out_of_metrics(server, tok):
+    # The server's +15.5 bias pushes "hello"; the request bans "hel", a piece of that word.
+    import httpx
+
+    prompt = tok.encode("the") + [byte_id(tok, "c")]
+    before = _fired(server)
+    r = httpx.post(server + "/v1/completions", json={"model": "cyc", "prompt": prompt, "max_tokens": 16,
+                                                      "temperature": 0, "banned_phrases": ["hel"]}).json()
+    text = r["choices"][0]["text"]
+    assert "hel" not in text and r["lmforge"]["controls"]["banned_phrases"]["hel"] > 0
+    assert not any(name == "hel" for _, name in _fired(server)) and _fired(server) != before  # operator's still count

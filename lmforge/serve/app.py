@@ -37,7 +37,7 @@ from lmforge.apps.classify import CLASSIFY_FILE
 from lmforge.engine.engine import Engine
 from lmforge.engine.loop import EngineLoop, RequestStream
 from lmforge.engine.sequence import RequestOutput
-from lmforge.infer.controls import Controls, load_controls
+from lmforge.infer.controls import Controls, ControlSpec, load_controls
 from lmforge.infer.generate import prompt_tokens
 from lmforge.infer.sampling import SamplingError, SamplingParams
 from lmforge.serve.classify import ClassifierService, classify_router
@@ -240,9 +240,23 @@ class Server:
         if spec is not None:
             params.allowed_tokens = await asyncio.to_thread(self.compiler.constraint, *spec)
 
-    def attach_controls(self, params: SamplingParams):
-        """Apply --controls to a request's params; its guard (None without controls) counts what fired."""
-        return self.controls.attach(params, self.metrics.control_fired) if self.controls is not None else None
+    def attach_controls(self, params: SamplingParams, phrases: list[str] | None = None):
+        """Apply --controls and the request's own banned phrases (checked on the text, as --controls's are) to its
+        params; the guard (None when there is neither) counts what fired. /metrics counts --controls entries
+        only: a client's phrases would make its label values unbounded."""
+        phrases = [p for p in phrases or [] if p]
+        if not phrases:
+            return self.controls.attach(params, self.metrics.control_fired) if self.controls is not None else None
+        base = self.controls.spec if self.controls is not None else ControlSpec()
+        spec = ControlSpec(base.banned_phrases + [p for p in phrases if p not in base.banned_phrases],
+                           dict(base.logit_bias), base.ignore_case)
+        operator = set(base.banned_phrases)
+
+        def on_fire(kind: str, control: str) -> None:
+            if kind == "logit_bias" or control in operator:
+                self.metrics.control_fired(kind, control)
+
+        return Controls(spec, self.tokenizer, self.vocab_size).attach(params, on_fire)
 
     # -- running
     def submit(self, prompts: list[list[int]], params: SamplingParams, slot: "Slot") -> list[RequestStream]:
@@ -555,10 +569,9 @@ def create_app(model, tokenizer, settings: ServeSettings | None = None,
         server.check_model(req.model)
         prompts = _prompts(req.prompt)
         longest = max(map(len, prompts))
-        params = req.to_sampling_params(server.max_tokens(req.max_tokens, longest, 16, "max_tokens", "prompt"),
-                                        tokenizer.encode)
+        params = req.to_sampling_params(server.max_tokens(req.max_tokens, longest, 16, "max_tokens", "prompt"))
         await server.attach_constraint(req, params)
-        guard = server.attach_controls(params)
+        guard = server.attach_controls(params, req.banned_phrases)
         slot = server.admit(http.scope["lmforge.api_key"])
         streams = server.submit(prompts, params, slot)
         created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
@@ -631,12 +644,11 @@ def create_app(model, tokenizer, settings: ServeSettings | None = None,
         params = req.to_sampling_params(
             server.max_tokens(req.requested_max_tokens(), len(prompt), None,
                               "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
-                              "messages"),
-            tokenizer.encode)
+                              "messages"))
         if server.constraint_regex(req) is None:  # a constrained output ends by its format, not by a turn marker
             params.stop += [s for s in server.template.turn_stops if s not in params.stop]
         await server.attach_constraint(req, params)
-        guard = server.attach_controls(params)
+        guard = server.attach_controls(params, req.banned_phrases)
         slot = server.admit(http.scope["lmforge.api_key"])
         streams = server.submit([prompt], params, slot)
         created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"

@@ -49,8 +49,7 @@ class _Extras(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    def _params(self, max_tokens: int, logprobs: int | None, encode) -> SamplingParams:
-        banned = [encode(p) for p in (self.banned_phrases or [])]
+    def _params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:
             bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
@@ -61,7 +60,7 @@ class _Extras(BaseModel):
             top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p, min_p=self.min_p or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            logit_bias=bias, banned_sequences=[b for b in banned if b], stop=stop, seed=self.seed,
+            logit_bias=bias, stop=stop, seed=self.seed,
             n=1 if self.n is None else self.n, logprobs=logprobs)
 
 
@@ -92,18 +91,18 @@ class CompletionRequest(_Extras):
     repetition_penalty: Optional[float] = None
     regex: Optional[str] = None  # structured output: the completion matches this regular expression
     choice: Optional[list[str]] = None  # structured output: the completion is exactly one of these
-    banned_phrases: Optional[list[str]] = None  # texts whose token sequences are never generated
+    banned_phrases: Optional[list[str]] = None  # texts that never appear in the output (however spelled in tokens)
     response_format: Optional[ResponseFormat] = None  # as in chat completions
 
-    def to_sampling_params(self, max_tokens: int, encode) -> SamplingParams:
-        """Engine settings for this request; `encode` turns banned phrases into token sequences."""
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        """Engine settings for this request (banned phrases are the server's: see Server.attach_controls)."""
         if self.suffix:
             raise ApiError(400, "suffix is not supported: lmforge models do not fill in the middle", "suffix")
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise ApiError(400, "best_of is not supported (only best_of == n)", "best_of")
         if self.echo and self.logprobs is not None:
             raise ApiError(400, "echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
-        return self._params(max_tokens, self.logprobs, encode)
+        return self._params(max_tokens, self.logprobs)
 
 
 class ChatMessage(BaseModel):
@@ -157,10 +156,10 @@ class ChatCompletionRequest(_Extras):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def to_sampling_params(self, max_tokens: int, encode) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-        return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, encode)
+        return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
 
 class TokenizeRequest(BaseModel):
