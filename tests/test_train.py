@@ -154,8 +154,6 @@ def test_bad_options_name_the_setting(data_dir, tmp_path):
         train(tiny(data_dir, tmp_path / "r", max_iters=5, lr=-0.1))
     with pytest.raises(TrainConfigError, match="preset='gpt-huge'.*gpt-nano"):
         train(tiny(data_dir, tmp_path / "r", max_iters=5, preset="gpt-huge"))
-    with pytest.raises(TrainConfigError, match="cosine schedule needs"):
-        train(tiny(data_dir, tmp_path / "r", max_minutes=1.0))
     with pytest.raises(TrainConfigError, match="no budget"):
         train(tiny(data_dir, tmp_path / "r"))
     with pytest.raises(OptimConfigError, match="unknown optimizer 'lion'"):
@@ -172,3 +170,22 @@ def test_train_command_runs(data_dir, tmp_path, capsys):
     assert summary["iters"] == 4
     model, _ = load_model(tmp_path / "run")
     assert model.config.bias is False and model.config.n_embd == 16
+
+
+def test_a_minutes_only_budget_decays_the_cosine_over_the_time():
+    from lmforge.train.optim import Schedule
+
+    s = Schedule("cosine", lr=1e-3, warmup_iters=10, decay_iters=0, min_lr=1e-4)
+    assert s.lr_at(5, 0.01) == pytest.approx(6e-4)  # warmup still counts iterations
+    assert s.lr_at(10_000, 0.0) == pytest.approx(1e-3)  # no time spent: the peak, however many iterations ran
+    assert s.lr_at(20, 0.5) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))
+    assert s.lr_at(20, 1.3) == pytest.approx(1e-4)
+
+
+def test_a_run_with_only_minutes_ends_its_cosine_when_the_time_ends(data_dir, tmp_path):
+    cfg = tiny(data_dir, tmp_path / "run", max_iters=None, epochs=None, max_minutes=0.05, warmup_iters=0,
+               lr=1e-2, min_lr=1e-3, log_interval=1, eval_interval=10**6)
+    summary = train(cfg)
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert summary["stop_reason"] == "minutes" and len(lrs) > 3
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > 9e-3 and lrs[-1] < 2e-3

@@ -222,8 +222,11 @@ def finetune(config: FinetuneConfig, train_examples: list[Example], val_examples
     epochs = config.epochs if config.epochs or config.max_iters or config.max_minutes else 1.0
     budget = [n for n in (config.max_iters, epochs and math.ceil(epochs * steps_per_epoch)) if n]
     max_iters = min(budget) if budget else None
-    schedule = Schedule("cosine" if max_iters else "constant", lr, min(config.warmup_iters, max_iters or 10**9),
-                        max_iters or 1, lr / 10 if max_iters else 0.0)
+    schedule = Schedule("cosine", lr, min(config.warmup_iters, max_iters or 10**9), max_iters or 1, lr / 10)
+
+    def time_fraction() -> float | None:
+        """The share of the minutes spent when time is the only budget: the cosine then decays over the minutes."""
+        return None if max_iters is not None else (time.time() - train_t0) / (60 * config.max_minutes)
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +247,7 @@ def finetune(config: FinetuneConfig, train_examples: list[Example], val_examples
     model.train()
     while not stop:
         for batch in epoch_batches(train_examples, config.batch_size, rng):
-            set_lr(optimizer, schedule.lr_at(it))
+            set_lr(optimizer, schedule.lr_at(it, time_fraction()))
             loss = masked_loss(model, collate(batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -256,7 +259,7 @@ def finetune(config: FinetuneConfig, train_examples: list[Example], val_examples
             out_of_time = config.max_minutes is not None and time.time() - train_t0 > 60 * config.max_minutes
             done = (max_iters is not None and it >= max_iters) or out_of_time
             if it % 10 == 0 or done:
-                log.write({"iter": it, "loss": sum(running) / len(running), "lr": schedule.lr_at(it - 1)})
+                log.write({"iter": it, "loss": sum(running) / len(running), "lr": optimizer.param_groups[0]["lr"]})
                 running = []
             if val_examples and (it % config.eval_interval == 0 or done):
                 val = evaluate_examples(model, val_examples)

@@ -110,12 +110,13 @@ def all_reduce(tensor: torch.Tensor, env: Dist, op=None) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flag: bool, env: Dist) -> bool:
-    """True on every rank when it is true on any: a stop decision (a time budget, say) all ranks follow."""
+def max_over_ranks(value: float, env: Dist) -> float:
+    """The largest of the ranks' values, on every rank: the elapsed time that a time budget's stop and a
+    time-driven learning rate follow, so that all ranks decide alike."""
     if env.world == 1:
-        return flag
-    t = torch.tensor(float(flag), device=env.device)
-    return bool(all_reduce(t, env, dist.ReduceOp.MAX))
+        return value
+    t = torch.tensor(float(value), dtype=torch.float64, device=env.device)
+    return float(all_reduce(t, env, dist.ReduceOp.MAX))
 
 
 def gather_objects(obj, env: Dist) -> list:

@@ -112,17 +112,24 @@ class Schedule:
         if not 0 < self.factor < 1:
             raise OptimConfigError(f"plateau factor={self.factor} must be in (0, 1), e.g. 0.25")
 
-    def lr_at(self, it: int) -> float:
-        """The learning rate for iteration `it` (0-based)."""
+    def lr_at(self, it: int, time_fraction: float | None = None) -> float:
+        """The learning rate for iteration `it` (0-based).
+
+        time_fraction: the share of a wall-clock budget spent so far; when given, the cosine decays over that
+        instead of over iterations (warmup still counts iterations).
+        """
         if it < self.warmup_iters:
             return self.lr * (it + 1) / self.warmup_iters
         if self.kind == "plateau":
             return self.lr * self.scale
-        if self.kind == "constant" or self.decay_iters <= self.warmup_iters:
-            return self.lr if self.kind == "constant" else self.min_lr
-        if it >= self.decay_iters:
+        if self.kind == "constant":
+            return self.lr
+        if time_fraction is not None:
+            progress = min(time_fraction, 1.0)
+        elif self.decay_iters <= self.warmup_iters or it >= self.decay_iters:
             return self.min_lr
-        progress = (it - self.warmup_iters) / (self.decay_iters - self.warmup_iters)
+        else:
+            progress = (it - self.warmup_iters) / (self.decay_iters - self.warmup_iters)
         return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.lr - self.min_lr)
 
     def observe(self, val_loss: float) -> bool:

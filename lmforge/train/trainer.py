@@ -170,9 +170,6 @@ class TrainConfig:
                 raise TrainConfigError(f"{key}={value} must be in [0, 1)")
         if self.max_iters is None and self.epochs is None and self.max_minutes is None:
             raise TrainConfigError("no budget: set max_iters, epochs or max_minutes")
-        if self.schedule == "cosine" and self.max_iters is None and self.epochs is None and not self.lr_decay_iters:
-            raise TrainConfigError("the cosine schedule needs to know where it ends: set lr_decay_iters (or "
-                                   "max_iters / epochs) with a minutes budget, or use schedule='constant'")
         if self.eval_mode == "random" and self.eval_iters < 1:
             raise TrainConfigError("eval_iters must be >= 1 with eval_mode='random'")
 
@@ -386,6 +383,8 @@ def run_training(cfg: TrainConfig, env: Dist, on_eval=None) -> dict:
                                cfg.momentum)
     schedule = Schedule(cfg.schedule, cfg.lr, cfg.warmup_iters, cfg.lr_decay_iters or max_iters or 0,
                         min(cfg.min_lr, cfg.lr))
+    # Only a wall-clock budget: the cosine decays over the minutes, so it ends when the time does, at any speed.
+    decay_by_time = cfg.schedule == "cosine" and not cfg.lr_decay_iters and max_iters is None
     start, best_val, bad_evals, elapsed_before = 0, math.inf, 0, 0.0
     if state is not None:
         try:
@@ -431,13 +430,15 @@ def run_training(cfg: TrainConfig, env: Dist, on_eval=None) -> dict:
     last_val = None
     t_log = time.perf_counter()
     while max_iters is None or it < max_iters:
-        if cfg.max_minutes is not None and distributed.any_rank(
-                elapsed_before + time.perf_counter() - t_start >= 60 * cfg.max_minutes, env):
-            stop_reason = "minutes"
-            break
+        elapsed = elapsed_before + time.perf_counter() - t_start
+        if cfg.max_minutes is not None:
+            elapsed = distributed.max_over_ranks(elapsed, env)
+            if elapsed >= 60 * cfg.max_minutes:
+                stop_reason = "minutes"
+                break
         # ---- one optimizer step: grad_accum micro-batches (gradients all-reduced on the last), clip, step
         t_step = time.perf_counter()
-        lr = schedule.lr_at(it)
+        lr = schedule.lr_at(it, elapsed / (60 * cfg.max_minutes) if decay_by_time else None)
         set_lr(optimizer, lr)
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
