@@ -4,7 +4,6 @@ it survives being killed and resumed, and FSDP's checkpoints (sharded and consol
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,30 +12,16 @@ import pytest
 import torch
 
 from lmforge.checkpoint import load_model, load_train_state
-from lmforge.data import load_split, prepare
+from lmforge.data import load_split
+from lmforge.serve.process import free_port
 from lmforge.train.distributed import consolidate, pick_device
 from lmforge.train.trainer import TrainConfig, TrainConfigError, estimate_loss, train
 
-TEXT = "the quick brown fox jumps over the lazy dog.\nto be or not to be, that is the question.\n" * 40
 # a one-layer 32-wide model, context 16, dropout 0 (so runs can agree); batch_size is per process
 SETTINGS = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, dropout=0.0, lr=3e-3, warmup_iters=5, min_lr=3e-4,
                 eval_interval=10, eval_iters=2, log_interval=1, grad_accum=2, progress=False)
 ITERS = 60
 slow = pytest.mark.slow  # the tests that start torchrun (2 worker processes) once or twice
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    (folder / "corpus.txt").write_text(TEXT, encoding="utf-8")
-    prepare(folder / "corpus.txt", folder / "prepared", tokenizer="char")
-    return str(folder / "prepared")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_args(data_dir, out, nproc=2, **settings) -> list[str]:

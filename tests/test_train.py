@@ -8,20 +8,10 @@ import torch
 
 from lmforge.checkpoint import load_model, load_train_state
 from lmforge.config import ModelConfig
-from lmforge.data import prepare
 from lmforge.model import Transformer
 from lmforge.train.optim import OptimConfigError, Schedule, make_optimizer, param_groups
 from lmforge.train.trainer import TrainConfig, TrainConfigError, train, train_command
 
-TEXT = "the quick brown fox jumps over the lazy dog.\nto be or not to be, that is the question.\n" * 40
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    (folder / "corpus.txt").write_text(TEXT, encoding="utf-8")
-    prepare(folder / "corpus.txt", folder / "prepared", tokenizer="char")
-    return str(folder / "prepared")
 
 
 def tiny(data_dir, out, **kw) -> TrainConfig:

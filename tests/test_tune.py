@@ -18,7 +18,6 @@ import pytest
 
 from lmforge.checkpoint import load_model
 from lmforge.cli import main
-from lmforge.data import prepare
 from lmforge.train.tune import (
     TuneError,
     grid_values,
@@ -28,7 +27,6 @@ from lmforge.train.tune import (
     tune,
 )
 
-TEXT = "the quick brown fox jumps over the lazy dog.\nto be or not to be, that is the question.\n" * 40
 # a one-layer 32-wide model, context 16, 20 iterations evaluated once at the end (or at 10 and 20, for pruning):
 # each evaluation also writes checkpoints and a loss plot, most of a trial's time
 FIXED = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=8, max_iters=20, eval_interval=20,
@@ -38,14 +36,6 @@ FIXED = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=8, max_it
 def fixed(*searched, **overrides) -> dict:
     """FIXED without the searched options, with overrides."""
     return {**{k: v for k, v in FIXED.items() if k not in searched}, **overrides}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    (folder / "corpus.txt").write_text(TEXT, encoding="utf-8")
-    prepare(folder / "corpus.txt", folder / "prepared", tokenizer="char")
-    return str(folder / "prepared")
 
 
 def space(*specs):
