@@ -58,8 +58,9 @@ class Drafter:
         for s, e in zip(seqs, ends):
             s.num_draft_computed = e
 
-    def propose(self, seqs, ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor]]:
-        """Draft ks[b] tokens for seqs[b]; returns the tokens and the distributions (ks[b], V) they were drawn from."""
+    def propose(self, seqs, ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """Draft ks[b] tokens for seqs[b]; returns the tokens and the distributions (ks[b], V) they were drawn from
+        (None for a greedy row: its check compares argmaxes)."""
         drafted = [[] for _ in seqs]
         q_rows = [[] for _ in seqs]
         starts = [min(s.num_draft_computed, s.num_tokens - 1) for s in seqs]
@@ -70,12 +71,14 @@ class Drafter:
                                    [starts[b] for b in active])
             for row, b in enumerate(active):
                 s = seqs[b]
-                context = s.token_ids + drafted[b]
-                q = token_probs(logits[row:row + 1], s.params, context, s.prompt_len)[0]
-                token = draw(q, s.generator) if s.generator is not None else int(q.argmax())
+                if s.generator is None and s.params.plain:  # plain greedy: the raw argmax, no distribution
+                    token = int(logits[row].argmax())
+                else:
+                    q = token_probs(logits[row:row + 1], s.params, s.token_ids + drafted[b], s.prompt_len)[0]
+                    token = draw(q, s.generator) if s.generator is not None else int(q.argmax())
+                    q_rows[b].append(q)
                 drafted[b].append(token)
-                q_rows[b].append(q)
                 starts[b] += len(feeds[b])
                 feeds[b] = [token]
             active = [b for b in active if ks[b] > i + 1]
-        return drafted, [torch.stack(q) for q in q_rows]
+        return drafted, [torch.stack(q) if s.generator is not None else None for s, q in zip(seqs, q_rows)]

@@ -193,16 +193,18 @@ class Engine:
         drafted, q = self.drafter.propose(seqs, ks)
         hidden = self._forward([(s, 1) for s in seqs], [s.token_ids[-1:] + d for s, d in zip(seqs, drafted)])
         sampled, lps = {}, {}
+        all_logits = self.model.lm_head(hidden)  # (B, T, V): one head call for every row
         for b, s in enumerate(seqs):
-            logits = self.model.lm_head(hidden[b, :ks[b] + 1])  # (k + 1, V): the target after each fed token
+            logits = all_logits[b, :ks[b] + 1]  # (k + 1, V): the target after each fed token
             context = s.token_ids + drafted[b]
-            p = token_probs(logits, s.params, context, s.prompt_len)
             if s.generator is None:  # greedy: keep drafts while they are the target's argmax, then its argmax
-                best = p.argmax(-1).tolist()
+                scores = logits if s.params.plain else token_probs(logits, s.params, context, s.prompt_len)
+                best = scores.argmax(-1).tolist()
                 j = next((i for i, t in enumerate(drafted[b]) if t != best[i]), ks[b])
                 new = drafted[b][:j] + [best[j]]
             else:
-                new = accept_reject(drafted[b], q[b], p, s.generator)
+                new = accept_reject(drafted[b], q[b], token_probs(logits, s.params, context, s.prompt_len),
+                                    s.generator)
             s.num_draft_computed = s.num_tokens + min(len(new) - 1, ks[b] - 1)
             self.counters["draft_proposed"] += ks[b]
             self.counters["draft_accepted"] += len(new) - 1
