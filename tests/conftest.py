@@ -1,6 +1,7 @@
-"""Fixtures shared by the training tests (trainer, torchrun, tuning)."""
+"""Fixtures shared by several test modules."""
 
 import pytest
+import torch
 
 from lmforge.data import prepare
 
@@ -14,3 +15,12 @@ def data_dir(tmp_path_factory):
     (folder / "corpus.txt").write_text(TEXT, encoding="utf-8")
     prepare(folder / "corpus.txt", folder / "prepared", tokenizer="char")
     return str(folder / "prepared")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine spinning thread pools make them slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,13 +25,7 @@ CMN = SHARED / "data" / "translation" / "cmn.txt"
 PAIRS = [Pair("Hi.", "你好。"), Pair("Run!", "快跑！"), Pair("I'm cold.", "我冷。"), Pair("Thank you.", "谢谢你。")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine spinning thread pools make them slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ data
