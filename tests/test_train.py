@@ -179,3 +179,19 @@ def test_a_run_with_only_minutes_ends_its_cosine_when_the_time_ends(data_dir, tm
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
     assert summary["stop_reason"] == "minutes" and len(lrs) > 3
     assert lrs == sorted(lrs, reverse=True) and lrs[0] > 9e-3 and lrs[-1] < 2e-3
+
+
+def test_a_timed_run_evaluates_its_final_model(data_dir, tmp_path):
+    # the time runs out between evaluations: the last steps (the annealed end of the cosine) are still evaluated,
+    # and best/ holds them when they are the best, not the model of the last periodic evaluation
+    cfg = tiny(data_dir, tmp_path / "run", max_iters=None, epochs=None, max_minutes=0.05, warmup_iters=0,
+               log_interval=10, eval_interval=25)
+    summary = train(cfg)
+    evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "val_loss" in r]
+    assert summary["stop_reason"] == "minutes"
+    assert evals[-1]["iter"] == summary["iters"] and summary["last_val_loss"] == evals[-1]["val_loss"]
+    assert summary["best_val_loss"] == min(r["val_loss"] for r in evals)
+    best_iter = min(evals, key=lambda r: r["val_loss"])["iter"]
+    assert load_train_state(tmp_path / "run" / "best")["iter"] == best_iter
+    assert load_train_state(tmp_path / "run" / "last")["iter"] == summary["iters"]

@@ -422,6 +422,31 @@ def run_training(cfg: TrainConfig, env: Dist, on_eval=None) -> dict:
         distributed.save_checkpoint(run / folder, wrapped, optimizer, tokenizer, train_state, env,
                                     sharded=cfg.fsdp_checkpoint == "sharded")
 
+    evaluated_at = start
+
+    def evaluate(it: int) -> float:
+        """Validation loss at step `it`: logged, checkpointed (best when it improves, and last), plotted."""
+        nonlocal best_val, bad_evals
+        val = estimate_loss(eval_model, val_data, cfg, T, autocast, env)
+        record = {"iter": it, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
+                  "elapsed_s": round(elapsed_before + time.perf_counter() - t_start, 2)}
+        if meta.get("tokenizer") == "char":
+            record["val_bpc"] = val / math.log(2)
+        if schedule.observe(val):
+            record["lr_reduced_to"] = schedule.lr_at(it)
+        if main:
+            metrics.write(record)
+        improved = val < best_val
+        best_val, bad_evals = min(best_val, val), 0 if improved else bad_evals + 1
+        if improved:
+            checkpoint("best", it)
+        checkpoint("last", it)
+        if main:
+            plot_losses(metrics, run / "loss.png")
+        if on_eval is not None:
+            on_eval(it, val)
+        return val
+
     from tqdm import tqdm
 
     bar = tqdm(total=max_iters, initial=start, disable=not (cfg.progress and main), unit="it", dynamic_ncols=True)
@@ -484,29 +509,14 @@ def run_training(cfg: TrainConfig, env: Dist, on_eval=None) -> dict:
 
         # ---- evaluate, keep the best, maybe stop
         if it % eval_interval == 0 or it == max_iters:
-            last_val = estimate_loss(eval_model, val_data, cfg, T, autocast, env)
-            record = {"iter": it, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0)),
-                      "elapsed_s": round(elapsed_before + time.perf_counter() - t_start, 2)}
-            if meta.get("tokenizer") == "char":
-                record["val_bpc"] = last_val / math.log(2)
-            if schedule.observe(last_val):
-                record["lr_reduced_to"] = schedule.lr_at(it)
-            if main:
-                metrics.write(record)
-            improved = last_val < best_val
-            best_val, bad_evals = min(best_val, last_val), 0 if improved else bad_evals + 1
-            if improved:
-                checkpoint("best", it)
-            checkpoint("last", it)
-            if main:
-                plot_losses(metrics, run / "loss.png")
-            if on_eval is not None:
-                on_eval(it, last_val)
+            last_val, evaluated_at = evaluate(it), it
             t_log = time.perf_counter()  # evaluation time is not training time
             if cfg.patience is not None and bad_evals >= cfg.patience:
                 stop_reason = "early_stop"
                 break
     bar.close()
+    if stop_reason == "minutes" and evaluated_at != it:
+        last_val = evaluate(it)  # the end of a timed run (its cosine annealed) is often its best model
 
     checkpoint("last", it)
     if not math.isfinite(best_val) and (env.world > 1 or not (run / "best").exists()):
