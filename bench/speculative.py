@@ -1,18 +1,24 @@
 """Speculative decoding vs plain decoding on a target/draft pair trained by lmforge, side by side.
 
 By default both models are trained here with lmforge's trainer on char-level tiny Shakespeare (one tokenizer,
-one data folder): the target a gpt-micro (6 layers x 384 dims), the draft a 1-layer x 128-dim gpt-nano, a few
-minutes each; the runs are kept under --cache so reruns only measure. Or pass --target RUN --draft RUN (two
-runs sharing a tokenizer).
+one data folder), their minutes the budget so each ends with its cosine annealed: the target 12 layers x 128 dims
+(--target-minutes), the draft 1 layer x 128 dims (--draft-minutes); the runs are kept under --cache so reruns
+only measure. Why this shape: at batch 1 on a CPU a small model's decode step costs about 0.3-0.45 ms per layer
+whatever its width up to a few hundred dims (per-op overhead, not arithmetic), while training costs follow the
+parameter count; so a deep, narrow target is the one that is slow to run yet trainable here in minutes, and a
+one-layer draft costs about a tenth of it per token. Or pass --target RUN --draft RUN (two runs sharing a
+tokenizer).
 
-For each k, plain greedy decoding (`lmforge.infer.generate.generate`) and `speculative_generate` continue the
-same prompt by --new-tokens tokens, interleaved, --repeats times; tok/s = new tokens / wall time (prefill
-included), medians. `identical` says whether the speculative greedy tokens equal the plain greedy ones. A
-sampled run (temperature 0.8) reports its acceptance rate too. The last line is JSON with speedup, identical,
-acceptance_rate (greedy, at the best k) and the tok/s figures.
+For each k, plain greedy decoding (`lmforge.infer.generate.generate`) and `speculative_generate` continue each
+of six speaker prompts ("ROMEO:\\n", ...) by --new-tokens tokens, one after the other, interleaved, --repeats
+times; tok/s = new tokens / wall time (prefill included), medians (a run of all six lasts seconds, not the
+fraction of one that a single prompt takes, which the machine's noise swamps). `identical` says whether the speculative greedy tokens equal the plain greedy ones. A
+sampled run (temperature 0.8) reports its acceptance rate too. Then the serving engine (lmforge.engine) with and
+without the draft at the best k, for 1 and 8 concurrent requests (--engine-batch). The last line is JSON with
+speedup, identical, acceptance_rate (greedy, at the best k), the tok/s figures and engine_speedup.
 
     python bench/speculative.py --threads 1
-    python bench/speculative.py --target runs/big --draft runs/small --prompt "def main("
+    python bench/speculative.py --target runs/big --draft runs/small --prompt "def main(" "class Foo:\\n"
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.speculative import speculative_generate
 
+SPEAKERS = ["ROMEO:\\n", "JULIET:\\n", "KING RICHARD III:\\n", "First Citizen:\\n", "MENENIUS:\\n", "DUKE VINCENTIO:\\n"]
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
@@ -41,17 +48,16 @@ def train_pair(cache: Path, target_minutes: float, draft_minutes: float) -> tupl
     data = cache / "data"
     if not (data / "meta.json").exists():
         prepare(SHAKESPEARE, data, tokenizer="char", val_fraction=0.1)
-    runs = {
-        "target": dict(preset="gpt-micro", dropout=0.0, block_size=128, batch_size=16, lr=1e-3,
-                       max_minutes=target_minutes),
-        "draft": dict(preset="gpt-nano", n_layer=1, n_head=4, n_embd=128, block_size=128, batch_size=16, lr=2e-3,
-                      max_minutes=draft_minutes),
+    runs = {  # the minutes are the budget, so the cosine decays over them and each model ends annealed
+        "target": dict(preset="gpt-nano", n_layer=12, n_head=4, n_embd=128, block_size=128, batch_size=16,
+                       lr=2e-3, max_minutes=target_minutes),
+        "draft": dict(preset="gpt-nano", n_layer=1, n_head=4, n_embd=128, block_size=128, batch_size=16,
+                      lr=3e-3, max_minutes=draft_minutes),
     }
     for name, settings in runs.items():
         if not (cache / name / "best" / "config.json").exists():
-            train(TrainConfig(data=str(data), out=str(cache / name), max_iters=5000, lr_decay_iters=5000,
-                              warmup_iters=50, eval_interval=100, eval_iters=10, progress=False,
-                              log_interval=100, **settings))
+            train(TrainConfig(data=str(data), out=str(cache / name), dropout=0.0, warmup_iters=50,
+                              eval_interval=250, eval_iters=10, progress=False, log_interval=100, **settings))
     return cache / "target", cache / "draft"
 
 
@@ -71,18 +77,40 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def engine_row(target, draft, prompts, params, k: int, requests: int, repeats: int) -> dict:
+    """The serving engine with and without the draft: every prompt in turn, `requests` at a time (each prompt
+    repeated that many times); aggregate tok/s, medians."""
+    from lmforge.engine.engine import Engine
+
+    times, outs = {"plain": [], "speculative": []}, {}
+    for _ in range(repeats):
+        for name, kw in (("plain", {}), ("speculative", {"draft": draft, "num_speculative_tokens": k})):
+            engine = Engine(target, max_num_seqs=requests, **kw)
+            t, done = timed(lambda: [engine.generate([p] * requests, params) for p in prompts])
+            times[name].append(t)
+            outs[name] = [[c.tokens for c in batch] for batch in done]
+    tokens = len(prompts) * requests * params.max_tokens
+    plain, spec = (tokens / statistics.median(times[n]) for n in ("plain", "speculative"))
+    return {"engine_requests": requests, "k": k, "plain_tok_s": round(plain, 2),
+            "speculative_tok_s": round(spec, 2), "speedup": round(spec / plain, 3),
+            "identical": outs["plain"] == outs["speculative"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", default=None, help="target run or model folder (default: train one)")
     parser.add_argument("--draft", default=None, help="draft run or model folder sharing the target's tokenizer")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "lmforge" / "bench-speculative"),
                         help="where the trained pair and its data are kept between runs")
-    parser.add_argument("--target-minutes", type=float, default=4.0, help="target training budget (minutes)")
-    parser.add_argument("--draft-minutes", type=float, default=1.5, help="draft training budget (minutes)")
-    parser.add_argument("--prompt", default="ROMEO:\n", help="prompt text")
-    parser.add_argument("--new-tokens", type=int, default=120,
+    parser.add_argument("--target-minutes", type=float, default=30.0, help="target training budget (minutes)")
+    parser.add_argument("--draft-minutes", type=float, default=4.0, help="draft training budget (minutes)")
+    parser.add_argument("--prompt", nargs="+", default=SPEAKERS,
+                        help="prompt texts (\\n for a newline); each run decodes all of them in turn")
+    parser.add_argument("--new-tokens", type=int, default=100,
                         help="tokens generated per run (the prompt and these must fit the context)")
     parser.add_argument("--k", type=int, nargs="+", default=[3, 4, 6], help="draft tokens per round to try")
+    parser.add_argument("--engine-batch", type=int, nargs="*", default=[1, 8],
+                        help="concurrent requests for the engine rows (none: skip the engine)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     args = parser.parse_args()
@@ -95,39 +123,54 @@ def main() -> None:
 
     target, tokenizer = load_model(target_dir)
     draft, _ = load_model(draft_dir, with_tokenizer=False)
-    prompt = tokenizer.encode(args.prompt)
+    prompts = [tokenizer.encode(text.replace("\\n", "\n")) for text in args.prompt]
     greedy = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     sampled = SamplingParams(temperature=0.8, max_tokens=args.new_tokens, ignore_eos=True, seed=0)
     print(json.dumps({"target": str(target_dir), "draft": str(draft_dir),
                       "target_params": target.num_params(), "draft_params": draft.num_params(),
                       "target_iters": trained_iters(target_dir), "draft_iters": trained_iters(draft_dir),
-                      "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
+                      "prompts": len(prompts), "new_tokens": args.new_tokens,
                       "threads": torch.get_num_threads()}), flush=True)
+
+    def run_all(fn) -> tuple[float, list]:
+        """Seconds for every prompt in turn, and each one's output."""
+        t0 = time.perf_counter()
+        outs = [fn(p) for p in prompts]
+        return time.perf_counter() - t0, outs
 
     results = []
     for k in args.k:
-        plain_t, spec_t, stats = [], [], None
+        plain_t, spec_t = [], []
         for _ in range(args.repeats):  # interleaved: machine load drifts alike for both
-            t, plain = timed(lambda: generate(target, [prompt], greedy)[0].tokens)
+            t, plain = run_all(lambda p: generate(target, [p], greedy)[0].tokens)
             plain_t.append(t)
-            t, (spec, stats) = timed(lambda: speculative_generate(target, draft, prompt, greedy, k=k))
+            t, spec_runs = run_all(lambda p: speculative_generate(target, draft, p, greedy, k=k))
             spec_t.append(t)
-        _, (_, sampled_stats) = timed(lambda: speculative_generate(target, draft, prompt, sampled, k=k))
-        row = {"k": k, "plain_tok_s": round(args.new_tokens / statistics.median(plain_t), 2),
-               "speculative_tok_s": round(args.new_tokens / statistics.median(spec_t), 2),
-               "identical": spec == plain, "acceptance_rate": round(stats["acceptance_rate"], 3),
-               "tokens_per_round": round(stats["tokens_per_round"], 2),
-               "sampled_acceptance_rate": round(sampled_stats["acceptance_rate"], 3)}
+        spec = [tokens for tokens, _ in spec_runs]
+        stats = [st for _, st in spec_runs]
+        sampled_stats = [speculative_generate(target, draft, p, sampled, k=k)[1] for p in prompts]
+        tokens = len(prompts) * args.new_tokens
+        row = {"k": k, "plain_tok_s": round(tokens / statistics.median(plain_t), 2),
+               "speculative_tok_s": round(tokens / statistics.median(spec_t), 2),
+               "identical": spec == plain,
+               "acceptance_rate": round(statistics.mean(s["acceptance_rate"] for s in stats), 3),
+               "tokens_per_round": round(statistics.mean(s["tokens_per_round"] for s in stats), 2),
+               "sampled_acceptance_rate": round(statistics.mean(s["acceptance_rate"] for s in sampled_stats), 3)}
         row["speedup"] = round(row["speculative_tok_s"] / row["plain_tok_s"], 3)
         print(json.dumps(row), flush=True)
         results.append(row)
 
     best = max(results, key=lambda r: r["speedup"])
-    print("sample:", json.dumps(tokenizer.decode(prompt + spec)[:300]), flush=True)
+    engine_rows = [engine_row(target, draft, prompts, greedy, best["k"], n, args.repeats) for n in args.engine_batch]
+    for row in engine_rows:
+        print(json.dumps(row), flush=True)
+    print("sample:", json.dumps(tokenizer.decode(prompts[0] + spec[0])[:300]), flush=True)
     print(json.dumps({"speedup": best["speedup"], "identical": all(r["identical"] for r in results),
                       "acceptance_rate": best["acceptance_rate"], "k": best["k"],
                       "plain_tok_s": best["plain_tok_s"], "speculative_tok_s": best["speculative_tok_s"],
                       "sampled_acceptance_rate": best["sampled_acceptance_rate"],
+                      "engine_speedup": {r["engine_requests"]: r["speedup"] for r in engine_rows},
+                      "engine_identical": all(r["identical"] for r in engine_rows),
                       "threads": torch.get_num_threads()}))
 
 
