@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="*", default=["last:full", "mean:full", "last:head", "mean:head"])
     p.add_argument("--num-threads", type=int, default=1)
     p.add_argument("--pretrain-only", action="store_true")
+    p.add_argument("--base", default=None, help="an lmforge model or run to fine-tune instead of pretraining one")
     p.add_argument("--smoke", action="store_true", help="tiny everything: checks the script runs")
     args = p.parse_args(argv)
     if args.smoke:
@@ -151,7 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     base = baseline(train_all, test, args.seed)
     emit({"stage": "baseline", **base})
 
-    run, record = pretrain(args, [e.text for e in train_all])
+    if args.base:
+        run, record = Path(args.base), {"pretrain_minutes": None, "cached": True, "tokens": None, "summary": None}
+    else:
+        run, record = pretrain(args, [e.text for e in train_all])
     emit({"stage": "pretrain", "pretrain_minutes": record["pretrain_minutes"], "cached": record["cached"],
           "tokens": record["tokens"], "summary": record["summary"]})
     if args.pretrain_only:
