@@ -508,21 +508,23 @@ def run_training(cfg: TrainConfig, env: Dist, on_eval=None) -> dict:
                 break
 
         # ---- evaluate, keep the best, maybe stop
-        if it % eval_interval == 0 or it == max_iters:
+        if it % eval_interval == 0:
             last_val, evaluated_at = evaluate(it), it
             t_log = time.perf_counter()  # evaluation time is not training time
             if cfg.patience is not None and bad_evals >= cfg.patience:
                 stop_reason = "early_stop"
                 break
     bar.close()
-    if stop_reason == "minutes" and evaluated_at != it:
-        last_val = evaluate(it)  # the end of a timed run (its cosine annealed) is often its best model
-
-    checkpoint("last", it)
+    if evaluated_at != it and stop_reason != "diverged":
+        # "and at the end": the budget (steps, epochs or minutes) ran out between evaluations; the end of a run,
+        # its schedule annealed, is often its best model
+        last_val, evaluated_at = evaluate(it), it
+    if evaluated_at != it or it == start:  # diverged, or no step taken: last/ and the plot show where it ended
+        checkpoint("last", it)
+        if main:
+            plot_losses(metrics, run / "loss.png")
     if not math.isfinite(best_val) and (env.world > 1 or not (run / "best").exists()):
         checkpoint("best", it)  # a run that never evaluated: its final model is its best
-    if main:
-        plot_losses(metrics, run / "loss.png")
     distributed.barrier(env)  # the files are complete when any rank returns
     wall = time.perf_counter() - t_start
     trained = it - start
