@@ -43,8 +43,9 @@ def recipe(data: str, out: str, args) -> TrainConfig:
                        seed=args.seed, progress=not args.quiet)
 
 
-def time_steps(cfg: TrainConfig, plain: bool, iters: int) -> float:
-    """Median seconds per training step: the plain nanoGPT loop (plain=True) or the one lmforge's trainer runs."""
+def make_step(cfg: TrainConfig, plain: bool):
+    """One training step on a fresh model: the plain nanoGPT loop (plain=True: foreach AdamW, `loss.item()` every
+    step) or the one lmforge's trainer runs (its optimizer, its autocast)."""
     torch.manual_seed(0)
     data = load_split(cfg.data, "train")
     model = Transformer(build_model_config(cfg, 65))
@@ -54,10 +55,9 @@ def time_steps(cfg: TrainConfig, plain: bool, iters: int) -> float:
         opt = make_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.99))
     gen = torch.Generator().manual_seed(0)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and not plain)
-    times = []
-    for i in range(iters + 5):
-        t = time.perf_counter()
-        x, y = random_batch(data, 12, 64, gen)
+
+    def step() -> None:
+        x, y = random_batch(data, cfg.batch_size, cfg.block_size, gen)
         with autocast:
             logits = model(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -67,34 +67,31 @@ def time_steps(cfg: TrainConfig, plain: bool, iters: int) -> float:
         opt.zero_grad(set_to_none=True)
         if plain:
             loss.item()  # nanoGPT reads the loss every iteration (log_interval=1 in its CPU recipe)
-        if i >= 5:
-            times.append(time.perf_counter() - t)
+
+    for _ in range(5):  # warm-up
+        step()
+    return step
+
+
+def time_steps(cfg: TrainConfig, plain: bool, iters: int) -> float:
+    """Median seconds per training step of `make_step`."""
+    step, times = make_step(cfg, plain), []
+    for _ in range(iters):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
 def matmul_time(cfg: TrainConfig, steps: int = 20) -> dict:
-    """Milliseconds per training step spent in matrix multiplies (forward and backward, profiled) and in all.
+    """Milliseconds per plain training step spent in matrix multiplies (forward and backward, profiled) and in all.
 
     On a CPU without fast bfloat16 the recipe's float32 matmuls already run near the GEMM peak, so their time
     is a floor under any float32 step: the step cannot get faster than this however little else it does.
     """
     from torch.profiler import profile
 
-    torch.manual_seed(0)
-    data = load_split(cfg.data, "train")
-    model = Transformer(build_model_config(cfg, 65))
-    opt = make_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.99))
-    gen = torch.Generator().manual_seed(0)
-
-    def step():
-        x, y = random_batch(data, cfg.batch_size, cfg.block_size, gen)
-        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(5):
-        step()
+    step = make_step(cfg, plain=True)
     t0 = time.perf_counter()
     with profile() as prof:
         for _ in range(steps):
