@@ -2,10 +2,11 @@
 
 For each case (model preset, dtype, batch size) both libraries continue the same random prompts of 32 tokens by
 128 greedy tokens; tok/s = batch * new tokens / wall time of the whole call (prefill included), median of a few
-repeats, all run side by side in this one process, interleaved. "lmforge" is the model as `lmforge generate` and
-`serve` run it (linear layers packed for oneDNN, lmforge.infer.packed); "plain" is the same model with PyTorch's
-default nn.Linear. Prints one JSON line per case:
-{"model", "dtype", "batch", "lmforge_tok_s", "hf_tok_s", "ratio", "plain_tok_s", ...}.
+repeats, all run side by side in this one process, interleaved. "lmforge" is the model as `lmforge generate`
+runs it (`prepare_for_decoding`: the fused C++ decode step of lmforge.infer.fused where supported, else linear
+layers packed for oneDNN; `decode_path` says which); "packed" is the oneDNN-packed model alone, "plain" the same
+model with PyTorch's default nn.Linear, one module call per operation. Prints one JSON line per case:
+{"model", "dtype", "batch", "lmforge_tok_s", "hf_tok_s", "ratio", "packed_tok_s", "plain_tok_s", ...}.
 
     python bench/decode_vs_hf.py            # gpt-14m and gpt2, fp32, batch 1 and 8
     python bench/decode_vs_hf.py --quick    # fewer tokens and repeats
@@ -22,6 +23,7 @@ import time
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.infer.fused import decode_path, prepare_for_decoding
 from lmforge.infer.generate import generate
 from lmforge.infer.packed import pack_linears
 from lmforge.infer.sampling import SamplingParams
@@ -64,7 +66,8 @@ def run_case(name: str, dtype: str, batch: int, prompt_len: int, new_tokens: int
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
     params = SamplingParams(max_tokens=new_tokens, temperature=0)
 
-    served = pack_linears(copy.deepcopy(model))  # what `lmforge generate/serve/bench` run: oneDNN-packed linears
+    served = prepare_for_decoding(copy.deepcopy(model))  # what `lmforge generate` runs
+    packed = pack_linears(copy.deepcopy(model))
 
     def ours(net=served):
         return [c.tokens for c in generate(net, prompts.tolist(), params)]
@@ -75,7 +78,7 @@ def run_case(name: str, dtype: str, batch: int, prompt_len: int, new_tokens: int
                               min_new_tokens=new_tokens, do_sample=False)
         return out[:, prompt_len:].tolist()
 
-    fns = {"ours": ours, "plain": lambda: ours(model), "hf": theirs}
+    fns = {"ours": ours, "packed": lambda: ours(packed), "plain": lambda: ours(model), "hf": theirs}
     for fn in fns.values():
         fn()  # warm up
     t, outs = interleaved(fns, repeats)
@@ -83,8 +86,9 @@ def run_case(name: str, dtype: str, batch: int, prompt_len: int, new_tokens: int
     n = batch * new_tokens
     case = {"model": name, "dtype": dtype, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "lmforge_tok_s": round(n / t["ours"], 1), "hf_tok_s": round(n / t["hf"], 1),
-            "ratio": round(t["hf"] / t["ours"], 2), "plain_tok_s": round(n / t["plain"], 1),
-            "same_tokens_fraction": agree, "same_tokens_as_plain": outs["plain"] == outs["ours"],
+            "ratio": round(t["hf"] / t["ours"], 2), "decode_path": decode_path(served),
+            "packed_tok_s": round(n / t["packed"], 1), "plain_tok_s": round(n / t["plain"], 1),
+            "same_tokens_fraction": agree, "same_tokens_as_plain": outs["plain"] == outs["ours"] == outs["packed"],
             "threads": torch.get_num_threads()}
     return case
 

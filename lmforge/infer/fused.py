@@ -1,0 +1,125 @@
+"""A fused decode step: one C++ call per generated token for GPT-style models on a CPU.
+
+Decoding one token per row is a chain of about fifteen small operations per layer. Run one by one from Python,
+each pays dispatch and thread start-up costs that, on a small model, add up to as much as streaming its weights
+(bench/decode_vs_hf.py: the 14M model spends about 40% of a step outside its matrix products). `fused_decode.cpp`
+runs the whole step (embeddings, every layer's norms, attention over the KV cache, MLP and residuals, the final
+norm and the output head) in one call, with matrix-vector products that stream the float32 weights nn.Linear
+already holds. Prefill, training and everything else keep the ordinary model code.
+
+The extension is compiled on first use with PyTorch's own tool chain (torch.utils.cpp_extension, cached under
+~/.cache/torch_extensions); where it cannot be (no compiler, no AVX2, another model family or dtype, quantized
+weights) `prepare_for_decoding` falls back to oneDNN-packed linear layers (lmforge.infer.packed), and
+`decode_path(model)` says which one runs.
+
+Supported: pre-norm LayerNorm, learned positions, GELU (exact or tanh) or ReLU MLP, multi-head or grouped-query
+attention, with or without biases, tied or separate output head: GPT-2 and lmforge's gpt-* presets.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lmforge.infer.packed import pack_linears
+from lmforge.model import KVCache, Transformer
+
+log = logging.getLogger(__name__)
+
+_ACT = {"gelu": 1, "gelu_tanh": 2, "relu": 3}
+_extension = None
+_build_error: str | None = None
+
+
+def _load_extension():
+    """The compiled extension, or None (the reason is kept for `unsupported_reason`)."""
+    global _extension, _build_error
+    if _extension is None and _build_error is None:
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            _build_error = f"the CPU lacks AVX2 ({torch.backends.cpu.get_cpu_capability()})"
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+
+            source = Path(__file__).with_name("fused_decode.cpp")
+            _extension = load("lmforge_fused_decode", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma"],
+                              verbose=False)
+        except Exception as e:  # no compiler, no ninja, headers missing: fall back, say why once
+            _build_error = f"the fused decode extension did not build: {type(e).__name__}: {e}"
+            log.warning("%s; decoding with packed linear layers instead", _build_error)
+    return _extension
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why `model` cannot decode through the fused step, or None when it can."""
+    if not isinstance(model, Transformer):
+        return f"{type(model).__name__} is not an lmforge Transformer"
+    c = model.config
+    wants = {"norm": "layernorm", "norm_placement": "pre", "pos": "learned"}
+    for key, value in wants.items():
+        if getattr(c, key) != value:
+            return f"{key}={getattr(c, key)!r} (the fused step does {key}={value!r})"
+    if c.mlp not in _ACT or c.embed_scale or not c.final_norm:
+        return f"mlp={c.mlp!r}, embed_scale={c.embed_scale}, final_norm={c.final_norm} are not fused"
+    for module in model.modules():
+        if type(module).__module__.startswith("lmforge.infer"):  # quantized or packed layers
+            return f"{type(module).__name__} layers are not fused"
+        if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in module.parameters(recurse=False)):
+            return "the fused step runs float32 weights on the CPU"
+    if _load_extension() is None:
+        return _build_error
+    return None
+
+
+class FusedDecoder:
+    """decode(tokens (B,), cache) -> logits (B, V): one token per row through the whole model, cache advanced."""
+
+    def __init__(self, model: Transformer):
+        c = model.config
+        self.n_head, self.eps, self.act = c.n_head, float(c.norm_eps), _ACT[c.mlp]
+        none = torch.Tensor()  # an undefined tensor marks an absent bias
+        self.params: list[torch.Tensor] = []
+        for block in model.blocks:
+            for module in (block.norm1, block.attn.qkv, block.attn.proj, block.norm2, block.mlp.fc, block.mlp.proj):
+                self.params += [module.weight.detach(), none if module.bias is None else module.bias.detach()]
+        self.params += [model.tok_emb.weight.detach(), model.pos_emb.weight.detach(),
+                        model.norm_f.weight.detach(), none if model.norm_f.bias is None else model.norm_f.bias.detach(),
+                        model.lm_head.weight.detach(),
+                        none if model.lm_head.bias is None else model.lm_head.bias.detach()]
+        if not all(p.is_contiguous() for p in self.params):
+            self.params = [p.contiguous() for p in self.params]
+        self.extension = _load_extension()
+
+    def accepts(self, cache) -> bool:
+        return type(cache) is KVCache and cache.k.dtype == torch.float32 and cache.k.is_contiguous()
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        B = tokens.shape[0]
+        pad = cache.pad if cache.pad is not None else torch.zeros(B, dtype=torch.long)
+        logits = self.extension.decode_step(tokens.to(torch.long).contiguous(), pad.to(torch.long).contiguous(),
+                                            cache.length, cache.k, cache.v, self.params, self.n_head, self.eps,
+                                            self.act)
+        cache.advance(1)
+        return logits
+
+
+def prepare_for_decoding(model: nn.Module) -> nn.Module:
+    """Make an inference model decode fast: attach a `FusedDecoder` where supported, else pack its linear layers
+    for oneDNN. Returns the model (changed in place)."""
+    reason = unsupported_reason(model)
+    if reason is None:
+        model.fused_decoder = FusedDecoder(model)
+        return model
+    log.debug("fused decode unavailable (%s); packing linear layers", reason)
+    return pack_linears(model)
+
+
+def decode_path(model: nn.Module) -> str:
+    """'fused', 'packed' or 'plain': how `lmforge.infer.generate.decode_step` runs this model."""
+    if getattr(model, "fused_decoder", None) is not None:
+        return "fused"
+    return "packed" if any(type(m).__name__ == "PackedLinear" for m in model.modules()) else "plain"

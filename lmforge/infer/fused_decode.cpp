@@ -1,0 +1,343 @@
+// One decode step of a GPT-style model (pre-norm LayerNorm, learned positions, GELU or ReLU MLP, multi-head or
+// grouped-query attention) as a single call: every layer, the final norm and the output head, for one new token
+// per batch row, reading and writing lmforge's contiguous KV cache. See lmforge/infer/fused.py for why.
+//
+// Linear layers are AVX2/FMA matrix-vector products over the row-major float32 weights nn.Linear already holds,
+// a few output rows x a few batch rows per register tile, split across PyTorch's threads (at::parallel_for) by
+// output rows; bias, activation and the residual add are applied while the outputs are still in cache.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int kNone = 0, kGeluErf = 1, kGeluTanh = 2, kRelu = 3;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for 8 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-5 polynomial), ~1 ulp.
+inline __m256 vexp(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// erf(x): Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), odd symmetry.
+inline __m256 verf(__m256 x) {
+  const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a,
+                                                                      _mm256_set1_ps(1.0f)));
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+  p = _mm256_mul_ps(p, t);
+  const __m256 e = vexp(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a)));
+  return _mm256_or_ps(_mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.0f)), sign);
+}
+
+inline __m256 vtanh(__m256 u) {  // 1 - 2 / (exp(2u) + 1)
+  const __m256 e = vexp(_mm256_add_ps(u, u));
+  return _mm256_sub_ps(_mm256_set1_ps(1.0f),
+                       _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+}
+
+inline float activate1(float v, int act) {
+  switch (act) {
+    case kGeluErf: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    case kGeluTanh: return 0.5f * v * (1.0f + std::tanh(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    case kRelu: return v > 0.0f ? v : 0.0f;
+    default: return v;
+  }
+}
+
+void activate(float* y, int64_t n, int act) {
+  if (act == kNone) return;
+  int64_t i = 0;
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(y + i), out;
+    if (act == kGeluErf) {
+      out = _mm256_mul_ps(_mm256_mul_ps(half, v),
+                          _mm256_add_ps(one, verf(_mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f)))));
+    } else if (act == kGeluTanh) {
+      __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v);
+      out = _mm256_mul_ps(_mm256_mul_ps(half, v),
+                          _mm256_add_ps(one, vtanh(_mm256_mul_ps(_mm256_set1_ps(0.79788456080286536f), inner))));
+    } else {
+      out = _mm256_max_ps(v, _mm256_setzero_ps());
+    }
+    _mm256_storeu_ps(y + i, out);
+  }
+  for (; i < n; ++i) y[i] = activate1(y[i], act);
+}
+
+// y[b, o] (+)= x[b, :] . w[o, :] + bias[o] for o in [o0, o1); tiles of 4 output rows x 3, 2 or 1 batch rows.
+void linear_rows(const float* x, int64_t B, int64_t K, const float* w, const float* bias, float* y, int64_t ldy,
+                 int64_t o0, int64_t o1, bool accumulate) {
+  const int64_t K8 = K - K % 8;
+  auto finish = [&](int64_t b, int64_t o, float v) {
+    for (int64_t k = K8; k < K; ++k) v += x[b * K + k] * w[o * K + k];
+    if (bias) v += bias[o];
+    float& out = y[b * ldy + o];
+    out = accumulate ? out + v : v;
+  };
+  int64_t o = o0;
+  for (; o + 4 <= o1; o += 4) {
+    const float *w0 = w + o * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    int64_t b = 0;
+    for (; b + 3 <= B; b += 3) {  // 12 accumulators: enough independent FMAs to hide their latency
+      const float *xa = x + b * K, *xb = xa + K, *xc = xb + K;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+      __m256 d0 = a0, d1 = a0, d2 = a0, d3 = a0;
+      for (int64_t k = 0; k < K8; k += 8) {
+        const __m256 va = _mm256_loadu_ps(xa + k), vb = _mm256_loadu_ps(xb + k), vc = _mm256_loadu_ps(xc + k);
+        __m256 v = _mm256_loadu_ps(w0 + k);
+        a0 = _mm256_fmadd_ps(v, va, a0); c0 = _mm256_fmadd_ps(v, vb, c0); d0 = _mm256_fmadd_ps(v, vc, d0);
+        v = _mm256_loadu_ps(w1 + k);
+        a1 = _mm256_fmadd_ps(v, va, a1); c1 = _mm256_fmadd_ps(v, vb, c1); d1 = _mm256_fmadd_ps(v, vc, d1);
+        v = _mm256_loadu_ps(w2 + k);
+        a2 = _mm256_fmadd_ps(v, va, a2); c2 = _mm256_fmadd_ps(v, vb, c2); d2 = _mm256_fmadd_ps(v, vc, d2);
+        v = _mm256_loadu_ps(w3 + k);
+        a3 = _mm256_fmadd_ps(v, va, a3); c3 = _mm256_fmadd_ps(v, vb, c3); d3 = _mm256_fmadd_ps(v, vc, d3);
+      }
+      finish(b, o, hsum(a0)); finish(b, o + 1, hsum(a1)); finish(b, o + 2, hsum(a2)); finish(b, o + 3, hsum(a3));
+      finish(b + 1, o, hsum(c0)); finish(b + 1, o + 1, hsum(c1));
+      finish(b + 1, o + 2, hsum(c2)); finish(b + 1, o + 3, hsum(c3));
+      finish(b + 2, o, hsum(d0)); finish(b + 2, o + 1, hsum(d1));
+      finish(b + 2, o + 2, hsum(d2)); finish(b + 2, o + 3, hsum(d3));
+    }
+    for (; b + 2 <= B; b += 2) {
+      const float *xa = x + b * K, *xb = xa + K;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+      for (int64_t k = 0; k < K8; k += 8) {
+        const __m256 va = _mm256_loadu_ps(xa + k), vb = _mm256_loadu_ps(xb + k);
+        const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
+        const __m256 v2 = _mm256_loadu_ps(w2 + k), v3 = _mm256_loadu_ps(w3 + k);
+        a0 = _mm256_fmadd_ps(v0, va, a0); c0 = _mm256_fmadd_ps(v0, vb, c0);
+        a1 = _mm256_fmadd_ps(v1, va, a1); c1 = _mm256_fmadd_ps(v1, vb, c1);
+        a2 = _mm256_fmadd_ps(v2, va, a2); c2 = _mm256_fmadd_ps(v2, vb, c2);
+        a3 = _mm256_fmadd_ps(v3, va, a3); c3 = _mm256_fmadd_ps(v3, vb, c3);
+      }
+      finish(b, o, hsum(a0)); finish(b, o + 1, hsum(a1)); finish(b, o + 2, hsum(a2)); finish(b, o + 3, hsum(a3));
+      finish(b + 1, o, hsum(c0)); finish(b + 1, o + 1, hsum(c1));
+      finish(b + 1, o + 2, hsum(c2)); finish(b + 1, o + 3, hsum(c3));
+    }
+    for (; b < B; ++b) {
+      const float* xa = x + b * K;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t k = 0; k < K8; k += 8) {
+        const __m256 va = _mm256_loadu_ps(xa + k);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), va, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), va, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), va, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), va, a3);
+      }
+      finish(b, o, hsum(a0)); finish(b, o + 1, hsum(a1)); finish(b, o + 2, hsum(a2)); finish(b, o + 3, hsum(a3));
+    }
+  }
+  for (; o < o1; ++o) {
+    for (int64_t b = 0; b < B; ++b) {
+      __m256 a0 = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K8; k += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + o * K + k), _mm256_loadu_ps(x + b * K + k), a0);
+      finish(b, o, hsum(a0));
+    }
+  }
+}
+
+// y (B x N) (+)= act(x (B x K) @ w.T + bias), output rows split across threads.
+void linear(const float* x, int64_t B, int64_t K, const at::Tensor& w, const at::Tensor& bias, float* y,
+            bool accumulate = false, int act = kNone) {
+  const int64_t N = w.size(0);
+  const float* wp = w.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t begin, int64_t end) {
+    const int64_t o0 = begin * 4, o1 = std::min(N, end * 4);
+    linear_rows(x, B, K, wp, bp, y, N, o0, o1, accumulate);
+    if (act != kNone)
+      for (int64_t b = 0; b < B; ++b) activate(y + b * N + o0, o1 - o0, act);
+  });
+}
+
+// out = softmax(scale * q . k_s) weighted sum of v_s over slots s in [start, end]; k, v: rows of hs floats.
+void attend(const float* q, const float* k, const float* v, int64_t start, int64_t end, int64_t hs, float scale,
+            float* score, float* out) {
+  const int64_t hs8 = hs - hs % 8;
+  auto tail = [&](const float* row) {
+    float t = 0;
+    for (int64_t d = hs8; d < hs; ++d) t += q[d] * row[d];
+    return t;
+  };
+  int64_t s = start;
+  for (; s + 4 <= end + 1; s += 4) {  // four slots at once: four independent FMA chains
+    const float *k0 = k + s * hs, *k1 = k0 + hs, *k2 = k1 + hs, *k3 = k2 + hs;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < hs8; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+    }
+    score[s] = (hsum(a0) + tail(k0)) * scale;
+    score[s + 1] = (hsum(a1) + tail(k1)) * scale;
+    score[s + 2] = (hsum(a2) + tail(k2)) * scale;
+    score[s + 3] = (hsum(a3) + tail(k3)) * scale;
+  }
+  for (; s <= end; ++s) {
+    __m256 a0 = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hs8; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + s * hs + d), a0);
+    score[s] = (hsum(a0) + tail(k + s * hs)) * scale;
+  }
+
+  float top = -INFINITY;
+  for (s = start; s <= end; ++s) top = std::max(top, score[s]);
+  const __m256 vtop = _mm256_set1_ps(top);
+  __m256 vtotal = _mm256_setzero_ps();
+  for (s = start; s + 8 <= end + 1; s += 8) {
+    const __m256 e = vexp(_mm256_sub_ps(_mm256_loadu_ps(score + s), vtop));
+    _mm256_storeu_ps(score + s, e);
+    vtotal = _mm256_add_ps(vtotal, e);
+  }
+  float total = hsum(vtotal);
+  for (; s <= end; ++s) total += (score[s] = std::exp(score[s] - top));
+  const float inv = 1.0f / total;
+
+  int64_t d = 0;
+  for (; d + 32 <= hs8; d += 32) {  // 32 dimensions at a time in four registers
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (s = start; s <= end; ++s) {
+      const __m256 p = _mm256_set1_ps(score[s]);
+      const float* row = v + s * hs + d;
+      a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row), a0);
+      a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 8), a1);
+      a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 16), a2);
+      a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 24), a3);
+    }
+    const __m256 vinv = _mm256_set1_ps(inv);
+    _mm256_storeu_ps(out + d, _mm256_mul_ps(a0, vinv));
+    _mm256_storeu_ps(out + d + 8, _mm256_mul_ps(a1, vinv));
+    _mm256_storeu_ps(out + d + 16, _mm256_mul_ps(a2, vinv));
+    _mm256_storeu_ps(out + d + 24, _mm256_mul_ps(a3, vinv));
+  }
+  for (; d < hs; ++d) {
+    float t = 0;
+    for (s = start; s <= end; ++s) t += score[s] * v[s * hs + d];
+    out[d] = t * inv;
+  }
+}
+
+void layer_norm(const float* x, int64_t B, int64_t C, const at::Tensor& g, const at::Tensor& beta, float eps,
+                float* out) {
+  const float* gp = g.data_ptr<float>();
+  const float* bp = beta.defined() ? beta.data_ptr<float>() : nullptr;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* r = x + b * C;
+    double mean = 0, var = 0;
+    for (int64_t i = 0; i < C; ++i) mean += r[i];
+    mean /= C;
+    for (int64_t i = 0; i < C; ++i) var += (r[i] - mean) * (r[i] - mean);
+    const float inv = 1.0f / std::sqrt(static_cast<float>(var / C) + eps);
+    for (int64_t i = 0; i < C; ++i)
+      out[b * C + i] = (r[i] - static_cast<float>(mean)) * inv * gp[i] + (bp ? bp[i] : 0.0f);
+  }
+}
+
+}  // namespace
+
+// params: per layer [ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, mlp_proj_w, mlp_proj_b],
+// then [tok_emb, pos_emb, lnf_w, lnf_b, head_w, head_b]; an absent bias is an undefined tensor.
+// kcache, vcache: (n_layer, B, n_kv_head, max_len, head_dim); the new token of row b is written at slot `slot`
+// and sits at position slot - pad[b]; it attends to slots pad[b]..slot. Returns logits (B, vocab).
+at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t slot, at::Tensor kcache,
+                       at::Tensor vcache, const std::vector<at::Tensor>& params, int64_t n_head, double eps,
+                       int64_t act) {
+  const int64_t B = tokens.size(0), L = kcache.size(0), nkv = kcache.size(2), max_len = kcache.size(3);
+  const int64_t hs = kcache.size(4), C = n_head * hs, group = n_head / nkv;
+  const int64_t qkv_dim = C + 2 * nkv * hs;
+  const at::Tensor& tok_emb = params[12 * L];
+  const at::Tensor& pos_emb = params[12 * L + 1];
+  const at::Tensor& head_w = params[12 * L + 4];
+  const int64_t ffn = params[8].size(0);
+  TORCH_CHECK(slot < max_len, "KV cache is full: slot ", slot, " of ", max_len);
+
+  std::vector<float> x(B * C), h(B * C), qkv(B * qkv_dim), att(B * C), ff(B * ffn);
+  const int64_t* tp = tokens.data_ptr<int64_t>();
+  const int64_t* pp = pad.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* e = tok_emb.data_ptr<float>() + tp[b] * C;
+    const float* p = pos_emb.data_ptr<float>() + (slot - pp[b]) * C;
+    for (int64_t i = 0; i < C; ++i) x[b * C + i] = e[i] + p[i];
+  }
+  float* kc = kcache.data_ptr<float>();
+  float* vc = vcache.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
+
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* P = params.data() + 12 * l;
+    layer_norm(x.data(), B, C, P[0], P[1], eps, h.data());
+    linear(h.data(), B, C, P[2], P[3], qkv.data());
+    for (int64_t b = 0; b < B; ++b) {  // the new keys and values into the cache
+      for (int64_t kvh = 0; kvh < nkv; ++kvh) {
+        const float* kn = qkv.data() + b * qkv_dim + C + kvh * hs;
+        const int64_t at = ((((l * B) + b) * nkv + kvh) * max_len + slot) * hs;
+        std::copy(kn, kn + hs, kc + at);
+        std::copy(kn + nkv * hs, kn + nkv * hs + hs, vc + at);
+      }
+    }
+    at::parallel_for(0, B * n_head, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> score(max_len);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / n_head, head = bh % n_head;
+        const int64_t base = (((l * B) + b) * nkv + head / group) * max_len * hs;
+        attend(qkv.data() + b * qkv_dim + head * hs, kc + base, vc + base, pp[b], slot, hs, scale, score.data(),
+               att.data() + b * C + head * hs);
+      }
+    });
+    linear(att.data(), B, C, P[4], P[5], x.data(), /*accumulate=*/true);
+    layer_norm(x.data(), B, C, P[6], P[7], eps, h.data());
+    linear(h.data(), B, C, P[8], P[9], ff.data(), false, static_cast<int>(act));
+    linear(ff.data(), B, ffn, P[10], P[11], x.data(), /*accumulate=*/true);
+  }
+  layer_norm(x.data(), B, C, params[12 * L + 2], params[12 * L + 3], eps, h.data());
+  at::Tensor logits = at::empty({B, head_w.size(0)}, tokens.options().dtype(at::kFloat));
+  linear(h.data(), B, C, head_w, params[12 * L + 5], logits.data_ptr<float>());
+  return logits;
+}
+
+// act(x @ w.T + bias) for x (B, K): the step's matrix product on its own, for tests and benchmarks.
+at::Tensor linear_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t act) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(1),
+              "linear_act wants contiguous x (B, K) and w (N, K)");
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  linear(x.data_ptr<float>(), x.size(0), x.size(1), w, bias, y.data_ptr<float>(), false, static_cast<int>(act));
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_act", &linear_act, "act(x @ w.T + bias) with the decode step's kernel");
+  m.def("decode_step", &decode_step, "one fused GPT-style decode step (see fused_decode.cpp)");
+}

@@ -1,0 +1,87 @@
+"""The fused C++ decode step (lmforge.infer.fused) against the model's own forward pass, op by op in PyTorch."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.infer.fused import _load_extension, decode_path, prepare_for_decoding, unsupported_reason
+from lmforge.infer.generate import decode_step, generate, prefill
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model import Transformer
+
+if shutil.which("c++") is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    pytest.skip("the fused decode step needs a C++ compiler and an AVX2 CPU", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    extension = _load_extension()
+    assert extension is not None, "the extension must build where a compiler and AVX2 are present"
+    return extension
+
+
+@pytest.mark.parametrize("B", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("K, N", [(96, 200), (100, 7), (384, 1152)])
+@pytest.mark.parametrize("act, ref", [(0, lambda y: y), (1, F.gelu), (2, lambda y: F.gelu(y, approximate="tanh")),
+                                      (3, F.relu)])
+def test_linear_kernel_equals_f_linear(ext, B, K, N, act, ref):
+    torch.manual_seed(B * K)
+    x, w, b = torch.randn(B, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    torch.testing.assert_close(ext.linear_act(x, w, b, act), ref(F.linear(x, w, b)), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ext.linear_act(x, w, torch.Tensor(), act), ref(F.linear(x, w)), atol=2e-5, rtol=1e-5)
+
+
+CONFIGS = {
+    "gpt": dict(),
+    "no-bias-untied-tanh": dict(bias=False, tie_embeddings=False, mlp="gelu_tanh"),
+    "relu-gqa": dict(mlp="relu", n_kv_head=2),
+}
+
+
+@pytest.mark.parametrize("overrides", CONFIGS.values(), ids=CONFIGS.keys())
+def test_fused_step_equals_the_model_step_with_padding(ext, overrides):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=97, n_layer=2, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # larger weights than the init: activations reach GELU's tails
+            p.add_(torch.randn_like(p) * 0.05)
+    fused = prepare_for_decoding(copy.deepcopy(model))
+    assert decode_path(fused) == "fused" and decode_path(model) == "plain"
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]  # left padding of 0, 5 and 3 slots
+    with torch.no_grad():
+        want, want_cache = prefill(model, prompts, 20)
+        got, cache = prefill(fused, prompts, 20)
+        tokens = want.argmax(-1)
+        for _ in range(6):
+            want, got = decode_step(model, tokens, want_cache), decode_step(fused, tokens, cache)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            tokens = want.argmax(-1)
+    assert cache.length == want_cache.length
+    torch.testing.assert_close(cache.k, want_cache.k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.v, want_cache.v, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_generation_equals_plain_generation(ext):
+    """Greedy and seeded sampling, rows finishing at different steps (the cache shrinks), n samples per prompt."""
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=2)).eval()
+    fused = prepare_for_decoding(copy.deepcopy(model))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    params = [SamplingParams(max_tokens=12, temperature=0), SamplingParams(max_tokens=5, temperature=0),
+              SamplingParams(max_tokens=9, temperature=0.9, seed=7, n=2)]
+    want = [c.tokens for c in generate(model, prompts, params)]
+    assert [c.tokens for c in generate(fused, prompts, params)] == want
+    assert [len(t) for t in want] == [12, 5, 9, 9]
+
+
+def test_other_models_fall_back_to_packed_linears(ext):
+    llama = Transformer(ModelConfig.from_name("llama-nano", vocab_size=64, n_layer=1)).eval()
+    assert "rmsnorm" in unsupported_reason(llama)
+    assert decode_path(prepare_for_decoding(llama)) == "packed"
+    bf16 = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=1)).to(torch.bfloat16).eval()
+    assert "float32" in unsupported_reason(bf16)
+    assert decode_path(prepare_for_decoding(bf16)) == "plain"
