@@ -8,12 +8,16 @@ Three parts, all in this one process, side by side:
    PyTorch's own dynamic int8 (`torch.ao` W8A8, activations quantized too: the peer).
 2. decode: GPT-2 small with random weights, batch 1, a 32-token prompt, 128 greedy new tokens through
    `lmforge.infer.generate.generate`; tok/s = 128 / wall time (prefill included), median of --repeats runs,
-   the variants interleaved: fp32, int8 (`quantize_model`), bf16, and the torch.ao dynamic-int8 peer.
+   the variants interleaved: fp32 and int8 (`quantize_model`) as `lmforge generate` runs them (the fused decode
+   step of lmforge.infer.fused, which streams int8 weights and widens them to float in registers); the same
+   two one module call per operation ("fp32_plain": nn.Linear; "int8_eager": Int8Linear through
+   `torch._weight_int8pack_mm`, activations rounded to bfloat16), bf16, and the torch.ao dynamic-int8 peer.
 3. perplexity: a gpt-nano trained by lmforge's trainer on tiny Shakespeare (cached under --cache, so reruns
    skip training) or --model RUN --data DIR; `lmforge.evaluate.evaluate` (non-overlapping windows over the
    validation split) on the fp32 model and its int8 copy.
 
-The last line is JSON with speedup (int8 / fp32 decode tok/s), ppl_delta_pct, fp32_tok_s, int8_tok_s.
+The last line is JSON with speedup (int8 / fp32 decode tok/s, both lmforge's fast path), speedup_vs_plain_fp32,
+ppl_delta_pct (through the model's forward, the eager int8 path), fp32_tok_s, int8_tok_s.
 
     python bench/quantize.py --threads 1          # a shared machine: one thread gives steadier ratios
     python bench/quantize.py --model runs/x --data data/x
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from lmforge.checkpoint import load_model
 from lmforge.config import ModelConfig
 from lmforge.evaluate import evaluate
+from lmforge.infer.fused import decode_path, prepare_for_decoding
 from lmforge.infer.generate import generate
 from lmforge.infer.quantize import model_bytes, quantize_int8, quantize_model
 from lmforge.infer.sampling import SamplingParams
@@ -108,8 +113,11 @@ def kernels(repeats: int) -> None:
 def decode(repeats: int, new_tokens: int) -> dict:
     torch.manual_seed(0)
     fp32 = Transformer(ModelConfig.from_name("gpt2")).eval()
-    variants = {"fp32": fp32, "int8": quantize_model(copy.deepcopy(fp32), "int8"),
+    variants = {"fp32": prepare_for_decoding(copy.deepcopy(fp32)),  # what `lmforge generate` runs
+                "int8": prepare_for_decoding(quantize_model(copy.deepcopy(fp32), "int8")),
+                "fp32_plain": fp32, "int8_eager": quantize_model(copy.deepcopy(fp32), "int8"),
                 "bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
+    paths = {name: decode_path(model) for name, model in variants.items()}
     peer = dynamic_int8_peer(fp32)
     if peer is not None:
         variants["peer_torch_ao_dynamic_int8"] = peer
@@ -124,9 +132,11 @@ def decode(repeats: int, new_tokens: int) -> dict:
             times[name].append(time.perf_counter() - t0)
     tok_s = {name: round(new_tokens / statistics.median(t), 2) for name, t in times.items()}
     result = {"model": "gpt2", "batch": 1, "prompt": 32, "new_tokens": new_tokens, "repeats": repeats,
-              "tok_s": tok_s, "mbytes": {n: round(model_bytes(m) / 2**20, 1) for n, m in variants.items()
-                                         if n != "peer_torch_ao_dynamic_int8"},
-              "int8_same_tokens_as_fp32": outputs["int8"] == outputs["fp32"]}
+              "tok_s": tok_s, "decode_path": paths,
+              "mbytes": {n: round(model_bytes(m) / 2**20, 1) for n, m in variants.items()
+                         if n in ("fp32", "int8", "bf16")},
+              "int8_same_tokens_as_fp32": outputs["int8"] == outputs["fp32"],
+              "int8_eager_same_tokens_as_fp32": outputs["int8_eager"] == outputs["fp32"]}
     print(json.dumps(result), flush=True)
     return result
 
@@ -186,6 +196,7 @@ def main() -> None:
                                                                                      args.train_minutes)
     ppl = perplexity(run, data)
     print(json.dumps({"speedup": round(speed["tok_s"]["int8"] / speed["tok_s"]["fp32"], 3),
+                      "speedup_vs_plain_fp32": round(speed["tok_s"]["int8"] / speed["tok_s"]["fp32_plain"], 3),
                       "ppl_delta_pct": ppl["ppl_delta_pct"]["int8"], "fp32_tok_s": speed["tok_s"]["fp32"],
                       "int8_tok_s": speed["tok_s"]["int8"], "bf16_tok_s": speed["tok_s"]["bf16"],
                       "ppl_fp32": ppl["ppl"]["fp32"], "ppl_int8": ppl["ppl"]["int8"],

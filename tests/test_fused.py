@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 from lmforge.infer.fused import _load_extension, decode_path, prepare_for_decoding, unsupported_reason
 from lmforge.infer.generate import decode_step, generate, prefill
+from lmforge.infer.quantize import Int8Linear, quantize_int8, quantize_model
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
 
@@ -31,8 +32,12 @@ def ext():
 def test_linear_kernel_equals_f_linear(ext, B, K, N, act, ref):
     torch.manual_seed(B * K)
     x, w, b = torch.randn(B, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
-    torch.testing.assert_close(ext.linear_act(x, w, b, act), ref(F.linear(x, w, b)), atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(ext.linear_act(x, w, torch.Tensor(), act), ref(F.linear(x, w)), atol=2e-5, rtol=1e-5)
+    none = torch.Tensor()
+    torch.testing.assert_close(ext.linear_act(x, w, none, b, act), ref(F.linear(x, w, b)), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ext.linear_act(x, w, none, none, act), ref(F.linear(x, w)), atol=2e-5, rtol=1e-5)
+    q, scales = quantize_int8(w)  # int8 weights: the same product with the dequantized float weight
+    want = ref(F.linear(x, q.float() * scales[:, None], b))
+    torch.testing.assert_close(ext.linear_act(x, q, scales, b, act), want, atol=2e-5, rtol=1e-5)
 
 
 CONFIGS = {
@@ -76,6 +81,29 @@ def test_fused_generation_equals_plain_generation(ext):
     want = [c.tokens for c in generate(model, prompts, params)]
     assert [c.tokens for c in generate(fused, prompts, params)] == want
     assert [len(t) for t in want] == [12, 5, 9, 9]
+
+
+def test_int8_model_decodes_as_its_dequantized_float_twin(ext):
+    """The fused int8 step against an independent reference: the float model holding the dequantized weights."""
+    torch.manual_seed(2)
+    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=97, n_layer=2)).eval()
+    quantized = quantize_model(copy.deepcopy(model), "int8")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, Int8Linear):
+                twin.get_submodule(name).weight = torch.nn.Parameter(module.dequantized())
+    fused = prepare_for_decoding(quantized)
+    assert decode_path(fused) == "fused"
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    with torch.no_grad():
+        want, want_cache = prefill(twin, prompts, 12)  # the eager int8 prefill rounds activations to bfloat16:
+        cache = copy.deepcopy(want_cache)  # both decode from the same float prefill
+        tokens = want.argmax(-1)
+        for _ in range(5):
+            want, got = decode_step(twin, tokens, want_cache), decode_step(fused, tokens, cache)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            tokens = want.argmax(-1)
 
 
 def test_other_models_fall_back_to_packed_linears(ext):

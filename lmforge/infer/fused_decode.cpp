@@ -17,6 +17,9 @@ namespace {
 
 constexpr int kNone = 0, kGeluErf = 1, kGeluTanh = 2, kRelu = 3;
 
+// An absent bias or scale comes from Python as an empty tensor.
+inline bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -94,19 +97,29 @@ void activate(float* y, int64_t n, int act) {
   for (; i < n; ++i) y[i] = activate1(y[i], act);
 }
 
-// y[b, o] (+)= x[b, :] . w[o, :] + bias[o] for o in [o0, o1); tiles of 4 output rows x 3, 2 or 1 batch rows.
-void linear_rows(const float* x, int64_t B, int64_t K, const float* w, const float* bias, float* y, int64_t ldy,
-                 int64_t o0, int64_t o1, bool accumulate) {
+// Eight weights as floats: float32 as they are, int8 widened (its per-row scale is applied to the finished dot).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// y[b, o] (+)= (x[b, :] . w[o, :]) * scale[o] + bias[o] for o in [o0, o1) (scale: int8 weights only);
+// tiles of 4 output rows x 3, 2 or 1 batch rows.
+template <typename W>
+void linear_rows(const float* x, int64_t B, int64_t K, const W* w, const float* scale, const float* bias, float* y,
+                 int64_t ldy, int64_t o0, int64_t o1, bool accumulate) {
   const int64_t K8 = K - K % 8;
   auto finish = [&](int64_t b, int64_t o, float v) {
-    for (int64_t k = K8; k < K; ++k) v += x[b * K + k] * w[o * K + k];
+    for (int64_t k = K8; k < K; ++k) v += x[b * K + k] * static_cast<float>(w[o * K + k]);
+    if (scale) v *= scale[o];
     if (bias) v += bias[o];
     float& out = y[b * ldy + o];
     out = accumulate ? out + v : v;
   };
   int64_t o = o0;
   for (; o + 4 <= o1; o += 4) {
-    const float *w0 = w + o * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    const bool prefetch = o + 36 <= o1 && B == 1;
+    const W *w0 = w + o * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
     int64_t b = 0;
     for (; b + 3 <= B; b += 3) {  // 12 accumulators: enough independent FMAs to hide their latency
       const float *xa = x + b * K, *xb = xa + K, *xc = xb + K;
@@ -114,13 +127,13 @@ void linear_rows(const float* x, int64_t B, int64_t K, const float* w, const flo
       __m256 d0 = a0, d1 = a0, d2 = a0, d3 = a0;
       for (int64_t k = 0; k < K8; k += 8) {
         const __m256 va = _mm256_loadu_ps(xa + k), vb = _mm256_loadu_ps(xb + k), vc = _mm256_loadu_ps(xc + k);
-        __m256 v = _mm256_loadu_ps(w0 + k);
+        __m256 v = load8(w0 + k);
         a0 = _mm256_fmadd_ps(v, va, a0); c0 = _mm256_fmadd_ps(v, vb, c0); d0 = _mm256_fmadd_ps(v, vc, d0);
-        v = _mm256_loadu_ps(w1 + k);
+        v = load8(w1 + k);
         a1 = _mm256_fmadd_ps(v, va, a1); c1 = _mm256_fmadd_ps(v, vb, c1); d1 = _mm256_fmadd_ps(v, vc, d1);
-        v = _mm256_loadu_ps(w2 + k);
+        v = load8(w2 + k);
         a2 = _mm256_fmadd_ps(v, va, a2); c2 = _mm256_fmadd_ps(v, vb, c2); d2 = _mm256_fmadd_ps(v, vc, d2);
-        v = _mm256_loadu_ps(w3 + k);
+        v = load8(w3 + k);
         a3 = _mm256_fmadd_ps(v, va, a3); c3 = _mm256_fmadd_ps(v, vb, c3); d3 = _mm256_fmadd_ps(v, vc, d3);
       }
       finish(b, o, hsum(a0)); finish(b, o + 1, hsum(a1)); finish(b, o + 2, hsum(a2)); finish(b, o + 3, hsum(a3));
@@ -134,8 +147,8 @@ void linear_rows(const float* x, int64_t B, int64_t K, const float* w, const flo
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
       for (int64_t k = 0; k < K8; k += 8) {
         const __m256 va = _mm256_loadu_ps(xa + k), vb = _mm256_loadu_ps(xb + k);
-        const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
-        const __m256 v2 = _mm256_loadu_ps(w2 + k), v3 = _mm256_loadu_ps(w3 + k);
+        const __m256 v0 = load8(w0 + k), v1 = load8(w1 + k);
+        const __m256 v2 = load8(w2 + k), v3 = load8(w3 + k);
         a0 = _mm256_fmadd_ps(v0, va, a0); c0 = _mm256_fmadd_ps(v0, vb, c0);
         a1 = _mm256_fmadd_ps(v1, va, a1); c1 = _mm256_fmadd_ps(v1, vb, c1);
         a2 = _mm256_fmadd_ps(v2, va, a2); c2 = _mm256_fmadd_ps(v2, vb, c2);
@@ -147,36 +160,57 @@ void linear_rows(const float* x, int64_t B, int64_t K, const float* w, const flo
     }
     for (; b < B; ++b) {
       const float* xa = x + b * K;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t k = 0; k < K8; k += 8) {
-        const __m256 va = _mm256_loadu_ps(xa + k);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), va, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), va, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), va, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), va, a3);
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0;
+      int64_t k = 0;
+      for (; k + 16 <= K8; k += 16) {  // two accumulators per row: eight independent FMA chains
+        if (prefetch && (k * sizeof(W)) % 64 == 0) {  // the rows 32 ahead, a cache line at a time
+          _mm_prefetch(reinterpret_cast<const char*>(w0 + 32 * K + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w1 + 32 * K + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w2 + 32 * K + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w3 + 32 * K + k), _MM_HINT_T0);
+        }
+        const __m256 va = _mm256_loadu_ps(xa + k), vb = _mm256_loadu_ps(xa + k + 8);
+        a0 = _mm256_fmadd_ps(load8(w0 + k), va, a0); e0 = _mm256_fmadd_ps(load8(w0 + k + 8), vb, e0);
+        a1 = _mm256_fmadd_ps(load8(w1 + k), va, a1); e1 = _mm256_fmadd_ps(load8(w1 + k + 8), vb, e1);
+        a2 = _mm256_fmadd_ps(load8(w2 + k), va, a2); e2 = _mm256_fmadd_ps(load8(w2 + k + 8), vb, e2);
+        a3 = _mm256_fmadd_ps(load8(w3 + k), va, a3); e3 = _mm256_fmadd_ps(load8(w3 + k + 8), vb, e3);
       }
-      finish(b, o, hsum(a0)); finish(b, o + 1, hsum(a1)); finish(b, o + 2, hsum(a2)); finish(b, o + 3, hsum(a3));
+      for (; k < K8; k += 8) {
+        const __m256 va = _mm256_loadu_ps(xa + k);
+        a0 = _mm256_fmadd_ps(load8(w0 + k), va, a0);
+        a1 = _mm256_fmadd_ps(load8(w1 + k), va, a1);
+        a2 = _mm256_fmadd_ps(load8(w2 + k), va, a2);
+        a3 = _mm256_fmadd_ps(load8(w3 + k), va, a3);
+      }
+      finish(b, o, hsum(_mm256_add_ps(a0, e0))); finish(b, o + 1, hsum(_mm256_add_ps(a1, e1)));
+      finish(b, o + 2, hsum(_mm256_add_ps(a2, e2))); finish(b, o + 3, hsum(_mm256_add_ps(a3, e3)));
     }
   }
   for (; o < o1; ++o) {
     for (int64_t b = 0; b < B; ++b) {
       __m256 a0 = _mm256_setzero_ps();
       for (int64_t k = 0; k < K8; k += 8)
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + o * K + k), _mm256_loadu_ps(x + b * K + k), a0);
+        a0 = _mm256_fmadd_ps(load8(w + o * K + k), _mm256_loadu_ps(x + b * K + k), a0);
       finish(b, o, hsum(a0));
     }
   }
 }
 
-// y (B x N) (+)= act(x (B x K) @ w.T + bias), output rows split across threads.
-void linear(const float* x, int64_t B, int64_t K, const at::Tensor& w, const at::Tensor& bias, float* y,
-            bool accumulate = false, int act = kNone) {
+// y (B x N) (+)= act(x (B x K) @ (w * scale[:, None]).T + bias), output rows split across threads; w is float32,
+// or int8 with per-row float32 scales.
+void linear(const float* x, int64_t B, int64_t K, const at::Tensor& w, const at::Tensor& scale,
+            const at::Tensor& bias, float* y, bool accumulate = false, int act = kNone) {
   const int64_t N = w.size(0);
-  const float* wp = w.data_ptr<float>();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const bool q8 = w.scalar_type() == at::kChar;
+  TORCH_CHECK(q8 == present(scale), "int8 weights need scales, float32 weights take none");
+  const float* sp = q8 ? scale.data_ptr<float>() : nullptr;
+  const float* bp = present(bias) ? bias.data_ptr<float>() : nullptr;
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t begin, int64_t end) {
     const int64_t o0 = begin * 4, o1 = std::min(N, end * 4);
-    linear_rows(x, B, K, wp, bp, y, N, o0, o1, accumulate);
+    if (q8)
+      linear_rows(x, B, K, w.data_ptr<int8_t>(), sp, bp, y, N, o0, o1, accumulate);
+    else
+      linear_rows(x, B, K, w.data_ptr<float>(), sp, bp, y, N, o0, o1, accumulate);
     if (act != kNone)
       for (int64_t b = 0; b < B; ++b) activate(y + b * N + o0, o1 - o0, act);
   });
@@ -253,7 +287,7 @@ void attend(const float* q, const float* k, const float* v, int64_t start, int64
 void layer_norm(const float* x, int64_t B, int64_t C, const at::Tensor& g, const at::Tensor& beta, float eps,
                 float* out) {
   const float* gp = g.data_ptr<float>();
-  const float* bp = beta.defined() ? beta.data_ptr<float>() : nullptr;
+  const float* bp = present(beta) ? beta.data_ptr<float>() : nullptr;
   for (int64_t b = 0; b < B; ++b) {
     const float* r = x + b * C;
     double mean = 0, var = 0;
@@ -268,8 +302,9 @@ void layer_norm(const float* x, int64_t B, int64_t C, const at::Tensor& g, const
 
 }  // namespace
 
-// params: per layer [ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, mlp_proj_w, mlp_proj_b],
-// then [tok_emb, pos_emb, lnf_w, lnf_b, head_w, head_b]; an absent bias is an undefined tensor.
+// params: per layer [ln1 w, b; qkv w, s, b; proj w, s, b; ln2 w, b; fc w, s, b; mlp_proj w, s, b] (16), then
+// [tok_emb, pos_emb, lnf w, b; head w, s, b]; a linear's w is float32 (its s undefined) or int8 with float32
+// per-row scales s; an absent bias is an empty tensor.
 // kcache, vcache: (n_layer, B, n_kv_head, max_len, head_dim); the new token of row b is written at slot `slot`
 // and sits at position slot - pad[b]; it attends to slots pad[b]..slot. Returns logits (B, vocab).
 at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t slot, at::Tensor kcache,
@@ -278,10 +313,10 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t 
   const int64_t B = tokens.size(0), L = kcache.size(0), nkv = kcache.size(2), max_len = kcache.size(3);
   const int64_t hs = kcache.size(4), C = n_head * hs, group = n_head / nkv;
   const int64_t qkv_dim = C + 2 * nkv * hs;
-  const at::Tensor& tok_emb = params[12 * L];
-  const at::Tensor& pos_emb = params[12 * L + 1];
-  const at::Tensor& head_w = params[12 * L + 4];
-  const int64_t ffn = params[8].size(0);
+  const at::Tensor* top = params.data() + 16 * L;  // tok_emb, pos_emb, lnf w, b, head w, s, b
+  const at::Tensor& tok_emb = top[0];
+  const at::Tensor& pos_emb = top[1];
+  const int64_t ffn = params[10].size(0);
   TORCH_CHECK(slot < max_len, "KV cache is full: slot ", slot, " of ", max_len);
 
   std::vector<float> x(B * C), h(B * C), qkv(B * qkv_dim), att(B * C), ff(B * ffn);
@@ -297,9 +332,9 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t 
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
 
   for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor* P = params.data() + 12 * l;
+    const at::Tensor* P = params.data() + 16 * l;
     layer_norm(x.data(), B, C, P[0], P[1], eps, h.data());
-    linear(h.data(), B, C, P[2], P[3], qkv.data());
+    linear(h.data(), B, C, P[2], P[3], P[4], qkv.data());
     for (int64_t b = 0; b < B; ++b) {  // the new keys and values into the cache
       for (int64_t kvh = 0; kvh < nkv; ++kvh) {
         const float* kn = qkv.data() + b * qkv_dim + C + kvh * hs;
@@ -317,23 +352,25 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t 
                att.data() + b * C + head * hs);
       }
     });
-    linear(att.data(), B, C, P[4], P[5], x.data(), /*accumulate=*/true);
-    layer_norm(x.data(), B, C, P[6], P[7], eps, h.data());
-    linear(h.data(), B, C, P[8], P[9], ff.data(), false, static_cast<int>(act));
-    linear(ff.data(), B, ffn, P[10], P[11], x.data(), /*accumulate=*/true);
+    linear(att.data(), B, C, P[5], P[6], P[7], x.data(), /*accumulate=*/true);
+    layer_norm(x.data(), B, C, P[8], P[9], eps, h.data());
+    linear(h.data(), B, C, P[10], P[11], P[12], ff.data(), false, static_cast<int>(act));
+    linear(ff.data(), B, ffn, P[13], P[14], P[15], x.data(), /*accumulate=*/true);
   }
-  layer_norm(x.data(), B, C, params[12 * L + 2], params[12 * L + 3], eps, h.data());
-  at::Tensor logits = at::empty({B, head_w.size(0)}, tokens.options().dtype(at::kFloat));
-  linear(h.data(), B, C, head_w, params[12 * L + 5], logits.data_ptr<float>());
+  layer_norm(x.data(), B, C, top[2], top[3], eps, h.data());
+  at::Tensor logits = at::empty({B, top[4].size(0)}, tokens.options().dtype(at::kFloat));
+  linear(h.data(), B, C, top[4], top[5], top[6], logits.data_ptr<float>());
   return logits;
 }
 
-// act(x @ w.T + bias) for x (B, K): the step's matrix product on its own, for tests and benchmarks.
-at::Tensor linear_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t act) {
+// act(x @ (w * scale[:, None]).T + bias) for x (B, K): the step's matrix product on its own, for tests and benchmarks.
+at::Tensor linear_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias,
+                      int64_t act) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(1),
               "linear_act wants contiguous x (B, K) and w (N, K)");
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-  linear(x.data_ptr<float>(), x.size(0), x.size(1), w, bias, y.data_ptr<float>(), false, static_cast<int>(act));
+  linear(x.data_ptr<float>(), x.size(0), x.size(1), w, scale, bias, y.data_ptr<float>(), false,
+         static_cast<int>(act));
   return y;
 }
 
