@@ -12,6 +12,7 @@ from lmforge.infer.fused import _load_extension, decode_path, prepare_for_decodi
 from lmforge.infer.generate import decode_step, generate, prefill
 from lmforge.infer.quantize import Int8Linear, quantize_int8, quantize_model
 from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.speculative import speculative_generate
 from lmforge.model import Transformer
 
 if shutil.which("c++") is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -81,6 +82,40 @@ def test_fused_generation_equals_plain_generation(ext):
     want = [c.tokens for c in generate(model, prompts, params)]
     assert [c.tokens for c in generate(fused, prompts, params)] == want
     assert [len(t) for t in want] == [12, 5, 9, 9]
+
+
+def test_a_rows_logits_do_not_depend_on_the_batch_or_on_tokens_per_call(ext):
+    """Bit-identical: a row alone or among others, its tokens one per call or three at once (speculative
+    verification feeds several tokens, plain decoding one: greedy outputs must agree exactly)."""
+    torch.manual_seed(3)
+    model = prepare_for_decoding(Transformer(ModelConfig.from_name("gpt-nano", vocab_size=97, n_layer=2)).eval())
+    prompts = [[5, 6, 7, 8], [1, 2, 3, 4], [9, 10, 11, 12]]
+    new = torch.tensor([[20, 21, 22], [30, 31, 32], [40, 41, 42]])
+    with torch.no_grad():
+        _, batch_cache = prefill(model, prompts, 10)
+        batched = torch.stack([decode_step(model, new[:, t], batch_cache) for t in range(3)], dim=1)  # (3, 3, V)
+        _, alone_cache = prefill(model, prompts[1:2], 10)
+        alone = torch.stack([decode_step(model, new[1:2, t], alone_cache) for t in range(3)], dim=1)
+        _, chunk_cache = prefill(model, prompts[1:2], 10)
+        chunk = model.fused_decoder(new[1:2], chunk_cache, last=3)  # (1, 3, V) in one call
+    assert torch.equal(alone[0], batched[1]) and torch.equal(chunk[0], alone[0])
+    assert torch.equal(chunk_cache.k, alone_cache.k) and chunk_cache.length == alone_cache.length == 7
+    reference = Transformer(model.config)  # the same weights through the model's own forward
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        want = reference.eval()(torch.tensor([prompts[1] + new[1].tolist()]))[0, -3:]
+    torch.testing.assert_close(chunk[0], want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_fused_speculative_greedy_is_plain_fused_greedy(ext, k):
+    torch.manual_seed(4)
+    target = prepare_for_decoding(Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=3)).eval())
+    draft = prepare_for_decoding(Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=1)).eval())
+    params = SamplingParams(max_tokens=30, temperature=0)
+    plain = generate(target, [[1, 2, 3]], params)[0].tokens
+    tokens, stats = speculative_generate(target, draft, [1, 2, 3], params, k=k)
+    assert tokens == plain and stats["rounds"] < 30
 
 
 def test_int8_model_decodes_as_its_dequantized_float_twin(ext):

@@ -79,7 +79,16 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 
 class FusedDecoder:
-    """decode(tokens (B,), cache) -> logits (B, V): one token per row through the whole model, cache advanced."""
+    """New tokens through the whole model in one call, reading and advancing a contiguous `KVCache`.
+
+    decoder(tokens (B,), cache) -> logits (B, V): one decode step.
+    decoder(tokens (B, T), cache, last) -> logits (B, last, V) of each row's last `last` tokens: a few tokens at
+    once (speculative verification). Every row's arithmetic is the same whatever else is in the call, so a token's
+    logits do not depend on the batch or on T. Prompts of many tokens are matrix-matrix work that PyTorch's own
+    kernels do well: callers send those through the model (`MAX_TOKENS`).
+    """
+
+    MAX_TOKENS = 16
 
     def __init__(self, model: Transformer):
         c = model.config
@@ -103,18 +112,20 @@ class FusedDecoder:
             self.params = [p.contiguous() for p in self.params]
         self.extension = _load_extension()
 
-    def accepts(self, cache) -> bool:
-        return type(cache) is KVCache and cache.k.dtype == torch.float32 and cache.k.is_contiguous()
+    def accepts(self, cache, new_tokens: int = 1) -> bool:
+        return (type(cache) is KVCache and cache.k.dtype == torch.float32 and cache.k.is_contiguous()
+                and cache.v.is_contiguous() and new_tokens <= self.MAX_TOKENS)
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        B = tokens.shape[0]
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, last: int = 1) -> torch.Tensor:
+        step = tokens.dim() == 1
+        tokens = (tokens[:, None] if step else tokens).to(torch.long).contiguous()
+        B, T = tokens.shape
         pad = cache.pad if cache.pad is not None else torch.zeros(B, dtype=torch.long)
-        logits = self.extension.decode_step(tokens.to(torch.long).contiguous(), pad.to(torch.long).contiguous(),
-                                            cache.length, cache.k, cache.v, self.params, self.n_head, self.eps,
-                                            self.act)
-        cache.advance(1)
-        return logits
+        logits = self.extension.forward_step(tokens, pad.to(torch.long).contiguous(), cache.length, last, cache.k,
+                                             cache.v, self.params, self.n_head, self.eps, self.act)
+        cache.advance(T)
+        return logits[:, 0] if step else logits
 
 
 def prepare_for_decoding(model: nn.Module) -> nn.Module:

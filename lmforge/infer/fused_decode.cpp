@@ -1,6 +1,7 @@
 // One decode step of a GPT-style model (pre-norm LayerNorm, learned positions, GELU or ReLU MLP, multi-head or
 // grouped-query attention) as a single call: every layer, the final norm and the output head, for one new token
-// per batch row, reading and writing lmforge's contiguous KV cache. See lmforge/infer/fused.py for why.
+// per batch row (or a few: speculative verification), reading and writing lmforge's contiguous KV cache.
+// See lmforge/infer/fused.py for why.
 //
 // Linear layers are AVX2/FMA matrix-vector products over the row-major float32 weights nn.Linear already holds,
 // a few output rows x a few batch rows per register tile, split across PyTorch's threads (at::parallel_for) by
@@ -103,13 +104,18 @@ inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-// y[b, o] (+)= (x[b, :] . w[o, :]) * scale[o] + bias[o] for o in [o0, o1) (scale: int8 weights only);
-// tiles of 4 output rows x 3, 2 or 1 batch rows.
+// y[b, o] (+)= (x[b, :] . w[o, :]) * scale[o] + bias[o] for o in [o0, o1) (scale: int8 weights only).
+//
+// Every dot product is summed in the same order whatever the tile (one 8-lane accumulator over k, then the lanes,
+// then the tail), so a row's result does not depend on which other rows share the batch: batched decoding,
+// speculative verification and single-row decoding give bit-identical logits. Tiles: one row against 8 outputs
+// (prefetching the weight rows 32 ahead), or 3 / 2 / 1 rows against 4 outputs (weights reused from registers).
 template <typename W>
 void linear_rows(const float* x, int64_t B, int64_t K, const W* w, const float* scale, const float* bias, float* y,
                  int64_t ldy, int64_t o0, int64_t o1, bool accumulate) {
   const int64_t K8 = K - K % 8;
-  auto finish = [&](int64_t b, int64_t o, float v) {
+  auto finish = [&](int64_t b, int64_t o, __m256 acc) {
+    float v = hsum(acc);
     for (int64_t k = K8; k < K; ++k) v += x[b * K + k] * static_cast<float>(w[o * K + k]);
     if (scale) v *= scale[o];
     if (bias) v += bias[o];
@@ -117,8 +123,22 @@ void linear_rows(const float* x, int64_t B, int64_t K, const W* w, const float* 
     out = accumulate ? out + v : v;
   };
   int64_t o = o0;
+  if (B == 1) {
+    for (; o + 8 <= o1; o += 8) {
+      const W* r = w + o * K;
+      const bool prefetch = o + 40 <= o1;
+      __m256 a[8];
+      for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K8; k += 8) {
+        if (prefetch && (k * sizeof(W)) % 64 == 0)
+          for (int i = 0; i < 8; ++i) _mm_prefetch(reinterpret_cast<const char*>(r + (32 + i) * K + k), _MM_HINT_T0);
+        const __m256 xv = _mm256_loadu_ps(x + k);
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(load8(r + i * K + k), xv, a[i]);
+      }
+      for (int i = 0; i < 8; ++i) finish(0, o + i, a[i]);
+    }
+  }
   for (; o + 4 <= o1; o += 4) {
-    const bool prefetch = o + 36 <= o1 && B == 1;
     const W *w0 = w + o * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
     int64_t b = 0;
     for (; b + 3 <= B; b += 3) {  // 12 accumulators: enough independent FMAs to hide their latency
@@ -136,11 +156,9 @@ void linear_rows(const float* x, int64_t B, int64_t K, const W* w, const float* 
         v = load8(w3 + k);
         a3 = _mm256_fmadd_ps(v, va, a3); c3 = _mm256_fmadd_ps(v, vb, c3); d3 = _mm256_fmadd_ps(v, vc, d3);
       }
-      finish(b, o, hsum(a0)); finish(b, o + 1, hsum(a1)); finish(b, o + 2, hsum(a2)); finish(b, o + 3, hsum(a3));
-      finish(b + 1, o, hsum(c0)); finish(b + 1, o + 1, hsum(c1));
-      finish(b + 1, o + 2, hsum(c2)); finish(b + 1, o + 3, hsum(c3));
-      finish(b + 2, o, hsum(d0)); finish(b + 2, o + 1, hsum(d1));
-      finish(b + 2, o + 2, hsum(d2)); finish(b + 2, o + 3, hsum(d3));
+      finish(b, o, a0); finish(b, o + 1, a1); finish(b, o + 2, a2); finish(b, o + 3, a3);
+      finish(b + 1, o, c0); finish(b + 1, o + 1, c1); finish(b + 1, o + 2, c2); finish(b + 1, o + 3, c3);
+      finish(b + 2, o, d0); finish(b + 2, o + 1, d1); finish(b + 2, o + 2, d2); finish(b + 2, o + 3, d3);
     }
     for (; b + 2 <= B; b += 2) {
       const float *xa = x + b * K, *xb = xa + K;
@@ -154,36 +172,20 @@ void linear_rows(const float* x, int64_t B, int64_t K, const W* w, const float* 
         a2 = _mm256_fmadd_ps(v2, va, a2); c2 = _mm256_fmadd_ps(v2, vb, c2);
         a3 = _mm256_fmadd_ps(v3, va, a3); c3 = _mm256_fmadd_ps(v3, vb, c3);
       }
-      finish(b, o, hsum(a0)); finish(b, o + 1, hsum(a1)); finish(b, o + 2, hsum(a2)); finish(b, o + 3, hsum(a3));
-      finish(b + 1, o, hsum(c0)); finish(b + 1, o + 1, hsum(c1));
-      finish(b + 1, o + 2, hsum(c2)); finish(b + 1, o + 3, hsum(c3));
+      finish(b, o, a0); finish(b, o + 1, a1); finish(b, o + 2, a2); finish(b, o + 3, a3);
+      finish(b + 1, o, c0); finish(b + 1, o + 1, c1); finish(b + 1, o + 2, c2); finish(b + 1, o + 3, c3);
     }
     for (; b < B; ++b) {
       const float* xa = x + b * K;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0;
-      int64_t k = 0;
-      for (; k + 16 <= K8; k += 16) {  // two accumulators per row: eight independent FMA chains
-        if (prefetch && (k * sizeof(W)) % 64 == 0) {  // the rows 32 ahead, a cache line at a time
-          _mm_prefetch(reinterpret_cast<const char*>(w0 + 32 * K + k), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(w1 + 32 * K + k), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(w2 + 32 * K + k), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(w3 + 32 * K + k), _MM_HINT_T0);
-        }
-        const __m256 va = _mm256_loadu_ps(xa + k), vb = _mm256_loadu_ps(xa + k + 8);
-        a0 = _mm256_fmadd_ps(load8(w0 + k), va, a0); e0 = _mm256_fmadd_ps(load8(w0 + k + 8), vb, e0);
-        a1 = _mm256_fmadd_ps(load8(w1 + k), va, a1); e1 = _mm256_fmadd_ps(load8(w1 + k + 8), vb, e1);
-        a2 = _mm256_fmadd_ps(load8(w2 + k), va, a2); e2 = _mm256_fmadd_ps(load8(w2 + k + 8), vb, e2);
-        a3 = _mm256_fmadd_ps(load8(w3 + k), va, a3); e3 = _mm256_fmadd_ps(load8(w3 + k + 8), vb, e3);
-      }
-      for (; k < K8; k += 8) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t k = 0; k < K8; k += 8) {
         const __m256 va = _mm256_loadu_ps(xa + k);
         a0 = _mm256_fmadd_ps(load8(w0 + k), va, a0);
         a1 = _mm256_fmadd_ps(load8(w1 + k), va, a1);
         a2 = _mm256_fmadd_ps(load8(w2 + k), va, a2);
         a3 = _mm256_fmadd_ps(load8(w3 + k), va, a3);
       }
-      finish(b, o, hsum(_mm256_add_ps(a0, e0))); finish(b, o + 1, hsum(_mm256_add_ps(a1, e1)));
-      finish(b, o + 2, hsum(_mm256_add_ps(a2, e2))); finish(b, o + 3, hsum(_mm256_add_ps(a3, e3)));
+      finish(b, o, a0); finish(b, o + 1, a1); finish(b, o + 2, a2); finish(b, o + 3, a3);
     }
   }
   for (; o < o1; ++o) {
@@ -191,7 +193,7 @@ void linear_rows(const float* x, int64_t B, int64_t K, const W* w, const float* 
       __m256 a0 = _mm256_setzero_ps();
       for (int64_t k = 0; k < K8; k += 8)
         a0 = _mm256_fmadd_ps(load8(w + o * K + k), _mm256_loadu_ps(x + b * K + k), a0);
-      finish(b, o, hsum(a0));
+      finish(b, o, a0);
     }
   }
 }
@@ -305,27 +307,33 @@ void layer_norm(const float* x, int64_t B, int64_t C, const at::Tensor& g, const
 // params: per layer [ln1 w, b; qkv w, s, b; proj w, s, b; ln2 w, b; fc w, s, b; mlp_proj w, s, b] (16), then
 // [tok_emb, pos_emb, lnf w, b; head w, s, b]; a linear's w is float32 (its s undefined) or int8 with float32
 // per-row scales s; an absent bias is an empty tensor.
-// kcache, vcache: (n_layer, B, n_kv_head, max_len, head_dim); the new token of row b is written at slot `slot`
-// and sits at position slot - pad[b]; it attends to slots pad[b]..slot. Returns logits (B, vocab).
-at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t slot, at::Tensor kcache,
-                       at::Tensor vcache, const std::vector<at::Tensor>& params, int64_t n_head, double eps,
-                       int64_t act) {
-  const int64_t B = tokens.size(0), L = kcache.size(0), nkv = kcache.size(2), max_len = kcache.size(3);
+// tokens: (B, T) new tokens per row; kcache, vcache: (n_layer, B, n_kv_head, max_len, head_dim). New token t of
+// row b is written at slot `slot + t`, sits at position slot + t - pad[b] and attends to slots pad[b]..slot + t.
+// Returns the logits of each row's last `last` tokens, (B, last, vocab).
+at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t slot, int64_t last,
+                        at::Tensor kcache, at::Tensor vcache, const std::vector<at::Tensor>& params, int64_t n_head,
+                        double eps, int64_t act) {
+  const int64_t B = tokens.size(0), T = tokens.size(1), R = B * T;  // R rows: (b, t), b-major
+  const int64_t L = kcache.size(0), nkv = kcache.size(2), max_len = kcache.size(3);
   const int64_t hs = kcache.size(4), C = n_head * hs, group = n_head / nkv;
   const int64_t qkv_dim = C + 2 * nkv * hs;
   const at::Tensor* top = params.data() + 16 * L;  // tok_emb, pos_emb, lnf w, b, head w, s, b
   const at::Tensor& tok_emb = top[0];
   const at::Tensor& pos_emb = top[1];
   const int64_t ffn = params[10].size(0);
-  TORCH_CHECK(slot < max_len, "KV cache is full: slot ", slot, " of ", max_len);
+  TORCH_CHECK(tokens.is_contiguous() && pad.is_contiguous() && kcache.is_contiguous() && vcache.is_contiguous(),
+              "forward_step wants contiguous tokens, pad and caches");
+  TORCH_CHECK(slot + T <= max_len, "KV cache is full: ", slot + T, " tokens do not fit in ", max_len, " slots");
+  TORCH_CHECK(last >= 1 && last <= T, "last=", last, " must be in 1..", T);
 
-  std::vector<float> x(B * C), h(B * C), qkv(B * qkv_dim), att(B * C), ff(B * ffn);
+  std::vector<float> x(R * C), h(R * C), qkv(R * qkv_dim), att(R * C), ff(R * ffn);
   const int64_t* tp = tokens.data_ptr<int64_t>();
   const int64_t* pp = pad.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    const float* e = tok_emb.data_ptr<float>() + tp[b] * C;
-    const float* p = pos_emb.data_ptr<float>() + (slot - pp[b]) * C;
-    for (int64_t i = 0; i < C; ++i) x[b * C + i] = e[i] + p[i];
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t b = r / T, t = r % T;
+    const float* e = tok_emb.data_ptr<float>() + tp[r] * C;
+    const float* p = pos_emb.data_ptr<float>() + std::max<int64_t>(slot + t - pp[b], 0) * C;
+    for (int64_t i = 0; i < C; ++i) x[r * C + i] = e[i] + p[i];
   }
   float* kc = kcache.data_ptr<float>();
   float* vc = vcache.data_ptr<float>();
@@ -333,33 +341,38 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t 
 
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* P = params.data() + 16 * l;
-    layer_norm(x.data(), B, C, P[0], P[1], eps, h.data());
-    linear(h.data(), B, C, P[2], P[3], P[4], qkv.data());
-    for (int64_t b = 0; b < B; ++b) {  // the new keys and values into the cache
+    layer_norm(x.data(), R, C, P[0], P[1], eps, h.data());
+    linear(h.data(), R, C, P[2], P[3], P[4], qkv.data());
+    for (int64_t r = 0; r < R; ++r) {  // the new keys and values into the cache
+      const int64_t b = r / T, t = r % T;
       for (int64_t kvh = 0; kvh < nkv; ++kvh) {
-        const float* kn = qkv.data() + b * qkv_dim + C + kvh * hs;
-        const int64_t at = ((((l * B) + b) * nkv + kvh) * max_len + slot) * hs;
+        const float* kn = qkv.data() + r * qkv_dim + C + kvh * hs;
+        const int64_t at = ((((l * B) + b) * nkv + kvh) * max_len + slot + t) * hs;
         std::copy(kn, kn + hs, kc + at);
         std::copy(kn + nkv * hs, kn + nkv * hs + hs, vc + at);
       }
     }
-    at::parallel_for(0, B * n_head, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, R * n_head, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> score(max_len);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / n_head, head = bh % n_head;
+      for (int64_t rh = begin; rh < end; ++rh) {
+        const int64_t r = rh / n_head, head = rh % n_head, b = r / T, t = r % T;
         const int64_t base = (((l * B) + b) * nkv + head / group) * max_len * hs;
-        attend(qkv.data() + b * qkv_dim + head * hs, kc + base, vc + base, pp[b], slot, hs, scale, score.data(),
-               att.data() + b * C + head * hs);
+        const int64_t start = std::min(pp[b], slot + t);  // a left-padding slot sees itself only
+        attend(qkv.data() + r * qkv_dim + head * hs, kc + base, vc + base, start, slot + t, hs, scale,
+               score.data(), att.data() + r * C + head * hs);
       }
     });
-    linear(att.data(), B, C, P[5], P[6], P[7], x.data(), /*accumulate=*/true);
-    layer_norm(x.data(), B, C, P[8], P[9], eps, h.data());
-    linear(h.data(), B, C, P[10], P[11], P[12], ff.data(), false, static_cast<int>(act));
-    linear(ff.data(), B, ffn, P[13], P[14], P[15], x.data(), /*accumulate=*/true);
+    linear(att.data(), R, C, P[5], P[6], P[7], x.data(), /*accumulate=*/true);
+    layer_norm(x.data(), R, C, P[8], P[9], eps, h.data());
+    linear(h.data(), R, C, P[10], P[11], P[12], ff.data(), false, static_cast<int>(act));
+    linear(ff.data(), R, ffn, P[13], P[14], P[15], x.data(), /*accumulate=*/true);
   }
-  layer_norm(x.data(), B, C, top[2], top[3], eps, h.data());
-  at::Tensor logits = at::empty({B, top[4].size(0)}, tokens.options().dtype(at::kFloat));
-  linear(h.data(), B, C, top[4], top[5], top[6], logits.data_ptr<float>());
+  std::vector<float> tail(B * last * C);  // the rows that go through the head
+  for (int64_t b = 0; b < B; ++b)
+    std::copy(x.begin() + (b * T + T - last) * C, x.begin() + (b * T + T) * C, tail.begin() + b * last * C);
+  layer_norm(tail.data(), B * last, C, top[2], top[3], eps, h.data());
+  at::Tensor logits = at::empty({B, last, top[4].size(0)}, tokens.options().dtype(at::kFloat));
+  linear(h.data(), B * last, C, top[4], top[5], top[6], logits.data_ptr<float>());
   return logits;
 }
 
@@ -376,5 +389,5 @@ at::Tensor linear_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_act", &linear_act, "act(x @ w.T + bias) with the decode step's kernel");
-  m.def("decode_step", &decode_step, "one fused GPT-style decode step (see fused_decode.cpp)");
+  m.def("forward_step", &forward_step, "new tokens through a GPT-style model and its KV cache, fused");
 }

@@ -70,6 +70,9 @@ def feed(model, cache, sequence: Sequence[int], last: int) -> torch.Tensor:
     """Run the tokens of `sequence` that `cache` lacks through `model`; logits (last, V) of its last positions."""
     device = next(model.parameters()).device
     new = torch.tensor(sequence[cache.length:], dtype=torch.long, device=device)[None]  # (1, T)
+    fused = getattr(model, "fused_decoder", None)  # lmforge.infer.fused: a few tokens in one call
+    if fused is not None and fused.accepts(cache, new.shape[1]):
+        return fused(new, cache, last)[0]
     hidden = model.hidden(new, kv_cache=cache)[0, -last:]  # (last, C): only these go through the head
     return model.lm_head(hidden)
 
