@@ -240,6 +240,7 @@ def test_bench_command_prints_a_line_per_case_and_a_summary(capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(c["batch"], c["dtype"]) for c in lines[:2]] == [(1, "float32"), (2, "float32")]
     assert all(c["decode_tok_s"] > 0 and c["prefill_tok_s"] > 0 for c in lines[:2])
+    assert lines[0]["decode_path"] in ("fused", "packed")  # fused where the extension builds
     assert lines[2]["summary"] and lines[2]["cases"] == 2
     with pytest.raises(ValueError, match="batch_sizes"):
         bench_command("gpt-nano", batch_sizes=[0])

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from lmforge.infer.fused import decode_path
 from lmforge.infer.generate import load_for_generation, generate, prefill
 from lmforge.infer.sampling import SamplingParams
 
@@ -70,7 +71,7 @@ def bench_command(model: str, batch_sizes: list[int] = [1, 8], dtypes: list[str]
         net, _ = load_for_generation(model, dtype)
         for batch in batch_sizes:
             case = {"model": model, "dtype": dtype, **measure(net, batch, prompt_len, new_tokens, repeats),
-                    "threads": torch.get_num_threads()}
+                    "decode_path": decode_path(net), "threads": torch.get_num_threads()}
             cases.append(case)
             print(json.dumps(case), flush=True)
     best = max(cases, key=lambda c: c["decode_tok_s"])
