@@ -42,16 +42,18 @@ def test_linear_kernel_equals_f_linear(ext, B, K, N, act, ref):
 
 
 CONFIGS = {
-    "gpt": dict(),
-    "no-bias-untied-tanh": dict(bias=False, tie_embeddings=False, mlp="gelu_tanh"),
-    "relu-gqa": dict(mlp="relu", n_kv_head=2),
+    "gpt": ("gpt-nano", dict()),
+    "gpt-no-bias-untied-tanh": ("gpt-nano", dict(bias=False, tie_embeddings=False, mlp="gelu_tanh")),
+    "gpt-relu-gqa": ("gpt-nano", dict(mlp="relu", n_kv_head=2)),
+    "llama-gqa": ("llama-nano", dict()),  # RMSNorm, rotary positions, SwiGLU, 4 query heads on 2 kv heads
+    "llama-odd-head-size": ("llama-nano", dict(n_embd=120, n_head=4, n_kv_head=4, intermediate_size=100)),
 }
 
 
-@pytest.mark.parametrize("overrides", CONFIGS.values(), ids=CONFIGS.keys())
-def test_fused_step_equals_the_model_step_with_padding(ext, overrides):
+@pytest.mark.parametrize("preset, overrides", CONFIGS.values(), ids=CONFIGS.keys())
+def test_fused_step_equals_the_model_step_with_padding(ext, preset, overrides):
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=97, n_layer=2, **overrides)).eval()
+    model = Transformer(ModelConfig.from_name(preset, vocab_size=97, n_layer=2, **overrides)).eval()
     with torch.no_grad():
         for p in model.parameters():  # larger weights than the init: activations reach GELU's tails
             p.add_(torch.randn_like(p) * 0.05)
@@ -142,9 +144,9 @@ def test_int8_model_decodes_as_its_dequantized_float_twin(ext):
 
 
 def test_other_models_fall_back_to_packed_linears(ext):
-    llama = Transformer(ModelConfig.from_name("llama-nano", vocab_size=64, n_layer=1)).eval()
-    assert "rmsnorm" in unsupported_reason(llama)
-    assert decode_path(prepare_for_decoding(llama)) == "packed"
+    classic = Transformer(ModelConfig.from_name("seed", vocab_size=64, n_layer=1)).eval()  # post-norm, sinusoidal
+    assert "post" in unsupported_reason(classic)
+    assert decode_path(prepare_for_decoding(classic)) == "packed"
     bf16 = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=1)).to(torch.bfloat16).eval()
     assert "float32" in unsupported_reason(bf16)
     assert decode_path(prepare_for_decoding(bf16)) == "plain"

@@ -1,4 +1,4 @@
-"""A fused decode step: one C++ call per generated token for GPT-style models on a CPU.
+"""A fused decode step: one C++ call per generated token for decoder-only models on a CPU.
 
 Decoding one token per row is a chain of about fifteen small operations per layer. Run one by one from Python,
 each pays dispatch and thread start-up costs that, on a small model, add up to as much as streaming its weights
@@ -8,12 +8,13 @@ norm and the output head) in one call, with matrix-vector products that stream t
 already holds. Prefill, training and everything else keep the ordinary model code.
 
 The extension is compiled on first use with PyTorch's own tool chain (torch.utils.cpp_extension, cached under
-~/.cache/torch_extensions); where it cannot be (no compiler, no AVX2, another model family or dtype, quantized
-weights) `prepare_for_decoding` falls back to oneDNN-packed linear layers (lmforge.infer.packed), and
+~/.cache/torch_extensions); where it cannot be (no compiler, no AVX2, the classic post-norm model, bf16 weights)
+`prepare_for_decoding` falls back to oneDNN-packed linear layers (lmforge.infer.packed), and
 `decode_path(model)` says which one runs.
 
-Supported: pre-norm LayerNorm, learned positions, GELU (exact or tanh) or ReLU MLP, multi-head or grouped-query
-attention, with or without biases, tied or separate output head: GPT-2 and lmforge's gpt-* presets; float32
+Supported: pre-norm decoders with LayerNorm or RMSNorm, learned or rotary positions, a GELU (exact or tanh), ReLU
+or SwiGLU MLP, multi-head or grouped-query attention, with or without biases, tied or separate output head: GPT-2,
+Llama and the gpt-* / llama-* presets, imported checkpoints and llama2.c models alike; float32
 weights, or int8 ones with per-row scales (lmforge.infer.quantize's Int8Linear), which the kernel widens to float
 as it streams them: a quarter of the bytes for the same arithmetic.
 """
@@ -31,7 +32,7 @@ from lmforge.model import KVCache, Transformer
 
 log = logging.getLogger(__name__)
 
-_ACT = {"gelu": 1, "gelu_tanh": 2, "relu": 3}
+_ACT = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu": 4}
 _extension = None
 _build_error: str | None = None
 
@@ -60,12 +61,11 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if not isinstance(model, Transformer):
         return f"{type(model).__name__} is not an lmforge Transformer"
     c = model.config
-    wants = {"norm": "layernorm", "norm_placement": "pre", "pos": "learned"}
-    for key, value in wants.items():
-        if getattr(c, key) != value:
-            return f"{key}={getattr(c, key)!r} (the fused step does {key}={value!r})"
-    if c.mlp not in _ACT or c.embed_scale or not c.final_norm:
-        return f"mlp={c.mlp!r}, embed_scale={c.embed_scale}, final_norm={c.final_norm} are not fused"
+    if c.norm_placement != "pre" or c.pos not in ("learned", "rope") or c.mlp not in _ACT:
+        return (f"norm_placement={c.norm_placement!r}, pos={c.pos!r}, mlp={c.mlp!r}: the fused step runs pre-norm "
+                f"models with learned or rotary positions and a {'/'.join(_ACT)} MLP")
+    if c.embed_scale or not c.final_norm:
+        return f"embed_scale={c.embed_scale}, final_norm={c.final_norm} are not fused"
     for module in model.modules():
         if type(module).__module__.startswith("lmforge.infer") and type(module).__name__ != "Int8Linear":
             return f"{type(module).__name__} layers are not fused"  # packed layers
@@ -101,13 +101,17 @@ class FusedDecoder:
         def linear(module):  # weight, scales (Int8Linear) or none, bias
             return [module.weight.detach(), tensor(getattr(module, "scales", None)), tensor(module.bias)]
 
+        def norm(module):  # weight, bias (RMSNorm has none)
+            return [module.weight.detach(), tensor(getattr(module, "bias", None))]
+
         self.params: list[torch.Tensor] = []
         for block in model.blocks:
-            self.params += [block.norm1.weight.detach(), tensor(block.norm1.bias), *linear(block.attn.qkv),
-                            *linear(block.attn.proj), block.norm2.weight.detach(), tensor(block.norm2.bias),
-                            *linear(block.mlp.fc), *linear(block.mlp.proj)]
-        self.params += [model.tok_emb.weight.detach(), model.pos_emb.weight.detach(), model.norm_f.weight.detach(),
-                        tensor(model.norm_f.bias), *linear(model.lm_head)]
+            self.params += [*norm(block.norm1), *linear(block.attn.qkv), *linear(block.attn.proj),
+                            *norm(block.norm2), *linear(block.mlp.fc), *linear(block.mlp.proj)]
+        self.params += [model.tok_emb.weight.detach(), tensor(None if model.pos_emb is None else model.pos_emb.weight),
+                        *norm(model.norm_f), *linear(model.lm_head)]
+        self.rms = c.norm == "rmsnorm"
+        self.rope = (model.rope_cos, model.rope_sin) if c.pos == "rope" else (none, none)
         if not all(p.is_contiguous() for p in self.params):
             self.params = [p.contiguous() for p in self.params]
         self.extension = _load_extension()
@@ -123,7 +127,8 @@ class FusedDecoder:
         B, T = tokens.shape
         pad = cache.pad if cache.pad is not None else torch.zeros(B, dtype=torch.long)
         logits = self.extension.forward_step(tokens, pad.to(torch.long).contiguous(), cache.length, last, cache.k,
-                                             cache.v, self.params, self.n_head, self.eps, self.act)
+                                             cache.v, self.params, self.n_head, self.eps, self.act, self.rms,
+                                             *self.rope)
         cache.advance(T)
         return logits[:, 0] if step else logits
 

@@ -1,5 +1,5 @@
-// One decode step of a GPT-style model (pre-norm LayerNorm, learned positions, GELU or ReLU MLP, multi-head or
-// grouped-query attention) as a single call: every layer, the final norm and the output head, for one new token
+// One decode step of a pre-norm decoder (GPT-2 style: LayerNorm, learned positions, GELU or ReLU MLP; Llama
+// style: RMSNorm, rotary positions, SwiGLU; multi-head or grouped-query attention) as a single call: every layer, the final norm and the output head, for one new token
 // per batch row (or a few: speculative verification), reading and writing lmforge's contiguous KV cache.
 // See lmforge/infer/fused.py for why.
 //
@@ -16,7 +16,7 @@
 
 namespace {
 
-constexpr int kNone = 0, kGeluErf = 1, kGeluTanh = 2, kRelu = 3;
+constexpr int kNone = 0, kGeluErf = 1, kGeluTanh = 2, kRelu = 3, kSwiGLU = 4;
 
 // An absent bias or scale comes from Python as an empty tensor.
 inline bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
@@ -286,15 +286,18 @@ void attend(const float* q, const float* k, const float* v, int64_t start, int64
   }
 }
 
-void layer_norm(const float* x, int64_t B, int64_t C, const at::Tensor& g, const at::Tensor& beta, float eps,
-                float* out) {
+// LayerNorm (mean and variance) or, with rms, RMSNorm (x / sqrt(mean(x^2) + eps) * g) of B rows of C.
+void norm(const float* x, int64_t B, int64_t C, const at::Tensor& g, const at::Tensor& beta, float eps, bool rms,
+          float* out) {
   const float* gp = g.data_ptr<float>();
   const float* bp = present(beta) ? beta.data_ptr<float>() : nullptr;
   for (int64_t b = 0; b < B; ++b) {
     const float* r = x + b * C;
     double mean = 0, var = 0;
-    for (int64_t i = 0; i < C; ++i) mean += r[i];
-    mean /= C;
+    if (!rms) {
+      for (int64_t i = 0; i < C; ++i) mean += r[i];
+      mean /= C;
+    }
     for (int64_t i = 0; i < C; ++i) var += (r[i] - mean) * (r[i] - mean);
     const float inv = 1.0f / std::sqrt(static_cast<float>(var / C) + eps);
     for (int64_t i = 0; i < C; ++i)
@@ -302,17 +305,46 @@ void layer_norm(const float* x, int64_t B, int64_t C, const at::Tensor& g, const
   }
 }
 
+// Rotary embedding in place on n heads of hs at v: pairs (i, i + hs/2) turned by the angles of one position.
+void rotate(float* v, int64_t n, int64_t hs, const float* cos, const float* sin) {
+  const int64_t half = hs / 2;
+  for (int64_t h = 0; h < n; ++h, v += hs) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = v[i], x2 = v[i + half];
+      v[i] = x1 * cos[i] - x2 * sin[i];
+      v[i + half] = x2 * cos[i] + x1 * sin[i];
+    }
+  }
+}
+
+// SwiGLU: out[r, i] = silu(gate[r, i]) * up[r, i] for rows of [gate (I); up (I)].
+void swiglu(const float* in, int64_t R, int64_t I, float* out) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float *g = in + r * 2 * I, *u = g + I;
+    float* o = out + r * I;
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 sig = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f),
+                                                                            vexp(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+}
+
 }  // namespace
 
 // params: per layer [ln1 w, b; qkv w, s, b; proj w, s, b; ln2 w, b; fc w, s, b; mlp_proj w, s, b] (16), then
-// [tok_emb, pos_emb, lnf w, b; head w, s, b]; a linear's w is float32 (its s undefined) or int8 with float32
+// [tok_emb, pos_emb (empty with rotary positions: rope_cos, rope_sin (max_pos, head_dim / 2) instead), lnf w, b;
+// head w, s, b]; a linear's w is float32 (its s undefined) or int8 with float32
 // per-row scales s; an absent bias is an empty tensor.
 // tokens: (B, T) new tokens per row; kcache, vcache: (n_layer, B, n_kv_head, max_len, head_dim). New token t of
 // row b is written at slot `slot + t`, sits at position slot + t - pad[b] and attends to slots pad[b]..slot + t.
 // Returns the logits of each row's last `last` tokens, (B, last, vocab).
 at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t slot, int64_t last,
                         at::Tensor kcache, at::Tensor vcache, const std::vector<at::Tensor>& params, int64_t n_head,
-                        double eps, int64_t act) {
+                        double eps, int64_t act, bool rms, const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
   const int64_t B = tokens.size(0), T = tokens.size(1), R = B * T;  // R rows: (b, t), b-major
   const int64_t L = kcache.size(0), nkv = kcache.size(2), max_len = kcache.size(3);
   const int64_t hs = kcache.size(4), C = n_head * hs, group = n_head / nkv;
@@ -320,20 +352,26 @@ at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t
   const at::Tensor* top = params.data() + 16 * L;  // tok_emb, pos_emb, lnf w, b, head w, s, b
   const at::Tensor& tok_emb = top[0];
   const at::Tensor& pos_emb = top[1];
-  const int64_t ffn = params[10].size(0);
+  const int64_t ffn = params[10].size(0), inner = act == kSwiGLU ? ffn / 2 : ffn;  // swiglu: [gate; up] rows
+  const bool rope = present(rope_cos);
   TORCH_CHECK(tokens.is_contiguous() && pad.is_contiguous() && kcache.is_contiguous() && vcache.is_contiguous(),
               "forward_step wants contiguous tokens, pad and caches");
   TORCH_CHECK(slot + T <= max_len, "KV cache is full: ", slot + T, " tokens do not fit in ", max_len, " slots");
   TORCH_CHECK(last >= 1 && last <= T, "last=", last, " must be in 1..", T);
 
-  std::vector<float> x(R * C), h(R * C), qkv(R * qkv_dim), att(R * C), ff(R * ffn);
+  std::vector<float> x(R * C), h(R * C), qkv(R * qkv_dim), att(R * C), ff(R * ffn), gated(act == kSwiGLU ? R * inner : 0);
+  std::vector<int64_t> pos(R);
   const int64_t* tp = tokens.data_ptr<int64_t>();
   const int64_t* pp = pad.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r) {
     const int64_t b = r / T, t = r % T;
+    pos[r] = std::max<int64_t>(slot + t - pp[b], 0);
     const float* e = tok_emb.data_ptr<float>() + tp[r] * C;
-    const float* p = pos_emb.data_ptr<float>() + std::max<int64_t>(slot + t - pp[b], 0) * C;
-    for (int64_t i = 0; i < C; ++i) x[r * C + i] = e[i] + p[i];
+    std::copy(e, e + C, x.begin() + r * C);
+    if (present(pos_emb)) {
+      const float* p = pos_emb.data_ptr<float>() + pos[r] * C;
+      for (int64_t i = 0; i < C; ++i) x[r * C + i] += p[i];
+    }
   }
   float* kc = kcache.data_ptr<float>();
   float* vc = vcache.data_ptr<float>();
@@ -341,8 +379,15 @@ at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t
 
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* P = params.data() + 16 * l;
-    layer_norm(x.data(), R, C, P[0], P[1], eps, h.data());
+    norm(x.data(), R, C, P[0], P[1], eps, rms, h.data());
     linear(h.data(), R, C, P[2], P[3], P[4], qkv.data());
+    if (rope) {
+      for (int64_t r = 0; r < R; ++r) {  // queries and keys turned by their positions
+        const float* c = rope_cos.data_ptr<float>() + pos[r] * (hs / 2);
+        const float* sn = rope_sin.data_ptr<float>() + pos[r] * (hs / 2);
+        rotate(qkv.data() + r * qkv_dim, n_head + nkv, hs, c, sn);
+      }
+    }
     for (int64_t r = 0; r < R; ++r) {  // the new keys and values into the cache
       const int64_t b = r / T, t = r % T;
       for (int64_t kvh = 0; kvh < nkv; ++kvh) {
@@ -363,14 +408,20 @@ at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t
       }
     });
     linear(att.data(), R, C, P[5], P[6], P[7], x.data(), /*accumulate=*/true);
-    layer_norm(x.data(), R, C, P[8], P[9], eps, h.data());
-    linear(h.data(), R, C, P[10], P[11], P[12], ff.data(), false, static_cast<int>(act));
-    linear(ff.data(), R, ffn, P[13], P[14], P[15], x.data(), /*accumulate=*/true);
+    norm(x.data(), R, C, P[8], P[9], eps, rms, h.data());
+    if (act == kSwiGLU) {
+      linear(h.data(), R, C, P[10], P[11], P[12], ff.data());
+      swiglu(ff.data(), R, inner, gated.data());
+      linear(gated.data(), R, inner, P[13], P[14], P[15], x.data(), /*accumulate=*/true);
+    } else {
+      linear(h.data(), R, C, P[10], P[11], P[12], ff.data(), false, static_cast<int>(act));
+      linear(ff.data(), R, ffn, P[13], P[14], P[15], x.data(), /*accumulate=*/true);
+    }
   }
   std::vector<float> tail(B * last * C);  // the rows that go through the head
   for (int64_t b = 0; b < B; ++b)
     std::copy(x.begin() + (b * T + T - last) * C, x.begin() + (b * T + T) * C, tail.begin() + b * last * C);
-  layer_norm(tail.data(), B * last, C, top[2], top[3], eps, h.data());
+  norm(tail.data(), B * last, C, top[2], top[3], eps, rms, h.data());
   at::Tensor logits = at::empty({B, last, top[4].size(0)}, tokens.options().dtype(at::kFloat));
   linear(h.data(), B * last, C, top[4], top[5], top[6], logits.data_ptr<float>());
   return logits;
