@@ -24,3 +24,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fused_decode_built():
+    """Build the fused decode extension (lmforge.infer.fused) once, up front: its first build takes about 40 s,
+    which would otherwise land inside whichever test first generates (some wait on subprocesses with timeouts)."""
+    from lmforge.infer.fused import _load_extension
+
+    _load_extension()
