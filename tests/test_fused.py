@@ -150,3 +150,13 @@ def test_other_models_fall_back_to_packed_linears(ext):
     bf16 = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=1)).to(torch.bfloat16).eval()
     assert "float32" in unsupported_reason(bf16)
     assert decode_path(prepare_for_decoding(bf16)) == "plain"
+
+
+def test_bad_tokens_and_full_caches_are_errors_not_crashes(ext):
+    model = prepare_for_decoding(Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=1)).eval())
+    _, cache = prefill(model, [[1, 2, 3]], 4)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        decode_step(model, torch.tensor([64]), cache)
+    decode_step(model, torch.tensor([5]), cache)  # the 4th and last slot
+    with pytest.raises(RuntimeError, match="KV cache is full"):
+        decode_step(model, torch.tensor([5]), cache)

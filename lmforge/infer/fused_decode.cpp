@@ -363,6 +363,11 @@ at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t
   std::vector<int64_t> pos(R);
   const int64_t* tp = tokens.data_ptr<int64_t>();
   const int64_t* pp = pad.data_ptr<int64_t>();
+  const int64_t vocab = tok_emb.size(0);
+  const int64_t max_pos = present(pos_emb) ? pos_emb.size(0) : present(rope_cos) ? rope_cos.size(0) : max_len;
+  TORCH_CHECK(slot + T <= max_pos, "positions up to ", slot + T, " exceed the model's context of ", max_pos);
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(tp[r] >= 0 && tp[r] < vocab, "token id ", tp[r], " is outside the vocabulary 0..", vocab - 1);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t b = r / T, t = r % T;
     pos[r] = std::max<int64_t>(slot + t - pp[b], 0);
