@@ -9,7 +9,7 @@ Ends with one JSON line holding concurrency_speedup (engine concurrent / engine 
 ratios) and kv_bytes_per_token (measured: bytes of the KV blocks held / live tokens, at the moment of most live
 tokens; kv_bytes_per_token_ideal is 2 * n_layer * kv_dim * dtype bytes).
 
-    python bench/engine.py [--dtype bfloat16] [--concurrency 32] [--repeats 3]
+    python bench/engine.py [--dtype bfloat16] [--concurrency 32] [--repeats 3] [--decode packed]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.engine.engine import Engine
 from lmforge.infer.generate import generate
+from lmforge.infer.fused import decode_path, prepare_for_decoding
 from lmforge.infer.packed import pack_linears
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
@@ -63,13 +64,16 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens per step")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--decode", default="fused", choices=["fused", "packed"],
+                    help="fused: the model as `lmforge serve` prepares it; packed: oneDNN-packed linear layers")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    # as `lmforge serve` runs it: float32 linear layers packed for oneDNN (lmforge.infer.packed)
-    model = pack_linears(Transformer(ModelConfig.from_name(args.preset)).eval().to(DTYPES[args.dtype]))
+    model = Transformer(ModelConfig.from_name(args.preset)).eval().to(DTYPES[args.dtype])
+    # fused: as `lmforge serve` runs it (decoding rows through lmforge.infer.fused); packed: oneDNN linear layers
+    model = prepare_for_decoding(model) if args.decode == "fused" else pack_linears(model)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (args.prompt_len,), generator=g).tolist()
                for _ in range(args.concurrency)]
@@ -95,7 +99,8 @@ def main() -> None:
         return round(statistics.median(x / y for x, y in zip(runs[a], runs[b])), 2)
 
     result = dict(
-        preset=args.preset, dtype=args.dtype, concurrency=args.concurrency, prompt_len=args.prompt_len,
+        preset=args.preset, dtype=args.dtype, decode_path=decode_path(model), concurrency=args.concurrency,
+        prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, block_size=args.block_size, threads=torch.get_num_threads(),
         repeats=args.repeats, **{f"{k}_tok_s": round(v, 1) for k, v in med.items()},
         concurrency_speedup=ratio("engine_concurrent", "engine_single"),

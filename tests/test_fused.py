@@ -120,6 +120,26 @@ def test_fused_speculative_greedy_is_plain_fused_greedy(ext, k):
     assert tokens == plain and stats["rounds"] < 30
 
 
+@pytest.mark.parametrize("preset", ["gpt-nano", "llama-nano"])
+def test_serving_engine_decodes_through_the_fused_step(ext, preset):
+    """The engine's decoding rows (paged KV cache, block tables, rows at different lengths joining and leaving,
+    chunked prompts, a pool small enough to preempt) through the fused step give the model's own greedy tokens."""
+    from lmforge.engine.engine import Engine
+
+    torch.manual_seed(5)
+    model = Transformer(ModelConfig.from_name(preset, vocab_size=97, n_layer=2)).eval()
+    fused = prepare_for_decoding(copy.deepcopy(model))
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (5, 30, 1, 13, 9)]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    engine = Engine(fused, block_size=4, num_blocks=14, max_num_batched_tokens=12, max_num_seqs=4)
+    assert engine.fused is fused.fused_decoder
+    got = [c.tokens for c in engine.generate(prompts, params)]
+    assert engine.stats()["preemptions"] > 0 and engine.block_manager.num_used_blocks == 0
+    assert got == [c.tokens for c in generate(model, prompts, params)]
+    assert Engine(model, block_size=4).fused is None  # an unprepared model keeps the model's own forward
+
+
 def test_int8_model_decodes_as_its_dequantized_float_twin(ext):
     """The fused int8 step against an independent reference: the float model holding the dequantized weights."""
     torch.manual_seed(2)

@@ -41,7 +41,8 @@ class Engine:
     """Continuous batching over one model.
 
     Args:
-        model: an lmforge `Transformer` (anything with `hidden`, `lm_head`, `config` and the cache protocol).
+        model: an lmforge `Transformer` (anything with `hidden`, `lm_head`, `config` and the cache protocol);
+            prepared by `lmforge.infer.fused.prepare_for_decoding`, its decoding rows take the fused step.
         tokenizer: decodes text and enables stop strings; its `eos_id` ends outputs unless ignore_eos.
         num_blocks: KV blocks in the pool; default: room for max_num_seqs full-context sequences.
         block_size: token slots per KV block.
@@ -61,6 +62,8 @@ class Engine:
         if num_blocks is None:
             num_blocks = max_num_seqs * -(-self.config.block_size // block_size)
         self.cache = PagedKVCache(self.config, num_blocks, block_size, dtype=p.dtype, device=p.device)
+        fused = getattr(model, "fused_decoder", None)  # lmforge.infer.fused: decode rows in one call
+        self.fused = fused if fused is not None and fused.accepts(self.cache) else None
         self.block_manager = BlockManager(num_blocks, block_size)
         self.drafter = None if draft is None else Drafter(draft, self.config, num_blocks, block_size,
                                                           num_speculative_tokens)
@@ -149,11 +152,15 @@ class Engine:
         groups = [g for g in (decodes, prefills) if g]
         logits, seqs = [], []
         for group in groups:
-            last = self._forward(group)[torch.arange(len(group)), torch.tensor([n for _, n in group]) - 1]  # (B, C)
             pick = [b for b, (s, n) in enumerate(group) if out.samples(s, n)]
-            if pick:
-                logits.append(self.model.lm_head(last[pick]))
-                seqs += [group[b][0] for b in pick]
+            if group is decodes and self.fused is not None:  # every layer and the head in one call
+                rows = self.fused.paged([s.token_ids[s.num_computed_tokens] for s, _ in group], self.cache,
+                                        [s.block_table for s, _ in group], [s.num_computed_tokens for s, _ in group])
+                logits += [rows[pick]] if pick else []
+            else:
+                last = self._forward(group)[torch.arange(len(group)), torch.tensor([n for _, n in group]) - 1]
+                logits += [self.model.lm_head(last[pick])] if pick else []  # last: (B, C)
+            seqs += [group[b][0] for b in pick]
         self.counters["computed_tokens"] += out.num_batched_tokens
         self.counters["steps"] += 1
         sampled, lps = self._sample(torch.cat(logits), seqs) if seqs else ({}, {})

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -117,20 +118,37 @@ class FusedDecoder:
         self.extension = _load_extension()
 
     def accepts(self, cache, new_tokens: int = 1) -> bool:
-        return (type(cache) is KVCache and cache.k.dtype == torch.float32 and cache.k.is_contiguous()
+        """Whether `cache` (a contiguous KVCache or the engine's PagedKVCache) can take `new_tokens` per row here."""
+        from lmforge.engine.paged_cache import PagedKVCache  # the engine imports lmforge.infer: import here
+
+        return (type(cache) in (KVCache, PagedKVCache) and cache.k.dtype == torch.float32 and cache.k.is_contiguous()
                 and cache.v.is_contiguous() and new_tokens <= self.MAX_TOKENS)
+
+    def _run(self, tokens, lo, start, last, cache, block_table):
+        return self.extension.forward_step(tokens, lo, start, last, cache.k, cache.v, block_table, self.params,
+                                           self.n_head, self.eps, self.act, self.rms, *self.rope)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, last: int = 1) -> torch.Tensor:
         step = tokens.dim() == 1
         tokens = (tokens[:, None] if step else tokens).to(torch.long).contiguous()
         B, T = tokens.shape
-        pad = cache.pad if cache.pad is not None else torch.zeros(B, dtype=torch.long)
-        logits = self.extension.forward_step(tokens, pad.to(torch.long).contiguous(), cache.length, last, cache.k,
-                                             cache.v, self.params, self.n_head, self.eps, self.act, self.rms,
-                                             *self.rope)
+        lo = cache.pad.to(torch.long).contiguous() if cache.pad is not None else torch.zeros(B, dtype=torch.long)
+        start = torch.full((B,), cache.length, dtype=torch.long)
+        logits = self._run(tokens, lo, start, last, cache, torch.Tensor())
         cache.advance(T)
         return logits[:, 0] if step else logits
+
+    @torch.no_grad()
+    def paged(self, tokens: Sequence[int], cache: PagedKVCache, block_tables: Sequence[Sequence[int]],
+              starts: Sequence[int]) -> torch.Tensor:
+        """One decode step for the serving engine: row b's token at position starts[b] (its cached tokens), its
+        blocks block_tables[b] in the engine's pool. Logits (B, V)."""
+        width = max(len(t) for t in block_tables)
+        table = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+        tokens_t = torch.tensor(tokens, dtype=torch.long)[:, None]
+        lo = torch.zeros(len(tokens), dtype=torch.long)
+        return self._run(tokens_t, lo, torch.tensor(starts, dtype=torch.long), 1, cache, table)[:, 0]
 
 
 def prepare_for_decoding(model: nn.Module) -> nn.Module:

@@ -218,9 +218,10 @@ void linear(const float* x, int64_t B, int64_t K, const at::Tensor& w, const at:
   });
 }
 
-// out = softmax(scale * q . k_s) weighted sum of v_s over slots s in [start, end]; k, v: rows of hs floats.
-void attend(const float* q, const float* k, const float* v, int64_t start, int64_t end, int64_t hs, float scale,
-            float* score, float* out) {
+// out = softmax(scale * q . k_s) weighted sum of v_s over slots s in [start, end]; slot s's key and value are the
+// hs floats at k + slots[s] * stride and v + slots[s] * stride.
+void attend(const float* q, const float* k, const float* v, const int64_t* slots, int64_t stride, int64_t start,
+            int64_t end, int64_t hs, float scale, float* score, float* out) {
   const int64_t hs8 = hs - hs % 8;
   auto tail = [&](const float* row) {
     float t = 0;
@@ -229,7 +230,8 @@ void attend(const float* q, const float* k, const float* v, int64_t start, int64
   };
   int64_t s = start;
   for (; s + 4 <= end + 1; s += 4) {  // four slots at once: four independent FMA chains
-    const float *k0 = k + s * hs, *k1 = k0 + hs, *k2 = k1 + hs, *k3 = k2 + hs;
+    const float *k0 = k + slots[s] * stride, *k1 = k + slots[s + 1] * stride;
+    const float *k2 = k + slots[s + 2] * stride, *k3 = k + slots[s + 3] * stride;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t d = 0; d < hs8; d += 8) {
       const __m256 qv = _mm256_loadu_ps(q + d);
@@ -245,8 +247,9 @@ void attend(const float* q, const float* k, const float* v, int64_t start, int64
   }
   for (; s <= end; ++s) {
     __m256 a0 = _mm256_setzero_ps();
-    for (int64_t d = 0; d < hs8; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + s * hs + d), a0);
-    score[s] = (hsum(a0) + tail(k + s * hs)) * scale;
+    const float* kr = k + slots[s] * stride;
+    for (int64_t d = 0; d < hs8; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), a0);
+    score[s] = (hsum(a0) + tail(kr)) * scale;
   }
 
   float top = -INFINITY;
@@ -267,7 +270,7 @@ void attend(const float* q, const float* k, const float* v, int64_t start, int64
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (s = start; s <= end; ++s) {
       const __m256 p = _mm256_set1_ps(score[s]);
-      const float* row = v + s * hs + d;
+      const float* row = v + slots[s] * stride + d;
       a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row), a0);
       a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 8), a1);
       a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 16), a2);
@@ -281,7 +284,7 @@ void attend(const float* q, const float* k, const float* v, int64_t start, int64
   }
   for (; d < hs; ++d) {
     float t = 0;
-    for (s = start; s <= end; ++s) t += score[s] * v[s * hs + d];
+    for (s = start; s <= end; ++s) t += score[s] * v[slots[s] * stride + d];
     out[d] = t * inv;
   }
 }
@@ -339,38 +342,62 @@ void swiglu(const float* in, int64_t R, int64_t I, float* out) {
 // [tok_emb, pos_emb (empty with rotary positions: rope_cos, rope_sin (max_pos, head_dim / 2) instead), lnf w, b;
 // head w, s, b]; a linear's w is float32 (its s undefined) or int8 with float32
 // per-row scales s; an absent bias is an empty tensor.
-// tokens: (B, T) new tokens per row; kcache, vcache: (n_layer, B, n_kv_head, max_len, head_dim). New token t of
-// row b is written at slot `slot + t`, sits at position slot + t - pad[b] and attends to slots pad[b]..slot + t.
-// Returns the logits of each row's last `last` tokens, (B, last, vocab).
-at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t slot, int64_t last,
-                        at::Tensor kcache, at::Tensor vcache, const std::vector<at::Tensor>& params, int64_t n_head,
-                        double eps, int64_t act, bool rms, const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
+// tokens: (B, T) new tokens per row. New token t of row b goes to the row's slot start[b] + t, sits at position
+// start[b] + t - lo[b] and attends to the row's slots lo[b]..start[b] + t (a slot before lo[b] sees itself only).
+// The KV cache is lmforge's contiguous one, kcache/vcache (n_layer, B, n_kv_head, max_len, head_dim), with an empty
+// block_table; or the serving engine's paged pool, (n_layer, num_blocks, block_size, n_kv_head, head_dim), where
+// block_table (B, blocks) lists each row's blocks in order. Returns the logits of each row's last `last` tokens,
+// (B, last, vocab).
+at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at::Tensor& start, int64_t last,
+                        at::Tensor kcache, at::Tensor vcache, const at::Tensor& block_table,
+                        const std::vector<at::Tensor>& params, int64_t n_head, double eps, int64_t act, bool rms,
+                        const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
   const int64_t B = tokens.size(0), T = tokens.size(1), R = B * T;  // R rows: (b, t), b-major
-  const int64_t L = kcache.size(0), nkv = kcache.size(2), max_len = kcache.size(3);
-  const int64_t hs = kcache.size(4), C = n_head * hs, group = n_head / nkv;
-  const int64_t qkv_dim = C + 2 * nkv * hs;
+  const bool paged = present(block_table);
+  const int64_t L = kcache.size(0), nkv = kcache.size(paged ? 3 : 2), hs = kcache.size(4);
+  const int64_t C = n_head * hs, group = n_head / nkv, qkv_dim = C + 2 * nkv * hs;
   const at::Tensor* top = params.data() + 16 * L;  // tok_emb, pos_emb, lnf w, b, head w, s, b
   const at::Tensor& tok_emb = top[0];
   const at::Tensor& pos_emb = top[1];
   const int64_t ffn = params[10].size(0), inner = act == kSwiGLU ? ffn / 2 : ffn;  // swiglu: [gate; up] rows
   const bool rope = present(rope_cos);
-  TORCH_CHECK(tokens.is_contiguous() && pad.is_contiguous() && kcache.is_contiguous() && vcache.is_contiguous(),
-              "forward_step wants contiguous tokens, pad and caches");
-  TORCH_CHECK(slot + T <= max_len, "KV cache is full: ", slot + T, " tokens do not fit in ", max_len, " slots");
+  TORCH_CHECK(tokens.is_contiguous() && lo.is_contiguous() && start.is_contiguous() && kcache.is_contiguous() &&
+              vcache.is_contiguous() && (!paged || block_table.is_contiguous()),
+              "forward_step wants contiguous tokens, lo, start, caches and block table");
   TORCH_CHECK(last >= 1 && last <= T, "last=", last, " must be in 1..", T);
+  const int64_t* lp = lo.data_ptr<int64_t>();
+  const int64_t* sp = start.data_ptr<int64_t>();
+  const int64_t vocab = tok_emb.size(0);
+  const int64_t max_pos = present(pos_emb) ? pos_emb.size(0) : rope ? rope_cos.size(0) : INT64_MAX;
+
+  // Where slot s of row b lives: kc + layer * layer_stride + slot_of[b][s] * row_stride + kv_head * head_stride.
+  const int64_t capacity = paged ? block_table.size(1) * kcache.size(2) : kcache.size(3);
+  const int64_t row_stride = paged ? nkv * hs : hs, head_stride = paged ? hs : kcache.size(3) * hs;
+  const int64_t layer_stride = kcache.stride(0);
+  std::vector<std::vector<int64_t>> slot_of(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = sp[b] + T;
+    TORCH_CHECK(n <= capacity, "KV cache is full: ", n, " tokens do not fit in ", capacity, " slots");
+    TORCH_CHECK(n - lp[b] <= max_pos, "positions up to ", n - lp[b], " exceed the model's context of ", max_pos);
+    slot_of[b].resize(n);
+    for (int64_t s = 0; s < n; ++s) {
+      if (paged) {
+        const int64_t bs = kcache.size(2);
+        slot_of[b][s] = block_table.data_ptr<int64_t>()[b * block_table.size(1) + s / bs] * bs + s % bs;
+      } else {
+        slot_of[b][s] = b * nkv * kcache.size(3) + s;
+      }
+    }
+  }
 
   std::vector<float> x(R * C), h(R * C), qkv(R * qkv_dim), att(R * C), ff(R * ffn), gated(act == kSwiGLU ? R * inner : 0);
   std::vector<int64_t> pos(R);
   const int64_t* tp = tokens.data_ptr<int64_t>();
-  const int64_t* pp = pad.data_ptr<int64_t>();
-  const int64_t vocab = tok_emb.size(0);
-  const int64_t max_pos = present(pos_emb) ? pos_emb.size(0) : present(rope_cos) ? rope_cos.size(0) : max_len;
-  TORCH_CHECK(slot + T <= max_pos, "positions up to ", slot + T, " exceed the model's context of ", max_pos);
   for (int64_t r = 0; r < R; ++r)
     TORCH_CHECK(tp[r] >= 0 && tp[r] < vocab, "token id ", tp[r], " is outside the vocabulary 0..", vocab - 1);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t b = r / T, t = r % T;
-    pos[r] = std::max<int64_t>(slot + t - pp[b], 0);
+    pos[r] = std::max<int64_t>(sp[b] + t - lp[b], 0);
     const float* e = tok_emb.data_ptr<float>() + tp[r] * C;
     std::copy(e, e + C, x.begin() + r * C);
     if (present(pos_emb)) {
@@ -393,23 +420,24 @@ at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& pad, int64_t
         rotate(qkv.data() + r * qkv_dim, n_head + nkv, hs, c, sn);
       }
     }
+    float* kl = kc + l * layer_stride;
+    float* vl = vc + l * layer_stride;
     for (int64_t r = 0; r < R; ++r) {  // the new keys and values into the cache
-      const int64_t b = r / T, t = r % T;
+      const int64_t b = r / T, t = r % T, off = slot_of[b][sp[b] + t] * row_stride;
       for (int64_t kvh = 0; kvh < nkv; ++kvh) {
         const float* kn = qkv.data() + r * qkv_dim + C + kvh * hs;
-        const int64_t at = ((((l * B) + b) * nkv + kvh) * max_len + slot + t) * hs;
-        std::copy(kn, kn + hs, kc + at);
-        std::copy(kn + nkv * hs, kn + nkv * hs + hs, vc + at);
+        std::copy(kn, kn + hs, kl + off + kvh * head_stride);
+        std::copy(kn + nkv * hs, kn + nkv * hs + hs, vl + off + kvh * head_stride);
       }
     }
     at::parallel_for(0, R * n_head, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> score(max_len);
+      std::vector<float> score(capacity);
       for (int64_t rh = begin; rh < end; ++rh) {
         const int64_t r = rh / n_head, head = rh % n_head, b = r / T, t = r % T;
-        const int64_t base = (((l * B) + b) * nkv + head / group) * max_len * hs;
-        const int64_t start = std::min(pp[b], slot + t);  // a left-padding slot sees itself only
-        attend(qkv.data() + r * qkv_dim + head * hs, kc + base, vc + base, start, slot + t, hs, scale,
-               score.data(), att.data() + r * C + head * hs);
+        const int64_t kvh = head / group, self = sp[b] + t;
+        attend(qkv.data() + r * qkv_dim + head * hs, kl + kvh * head_stride, vl + kvh * head_stride,
+               slot_of[b].data(), row_stride, std::min(lp[b], self), self, hs, scale, score.data(),
+               att.data() + r * C + head * hs);
       }
     });
     linear(att.data(), R, C, P[5], P[6], P[7], x.data(), /*accumulate=*/true);

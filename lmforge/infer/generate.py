@@ -22,7 +22,6 @@ from typing import Iterator, Literal, Sequence
 import torch
 
 from lmforge.infer.fused import prepare_for_decoding
-from lmforge.infer.packed import pack_linears
 from lmforge.infer.sampling import (SamplingParams, StopStrings, TokenLogprob, make_generator,
                                     sample_next, token_logprobs)
 
@@ -297,14 +296,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_for_generation(model: str, dtype: str = "float32", tokenizer: str | None = None, device: str = "cpu",
-                        quantize: str | None = None, adapter: str | None = None, fused: bool = True):
+                        quantize: str | None = None, adapter: str | None = None):
     """(model, tokenizer) ready for inference from a model folder, anything `lmforge.interop.load_any` opens,
     or a preset name (random weights, no tokenizer: for benchmarks).
 
     The one place the CLI verbs load a model; quantization and draft models hook in here. A float32 CPU model
-    then gets the fast decode path (lmforge.infer.fused.prepare_for_decoding: the fused C++ decode step where the
-    model family allows, else linear layers packed for oneDNN); `fused=False` packs the linear layers in every
-    case, for callers whose decoding goes through the model's own forward (the serving engine's paged cache). A LoRA `adapter` folder
+    then gets the fast decode path (lmforge.infer.fused.prepare_for_decoding: the fused C++ decode step, which
+    `generate`, speculative decoding and the serving engine use, where the model family allows; else linear
+    layers packed for oneDNN). A LoRA `adapter` folder
     (lmforge.apps.lora) is merged into the float32 base weights first, before any dtype cast, quantization or
     packing.
     """
@@ -331,7 +330,7 @@ def load_for_generation(model: str, dtype: str = "float32", tokenizer: str | Non
         from lmforge.infer.quantize import quantize_model
 
         quantize_model(net, quantize)
-    return (prepare_for_decoding(net.eval()) if fused else pack_linears(net.eval())), tok
+    return prepare_for_decoding(net.eval()), tok
 
 
 def prompt_tokens(tokenizer, text: str) -> list[int]:

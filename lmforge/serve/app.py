@@ -789,7 +789,7 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
     if controls:
         load_controls(controls)  # a bad file fails now, before the model loads
     net, tok = load_for_generation(model, dtype, tokenizer, quantize=None if quantize == "none" else quantize,
-                                   adapter=adapter, fused=False)  # the engine decodes through its paged cache
+                                   adapter=adapter)
     path = Path(model)
     settings = ServeSettings(model_name=served_model_name or path.stem, max_batch=max_batch, max_queue=max_queue,
                              max_model_len=max_model_len, api_keys=keys, rate_limit_tpm=rate_limit_tpm,
@@ -799,8 +799,7 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
                              controls=controls)
     draft_net = None
     if draft:
-        draft_net, _ = load_for_generation(draft, dtype, tokenizer, quantize=None if quantize == "none" else quantize,
-                                           fused=False)
+        draft_net, _ = load_for_generation(draft, dtype, tokenizer, quantize=None if quantize == "none" else quantize)
     from lmforge.apps.lora import chat_template_folder
 
     app = create_app(net, tok, settings, chat_template_folder(model, adapter) or path.parent, draft_net)
