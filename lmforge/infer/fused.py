@@ -119,10 +119,9 @@ class FusedDecoder:
 
     def accepts(self, cache, new_tokens: int = 1) -> bool:
         """Whether `cache` (a contiguous KVCache or the engine's PagedKVCache) can take `new_tokens` per row here."""
-        from lmforge.engine.paged_cache import PagedKVCache  # the engine imports lmforge.infer: import here
-
-        return (type(cache) in (KVCache, PagedKVCache) and cache.k.dtype == torch.float32 and cache.k.is_contiguous()
-                and cache.v.is_contiguous() and new_tokens <= self.MAX_TOKENS)
+        known = type(cache).__name__ in ("KVCache", "PagedKVCache")  # exactly the layouts the kernel addresses
+        return (known and cache.k.dtype == torch.float32 and cache.k.is_contiguous() and cache.v.is_contiguous()
+                and new_tokens <= self.MAX_TOKENS)
 
     def _run(self, tokens, lo, start, last, cache, block_table):
         return self.extension.forward_step(tokens, lo, start, last, cache.k, cache.v, block_table, self.params,
@@ -140,7 +139,7 @@ class FusedDecoder:
         return logits[:, 0] if step else logits
 
     @torch.no_grad()
-    def paged(self, tokens: Sequence[int], cache: PagedKVCache, block_tables: Sequence[Sequence[int]],
+    def paged(self, tokens: Sequence[int], cache, block_tables: Sequence[Sequence[int]],
               starts: Sequence[int]) -> torch.Tensor:
         """One decode step for the serving engine: row b's token at position starts[b] (its cached tokens), its
         blocks block_tables[b] in the engine's pool. Logits (B, V)."""
