@@ -6,13 +6,19 @@ same run.
 
 lmforge's recipe (a model pretrained from scratch on a few thousand sentences does not beat TF-IDF, so it is
 pretrained on more text first):
-1. pretrain a small GPT-style model for --pretrain-minutes on WikiText-2's training text plus the training split's
-   sentences (repeated --repeat times; never the test sentences), with a byte-level BPE tokenizer trained on the
-   same text. The model is cached under --cache-dir keyed by every setting, so a rerun skips it.
-2. fine-tune a classification head on it (lmforge.apps.classify), for each pooling (last, mean) and mode (full,
-   head-only), choosing the best epoch on a validation tenth of the training split.
-3. lmforge's figure is the variant with the best validation accuracy (the test split never picks anything); every
-   variant's test figures are printed too.
+1. pretrain a small GPT-style model (4x128) for --pretrain-minutes on WikiText-2's training text, the HH-RLHF
+   helpful-base dialogues (their preferred sides; --chat-chars) and the training split's sentences (repeated
+   --repeat times; never the test sentences), with a byte-level BPE tokenizer trained on the same text. The model
+   is cached under --cache-dir keyed by every setting, so a rerun skips it. (--label-words instead appends
+   `<|endoftext|> positive`/`negative` to the fitting part's sentences, so the model learns to say the label where
+   the classifier reads it; it scored no better and rules out --cross-fit.)
+2. fine-tune it with a classification head (lmforge.apps.classify) for each pooling in --variants (last, mean,
+   concat = last+mean+max), as a cross-fitted ensemble: the training split (fitting part + validation tenth) is
+   dealt into --ensemble folds, member k is fine-tuned on the others for up to --epochs epochs, keeping its best
+   epoch on fold k, and the members' probabilities are averaged.
+3. lmforge's figure is the variant with the best out-of-fold accuracy (each training sentence scored by the member
+   that did not train on it; with --no-cross-fit, the validation tenth's accuracy): the test split never picks
+   anything; every variant's test figures are printed too.
 
 The baseline: TfidfVectorizer (word 1-2-grams, sublinear tf) + LogisticRegression, its C chosen by 5-fold
 cross-validation on the training split.
@@ -20,8 +26,8 @@ cross-validation on the training split.
     .venv/bin/python bench/sentiment.py                        # the full run (pretraining cached after the first)
     .venv/bin/python bench/sentiment.py --smoke                # seconds: tiny model, tiny pretraining
 
-The last line: {"lmforge_acc", "lmforge_f1", "baseline_acc", "baseline_f1", "pretrain_minutes", "finetune_minutes",
-"pooling", "mode", "split": {...}, ...}.
+The last line: {"lmforge_acc", "lmforge_f1", "lmforge_val_acc", "baseline_acc", "baseline_f1", "pretrain_minutes",
+"finetune_minutes", "pooling", "mode", "split": {...}, ...}.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ from pathlib import Path
 import torch
 
 from lmforge.apps.classify import (DEFAULT_LABELS, ClassifyConfig, accuracy, macro_f1, new_classifier,
-                                   read_labelled, report, split_labelled, train_classifier)
+                                   read_labelled, report, split_labelled, train_ensemble)
 from lmforge.fsutil import atomic_write_text
+from lmforge.tokenizer import BPE_EOS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FILES = ("amazon_cells_labelled.txt", "imdb_labelled.txt", "yelp_labelled.txt")
@@ -66,6 +73,27 @@ def baseline(train, test, seed: int) -> dict:
             "baseline_seconds": round(time.perf_counter() - t0, 2)}
 
 
+def chat_text(path: Path, max_chars: int) -> str:
+    """The first `max_chars` characters of the HH-RLHF dialogues' preferred ("chosen") sides, blank-line separated."""
+    parts, total = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if total >= max_chars:
+            break
+        text = json.loads(line)["chosen"].strip() + "\n\n"
+        parts.append(text)
+        total += len(text)
+    return "".join(parts)[:max_chars]
+
+
+def pretraining_lines(train, val, label_words: bool) -> list[str]:
+    """The sentences pretraining reads: every training-split sentence, or (label_words) the fitting part's sentences
+    each followed by the end-of-text token and its label's name, so the model learns to say the label where the
+    classifier reads it (the validation part's labels stay unseen: it still chooses honestly)."""
+    if not label_words:
+        return [e.text for e in train + val]
+    return [f"{e.text}{BPE_EOS} {DEFAULT_LABELS[e.label]}" for e in train]
+
+
 def pretrain(args, train_sentences: list[str]) -> tuple[Path, dict]:
     """The pretrained model folder (cached by settings) and its record (minutes, tokens, losses)."""
     from lmforge.data import prepare
@@ -73,7 +101,7 @@ def pretrain(args, train_sentences: list[str]) -> tuple[Path, dict]:
 
     settings = {k: getattr(args, k) for k in ("preset", "n_layer", "n_embd", "n_head", "block_size", "vocab_size",
                                               "pretrain_minutes", "wikitext_chars", "repeat", "seed", "lr",
-                                              "pretrain_batch_size")}
+                                              "pretrain_batch_size", "chat_chars", "label_words")}
     digest = hashlib.sha256(json.dumps([settings, train_sentences]).encode()).hexdigest()[:16]
     root = Path(args.cache_dir) / f"pretrain-{digest}"
     record_path = root / "pretrain.json"
@@ -87,8 +115,9 @@ def pretrain(args, train_sentences: list[str]) -> tuple[Path, dict]:
     corpus = root / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
     wiki_train = (wiki / "train.txt").read_text(encoding="utf-8")[:args.wikitext_chars]
+    chat = chat_text(args.chat, args.chat_chars) if args.chat_chars else ""
     sentences = "\n".join(train_sentences) + "\n"
-    (corpus / "train.txt").write_text(wiki_train + "\n" + sentences * args.repeat, encoding="utf-8")
+    (corpus / "train.txt").write_text(wiki_train + "\n" + chat + sentences * args.repeat, encoding="utf-8")
     (corpus / "valid.txt").write_text((wiki / "valid.txt").read_text(encoding="utf-8")[:200_000],
                                       encoding="utf-8")
     meta = prepare(corpus, root / "data", tokenizer="bpe", vocab_size=args.vocab_size)
@@ -125,10 +154,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="pretraining learning rate")
     p.add_argument("--wikitext-chars", type=int, default=4_000_000, help="cap on WikiText-2 training characters")
     p.add_argument("--repeat", type=int, default=20, help="times the training sentences are repeated in pretraining")
-    p.add_argument("--epochs", type=int, default=4, help="full fine-tuning epochs")
-    p.add_argument("--finetune-lr", type=float, default=3e-4)
+    p.add_argument("--chat", type=Path, default=SHARED / "data" / "chat" / "hh_rlhf_helpful_base_test.jsonl")
+    p.add_argument("--chat-chars", type=int, default=2_000_000,
+                   help="HH-RLHF dialogue characters added to pretraining (the file holds 1.86M)")
+    p.add_argument("--label-words", action="store_true",
+                   help="pretraining reads each fitting sentence followed by <|endoftext|> and its label's name")
+    p.add_argument("--epochs", type=int, default=10, help="full fine-tuning epochs")
+    p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--dropout", type=float, default=0.1, help="dropout while fine-tuning")
-    p.add_argument("--variants", nargs="*", default=["last:full", "mean:full", "last:head", "mean:head"])
+    p.add_argument("--patience", type=int, default=3, help="epochs without a better validation accuracy")
+    p.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise learning-rate decay")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ensemble", type=int, default=5, help="classifiers (seeds) averaged per full variant")
+    p.add_argument("--cross-fit", action=argparse.BooleanOptionalAction, default=True,
+                   help="the ensemble's members each hold out their own fold of train + val (chosen out-of-fold)")
+    p.add_argument("--variants", nargs="*", default=["last:full", "mean:full", "concat:full"],
+                   help="pooling:mode pairs (pooling last, mean, max or concat; mode full or head)")
     p.add_argument("--num-threads", type=int, default=1)
     p.add_argument("--pretrain-only", action="store_true")
     p.add_argument("--base", default=None, help="an lmforge model or run to fine-tune instead of pretraining one")
@@ -136,8 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.smoke:
         args.pretrain_minutes, args.wikitext_chars, args.n_layer, args.n_embd = 0.2, 200_000, 2, 64
-        args.vocab_size, args.epochs, args.repeat = 1024, 1, 1
+        args.vocab_size, args.epochs, args.repeat, args.chat_chars, args.ensemble = 1024, 1, 1, 20_000, 2
         args.cache_dir = str(Path(args.cache_dir) / "smoke")
+    if args.cross_fit and args.label_words:
+        raise SystemExit("--cross-fit scores each fold out of fold, but --label-words pretraining has read the "
+                         "fitting part's labels: its folds would not be unseen")
     torch.set_num_threads(args.num_threads)
     for name in ("data_dir", "wikitext"):
         if not getattr(args, name).is_dir():
@@ -155,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.base:
         run, record = Path(args.base), {"pretrain_minutes": None, "cached": True, "tokens": None, "summary": None}
     else:
-        run, record = pretrain(args, [e.text for e in train_all])
+        run, record = pretrain(args, pretraining_lines(train, val, args.label_words))
     emit({"stage": "pretrain", "pretrain_minutes": record["pretrain_minutes"], "cached": record["cached"],
           "tokens": record["tokens"], "summary": record["summary"]})
     if args.pretrain_only:
@@ -166,21 +211,31 @@ def main(argv: list[str] | None = None) -> None:
         pooling, mode = variant.split(":")
         clf, encoder = new_classifier(run, DEFAULT_LABELS, pooling, mode == "head", args.dropout)
         cfg = ClassifyConfig(pooling=pooling, head_only=mode == "head", epochs=args.epochs, lr=args.finetune_lr,
+                             patience=args.patience, layer_decay=args.layer_decay,
+                             label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
+                             ensemble=1 if mode == "head" else args.ensemble, cross_fit=args.cross_fit,
                              seed=args.seed)
-        summary = train_classifier(clf, encoder, train, val, cfg, log=lambda s: None)
+        clf, summary = train_ensemble(clf, encoder, train, val, cfg, log=lambda s: None)
         scores = report(clf, encoder, test)
+        members = summary.get("members", [summary])
         results.append({"pooling": pooling, "mode": mode, "val_acc": summary["best_val_acc"],
                         "test_acc": scores["accuracy"], "test_f1": scores["macro_f1"],
-                        "finetune_minutes": summary["minutes"], "epochs_run": len(summary["history"]) - 1})
+                        "finetune_minutes": summary["minutes"],
+                        "val_curves": [[round(h["val_acc"], 3) for h in m["history"]] for m in members],
+                        "member_val_acc": [m["best_val_acc"] for m in members], "kept": summary.get("kept")})
         emit({"stage": "finetune", **results[-1]})
 
     best = max(results, key=lambda r: r["val_acc"])  # chosen on validation, never on test
-    emit({"lmforge_acc": best["test_acc"], "lmforge_f1": best["test_f1"], "baseline_acc": base["baseline_acc"],
+    emit({"lmforge_acc": best["test_acc"], "lmforge_f1": best["test_f1"], "lmforge_val_acc": round(best["val_acc"], 4),
+          "baseline_acc": base["baseline_acc"],
           "baseline_f1": base["baseline_f1"], "beats_baseline": best["test_acc"] > base["baseline_acc"],
           "pretrain_minutes": record["pretrain_minutes"], "finetune_minutes": best["finetune_minutes"],
           "pooling": best["pooling"], "mode": best["mode"], "split": split,
           "variants": {f"{r['pooling']}:{r['mode']}": r["test_acc"] for r in results},
+          "all_finetune_minutes": round(sum(r["finetune_minutes"] for r in results), 2),
           "model": {k: getattr(args, k) for k in ("preset", "n_layer", "n_embd", "block_size", "vocab_size")},
+          "recipe": {k: getattr(args, k) for k in ("chat_chars", "repeat", "label_words", "epochs", "finetune_lr",
+                                                   "ensemble", "cross_fit", "layer_decay", "label_smoothing")},
           "num_threads": args.num_threads})
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from lmforge.apps.classify import (CLASSIFY_FILE, HEAD_FILE, ClassifyConfig, ClassifyDataError, accuracy,
-                                   load_classifier, macro_f1, new_classifier, predict, read_labelled,
-                                   save_classifier, train_classifier)
+from lmforge.apps.classify import (CLASSIFY_FILE, HEAD_FILE, ClassifyConfig, ClassifyDataError, Ensemble, accuracy,
+                                   body_param_groups, cross_folds, load_classifier, macro_f1, new_classifier, predict,
+                                   read_labelled, save_classifier, train_classifier, train_ensemble)
 from lmforge.checkpoint import CheckpointError, save_model
 from lmforge.cli import main as cli_main
 from lmforge.config import ModelConfig
@@ -84,7 +84,7 @@ def test_head_only_leaves_the_body_alone(base, data_file):
     assert accuracy([e.label for e in examples], pred) > 0.5
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "max", "concat"])
 def test_padding_does_not_change_a_sentence(base, pooling):
     clf, encoder = new_classifier(base, ["negative", "positive"], pooling, head_only=True)
     torch.manual_seed(1)
@@ -94,9 +94,68 @@ def test_padding_does_not_change_a_sentence(base, pooling):
         naive = []
         for text in TEXTS:
             h = clf.body.hidden(torch.tensor([encoder.ids(text)]))[0]  # (T, C)
-            pooled = h[-1] if pooling == "last" else h.mean(0)
+            pooled = {"last": h[-1], "mean": h.mean(0), "max": h.max(0).values,
+                      "concat": torch.cat([h[-1], h.mean(0), h.max(0).values])}[pooling]
             naive.append(clf.head(pooled).softmax(-1))
     torch.testing.assert_close(batched, torch.stack(naive), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_decay_scales_each_layer_down_from_the_top(base, data_file):
+    clf, encoder = new_classifier(base, ["negative", "positive"], "last", head_only=False)
+    groups = body_param_groups(clf.body, 1e-3, 0.5)  # 2 layers: embeddings, block 0, block 1 + final norm
+    assert [g["lr"] for g in groups] == pytest.approx([2.5e-4, 5e-4, 1e-3])
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in clf.body.parameters())  # each parameter exactly once
+    before = {k: v.clone() for k, v in clf.body.state_dict().items()}
+    train_classifier(clf, encoder, read_labelled(data_file), None, ClassifyConfig(
+        epochs=1, batch_size=8, head_epochs=5, patience=None, layer_decay=0.0), log=lambda s: None)
+    after = clf.body.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("blocks.1.", "norm_f")) for k in changed)  # only the top learned
+
+
+def test_ensemble_averages_its_members_and_reloads(base, data_file, tmp_path):
+    examples = read_labelled(data_file)
+    clf, encoder = new_classifier(base, ["negative", "positive"], "concat", head_only=False, dropout=0.1)
+    model, summary = train_ensemble(clf, encoder, examples, None, ClassifyConfig(
+        pooling="concat", epochs=1, batch_size=8, head_epochs=5, patience=None, ensemble=3), log=lambda s: None)
+    assert isinstance(model, Ensemble) and len(model.members) == 3 and summary["kept"] == [0, 1, 2]
+    each = [predict(m, encoder, TEXTS) for m in model.members]
+    assert not torch.equal(each[0], each[1])  # different seeds, different members
+    probs = predict(model, encoder, TEXTS)
+    torch.testing.assert_close(probs, torch.stack(each).mean(0))
+    save_classifier(tmp_path / "ens", model, encoder.tokenizer, {"base": str(base)})
+    again, encoder2, meta = load_classifier(tmp_path / "ens")
+    assert meta["members"] == ["member-1", "member-2"] and isinstance(again, Ensemble)
+    torch.testing.assert_close(predict(again, encoder2, TEXTS), probs)
+
+
+def test_cross_fit_members_each_hold_out_their_own_fold(base, data_file):
+    examples = read_labelled(data_file)
+    splits = cross_folds(examples, 4, seed=0)
+    helds = [held for _, held in splits]
+    assert sorted(id(e) for h in helds for e in h) == sorted(id(e) for e in examples)  # a partition
+    assert all(len(fit) + len(held) == len(examples) and not {id(e) for e in fit} & {id(e) for e in held}
+               for fit, held in splits)
+    clf, encoder = new_classifier(base, ["negative", "positive"], "mean", head_only=False)
+    model, summary = train_ensemble(clf, encoder, examples[:24], examples[24:], ClassifyConfig(
+        pooling="mean", epochs=1, batch_size=8, head_epochs=5, ensemble=4, cross_fit=True), log=lambda s: None)
+    assert isinstance(model, Ensemble) and len(model.members) == 4 and summary["out_of_fold"]
+    right = sum(int(predict(m, encoder, [e.text]).argmax(-1).item() == e.label)
+                for m, (_, held) in zip(model.members, splits) for e in held)
+    assert summary["best_val_acc"] == pytest.approx(right / len(examples))  # each scored by the member without it
+
+
+def test_cli_trains_an_ensemble(base, data_file, tmp_path, capsys):
+    out = tmp_path / "ens"
+    assert cli_main(["classify", "train", str(base), "--data", str(data_file), "--out", str(out), "--epochs", "1",
+                     "--batch-size", "8", "--ensemble", "2", "--pooling", "concat", "--layer-decay", "0.8",
+                     "--label-smoothing", "0.1"]) == 0
+    meta = json.loads((out / CLASSIFY_FILE).read_text())
+    assert meta["config"]["ensemble"] == 2 and len(meta["training"]["members"]) == 2
+    capsys.readouterr()
+    assert cli_main(["classify", "predict", str(out), "--text", "love it"]) == 0
+    assert capsys.readouterr().out.split("\t")[0] in ("negative", "positive")
 
 
 def test_metrics_match_sklearn():

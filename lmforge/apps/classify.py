@@ -3,15 +3,27 @@
     text -> tokens (+ EOS) -> Transformer.hidden -> pool -> Linear(n_embd, n_labels) -> softmax
 
 Pooling is `last` (the state at the last real token: a causal model has read the whole text there, as GPT-style
-classifiers do) or `mean` (the mean over the real tokens). Batches are right-padded; attention is causal, so
-padding after a text never changes its states, and pooling reads only its real positions: a text's probabilities
-do not depend on what it is batched with.
+classifiers do), `mean` (the mean over the real tokens), `max` (their elementwise maximum) or `concat` (last, mean
+and max side by side: ULMFiT's concat pooling, a head three times as wide). Batches are right-padded; attention is
+causal, so padding after a text never changes its states, and pooling reads only its real positions: a text's
+probabilities do not depend on what it is batched with.
 
 Training is cross-entropy on labelled sentences (`text<TAB>label` lines, label an index or a label name), either
 of the whole model or of the head only (`head_only`: the body is frozen, its pooled features are computed once).
 Full fine-tuning starts from the head fitted on frozen features (linear probing, then fine-tuning: Kumar et al.
-2022, "Fine-Tuning can Distort Pretrained Features"), with a smaller learning rate for the body than the head.
-The epoch with the best validation accuracy is kept.
+2022, "Fine-Tuning can Distort Pretrained Features"), with a smaller learning rate for the body than the head,
+and optionally layer-wise (discriminative) learning rates: each layer down from the top gets `layer_decay` times
+the rate of the one above (ULMFiT; ELECTRA's layer-wise decay), and label smoothing. The epoch with the best
+validation accuracy is kept.
+
+`ensemble` > 1 trains that many classifiers from the same base, with seeds seed, seed+1, ... (their batch orders
+and dropout differ), and averages their probabilities; `select` keeps the members (greedily added, best
+first) whose average scores best on the validation split (on a small split that choice is noisy). `cross_fit`
+instead deals the training and validation examples into `ensemble` folds: each member trains on all but its own
+fold and picks its epoch there, every member is kept, and the out-of-fold accuracy (each example scored by the
+member that never trained on it) is an honest validation figure over all of them. An ensemble is saved as one
+classifier folder (the first member) with the others in `member-N` subfolders, and loads as an `Ensemble`, used
+like a `Classifier`.
 
 The classifier is a model folder (config.json, model.safetensors, tokenizer) plus `head.safetensors` and
 `classify.json` (labels, pooling, base, ...), written atomically and loadable on its own by `load_classifier`.
@@ -41,7 +53,7 @@ from lmforge.textfile import text_lines
 
 CLASSIFY_FILE, HEAD_FILE = "classify.json", "head.safetensors"
 DEFAULT_LABELS = ("negative", "positive")
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "max", "concat")
 
 
 class ClassifyDataError(ValueError):
@@ -108,11 +120,16 @@ def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], n_labels: int) -> flo
 # ---------------------------------------------------------------------------------------------- the model
 
 def pool(h: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, C) from right-padded states h (B, T, C) whose rows have `lengths` (B,) real tokens."""
+    """(B, C) from right-padded states h (B, T, C) whose rows have `lengths` (B,) real tokens ((B, 3C) for
+    `concat`: last, mean and max)."""
+    if pooling == "concat":
+        return torch.cat([pool(h, lengths, p) for p in ("last", "mean", "max")], -1)
     if pooling == "last":
         return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
-    real = torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]  # (B, T)
-    return (h * real[..., None].to(h.dtype)).sum(1) / lengths[:, None].to(h.dtype)
+    real = (torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None])[..., None]  # (B, T, 1)
+    if pooling == "max":
+        return h.masked_fill(~real, float("-inf")).amax(1)
+    return (h * real.to(h.dtype)).sum(1) / lengths[:, None].to(h.dtype)
 
 
 class Classifier(nn.Module):
@@ -125,7 +142,7 @@ class Classifier(nn.Module):
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise ValueError(f"labels must be at least two distinct names, got {list(labels)}")
         self.body, self.labels, self.pooling = body, list(labels), pooling
-        self.head = nn.Linear(body.config.n_embd, len(labels))
+        self.head = nn.Linear(body.config.n_embd * (3 if pooling == "concat" else 1), len(labels))
         nn.init.zeros_(self.head.weight)  # a zero head: every label equally likely until trained
         nn.init.zeros_(self.head.bias)
 
@@ -134,6 +151,22 @@ class Classifier(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(tokens, lengths))
+
+
+class Ensemble(nn.Module):
+    """Classifiers over the same labels whose probabilities are averaged. Its `forward` gives the log of the mean
+    probabilities, so softmax of its output is that mean and it is used wherever a Classifier is."""
+
+    def __init__(self, members: Sequence[Classifier]):
+        super().__init__()
+        if not members or any(m.labels != members[0].labels for m in members):
+            raise ValueError("an ensemble needs at least one classifier, all over the same labels")
+        self.members = nn.ModuleList(members)
+        self.labels, self.pooling = members[0].labels, members[0].pooling
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(tokens, lengths).float().softmax(-1) for m in self.members]).mean(0)
+        return probs.clamp_min(1e-12).log()
 
 
 class TextEncoder:
@@ -197,12 +230,17 @@ class ClassifyConfig:
     epochs: int = 8  # epochs of full fine-tuning (early stopped by patience)
     head_epochs: int = 100  # epochs of the head on frozen features (head_only, and the warm start of full)
     batch_size: int = 32
-    lr: float = 1e-4  # the body's learning rate (full fine-tuning)
+    lr: float = 1e-4  # the body's learning rate (full fine-tuning; the top layer's with layer_decay)
     head_lr: float = 1e-2  # the head's learning rate on frozen features
+    layer_decay: float = 1.0  # each layer below the top learns at this times the rate of the one above
+    label_smoothing: float = 0.0
     weight_decay: float = 0.01
     patience: int | None = 3  # stop after this many epochs without a better validation accuracy
     max_minutes: float | None = None
     seed: int = 0
+    ensemble: int = 1  # classifiers trained (seeds seed, seed + 1, ...) whose probabilities are averaged
+    select: bool = True  # keep the ensemble's members whose average does best on validation (greedy)
+    cross_fit: bool = False  # ensemble members each hold out their own fold of train + val (see train_ensemble)
 
 
 def fit_head(clf: Classifier, feats: torch.Tensor, y: torch.Tensor, cfg: ClassifyConfig,
@@ -211,7 +249,7 @@ def fit_head(clf: Classifier, feats: torch.Tensor, y: torch.Tensor, cfg: Classif
     opt = torch.optim.AdamW(clf.head.parameters(), lr=cfg.head_lr, weight_decay=cfg.weight_decay)
     best, best_state = -1.0, None
     for _ in range(cfg.head_epochs):
-        loss = F.cross_entropy(clf.head(feats), y)
+        loss = F.cross_entropy(clf.head(feats), y, label_smoothing=cfg.label_smoothing)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -228,10 +266,28 @@ def fit_head(clf: Classifier, feats: torch.Tensor, y: torch.Tensor, cfg: Classif
 def all_features(clf: Classifier, seqs: Sequence[Sequence[int]], batch_size: int = 64) -> torch.Tensor:
     clf.eval()
     device = next(clf.parameters()).device
-    feats = torch.empty(len(seqs), clf.body.config.n_embd)
+    feats = torch.empty(len(seqs), clf.head.in_features)
     for idx in length_batches(seqs, batch_size):
         feats[idx] = clf.features(*batch_tensors([seqs[i] for i in idx], device)).float().cpu()
     return feats
+
+
+def body_param_groups(body: Transformer, lr: float, layer_decay: float = 1.0) -> list[dict]:
+    """Optimizer groups for a body's trainable parameters: the final norm and top block at `lr`, each block below
+    at `layer_decay` times the rate of the one above, the embeddings below the first block."""
+    n = body.config.n_layer
+    depth: dict[int, list] = {}
+    for name, p in body.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("blocks."):
+            d = int(name.split(".")[1])
+        elif name.startswith(("tok_emb", "pos_emb")):
+            d = -1
+        else:  # the final norm (and an untied LM head, unused here)
+            d = n - 1
+        depth.setdefault(d, []).append(p)
+    return [{"params": ps, "lr": lr * layer_decay ** (n - 1 - d)} for d, ps in sorted(depth.items())]
 
 
 def train_classifier(clf: Classifier, encoder: TextEncoder, train: list[Labelled], val: list[Labelled] | None,
@@ -257,11 +313,12 @@ def train_classifier(clf: Classifier, encoder: TextEncoder, train: list[Labelled
         return {"history": history, "best_val_acc": history[-1]["val_acc"],
                 "minutes": round((time.perf_counter() - t0) / 60, 3)}
 
-    # 2. the whole model, body at lr, head at lr * 10
+    # 2. the whole model, body at lr (each layer down from the top at layer_decay times more), head at lr * 10
     device = next(clf.parameters()).device
-    body_params = [p for p in clf.body.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": body_params, "lr": cfg.lr},
-                             {"params": clf.head.parameters(), "lr": cfg.lr * 10}], weight_decay=cfg.weight_decay)
+    groups = body_param_groups(clf.body, cfg.lr, cfg.layer_decay) + [
+        {"params": list(clf.head.parameters()), "lr": cfg.lr * 10}]
+    bases = [g["lr"] for g in groups]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(seqs) / cfg.batch_size)
     total, step = steps_per_epoch * cfg.epochs, 0
     best, best_state, stale = history[0]["val_acc"] or -1.0, copy.deepcopy(clf.state_dict()), 0
@@ -272,10 +329,10 @@ def train_classifier(clf: Classifier, encoder: TextEncoder, train: list[Labelled
         loss_sum = 0.0
         for idx in batches:
             scale = 0.5 * (1 + math.cos(math.pi * step / total))  # cosine decay to 0
-            for group, base in zip(opt.param_groups, (cfg.lr, cfg.lr * 10)):
+            for group, base in zip(opt.param_groups, bases):
                 group["lr"] = base * scale
             tokens, lengths = batch_tensors([seqs[i] for i in idx], device)
-            loss = F.cross_entropy(clf(tokens, lengths), y[idx].to(device))
+            loss = F.cross_entropy(clf(tokens, lengths), y[idx].to(device), label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(clf.parameters(), 1.0)
@@ -297,23 +354,105 @@ def train_classifier(clf: Classifier, encoder: TextEncoder, train: list[Labelled
             "minutes": round((time.perf_counter() - t0) / 60, 3)}
 
 
+def cross_folds(examples: list, k: int, seed: int) -> list[tuple[list, list]]:
+    """k (fit, held_out) pairs: the examples shuffled (seeded) and dealt into k folds, each held out once."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    folds = [[examples[i] for i in order[j::k]] for j in range(k)]
+    return [([e for i, f in enumerate(folds) if i != j for e in f], folds[j]) for j in range(k)]
+
+
+def train_ensemble(clf: Classifier, encoder: TextEncoder, train: list[Labelled], val: list[Labelled] | None,
+                   cfg: ClassifyConfig, log=print) -> tuple[Classifier | Ensemble, dict]:
+    """Train cfg.ensemble copies of the untrained `clf` (seeds cfg.seed, cfg.seed + 1, ...) and average them: all of
+    them, or (cfg.select, with `val`) those a greedy pass keeps, starting from the best member and adding each next
+    best while the average's validation accuracy does not drop. (The classifier, or an Ensemble; a summary.)
+
+    cfg.cross_fit pools train and val and cuts them into cfg.ensemble seeded folds: member k trains on the others
+    and chooses its epoch on fold k, so every labelled example trains most members, and each is scored once by a
+    member that never trained on it. All members are kept; the summary's `best_val_acc` is that out-of-fold
+    accuracy, an honest estimate over all the examples."""
+    if cfg.ensemble <= 1:
+        return clf, train_classifier(clf, encoder, train, val, cfg, log)
+    t0 = time.perf_counter()
+    start = copy.deepcopy(clf.state_dict())
+    if cfg.cross_fit:
+        splits = cross_folds(list(train) + list(val or []), cfg.ensemble, cfg.seed)
+    else:
+        splits = [(train, val)] * cfg.ensemble
+    members, summaries = [], []
+    for k, (fit, held) in enumerate(splits):
+        member = clf if k == 0 else copy.deepcopy(clf)
+        member.load_state_dict(start)
+        summaries.append(train_classifier(member, encoder, fit, held, dataclasses.replace(cfg, seed=cfg.seed + k),
+                                          log))
+        members.append(member)
+        log(json.dumps({"stage": "member", "member": k, "val_acc": summaries[-1]["best_val_acc"]}))
+    kept, best = list(range(len(members))), None
+    if cfg.cross_fit:  # each fold scored by the member that held it out
+        right = sum(accuracy([e.label for e in held], predict(m, encoder, [e.text for e in held]).argmax(-1).tolist())
+                    * len(held) for m, (_, held) in zip(members, splits))
+        best = right / sum(len(held) for _, held in splits)
+    elif val and cfg.select:
+        vseqs, vy = [encoder.fit(encoder.ids(e.text)) for e in val], [e.label for e in val]
+        probs = [predict_ids(m, vseqs) for m in members]
+
+        def score(idx: list[int]) -> float:
+            return accuracy(vy, torch.stack([probs[i] for i in idx]).mean(0).argmax(-1).tolist())
+
+        order = sorted(kept, key=lambda i: -summaries[i]["best_val_acc"])
+        kept = [order[0]]
+        for i in order[1:]:
+            if score(kept + [i]) >= score(kept):
+                kept.append(i)
+    model = Ensemble([members[i] for i in kept]) if len(kept) > 1 else members[kept[0]]
+    if val and not cfg.cross_fit:
+        best = accuracy([e.label for e in val], predict(model, encoder, [e.text for e in val]).argmax(-1).tolist())
+    return model, {"members": [{"seed": cfg.seed + i, "best_val_acc": m["best_val_acc"], "minutes": m["minutes"],
+                                "history": m["history"]} for i, m in enumerate(summaries)],
+                   "kept": kept, "best_val_acc": best, "out_of_fold": cfg.cross_fit,
+                   "minutes": round((time.perf_counter() - t0) / 60, 3)}
+
+
 # ---------------------------------------------------------------------------------------------- the folder
 
-def save_classifier(folder: str | Path, clf: Classifier, tokenizer, info: dict) -> Path:
-    """Write the classifier folder atomically: model files, head.safetensors and classify.json (labels, pooling
-    and `info`: base, training summary, ...)."""
+def _write_member(folder: Path, clf: Classifier, tokenizer, meta: dict) -> None:
     head = {k: v.detach().contiguous().cpu() for k, v in clf.head.state_dict().items()}
-    meta = {"labels": clf.labels, "pooling": clf.pooling, **info}
+    save_model_files(folder, clf.body, clf.body.config, tokenizer)
+    save_file(head, folder / HEAD_FILE, metadata={"format": "pt", "lmforge_sha256": tensors_digest(head)})
+    (folder / CLASSIFY_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def save_classifier(folder: str | Path, clf: Classifier | Ensemble, tokenizer, info: dict) -> Path:
+    """Write the classifier folder atomically: model files, head.safetensors and classify.json (labels, pooling
+    and `info`: base, training summary, ...). An Ensemble's first member is the folder itself, the others are
+    `member-1`, `member-2`, ... inside it, listed in classify.json's `members`."""
+    members = list(clf.members) if isinstance(clf, Ensemble) else [clf]
+    names = [f"member-{k}" for k in range(1, len(members))]
+    meta = {"labels": clf.labels, "pooling": members[0].pooling, **info, **({"members": names} if names else {})}
 
     def write(tmp: Path) -> None:
-        save_model_files(tmp, clf.body, clf.body.config, tokenizer)
-        save_file(head, tmp / HEAD_FILE, metadata={"format": "pt", "lmforge_sha256": tensors_digest(head)})
-        (tmp / CLASSIFY_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _write_member(tmp, members[0], tokenizer, meta)
+        for name, member in zip(names, members[1:]):
+            (tmp / name).mkdir()
+            _write_member(tmp / name, member, tokenizer, {"labels": member.labels, "pooling": member.pooling})
 
     return write_folder(folder, write)
 
 
-def load_classifier(folder: str | Path, device: str = "cpu") -> tuple[Classifier, TextEncoder, dict]:
+def _read_member(folder: Path, labels: list[str], pooling: str) -> tuple[Classifier, object]:
+    body, tokenizer = load_model(folder)
+    clf = Classifier(body, labels, pooling)
+    head, _ = read_weights(folder / HEAD_FILE)
+    try:
+        clf.head.load_state_dict(head)
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder / HEAD_FILE} does not fit {len(labels)} labels over {pooling} pooling of "
+                              f"width {body.config.n_embd}: {e}") from None
+    return clf, tokenizer
+
+
+def load_classifier(folder: str | Path, device: str = "cpu") -> tuple[Classifier | Ensemble, TextEncoder, dict]:
     """(classifier in eval mode, its text encoder, classify.json) from a folder made by save_classifier."""
     folder = Path(folder)
     if not folder.exists():
@@ -327,16 +466,16 @@ def load_classifier(folder: str | Path, device: str = "cpu") -> tuple[Classifier
         labels, pooling = meta["labels"], meta["pooling"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{meta_path} is not a valid classifier description ({type(e).__name__}: {e})") from None
-    body, tokenizer = load_model(folder)
-    clf = Classifier(body, labels, pooling)
-    head, _ = read_weights(folder / HEAD_FILE)
-    try:
-        clf.head.load_state_dict(head)
-    except RuntimeError as e:
-        raise CheckpointError(f"{folder / HEAD_FILE} does not fit {len(labels)} labels over width "
-                              f"{body.config.n_embd}: {e}") from None
+    clf, tokenizer = _read_member(folder, labels, pooling)
+    max_tokens = meta.get("max_tokens", clf.body.config.block_size)
+    if meta.get("members"):
+        others = []
+        for name in meta["members"]:
+            info = json.loads((folder / name / CLASSIFY_FILE).read_text(encoding="utf-8"))
+            others.append(_read_member(folder / name, labels, info.get("pooling", pooling))[0])
+        clf = Ensemble([clf, *others])
     clf.to(device).eval()
-    return clf, TextEncoder(tokenizer, meta.get("max_tokens", body.config.block_size)), meta
+    return clf, TextEncoder(tokenizer, max_tokens), meta
 
 
 def new_classifier(base: str | Path, labels: Sequence[str], pooling: str, head_only: bool,
@@ -366,8 +505,10 @@ def report(clf: Classifier, encoder: TextEncoder, examples: list[Labelled]) -> d
 
 def classify_command(action: Literal["train", "predict", "eval"], model: str, /, data: list[str] | None = None,
                      out: str | None = None, text: list[str] | None = None,
-                     pooling: Literal["last", "mean"] = "last", head_only: bool = False,
+                     pooling: Literal["last", "mean", "max", "concat"] = "last", head_only: bool = False,
                      labels: list[str] | None = None, epochs: int = 8, batch_size: int = 32, lr: float = 1e-4,
+                     layer_decay: float = 1.0, label_smoothing: float = 0.0, ensemble: int = 1,
+                     cross_fit: bool = False,
                      dropout: float | None = None, test_fraction: float = 0.2, val_fraction: float = 0.1,
                      seed: int = 0, max_minutes: float | None = None, num_threads: int | None = None) -> int:
     """Sentiment analysis / text classification with a pretrained model and a linear head.
@@ -383,17 +524,24 @@ def classify_command(action: Literal["train", "predict", "eval"], model: str, /,
         data: labelled files, one 'text<TAB>label' per line (label: 0..n-1 or a label name).
         out: train: the classifier folder to write.
         text: predict: the texts to classify (default: the texts of --data).
-        pooling: last (the state at the last token) or mean (the mean over the text's tokens).
+        pooling: last (the state at the last token), mean (the mean over the text's tokens), max (their
+            elementwise maximum) or concat (last, mean and max side by side).
         head_only: train only the linear head on the frozen model's features.
         labels: label names, in index order (default: negative positive).
         epochs: full fine-tuning epochs (early stopped on the validation split).
         batch_size: sentences per step.
-        lr: learning rate of the model body (the head gets 10x).
+        lr: learning rate of the model body (its top layer with --layer-decay; the head gets 10x).
+        layer_decay: each layer below the top learns at this times the rate of the one above (1: all at lr).
+        label_smoothing: cross-entropy label smoothing (0: none).
+        ensemble: classifiers trained with seeds seed, seed+1, ...; those whose averaged probabilities do best on
+            the validation split are kept and averaged.
+        cross_fit: the ensemble's members each hold out their own fold of the training and validation data
+            (every labelled example trains most members); all are kept.
         dropout: dropout inside the model while fine-tuning (default: the model's own).
         test_fraction: share of the data held out (seeded) for the final accuracy and macro-F1.
         val_fraction: share of the rest held out for choosing the best epoch.
         seed: seeds the splits, the head and the batch order.
-        max_minutes: wall-clock budget for fine-tuning.
+        max_minutes: wall-clock budget for fine-tuning (per ensemble member).
         num_threads: torch.set_num_threads (default: PyTorch's).
     """
     if num_threads is not None:
@@ -409,8 +557,9 @@ def classify_command(action: Literal["train", "predict", "eval"], model: str, /,
             raise ValueError(f"no training examples left after holding out test ({len(test)}) and val ({len(val)})")
         clf, encoder = new_classifier(model, names, pooling, head_only, dropout)
         cfg = ClassifyConfig(pooling=pooling, head_only=head_only, epochs=epochs, batch_size=batch_size, lr=lr,
-                             seed=seed, max_minutes=max_minutes)
-        summary = train_classifier(clf, encoder, train, val or None, cfg)
+                             layer_decay=layer_decay, label_smoothing=label_smoothing, ensemble=ensemble,
+                             cross_fit=cross_fit, seed=seed, max_minutes=max_minutes)
+        clf, summary = train_ensemble(clf, encoder, train, val or None, cfg)
         scores = report(clf, encoder, test) if test else None
         save_classifier(out, clf, encoder.tokenizer, {
             "base": str(model), "max_tokens": encoder.max_tokens, "data": [str(f) for f in data],
