@@ -49,7 +49,8 @@ def _load_extension():
             from torch.utils.cpp_extension import load
 
             source = Path(__file__).with_name("fused_decode.cpp")
-            _extension = load("lmforge_fused_decode", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma"],
+            _extension = load("lmforge_fused_decode", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                              extra_ldflags=["-fopenmp"],
                               verbose=False)
         except Exception as e:  # no compiler, no ninja, headers missing: fall back, say why once
             _build_error = f"the fused decode extension did not build: {type(e).__name__}: {e}"
