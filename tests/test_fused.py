@@ -2,6 +2,8 @@
 
 import copy
 import shutil
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +17,10 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.speculative import speculative_generate
 from lmforge.model import Transformer
 
-if shutil.which("c++") is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-    pytest.skip("the fused decode step needs a C++ compiler and an AVX2 CPU", allow_module_level=True)
+if (shutil.which("c++") is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
+        or not Path(sysconfig.get_paths()["include"], "Python.h").exists()):
+    pytest.skip("the fused decode step needs a C++ compiler, Python's headers and an AVX2 CPU",
+                allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
