@@ -294,18 +294,20 @@ void norm(const float* x, int64_t B, int64_t C, const at::Tensor& g, const at::T
           float* out) {
   const float* gp = g.data_ptr<float>();
   const float* bp = present(beta) ? beta.data_ptr<float>() : nullptr;
-  for (int64_t b = 0; b < B; ++b) {
-    const float* r = x + b * C;
-    double mean = 0, var = 0;
-    if (!rms) {
-      for (int64_t i = 0; i < C; ++i) mean += r[i];
-      mean /= C;
+  at::parallel_for(0, B, 8, [&](int64_t begin, int64_t end) {  // rows split across threads from 16 rows on
+    for (int64_t b = begin; b < end; ++b) {
+      const float* r = x + b * C;
+      double mean = 0, var = 0;
+      if (!rms) {
+        for (int64_t i = 0; i < C; ++i) mean += r[i];
+        mean /= C;
+      }
+      for (int64_t i = 0; i < C; ++i) var += (r[i] - mean) * (r[i] - mean);
+      const float inv = 1.0f / std::sqrt(static_cast<float>(var / C) + eps);
+      for (int64_t i = 0; i < C; ++i)
+        out[b * C + i] = (r[i] - static_cast<float>(mean)) * inv * gp[i] + (bp ? bp[i] : 0.0f);
     }
-    for (int64_t i = 0; i < C; ++i) var += (r[i] - mean) * (r[i] - mean);
-    const float inv = 1.0f / std::sqrt(static_cast<float>(var / C) + eps);
-    for (int64_t i = 0; i < C; ++i)
-      out[b * C + i] = (r[i] - static_cast<float>(mean)) * inv * gp[i] + (bp ? bp[i] : 0.0f);
-  }
+  });
 }
 
 // Rotary embedding in place on n heads of hs at v: pairs (i, i + hs/2) turned by the angles of one position.
