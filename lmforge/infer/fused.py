@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from lmforge.infer.packed import pack_linears
+from lmforge.infer.packed import PackedLinear, pack_linears
 from lmforge.model import KVCache, Transformer
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,9 @@ def _load_extension():
             from torch.utils.cpp_extension import load
 
             source = Path(__file__).with_name("fused_decode.cpp")
-            _extension = load("lmforge_fused_decode", [str(source)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                              extra_ldflags=["-fopenmp"],
-                              verbose=False)
+            # -fopenmp: at::parallel_for only splits work when compiled with it (torch's own libgomp is reused)
+            _extension = load("lmforge_fused_decode", [str(source)], verbose=False,
+                              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no ninja, headers missing: fall back, say why once
             _build_error = f"the fused decode extension did not build: {type(e).__name__}: {e}"
             log.warning("%s; decoding with packed linear layers instead", _build_error)
@@ -81,7 +81,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 
 class FusedDecoder:
-    """New tokens through the whole model in one call, reading and advancing a contiguous `KVCache`.
+    """New tokens through the whole model in one call, reading and writing a contiguous `KVCache` (advanced) or
+    the serving engine's paged pool (`paged`).
 
     decoder(tokens (B,), cache) -> logits (B, V): one decode step.
     decoder(tokens (B, T), cache, last) -> logits (B, last, V) of each row's last `last` tokens: a few tokens at
@@ -114,8 +115,7 @@ class FusedDecoder:
                         *norm(model.norm_f), *linear(model.lm_head)]
         self.rms = c.norm == "rmsnorm"
         self.rope = (model.rope_cos, model.rope_sin) if c.pos == "rope" else (none, none)
-        if not all(p.is_contiguous() for p in self.params):
-            self.params = [p.contiguous() for p in self.params]
+        self.params = [p.contiguous() for p in self.params]  # a no-op for the usual, contiguous weights
         self.extension = _load_extension()
 
     def accepts(self, cache, new_tokens: int = 1) -> bool:
@@ -166,4 +166,4 @@ def decode_path(model: nn.Module) -> str:
     """'fused', 'packed' or 'plain': how `lmforge.infer.generate.decode_step` runs this model."""
     if getattr(model, "fused_decoder", None) is not None:
         return "fused"
-    return "packed" if any(type(m).__name__ == "PackedLinear" for m in model.modules()) else "plain"
+    return "packed" if any(isinstance(m, PackedLinear) for m in model.modules()) else "plain"

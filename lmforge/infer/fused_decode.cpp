@@ -373,23 +373,21 @@ at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at
   const int64_t max_pos = present(pos_emb) ? pos_emb.size(0) : rope ? rope_cos.size(0) : INT64_MAX;
 
   // Where slot s of row b lives: kc + layer * layer_stride + slot_of[b][s] * row_stride + kv_head * head_stride.
-  const int64_t capacity = paged ? block_table.size(1) * kcache.size(2) : kcache.size(3);
-  const int64_t row_stride = paged ? nkv * hs : hs, head_stride = paged ? hs : kcache.size(3) * hs;
+  // Contiguous: row b's slots are consecutive in its (b, kv_head) plane. Paged: a slot is block * bs + offset.
+  const int64_t bs = paged ? kcache.size(2) : kcache.size(3);  // slots per block; contiguous: one block a row
+  const int64_t blocks = paged ? block_table.size(1) : 1;
+  const int64_t capacity = blocks * bs;
+  const int64_t row_stride = paged ? nkv * hs : hs, head_stride = paged ? hs : bs * hs;
   const int64_t layer_stride = kcache.stride(0);
+  const int64_t* table = paged ? block_table.data_ptr<int64_t>() : nullptr;
   std::vector<std::vector<int64_t>> slot_of(B);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = sp[b] + T;
     TORCH_CHECK(n <= capacity, "KV cache is full: ", n, " tokens do not fit in ", capacity, " slots");
     TORCH_CHECK(n - lp[b] <= max_pos, "positions up to ", n - lp[b], " exceed the model's context of ", max_pos);
     slot_of[b].resize(n);
-    for (int64_t s = 0; s < n; ++s) {
-      if (paged) {
-        const int64_t bs = kcache.size(2);
-        slot_of[b][s] = block_table.data_ptr<int64_t>()[b * block_table.size(1) + s / bs] * bs + s % bs;
-      } else {
-        slot_of[b][s] = b * nkv * kcache.size(3) + s;
-      }
-    }
+    for (int64_t s = 0; s < n; ++s)
+      slot_of[b][s] = (paged ? table[b * blocks + s / bs] : b * nkv) * bs + s % bs;
   }
 
   std::vector<float> x(R * C), h(R * C), qkv(R * qkv_dim), att(R * C), ff(R * ffn), gated(act == kSwiGLU ? R * inner : 0);
