@@ -156,14 +156,14 @@ class Engine:
             if group is decodes and self.fused is not None:  # every layer and the head in one call
                 rows = self.fused.paged([s.token_ids[s.num_computed_tokens] for s, _ in group], self.cache,
                                         [s.block_table for s, _ in group], [s.num_computed_tokens for s, _ in group])
-                logits += [rows[pick]] if pick else []
+                logits += [rows if len(pick) == len(group) else rows[pick]] if pick else []
             else:
                 last = self._forward(group)[torch.arange(len(group)), torch.tensor([n for _, n in group]) - 1]
                 logits += [self.model.lm_head(last[pick])] if pick else []  # last: (B, C)
             seqs += [group[b][0] for b in pick]
         self.counters["computed_tokens"] += out.num_batched_tokens
         self.counters["steps"] += 1
-        sampled, lps = self._sample(torch.cat(logits), seqs) if seqs else ({}, {})
+        sampled, lps = self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), seqs) if seqs else ({}, {})
         if speculative:
             more, more_lps = self._speculate([s for s, _ in speculative], [out.lookahead[s.seq_id] for s, _ in speculative])
             sampled.update(more)
