@@ -9,6 +9,12 @@ Ends with one JSON line holding concurrency_speedup (engine concurrent / engine 
 ratios) and kv_bytes_per_token (measured: bytes of the KV blocks held / live tokens, at the moment of most live
 tokens; kv_bytes_per_token_ideal is 2 * n_layer * kv_dim * dtype bytes).
 
+Where the concurrent run's time goes, so a shortfall can be placed: decode_step_ms is the median step that decoded
+every request and nothing else; gemm_ms is what that step's matrix products alone take (each linear layer and the
+head, in order, --concurrency rows, through the decode path's own kernel); concurrency_ceiling is the speedup the
+engine would show if each such step cost only gemm_ms (attention, norms, sampling and Python free): a bound no
+scheduling or attention work can pass at this precision on this machine.
+
     python bench/engine.py [--dtype bfloat16] [--concurrency 32] [--repeats 3] [--decode packed]
 """
 
@@ -20,31 +26,61 @@ import statistics
 import time
 
 import torch
+import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.engine.engine import Engine
 from lmforge.infer.generate import generate
 from lmforge.infer.fused import decode_path, prepare_for_decoding
-from lmforge.infer.packed import pack_linears
+from lmforge.infer.packed import PackedLinear, pack_linears
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def run_engine(model, prompts, params, block_size: int, budget: int) -> tuple[float, dict]:
-    """(tokens/s, stats at the step with the most live tokens) for one batch of requests through the engine."""
+def run_engine(model, prompts, params, block_size: int, budget: int) -> tuple[float, dict, dict]:
+    """(tokens/s, stats at the step with the most live tokens, timing) for one batch of requests through the engine;
+    timing: tokens, seconds, and the seconds of each step that decoded every request and nothing else."""
     engine = Engine(model, block_size=block_size, max_num_seqs=len(prompts), max_num_batched_tokens=budget)
     for p in prompts:
         engine.add_request(p, params)
-    peak, tokens = {"live_tokens": 0}, 0
+    peak, tokens, full_steps, watching = {"live_tokens": 0}, 0, [], 0.0
     t0 = time.perf_counter()
     while engine.has_unfinished():
-        tokens += sum(len(o.new_token_ids) for o in engine.step())
-        s = engine.stats()
+        s0, computed = time.perf_counter(), engine.counters["computed_tokens"]
+        n = sum(len(o.new_token_ids) for o in engine.step())
+        s1 = time.perf_counter()
+        if n == len(prompts) == engine.counters["computed_tokens"] - computed:
+            full_steps.append(s1 - s0)
+        tokens += n
+        s = engine.stats()  # the bench watching, not engine work: its time is left out
         if s["live_tokens"] > peak["live_tokens"]:
             peak = s
-    return tokens / (time.perf_counter() - t0), peak
+        watching += time.perf_counter() - s1
+    seconds = time.perf_counter() - t0 - watching
+    return tokens / seconds, peak, {"tokens": tokens, "seconds": seconds, "full_steps": full_steps}
+
+
+def gemm_seconds(model, rows: int, repeats: int = 15) -> float:
+    """Median seconds of one decode step's matrix products alone for `rows` rows: every linear layer and the head,
+    in model order, through the kernel the decode path uses (the fused one, else the layers themselves)."""
+    fused = getattr(model, "fused_decoder", None)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+    none = torch.Tensor()
+    xs = [torch.randn(rows, m.in_features) for m in layers]
+
+    def one_pass():
+        for m, x in zip(layers, xs):
+            fused.extension.linear_act(x, m.weight, none, none, 0) if fused is not None else m(x)
+
+    one_pass()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def run_plain(model, prompts, params) -> float:
@@ -82,11 +118,18 @@ def main() -> None:
     with torch.inference_mode():
         run_engine(model, prompts[:2], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), 16, 512)  # warm up
         runs = {"engine_single": [], "engine_concurrent": [], "plain_single": [], "plain_batched": []}
-        peak = None
+        peak, step_ms, gemm_ms, ceiling = None, [], [], []
         for _ in range(args.repeats):
-            runs["engine_single"].append(run_engine(model, prompts[:1], params, args.block_size, args.budget)[0])
-            tps, peak = run_engine(model, prompts, params, args.block_size, args.budget)
+            single = run_engine(model, prompts[:1], params, args.block_size, args.budget)[0]
+            runs["engine_single"].append(single)
+            tps, peak, timing = run_engine(model, prompts, params, args.block_size, args.budget)
             runs["engine_concurrent"].append(tps)
+            gemm = gemm_seconds(model, args.concurrency)
+            full = timing["full_steps"]
+            step_ms.append(1e3 * statistics.median(full))
+            gemm_ms.append(1e3 * gemm)
+            # the same run with every full decode step cut to its matrix products
+            ceiling.append(timing["tokens"] / (timing["seconds"] - sum(full) + len(full) * gemm) / single)
             runs["plain_single"].append(run_plain(model, prompts[:1], params))
             runs["plain_batched"].append(run_plain(model, prompts, params))
             print(json.dumps({k: round(v[-1], 1) for k, v in runs.items()}), flush=True)
@@ -106,6 +149,8 @@ def main() -> None:
         concurrency_speedup=ratio("engine_concurrent", "engine_single"),
         speedup_vs_plain_single=ratio("engine_concurrent", "plain_single"),
         engine_vs_plain_batched=ratio("engine_concurrent", "plain_batched"),
+        decode_step_ms=round(statistics.median(step_ms), 2), gemm_ms=round(statistics.median(gemm_ms), 2),
+        concurrency_ceiling=round(statistics.median(ceiling), 2),
         kv_bytes_per_token=round(peak["kv_bytes_per_live_token"], 1),
         kv_bytes_per_token_ideal=peak["kv_bytes_per_token_ideal"], kv_blocks_used_at_peak=peak["kv_blocks_used"],
         live_tokens_at_peak=peak["live_tokens"])
