@@ -34,7 +34,7 @@ from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.engine.sequence import RequestOutput, Sequence
 from lmforge.infer.generate import Completion
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
-from lmforge.infer.speculative import accept_reject, token_probs
+from lmforge.infer.speculative import accept_reject, processed, token_probs
 
 
 class Engine:
@@ -205,7 +205,7 @@ class Engine:
             logits = all_logits[b, :ks[b] + 1]  # (k + 1, V): the target after each fed token
             context = s.token_ids + drafted[b]
             if s.generator is None:  # greedy: keep drafts while they are the target's argmax, then its argmax
-                scores = logits if s.params.plain else token_probs(logits, s.params, context, s.prompt_len)
+                scores = processed(logits, s.params, context, s.prompt_len)
                 best = scores.argmax(-1).tolist()
                 j = next((i for i, t in enumerate(drafted[b]) if t != best[i]), ks[b])
                 new = drafted[b][:j] + [best[j]]

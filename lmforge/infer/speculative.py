@@ -31,16 +31,23 @@ class SpeculativeError(ValueError):
     """A speculative decoding request that cannot run; the message names the setting and the fix."""
 
 
-def token_probs(logits: torch.Tensor, params: SamplingParams, context: Sequence[int], prompt_len: int) -> torch.Tensor:
-    """The distributions (N, V) to sample from, for logits (N, V) whose row i predicts the token after
-    context[:len(context) - N + 1 + i]: one-hot at the argmax when greedy, else the softmax of the logits after
-    penalties, temperature and top-k/top-p/min-p (`sampling.process_logits`)."""
+def processed(logits: torch.Tensor, params: SamplingParams, context: Sequence[int], prompt_len: int) -> torch.Tensor:
+    """`sampling.process_logits` for logits (N, V) whose row i predicts the token after
+    context[:len(context) - N + 1 + i]."""
     N = logits.shape[0]
+    if params.plain and params.greedy:
+        return logits  # nothing to apply: the argmax is the raw one
     contexts = [context] * N if params.plain else [context[:len(context) - N + 1 + i] for i in range(N)]
-    processed = process_logits(logits, [params] * N, contexts, [prompt_len] * N)
+    return process_logits(logits, [params] * N, contexts, [prompt_len] * N)
+
+
+def token_probs(logits: torch.Tensor, params: SamplingParams, context: Sequence[int], prompt_len: int) -> torch.Tensor:
+    """The distributions (N, V) to sample from, for logits (N, V) as in `processed`: one-hot at the argmax when
+    greedy, else the softmax of the logits after penalties, temperature and top-k/top-p/min-p."""
+    scores = processed(logits, params, context, prompt_len)
     if params.greedy:
-        return torch.zeros_like(processed).scatter_(-1, processed.argmax(-1, keepdim=True), 1.0)
-    return processed.softmax(dim=-1)
+        return torch.zeros_like(scores).scatter_(-1, scores.argmax(-1, keepdim=True), 1.0)
+    return scores.softmax(dim=-1)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
@@ -129,13 +136,22 @@ def speculative_generate(target, draft, prompt_ids: Sequence[int], params: Sampl
         drafted, q_rows = [], []
         for _ in range(k_round):
             sequence = context + drafted
-            q = token_probs(feed(draft, draft_cache, sequence, 1), params, sequence, len(prompt))[0]
+            logits = feed(draft, draft_cache, sequence, 1)
+            if params.greedy:  # the rule with one-hot distributions, without building them
+                drafted.append(int(processed(logits, params, sequence, len(prompt))[0].argmax()))
+                continue
+            q = token_probs(logits, params, sequence, len(prompt))[0]
             drafted.append(draw(q, generator))
             q_rows.append(q)
         sequence = context + drafted
-        p = token_probs(feed(target, target_cache, sequence, k_round + 1), params, sequence, len(prompt))
-        q = torch.stack(q_rows) if q_rows else p[:0]
-        new = accept_reject(drafted, q, p, generator)
+        logits = feed(target, target_cache, sequence, k_round + 1)
+        if params.greedy:  # keep drafts while they are the target's argmax, then add its argmax
+            best = processed(logits, params, sequence, len(prompt)).argmax(-1).tolist()
+            j = next((i for i, t in enumerate(drafted) if t != best[i]), k_round)
+            new = drafted[:j] + [best[j]]
+        else:
+            p = token_probs(logits, params, sequence, len(prompt))
+            new = accept_reject(drafted, torch.stack(q_rows) if q_rows else p[:0], p, generator)
         proposed, accepted, rounds = proposed + k_round, accepted + len(new) - 1, rounds + 1
 
         stop_at = next((i for i, t in enumerate(new) if t in stop_ids), None)
