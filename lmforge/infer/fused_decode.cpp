@@ -246,7 +246,36 @@ void attend(const float* q, const float* k, const float* v, const int64_t* slots
     for (int64_t d = hs8; d < hs; ++d) t += qh[d] * kr[d];
     return t * scale;
   };
-  for (int64_t s = start; s <= end; ++s) {
+  if (H < 4) {  // few heads (one row's work split across threads): four slots at once for four FMA chains
+    for (int64_t h = h0; h < h1; ++h) {
+      const float *qh = q + h * hs, *kh = k + (h / group) * head_stride;
+      float* sc = score + (h - h0) * cap;
+      int64_t s = start;
+      for (; s + 4 <= end + 1; s += 4) {
+        const float *k0 = kh + slots[s] * stride, *k1 = kh + slots[s + 1] * stride;
+        const float *k2 = kh + slots[s + 2] * stride, *k3 = kh + slots[s + 3] * stride;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < hs8; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(qh + d);
+          a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+          a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+          a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+          a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+        }
+        sc[s] = finish(qh, k0, a0);
+        sc[s + 1] = finish(qh, k1, a1);
+        sc[s + 2] = finish(qh, k2, a2);
+        sc[s + 3] = finish(qh, k3, a3);
+      }
+      for (; s <= end; ++s) {
+        const float* kr = kh + slots[s] * stride;
+        __m256 a0 = _mm256_setzero_ps();
+        for (int64_t d = 0; d < hs8; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kr + d), a0);
+        sc[s] = finish(qh, kr, a0);
+      }
+    }
+  }
+  for (int64_t s = start; H >= 4 && s <= end; ++s) {
     const float* kr = k + slots[s] * stride;
     int64_t h = h0;
     for (; h + 4 <= h1; h += 4) {  // four heads at once: four independent FMA chains
