@@ -27,6 +27,13 @@ import torch
 from lmforge.config import ModelConfig
 
 
+def block_table_tensor(block_tables: list[list[int]], device="cpu") -> torch.Tensor:
+    """Rows' block tables as one (B, longest) tensor, shorter rows padded with block 0 (callers mask or never
+    reach those slots)."""
+    width = max(len(t) for t in block_tables)
+    return torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device)
+
+
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, dtype=torch.float32,
                  device="cpu"):
@@ -59,11 +66,8 @@ class PagedKVCache:
         valid = t[None, :] < length[:, None]  # (B, T) real tokens, not padding
         self._positions = start[:, None] + torch.minimum(t[None, :], length[:, None] - 1)  # padding repeats the last
 
-        nblk = max(len(tb) for tb in block_tables)
-        table = torch.zeros(len(block_tables), nblk, dtype=torch.long)  # short rows padded with block 0 (masked)
-        for b, tb in enumerate(block_tables):
-            table[b, :len(tb)] = torch.as_tensor(tb, dtype=torch.long)
-        self._table = table.to(device)  # (B, nblk)
+        self._table = block_table_tensor(block_tables, device)  # (B, nblk); padding is masked below
+        nblk = self._table.shape[1]
         blk = self._table.gather(1, (slot_pos // bs).clamp(max=nblk - 1))  # (B, T) block of each new token
         self._write_slots = (blk * bs + slot_pos % bs)[valid]  # (N,) flat slot of each real new token
         self._valid = valid

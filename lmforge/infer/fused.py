@@ -144,8 +144,9 @@ class FusedDecoder:
               starts: Sequence[int]) -> torch.Tensor:
         """One decode step for the serving engine: row b's token at position starts[b] (its cached tokens), its
         blocks block_tables[b] in the engine's pool. Logits (B, V)."""
-        width = max(len(t) for t in block_tables)
-        table = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+        from lmforge.engine.paged_cache import block_table_tensor  # the engine's own layout of the tables
+
+        table = block_table_tensor(block_tables)
         tokens_t = torch.tensor(tokens, dtype=torch.long)[:, None]
         lo = torch.zeros(len(tokens), dtype=torch.long)
         return self._run(tokens_t, lo, torch.tensor(starts, dtype=torch.long), 1, cache, table)[:, 0]
