@@ -228,9 +228,39 @@ void linear(const float* x, int64_t B, int64_t K, const at::Tensor& w, const at:
   });
 }
 
+// scale * (q . k) over hs floats, summed in the one fixed order every dot product of the step uses: 8-lane steps
+// over d, then the lanes, then the tail.
+inline float dot(const float* q, const float* k, int64_t hs, float scale) {
+  const int64_t hs8 = hs - hs % 8;
+  __m256 a = _mm256_setzero_ps();
+  for (int64_t d = 0; d < hs8; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
+  float t = hsum(a);
+  for (int64_t d = hs8; d < hs; ++d) t += q[d] * k[d];
+  return t * scale;
+}
+
+// Four `dot`s at once (out[i] = scale * q[i] . k[i]): four independent FMA chains, each in the same order as `dot`.
+inline void dot4(const float* const q[4], const float* const k[4], int64_t hs, float scale, float* const out[4]) {
+  const int64_t hs8 = hs - hs % 8;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t d = 0; d < hs8; d += 8) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + d), _mm256_loadu_ps(k[0] + d), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + d), _mm256_loadu_ps(k[1] + d), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + d), _mm256_loadu_ps(k[2] + d), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + d), _mm256_loadu_ps(k[3] + d), a3);
+  }
+  const __m256 acc[4] = {a0, a1, a2, a3};
+  for (int i = 0; i < 4; ++i) {
+    float t = hsum(acc[i]);
+    for (int64_t d = hs8; d < hs; ++d) t += q[i][d] * k[i][d];
+    *out[i] = t * scale;
+  }
+}
+
 // Attention of heads h0..h1-1 of one row: out[h] = softmax(scale * q[h] . k_s) weighted sum of v_s over slots
 // s in [start, end]. Slot s's keys and values for kv head j are the hs floats at k + slots[s] * stride +
-// j * head_stride (v likewise); query head h reads kv head h / group. score holds (h1 - h0) x cap floats.
+// j * head_stride (v likewise); query head h reads kv head h / group. Scratch: score, (h1 - h0) x cap floats;
+// inv, h1 - h0.
 //
 // Reading the keys and values is most of the work at long contexts and many rows, so each is read once, slot by
 // slot, for all of the row's heads together: in the engine's paged pool a slot's heads are one contiguous row and a
@@ -239,93 +269,57 @@ void linear(const float* x, int64_t B, int64_t K, const at::Tensor& w, const at:
 // sum is still accumulated in one fixed order (over d in 8-lane steps, then over slots), whatever the grouping.
 void attend(const float* q, const float* k, const float* v, const int64_t* slots, int64_t stride,
             int64_t head_stride, int64_t start, int64_t end, int64_t h0, int64_t h1, int64_t group, int64_t hs,
-            float scale, float* score, int64_t cap, float* out) {
+            float scale, float* score, int64_t cap, float* inv, float* out) {
   const int64_t hs8 = hs - hs % 8, H = h1 - h0;
-  auto finish = [&](const float* qh, const float* kr, __m256 acc) {
-    float t = hsum(acc);
-    for (int64_t d = hs8; d < hs; ++d) t += qh[d] * kr[d];
-    return t * scale;
-  };
-  if (H < 4) {  // few heads (one row's work split across threads): four slots at once for four FMA chains
+  auto key = [&](int64_t s, int64_t h) { return k + slots[s] * stride + (h / group) * head_stride; };
+  auto sc = [&](int64_t s, int64_t h) { return score + (h - h0) * cap + s; };
+  if (H >= 4) {  // many heads (whole rows): a slot's keys for four heads at once
+    for (int64_t s = start; s <= end; ++s) {
+      int64_t h = h0;
+      for (; h + 4 <= h1; h += 4) {
+        const float* qs[4] = {q + h * hs, q + (h + 1) * hs, q + (h + 2) * hs, q + (h + 3) * hs};
+        const float* ks[4] = {key(s, h), key(s, h + 1), key(s, h + 2), key(s, h + 3)};
+        float* outs[4] = {sc(s, h), sc(s, h + 1), sc(s, h + 2), sc(s, h + 3)};
+        dot4(qs, ks, hs, scale, outs);
+      }
+      for (; h < h1; ++h) *sc(s, h) = dot(q + h * hs, key(s, h), hs, scale);
+    }
+  } else {  // few heads (one row split across threads): four slots of a head at once
     for (int64_t h = h0; h < h1; ++h) {
-      const float *qh = q + h * hs, *kh = k + (h / group) * head_stride;
-      float* sc = score + (h - h0) * cap;
+      const float* qh = q + h * hs;
       int64_t s = start;
       for (; s + 4 <= end + 1; s += 4) {
-        const float *k0 = kh + slots[s] * stride, *k1 = kh + slots[s + 1] * stride;
-        const float *k2 = kh + slots[s + 2] * stride, *k3 = kh + slots[s + 3] * stride;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t d = 0; d < hs8; d += 8) {
-          const __m256 qv = _mm256_loadu_ps(qh + d);
-          a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
-          a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
-          a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
-          a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
-        }
-        sc[s] = finish(qh, k0, a0);
-        sc[s + 1] = finish(qh, k1, a1);
-        sc[s + 2] = finish(qh, k2, a2);
-        sc[s + 3] = finish(qh, k3, a3);
+        const float* qs[4] = {qh, qh, qh, qh};
+        const float* ks[4] = {key(s, h), key(s + 1, h), key(s + 2, h), key(s + 3, h)};
+        float* outs[4] = {sc(s, h), sc(s + 1, h), sc(s + 2, h), sc(s + 3, h)};
+        dot4(qs, ks, hs, scale, outs);
       }
-      for (; s <= end; ++s) {
-        const float* kr = kh + slots[s] * stride;
-        __m256 a0 = _mm256_setzero_ps();
-        for (int64_t d = 0; d < hs8; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kr + d), a0);
-        sc[s] = finish(qh, kr, a0);
-      }
-    }
-  }
-  for (int64_t s = start; H >= 4 && s <= end; ++s) {
-    const float* kr = k + slots[s] * stride;
-    int64_t h = h0;
-    for (; h + 4 <= h1; h += 4) {  // four heads at once: four independent FMA chains
-      const float *q0 = q + h * hs, *q1 = q0 + hs, *q2 = q1 + hs, *q3 = q2 + hs;
-      const float *k0 = kr + (h / group) * head_stride, *k1 = kr + ((h + 1) / group) * head_stride;
-      const float *k2 = kr + ((h + 2) / group) * head_stride, *k3 = kr + ((h + 3) / group) * head_stride;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t d = 0; d < hs8; d += 8) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), _mm256_loadu_ps(k0 + d), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), _mm256_loadu_ps(k1 + d), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + d), _mm256_loadu_ps(k2 + d), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + d), _mm256_loadu_ps(k3 + d), a3);
-      }
-      score[(h - h0) * cap + s] = finish(q0, k0, a0);
-      score[(h + 1 - h0) * cap + s] = finish(q1, k1, a1);
-      score[(h + 2 - h0) * cap + s] = finish(q2, k2, a2);
-      score[(h + 3 - h0) * cap + s] = finish(q3, k3, a3);
-    }
-    for (; h < h1; ++h) {
-      const float *qh = q + h * hs, *kh = kr + (h / group) * head_stride;
-      __m256 a0 = _mm256_setzero_ps();
-      for (int64_t d = 0; d < hs8; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kh + d), a0);
-      score[(h - h0) * cap + s] = finish(qh, kh, a0);
+      for (; s <= end; ++s) *sc(s, h) = dot(qh, key(s, h), hs, scale);
     }
   }
 
-  std::vector<float> inv(H);
   for (int64_t i = 0; i < H; ++i) {  // softmax of each head's scores, in place
-    float* sc = score + i * cap;
+    float* e = score + i * cap;
     float top = -INFINITY;
-    for (int64_t s = start; s <= end; ++s) top = std::max(top, sc[s]);
+    for (int64_t s = start; s <= end; ++s) top = std::max(top, e[s]);
     const __m256 vtop = _mm256_set1_ps(top);
     __m256 vtotal = _mm256_setzero_ps();
     int64_t s = start;
     for (; s + 8 <= end + 1; s += 8) {
-      const __m256 e = vexp(_mm256_sub_ps(_mm256_loadu_ps(sc + s), vtop));
-      _mm256_storeu_ps(sc + s, e);
-      vtotal = _mm256_add_ps(vtotal, e);
+      const __m256 x = vexp(_mm256_sub_ps(_mm256_loadu_ps(e + s), vtop));
+      _mm256_storeu_ps(e + s, x);
+      vtotal = _mm256_add_ps(vtotal, x);
     }
     float total = hsum(vtotal);
-    for (; s <= end; ++s) total += (sc[s] = std::exp(sc[s] - top));
+    for (; s <= end; ++s) total += (e[s] = std::exp(e[s] - top));
     inv[i] = 1.0f / total;
   }
 
-  float* o = out + h0 * hs;
-  std::fill(o, o + H * hs, 0.0f);
+  std::fill(out + h0 * hs, out + h1 * hs, 0.0f);
   for (int64_t s = start; s <= end; ++s) {  // weighted sums accumulated in out, slot by slot
     const float* vr = v + slots[s] * stride;
     for (int64_t h = h0; h < h1; ++h) {
-      const float p = score[(h - h0) * cap + s];
+      const float p = *sc(s, h);
       const __m256 vp = _mm256_set1_ps(p);
       const float* vh = vr + (h / group) * head_stride;
       float* oh = out + h * hs;
@@ -334,7 +328,8 @@ void attend(const float* q, const float* k, const float* v, const int64_t* slots
       for (int64_t d = hs8; d < hs; ++d) oh[d] += p * vh[d];
     }
   }
-  for (int64_t i = 0; i < H * hs; ++i) o[i] *= inv[i / hs];
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t d = 0; d < hs; ++d) out[h * hs + d] *= inv[h - h0];
 }
 
 // LayerNorm (mean and variance) or, with rms, RMSNorm (x / sqrt(mean(x^2) + eps) * g) of B rows of C.
@@ -480,16 +475,15 @@ at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at
     }
     // Tasks are (row, group of heads): whole rows when there are enough of them to share out, single heads when
     // few rows (one sequence decoding) must still keep every thread busy.
-    const int64_t groups = std::min<int64_t>(n_head, (4 * at::get_num_threads() + R - 1) / R);
-    const int64_t per = (n_head + groups - 1) / groups;
+    const int64_t wanted = std::min<int64_t>(n_head, (4 * at::get_num_threads() + R - 1) / R);  // tasks a row
+    const int64_t per = (n_head + wanted - 1) / wanted, groups = (n_head + per - 1) / per;  // none left empty
     at::parallel_for(0, R * groups, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> score(per * capacity);
+      std::vector<float> score(per * capacity), inv(per);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t r = task / groups, h0 = task % groups * per, h1 = std::min(n_head, h0 + per);
         const int64_t b = r / T, self = sp[b] + r % T;
-        if (h0 < h1)
-          attend(qkv.data() + r * qkv_dim, kl, vl, slot_of[b].data(), row_stride, head_stride, std::min(lp[b], self),
-                 self, h0, h1, group, hs, scale, score.data(), capacity, att.data() + r * C);
+        attend(qkv.data() + r * qkv_dim, kl, vl, slot_of[b].data(), row_stride, head_stride, std::min(lp[b], self),
+               self, h0, h1, group, hs, scale, score.data(), capacity, inv.data(), att.data() + r * C);
       }
     });
     linear(att.data(), R, C, P[5], P[6], P[7], x.data(), /*accumulate=*/true);
