@@ -9,7 +9,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams
-from lmforge.infer.speculative import SpeculativeError, accept_reject, speculative_generate
+from lmforge.infer.speculative import SpeculativeError, accept_greedy, accept_reject, speculative_generate
 from lmforge.model import Transformer
 
 
@@ -175,6 +175,20 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 CHI2_999 = {3: 16.27, 4: 18.47, 5: 20.52}  # chi-square 0.999 quantiles by degrees of freedom
+
+
+def test_accept_greedy_is_accept_reject_with_one_hot_distributions():
+    """The greedy shortcut against the general rule it stands for, on one-hot q and p."""
+    gen = torch.Generator().manual_seed(3)
+    V = 5
+    for _ in range(200):
+        k = int(torch.randint(1, 5, (1,), generator=gen))
+        drafted = torch.randint(0, V, (k,), generator=gen).tolist()
+        best = torch.randint(0, V, (k + 1,), generator=gen).tolist()
+        best[:k] = [d if torch.rand((), generator=gen) < 0.6 else b for d, b in zip(drafted, best[:k])]
+        q = torch.nn.functional.one_hot(torch.tensor(drafted), V).float()
+        p = torch.nn.functional.one_hot(torch.tensor(best), V).float()
+        assert accept_greedy(drafted, best) == accept_reject(drafted, q, p, gen)
 
 
 def test_accept_reject_first_token_follows_the_target_distribution():

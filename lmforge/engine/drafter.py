@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.engine.paged_cache import PagedKVCache
-from lmforge.infer.speculative import SpeculativeError, draw, token_probs
+from lmforge.infer.speculative import SpeculativeError, draw, processed, token_probs
 
 
 class Drafter:
@@ -71,11 +71,12 @@ class Drafter:
                                    [starts[b] for b in active])
             for row, b in enumerate(active):
                 s = seqs[b]
-                if s.generator is None and s.params.plain:  # plain greedy: the raw argmax, no distribution
-                    token = int(logits[row].argmax())
+                context = s.token_ids + drafted[b]
+                if s.generator is None:  # greedy: the argmax, no distribution
+                    token = int(processed(logits[row:row + 1], s.params, context, s.prompt_len)[0].argmax())
                 else:
-                    q = token_probs(logits[row:row + 1], s.params, s.token_ids + drafted[b], s.prompt_len)[0]
-                    token = draw(q, s.generator) if s.generator is not None else int(q.argmax())
+                    q = token_probs(logits[row:row + 1], s.params, context, s.prompt_len)[0]
+                    token = draw(q, s.generator)
                     q_rows[b].append(q)
                 drafted[b].append(token)
                 starts[b] += len(feeds[b])

@@ -34,7 +34,7 @@ from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.engine.sequence import RequestOutput, Sequence
 from lmforge.infer.generate import Completion
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
-from lmforge.infer.speculative import accept_reject, processed, token_probs
+from lmforge.infer.speculative import accept_greedy, accept_reject, processed, token_probs
 
 
 class Engine:
@@ -204,11 +204,8 @@ class Engine:
         for b, s in enumerate(seqs):
             logits = all_logits[b, :ks[b] + 1]  # (k + 1, V): the target after each fed token
             context = s.token_ids + drafted[b]
-            if s.generator is None:  # greedy: keep drafts while they are the target's argmax, then its argmax
-                scores = processed(logits, s.params, context, s.prompt_len)
-                best = scores.argmax(-1).tolist()
-                j = next((i for i, t in enumerate(drafted[b]) if t != best[i]), ks[b])
-                new = drafted[b][:j] + [best[j]]
+            if s.generator is None:
+                new = accept_greedy(drafted[b], processed(logits, s.params, context, s.prompt_len).argmax(-1).tolist())
             else:
                 new = accept_reject(drafted[b], q[b], token_probs(logits, s.params, context, s.prompt_len),
                                     s.generator)

@@ -42,12 +42,16 @@ def processed(logits: torch.Tensor, params: SamplingParams, context: Sequence[in
 
 
 def token_probs(logits: torch.Tensor, params: SamplingParams, context: Sequence[int], prompt_len: int) -> torch.Tensor:
-    """The distributions (N, V) to sample from, for logits (N, V) as in `processed`: one-hot at the argmax when
-    greedy, else the softmax of the logits after penalties, temperature and top-k/top-p/min-p."""
-    scores = processed(logits, params, context, prompt_len)
-    if params.greedy:
-        return torch.zeros_like(scores).scatter_(-1, scores.argmax(-1, keepdim=True), 1.0)
-    return scores.softmax(dim=-1)
+    """The distributions (N, V) a sampled (not greedy) row draws from, for logits (N, V) as in `processed`: the
+    softmax of the logits after penalties, temperature and top-k/top-p/min-p."""
+    return processed(logits, params, context, prompt_len).softmax(dim=-1)
+
+
+def accept_greedy(draft_tokens: Sequence[int], best: Sequence[int]) -> list[int]:
+    """`accept_reject` for greedy decoding, where both distributions are one-hot: keep the draft while it is the
+    target's argmax (best: k+1 argmaxes), then add the target's argmax at the first miss (or after the last draft)."""
+    j = next((i for i, t in enumerate(draft_tokens) if t != best[i]), len(draft_tokens))
+    return list(draft_tokens[:j]) + [best[j]]
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
@@ -137,7 +141,7 @@ def speculative_generate(target, draft, prompt_ids: Sequence[int], params: Sampl
         for _ in range(k_round):
             sequence = context + drafted
             logits = feed(draft, draft_cache, sequence, 1)
-            if params.greedy:  # the rule with one-hot distributions, without building them
+            if params.greedy:  # the rule with one-hot distributions, without building them (accept_greedy)
                 drafted.append(int(processed(logits, params, sequence, len(prompt))[0].argmax()))
                 continue
             q = token_probs(logits, params, sequence, len(prompt))[0]
@@ -145,10 +149,8 @@ def speculative_generate(target, draft, prompt_ids: Sequence[int], params: Sampl
             q_rows.append(q)
         sequence = context + drafted
         logits = feed(target, target_cache, sequence, k_round + 1)
-        if params.greedy:  # keep drafts while they are the target's argmax, then add its argmax
-            best = processed(logits, params, sequence, len(prompt)).argmax(-1).tolist()
-            j = next((i for i, t in enumerate(drafted) if t != best[i]), k_round)
-            new = drafted[:j] + [best[j]]
+        if params.greedy:
+            new = accept_greedy(drafted, processed(logits, params, sequence, len(prompt)).argmax(-1).tolist())
         else:
             p = token_probs(logits, params, sequence, len(prompt))
             new = accept_reject(drafted, torch.stack(q_rows) if q_rows else p[:0], p, generator)
