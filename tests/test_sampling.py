@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.infer.sampling import (SamplingError, SamplingParams, StopStrings, apply_logit_bias, apply_penalties,
-                                    apply_temperature, ban_sequences, make_generator, min_p_filter, process_logits,
+                                    apply_temperature, argmax, ban_sequences, make_generator, min_p_filter, process_logits,
                                     sample_next, token_counts, token_logprobs, top_k_filter, top_p_filter)
 
 NEG = -math.inf
@@ -117,6 +117,26 @@ def test_greedy_is_argmax_of_processed_logits(logits):
     tokens = sample_next(logits, params, [[0]] * 4, [1] * 4, [None] * 4)
     assert tokens[0] == logits[0].argmax() and tokens[1] == 5 and tokens[3] == logits[3].argmax()
     assert tokens[2] == logits[2].topk(2).indices[1]
+
+
+@pytest.mark.parametrize("shape", [(32, 8192), (9, 1000), (8, 515), (3, 2, 8192), (40, 65), (2, 50257)])
+def test_blockwise_argmax_equals_torchs(shape):
+    """First maximum on ties, NaN as the maximum, rows of -inf, a maximum in the padded tail block."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        x = torch.randn(shape, generator=g)
+        rows = x.view(-1, shape[-1])
+        if trial % 4 == 1:
+            x = x.round()
+        elif trial % 4 == 2:
+            rows[::2, torch.randint(0, shape[-1], (3,), generator=g)] = float("nan")
+        elif trial % 4 == 3:
+            rows[0] = NEG
+            rows[-1, -1] = 50.0
+            rows[1 % len(rows), [3, shape[-1] // 2]] = 50.0
+        assert torch.equal(argmax(x), x.argmax(-1)), trial
+    strided = torch.randn(16, 2 * 8192, generator=g)[:, ::2]
+    assert torch.equal(argmax(strided), strided.argmax(-1))
 
 
 def test_process_logits_composes_the_stages(logits):
