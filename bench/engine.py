@@ -5,9 +5,12 @@ Each figure is the median of --repeats runs, measured side by side in one proces
   submitted together (prompts of --prompt-len tokens, --new-tokens each, greedy, ignore_eos);
 - plain_single / plain_batched: the same work through lmforge.infer.generate (one left-padded batch, contiguous
   KV cache), the plain way the engine must keep up with.
-Ends with one JSON line holding concurrency_speedup (engine concurrent / engine single, the median of per-repeat
-ratios) and kv_bytes_per_token (measured: bytes of the KV blocks held / live tokens, at the moment of most live
-tokens; kv_bytes_per_token_ideal is 2 * n_layer * kv_dim * dtype bytes).
+The engine rows run once per --kv-dtype in every repeat (the KV pool in float16, the first and headline one, and
+in the model's float32): float16 keys and values halve what attention reads at 32 rows. Ends with one JSON line
+holding concurrency_speedup (engine concurrent / engine single, the median of per-repeat ratios) and
+kv_bytes_per_token (measured: bytes of the KV blocks held / live tokens, at the moment of most live tokens;
+kv_bytes_per_token_ideal is 2 * n_layer * kv_dim * KV dtype bytes) for the first KV dtype, and by_kv_dtype with
+each one's.
 
 Where the concurrent run's time goes, so a shortfall can be placed: decode_step_ms is the median step that decoded
 every request and nothing else; gemm_ms is what that step's matrix products alone take (each linear layer and the
@@ -15,7 +18,7 @@ head, in order, --concurrency rows, through the decode path's own kernel); concu
 engine would show if each such step cost only gemm_ms (attention, norms, sampling and Python free): a bound no
 scheduling or attention work can pass at this precision on this machine.
 
-    python bench/engine.py [--dtype bfloat16] [--concurrency 32] [--repeats 3] [--decode packed]
+    python bench/engine.py [--dtype bfloat16] [--kv-dtype auto] [--concurrency 32] [--repeats 3] [--decode packed]
 """
 
 from __future__ import annotations
@@ -36,13 +39,15 @@ from lmforge.infer.packed import PackedLinear, pack_linears
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def run_engine(model, prompts, params, block_size: int, budget: int) -> tuple[float, dict, dict]:
+def run_engine(model, prompts, params, block_size: int, budget: int, kv_dtype: str = "auto"
+               ) -> tuple[float, dict, dict]:
     """(tokens/s, stats at the step with the most live tokens, timing) for one batch of requests through the engine;
     timing: tokens, seconds, and the seconds of each step that decoded every request and nothing else."""
-    engine = Engine(model, block_size=block_size, max_num_seqs=len(prompts), max_num_batched_tokens=budget)
+    engine = Engine(model, block_size=block_size, max_num_seqs=len(prompts), max_num_batched_tokens=budget,
+                    kv_dtype=None if kv_dtype == "auto" else DTYPES[kv_dtype])
     for p in prompts:
         engine.add_request(p, params)
     peak, tokens, full_steps, watching = {"live_tokens": 0}, 0, [], 0.0
@@ -92,7 +97,10 @@ def run_plain(model, prompts, params) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="gpt-14m")
-    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--kv-dtype", nargs="+", default=["float16", "auto"], choices=["auto", "float16"],
+                    help="the engine's KV pool dtype(s), each measured in every repeat (auto: the model's); the "
+                         "first gives the headline")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -117,43 +125,49 @@ def main() -> None:
 
     with torch.inference_mode():
         run_engine(model, prompts[:2], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), 16, 512)  # warm up
-        runs = {"engine_single": [], "engine_concurrent": [], "plain_single": [], "plain_batched": []}
-        peak, step_ms, gemm_ms, ceiling = None, [], [], []
+        runs = {"plain_single": [], "plain_batched": []}
+        kvs = {kv: {"single": [], "concurrent": [], "step_ms": [], "ceiling": []} for kv in args.kv_dtype}
+        peaks, gemm_ms = {}, []
         for _ in range(args.repeats):
-            single = run_engine(model, prompts[:1], params, args.block_size, args.budget)[0]
-            runs["engine_single"].append(single)
-            tps, peak, timing = run_engine(model, prompts, params, args.block_size, args.budget)
-            runs["engine_concurrent"].append(tps)
             gemm = gemm_seconds(model, args.concurrency)
-            full = timing["full_steps"]
-            step_ms.append(1e3 * statistics.median(full))
             gemm_ms.append(1e3 * gemm)
-            # the same run with every full decode step cut to its matrix products
-            ceiling.append(timing["tokens"] / (timing["seconds"] - sum(full) + len(full) * gemm) / single)
+            for kv, m in kvs.items():
+                single = run_engine(model, prompts[:1], params, args.block_size, args.budget, kv)[0]
+                tps, peaks[kv], timing = run_engine(model, prompts, params, args.block_size, args.budget, kv)
+                full = timing["full_steps"]
+                m["single"].append(single)
+                m["concurrent"].append(tps)
+                m["step_ms"].append(1e3 * statistics.median(full))
+                # the same run with every full decode step cut to its matrix products
+                m["ceiling"].append(timing["tokens"] / (timing["seconds"] - sum(full) + len(full) * gemm) / single)
             runs["plain_single"].append(run_plain(model, prompts[:1], params))
             runs["plain_batched"].append(run_plain(model, prompts, params))
-            print(json.dumps({k: round(v[-1], 1) for k, v in runs.items()}), flush=True)
+            print(json.dumps({**{k: round(v[-1], 1) for k, v in runs.items()},
+                              **{f"engine_{n}_kv_{kv}": round(m[n][-1], 1) for kv, m in kvs.items()
+                                 for n in ("single", "concurrent")}}), flush=True)
 
-    med = {k: statistics.median(v) for k, v in runs.items()}
-
-    def ratio(a: str, b: str) -> float:
-        """Median over repeats of a/b measured in the same repeat: steadier than a ratio of medians on a busy
+    def ratio(xs, ys) -> float:
+        """Median over repeats of x/y measured in the same repeat: steadier than a ratio of medians on a busy
         machine, where the load drifts between repeats."""
-        return round(statistics.median(x / y for x, y in zip(runs[a], runs[b])), 2)
+        return round(statistics.median(x / y for x, y in zip(xs, ys)), 2)
 
+    by_kv = {kv: dict(
+        kv_dtype=kv, engine_single_tok_s=round(statistics.median(m["single"]), 1),
+        engine_concurrent_tok_s=round(statistics.median(m["concurrent"]), 1),
+        concurrency_speedup=ratio(m["concurrent"], m["single"]),
+        speedup_vs_plain_single=ratio(m["concurrent"], runs["plain_single"]),
+        engine_vs_plain_batched=ratio(m["concurrent"], runs["plain_batched"]),
+        decode_step_ms=round(statistics.median(m["step_ms"]), 2), concurrency_ceiling=round(statistics.median(m["ceiling"]), 2),
+        kv_bytes_per_token=round(peaks[kv]["kv_bytes_per_live_token"], 1),
+        kv_bytes_per_token_ideal=peaks[kv]["kv_bytes_per_token_ideal"], kv_blocks_used_at_peak=peaks[kv]["kv_blocks_used"],
+        live_tokens_at_peak=peaks[kv]["live_tokens"]) for kv, m in kvs.items()}
     result = dict(
         preset=args.preset, dtype=args.dtype, decode_path=decode_path(model), concurrency=args.concurrency,
-        prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens, block_size=args.block_size, threads=torch.get_num_threads(),
-        repeats=args.repeats, **{f"{k}_tok_s": round(v, 1) for k, v in med.items()},
-        concurrency_speedup=ratio("engine_concurrent", "engine_single"),
-        speedup_vs_plain_single=ratio("engine_concurrent", "plain_single"),
-        engine_vs_plain_batched=ratio("engine_concurrent", "plain_batched"),
-        decode_step_ms=round(statistics.median(step_ms), 2), gemm_ms=round(statistics.median(gemm_ms), 2),
-        concurrency_ceiling=round(statistics.median(ceiling), 2),
-        kv_bytes_per_token=round(peak["kv_bytes_per_live_token"], 1),
-        kv_bytes_per_token_ideal=peak["kv_bytes_per_token_ideal"], kv_blocks_used_at_peak=peak["kv_blocks_used"],
-        live_tokens_at_peak=peak["live_tokens"])
+        prompt_len=args.prompt_len, new_tokens=args.new_tokens, block_size=args.block_size,
+        threads=torch.get_num_threads(), repeats=args.repeats,
+        **{f"{k}_tok_s": round(statistics.median(v), 1) for k, v in runs.items()},
+        gemm_ms=round(statistics.median(gemm_ms), 2), **by_kv[args.kv_dtype[0]],
+        by_kv_dtype={kv: {k: v for k, v in r.items() if k != "kv_dtype"} for kv, r in by_kv.items()})
     print(json.dumps(result))
 
 

@@ -143,6 +143,57 @@ def test_serving_engine_decodes_through_the_fused_step(ext, preset):
     assert got == [c.tokens for c in generate(model, prompts, params)]
     assert Engine(model, block_size=4).fused is None  # an unprepared model keeps the model's own forward
 
+    half = Engine(fused, block_size=4, num_blocks=14, max_num_batched_tokens=12, max_num_seqs=4, kv_dtype=torch.float16)
+    assert half.fused is fused.fused_decoder and half.cache.bytes_per_token * 2 == engine.cache.bytes_per_token
+    eager_half = Engine(model, block_size=4, num_blocks=14, max_num_batched_tokens=12, max_num_seqs=4,
+                        kv_dtype=torch.float16)
+    assert [c.tokens for c in half.generate(prompts, params)] == [c.tokens for c in eager_half.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("preset", ["gpt-nano", "llama-nano"])
+def test_float16_kv_pool_is_read_and_written_as_torch_rounds_it(ext, preset):
+    """A float16 pool under a float32 model: the fused step writes keys rounded as torch's .half() rounds them and
+    attends over the stored values as the model's own path does; the logits move by rounding, not more."""
+    from lmforge.engine.paged_cache import PagedKVCache
+
+    torch.manual_seed(7)
+    model = Transformer(ModelConfig.from_name(preset, vocab_size=97, n_layer=2)).eval()
+    fused = prepare_for_decoding(copy.deepcopy(model)).fused_decoder
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 21, 4)]
+    tables = [[3, 0], [5, 1], [7]]  # blocks of 16 slots
+    nxt = [int(t) for t in torch.randint(0, 97, (3,), generator=g)]
+    logits = {}
+    for dtype in (torch.float32, torch.float16):
+        pools = {}
+        for path in ("fused", "model"):
+            cache = PagedKVCache(model.config, 8, 16, dtype=dtype)
+            with torch.no_grad():
+                cache.prepare(tables, [0] * 3, [len(p) for p in prompts])  # prefill through the model
+                tokens = torch.zeros(3, max(map(len, prompts)), dtype=torch.long)
+                for b, p in enumerate(prompts):
+                    tokens[b, :len(p)] = torch.tensor(p)
+                model.hidden(tokens, kv_cache=cache)
+                if path == "fused":
+                    logits[dtype, path] = fused.paged(nxt, cache, tables, [len(p) for p in prompts])
+                else:
+                    cache.prepare(tables, [len(p) for p in prompts], [1] * 3)
+                    logits[dtype, path] = model.lm_head(model.hidden(torch.tensor(nxt)[:, None], kv_cache=cache)[:, 0])
+            pools[path] = cache
+        assert pools["fused"].k.dtype == dtype
+        torch.testing.assert_close(logits[dtype, "fused"], logits[dtype, "model"], rtol=0, atol=1e-4)
+        if dtype == torch.float16:  # layer 0's keys and values depend on no attention: the float32 ones, rounded
+            for b, p in enumerate(prompts):
+                blk, off = tables[b][len(p) // 16], len(p) % 16  # the slot the fused step wrote
+                for name in ("k", "v"):
+                    wide, narrow = getattr(pools32["fused"], name), getattr(pools["fused"], name)
+                    assert torch.equal(narrow[0, blk, off], wide[0, blk, off].half())
+                    assert torch.equal(narrow[0, tables[b][0], :min(len(p), 16)],
+                                       wide[0, tables[b][0], :min(len(p), 16)].half())  # prefill's, by torch
+        pools32 = pools
+    drift = (logits[torch.float16, "fused"] - logits[torch.float32, "fused"]).abs().max()
+    assert 0 < drift < 2e-2  # float16 is in effect, and it only rounds
+
 
 def test_int8_model_decodes_as_its_dequantized_float_twin(ext):
     """The fused int8 step against an independent reference: the float model holding the dequantized weights."""

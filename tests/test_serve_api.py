@@ -277,7 +277,7 @@ def test_rate_limit_chunked_body_and_prompt_length(tiny_parts):
         chunks = (b'{"model": "tiny", "prompt": "' + b"x" * 1000 for _ in range(8))
         big = c.post("/v1/completions", headers=k2, content=chunks)  # chunked: no content-length
         assert big.status_code == 400 and "max_body_bytes" in big.json()["error"]["message"]
-    with TestClient(create_app(model, tok, ServeSettings(model_name="tiny"))) as c:
+    with TestClient(create_app(model, tok, ServeSettings(model_name="tiny", kv_dtype="float16"))) as c:
         long = {"model": "tiny", "prompt": "the cat " * 100, "max_tokens": 8}
         err = c.post("/v1/completions", json=long).json()["error"]
         assert err["param"] == "prompt" and "max_model_len is 128" in err["message"]
@@ -286,6 +286,8 @@ def test_rate_limit_chunked_body_and_prompt_length(tiny_parts):
             r = c.post("/v1/completions", json={"model": "tiny", "prompt": "the cat", "max_tokens": max_tokens})
             assert r.status_code == status, r.text
         assert r.json()["error"]["param"] == "max_tokens"
+        cfg = model.config  # --kv-dtype float16: two bytes per key and value element
+        assert c.get("/health").json()["engine"]["kv_bytes_per_token_ideal"] == 2 * cfg.n_layer * cfg.kv_dim * 2
 
 
 def test_chat_template_from_model_folder(tiny_parts, tmp_path):

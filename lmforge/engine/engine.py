@@ -51,17 +51,20 @@ class Engine:
         eos_id: the end-of-sequence token without a tokenizer (or to override its).
         draft: a smaller model sharing the tokenizer: speculative decoding of every decoding row.
         num_speculative_tokens: tokens the draft proposes per row and step.
+        kv_dtype: the KV pool's dtype (default: the model's). float16 under a float32 model holds twice the tokens
+            in the same memory and halves what attention reads (lmforge.engine.paged_cache); the fused step
+            reads it too.
     """
 
     def __init__(self, model, tokenizer=None, *, num_blocks: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 256, eos_id: int | None = None,
-                 draft=None, num_speculative_tokens: int = 4):
+                 draft=None, num_speculative_tokens: int = 4, kv_dtype: torch.dtype | None = None):
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
         p = next(model.parameters())
         self.device = p.device
         if num_blocks is None:
             num_blocks = max_num_seqs * -(-self.config.block_size // block_size)
-        self.cache = PagedKVCache(self.config, num_blocks, block_size, dtype=p.dtype, device=p.device)
+        self.cache = PagedKVCache(self.config, num_blocks, block_size, dtype=kv_dtype or p.dtype, device=p.device)
         fused = getattr(model, "fused_decoder", None)  # lmforge.infer.fused: decode rows in one call
         self.fused = fused if fused is not None and fused.accepts(self.cache) else None
         self.block_manager = BlockManager(num_blocks, block_size)

@@ -18,6 +18,11 @@ is one `index_copy_` on the flattened slot index and gathering is one indexed co
 cores, fp32, B=32, S=160, gathering took 7.8 ms head-major vs 3.1 ms slot-major (noisy, same process). The gather
 is `index_select` over whole blocks, a row-wise memcpy: advanced indexing `pool[table]` was 10x slower (6.3 vs
 0.6 ms for 32 rows x 7 blocks).
+
+The pool's dtype may be narrower than the model's (the engine's `kv_dtype`, e.g. float16 under a float32 model):
+keys and values are rounded to it when written and widened back when gathered, so attention always sees the
+stored values, in this path and in the fused decode step alike. Half the bytes per token: twice the tokens in the
+same memory, and half the reading for attention at many rows.
 """
 
 from __future__ import annotations
@@ -90,8 +95,9 @@ class PagedKVCache:
         S = self._table.shape[1] * self.block_size
         out = []
         for pool, new in ((self.k[layer], k), (self.v[layer], v)):  # pool: (num_blocks, bs, nkv, hs)
-            pool.view(-1, nkv, hs).index_copy_(0, self._write_slots, new.transpose(1, 2)[self._valid])  # (N, nkv, hs)
-            rows = pool.index_select(0, self._table.view(-1))  # (B * nblk, bs, nkv, hs), one copy
+            written = new.transpose(1, 2)[self._valid].to(pool.dtype)  # (N, nkv, hs)
+            pool.view(-1, nkv, hs).index_copy_(0, self._write_slots, written)
+            rows = pool.index_select(0, self._table.view(-1)).to(k.dtype)  # (B * nblk, bs, nkv, hs), one copy
             out.append(rows.view(B, S, nkv, hs).transpose(1, 2))  # (B, nkv, S, hs)
         return out[0], out[1]
 

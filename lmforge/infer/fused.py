@@ -51,7 +51,7 @@ def _load_extension():
             source = Path(__file__).with_name("fused_decode.cpp")
             # -fopenmp: at::parallel_for only splits work when compiled with it (torch's own libgomp is reused)
             _extension = load("lmforge_fused_decode", [str(source)], verbose=False,
-                              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                              extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no ninja, headers missing: fall back, say why once
             _build_error = f"the fused decode extension did not build: {type(e).__name__}: {e}"
             log.warning("%s; decoding with packed linear layers instead", _build_error)
@@ -121,8 +121,8 @@ class FusedDecoder:
     def accepts(self, cache, new_tokens: int = 1) -> bool:
         """Whether `cache` (a contiguous KVCache or the engine's PagedKVCache) can take `new_tokens` per row here."""
         known = type(cache).__name__ in ("KVCache", "PagedKVCache")  # exactly the layouts the kernel addresses
-        return (known and cache.k.dtype == torch.float32 and cache.k.is_contiguous() and cache.v.is_contiguous()
-                and new_tokens <= self.MAX_TOKENS)
+        return (known and cache.k.dtype in (torch.float32, torch.float16) and cache.v.dtype == cache.k.dtype
+                and cache.k.is_contiguous() and cache.v.is_contiguous() and new_tokens <= self.MAX_TOKENS)
 
     def _run(self, tokens, lo, start, last, cache, block_table):
         return self.extension.forward_step(tokens, lo, start, last, cache.k, cache.v, block_table, self.params,

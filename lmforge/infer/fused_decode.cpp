@@ -6,6 +6,10 @@
 // Linear layers are AVX2/FMA matrix-vector products over the row-major float32 weights nn.Linear already holds,
 // a few output rows x a few batch rows per register tile, split across PyTorch's threads (at::parallel_for) by
 // output rows; bias, activation and the residual add are applied while the outputs are still in cache.
+//
+// The KV cache holds float32 or float16 (F16C converts 8 values per instruction as they stream in; new keys and
+// values are rounded to nearest even, as torch's .to(torch.float16) rounds them): attention at many rows and long
+// contexts is mostly reading the cache, so half the bytes is most of half the time.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -98,11 +102,17 @@ void activate(float* y, int64_t n, int act) {
   for (; i < n; ++i) y[i] = activate1(y[i], act);
 }
 
-// Eight weights as floats: float32 as they are, int8 widened (its per-row scale is applied to the finished dot).
+// Eight values as floats: float32 as they are; int8 weights widened (the per-row scale is applied to the finished
+// dot); float16 keys and values widened exactly (F16C). `widen` is the same for one value.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline float widen(float x) { return x; }
+inline float widen(at::Half x) { return static_cast<float>(x); }
 
 // y[b, o] (+)= (x[b, :] . w[o, :]) * scale[o] + bias[o] for o in [o0, o1) (scale: int8 weights only).
 //
@@ -230,29 +240,31 @@ void linear(const float* x, int64_t B, int64_t K, const at::Tensor& w, const at:
 
 // scale * (q . k) over hs floats, summed in the one fixed order every dot product of the step uses: 8-lane steps
 // over d, then the lanes, then the tail.
-inline float dot(const float* q, const float* k, int64_t hs, float scale) {
+template <typename KV>
+inline float dot(const float* q, const KV* k, int64_t hs, float scale) {
   const int64_t hs8 = hs - hs % 8;
   __m256 a = _mm256_setzero_ps();
-  for (int64_t d = 0; d < hs8; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
+  for (int64_t d = 0; d < hs8; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), a);
   float t = hsum(a);
-  for (int64_t d = hs8; d < hs; ++d) t += q[d] * k[d];
+  for (int64_t d = hs8; d < hs; ++d) t += q[d] * widen(k[d]);
   return t * scale;
 }
 
 // Four `dot`s at once (out[i] = scale * q[i] . k[i]): four independent FMA chains, each in the same order as `dot`.
-inline void dot4(const float* const q[4], const float* const k[4], int64_t hs, float scale, float* const out[4]) {
+template <typename KV>
+inline void dot4(const float* const q[4], const KV* const k[4], int64_t hs, float scale, float* const out[4]) {
   const int64_t hs8 = hs - hs % 8;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int64_t d = 0; d < hs8; d += 8) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + d), _mm256_loadu_ps(k[0] + d), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + d), _mm256_loadu_ps(k[1] + d), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + d), _mm256_loadu_ps(k[2] + d), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + d), _mm256_loadu_ps(k[3] + d), a3);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + d), load8(k[0] + d), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + d), load8(k[1] + d), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + d), load8(k[2] + d), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + d), load8(k[3] + d), a3);
   }
   const __m256 acc[4] = {a0, a1, a2, a3};
   for (int i = 0; i < 4; ++i) {
     float t = hsum(acc[i]);
-    for (int64_t d = hs8; d < hs; ++d) t += q[i][d] * k[i][d];
+    for (int64_t d = hs8; d < hs; ++d) t += q[i][d] * widen(k[i][d]);
     *out[i] = t * scale;
   }
 }
@@ -267,7 +279,8 @@ inline void dot4(const float* const q[4], const float* const k[4], int64_t hs, f
 // block's slots follow one another, a stream the hardware prefetcher keeps up with (head by head, the same bytes
 // came as scattered 256-byte pieces and the memory sat idle half the time). Every dot product and every weighted
 // sum is still accumulated in one fixed order (over d in 8-lane steps, then over slots), whatever the grouping.
-void attend(const float* q, const float* k, const float* v, const int64_t* slots, int64_t stride,
+template <typename KV>
+void attend(const float* q, const KV* k, const KV* v, const int64_t* slots, int64_t stride,
             int64_t head_stride, int64_t start, int64_t end, int64_t h0, int64_t h1, int64_t group, int64_t hs,
             float scale, float* score, int64_t cap, float* inv, float* out) {
   const int64_t hs8 = hs - hs % 8, H = h1 - h0;
@@ -278,7 +291,7 @@ void attend(const float* q, const float* k, const float* v, const int64_t* slots
       int64_t h = h0;
       for (; h + 4 <= h1; h += 4) {
         const float* qs[4] = {q + h * hs, q + (h + 1) * hs, q + (h + 2) * hs, q + (h + 3) * hs};
-        const float* ks[4] = {key(s, h), key(s, h + 1), key(s, h + 2), key(s, h + 3)};
+        const KV* ks[4] = {key(s, h), key(s, h + 1), key(s, h + 2), key(s, h + 3)};
         float* outs[4] = {sc(s, h), sc(s, h + 1), sc(s, h + 2), sc(s, h + 3)};
         dot4(qs, ks, hs, scale, outs);
       }
@@ -290,7 +303,7 @@ void attend(const float* q, const float* k, const float* v, const int64_t* slots
       int64_t s = start;
       for (; s + 4 <= end + 1; s += 4) {
         const float* qs[4] = {qh, qh, qh, qh};
-        const float* ks[4] = {key(s, h), key(s + 1, h), key(s + 2, h), key(s + 3, h)};
+        const KV* ks[4] = {key(s, h), key(s + 1, h), key(s + 2, h), key(s + 3, h)};
         float* outs[4] = {sc(s, h), sc(s + 1, h), sc(s + 2, h), sc(s + 3, h)};
         dot4(qs, ks, hs, scale, outs);
       }
@@ -317,15 +330,15 @@ void attend(const float* q, const float* k, const float* v, const int64_t* slots
 
   std::fill(out + h0 * hs, out + h1 * hs, 0.0f);
   for (int64_t s = start; s <= end; ++s) {  // weighted sums accumulated in out, slot by slot
-    const float* vr = v + slots[s] * stride;
+    const KV* vr = v + slots[s] * stride;
     for (int64_t h = h0; h < h1; ++h) {
       const float p = *sc(s, h);
       const __m256 vp = _mm256_set1_ps(p);
-      const float* vh = vr + (h / group) * head_stride;
+      const KV* vh = vr + (h / group) * head_stride;
       float* oh = out + h * hs;
       for (int64_t d = 0; d < hs8; d += 8)
-        _mm256_storeu_ps(oh + d, _mm256_fmadd_ps(vp, _mm256_loadu_ps(vh + d), _mm256_loadu_ps(oh + d)));
-      for (int64_t d = hs8; d < hs; ++d) oh[d] += p * vh[d];
+        _mm256_storeu_ps(oh + d, _mm256_fmadd_ps(vp, load8(vh + d), _mm256_loadu_ps(oh + d)));
+      for (int64_t d = hs8; d < hs; ++d) oh[d] += p * widen(vh[d]);
     }
   }
   for (int64_t h = h0; h < h1; ++h)
@@ -393,7 +406,8 @@ void swiglu(const float* in, int64_t R, int64_t I, float* out) {
 // block_table; or the serving engine's paged pool, (n_layer, num_blocks, block_size, n_kv_head, head_dim), where
 // block_table (B, blocks) lists each row's blocks in order. Returns the logits of each row's last `last` tokens,
 // (B, last, vocab).
-at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at::Tensor& start, int64_t last,
+template <typename KV>
+at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const at::Tensor& start, int64_t last,
                         at::Tensor kcache, at::Tensor vcache, const at::Tensor& block_table,
                         const std::vector<at::Tensor>& params, int64_t n_head, double eps, int64_t act, bool rms,
                         const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
@@ -448,8 +462,8 @@ at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at
       for (int64_t i = 0; i < C; ++i) x[r * C + i] += p[i];
     }
   }
-  float* kc = kcache.data_ptr<float>();
-  float* vc = vcache.data_ptr<float>();
+  KV* kc = kcache.data_ptr<KV>();
+  KV* vc = vcache.data_ptr<KV>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
 
   for (int64_t l = 0; l < L; ++l) {
@@ -463,8 +477,8 @@ at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at
         rotate(qkv.data() + r * qkv_dim, n_head + nkv, hs, c, sn);
       }
     }
-    float* kl = kc + l * layer_stride;
-    float* vl = vc + l * layer_stride;
+    KV* kl = kc + l * layer_stride;
+    KV* vl = vc + l * layer_stride;
     for (int64_t r = 0; r < R; ++r) {  // the new keys and values into the cache
       const int64_t b = r / T, t = r % T, off = slot_of[b][sp[b] + t] * row_stride;
       for (int64_t kvh = 0; kvh < nkv; ++kvh) {
@@ -504,6 +518,18 @@ at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at
   at::Tensor logits = at::empty({B, last, top[4].size(0)}, tokens.options().dtype(at::kFloat));
   linear(h.data(), B * last, C, top[4], top[5], top[6], logits.data_ptr<float>());
   return logits;
+}
+
+at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at::Tensor& start, int64_t last,
+                        at::Tensor kcache, at::Tensor vcache, const at::Tensor& block_table,
+                        const std::vector<at::Tensor>& params, int64_t n_head, double eps, int64_t act, bool rms,
+                        const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
+  TORCH_CHECK(kcache.scalar_type() == vcache.scalar_type() &&
+              (kcache.scalar_type() == at::kFloat || kcache.scalar_type() == at::kHalf),
+              "forward_step wants a float32 or float16 KV cache");
+  auto step = kcache.scalar_type() == at::kHalf ? forward_step_kv<at::Half> : forward_step_kv<float>;
+  return step(tokens, lo, start, last, kcache, vcache, block_table, params, n_head, eps, act, rms, rope_cos,
+              rope_sin);
 }
 
 // act(x @ (w * scale[:, None]).T + bias) for x (B, K): the step's matrix product on its own, for tests and benchmarks.
