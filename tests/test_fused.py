@@ -150,6 +150,29 @@ def test_serving_engine_decodes_through_the_fused_step(ext, preset):
     assert [c.tokens for c in half.generate(prompts, params)] == [c.tokens for c in eager_half.generate(prompts, params)]
 
 
+def test_engine_speculation_through_the_fused_step_keeps_plain_greedy(ext):
+    """Draft steps and the target's k + 1 token checks take the fused step (rows grouped by feed length); the
+    greedy tokens stay the target's own, and the target as its own draft has every proposal accepted."""
+    from lmforge.engine.engine import Engine
+
+    torch.manual_seed(9)
+    model = Transformer(ModelConfig.from_name("llama-nano", vocab_size=97, n_layer=2)).eval()
+    draft = Transformer(ModelConfig.from_name("llama-nano", vocab_size=97, n_layer=1)).eval()
+    target, fast_draft = prepare_for_decoding(copy.deepcopy(model)), prepare_for_decoding(copy.deepcopy(draft))
+    g = torch.Generator().manual_seed(10)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (5, 30, 1, 13, 9)]
+    params = SamplingParams(max_tokens=14, temperature=0)
+    plain = [c.tokens for c in generate(model, prompts, params)]
+    engine = Engine(target, block_size=4, num_blocks=40, max_num_batched_tokens=16, max_num_seqs=4, draft=fast_draft,
+                    num_speculative_tokens=3)
+    assert [c.tokens for c in engine.generate(prompts, params)] == plain
+    stats = engine.stats()
+    assert 0 < stats["draft_accepted"] < stats["draft_proposed"]
+    own = Engine(target, block_size=4, num_blocks=64, draft=target, num_speculative_tokens=4)
+    assert [c.tokens for c in own.generate(prompts, params)] == plain
+    assert own.stats()["draft_accepted"] == own.stats()["draft_proposed"] > 0
+
+
 @pytest.mark.parametrize("preset", ["gpt-nano", "llama-nano"])
 def test_float16_kv_pool_is_read_and_written_as_torch_rounds_it(ext, preset):
     """A float16 pool under a float32 model: the fused step writes keys rounded as torch's .half() rounds them and
@@ -175,7 +198,7 @@ def test_float16_kv_pool_is_read_and_written_as_torch_rounds_it(ext, preset):
                     tokens[b, :len(p)] = torch.tensor(p)
                 model.hidden(tokens, kv_cache=cache)
                 if path == "fused":
-                    logits[dtype, path] = fused.paged(nxt, cache, tables, [len(p) for p in prompts])
+                    logits[dtype, path] = fused.paged([[t] for t in nxt], cache, tables, [len(p) for p in prompts])[:, 0]
                 else:
                     cache.prepare(tables, [len(p) for p in prompts], [1] * 3)
                     logits[dtype, path] = model.lm_head(model.hidden(torch.tensor(nxt)[:, None], kv_cache=cache)[:, 0])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.engine import forward
 from lmforge.engine.paged_cache import PagedKVCache
 from lmforge.infer.speculative import SpeculativeError, draw, processed, token_probs
 
@@ -38,13 +39,7 @@ class Drafter:
 
     def _forward(self, seqs, feeds: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Feed feeds[b] at positions starts[b].. of seqs[b]; logits (B, V) at each row's last fed token."""
-        lengths = [len(f) for f in feeds]
-        tokens = torch.zeros(len(feeds), max(lengths), dtype=torch.long)
-        for b, f in enumerate(feeds):
-            tokens[b, :len(f)] = torch.as_tensor(f)
-        self.cache.prepare([s.block_table for s in seqs], starts, lengths)
-        hidden = self.model.hidden(tokens.to(self.device), kv_cache=self.cache)
-        return self.model.lm_head(hidden[torch.arange(len(feeds)), torch.tensor(lengths) - 1])
+        return forward.logits(self.model, self.cache, [s.block_table for s in seqs], feeds, starts)
 
     def mirror(self, rows) -> None:
         """Run the draft over the tokens (sequence, new tokens) the target computes this step without speculating,

@@ -8,7 +8,9 @@ finished sequences and free their blocks.
 Execution: a step runs at most two forwards: all decoding rows (one new token each) batched, and all prefill
 chunks batched, right-padded to the longest chunk. Padding decodes up to a chunk's length would waste up to
 chunk x rows of compute; one forward per chunk instead was 5.6x slower than one padded forward for 32 prompts of
-32 tokens (fp32, 2 shared cores), because small matrix products use the CPU poorly.
+32 tokens (fp32, 2 shared cores), because small matrix products use the CPU poorly. Forwards go through
+lmforge.engine.forward: decoding rows, draft steps and speculative checks take the fused step where the model has
+one.
 
 Speculative decoding (a `draft` model): the draft (lmforge.engine.drafter) proposes up to k tokens for every
 decoding row, the target checks all of them in one forward over [last token, drafts] per row, and
@@ -27,6 +29,7 @@ from typing import Sequence as Seq
 
 import torch
 
+from lmforge.engine import forward
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.drafter import Drafter
 from lmforge.engine.paged_cache import PagedKVCache
@@ -65,7 +68,7 @@ class Engine:
         if num_blocks is None:
             num_blocks = max_num_seqs * -(-self.config.block_size // block_size)
         self.cache = PagedKVCache(self.config, num_blocks, block_size, dtype=kv_dtype or p.dtype, device=p.device)
-        fused = getattr(model, "fused_decoder", None)  # lmforge.infer.fused: decode rows in one call
+        fused = getattr(model, "fused_decoder", None)  # lmforge.infer.fused: what short feeds take (engine.forward)
         self.fused = fused if fused is not None and fused.accepts(self.cache) else None
         self.block_manager = BlockManager(num_blocks, block_size)
         self.drafter = None if draft is None else Drafter(draft, self.config, num_blocks, block_size,
@@ -156,12 +159,15 @@ class Engine:
         logits, seqs = [], []
         for group in groups:
             pick = [b for b, (s, n) in enumerate(group) if out.samples(s, n)]
-            if group is decodes and self.fused is not None:  # every layer and the head in one call
-                rows = self.fused.paged([s.token_ids[s.num_computed_tokens] for s, _ in group], self.cache,
-                                        [s.block_table for s, _ in group], [s.num_computed_tokens for s, _ in group])
+            tables = [s.block_table for s, _ in group]
+            starts = [s.num_computed_tokens for s, _ in group]
+            feeds = [s.token_ids[a:a + n] for (s, n), a in zip(group, starts)]
+            if group is decodes:  # one token a row: the fused step where the model has one
+                rows = forward.logits(self.model, self.cache, tables, feeds, starts)
                 logits += [rows if len(pick) == len(group) else rows[pick]] if pick else []
-            else:
-                last = self._forward(group)[torch.arange(len(group)), torch.tensor([n for _, n in group]) - 1]
+            else:  # prompt chunks: the head only where a row samples
+                last = forward.hidden(self.model, self.cache, tables, feeds, starts)[
+                    torch.arange(len(group)), torch.tensor([n for _, n in group]) - 1]
                 logits += [self.model.lm_head(last[pick])] if pick else []  # last: (B, C)
             seqs += [group[b][0] for b in pick]
         self.counters["computed_tokens"] += out.num_batched_tokens
@@ -172,20 +178,6 @@ class Engine:
             sampled.update(more)
             lps.update(more_lps)
         return sampled, lps
-
-    def _forward(self, rows: list[tuple[Sequence, int]], feeds: list[list[int]] | None = None) -> torch.Tensor:
-        """One forward over rows (sequence, new tokens), right-padded to the longest: hidden states (B, T, C).
-
-        The new tokens are the sequence's next uncomputed ones, or feeds[b] (speculation: last token + drafts).
-        """
-        starts = [s.num_computed_tokens for s, _ in rows]
-        feeds = feeds or [s.token_ids[a:a + n] for (s, n), a in zip(rows, starts)]
-        lengths = [len(f) for f in feeds]
-        tokens = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-        for b, f in enumerate(feeds):
-            tokens[b, :len(f)] = torch.as_tensor(f)
-        self.cache.prepare([s.block_table for s, _ in rows], starts, lengths)
-        return self.model.hidden(tokens.to(self.device), kv_cache=self.cache)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[dict[int, list[int]], dict]:
         """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG."""
@@ -201,9 +193,10 @@ class Engine:
     def _speculate(self, seqs: list[Sequence], ks: list[int]) -> tuple[dict[int, list[int]], dict]:
         """Draft ks[b] tokens for each decoding row, check them in one target forward, keep what the rule keeps."""
         drafted, q = self.drafter.propose(seqs, ks)
-        hidden = self._forward([(s, 1) for s in seqs], [s.token_ids[-1:] + d for s, d in zip(seqs, drafted)])
+        all_logits = forward.logits(self.model, self.cache, [s.block_table for s in seqs],  # (B, T, V)
+                                    [s.token_ids[-1:] + d for s, d in zip(seqs, drafted)],
+                                    [s.num_computed_tokens for s in seqs], every_position=True)
         sampled, lps = {}, {}
-        all_logits = self.model.lm_head(hidden)  # (B, T, V): one head call for every row
         for b, s in enumerate(seqs):
             logits = all_logits[b, :ks[b] + 1]  # (k + 1, V): the target after each fed token
             context = s.token_ids + drafted[b]

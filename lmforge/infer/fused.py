@@ -140,16 +140,17 @@ class FusedDecoder:
         return logits[:, 0] if step else logits
 
     @torch.no_grad()
-    def paged(self, tokens: Sequence[int], cache, block_tables: Sequence[Sequence[int]],
-              starts: Sequence[int]) -> torch.Tensor:
-        """One decode step for the serving engine: row b's token at position starts[b] (its cached tokens), its
-        blocks block_tables[b] in the engine's pool. Logits (B, V)."""
+    def paged(self, feeds: Sequence[Sequence[int]], cache, block_tables: Sequence[Sequence[int]],
+              starts: Sequence[int], last: int = 1) -> torch.Tensor:
+        """Rows of the serving engine's pool (lmforge.engine.forward): row b feeds the tokens feeds[b] (every row
+        the same number) at positions starts[b].. (its cached tokens), its blocks block_tables[b]. Logits
+        (B, last, V) of each row's last `last` tokens."""
         from lmforge.engine.paged_cache import block_table_tensor  # the engine's own layout of the tables
 
         table = block_table_tensor(block_tables)
-        tokens_t = torch.tensor(tokens, dtype=torch.long)[:, None]
-        lo = torch.zeros(len(tokens), dtype=torch.long)
-        return self._run(tokens_t, lo, torch.tensor(starts, dtype=torch.long), 1, cache, table)[:, 0]
+        tokens = torch.tensor(feeds, dtype=torch.long)
+        lo = torch.zeros(len(feeds), dtype=torch.long)
+        return self._run(tokens, lo, torch.tensor(starts, dtype=torch.long), last, cache, table)
 
 
 def prepare_for_decoding(model: nn.Module) -> nn.Module:

@@ -1,0 +1,54 @@
+"""The model over rows of the paged KV pool: row b feeds feeds[b] at positions starts[b], starts[b] + 1, ...
+
+The engine and its drafter run every forward through here. Rows whose feeds are short (a decode, a draft step,
+a speculative check of k + 1 tokens) take the model's fused decode step (lmforge.infer.fused) when it has one,
+grouped by feed length since one call feeds every row the same number of tokens; anything else (prompt chunks,
+models without the fused step) is one forward of the model over the rows right-padded to the longest.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from lmforge.engine.paged_cache import PagedKVCache
+
+
+def hidden(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], feeds: Sequence[Sequence[int]],
+           starts: Sequence[int]) -> torch.Tensor:
+    """Hidden states (B, T, C) of the model's forward over the rows, right-padded to the longest feed T."""
+    lengths = [len(f) for f in feeds]
+    tokens = torch.zeros(len(feeds), max(lengths), dtype=torch.long)
+    for b, f in enumerate(feeds):
+        tokens[b, :len(f)] = torch.as_tensor(f)
+    cache.prepare([list(t) for t in block_tables], list(starts), lengths)
+    return model.hidden(tokens.to(next(model.parameters()).device), kv_cache=cache)
+
+
+def logits(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], feeds: Sequence[Sequence[int]],
+           starts: Sequence[int], every_position: bool = False) -> torch.Tensor:
+    """Logits at each row's last fed token (B, V), or with every_position at each fed token (B, T, V), rows
+    shorter than the longest feed T padded with zeros."""
+    lengths = [len(f) for f in feeds]
+    T = max(lengths)
+    fused = getattr(model, "fused_decoder", None)
+    if fused is None or not fused.accepts(cache, T):
+        h = hidden(model, cache, block_tables, feeds, starts)
+        if not every_position:
+            h = h[torch.arange(len(feeds)), torch.tensor(lengths) - 1]
+        return model.lm_head(h)
+    groups: dict[int, list[int]] = {}
+    for b, n in enumerate(lengths):
+        groups.setdefault(n, []).append(b)
+    if len(groups) == 1:  # the usual case: one call, no reassembly
+        out = fused.paged(feeds, cache, block_tables, starts, T if every_position else 1)
+        return out if every_position else out[:, 0]
+    out = None
+    for n, rows in groups.items():
+        part = fused.paged([feeds[b] for b in rows], cache, [block_tables[b] for b in rows],
+                           [starts[b] for b in rows], n if every_position else 1)
+        if out is None:
+            out = part.new_zeros((len(feeds), T if every_position else 1, part.shape[-1]))
+        out[rows, :part.shape[1]] = part
+    return out if every_position else out[:, 0]
