@@ -1,31 +1,36 @@
 """Speculative decoding vs plain decoding on a target/draft pair trained by lmforge, side by side.
 
 By default both models are trained here with lmforge's trainer on char-level tiny Shakespeare (one tokenizer, one
-data folder), their minutes the budget so each ends with its cosine annealed: the target 12 layers x 128 dims
-(--target-minutes), the draft 1 layer x 128 dims (--draft-minutes), then the draft is distilled towards the target
-for --distill-minutes (KL to the target's next-token distributions; greedy acceptance at k=6 went from 0.52 to 0.66
-and the speed-up from 1.65x to 2.15x); the runs are kept under --cache so reruns only measure. Why this shape: at
-batch 1 on a CPU a small model's decode step costs about 0.3-0.45 ms per layer whatever its width up to a few
-hundred dims (per-op overhead, not arithmetic), while training costs follow the parameter count; so a deep, narrow
-target is the one that is slow to run yet trainable here in minutes, and a one-layer draft costs about a tenth of
-it per token. Or pass --target RUN --draft RUN (two runs sharing a tokenizer).
+data folder), their minutes the budget so each ends with its cosine annealed: the target 8 layers x 512 dims (25M
+parameters, --target-minutes), the draft 1 layer x 128 dims (--draft-minutes), then the draft is distilled towards
+the target for --distill-minutes (KL to the target's next-token distributions: a draft that predicts what the
+target will say, not what the text says, gets more of its proposals accepted); the runs are kept under --cache,
+named by shape and minutes, so reruns only measure. Or pass --target RUN --draft RUN (two runs sharing a
+tokenizer).
 
-Two paths (--paths): "eager", the models' own forward passes (the headline: the algorithm against plain decoding
-on equal terms), and "fused", both models as `lmforge generate [--draft]` runs them (the fused decode step of
-lmforge.infer.fused for plain decoding, draft steps and the target's verification). The fused step removes the
-per-operation overhead that makes this deep, narrow target slow (about 10x faster plain decoding), and what is
-left per token is too little for a draft to save: speculation pays on the fused path only for a target whose
-weights take milliseconds to stream (hundreds of MB), which this CPU cannot train in the bench's minutes. For each path and k, plain greedy decoding (`lmforge.infer.generate.generate`)
-and `speculative_generate` continue each of
+Why this shape: lmforge decodes through its fused step (lmforge.infer.fused), which costs what streaming the
+weights costs plus a few tens of microseconds per layer. A draft saves time only where the target's step is long
+against the draft's and checking k + 1 tokens costs little more than one: at batch 1, 2 threads, the 8x512
+target's step takes 3.6 ms (100 MB of float32 weights) and checking 5 tokens 4.9 ms, the 1x128 draft's step 0.08
+ms. A deep, narrow target (12 x 128, which an earlier version of this bench trained) decodes at 0.4 ms per token
+through the fused step, too little for any draft to save (0.94x), though 2.1x on the models' own forward.
+
+Two paths (--paths): "fused", both models as `lmforge generate [--draft]` runs them (the fused decode step for
+plain decoding, the draft's steps and the target's verification: the headline), and "eager", the models' own
+forward passes (the algorithm against plain decoding on equal terms, per-operation overhead included). For each
+path and k, plain greedy decoding (`lmforge.infer.generate.generate`) and `speculative_generate` continue each of
 six speaker prompts ("ROMEO:\\n", ...) by --new-tokens tokens, one after the other, interleaved, --repeats times;
 tok/s = new tokens / wall time (prefill included), medians (a run of all six lasts seconds, not the fraction of one
 that a single prompt takes, which the machine's noise swamps). `identical` says whether the speculative greedy
-tokens equal the plain greedy ones. A sampled run (temperature 0.8) reports its acceptance rate too. Then the
+tokens equal the plain greedy ones. Sampled runs (temperature 0.8, seed 0), timed the same way, give
+sampled_speedup and their acceptance rate (a greedy char-level model falls into loops that a draft finds easy to
+guess; sampled text does not). Then the
 serving engine (lmforge.engine) with and without the draft at the best k, for 1 and 8 concurrent requests
-(--engine-batch). The last line is JSON with speedup, identical, acceptance_rate (greedy, at the best k), the tok/s
-figures and engine_speedup.
+(--engine-batch), the models prepared as `lmforge serve` prepares them (fused step).
+The last line is JSON with speedup, identical, acceptance_rate (greedy, at the best k), the tok/s figures and
+engine_speedup.
 
-    python bench/speculative.py --threads 1       # ~40 minutes of training once (cached), then ~3 of measuring
+    python bench/speculative.py --threads 2       # ~75 minutes of training once (cached), then ~5 of measuring
     python bench/speculative.py --target runs/big --draft runs/small --prompt "def main(" "class Foo:\\n"
 """
 
@@ -60,18 +65,22 @@ def train_pair(cache: Path, target_minutes: float, draft_minutes: float,
     if not (data / "meta.json").exists():
         prepare(SHAKESPEARE, data, tokenizer="char", val_fraction=0.1)
     runs = {  # the minutes are the budget, so the cosine decays over them and each model ends annealed
-        "target": dict(preset="gpt-nano", n_layer=12, n_head=4, n_embd=128, block_size=128, batch_size=16,
-                       lr=2e-3, max_minutes=target_minutes),
-        "draft": dict(preset="gpt-nano", n_layer=1, n_head=4, n_embd=128, block_size=128, batch_size=16,
-                      lr=3e-3, max_minutes=draft_minutes),
+        f"target-8x512-{target_minutes:g}min": dict(n_layer=8, n_head=8, n_embd=512, lr=1e-3,
+                                                     max_minutes=target_minutes),
+        f"draft-1x128-{draft_minutes:g}min": dict(n_layer=1, n_head=4, n_embd=128, lr=3e-3, max_minutes=draft_minutes),
     }
     for name, settings in runs.items():
         if not (cache / name / "best" / "config.json").exists():
-            train(TrainConfig(data=str(data), out=str(cache / name), dropout=0.0, warmup_iters=50,
-                              eval_interval=250, eval_iters=10, progress=False, log_interval=100, **settings))
-    if distill_minutes > 0 and not (cache / "draft-distilled" / "config.json").exists():
-        distill(cache / "target", cache / "draft", data, cache / "draft-distilled", distill_minutes)
-    return cache / "target", cache / ("draft-distilled" if distill_minutes > 0 else "draft")
+            train(TrainConfig(data=str(data), out=str(cache / name), preset="gpt-nano", block_size=128,
+                              batch_size=16, dropout=0.0, warmup_iters=50, eval_interval=250, eval_iters=10,
+                              progress=False, log_interval=100, **settings))
+    target, draft = (cache / name for name in runs)
+    if distill_minutes <= 0:
+        return target, draft
+    distilled = cache / f"{draft.name}-distilled-{distill_minutes:g}min"
+    if not (distilled / "config.json").exists():
+        distill(target, draft, data, distilled, distill_minutes)
+    return target, distilled
 
 
 def distill(target_dir: Path, draft_dir: Path, data: Path, out: Path, minutes: float, lr: float = 1e-3) -> None:
@@ -151,7 +160,7 @@ def main() -> None:
     parser.add_argument("--draft", default=None, help="draft run or model folder sharing the target's tokenizer")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "lmforge" / "bench-speculative"),
                         help="where the trained pair and its data are kept between runs")
-    parser.add_argument("--target-minutes", type=float, default=30.0, help="target training budget (minutes)")
+    parser.add_argument("--target-minutes", type=float, default=60.0, help="target training budget (minutes)")
     parser.add_argument("--draft-minutes", type=float, default=4.0, help="draft training budget (minutes)")
     parser.add_argument("--distill-minutes", type=float, default=4.0,
                         help="then distil the draft towards the target for this long (0: use the draft as trained)")
@@ -163,9 +172,9 @@ def main() -> None:
     parser.add_argument("--engine-batch", type=int, nargs="*", default=[1, 8],
                         help="concurrent requests for the engine rows (none: skip the engine)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant (median)")
-    parser.add_argument("--paths", nargs="+", choices=["fused", "eager"], default=["eager", "fused"],
-                        help="eager: the models' own forward; fused: both models as `lmforge generate --draft` "
-                             "runs them (lmforge.infer.fused); the first one gives the headline")
+    parser.add_argument("--paths", nargs="+", choices=["fused", "eager"], default=["fused", "eager"],
+                        help="fused: both models as `lmforge generate --draft` runs them (lmforge.infer.fused); "
+                             "eager: the models' own forward; the first one gives the headline")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     args = parser.parse_args()
     if args.threads:
@@ -199,15 +208,18 @@ def main() -> None:
     for path in args.paths:
         fast_target, fast_draft = models[path]
         for k in args.k:
-            plain_t, spec_t = [], []
-            for _ in range(args.repeats):  # interleaved: machine load drifts alike for both
+            plain_t, spec_t, plain_sampled_t, spec_sampled_t = [], [], [], []
+            for _ in range(args.repeats):  # interleaved: machine load drifts alike for all
                 t, plain = run_all(lambda p: generate(fast_target, [p], greedy)[0].tokens)
                 plain_t.append(t)
                 t, spec_runs = run_all(lambda p: speculative_generate(fast_target, fast_draft, p, greedy, k=k))
                 spec_t.append(t)
+                plain_sampled_t.append(run_all(lambda p: generate(fast_target, [p], sampled))[0])
+                t, sampled_runs = run_all(lambda p: speculative_generate(fast_target, fast_draft, p, sampled, k=k))
+                spec_sampled_t.append(t)
             spec = [tokens for tokens, _ in spec_runs]
             stats = [st for _, st in spec_runs]
-            sampled_stats = [speculative_generate(fast_target, fast_draft, p, sampled, k=k)[1] for p in prompts]
+            sampled_stats = [st for _, st in sampled_runs]
             tokens = len(prompts) * args.new_tokens
             row = {"path": path, "decode_path": decode_path(fast_target), "k": k,
                    "plain_tok_s": round(tokens / statistics.median(plain_t), 2),
@@ -216,15 +228,18 @@ def main() -> None:
                    "acceptance_rate": round(statistics.mean(s["acceptance_rate"] for s in stats), 3),
                    "tokens_per_round": round(statistics.mean(s["tokens_per_round"] for s in stats), 2),
                    "sampled_acceptance_rate": round(statistics.mean(s["acceptance_rate"] for s in sampled_stats),
-                                                    3)}
+                                                    3),
+                   "sampled_plain_tok_s": round(tokens / statistics.median(plain_sampled_t), 2),
+                   "sampled_speculative_tok_s": round(tokens / statistics.median(spec_sampled_t), 2)}
             row["speedup"] = round(row["speculative_tok_s"] / row["plain_tok_s"], 3)
+            row["sampled_speedup"] = round(row["sampled_speculative_tok_s"] / row["sampled_plain_tok_s"], 3)
             print(json.dumps(row), flush=True)
             results.append(row)
 
     best_of = {path: max((r for r in results if r["path"] == path), key=lambda r: r["speedup"])
                for path in args.paths}
     best = best_of[args.paths[0]]
-    engine_rows = [engine_row(target, draft, prompts, greedy, best["k"], n, args.repeats) for n in args.engine_batch]
+    engine_rows = [engine_row(*models["fused"], prompts, greedy, best["k"], n, args.repeats) for n in args.engine_batch]
     for row in engine_rows:
         print(json.dumps(row), flush=True)
     print("sample:", json.dumps(tokenizer.decode(prompts[0] + spec[0])[:300]), flush=True)
@@ -234,6 +249,7 @@ def main() -> None:
                       "acceptance_rate": best["acceptance_rate"], "k": best["k"],
                       "plain_tok_s": best["plain_tok_s"], "speculative_tok_s": best["speculative_tok_s"],
                       "sampled_acceptance_rate": best["sampled_acceptance_rate"],
+                      "sampled_speedup": best["sampled_speedup"],
                       "engine_speedup": {r["engine_requests"]: r["speedup"] for r in engine_rows},
                       "engine_identical": all(r["identical"] for r in engine_rows),
                       "threads": torch.get_num_threads()}))
