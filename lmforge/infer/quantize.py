@@ -17,6 +17,8 @@ int8 copy: the tie is broken, the file holds the float embedding plus the int8 h
 The matmul: on CPU, `torch._weight_int8pack_mm` reads the int8 weight directly. Its float32 kernel is a slow
 reference loop in torch 2.13 while its bfloat16 kernel is vectorised, so activations are rounded to bfloat16 for
 the product (accumulation is in float32 inside the kernel) and the result is cast back to the input dtype.
+The kernel needs the input width to be a multiple of its vector: 8 on AVX2, 16 on AVX-512, where other widths
+return garbage or segfault (torch 2.13); narrower or odd widths take the cast-weight formula below.
 Elsewhere (CUDA, MPS) the weight is cast to the activation dtype and the product scaled, gpt-fast's formula.
 int4 group-wise is not offered: on this project's AVX2 CPU `_weight_int4pack_mm_for_cpu` (torch 2.13) ran 15-30x
 slower than the float32 matmul at batch 1 (bench/quantize.py prints the kernel timings), so it does not pay here.
@@ -61,7 +63,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ (weight * scales[:, None]).T + bias for x (..., in), int8 weight (out, in), scales (out,)."""
-    if x.device.type == "cpu" and weight.shape[1] % 8 == 0:  # the kernel is wrong for other widths (torch 2.13)
+    if x.device.type == "cpu" and weight.shape[1] % 16 == 0:  # other widths: wrong sums or a crash (torch 2.13)
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # the vectorised kernel's activation dtype
         y = torch._weight_int8pack_mm(x2, weight, scales.to(torch.bfloat16)).to(x.dtype)
         y = y.view(*x.shape[:-1], weight.shape[0])
