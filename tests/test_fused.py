@@ -30,7 +30,7 @@ def ext():
     return extension
 
 
-@pytest.mark.parametrize("B", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("B", [1, 2, 3, 5, 8, 13, 32])
 @pytest.mark.parametrize("K, N", [(96, 200), (100, 7), (384, 1152)])
 @pytest.mark.parametrize("act, ref", [(0, lambda y: y), (1, F.gelu), (2, lambda y: F.gelu(y, approximate="tanh")),
                                       (3, F.relu)])
@@ -52,6 +52,20 @@ CONFIGS = {
     "llama-gqa": ("llama-nano", dict()),  # RMSNorm, rotary positions, SwiGLU, 4 query heads on 2 kv heads
     "llama-odd-head-size": ("llama-nano", dict(n_embd=120, n_head=4, n_kv_head=4, intermediate_size=100)),
 }
+
+
+@pytest.mark.parametrize("K, N", [(100, 7), (384, 1152)])
+def test_linear_kernel_rows_do_not_depend_on_the_batch(ext, K, N):
+    """Whatever tiles a batch is cut into (they differ with the row count and the CPU), each row's outputs are the
+    bits it gets alone."""
+    torch.manual_seed(K)
+    x, w, b = torch.randn(32, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    q, scales = quantize_int8(w)
+    none = torch.Tensor()
+    for weight, scale in ((w, none), (q, scales)):
+        alone = torch.cat([ext.linear_act(x[i:i + 1], weight, scale, b, 0) for i in range(32)])
+        for B in (2, 3, 4, 5, 6, 7, 8, 13, 32):
+            assert torch.equal(ext.linear_act(x[:B], weight, scale, b, 0), alone[:B]), B
 
 
 @pytest.mark.parametrize("preset, overrides", CONFIGS.values(), ids=CONFIGS.keys())

@@ -49,9 +49,12 @@ def _load_extension():
             from torch.utils.cpp_extension import load
 
             source = Path(__file__).with_name("fused_decode.cpp")
-            # -fopenmp: at::parallel_for only splits work when compiled with it (torch's own libgomp is reused)
-            _extension = load("lmforge_fused_decode", [str(source)], verbose=False,
-                              extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"])
+            # -fopenmp: at::parallel_for only splits work when compiled with it (torch's own libgomp is reused).
+            # AVX-512 machines get a build of their own whose multi-row tiles use its 32 vector registers.
+            wide = torch.backends.cpu.get_cpu_capability() == "AVX512"
+            flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"] + (["-mavx512f", "-mavx512vl"] if wide else [])
+            _extension = load("lmforge_fused_decode" + ("_avx512" if wide else ""), [str(source)], verbose=False,
+                              extra_cflags=flags, extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no ninja, headers missing: fall back, say why once
             _build_error = f"the fused decode extension did not build: {type(e).__name__}: {e}"
             log.warning("%s; decoding with packed linear layers instead", _build_error)
