@@ -5,12 +5,16 @@ Each figure is the median of --repeats runs, measured side by side in one proces
   submitted together (prompts of --prompt-len tokens, --new-tokens each, greedy, ignore_eos);
 - plain_single / plain_batched: the same work through lmforge.infer.generate (one left-padded batch, contiguous
   KV cache), the plain way the engine must keep up with.
-The engine rows run once per --kv-dtype in every repeat (the KV pool in float16, the first and headline one, and
-in the model's float32): float16 keys and values halve what attention reads at 32 rows. Ends with one JSON line
-holding concurrency_speedup (engine concurrent / engine single, the median of per-repeat ratios) and
-kv_bytes_per_token (measured: bytes of the KV blocks held / live tokens, at the moment of most live tokens;
-kv_bytes_per_token_ideal is 2 * n_layer * kv_dim * KV dtype bytes) for the first KV dtype, and by_kv_dtype with
-each one's.
+Every repeat runs each case: the same weights in each --dtype (bfloat16, the first and headline one, and float32),
+each with the engine's KV pool in each --kv-dtype (float16, the headline, and the model's own). bfloat16 weights
+are what make 32 rows cheap on a CPU: the fused step hands their matrix products to oneDNN's bfloat16 kernels
+(AVX-512 BF16, AMX), 2-5x float32's time at 32 rows, while one row still streams the weights at memory speed;
+float16 or bfloat16 keys and values halve what attention reads. Ends with one JSON line holding, for the first
+case, concurrency_speedup (engine concurrent / engine single of the same case, the median of per-repeat ratios),
+speedup_vs_best_single (concurrent / the fastest single request of any case in that repeat, so a slow single
+request cannot flatter the ratio) and kv_bytes_per_token (measured: bytes of the KV blocks held / live tokens, at
+the moment of most live tokens; kv_bytes_per_token_ideal is 2 * n_layer * kv_dim * KV dtype bytes), and by_case
+with every case's.
 
 Where the concurrent run's time goes, so a shortfall can be placed: decode_step_ms is the median step that decoded
 every request and nothing else; gemm_ms is what that step's matrix products alone take (each linear layer and the
@@ -18,12 +22,13 @@ head, in order, --concurrency rows, through the decode path's own kernel); concu
 engine would show if each such step cost only gemm_ms (attention, norms, sampling and Python free): a bound no
 scheduling or attention work can pass at this precision on this machine.
 
-    python bench/engine.py [--dtype bfloat16] [--kv-dtype auto] [--concurrency 32] [--repeats 3] [--decode packed]
+    python bench/engine.py [--dtype float32] [--kv-dtype auto] [--concurrency 32] [--repeats 3] [--decode packed]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -73,11 +78,15 @@ def gemm_seconds(model, rows: int, repeats: int = 15) -> float:
     fused = getattr(model, "fused_decoder", None)
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
     none = torch.Tensor()
-    xs = [torch.randn(rows, m.in_features) for m in layers]
+    dtype = torch.float32 if fused is not None else next(model.parameters()).dtype  # the step's activations
+    xs = [torch.randn(rows, m.in_features, dtype=dtype) for m in layers]
 
     def one_pass():
         for m, x in zip(layers, xs):
-            fused.extension.linear_act(x, m.weight, none, none, 0) if fused is not None else m(x)
+            if fused is None:
+                m(x)
+            else:  # bfloat16 models' layers are packed for oneDNN, and the step multiplies by the packed weight
+                fused.extension.linear_act(x, m.packed if isinstance(m, PackedLinear) else m.weight, none, none, 0)
 
     one_pass()
     times = []
@@ -97,7 +106,8 @@ def run_plain(model, prompts, params) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="gpt-14m")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=["float32", "bfloat16"],
+                    help="weight dtype(s), each model measured in every repeat; the first gives the headline")
     ap.add_argument("--kv-dtype", nargs="+", default=["float16", "auto"], choices=["auto", "float16"],
                     help="the engine's KV pool dtype(s), each measured in every repeat (auto: the model's); the "
                          "first gives the headline")
@@ -115,35 +125,46 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name(args.preset)).eval().to(DTYPES[args.dtype])
-    # fused: as `lmforge serve` runs it (decoding rows through lmforge.infer.fused); packed: oneDNN linear layers
-    model = prepare_for_decoding(model) if args.decode == "fused" else pack_linears(model)
+    base = Transformer(ModelConfig.from_name(args.preset)).eval()
+    models = {}
+    for dtype in args.dtype:  # the same weights in each dtype
+        model = copy.deepcopy(base).to(DTYPES[dtype])
+        # fused: as `lmforge serve` runs it (decoding rows through lmforge.infer.fused); packed: oneDNN linear layers
+        models[dtype] = prepare_for_decoding(model) if args.decode == "fused" else pack_linears(model)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, model.config.vocab_size, (args.prompt_len,), generator=g).tolist()
+    prompts = [torch.randint(0, base.config.vocab_size, (args.prompt_len,), generator=g).tolist()
                for _ in range(args.concurrency)]
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    cases = [(dtype, kv) for dtype in args.dtype for kv in args.kv_dtype]
 
     with torch.inference_mode():
-        run_engine(model, prompts[:2], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), 16, 512)  # warm up
-        runs = {"plain_single": [], "plain_batched": []}
-        kvs = {kv: {"single": [], "concurrent": [], "step_ms": [], "ceiling": []} for kv in args.kv_dtype}
-        peaks, gemm_ms = {}, []
+        for model in models.values():  # warm up
+            run_engine(model, prompts[:2], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), 16, 512)
+        runs = {f"plain_{n}_{dtype}": [] for dtype in args.dtype for n in ("single", "batched")}
+        m_of = {c: {"single": [], "concurrent": [], "step_ms": [], "ceiling": []} for c in cases}
+        peaks, gemm_ms = {}, {dtype: [] for dtype in args.dtype}
         for _ in range(args.repeats):
-            gemm = gemm_seconds(model, args.concurrency)
-            gemm_ms.append(1e3 * gemm)
-            for kv, m in kvs.items():
-                single = run_engine(model, prompts[:1], params, args.block_size, args.budget, kv)[0]
-                tps, peaks[kv], timing = run_engine(model, prompts, params, args.block_size, args.budget, kv)
-                full = timing["full_steps"]
-                m["single"].append(single)
-                m["concurrent"].append(tps)
-                m["step_ms"].append(1e3 * statistics.median(full))
-                # the same run with every full decode step cut to its matrix products
-                m["ceiling"].append(timing["tokens"] / (timing["seconds"] - sum(full) + len(full) * gemm) / single)
-            runs["plain_single"].append(run_plain(model, prompts[:1], params))
-            runs["plain_batched"].append(run_plain(model, prompts, params))
+            for dtype, model in models.items():
+                gemm = gemm_seconds(model, args.concurrency)
+                gemm_ms[dtype].append(1e3 * gemm)
+                for kv in args.kv_dtype:
+                    m = m_of[dtype, kv]
+                    single = run_engine(model, prompts[:1], params, args.block_size, args.budget, kv)[0]
+                    tps, peaks[dtype, kv], timing = run_engine(model, prompts, params, args.block_size, args.budget, kv)
+                    full = timing["full_steps"]
+                    m["single"].append(single)
+                    m["concurrent"].append(tps)
+                    m["step_ms"].append(1e3 * statistics.median(full))
+                    # the same run with every full decode step cut to its matrix products
+                    m["ceiling"].append(timing["tokens"] / (timing["seconds"] - sum(full) + len(full) * gemm) / single)
+                runs[f"plain_single_{dtype}"].append(run_plain(model, prompts[:1], params))
+                runs[f"plain_batched_{dtype}"].append(run_plain(model, prompts, params))
+            # the best single request of this repeat, whatever its weight and KV dtypes
+            best = max(m["single"][-1] for m in m_of.values())
+            for m in m_of.values():
+                m.setdefault("best_single", []).append(best)
             print(json.dumps({**{k: round(v[-1], 1) for k, v in runs.items()},
-                              **{f"engine_{n}_kv_{kv}": round(m[n][-1], 1) for kv, m in kvs.items()
+                              **{f"engine_{n}_{dtype}_kv_{kv}": round(m[n][-1], 1) for (dtype, kv), m in m_of.items()
                                  for n in ("single", "concurrent")}}), flush=True)
 
     def ratio(xs, ys) -> float:
@@ -151,23 +172,29 @@ def main() -> None:
         machine, where the load drifts between repeats."""
         return round(statistics.median(x / y for x, y in zip(xs, ys)), 2)
 
-    by_kv = {kv: dict(
-        kv_dtype=kv, engine_single_tok_s=round(statistics.median(m["single"]), 1),
-        engine_concurrent_tok_s=round(statistics.median(m["concurrent"]), 1),
-        concurrency_speedup=ratio(m["concurrent"], m["single"]),
-        speedup_vs_plain_single=ratio(m["concurrent"], runs["plain_single"]),
-        engine_vs_plain_batched=ratio(m["concurrent"], runs["plain_batched"]),
-        decode_step_ms=round(statistics.median(m["step_ms"]), 2), concurrency_ceiling=round(statistics.median(m["ceiling"]), 2),
-        kv_bytes_per_token=round(peaks[kv]["kv_bytes_per_live_token"], 1),
-        kv_bytes_per_token_ideal=peaks[kv]["kv_bytes_per_token_ideal"], kv_blocks_used_at_peak=peaks[kv]["kv_blocks_used"],
-        live_tokens_at_peak=peaks[kv]["live_tokens"]) for kv, m in kvs.items()}
+    def case(dtype, kv) -> dict:
+        m, peak = m_of[dtype, kv], peaks[dtype, kv]
+        return dict(
+            dtype=dtype, kv_dtype=kv, decode_path=decode_path(models[dtype]),
+            engine_single_tok_s=round(statistics.median(m["single"]), 1),
+            engine_concurrent_tok_s=round(statistics.median(m["concurrent"]), 1),
+            concurrency_speedup=ratio(m["concurrent"], m["single"]),
+            speedup_vs_best_single=ratio(m["concurrent"], m["best_single"]),
+            speedup_vs_plain_single=ratio(m["concurrent"], runs[f"plain_single_{dtype}"]),
+            engine_vs_plain_batched=ratio(m["concurrent"], runs[f"plain_batched_{dtype}"]),
+            gemm_ms=round(statistics.median(gemm_ms[dtype]), 2), decode_step_ms=round(statistics.median(m["step_ms"]), 2),
+            concurrency_ceiling=round(statistics.median(m["ceiling"]), 2),
+            kv_bytes_per_token=round(peak["kv_bytes_per_live_token"], 1),
+            kv_bytes_per_token_ideal=peak["kv_bytes_per_token_ideal"], kv_blocks_used_at_peak=peak["kv_blocks_used"],
+            live_tokens_at_peak=peak["live_tokens"])
+
+    by_case = {f"{dtype}/kv_{kv}": case(dtype, kv) for dtype, kv in cases}
     result = dict(
-        preset=args.preset, dtype=args.dtype, decode_path=decode_path(model), concurrency=args.concurrency,
-        prompt_len=args.prompt_len, new_tokens=args.new_tokens, block_size=args.block_size,
-        threads=torch.get_num_threads(), repeats=args.repeats,
+        preset=args.preset, concurrency=args.concurrency, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+        block_size=args.block_size, threads=torch.get_num_threads(), repeats=args.repeats,
         **{f"{k}_tok_s": round(statistics.median(v), 1) for k, v in runs.items()},
-        gemm_ms=round(statistics.median(gemm_ms), 2), **by_kv[args.kv_dtype[0]],
-        by_kv_dtype={kv: {k: v for k, v in r.items() if k != "kv_dtype"} for kv, r in by_kv.items()})
+        **case(*cases[0]), by_case={k: {n: v for n, v in r.items() if n not in ("dtype", "kv_dtype")}
+                                    for k, r in by_case.items()})
     print(json.dumps(result))
 
 

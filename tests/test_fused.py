@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 from lmforge.infer.fused import _load_extension, decode_path, prepare_for_decoding, unsupported_reason
 from lmforge.infer.generate import decode_step, generate, prefill
+from lmforge.infer.packed import PackedLinear
 from lmforge.infer.quantize import Int8Linear, quantize_int8, quantize_model
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.speculative import speculative_generate
@@ -237,6 +238,69 @@ def test_float16_kv_pool_is_read_and_written_as_torch_rounds_it(ext, preset):
     assert 0 < drift < 2e-2  # float16 is in effect, and it only rounds
 
 
+bf16_packs = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                reason="oneDNN has no bfloat16 kernels for this CPU: bfloat16 models stay plain")
+
+
+@bf16_packs
+@pytest.mark.parametrize("preset, overrides", CONFIGS.values(), ids=CONFIGS.keys())
+def test_bfloat16_model_decodes_through_onednn_within_bfloat16_rounding(ext, preset, overrides):
+    """A bfloat16 model's linear layers are packed for oneDNN and the fused step multiplies by them, its KV cache
+    bfloat16: logits as near the exact float32 result (the same bfloat16 weights, widened) as PyTorch's own bfloat16
+    forward gets."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name(preset, vocab_size=97, n_layer=2, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    bf16 = model.to(torch.bfloat16)
+    exact = copy.deepcopy(bf16).float()  # the same weights, float32 arithmetic
+    fused = prepare_for_decoding(copy.deepcopy(bf16))
+    assert decode_path(fused) == "fused" and isinstance(fused.lm_head, PackedLinear)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    with torch.no_grad():
+        want, want_cache = prefill(exact, prompts, 20)
+        got, cache = prefill(fused, prompts, 20)
+        eager, eager_cache = prefill(bf16, prompts, 20)
+        assert cache.k.dtype == torch.bfloat16
+        tokens = want.argmax(-1)
+        for _ in range(6):
+            want = decode_step(exact, tokens, want_cache)
+            got, eager = decode_step(fused, tokens, cache), decode_step(bf16, tokens, eager_cache)
+            err, torch_err = (got.float() - want).abs().max(), (eager.float() - want).abs().max()
+            assert err <= 2 * torch_err and err < 0.02 * want.abs().max()
+            tokens = want.argmax(-1)
+
+
+@bf16_packs
+def test_serving_engine_runs_bfloat16_models_through_the_fused_step(ext):
+    """Paged pools in bfloat16 and float16 under a bfloat16 model: the engine's decoding rows take the fused step and
+    their logits stay within bfloat16 rounding of the exact float32 ones."""
+    from lmforge.engine.engine import Engine
+    from lmforge.engine.paged_cache import PagedKVCache
+
+    torch.manual_seed(7)
+    model = Transformer(ModelConfig.from_name("llama-nano", vocab_size=97, n_layer=2)).eval().to(torch.bfloat16)
+    exact = copy.deepcopy(model).float()
+    fused = prepare_for_decoding(copy.deepcopy(model))
+    assert Engine(fused, block_size=4).fused is fused.fused_decoder
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 21, 4)]
+    tables, nxt = [[3, 0], [5, 1], [7]], [[int(t)] for t in torch.randint(0, 97, (3,), generator=g)]
+    lengths = [len(p) for p in prompts]
+    with torch.no_grad():
+        want, _ = prefill(exact, [p + t for p, t in zip(prompts, nxt)], 32)  # every prompt and its next token
+        for dtype in (torch.bfloat16, torch.float16):
+            cache = PagedKVCache(model.config, 8, 16, dtype=dtype)
+            cache.prepare(tables, [0] * 3, lengths)  # each prompt through the model, right-padded
+            tokens = torch.zeros(3, max(lengths), dtype=torch.long)
+            for b, p in enumerate(prompts):
+                tokens[b, :len(p)] = torch.tensor(p)
+            fused.hidden(tokens, kv_cache=cache)
+            got = fused.fused_decoder.paged(nxt, cache, tables, lengths)[:, 0]
+            assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
 def test_int8_model_decodes_as_its_dequantized_float_twin(ext):
     """The fused int8 step against an independent reference: the float model holding the dequantized weights."""
     torch.manual_seed(2)
@@ -265,8 +329,10 @@ def test_other_models_fall_back_to_packed_linears(ext):
     assert "post" in unsupported_reason(classic)
     assert decode_path(prepare_for_decoding(classic)) == "packed"
     bf16 = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=1)).to(torch.bfloat16).eval()
-    assert "float32" in unsupported_reason(bf16)
-    assert decode_path(prepare_for_decoding(bf16)) == "plain"
+    assert "packed for oneDNN" in unsupported_reason(bf16)  # unpacked bfloat16 layers are not the step's to run
+    float16 = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=1)).to(torch.float16).eval()
+    assert "float32, bfloat16" in unsupported_reason(float16)
+    assert decode_path(prepare_for_decoding(float16)) == "plain"
 
 
 def test_bad_tokens_and_full_caches_are_errors_not_crashes(ext):

@@ -37,7 +37,20 @@ def test_packed_model_generates_what_the_plain_model_does(name):
         torch.testing.assert_close(packed(x), model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_only_float32_cpu_models_are_packed():
-    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=1)).to(torch.bfloat16)
+def test_only_float32_and_bfloat16_cpu_models_are_packed():
+    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=1)).to(torch.float16)
     assert not packing_available(model)
     assert pack_linears(model) is model and any(type(m) is torch.nn.Linear for m in model.modules())
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bfloat16 kernels on this CPU")
+def test_packed_bfloat16_layers_compute_the_bfloat16_product():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200).to(torch.bfloat16)
+    packed = PackedLinear(linear)
+    x = torch.randn(5, 96).to(torch.bfloat16)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+        got = packed(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)  # bfloat16 output: ~3 significant digits

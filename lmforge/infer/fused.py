@@ -8,15 +8,18 @@ norm and the output head) in one call, with matrix-vector products that stream t
 already holds. Prefill, training and everything else keep the ordinary model code.
 
 The extension is compiled on first use with PyTorch's own tool chain (torch.utils.cpp_extension, cached under
-~/.cache/torch_extensions); where it cannot be (no compiler, no AVX2, the classic post-norm model, bf16 weights)
-`prepare_for_decoding` falls back to oneDNN-packed linear layers (lmforge.infer.packed), and
-`decode_path(model)` says which one runs.
+~/.cache/torch_extensions); where it cannot be (no compiler, no AVX2, the classic post-norm model) `prepare_for_decoding`
+falls back to oneDNN-packed linear layers (lmforge.infer.packed), and `decode_path(model)` says which one runs.
 
 Supported: pre-norm decoders with LayerNorm or RMSNorm, learned or rotary positions, a GELU (exact or tanh), ReLU
 or SwiGLU MLP, multi-head or grouped-query attention, with or without biases, tied or separate output head: GPT-2,
 Llama and the gpt-* / llama-* presets, imported checkpoints and llama2.c models alike; float32
 weights, or int8 ones with per-row scales (lmforge.infer.quantize's Int8Linear), which the kernel widens to float
-as it streams them: a quarter of the bytes for the same arithmetic.
+as it streams them: a quarter of the bytes for the same arithmetic. bfloat16 models get their linear layers packed
+for oneDNN (`prepare_for_decoding`) and the step hands each matrix product of all its rows to oneDNN's bfloat16
+kernels, which at many rows (the serving engine's batches) beat any float32 kernel on CPUs with AMX or AVX-512
+BF16; the rest of the step stays float32, the KV cache float32, bfloat16 or float16. Their rows' logits may differ
+in the last bfloat16 place with the batch (oneDNN's kernel depends on the row count); float32 and int8 rows do not.
 """
 
 from __future__ import annotations
@@ -72,12 +75,15 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if c.embed_scale or not c.final_norm:
         return f"embed_scale={c.embed_scale}, final_norm={c.final_norm} are not fused"
     for module in model.modules():
-        if type(module).__module__.startswith("lmforge.infer") and type(module).__name__ != "Int8Linear":
-            return f"{type(module).__name__} layers are not fused"  # packed layers
+        if type(module).__module__.startswith("lmforge.infer") and type(module).__name__ not in ("Int8Linear",
+                                                                                                "PackedLinear"):
+            return f"{type(module).__name__} layers are not fused"
+        if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16:
+            return "bfloat16 linear layers run packed for oneDNN (prepare_for_decoding packs them where it can)"
         tensors = list(module.parameters(recurse=False)) + [b for b in module.buffers(recurse=False)
                                                              if b.dtype != torch.int8]
-        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
-            return "the fused step runs float32 (or int8-weight) models on the CPU"
+        if any(t.dtype not in (torch.float32, torch.bfloat16) or t.device.type != "cpu" for t in tensors):
+            return "the fused step runs float32, bfloat16 (or int8-weight) models on the CPU"
     if _load_extension() is None:
         return _build_error
     return None
@@ -101,14 +107,15 @@ class FusedDecoder:
         self.n_head, self.eps, self.act = c.n_head, float(c.norm_eps), _ACT[c.mlp]
         none = torch.Tensor()  # an empty tensor marks an absent bias or scale
 
-        def tensor(t):
-            return none if t is None else t.detach()
+        def tensor(t):  # float32: bfloat16 models' norms, biases and rotary tables widened (small copies)
+            return none if t is None else t.detach().float()
 
-        def linear(module):  # weight, scales (Int8Linear) or none, bias
-            return [module.weight.detach(), tensor(getattr(module, "scales", None)), tensor(module.bias)]
+        def linear(module):  # weight (oneDNN-packed for PackedLinear), scales (Int8Linear) or none, bias
+            weight = module.packed if isinstance(module, PackedLinear) else module.weight.detach()
+            return [weight, tensor(getattr(module, "scales", None)), tensor(module.bias)]
 
         def norm(module):  # weight, bias (RMSNorm has none)
-            return [module.weight.detach(), tensor(getattr(module, "bias", None))]
+            return [tensor(module.weight), tensor(getattr(module, "bias", None))]
 
         self.params: list[torch.Tensor] = []
         for block in model.blocks:
@@ -117,14 +124,15 @@ class FusedDecoder:
         self.params += [model.tok_emb.weight.detach(), tensor(None if model.pos_emb is None else model.pos_emb.weight),
                         *norm(model.norm_f), *linear(model.lm_head)]
         self.rms = c.norm == "rmsnorm"
-        self.rope = (model.rope_cos, model.rope_sin) if c.pos == "rope" else (none, none)
-        self.params = [p.contiguous() for p in self.params]  # a no-op for the usual, contiguous weights
+        self.rope = (tensor(model.rope_cos), tensor(model.rope_sin)) if c.pos == "rope" else (none, none)
+        self.params = [p if p.is_mkldnn else p.contiguous() for p in self.params]  # a no-op for the usual, contiguous weights
         self.extension = _load_extension()
 
     def accepts(self, cache, new_tokens: int = 1) -> bool:
         """Whether `cache` (a contiguous KVCache or the engine's PagedKVCache) can take `new_tokens` per row here."""
         known = type(cache).__name__ in ("KVCache", "PagedKVCache")  # exactly the layouts the kernel addresses
-        return (known and cache.k.dtype in (torch.float32, torch.float16) and cache.v.dtype == cache.k.dtype
+        return (known and cache.k.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                and cache.v.dtype == cache.k.dtype
                 and cache.k.is_contiguous() and cache.v.is_contiguous() and new_tokens <= self.MAX_TOKENS)
 
     def _run(self, tokens, lo, start, last, cache, block_table):
@@ -158,7 +166,10 @@ class FusedDecoder:
 
 def prepare_for_decoding(model: nn.Module) -> nn.Module:
     """Make an inference model decode fast: attach a `FusedDecoder` where supported, else pack its linear layers
-    for oneDNN. Returns the model (changed in place)."""
+    for oneDNN. bfloat16 models are packed first: the fused step multiplies by their packed weights. Returns the
+    model (changed in place)."""
+    if next(model.parameters()).dtype == torch.bfloat16:
+        pack_linears(model)
     reason = unsupported_reason(model)
     if reason is None:
         model.fused_decoder = FusedDecoder(model)

@@ -5,9 +5,11 @@
 //
 // Linear layers are AVX2/FMA matrix-vector products over the row-major float32 weights nn.Linear already holds,
 // a few output rows x a few batch rows per register tile, split across PyTorch's threads (at::parallel_for) by
-// output rows; bias, activation and the residual add are applied while the outputs are still in cache.
+// output rows; bias, activation and the residual add are applied while the outputs are still in cache. bfloat16
+// models hand over their weights packed for oneDNN instead, whose bfloat16 tiles (AMX, AVX-512 BF16) do many rows
+// at a time far faster than float32 FMAs can; everything between the matrix products stays float32.
 //
-// The KV cache holds float32 or float16 (F16C converts 8 values per instruction as they stream in; new keys and
+// The KV cache holds float32, bfloat16 (widened by a shift) or float16 (F16C converts 8 values per instruction as they stream in; new keys and
 // values are rounded to nearest even, as torch's .to(torch.float16) rounds them): attention at many rows and long
 // contexts is mostly reading the cache, so half the bytes is most of half the time.
 
@@ -103,7 +105,7 @@ void activate(float* y, int64_t n, int act) {
 }
 
 // Eight values as floats: float32 as they are; int8 weights widened (the per-row scale is applied to the finished
-// dot); float16 keys and values widened exactly (F16C). `widen` is the same for one value.
+// dot); float16 (F16C) and bfloat16 keys and values widened exactly. `widen` is the same for one value.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -111,8 +113,13 @@ inline __m256 load8(const int8_t* p) {
 inline __m256 load8(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+inline __m256 load8(const at::BFloat16* p) {  // bfloat16 is float32's top half: widen by a 16-bit shift, exact
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
 inline float widen(float x) { return x; }
 inline float widen(at::Half x) { return static_cast<float>(x); }
+inline float widen(at::BFloat16 x) { return static_cast<float>(x); }
 
 #if defined(__AVX512VL__)
 // R batch rows against 4 output rows (4R accumulators; every weight vector used R times from a register), each
@@ -269,10 +276,42 @@ void linear_rows(const float* x, int64_t B, int64_t K, const W* w, const float* 
   }
 }
 
+// The same for a weight packed for oneDNN (lmforge.infer.packed; bfloat16 models): one oneDNN matrix product of
+// all B rows, x rounded to the weight's dtype on the way in and the product on the way out (AMX or AVX-512 BF16
+// tiles where the CPU has them: at 32 rows 2-5x float32's time, bench/engine.py), then bias, activation and
+// residual in float32. oneDNN picks its kernel by the number of rows, so unlike linear_rows a row's result may
+// change in the last bfloat16 place with the batch.
+void linear_onednn(const float* x, int64_t B, int64_t K, const at::Tensor& w, const at::Tensor& bias, float* y,
+                   bool accumulate, int act) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                        c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+  const int64_t N = w.size(0);
+  const at::Tensor in = at::from_blob(const_cast<float*>(x), {B, K}, at::kFloat).to(w.scalar_type());
+  const at::Tensor out = op.call(in, w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt).to(at::kFloat).contiguous();
+  const float* o = out.data_ptr<float>();
+  const float* bp = present(bias) ? bias.data_ptr<float>() : nullptr;
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* yr = y + b * N;
+      for (int64_t n = 0; n < N; ++n) {
+        const float v = o[b * N + n] + (bp ? bp[n] : 0.0f);
+        yr[n] = accumulate ? yr[n] + v : v;
+      }
+      activate(yr, N, act);
+    }
+  });
+}
+
 // y (B x N) (+)= act(x (B x K) @ (w * scale[:, None]).T + bias), output rows split across threads; w is float32,
-// or int8 with per-row float32 scales.
+// int8 with per-row float32 scales, or packed for oneDNN (linear_onednn).
 void linear(const float* x, int64_t B, int64_t K, const at::Tensor& w, const at::Tensor& scale,
             const at::Tensor& bias, float* y, bool accumulate = false, int act = kNone) {
+  if (w.is_mkldnn()) {
+    TORCH_CHECK(!present(scale), "oneDNN-packed weights take no scales");
+    return linear_onednn(x, B, K, w, bias, y, accumulate, act);
+  }
   const int64_t N = w.size(0);
   const bool q8 = w.scalar_type() == at::kChar;
   TORCH_CHECK(q8 == present(scale), "int8 weights need scales, float32 weights take none");
@@ -445,12 +484,24 @@ void swiglu(const float* in, int64_t R, int64_t I, float* out) {
   }
 }
 
+// out (+)= row i of an embedding table of C columns, float32 or bfloat16.
+void embed_row(const at::Tensor& table, int64_t i, int64_t C, float* out, bool add) {
+  TORCH_CHECK(table.scalar_type() == at::kFloat || table.scalar_type() == at::kBFloat16,
+              "embeddings must be float32 or bfloat16");
+  for (int64_t c = 0; c < C; ++c) {
+    const float e = table.scalar_type() == at::kFloat ? table.data_ptr<float>()[i * C + c]
+                                                        : static_cast<float>(table.data_ptr<at::BFloat16>()[i * C + c]);
+    out[c] = add ? out[c] + e : e;
+  }
+}
+
 }  // namespace
 
 // params: per layer [ln1 w, b; qkv w, s, b; proj w, s, b; ln2 w, b; fc w, s, b; mlp_proj w, s, b] (16), then
 // [tok_emb, pos_emb (empty with rotary positions: rope_cos, rope_sin (max_pos, head_dim / 2) instead), lnf w, b;
-// head w, s, b]; a linear's w is float32 (its s undefined) or int8 with float32
-// per-row scales s; an absent bias is an empty tensor.
+// head w, s, b]; a linear's w is float32 (its s undefined), int8 with float32 per-row scales s, or packed for
+// oneDNN; an absent bias is an empty tensor. Norms, biases and rotary tables are float32, embeddings float32 or
+// bfloat16.
 // tokens: (B, T) new tokens per row. New token t of row b goes to the row's slot start[b] + t, sits at position
 // start[b] + t - lo[b] and attends to the row's slots lo[b]..start[b] + t (a slot before lo[b] sees itself only).
 // The KV cache is lmforge's contiguous one, kcache/vcache (n_layer, B, n_kv_head, max_len, head_dim), with an empty
@@ -506,12 +557,8 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
   for (int64_t r = 0; r < R; ++r) {
     const int64_t b = r / T, t = r % T;
     pos[r] = std::max<int64_t>(sp[b] + t - lp[b], 0);
-    const float* e = tok_emb.data_ptr<float>() + tp[r] * C;
-    std::copy(e, e + C, x.begin() + r * C);
-    if (present(pos_emb)) {
-      const float* p = pos_emb.data_ptr<float>() + pos[r] * C;
-      for (int64_t i = 0; i < C; ++i) x[r * C + i] += p[i];
-    }
+    embed_row(tok_emb, tp[r], C, x.data() + r * C, false);
+    if (present(pos_emb)) embed_row(pos_emb, pos[r], C, x.data() + r * C, true);
   }
   KV* kc = kcache.data_ptr<KV>();
   KV* vc = vcache.data_ptr<KV>();
@@ -575,10 +622,11 @@ at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at
                         at::Tensor kcache, at::Tensor vcache, const at::Tensor& block_table,
                         const std::vector<at::Tensor>& params, int64_t n_head, double eps, int64_t act, bool rms,
                         const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
-  TORCH_CHECK(kcache.scalar_type() == vcache.scalar_type() &&
-              (kcache.scalar_type() == at::kFloat || kcache.scalar_type() == at::kHalf),
-              "forward_step wants a float32 or float16 KV cache");
-  auto step = kcache.scalar_type() == at::kHalf ? forward_step_kv<at::Half> : forward_step_kv<float>;
+  const auto kv = kcache.scalar_type();
+  TORCH_CHECK(vcache.scalar_type() == kv && (kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16),
+              "forward_step wants a float32, float16 or bfloat16 KV cache");
+  auto step = kv == at::kHalf ? forward_step_kv<at::Half>
+              : kv == at::kBFloat16 ? forward_step_kv<at::BFloat16> : forward_step_kv<float>;
   return step(tokens, lo, start, last, kcache, vcache, block_table, params, n_head, eps, act, rms, rope_cos,
               rope_sin);
 }
@@ -586,7 +634,7 @@ at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at
 // act(x @ (w * scale[:, None]).T + bias) for x (B, K): the step's matrix product on its own, for tests and benchmarks.
 at::Tensor linear_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias,
                       int64_t act) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(1),
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (w.is_mkldnn() || w.is_contiguous()) && x.size(1) == w.size(1),
               "linear_act wants contiguous x (B, K) and w (N, K)");
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
   linear(x.data_ptr<float>(), x.size(0), x.size(1), w, scale, bias, y.data_ptr<float>(), false,
