@@ -116,7 +116,7 @@ def decode(repeats: int, new_tokens: int) -> dict:
     variants = {"fp32": prepare_for_decoding(copy.deepcopy(fp32)),  # what `lmforge generate` runs
                 "int8": prepare_for_decoding(quantize_model(copy.deepcopy(fp32), "int8")),
                 "fp32_plain": fp32, "int8_eager": quantize_model(copy.deepcopy(fp32), "int8"),
-                "bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
+                "bf16": prepare_for_decoding(copy.deepcopy(fp32).to(torch.bfloat16))}
     paths = {name: decode_path(model) for name, model in variants.items()}
     peer = dynamic_int8_peer(fp32)
     if peer is not None:

@@ -54,3 +54,15 @@ def test_packed_bfloat16_layers_compute_the_bfloat16_product():
         got = packed(x)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)  # bfloat16 output: ~3 significant digits
+
+
+def test_model_bytes_counts_packed_weights_once_each():
+    from lmforge.infer.quantize import model_bytes
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=2)).eval()
+    before = model_bytes(model)
+    packed = pack_linears(copy.deepcopy(model))
+    assert any(m.packed.is_mkldnn for m in packed.modules() if isinstance(m, PackedLinear))
+    # the tied head packs its own copy of the embedding; every other weight is counted once, as before
+    head = model.lm_head.weight
+    assert model_bytes(packed) == before + head.numel() * head.element_size()

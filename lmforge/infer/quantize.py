@@ -152,8 +152,9 @@ def model_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers, each storage counted once (tied weights are shared)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        key = id(t) if t.is_mkldnn else t.data_ptr()  # oneDNN-packed weights have no storage to point at
+        if key not in seen:
+            seen.add(key)
             total += t.numel() * t.element_size()
     return total
 
