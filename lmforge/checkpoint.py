@@ -21,11 +21,12 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import ModelConfig
 from lmforge.fsutil import default_mode
 from lmforge.model import Transformer
+from lmforge.errors import LmforgeError
 
 CONFIG_FILE, WEIGHTS_FILE, TRAIN_STATE_FILE = "config.json", "model.safetensors", "train_state.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LmforgeError):
     """A model folder that cannot be loaded; the message names the file and what is wrong."""
 
 

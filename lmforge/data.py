@@ -43,9 +43,10 @@ import torch
 
 from lmforge.fsutil import atomic_path, atomic_write_text
 from lmforge.tokenizer import KINDS, Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
+from lmforge.errors import LmforgeError
 
 
-class DataError(ValueError):
+class DataError(LmforgeError):
     """Bad data input: a missing or undecodable file, an empty corpus, a failed download, a missing split."""
 
 

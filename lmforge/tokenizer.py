@@ -29,6 +29,7 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from lmforge.fsutil import atomic_write_text
+from lmforge.errors import LmforgeError
 
 LMFORGE_TOKENIZER_FILE = "lmforge_tokenizer.json"  # char and word tokenizers
 HF_TOKENIZER_FILE = "tokenizer.json"  # byte-level BPE, and any imported Hugging Face tokenizer
@@ -43,7 +44,7 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>", "<eo
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "[CLS]")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(LmforgeError):
     """Bad tokenizer input: an unknown character, an unreadable tokenizer file, a vocabulary size out of range."""
 
 

@@ -50,13 +50,14 @@ from lmforge.checkpoint import (CheckpointError, load_model, read_weights, resol
                                 tensors_digest, write_folder)
 from lmforge.model import Transformer
 from lmforge.textfile import text_lines
+from lmforge.errors import LmforgeError
 
 CLASSIFY_FILE, HEAD_FILE = "classify.json", "head.safetensors"
 DEFAULT_LABELS = ("negative", "positive")
 POOLINGS = ("last", "mean", "max", "concat")
 
 
-class ClassifyDataError(ValueError):
+class ClassifyDataError(LmforgeError):
     """A labelled data file that cannot be used; the message names the file and line."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.serve.templates import PLAIN_TEMPLATE, ChatTemplate
+from lmforge.errors import LmforgeError
 
 ROLES = ("system", "user", "assistant")
 
@@ -42,7 +43,7 @@ class Example:
         return sum(self.mask[1:])
 
 
-class DataError(ValueError):
+class DataError(LmforgeError):
     """A fine-tuning data file that cannot be read; the message names the file and line."""
 
 

@@ -37,11 +37,12 @@ import torch
 from lmforge.apps.sft import Example
 from lmforge.fsutil import atomic_write_text
 from lmforge.textfile import text_lines
+from lmforge.errors import LmforgeError
 
 FORMAT_FILE = "translate.json"
 
 
-class TranslationDataError(ValueError):
+class TranslationDataError(LmforgeError):
     """A pairs file that cannot be read; the message names the file and line."""
 
 

@@ -42,11 +42,12 @@ from pathlib import Path
 import torch
 
 from lmforge.infer.sampling import SamplingParams
+from lmforge.errors import LmforgeError
 
 MAX_BIAS = 100.0  # OpenAI's logit_bias range, as SamplingParams checks it
 
 
-class ControlsError(ValueError):
+class ControlsError(LmforgeError):
     """A controls file that cannot be used; the message names the file, the line or key, and the fix."""
 
 

@@ -33,11 +33,12 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from lmforge.errors import LmforgeError
 
 MODES = ("int8",)
 
 
-class QuantizationError(ValueError):
+class QuantizationError(LmforgeError):
     """A quantization request that cannot be done; the message names the mode or the model state."""
 
 

@@ -26,9 +26,10 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
+from lmforge.errors import LmforgeError
 
 
-class SamplingError(ValueError):
+class SamplingError(LmforgeError):
     """A sampling setting out of range; the message names the setting, its value and what is allowed."""
 
 

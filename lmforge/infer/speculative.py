@@ -25,9 +25,10 @@ from typing import Sequence
 import torch
 
 from lmforge.infer.sampling import SamplingParams, make_generator, process_logits
+from lmforge.errors import LmforgeError
 
 
-class SpeculativeError(ValueError):
+class SpeculativeError(LmforgeError):
     """A speculative decoding request that cannot run; the message names the setting and the fix."""
 
 

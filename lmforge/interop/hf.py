@@ -25,12 +25,13 @@ from safetensors.torch import load_file, save_file
 from lmforge.checkpoint import CheckpointError, build_model, load_state, model_tensors, write_folder
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
+from lmforge.errors import LmforgeError
 
 KEPT_FILES = ("tokenizer_config.json", "generation_config.json")  # copied into the lmforge folder on import
 LLAMA_LIKE = ("llama", "mistral")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(LmforgeError):
     """A Hugging Face config (or an lmforge model) that the other side cannot represent; says which setting."""
 
 

@@ -17,9 +17,10 @@ import json
 import sys
 from dataclasses import dataclass, fields
 from typing import Iterator, TextIO
+from lmforge.errors import LmforgeError
 
 
-class ChatError(ValueError):
+class ChatError(LmforgeError):
     """A bad chat setting or an unreachable/failing server; the message names the value and the fix."""
 
 

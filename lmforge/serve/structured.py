@@ -23,9 +23,10 @@ from typing import Sequence
 
 from outlines_core import Index, Vocabulary
 from outlines_core.json_schema import build_regex_from_schema
+from lmforge.errors import LmforgeError
 
 
-class StructuredOutputError(ValueError):
+class StructuredOutputError(LmforgeError):
     """A format that cannot be enforced: a bad schema or regex, or a tokenizer the automaton cannot use."""
 
     def __init__(self, message: str, param: str):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from lmforge.errors import LmforgeError
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -30,7 +31,7 @@ PLAIN_TEMPLATE = (
 )
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(LmforgeError):
     """A template that fails to load or render; the message names the file or the messages' problem."""
 
 

@@ -18,13 +18,14 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+from lmforge.errors import LmforgeError
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant", "plateau")
 NO_DECAY_NAMES = ("tok_emb", "pos_emb")  # embeddings; a tied lm_head shares tok_emb's tensor
 
 
-class OptimConfigError(ValueError):
+class OptimConfigError(LmforgeError):
     """An optimizer or schedule setting out of range; the message names it and the allowed values."""
 
 

@@ -43,9 +43,10 @@ from lmforge.model import Transformer
 from lmforge.train import distributed
 from lmforge.train.distributed import Dist
 from lmforge.train.optim import OPTIMIZERS, SCHEDULES, Schedule, make_optimizer, set_lr
+from lmforge.errors import LmforgeError
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(LmforgeError):
     """A training setting out of range; the message names it and what is allowed."""
 
 

@@ -37,12 +37,13 @@ import numpy as np
 
 from lmforge.fsutil import atomic_path, atomic_write_text
 from lmforge.train.trainer import TrainConfig, train
+from lmforge.errors import LmforgeError
 
 SAMPLERS = ("tpe", "random", "grid")
 MANAGED = ("data", "out", "progress", "resume")  # set by the search itself, per trial
 
 
-class TuneError(ValueError):
+class TuneError(LmforgeError):
     """A bad search space, fixed option or study; the message names it and what is allowed."""
 
 
