@@ -32,7 +32,7 @@ import torch
 
 from lmforge.apps.finetune import FinetuneConfig, evaluate_examples, finetune, fit_context, load_base
 from lmforge.apps.sft import chat_example
-from lmforge.serve.templates import PLAIN_TEMPLATE
+from lmforge.templates import PLAIN_TEMPLATE
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BASE = SHARED / "models" / "stories260K" / "stories260K.bin"
@@ -73,7 +73,7 @@ def split(items: list, n_test: int, seed: int) -> tuple[list, list]:
 def transcript(model_dir: str, prompts: list[str], max_tokens: int) -> list[dict]:
     from lmforge.infer.generate import generate, load_for_generation
     from lmforge.infer.sampling import SamplingParams
-    from lmforge.serve.templates import ChatTemplate
+    from lmforge.templates import ChatTemplate
 
     model, tok = load_for_generation(model_dir)
     template = ChatTemplate.for_model(model_dir, tok)

@@ -15,7 +15,7 @@ from lmforge.checkpoint import load_model, save_model
 from lmforge.cli import main
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
-from lmforge.serve.templates import CHATML_TEMPLATE, PLAIN_TEMPLATE, ChatTemplate
+from lmforge.templates import CHATML_TEMPLATE, PLAIN_TEMPLATE, ChatTemplate
 from lmforge.tokenizer import train_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -291,7 +291,7 @@ def test_rate_limit_chunked_body_and_prompt_length(tiny_parts):
 
 
 def test_chat_template_from_model_folder(tiny_parts, tmp_path):
-    from lmforge.serve.templates import PLAIN_TEMPLATE, ChatTemplate, ChatTemplateError
+    from lmforge.templates import PLAIN_TEMPLATE, ChatTemplate, ChatTemplateError
 
     model, tok = tiny_parts
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]

@@ -107,7 +107,7 @@ class FinetuneConfig:
 def load_base(base: str, tokenizer: str | None = None):
     """(model, tokenizer, chat template source) of a base model, as `finetune` loads it."""
     from lmforge.interop import load_source
-    from lmforge.serve.templates import ChatTemplate
+    from lmforge.templates import ChatTemplate
 
     model, tok, _ = load_source(base, tokenizer)
     return model, tok, ChatTemplate.for_model(lora.chat_template_folder(base), tok).source
@@ -196,7 +196,7 @@ def finetune(config: FinetuneConfig, train_examples: list[Example], val_examples
     `on_eval(iteration, val_loss)`, when given, is called after each evaluation.
     """
     from lmforge.interop import load_source
-    from lmforge.serve.templates import ChatTemplate
+    from lmforge.templates import ChatTemplate
 
     config.check()
     t0 = time.time()

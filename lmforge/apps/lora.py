@@ -253,7 +253,7 @@ def chat_template_folder(model: str | os.PathLike, adapter: str | os.PathLike | 
     has one, else the model folder (a run folder's best/, a Hugging Face folder); None for a llama2.c file."""
     from lmforge.checkpoint import resolve_model_dir
     from lmforge.interop import is_hf_folder
-    from lmforge.serve.templates import read_chat_template
+    from lmforge.templates import read_chat_template
 
     if adapter is not None:
         folder = resolve_adapter_dir(adapter)

@@ -3,7 +3,7 @@
 An `Example` is the ids the model reads and, per token, whether the model's prediction of it is trained.
 
 - Chat (.jsonl, one {"messages": [{"role", "content"}, ...]} per line): the conversation is rendered with the
-  model's chat template (lmforge.serve.templates) one message at a time, and only the assistant's turns are
+  model's chat template (lmforge.templates) one message at a time, and only the assistant's turns are
   trained: the text the template adds for an assistant message after the generation prompt (its content and
   end marker, e.g. "<|im_end|>\\n", or " content\\n" for the plain "User:/Assistant:" template). With the plain
   template, which has no end token, the tokenizer's EOS is appended to each assistant turn, so a tuned model
@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.serve.templates import PLAIN_TEMPLATE, ChatTemplate
+from lmforge.templates import PLAIN_TEMPLATE, ChatTemplate
 from lmforge.errors import LmforgeError
 
 ROLES = ("system", "user", "assistant")

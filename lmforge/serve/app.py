@@ -46,7 +46,7 @@ from lmforge.serve.protocol import (ApiError, ChatCompletionRequest, CompletionR
                                     TokenizeRequest)
 from lmforge.serve.structured import (JSON_OBJECT_SCHEMA, ConstraintCompiler, StructuredOutputError, check_regex,
                                       regex_for_choice, regex_for_json_schema, token_bytes)
-from lmforge.serve.templates import ChatTemplate, ChatTemplateError
+from lmforge.templates import ChatTemplate, ChatTemplateError
 
 log = logging.getLogger("lmforge.serve")
 STATIC_DIR = Path(__file__).parent / "static"

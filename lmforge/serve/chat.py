@@ -2,7 +2,7 @@
 
 Two backends speak the same small interface -- `reply(messages, settings)` yields text deltas:
 - `LocalBackend` loads a model folder in this process, renders the conversation with the model's chat template
-  (`lmforge.serve.templates`) and streams it with `lmforge.infer.generate.stream`;
+  (`lmforge.templates`) and streams it with `lmforge.infer.generate.stream`;
 - `RemoteBackend` talks to a running `lmforge serve` (or any OpenAI-compatible server) over HTTP, reading the
   server-sent events of `/v1/chat/completions` with `stream: true`.
 
@@ -64,7 +64,7 @@ class LocalBackend:
     def __init__(self, model: str, adapter: str | None = None, controls: str | None = None):
         from lmforge.apps.lora import chat_template_folder
         from lmforge.infer.generate import load_for_generation
-        from lmforge.serve.templates import ChatTemplate
+        from lmforge.templates import ChatTemplate
 
         self.model, self.tokenizer = load_for_generation(model, adapter=adapter)
         if self.tokenizer is None:
