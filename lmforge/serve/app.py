@@ -812,18 +812,3 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
     app = create_app(net, tok, settings, loaded.template_folder or path.parent, draft_net)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m lmforge.serve.app MODEL ...` until `serve` is in lmforge.cli.COMMANDS."""
-    import argparse
-
-    from lmforge.cli import add_function_arguments
-
-    parser = argparse.ArgumentParser(prog="lmforge serve")
-    add_function_arguments(parser, serve_command)
-    return serve_command(**vars(parser.parse_args(argv)))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
