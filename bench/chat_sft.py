@@ -1,6 +1,6 @@
 """Chat instruction tuning: held-out assistant-token loss of a real pretrained model before and after SFT.
 
-Base: stories260K (llama2.c, trained on TinyStories only), imported by lmforge.interop. Data (/work/shared/data/chat,
+Base: stories260K (llama2.c, trained on TinyStories only), imported by lmforge.loader. Data (/work/shared/data/chat,
 see its SOURCE.md): Anthropic HH-RLHF helpful-base dialogues (`chosen` side, split into user/assistant turns) and
 the 175 Self-Instruct seed tasks (instruction + input -> output). Each source is split with a fixed seed into
 train / held-out test; a further 48 HH dialogues are the validation set that picks the best checkpoint. The 252
@@ -71,12 +71,13 @@ def split(items: list, n_test: int, seed: int) -> tuple[list, list]:
 
 
 def transcript(model_dir: str, prompts: list[str], max_tokens: int) -> list[dict]:
-    from lmforge.infer.generate import generate, load_for_generation
+    from lmforge.infer.generate import generate
     from lmforge.infer.sampling import SamplingParams
-    from lmforge.templates import ChatTemplate
+    from lmforge.loader import load
 
-    model, tok = load_for_generation(model_dir)
-    template = ChatTemplate.for_model(model_dir, tok)
+    loaded = load(model_dir, dtype="float32")
+    model, tok = loaded.model, loaded.tokenizer
+    template = loaded.chat_template()
     turns = []
     for i, prompt in enumerate(prompts):
         ids = tok.encode(template.render([{"role": "user", "content": prompt}]))

@@ -19,9 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
 from lmforge.fsutil import default_mode
 from lmforge.model import Transformer
-from lmforge.errors import LmforgeError
+from lmforge.tokenizer import TOKENIZER_FILES, load_tokenizer
 
 CONFIG_FILE, WEIGHTS_FILE, TRAIN_STATE_FILE = "config.json", "model.safetensors", "train_state.pt"
 
@@ -167,40 +168,37 @@ def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: P
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               with_tokenizer: bool = True):
-    """Load (model, tokenizer) from a model folder or training run; the tokenizer is None when absent."""
+               with_tokenizer: bool = True, build: Callable[[ModelConfig], torch.nn.Module] | None = None):
+    """Load (model, tokenizer) from a model folder or training run; the tokenizer is None when absent.
+
+    `build(config)` makes the empty model the weights go into: a plain Transformer by default. Quantized weights
+    need their quantized layers built first (lmforge.infer.quantize.build_model), which lmforge.loader.load
+    passes; this layer knows nothing of quantization and refuses such a folder by default.
+    """
     folder = resolve_model_dir(path)
     try:
         config = ModelConfig.from_file(folder / CONFIG_FILE)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from None
+    if build is None:
+        if config.quantization:
+            raise CheckpointError(f"{folder} holds {config.quantization}-quantized weights: load it with "
+                                  f"lmforge.loader.load, which builds the quantized layers")
+        build = Transformer
     if not (folder / WEIGHTS_FILE).exists() and (folder / "sharded").is_dir():
         raise CheckpointError(f"{folder} is a sharded FSDP checkpoint (its weights are split across {folder / 'sharded'}); "
                               f"resume it under torchrun with --fsdp, or make a normal model folder from it with "
                               f"lmforge.train.distributed.consolidate")
     tensors, _ = read_weights(folder / WEIGHTS_FILE)
-    model = build_model(config)
+    model = build(config)
     load_state(model, tensors, folder / WEIGHTS_FILE)
     model.eval().to(device=device)
     if dtype is not None:
         model.to(dtype=dtype)
     tokenizer = None
-    if with_tokenizer:
-        from lmforge.tokenizer import TOKENIZER_FILES, load_tokenizer
-
-        if any((folder / name).is_file() for name in TOKENIZER_FILES):
-            tokenizer = load_tokenizer(folder)
+    if with_tokenizer and any((folder / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer = load_tokenizer(folder, config.vocab_size)
     return model, tokenizer
-
-
-def build_model(config: ModelConfig) -> Transformer:
-    """The model for a config; quantized configs get their quantized linear layers swapped in."""
-    model = Transformer(config)
-    if config.quantization:
-        from lmforge.infer.quantize import convert_for_runtime
-
-        convert_for_runtime(model, config.quantization)
-    return model
 
 
 def load_train_state(path: str | os.PathLike) -> dict:

@@ -41,7 +41,7 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 import torch
 
-from lmforge.fsutil import atomic_path, atomic_write_text
+from lmforge.fsutil import atomic_path, atomic_write_text, read_json, sha256_file
 from lmforge.tokenizer import KINDS, Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
 from lmforge.errors import LmforgeError
 
@@ -75,14 +75,6 @@ def read_text(path: str | os.PathLike, errors: str = "strict") -> str:
 
 
 # ------------------------------------------------------------------------------------------ download
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60.0) -> Path:
@@ -511,10 +503,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise DataError(f"{path} does not exist; `lmforge prepare` makes it (a prepare that stopped midway has none)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is corrupt ({e}); re-run `lmforge prepare`") from e
+    return read_json(path, "data description", DataError, "re-run `lmforge prepare`")
 
 
 def load_split(data_dir: str | os.PathLike, split: str) -> np.memmap:

@@ -191,9 +191,9 @@ def eval_command(model: str, data: str, split: str = "val", block_size: int | No
         max_line_tokens: tokens a next-line completion may use; the context is the model's block_size minus
             this.
     """
-    from lmforge.interop import load_any
+    from lmforge.loader import load
 
-    net, _ = load_any(model)
+    net = load(model, prepare=False).model
     meta = load_meta(data)
     if meta["vocab_size"] > net.config.vocab_size:
         raise ValueError(f"data in {data} has a vocabulary of {meta['vocab_size']} tokens but the model knows "

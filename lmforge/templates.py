@@ -13,12 +13,15 @@ model trained on prose continues sensibly and which needs no special tokens.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from lmforge.errors import LmforgeError
+from lmforge.fsutil import read_json
+
+TEMPLATE_FILE = "tokenizer_config.json"  # the file that carries a model's chat template
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -41,13 +44,10 @@ def _raise(message: str):
 
 def read_chat_template(folder: str | Path) -> str | None:
     """The `chat_template` of `folder/tokenizer_config.json`, or None when there is none."""
-    path = Path(folder) / "tokenizer_config.json"
+    path = Path(folder) / TEMPLATE_FILE
     if not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ChatTemplateError(f"{path} is not valid JSON ({e}); fix or remove it") from e
+    config = read_json(path, "tokenizer config", ChatTemplateError, "fix or remove it")
     template = config.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one serves chat
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -27,7 +27,8 @@ from lmforge.evaluate import (
     sample_line_targets,
     split_documents,
 )
-from lmforge.infer.generate import generate, load_for_generation
+from lmforge.infer.generate import generate
+from lmforge.loader import load
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
 from lmforge.serve.process import start_server, stop_server
@@ -247,7 +248,8 @@ def test_stdlib_model_evaluates_and_serves_greedy_completions(tmp_path, capsys):
     assert result["holdout_files"] == ["shlex.py", "textwrap.py"] and result["ppl"] > 1
 
     prompt = "import os\n\n\ndef read_config(path):\n    with open(path) as f:\n"
-    model, tok = load_for_generation(str(run / "best"))
+    loaded = load(run / "best", dtype="float32")
+    model, tok = loaded.model, loaded.tokenizer
     [expected] = generate(model, [tok.encode(prompt)], SamplingParams(max_tokens=24, temperature=0.0),
                           tokenizer=tok)
     proc, base = start_server(str(run / "best"), "--log-level", "warning")

@@ -253,7 +253,7 @@ def test_missing_file_and_unknown_words(tmp_path):
 # ---------------------------------------------------------------------------------- the CLI and the server
 
 def test_generate_command_reports_fires(tok, tmp_path, capsys):
-    from lmforge.infer.generate import generate_command
+    from lmforge.apps.generate import generate_command
 
     folder = tmp_path / "cyc"
     save_model(folder, cycle_model(tok), tok)
@@ -334,7 +334,7 @@ def test_chat_repl_applies_controls_and_reports_them(tok, tmp_path):
 
 
 def test_unsupported_combinations_are_refused(tmp_path):
-    from lmforge.infer.generate import generate_command
+    from lmforge.apps.generate import generate_command
     from lmforge.serve.chat import ChatError, chat_command
 
     controls = tmp_path / "c.txt"

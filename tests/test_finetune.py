@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.apps.finetune import collate, evaluate_examples, masked_loss
-from lmforge.apps.lora import chat_template_folder
+from lmforge.loader import load
 from lmforge.apps.sft import DataError, Example, chat_example, read_examples
 from lmforge.checkpoint import load_model, save_model
 from lmforge.cli import main
@@ -133,7 +133,7 @@ def test_finetune_cli_full_and_lora_end_to_end(base, tmp_path, capsys):
     assert [r["iter"] for r in records if "val_loss" in r] == [0, 4, 8]
     model, _ = load_model(tmp_path / "full")  # the run folder resolves to best/
     # the template trained with is saved and wins over the base's default, in chat and serve alike
-    saved = ChatTemplate.for_model(chat_template_folder(tmp_path / "full"), None)
+    saved = load(tmp_path / "full", prepare=False).chat_template()
     assert saved.source == template.read_text()
 
     assert main(["finetune", str(base), "--data", str(data), "--out", str(tmp_path / "lora"), "--max-iters", "6",
@@ -143,12 +143,12 @@ def test_finetune_cli_full_and_lora_end_to_end(base, tmp_path, capsys):
     assert summary["method"] == "lora" and summary["model_dir"] is None and summary["trainable_fraction"] < 0.1
     adapter = json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())
     assert adapter["rank"] == 2 and adapter["targets"] == ["attn.qkv", "mlp.fc"] and adapter["base"] == str(base)
-    assert chat_template_folder(base, tmp_path / "lora") == tmp_path / "lora" / "adapter"
+    assert load(base, adapter=tmp_path / "lora", prepare=False).template_folder == tmp_path / "lora" / "adapter"
     from lmforge.serve.chat import LocalBackend
 
     backend = LocalBackend(str(base), str(tmp_path / "lora"))  # what `lmforge chat BASE --adapter OUT` loads
     assert backend.template.source == template.read_text()
-    assert ChatTemplate.for_model(chat_template_folder(base), None).source == PLAIN_TEMPLATE  # the base's own
+    assert load(base, prepare=False).chat_template().source == PLAIN_TEMPLATE  # the base's own
     assert main(["generate", str(base), "--adapter", str(tmp_path / "lora"), "--prompt", "say the",
                  "--max-new-tokens", "3", "--temperature", "0"]) == 0
 

@@ -197,7 +197,7 @@ def test_engine_speculation_through_the_fused_step_keeps_plain_greedy(ext):
 def test_float16_kv_pool_is_read_and_written_as_torch_rounds_it(ext, preset):
     """A float16 pool under a float32 model: the fused step writes keys rounded as torch's .half() rounds them and
     attends over the stored values as the model's own path does; the logits move by rounding, not more."""
-    from lmforge.engine.paged_cache import PagedKVCache
+    from lmforge.engine.paged_cache import PagedKVCache, block_table_tensor
 
     torch.manual_seed(7)
     model = Transformer(ModelConfig.from_name(preset, vocab_size=97, n_layer=2)).eval()
@@ -218,7 +218,8 @@ def test_float16_kv_pool_is_read_and_written_as_torch_rounds_it(ext, preset):
                     tokens[b, :len(p)] = torch.tensor(p)
                 model.hidden(tokens, kv_cache=cache)
                 if path == "fused":
-                    logits[dtype, path] = fused.paged([[t] for t in nxt], cache, tables, [len(p) for p in prompts])[:, 0]
+                    table = block_table_tensor(tables)
+                    logits[dtype, path] = fused.paged([[t] for t in nxt], cache, table, [len(p) for p in prompts])[:, 0]
                 else:
                     cache.prepare(tables, [len(p) for p in prompts], [1] * 3)
                     logits[dtype, path] = model.lm_head(model.hidden(torch.tensor(nxt)[:, None], kv_cache=cache)[:, 0])
@@ -277,7 +278,7 @@ def test_serving_engine_runs_bfloat16_models_through_the_fused_step(ext):
     """Paged pools in bfloat16 and float16 under a bfloat16 model: the engine's decoding rows take the fused step and
     their logits stay within bfloat16 rounding of the exact float32 ones."""
     from lmforge.engine.engine import Engine
-    from lmforge.engine.paged_cache import PagedKVCache
+    from lmforge.engine.paged_cache import PagedKVCache, block_table_tensor
 
     torch.manual_seed(7)
     model = Transformer(ModelConfig.from_name("llama-nano", vocab_size=97, n_layer=2)).eval().to(torch.bfloat16)
@@ -297,7 +298,7 @@ def test_serving_engine_runs_bfloat16_models_through_the_fused_step(ext):
             for b, p in enumerate(prompts):
                 tokens[b, :len(p)] = torch.tensor(p)
             fused.hidden(tokens, kv_cache=cache)
-            got = fused.fused_decoder.paged(nxt, cache, tables, lengths)[:, 0]
+            got = fused.fused_decoder.paged(nxt, cache, block_table_tensor(tables), lengths)[:, 0]
             assert (got - want).abs().max() < 0.02 * want.abs().max()
 
 

@@ -234,7 +234,7 @@ def test_generate_command_end_to_end(model, tok, tmp_path, capsys):
 def test_bench_command_prints_a_line_per_case_and_a_summary(capsys):
     import json
 
-    from lmforge.infer.bench import bench_command
+    from lmforge.apps.bench import bench_command
 
     assert bench_command("gpt-nano", batch_sizes=[1, 2], prompt_len=4, new_tokens=3, repeats=1) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -15,14 +15,15 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+from lmforge.apps.convert import export_command
 from lmforge.checkpoint import save_model
 from lmforge.config import ModelConfig
 from lmforge.infer.generate import generate
 from lmforge.infer.quantize import quantize_model
 from lmforge.infer.sampling import SamplingParams
-from lmforge.interop import export_command, load_source
 from lmforge.interop.gguf import export_gguf
 from lmforge.interop.hf import UnsupportedModelError
+from lmforge.loader import read as read_model
 from lmforge.model import Transformer
 from lmforge.tokenizer import BPETokenizer, CharTokenizer
 
@@ -290,7 +291,7 @@ def test_stories260K_matches_the_llama2c_file(tmp_path):
         np.testing.assert_array_equal(values(tensors[name]), ref, err_msg=name)
 
     # tokenizer: tok512.bin's pieces, scores and types, as convert-llama2c-to-ggml writes them
-    _, tok, _ = load_source(STORIES / "stories260K.bin")
+    tok = read_model(STORIES / "stories260K.bin").tokenizer
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     assert meta["tokenizer.ggml.model"] == "llama" and len(tokens) == 512
     assert tokens[:3] == ["<unk>", "<s>", "</s>"]
@@ -305,7 +306,8 @@ def test_stories260K_matches_the_llama2c_file(tmp_path):
 
 @needs_stories
 def test_stories260K_q8_0_falls_back_to_f16_for_odd_rows(tmp_path):
-    m, tok, _ = load_source(STORIES / "stories260K.bin")
+    stories = read_model(STORIES / "stories260K.bin")
+    m, tok = stories.model, stories.tokenizer
     export = export_gguf(m, tok, tmp_path / "q.gguf", "q8_0")
     _, tensors = read(export.path)
     assert tensors["blk.0.ffn_down.weight"].tensor_type == Q.F16  # 172 inputs: not whole Q8_0 blocks
@@ -400,7 +402,8 @@ NO_LLAMA_CPP = "llama-cpp-python is not installed (it compiles llama.cpp from so
 def test_llama_cpp_generates_what_lmforge_generates(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason=NO_LLAMA_CPP)
     path = tmp_path / "stories.gguf"
-    m, tok, _ = load_source(STORIES / "stories260K.bin")
+    stories = read_model(STORIES / "stories260K.bin")
+    m, tok = stories.model, stories.tokenizer
     export_gguf(m, tok, path, "f32")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=64, logits_all=True, verbose=False,
                           type_k=F32_CACHE, type_v=F32_CACHE)

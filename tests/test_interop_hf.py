@@ -7,8 +7,9 @@ import torch
 
 from lmforge.checkpoint import CheckpointError, save_model
 from lmforge.config import ModelConfig
-from lmforge.interop import export_command, import_command, load_any
+from lmforge.apps.convert import export_command, import_command
 from lmforge.interop.hf import UnsupportedModelError, config_from_hf, export_hf, import_hf
+from lmforge.loader import load
 from lmforge.model import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -116,7 +117,8 @@ def test_import_command_keeps_tokenizer_and_chat_template(tmp_path):
 
     import_command(str(tmp_path / "hf"), str(tmp_path / "ours"))
     assert json.loads((tmp_path / "ours" / "tokenizer_config.json").read_text()) == template
-    model, tokenizer = load_any(tmp_path / "ours")
+    loaded = load(tmp_path / "ours", prepare=False)
+    model, tokenizer = loaded.model, loaded.tokenizer
     assert tokenizer.kind == "bpe" and tokenizer.encode("a tiny model") == tok.encode("a tiny model")
     torch.testing.assert_close(ours_logits(model, TOKENS), hf_logits(hf, TOKENS), atol=1e-4, rtol=1e-4)
 
@@ -177,11 +179,11 @@ def test_shuffled_lmforge_weights_fail_naming_the_file(tmp_path):
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("llama-nano", vocab_size=VOCAB))
     save_model(tmp_path / "m", model)
-    load_any(tmp_path / "m")  # intact: loads
+    load(tmp_path / "m")  # intact: loads
     path = tmp_path / "m" / "model.safetensors"
     data = bytearray(path.read_bytes())
     tail = data[-4096:]
     data[-4096:] = tail[2048:] + tail[:2048]  # swap two halves of the last tensor's bytes: same size, same header
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*checksum"):
-        load_any(tmp_path / "m")
+        load(tmp_path / "m")

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.apps.convert import export_command, import_command
 from lmforge.checkpoint import CheckpointError
-from lmforge.interop import export_command, import_command, load_any
-from lmforge.interop.llama2c import Llama2cTokenizer, read_llama2c_model
+from lmforge.interop.llama2c import read_llama2c_model
+from lmforge.loader import load
+from lmforge.tokenizer import Llama2cTokenizer, TokenizerError
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 STORIES = MODELS / "stories260K"
@@ -159,7 +161,8 @@ def one_thread():
 
 @needs_stories
 def test_stories260k_greedy_story_is_deterministic_and_english(one_thread):
-    model, tok = load_any(STORIES / "stories260K.bin")  # finds tok512.bin beside it
+    loaded = load(STORIES / "stories260K.bin", prepare=False)  # finds tok512.bin beside it
+    model, tok = loaded.model, loaded.tokenizer
     assert isinstance(tok, Llama2cTokenizer)
     first, second = greedy(model, [tok.bos_id], 100), greedy(model, [tok.bos_id], 100)
     assert first == second
@@ -175,7 +178,8 @@ def test_stories260k_greedy_story_is_deterministic_and_english(one_thread):
 def test_import_command_writes_a_folder_that_loads(tmp_path):
     import_command(str(STORIES / "stories260K.bin"), str(tmp_path / "m"))
     assert (tmp_path / "m" / "llama2c_tokenizer.bin").read_bytes() == (STORIES / "tok512.bin").read_bytes()
-    model, tok = load_any(tmp_path / "m")
+    loaded = load(tmp_path / "m", prepare=False)
+    model, tok = loaded.model, loaded.tokenizer
     direct = read_llama2c_model(STORIES / "stories260K.bin")
     assert tok.kind == "llama2c" and tok.encode("Once upon a time") == [1, 403, 407, 261, 378]
     assert np.array_equal(logits(model, [1, 403, 407]), logits(direct, [1, 403, 407]))
@@ -195,7 +199,7 @@ def test_stories260k_exports_to_transformers(tmp_path):
 def test_missing_tokenizer_says_pass_tokenizer(tmp_path):
     path = write_llama2c(tmp_path / "tiny.bin")
     with pytest.raises(FileNotFoundError, match="--tokenizer"):
-        load_any(path)
+        load(path)
 
 
 # --------------------------------------------------------------------------------------- bad files
@@ -237,10 +241,10 @@ def test_shuffled_known_file_is_refused_unless_verify_false(tmp_path):
 def test_tokenizer_file_checks(tmp_path):
     data = (STORIES / "tok512.bin").read_bytes()
     (tmp_path / "t.bin").write_bytes(data[:-10])
-    with pytest.raises(CheckpointError, match="512 tokens"):
+    with pytest.raises(TokenizerError, match="512 tokens"):
         Llama2cTokenizer.from_file(tmp_path / "t.bin", 512)
     (tmp_path / "t.bin").write_bytes(data)
-    with pytest.raises(CheckpointError, match="32000 tokens"):  # tok512.bin paired with a 32000-token model
+    with pytest.raises(TokenizerError, match="32000 tokens"):  # tok512.bin paired with a 32000-token model
         Llama2cTokenizer.from_file(tmp_path / "t.bin", 32000)
     assert Llama2cTokenizer.from_file(tmp_path / "t.bin").vocab_size == 512  # size from the file's length
 

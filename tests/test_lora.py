@@ -1,17 +1,17 @@
-"""LoRA (lmforge.apps.lora): the adapted model starts as the base, merging changes nothing, only A and B train,
-and an adapter folder round-trips through load_for_generation."""
+"""LoRA (lmforge.lora): the adapted model starts as the base, merging changes nothing, only A and B train,
+and an adapter folder round-trips through the loader."""
 
 import copy
 
 import pytest
 import torch
 
-from lmforge.apps import lora
+from lmforge import lora
 from lmforge.apps.finetune import FinetuneConfig, collate, finetune, masked_loss
 from lmforge.apps.sft import Example
 from lmforge.checkpoint import CheckpointError, load_model, save_model
 from lmforge.config import ModelConfig
-from lmforge.infer.generate import load_for_generation
+from lmforge.loader import load
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
 
@@ -123,7 +123,7 @@ def train_adapter(base_folder, out, merge=False):
                                    lora_targets=TARGETS + ["lm_head"]), examples, examples[:2])
 
 
-def test_adapter_round_trips_through_load_for_generation(base_folder, tmp_path):
+def test_adapter_round_trips_through_the_loader(base_folder, tmp_path):
     folder, tok = base_folder
     summary = train_adapter(base_folder, tmp_path / "run", merge=True)
     adapter = tmp_path / "run" / "adapter"
@@ -137,14 +137,15 @@ def test_adapter_round_trips_through_load_for_generation(base_folder, tmp_path):
     x = torch.as_tensor([tok.encode("the cat sat on the mat")])
     with torch.no_grad():
         expected = reference(x)
-        served, _ = load_for_generation(str(folder), adapter=str(adapter))
-        merged, _ = load_for_generation(str(tmp_path / "run"))  # OUT/best: the merged model folder
-        base, _ = load_for_generation(str(folder))
+        served = load(folder, adapter=adapter).model
+        merged = load(tmp_path / "run").model  # OUT/best: the merged model folder
+        base = load(folder).model
         torch.testing.assert_close(served(x), expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(merged(x), expected, atol=1e-4, rtol=1e-4)
         assert not torch.allclose(base(x), expected, atol=1e-3)
 
-    out = lora.merge_adapter(str(folder), str(adapter), str(tmp_path / "merged"))
+    unprepared = load(folder, adapter=adapter, prepare=False)  # a merged copy, saved as a normal model folder
+    out = save_model(tmp_path / "merged", unprepared.model, unprepared.tokenizer, extra_files=unprepared.extras)
     again, _ = load_model(out)
     with torch.no_grad():
         torch.testing.assert_close(again(x), expected, atol=1e-5, rtol=1e-5)
@@ -157,9 +158,9 @@ def test_adapter_for_another_base_is_refused(base_folder, tmp_path):
     torch.manual_seed(1)
     save_model(other, Transformer(load_model(folder)[0].config), tok)
     with pytest.raises(CheckpointError, match="different base model"):
-        load_for_generation(str(other), adapter=str(tmp_path / "run" / "adapter"))
+        load(other, adapter=tmp_path / "run" / "adapter")
     with pytest.raises(CheckpointError, match="not a LoRA adapter folder"):
-        load_for_generation(str(folder), adapter=str(folder))
+        load(folder, adapter=folder)
 
 
 def test_serve_with_adapter_answers_as_the_merged_model(base_folder, tmp_path):
@@ -171,7 +172,7 @@ def test_serve_with_adapter_answers_as_the_merged_model(base_folder, tmp_path):
 
     folder, tok = base_folder
     train_adapter(base_folder, tmp_path / "run", merge=True)
-    merged, _ = load_for_generation(str(tmp_path / "run"))
+    merged = load(tmp_path / "run").model
     prompt = "the cat sat on"
     expected = generate(merged, [tok.encode(prompt)], SamplingParams(max_tokens=8, temperature=0),
                         tokenizer=tok, eos_id=tok.eos_id)[0].text

@@ -6,10 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.checkpoint import load_model, save_model
+from lmforge.apps.convert import quantize_command
+from lmforge.checkpoint import CheckpointError, load_model, save_model
 from lmforge.config import ModelConfig
-from lmforge.infer.quantize import (Int8Linear, QuantizationError, convert_for_runtime, quantize_command,
-                                    int8_linear, quantize_int8, quantize_model)
+from lmforge.infer.quantize import (Int8Linear, QuantizationError, convert_for_runtime, int8_linear, quantize_int8,
+                                    quantize_model)
+from lmforge.loader import load
 from lmforge.model import Transformer
 
 
@@ -82,11 +84,13 @@ def test_save_load_round_trip_rebuilds_quantized_modules(tmp_path):
     assert stored["blocks.0.attn.qkv.weight"].dtype == torch.int8
     assert stored["lm_head.weight"].dtype == torch.int8 and stored["tok_emb.weight"].dtype == torch.float32
 
-    loaded, _ = load_model(tmp_path / "q")
+    loaded = load(tmp_path / "q", prepare=False).model
     assert isinstance(loaded.blocks[1].mlp.fc, Int8Linear) and loaded.config.quantization == "int8"
     tokens = torch.randint(0, 97, (1, 16))
     with torch.no_grad():
         assert torch.equal(loaded(tokens), q(tokens))
+    with pytest.raises(CheckpointError, match="int8-quantized weights: load it with lmforge.loader.load"):
+        load_model(tmp_path / "q")  # the checkpoint layer alone builds plain Linears: it says where to go
 
 
 def test_convert_for_runtime_shapes_match_quantize_model():
@@ -112,7 +116,7 @@ def test_quantize_command_writes_a_loadable_quantized_folder(tmp_path, capsys):
     assert quantize_command(str(tmp_path / "fp32"), str(tmp_path / "int8")) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["mode"] == "int8" and report["bytes_after"] < report["bytes_before"]
-    loaded, _ = load_model(tmp_path / "int8")
+    loaded = load(tmp_path / "int8", prepare=False).model
     tokens = torch.randint(0, 97, (1, 16))
     with torch.no_grad():
         rel = (loaded(tokens) - model(tokens)).norm() / model(tokens).norm()

@@ -310,14 +310,15 @@ def test_chat_template_from_model_folder(tiny_parts, tmp_path):
 
 
 def test_a_draft_model_speculates_without_changing_greedy_output(tmp_path):
-    from lmforge.infer.generate import generate, load_for_generation
+    from lmforge.infer.generate import generate
     from lmforge.infer.sampling import SamplingParams
+    from lmforge.loader import load
 
     tok = _model_folder(tmp_path / "target", 256)
     torch.manual_seed(1)
     save_model(tmp_path / "draft", Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1,
                                                            n_head=2, n_embd=16)), tok)
-    model, _ = load_for_generation(str(tmp_path / "target"))
+    model = load(tmp_path / "target", dtype="float32").model
     prompts = ["the cat", "hello world, how"]
     want = [c.text for c in generate(model, [tok.encode(p) for p in prompts],
                                      SamplingParams(max_tokens=12, temperature=0), tokenizer=tok)]

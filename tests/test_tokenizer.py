@@ -177,7 +177,7 @@ def test_load_tokenizer_errors_name_the_folder(tmp_path):
     with pytest.raises(TokenizerError, match=str(tmp_path)):
         load_tokenizer(tmp_path)
     (tmp_path / "lmforge_tokenizer.json").write_text('{"kind": "char"')
-    with pytest.raises(TokenizerError, match="corrupt"):
+    with pytest.raises(TokenizerError, match="lmforge_tokenizer.json is not valid JSON"):
         load_tokenizer(tmp_path)
     (tmp_path / "lmforge_tokenizer.json").write_text('{"kind": "char", "vocab": ["b", "a"]}')
     with pytest.raises(TokenizerError, match="lmforge_tokenizer.json is corrupt"):

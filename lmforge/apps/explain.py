@@ -345,7 +345,7 @@ def explain_command(model: str, text: str = "", file: str | None = None, out: st
         heatmaps: write the PNG attention heatmaps (--no-heatmaps skips them, which is faster for big models).
         tokenizer: tokenizer.json or folder to use instead of the model folder's own.
     """
-    from lmforge.infer.generate import load_for_generation
+    from lmforge.loader import load
 
     if file is not None:
         path = Path(file)
@@ -354,7 +354,8 @@ def explain_command(model: str, text: str = "", file: str | None = None, out: st
         text = path.read_text(encoding="utf-8")
     if not text:
         raise ValueError("give the text to explain with --text TEXT or --file PATH")
-    net, tok = load_for_generation(model, tokenizer=tokenizer)
+    loaded = load(model, dtype="float32", tokenizer=tokenizer)
+    net, tok = loaded.model, loaded.tokenizer
     if tok is None:
         raise ValueError(f"{model} has no tokenizer; pass --tokenizer PATH")
     result = explain(net, tok, text, out, top_k=top_k, bos=bos, heatmaps=heatmaps, title=Path(model).name)

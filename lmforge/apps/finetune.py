@@ -4,7 +4,7 @@
 prediction is trained; lmforge.apps.sft makes them from chat or text files) and writes a run folder:
 
     OUT/best/              full fine-tuning, or LoRA with merge: the model folder with the best validation loss
-    OUT/adapter/           LoRA: the adapter folder (lmforge.apps.lora) with the best validation loss
+    OUT/adapter/           LoRA: the adapter folder (lmforge.lora) with the best validation loss
     OUT/metrics.jsonl      one line per logged iteration (iter, loss, lr) and per evaluation (iter, val_loss)
     OUT/loss.png, OUT/finetune_args.json, OUT/summary.json
 
@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from lmforge.apps import lora
+from lmforge import lora
 from lmforge.apps.sft import Example, read_examples
 from lmforge.checkpoint import save_model
 from lmforge.fsutil import atomic_write_text
@@ -106,11 +106,10 @@ class FinetuneConfig:
 
 def load_base(base: str, tokenizer: str | None = None):
     """(model, tokenizer, chat template source) of a base model, as `finetune` loads it."""
-    from lmforge.interop import load_source
-    from lmforge.templates import ChatTemplate
+    from lmforge.loader import load
 
-    model, tok, _ = load_source(base, tokenizer)
-    return model, tok, ChatTemplate.for_model(lora.chat_template_folder(base), tok).source
+    loaded = load(base, tokenizer=tokenizer, prepare=False)
+    return loaded.model, loaded.tokenizer, loaded.chat_template().source
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -195,13 +194,13 @@ def finetune(config: FinetuneConfig, train_examples: list[Example], val_examples
 
     `on_eval(iteration, val_loss)`, when given, is called after each evaluation.
     """
-    from lmforge.interop import load_source
-    from lmforge.templates import ChatTemplate
+    from lmforge.loader import load
 
     config.check()
     t0 = time.time()
-    model, tok, extras = load_source(config.base, config.tokenizer)
-    template = config.chat_template or ChatTemplate.for_model(lora.chat_template_folder(config.base), tok).source
+    base = load(config.base, tokenizer=config.tokenizer, prepare=False)
+    model, tok, extras = base.model, base.tokenizer, base.extras
+    template = config.chat_template or base.chat_template().source
     max_ids = model.config.block_size + 1
     train_examples, dropped = fit_context(list(train_examples), max_ids)
     if not train_examples:

@@ -332,11 +332,12 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
 def load_translator(model: str, dtype: str = "float32"):
     """(model, tokenizer, PromptFormat) from a translation model folder or its run folder."""
     from lmforge.checkpoint import resolve_model_dir
-    from lmforge.infer.generate import load_for_generation
+    from lmforge.loader import load
 
     folder = resolve_model_dir(model)
     fmt = PromptFormat.load(folder)
-    net, tok = load_for_generation(str(folder), dtype)
+    loaded = load(folder, dtype=dtype)
+    net, tok = loaded.model, loaded.tokenizer
     if tok is None:
         raise ValueError(f"{folder} holds no tokenizer; a translation model folder needs the one it was trained with")
     return net, tok, fmt

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from lmforge.engine.paged_cache import PagedKVCache
+from lmforge.engine.paged_cache import PagedKVCache, block_table_tensor
 
 
 def hidden(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], feeds: Sequence[Sequence[int]],
@@ -42,11 +42,11 @@ def logits(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], fe
     for b, n in enumerate(lengths):
         groups.setdefault(n, []).append(b)
     if len(groups) == 1:  # the usual case: one call, no reassembly
-        out = fused.paged(feeds, cache, block_tables, starts, T if every_position else 1)
+        out = fused.paged(feeds, cache, block_table_tensor(block_tables), starts, T if every_position else 1)
         return out if every_position else out[:, 0]
     out = None
     for n, rows in groups.items():
-        part = fused.paged([feeds[b] for b in rows], cache, [block_tables[b] for b in rows],
+        part = fused.paged([feeds[b] for b in rows], cache, block_table_tensor([block_tables[b] for b in rows]),
                            [starts[b] for b in rows], n if every_position else 1)
         if out is None:
             out = part.new_zeros((len(feeds), T if every_position else 1, part.shape[-1]))

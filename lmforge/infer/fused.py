@@ -151,17 +151,15 @@ class FusedDecoder:
         return logits[:, 0] if step else logits
 
     @torch.no_grad()
-    def paged(self, feeds: Sequence[Sequence[int]], cache, block_tables: Sequence[Sequence[int]],
-              starts: Sequence[int], last: int = 1) -> torch.Tensor:
+    def paged(self, feeds: Sequence[Sequence[int]], cache, block_table: torch.Tensor, starts: Sequence[int],
+              last: int = 1) -> torch.Tensor:
         """Rows of the serving engine's pool (lmforge.engine.forward): row b feeds the tokens feeds[b] (every row
-        the same number) at positions starts[b].. (its cached tokens), its blocks block_tables[b]. Logits
-        (B, last, V) of each row's last `last` tokens."""
-        from lmforge.engine.paged_cache import block_table_tensor  # the engine's own layout of the tables
-
-        table = block_table_tensor(block_tables)
+        the same number) at positions starts[b].. (its cached tokens), its blocks block_table[b] ((B, blocks)
+        int64, as lmforge.engine.paged_cache.block_table_tensor lays them out). Logits (B, last, V) of each row's
+        last `last` tokens."""
         tokens = torch.tensor(feeds, dtype=torch.long)
         lo = torch.zeros(len(feeds), dtype=torch.long)
-        return self._run(tokens, lo, torch.tensor(starts, dtype=torch.long), last, cache, table)
+        return self._run(tokens, lo, torch.tensor(starts, dtype=torch.long), last, cache, block_table)
 
 
 def prepare_for_decoding(model: nn.Module) -> nn.Module:

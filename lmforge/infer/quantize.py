@@ -6,9 +6,9 @@ Two steps, as gpt-fast's `WeightOnlyInt8QuantHandler`:
   w_int8 = round(W / s) with s = max|W[row]| / 127 (symmetric, per output channel, s in W's float dtype) and
   swaps the module in place; the model's config records `quantization="int8"`, so `save_model` writes a folder
   that says what it holds.
-- at load time, `lmforge.checkpoint.build_model` sees the mode in the config and calls
-  `convert_for_runtime(model, mode)`, which swaps in `Int8Linear`s with empty buffers of the right shapes for
-  the saved int8 state dict to be loaded into.
+- at load time, `build_model(config)` (which lmforge.loader.load hands to lmforge.checkpoint.load_model) sees the
+  mode in the config and calls `convert_for_runtime(model, mode)`, which swaps in `Int8Linear`s with empty
+  buffers of the right shapes for the saved int8 state dict to be loaded into.
 
 The output head is quantized like any Linear. When it is tied to the token embedding (GPT-2), the embedding stays
 float -- a lookup reads one row per token, so int8 would save memory but no time -- and the head gets its own
@@ -27,13 +27,14 @@ slower than the float32 matmul at batch 1 (bench/quantize.py prints the kernel t
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
 
 MODES = ("int8",)
 
@@ -149,6 +150,14 @@ def convert_for_runtime(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
+def build_model(config: ModelConfig) -> Transformer:
+    """The empty model for a config, with `Int8Linear`s swapped in when the config records a quantization."""
+    model = Transformer(config)
+    if config.quantization:
+        convert_for_runtime(model, config.quantization)
+    return model
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers, each storage counted once (tied weights are shared)."""
     seen, total = set(), 0
@@ -158,27 +167,3 @@ def model_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
-
-
-def quantize_command(model: str, out: str, mode: Literal["int8"] = "int8") -> int:
-    """Write a weight-only quantized copy of a model folder; its config records the mode.
-
-    Every Linear (the output head included) gets int8 weights with one float scale per output channel; the
-    token embedding stays float. `lmforge eval OUT DATA` shows the perplexity change, `lmforge generate OUT`
-    runs it.
-
-    Args:
-        model: a model folder or training run (its best/ checkpoint) to quantize.
-        out: the folder to write the quantized model to (replaced atomically if it exists).
-        mode: the quantization: int8 (weight-only, per output channel).
-    """
-    from lmforge.checkpoint import save_model
-    from lmforge.interop import load_any
-
-    check_mode(mode)
-    net, tokenizer = load_any(model)
-    before = model_bytes(net)
-    quantize_model(net, mode)
-    save_model(out, net, tokenizer)
-    print(json.dumps({"out": str(out), "mode": mode, "bytes_before": before, "bytes_after": model_bytes(net)}))
-    return 0

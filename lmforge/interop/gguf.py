@@ -43,9 +43,8 @@ import torch
 from lmforge.checkpoint import model_tensors
 from lmforge.fsutil import atomic_path
 from lmforge.interop.hf import UnsupportedModelError, hf_family
-from lmforge.interop.llama2c import Llama2cTokenizer
 from lmforge.model import Transformer
-from lmforge.tokenizer import BPETokenizer
+from lmforge.tokenizer import BPETokenizer, Llama2cTokenizer
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 GGUFType = Literal["f32", "f16", "q8_0"]

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmforge.checkpoint import CheckpointError, build_model, load_state, model_tensors, write_folder
+from lmforge.checkpoint import CheckpointError, load_state, model_tensors, write_folder
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
 from lmforge.errors import LmforgeError
@@ -304,7 +304,7 @@ def import_hf(folder: str | os.PathLike):
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{folder / 'config.json'} lacks a needed setting: {e!r}") from None
     tensors = convert_hf_to_lmforge(load_hf_state_dict(folder), config)
-    model = build_model(config)
+    model = Transformer(config)
     load_state(model, {k: v.float() for k, v in tensors.items()}, folder / "config.json")
     tokenizer = None
     if (folder / "tokenizer.json").is_file():

@@ -781,7 +781,7 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
     """
     import uvicorn
 
-    from lmforge.infer.generate import load_for_generation
+    from lmforge.loader import load
 
     keys = [api_key] if api_key else []
     if api_key_file:
@@ -796,8 +796,9 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
             raise ValueError(f"{name}={value} is out of range: it must be >= {low}")
     if controls:
         load_controls(controls)  # a bad file fails now, before the model loads
-    net, tok = load_for_generation(model, dtype, tokenizer, quantize=None if quantize == "none" else quantize,
-                                   adapter=adapter)
+    quantize = None if quantize == "none" else quantize
+    loaded = load(model, dtype=dtype, quantize=quantize, adapter=adapter, tokenizer=tokenizer)
+    net, tok = loaded.model, loaded.tokenizer
     path = Path(model)
     settings = ServeSettings(model_name=served_model_name or path.stem, max_batch=max_batch, max_queue=max_queue,
                              max_model_len=max_model_len, api_keys=keys, rate_limit_tpm=rate_limit_tpm,
@@ -807,24 +808,7 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
                              controls=controls)
     draft_net = None
     if draft:
-        draft_net, _ = load_for_generation(draft, dtype, tokenizer, quantize=None if quantize == "none" else quantize)
-    from lmforge.apps.lora import chat_template_folder
-
-    app = create_app(net, tok, settings, chat_template_folder(model, adapter) or path.parent, draft_net)
+        draft_net = load(draft, dtype=dtype, quantize=quantize, tokenizer=tokenizer).model
+    app = create_app(net, tok, settings, loaded.template_folder or path.parent, draft_net)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m lmforge.serve.app MODEL ...` until `serve` is in lmforge.cli.COMMANDS."""
-    import argparse
-
-    from lmforge.cli import add_function_arguments
-
-    parser = argparse.ArgumentParser(prog="lmforge serve")
-    add_function_arguments(parser, serve_command)
-    return serve_command(**vars(parser.parse_args(argv)))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -62,14 +62,13 @@ class LocalBackend:
     """A model folder loaded in this process; the conversation is re-rendered and re-prefilled every turn."""
 
     def __init__(self, model: str, adapter: str | None = None, controls: str | None = None):
-        from lmforge.apps.lora import chat_template_folder
-        from lmforge.infer.generate import load_for_generation
-        from lmforge.templates import ChatTemplate
+        from lmforge.loader import load
 
-        self.model, self.tokenizer = load_for_generation(model, adapter=adapter)
+        loaded = load(model, dtype="float32", adapter=adapter)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
         if self.tokenizer is None:
             raise ChatError(f"{model} has no tokenizer; chat needs a model folder with one")
-        self.template = ChatTemplate.for_model(chat_template_folder(model, adapter), self.tokenizer)
+        self.template = loaded.chat_template()
         # Where the assistant's turn ends: the plain template's next "User:" line, else the template's EOS text
         # (ChatML's <|im_end|> when it is not the tokenizer's EOS token, which already ends a row).
         self.stop = ["\nUser:"] if self.template.is_plain else (["<|im_end|>"] if "<|im_end|>" in self.template.source

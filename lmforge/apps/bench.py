@@ -14,8 +14,9 @@ import time
 import torch
 
 from lmforge.infer.fused import decode_path
-from lmforge.infer.generate import load_for_generation, generate, prefill
+from lmforge.infer.generate import generate, prefill
 from lmforge.infer.sampling import SamplingParams
+from lmforge.loader import load
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -68,7 +69,7 @@ def bench_command(model: str, batch_sizes: list[int] = [1, 8], dtypes: list[str]
             raise ValueError(f"{name}={values} must hold values >= {low}")
     cases = []
     for dtype in dtypes:
-        net, _ = load_for_generation(model, dtype)
+        net = load(model, dtype=dtype).model
         for batch in batch_sizes:
             case = {"model": model, "dtype": dtype, **measure(net, batch, prompt_len, new_tokens, repeats),
                     "decode_path": decode_path(net), "threads": torch.get_num_threads()}

@@ -14,8 +14,8 @@ fused qkv and SwiGLU fc layers are adapted as one matrix each. An adapter folder
     adapter_model.safetensors   the A and B tensors, named "<module path>.lora_A" / ".lora_B"
     adapter_config.json         rank, alpha, dropout, targets, and the base it was trained on (path + digest)
 
-and is applied for inference by merging: W += scale * B @ A, after which the model is a plain Transformer again
-(quantization and oneDNN packing then apply as to any model). A base whose weights differ from the digest
+and is applied for inference by merging (`lmforge.loader.load(..., adapter=...)`): W += scale * B @ A, after which
+the model is a plain Transformer again (quantization and oneDNN packing then apply as to any model). A base whose weights differ from the digest
 recorded at training time is refused.
 """
 
@@ -32,7 +32,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmforge.checkpoint import CheckpointError, model_tensors, save_model, tensors_digest, write_folder
+from lmforge.checkpoint import CheckpointError, model_tensors, tensors_digest, write_folder
+from lmforge.fsutil import read_json
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 BLOCK_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
@@ -182,10 +183,7 @@ def resolve_adapter_dir(path: str | os.PathLike) -> Path:
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config, tensors) of an adapter folder, checked for completeness and integrity."""
     folder = resolve_adapter_dir(path)
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{folder / ADAPTER_CONFIG} is not valid JSON ({e})") from None
+    config = read_json(folder / ADAPTER_CONFIG, "adapter config", CheckpointError)
     missing = [k for k in ("rank", "alpha", "targets", "base_digest") if k not in config]
     if missing:
         raise CheckpointError(f"{folder / ADAPTER_CONFIG} lacks {', '.join(missing)}")
@@ -232,37 +230,6 @@ def apply_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     load_adapter(model, path)
     merge_lora(model)
     return model.eval()
-
-
-def merge_adapter(base: str, adapter: str, out: str, tokenizer: str | None = None) -> Path:
-    """Write a normal model folder with the adapter folded into the base weights (plus the adapter's chat
-    template and the base's tokenizer)."""
-    from lmforge.interop import load_source
-
-    model, tok, extras = load_source(base, tokenizer)
-    apply_adapter(model, adapter)
-    folder = resolve_adapter_dir(adapter)
-    for name in ("tokenizer_config.json",):
-        if (folder / name).is_file():
-            extras[name] = (folder / name).read_bytes()
-    return save_model(out, model, tok, extra_files=extras)
-
-
-def chat_template_folder(model: str | os.PathLike, adapter: str | os.PathLike | None = None) -> Path | None:
-    """Where `chat` and `serve` look for the chat template (tokenizer_config.json): the adapter folder when it
-    has one, else the model folder (a run folder's best/, a Hugging Face folder); None for a llama2.c file."""
-    from lmforge.checkpoint import resolve_model_dir
-    from lmforge.interop import is_hf_folder
-    from lmforge.templates import read_chat_template
-
-    if adapter is not None:
-        folder = resolve_adapter_dir(adapter)
-        if read_chat_template(folder) is not None:
-            return folder
-    path = Path(model)
-    if not path.is_dir():
-        return None
-    return path if is_hf_folder(path) else resolve_model_dir(path)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -1,0 +1,88 @@
+"""The verbs that turn one model file into another: `import` (any format -> an lmforge folder), `export` (-> a
+Hugging Face folder or a GGUF file) and `quantize` (-> an int8 lmforge folder).
+
+Each is load (lmforge.loader, weights as stored) -> convert -> write atomically; the files a model carries
+besides its weights (tokenizer_config.json with the chat template, generation_config.json) travel with it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Literal
+
+from lmforge.checkpoint import save_model
+from lmforge.errors import LmforgeError
+from lmforge.infer.quantize import check_mode, model_bytes, quantize_model
+from lmforge.loader import load
+
+
+def import_command(source: str, out: str, tokenizer: str | None = None) -> None:
+    """Import a Hugging Face folder or a llama2.c model file into an lmforge model folder.
+
+    Args:
+        source: a Hugging Face model folder (config.json + weights + tokenizer.json) or a llama2.c model .bin.
+        out: the lmforge model folder to write (replaced atomically if it exists).
+        tokenizer: the tokenizer to use instead of the one found with the model (for llama2.c: its tokenizer .bin).
+    """
+    loaded = load(source, tokenizer=tokenizer, prepare=False)
+    model, tok = loaded.model, loaded.tokenizer
+    save_model(out, model, tok, extra_files=loaded.extras)
+    c = model.config
+    print(f"imported {source} -> {out}: {c.n_layer} layers, {c.n_embd} dims, vocab {c.vocab_size}, "
+          f"{model.num_params() / 1e6:.2f}M parameters, tokenizer {getattr(tok, 'kind', None)}")
+
+
+def export_command(model: str, out: str, format: Literal["hf", "gguf"] = "hf",
+                   gguf_type: Literal["f32", "f16", "q8_0"] | None = None) -> None:
+    """Export a model (lmforge folder, or anything `import` reads) to a Hugging Face folder or a GGUF file.
+
+    Args:
+        model: the lmforge model folder or training run to export (a Hugging Face folder or llama2.c .bin works too).
+        out: the folder to write for "hf", the .gguf file for "gguf" (replaced atomically if it exists).
+        format: the output format; "hf" loads with transformers.AutoModelForCausalLM.from_pretrained, "gguf" with
+            llama.cpp (Llama and GPT-2 architectures, tokenizer embedded).
+        gguf_type: GGUF type of the weight matrices: f32, f16 (default) or q8_0; norms and biases stay f32.
+    """
+    if format not in ("hf", "gguf"):
+        raise LmforgeError(f"unknown export format {format!r}; choose 'hf' or 'gguf'", param="format")
+    if gguf_type is not None and format != "gguf":
+        raise LmforgeError(f"--gguf-type {gguf_type} applies to --format gguf only", param="gguf_type")
+    loaded = load(model, prepare=False)
+    net, tok = loaded.model, loaded.tokenizer
+    if format == "gguf":
+        from lmforge.interop.gguf import export_gguf
+
+        done = export_gguf(net, tok, out, gguf_type or "f16", extras=loaded.extras)
+        for note in done.notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"exported {model} -> {out} (GGUF {done.arch}, {gguf_type or 'f16'}, tokenizer {done.tokenizer_model}, "
+              f"{len(done.tensor_types)} tensors)")
+        return
+    from lmforge.interop.hf import export_hf
+
+    if tok is not None and tok.kind != "bpe":
+        print(f"note: a {tok.kind} tokenizer has no tokenizer.json form; only the model is exported", file=sys.stderr)
+    export_hf(net, tok, out, extra_files=loaded.extras)
+    print(f"exported {model} -> {out} (Hugging Face format)")
+
+
+def quantize_command(model: str, out: str, mode: Literal["int8"] = "int8") -> int:
+    """Write a weight-only quantized copy of a model folder; its config records the mode.
+
+    Every Linear (the output head included) gets int8 weights with one float scale per output channel; the
+    token embedding stays float. `lmforge eval OUT DATA` shows the perplexity change, `lmforge generate OUT`
+    runs it.
+
+    Args:
+        model: a model folder or training run (its best/ checkpoint) to quantize.
+        out: the folder to write the quantized model to (replaced atomically if it exists).
+        mode: the quantization: int8 (weight-only, per output channel).
+    """
+    check_mode(mode)
+    loaded = load(model, prepare=False)
+    before = model_bytes(loaded.model)
+    quantize_model(loaded.model, mode)
+    save_model(out, loaded.model, loaded.tokenizer, extra_files=loaded.extras)
+    print(json.dumps({"out": str(out), "mode": mode, "bytes_before": before, "bytes_after": model_bytes(loaded.model)}))
+    return 0
