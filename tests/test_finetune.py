@@ -150,7 +150,7 @@ def test_finetune_cli_full_and_lora_end_to_end(base, tmp_path, capsys):
     assert backend.template.source == template.read_text()
     assert load(base, prepare=False).chat_template().source == PLAIN_TEMPLATE  # the base's own
     assert main(["generate", str(base), "--adapter", str(tmp_path / "lora"), "--prompt", "say the",
-                 "--max-new-tokens", "3", "--temperature", "0"]) == 0
+                 "--max-tokens", "3", "--temperature", "0"]) == 0
 
 
 def test_text_data_trains_every_token(tok, tmp_path):
