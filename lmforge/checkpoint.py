@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -65,12 +67,13 @@ def write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     """Call write(tmp_folder) and swap the result in for `folder`: readers see the old or the new contents.
 
     Directories cannot be renamed over each other, so the old folder moves aside first; a process killed between
-    the two renames leaves it as `.NAME.old-PID`, which `recover_folder` (called by every reader) puts back.
+    the two renames leaves it as `.NAME.old-PID`, which `recover_folder` (called by every reader) puts back. The
+    folder being written is `.NAME.tmp-PID-*`: the PID tells `clean_stale_folders` whether its writer is alive.
     """
     folder = Path(folder)
     recover_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
     default_mode(tmp, directory=True)
     try:
         write(tmp)
@@ -90,6 +93,43 @@ def write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:(?P<kind>tmp|old)-(?P<pid>\d+)(?:-.*)?|[a-z0-9_]{8})$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale_folders(parent: str | os.PathLike, names: tuple[str, ...] | None = None) -> list[Path]:
+    """Remove what killed `write_folder`s left in `parent` (for the folders `names`, or all): their half-written
+    `.NAME.tmp-PID-*` and, where NAME is back, `.NAME.old-PID` (a missing NAME gets it back, as `recover_folder`
+    does). A folder whose writer is still alive is left alone; one from before names carried a PID
+    (`.NAME.XXXXXXXX`) is taken for stale once it is an hour old. Returns what was removed."""
+    parent, removed = Path(parent), []
+    if not parent.is_dir():
+        return removed
+    for path in sorted(parent.iterdir()):
+        m = _TEMPORARY.match(path.name)
+        if not m or not path.is_dir() or (names is not None and m["name"] not in names):
+            continue
+        if m["pid"] is not None and _alive(int(m["pid"])):
+            continue
+        if m["pid"] is None and time.time() - path.stat().st_mtime < 3600:
+            continue
+        if m["kind"] == "old" and not (parent / m["name"]).exists():
+            recover_folder(parent / m["name"])
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def save_model_files(tmp: Path, model: torch.nn.Module, config: ModelConfig, tokenizer=None) -> None:

@@ -100,8 +100,8 @@ def download(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", e)
         raise DataError(
-            f"download of {url} failed ({reason}); check the network, or download it yourself and pass from_file"
-        ) from None
+            f"download of {url} failed ({reason}); check the network, or download it yourself and pass {{param}}",
+            param="from_file") from None
     return dest
 
 
@@ -195,13 +195,13 @@ def fetch_tinyshakespeare(cache_dir: str | os.PathLike, from_file: str | os.Path
     if from_file is not None:
         from_file = Path(from_file)
         if not from_file.is_file():
-            raise DataError(f"from_file {from_file} does not exist")
+            raise DataError(f"{{param}} {from_file} does not exist", param="from_file")
         actual = sha256_file(from_file)
         if actual != TINYSHAKESPEARE_SHA256:
             raise DataError(
-                f"from_file {from_file} has sha256 {actual}, but tiny Shakespeare's input.txt has "
-                f"{TINYSHAKESPEARE_SHA256}; point from_file at an unmodified copy of {TINYSHAKESPEARE_URL}"
-            )
+                f"{{param}} {from_file} has sha256 {actual}, but tiny Shakespeare's input.txt has "
+                f"{TINYSHAKESPEARE_SHA256}; point {{param}} at an unmodified copy of {TINYSHAKESPEARE_URL}",
+                param="from_file")
         return from_file
     cached = Path(cache_dir) / "tinyshakespeare" / "input.txt"
     if cached.is_file() and sha256_file(cached) == TINYSHAKESPEARE_SHA256:

@@ -43,7 +43,7 @@ def demo(out: str = "runs/demo", iters: int = 400, minutes: float = 5.0, preset:
 
     print(f"[2/4] training {preset} for {iters} steps (at most {minutes:g} minutes) ...")
     summary = train(TrainConfig(data=str(data_dir), out=str(run_dir), preset=preset, max_iters=iters,
-                                lr_decay_iters=iters, max_minutes=minutes, seed=seed, **DEMO_RECIPE))
+                                lr_decay_iters=iters, max_minutes=minutes, seed=seed, overwrite=True, **DEMO_RECIPE))
 
     print("[3/4] evaluating the best checkpoint on the held-out files ...")
     model, tokenizer = load_model(run_dir)

@@ -15,9 +15,11 @@ aside, indentation included).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data import eval_windows, load_meta, load_split
+from lmforge.errors import LmforgeError
 
 
 @torch.inference_mode()
@@ -168,6 +171,52 @@ def next_line_exact_match(model, tokenizer, documents: Sequence[str], lines: int
             "next_line_candidates": sum(len(line_targets(text)) for text in documents)}
 
 
+# ---------------------------------------------------------------------------------- same tokens?
+
+
+class TokenizerMismatch(LmforgeError):
+    """Data whose token ids mean other text to the model than they did to the tokenizer that made them."""
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of what every token id stands for (its text, decoded alone), in id order: two tokenizers with the
+    same digest give every id the same meaning, whatever their files or classes look like."""
+    vocab = getattr(tokenizer, "vocab", None)  # char and word tokenizers hold their pieces
+    if isinstance(vocab, list):
+        pieces = vocab
+    elif hasattr(getattr(tokenizer, "tok", None), "decode_batch"):  # a Hugging Face tokenizer, batched
+        pieces = tokenizer.tok.decode_batch([[i] for i in range(tokenizer.vocab_size)])
+    else:
+        pieces = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+    h = hashlib.sha256()
+    for piece in pieces:
+        h.update(piece.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()
+
+
+def check_same_tokenizer(model_tok, data: str, model: str) -> None:
+    """Refuse data prepared with another tokenizer than the model's (the ids would be scored as other text).
+    The digests are computed from the tokenizers both folders keep, so folders of any age are compared; where
+    either has none, a line on stderr says that nothing was checked."""
+    from lmforge.tokenizer import load_tokenizer
+
+    try:
+        data_tok = load_tokenizer(data)
+    except (ValueError, OSError):
+        data_tok = None
+    if model_tok is None or data_tok is None:
+        which = "the model" if model_tok is None else f"the data folder {data}"
+        print(f"lmforge eval: {which} keeps no tokenizer: cannot check that the data was made with the model's",
+              file=sys.stderr)
+        return
+    if tokenizer_digest(model_tok) != tokenizer_digest(data_tok):
+        raise TokenizerMismatch(
+            f"the data in {data} was made with another tokenizer than the model's ({data_tok.vocab_size} vs "
+            f"{model_tok.vocab_size} tokens, different pieces): its ids would be scored as other text. Prepare the "
+            f"data with the model's tokenizer (`lmforge prepare SOURCE --out DIR --tokenizer-from {model}`)",
+            param="data")
+
+
 # ---------------------------------------------------------------------------------- the CLI
 
 
@@ -179,7 +228,8 @@ def eval_command(model: str, data: str, split: str = "val", block_size: int | No
 
     Args:
         model: a model folder or training run (its best/ checkpoint), quantized ones included.
-        data: a data folder made by `lmforge prepare` with the model's tokenizer.
+        data: a data folder made by `lmforge prepare` with the model's tokenizer (data made with another one is
+            refused).
         split: which split to score (train, val or test, as prepared).
         block_size: window length (default: the model's context).
         stride: slide windows by this many tokens and score only the last `stride` of each (default:
@@ -193,8 +243,10 @@ def eval_command(model: str, data: str, split: str = "val", block_size: int | No
     """
     from lmforge.loader import load
 
-    net = load(model, prepare=False).model
+    loaded = load(model, prepare=False)
+    net, model_tok = loaded.model, loaded.tokenizer
     meta = load_meta(data)
+    check_same_tokenizer(model_tok, data, model)
     if meta["vocab_size"] > net.config.vocab_size:
         raise ValueError(f"data in {data} has a vocabulary of {meta['vocab_size']} tokens but the model knows "
                          f"{net.config.vocab_size}: prepare the data with the model's tokenizer "

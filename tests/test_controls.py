@@ -259,7 +259,7 @@ def test_generate_command_reports_fires(tok, tmp_path, capsys):
     save_model(folder, cycle_model(tok), tok)
     controls = tmp_path / "controls.txt"
     controls.write_text("ban: cat\nbias: 2 hello\n")
-    generate_command(str(folder), prompt="the", max_new_tokens=12, temperature=0, controls=str(controls))
+    generate_command(str(folder), prompt="the", max_tokens=12, temperature=0, controls=str(controls))
     out, err = capsys.readouterr()
     assert "cat" not in out
     report = json.loads(err.strip().splitlines()[-1])

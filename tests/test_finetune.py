@@ -150,7 +150,7 @@ def test_finetune_cli_full_and_lora_end_to_end(base, tmp_path, capsys):
     assert backend.template.source == template.read_text()
     assert load(base, prepare=False).chat_template().source == PLAIN_TEMPLATE  # the base's own
     assert main(["generate", str(base), "--adapter", str(tmp_path / "lora"), "--prompt", "say the",
-                 "--max-new-tokens", "3", "--temperature", "0"]) == 0
+                 "--max-tokens", "3", "--temperature", "0"]) == 0
 
 
 def test_text_data_trains_every_token(tok, tmp_path):
@@ -185,3 +185,19 @@ def test_data_errors_name_the_file_and_line(tok, base, tmp_path, capsys):
     assert main(["finetune", str(base), "--data", str(write_chat(tmp_path / "ok.jsonl", 4)), "--out",
                  str(tmp_path / "y"), "--lora-targets", "attn.k"]) == 1
     assert "unknown LoRA target" in capsys.readouterr().err
+
+
+def test_an_earlier_run_is_kept_unless_overwritten_and_the_settings_are_saved(base, tmp_path, capsys):
+    data = write_chat(tmp_path / "chat.jsonl", 8)
+    argv = ["finetune", str(base), "--data", str(data), "--out", str(tmp_path / "run"), "--max-iters", "2",
+            "--batch-size", "4", "--lora-rank", "2"]
+    assert main(argv) == 0
+    adapter = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert main(argv + ["--lora-rank", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "holds an earlier run" in err and "--overwrite" in err and "--resume" not in err
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert main(["finetune", "--config", str(tmp_path / "run" / "finetune.yaml"), "--lora-rank", "4",
+                 "--overwrite"]) == 0  # the saved settings, one changed
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["rank"] == 4 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iters"] == 2

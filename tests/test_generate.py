@@ -219,12 +219,12 @@ def test_generate_command_end_to_end(model, tok, tmp_path, capsys):
 
     save_model(tmp_path / "m", model, tok)
     assert main(["generate", str(tmp_path / "m"), "--prompt", "bcd", "--temperature", "0",
-                 "--max-new-tokens", "8"]) == 0
+                 "--max-tokens", "8"]) == 0
     expected = tok.decode(generate(model, [tok.encode("bcd")], SamplingParams(max_tokens=8, temperature=0))[0].tokens)
     assert capsys.readouterr().out == expected + "\n"
     (tmp_path / "prompts.txt").write_text("bcd\nefgh\n")
     assert main(["generate", str(tmp_path / "m"), "--batch-file", str(tmp_path / "prompts.txt"),
-                 "--temperature", "0", "--max-new-tokens", "8"]) == 0
+                 "--temperature", "0", "--max-tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert out.index(expected) > out.index("prompt 0") and "prompt 1" in out
     assert main(["generate", str(tmp_path / "m"), "--top-p", "2"]) == 1
@@ -252,7 +252,7 @@ def test_generate_command_draft_and_quantize(model, tok, tmp_path, capsys):
     from lmforge.cli import main
 
     save_model(tmp_path / "m", model, tok)
-    argv = ["generate", str(tmp_path / "m"), "--prompt", "bcd", "--temperature", "0", "--max-new-tokens", "8",
+    argv = ["generate", str(tmp_path / "m"), "--prompt", "bcd", "--temperature", "0", "--max-tokens", "8",
             "--no-stream"]
     assert main(argv) == 0
     plain = capsys.readouterr().out

@@ -18,6 +18,8 @@ import pytest
 
 from lmforge.checkpoint import load_model
 from lmforge.cli import main
+from lmforge.settings import read_config
+from lmforge.train.trainer import TrainConfig
 from lmforge.train.tune import (
     TuneError,
     grid_values,
@@ -60,7 +62,7 @@ def test_grid_runs_every_combination_once(data_dir, tmp_path):
     assert sorted((t.params["lr"], t.params["warmup_iters"]) for t in trials) == sorted(
         itertools.product([3e-3, 1e-4], [0, 4]))
     for t in trials:  # the sampled values reached the run, and the objective is the run's best validation loss
-        args = json.loads((tmp_path / "trials" / str(t.number) / "train_args.json").read_text())
+        args = read_config(TrainConfig, tmp_path / "trials" / str(t.number) / "train.yaml")
         assert (args["lr"], args["warmup_iters"]) == (t.params["lr"], t.params["warmup_iters"])
         assert t.value == pytest.approx(min(evals(tmp_path / "trials" / str(t.number)).values()))
     assert grid_values("dropout", parse_spec("dropout=0:0.1:0.05")[1]) == [0.0, 0.05, 0.1]
@@ -90,7 +92,7 @@ def test_random_sampling_stays_in_the_space(data_dir, tmp_path):
     for t in trials:
         assert 1e-4 <= t.params["lr"] <= 1e-2 and 0 <= t.params["dropout"] <= 0.2
         assert t.params["warmup_iters"] in (0, 5, 10)
-        args = json.loads((tmp_path / "trials" / str(t.number) / "train_args.json").read_text())
+        args = read_config(TrainConfig, tmp_path / "trials" / str(t.number) / "train.yaml")
         assert args["dropout"] == t.params["dropout"] and args["max_iters"] == 20
 
 
@@ -105,15 +107,17 @@ def test_tpe_command_writes_table_plot_and_best_config(data_dir, tmp_path, capsy
     assert summary["trials"] == 3 and summary["sampler"] == "tpe"
     assert "val_loss" in printed and "best" in printed and "label_smoothing" in printed  # the results table
     assert (out / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    best = json.loads((out / "best_config.json").read_text())
+    best = read_config(TrainConfig, out / "best.yaml")
     complete = [t for t in finished(out) if t.state.name == "COMPLETE"]
     winner = min(complete, key=lambda t: t.value)
-    assert best["trial"] == winner.number and best["val_loss"] == winner.value and best["params"] == winner.params
-    assert best["config"]["lr"] == winner.params["lr"] and best["config"]["n_embd"] == 32
+    assert summary["best_trial"] == winner.number and summary["best_val_loss"] == winner.value
+    assert summary["best_params"] == winner.params
+    assert best["lr"] == winner.params["lr"] and best["label_smoothing"] == winner.params["label_smoothing"]
+    assert best["n_embd"] == 32 and best["out"] == str(out / "best-run")
     # only the best trial keeps checkpoints, and they load
     with_checkpoints = [p.name for p in (out / "trials").iterdir() if (p / "best").exists() or (p / "last").exists()]
     assert with_checkpoints == [str(winner.number)]
-    model, _ = load_model(best["checkpoint"])
+    model, _ = load_model(summary["best_run"])
     assert model.config.n_embd == 32
 
 
@@ -238,3 +242,18 @@ def test_space_file_json_and_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("n_layer: 2.5\n")
     with pytest.raises(TuneError, match="n_layer takes an int"):
         load_space_file(str(tmp_path / "bad.yaml"))
+
+
+def test_tune_then_train_with_its_best_config_trains_the_best_trial_again(data_dir, tmp_path, capsys):
+    out = tmp_path / "search"
+    assert main(["tune", data_dir, str(out), "--space", "lr=3e-3,1e-2", "--fixed",
+                 *(f"{k}={v}" for k, v in fixed(eval_interval=10).items()), "--trials", "2", "--sampler", "grid",
+                 "--no-prune"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["train", "--config", str(out / "best.yaml"), "--no-progress"]) == 0  # as written, no other flag
+    retrained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    trial = out / "trials" / str(summary["best_trial"])
+    assert evals(out / "best-run") == evals(trial) and sorted(evals(trial)) == [10, 20]
+    assert retrained["best_val_loss"] == summary["best_val_loss"]
+    assert read_config(TrainConfig, out / "best-run" / "train.yaml") == {
+        **read_config(TrainConfig, out / "best.yaml"), "progress": False}

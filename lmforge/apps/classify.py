@@ -36,8 +36,9 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -46,19 +47,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from lmforge.checkpoint import (CheckpointError, load_model, read_weights, resolve_model_dir, save_model_files,
-                                tensors_digest, write_folder)
-from lmforge.model import Transformer
-from lmforge.textfile import text_lines
+from lmforge.checkpoint import (CheckpointError, clean_stale_folders, load_model, read_weights, resolve_model_dir,
+                                save_model_files, tensors_digest, write_folder)
 from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
+from lmforge.settings import check_choices, to_yaml
+from lmforge.textfile import text_lines
+from lmforge.train.loop import Loop, claim_run_folder, stop_on_signals
 
-CLASSIFY_FILE, HEAD_FILE = "classify.json", "head.safetensors"
+CLASSIFY_FILE, HEAD_FILE, SETTINGS_FILE = "classify.json", "head.safetensors", "classify.yaml"
 DEFAULT_LABELS = ("negative", "positive")
 POOLINGS = ("last", "mean", "max", "concat")
 
 
 class ClassifyDataError(LmforgeError):
     """A labelled data file that cannot be used; the message names the file and line."""
+
+
+class ClassifyError(LmforgeError):
+    """A classification setting out of range or missing; the message names it."""
 
 
 @dataclass
@@ -222,43 +229,103 @@ def predict(clf: Classifier, encoder: TextEncoder, texts: Sequence[str], batch_s
 
 # ---------------------------------------------------------------------------------------------- training
 
-@dataclass
+@dataclass(kw_only=True)
 class ClassifyConfig:
     """How a classifier is trained."""
 
-    pooling: str = "last"
-    head_only: bool = False  # train only the head on frozen features
-    epochs: int = 8  # epochs of full fine-tuning (early stopped by patience)
-    head_epochs: int = 100  # epochs of the head on frozen features (head_only, and the warm start of full)
+    pooling: Literal["last", "mean", "max", "concat"] = "last"
+    """last (the state at the last token), mean (the mean over the text's tokens), max (their elementwise
+    maximum) or concat (last, mean and max side by side)."""
+    head_only: bool = False
+    """Train only the linear head, on the frozen model's features."""
+    epochs: int = 8
+    """Epochs of full fine-tuning (early stopped by patience on the validation split)."""
+    head_epochs: int = 100
+    """Epochs of the head on frozen features (all of head_only, and the warm start of full fine-tuning)."""
     batch_size: int = 32
-    lr: float = 1e-4  # the body's learning rate (full fine-tuning; the top layer's with layer_decay)
-    head_lr: float = 1e-2  # the head's learning rate on frozen features
-    layer_decay: float = 1.0  # each layer below the top learns at this times the rate of the one above
+    """Sentences per step."""
+    lr: float = 1e-4
+    """Learning rate of the model body (its top layer with layer_decay); the head gets 10x."""
+    head_lr: float = 1e-2
+    """Learning rate of the head on frozen features."""
+    layer_decay: float = 1.0
+    """Each layer below the top learns at this times the rate of the one above (1: all at lr)."""
     label_smoothing: float = 0.0
+    """Cross-entropy label smoothing (0: none)."""
     weight_decay: float = 0.01
-    patience: int | None = 3  # stop after this many epochs without a better validation accuracy
+    """AdamW weight decay."""
+    patience: int | None = 3
+    """Stop after this many epochs without a better validation accuracy (unset: never)."""
     max_minutes: float | None = None
+    """Wall-clock budget of fine-tuning (per ensemble member)."""
     seed: int = 0
-    ensemble: int = 1  # classifiers trained (seeds seed, seed + 1, ...) whose probabilities are averaged
-    select: bool = True  # keep the ensemble's members whose average does best on validation (greedy)
-    cross_fit: bool = False  # ensemble members each hold out their own fold of train + val (see train_ensemble)
+    """Seeds the splits, the head and the batch order."""
+    ensemble: int = 1
+    """Classifiers trained (seeds seed, seed+1, ...) whose probabilities are averaged; with select, those whose
+    average does best on the validation split are kept."""
+    select: bool = True
+    """Keep only the ensemble's members whose average does best on validation (greedy)."""
+    cross_fit: bool = False
+    """The ensemble's members each hold out their own fold of the training and validation data (every labelled
+    example trains most members); all are kept."""
+
+    def check(self) -> None:
+        check_choices(self, ClassifyError)
+        for name in ("epochs", "head_epochs", "batch_size", "ensemble", "lr", "head_lr", "patience", "max_minutes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ClassifyError(f"{{param}}={value} must be > 0", param=name)
+        if not 0 <= self.label_smoothing < 1:
+            raise ClassifyError(f"{{param}}={self.label_smoothing} must be in [0, 1)", param="label_smoothing")
+
+
+@dataclass
+class ClassifyTrainConfig(ClassifyConfig):
+    """Every setting of `lmforge classify train`: the data and folders, then how it trains (ClassifyConfig)."""
+
+    base: str
+    """The pretrained model folder (or training run) the classifier starts from."""
+    _: KW_ONLY
+    data: list[str]
+    """Labelled files, one 'text<TAB>label' per line (label: 0..n-1 or a label name)."""
+    out: str
+    """The classifier folder to write."""
+    labels: list[str] | None = None
+    """Label names, in index order. Unset: negative positive."""
+    test_fraction: float = 0.2
+    """Share of the data held out (seeded) for the final accuracy and macro-F1."""
+    val_fraction: float = 0.1
+    """Share of the rest held out for choosing the best epoch."""
+    dropout: float | None = None
+    """Dropout inside the model while fine-tuning. Unset: the model's own."""
+    num_threads: int | None = None
+    """torch.set_num_threads for the run. Unset: PyTorch's default."""
+    overwrite: bool = False
+    """Replace the classifier folder `out` if it exists."""
+
+    def check(self) -> None:
+        super().check()
+        for name in ("test_fraction", "val_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ClassifyError(f"{{param}}={getattr(self, name)} must be in [0, 1)", param=name)
 
 
 def fit_head(clf: Classifier, feats: torch.Tensor, y: torch.Tensor, cfg: ClassifyConfig,
              val: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """Train the head alone on fixed features (N, C): full-batch AdamW, the best validation epoch kept."""
     opt = torch.optim.AdamW(clf.head.parameters(), lr=cfg.head_lr, weight_decay=cfg.weight_decay)
-    best, best_state = -1.0, None
-    for _ in range(cfg.head_epochs):
+    loop, best_state = Loop(max_iters=cfg.head_epochs, mode="max"), None
+    while loop.running():
         loss = F.cross_entropy(clf.head(feats), y, label_smoothing=cfg.label_smoothing)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        loop.step_done()
         if val is not None:
             with torch.no_grad():
                 acc = (clf.head(val[0]).argmax(-1) == val[1]).float().mean().item()
-            if acc > best:
-                best, best_state = acc, copy.deepcopy(clf.head.state_dict())
+            if loop.observe(acc):
+                best_state = copy.deepcopy(clf.head.state_dict())
     if best_state is not None:
         clf.head.load_state_dict(best_state)
 
@@ -292,9 +359,9 @@ def body_param_groups(body: Transformer, lr: float, layer_decay: float = 1.0) ->
 
 
 def train_classifier(clf: Classifier, encoder: TextEncoder, train: list[Labelled], val: list[Labelled] | None,
-                     cfg: ClassifyConfig, log=print) -> dict:
-    """Fit `clf` on `train` (in place), keeping the weights with the best accuracy on `val`; a summary."""
-    t0 = time.perf_counter()
+                     cfg: ClassifyConfig, log=print, stop=None) -> dict:
+    """Fit `clf` on `train` (in place), keeping the weights with the best accuracy on `val`; a summary. `stop`, an
+    Event, ends fine-tuning after the current epoch when set."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     seqs = [encoder.fit(encoder.ids(e.text)) for e in train]
@@ -306,13 +373,13 @@ def train_classifier(clf: Classifier, encoder: TextEncoder, train: list[Labelled
         return accuracy(vy.tolist(), predict_ids(clf, vseqs).argmax(-1).tolist()) if val else None
 
     # 1. the head on frozen features (all of head_only; the warm start of full fine-tuning)
+    loop = Loop(max_iters=cfg.epochs, max_minutes=cfg.max_minutes, patience=cfg.patience, mode="max", stop=stop)
     feats = all_features(clf, seqs)
     fit_head(clf, feats, y, cfg, (all_features(clf, vseqs), vy) if val else None)
     history = [{"epoch": 0, "val_acc": val_acc()}]
     log(json.dumps({"stage": "head", **history[-1]}))
     if cfg.head_only:
-        return {"history": history, "best_val_acc": history[-1]["val_acc"],
-                "minutes": round((time.perf_counter() - t0) / 60, 3)}
+        return {"history": history, "best_val_acc": history[-1]["val_acc"], "minutes": round(loop.elapsed() / 60, 3)}
 
     # 2. the whole model, body at lr (each layer down from the top at layer_decay times more), head at lr * 10
     device = next(clf.parameters()).device
@@ -322,8 +389,10 @@ def train_classifier(clf: Classifier, encoder: TextEncoder, train: list[Labelled
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(seqs) / cfg.batch_size)
     total, step = steps_per_epoch * cfg.epochs, 0
-    best, best_state, stale = history[0]["val_acc"] or -1.0, copy.deepcopy(clf.state_dict()), 0
-    for epoch in range(1, cfg.epochs + 1):
+    best_state = copy.deepcopy(clf.state_dict())
+    if val:
+        loop.observe(history[0]["val_acc"])
+    while loop.running():  # one epoch a step
         clf.train()
         batches = length_batches(seqs, cfg.batch_size)
         rng.shuffle(batches)
@@ -340,19 +409,15 @@ def train_classifier(clf: Classifier, encoder: TextEncoder, train: list[Labelled
             opt.step()
             loss_sum += loss.item() * len(idx)
             step += 1
-        history.append({"epoch": epoch, "loss": round(loss_sum / len(seqs), 4), "val_acc": val_acc()})
+        loop.step_done()
+        history.append({"epoch": loop.it, "loss": round(loss_sum / len(seqs), 4), "val_acc": val_acc()})
         log(json.dumps({"stage": "full", **history[-1]}))
-        if val is None or history[-1]["val_acc"] > best:
-            best, best_state, stale = history[-1]["val_acc"] or -1.0, copy.deepcopy(clf.state_dict()), 0
-        else:
-            stale += 1
-        out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > cfg.max_minutes * 60
-        if (cfg.patience is not None and stale >= cfg.patience) or out_of_time:
-            break
+        if val is None or loop.observe(history[-1]["val_acc"]):  # without a split, the last epoch is kept
+            best_state = copy.deepcopy(clf.state_dict())
     clf.load_state_dict(best_state)
     clf.eval()
-    return {"history": history, "best_val_acc": best if val else None,
-            "minutes": round((time.perf_counter() - t0) / 60, 3)}
+    return {"history": history, "best_val_acc": loop.best if val else None, "stop_reason": loop.stop_reason,
+            "minutes": round(loop.elapsed() / 60, 3)}
 
 
 def cross_folds(examples: list, k: int, seed: int) -> list[tuple[list, list]]:
@@ -364,7 +429,7 @@ def cross_folds(examples: list, k: int, seed: int) -> list[tuple[list, list]]:
 
 
 def train_ensemble(clf: Classifier, encoder: TextEncoder, train: list[Labelled], val: list[Labelled] | None,
-                   cfg: ClassifyConfig, log=print) -> tuple[Classifier | Ensemble, dict]:
+                   cfg: ClassifyConfig, log=print, stop=None) -> tuple[Classifier | Ensemble, dict]:
     """Train cfg.ensemble copies of the untrained `clf` (seeds cfg.seed, cfg.seed + 1, ...) and average them: all of
     them, or (cfg.select, with `val`) those a greedy pass keeps, starting from the best member and adding each next
     best while the average's validation accuracy does not drop. (The classifier, or an Ensemble; a summary.)
@@ -374,7 +439,7 @@ def train_ensemble(clf: Classifier, encoder: TextEncoder, train: list[Labelled],
     member that never trained on it. All members are kept; the summary's `best_val_acc` is that out-of-fold
     accuracy, an honest estimate over all the examples."""
     if cfg.ensemble <= 1:
-        return clf, train_classifier(clf, encoder, train, val, cfg, log)
+        return clf, train_classifier(clf, encoder, train, val, cfg, log, stop)
     t0 = time.perf_counter()
     start = copy.deepcopy(clf.state_dict())
     if cfg.cross_fit:
@@ -386,7 +451,7 @@ def train_ensemble(clf: Classifier, encoder: TextEncoder, train: list[Labelled],
         member = clf if k == 0 else copy.deepcopy(clf)
         member.load_state_dict(start)
         summaries.append(train_classifier(member, encoder, fit, held, dataclasses.replace(cfg, seed=cfg.seed + k),
-                                          log))
+                                          log, stop))
         members.append(member)
         log(json.dumps({"stage": "member", "member": k, "val_acc": summaries[-1]["best_val_acc"]}))
     kept, best = list(range(len(members))), None
@@ -424,16 +489,19 @@ def _write_member(folder: Path, clf: Classifier, tokenizer, meta: dict) -> None:
     (folder / CLASSIFY_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def save_classifier(folder: str | Path, clf: Classifier | Ensemble, tokenizer, info: dict) -> Path:
+def save_classifier(folder: str | Path, clf: Classifier | Ensemble, tokenizer, info: dict,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
     """Write the classifier folder atomically: model files, head.safetensors and classify.json (labels, pooling
-    and `info`: base, training summary, ...). An Ensemble's first member is the folder itself, the others are
-    `member-1`, `member-2`, ... inside it, listed in classify.json's `members`."""
+    and `info`: base, training summary, ...), and `extra_files`. An Ensemble's first member is the folder itself,
+    the others are `member-1`, `member-2`, ... inside it, listed in classify.json's `members`."""
     members = list(clf.members) if isinstance(clf, Ensemble) else [clf]
     names = [f"member-{k}" for k in range(1, len(members))]
     meta = {"labels": clf.labels, "pooling": members[0].pooling, **info, **({"members": names} if names else {})}
 
     def write(tmp: Path) -> None:
         _write_member(tmp, members[0], tokenizer, meta)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         for name, member in zip(names, members[1:]):
             (tmp / name).mkdir()
             _write_member(tmp / name, member, tokenizer, {"labels": member.labels, "pooling": member.pooling})
@@ -504,84 +572,73 @@ def report(clf: Classifier, encoder: TextEncoder, examples: list[Labelled]) -> d
             "macro_f1": round(macro_f1(truth, pred, len(clf.labels)), 4)}
 
 
-def classify_command(action: Literal["train", "predict", "eval"], model: str, /, data: list[str] | None = None,
-                     out: str | None = None, text: list[str] | None = None,
-                     pooling: Literal["last", "mean", "max", "concat"] = "last", head_only: bool = False,
-                     labels: list[str] | None = None, epochs: int = 8, batch_size: int = 32, lr: float = 1e-4,
-                     layer_decay: float = 1.0, label_smoothing: float = 0.0, ensemble: int = 1,
-                     cross_fit: bool = False,
-                     dropout: float | None = None, test_fraction: float = 0.2, val_fraction: float = 0.1,
-                     seed: int = 0, max_minutes: float | None = None, num_threads: int | None = None) -> int:
-    """Sentiment analysis / text classification with a pretrained model and a linear head.
+def train_command(config: ClassifyTrainConfig) -> int:
+    """Fine-tune a pretrained model with a linear head into a text classifier (sentiment analysis).
 
-    `train MODEL --data FILE... --out DIR` fine-tunes MODEL (a model folder or training run) on `text<TAB>label`
-    lines, holds out --test-fraction of them (seeded) and prints accuracy and macro-F1 there; `predict DIR
-    --text "..."` prints each text's label and probabilities; `eval DIR --data FILE...` scores a classifier on
-    labelled files.
+    Reads `text<TAB>label` lines, holds out --test-fraction of them (seeded) and prints accuracy and macro-F1
+    there. Ctrl-C stops after the current epoch and saves the best classifier so far.
+    """
+    config.check()
+    out = Path(config.out)
+    claim_run_folder(out, (), overwrite=config.overwrite, can_resume=False)
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    names = tuple(config.labels) if config.labels else DEFAULT_LABELS
+    examples = [e for f in config.data for e in read_labelled(f, names)]
+    rest, test = split_labelled(examples, config.test_fraction, config.seed)
+    train, val = split_labelled(rest, config.val_fraction, config.seed + 1)
+    if not train:
+        raise ClassifyError(f"no training examples left after holding out test ({len(test)}) and val "
+                            f"({len(val)}): lower {{param}} or give more data", param="test_fraction")
+    clf, encoder = new_classifier(config.base, names, config.pooling, config.head_only, config.dropout)
+    with stop_on_signals("fine-tuning") as stop:
+        clf, summary = train_ensemble(clf, encoder, train, val or None, config, stop=stop)
+    scores = report(clf, encoder, test) if test else None
+    clean_stale_folders(out.parent, (out.name,))  # what a killed save left half-written
+    save_classifier(out, clf, encoder.tokenizer, {
+        "base": str(config.base), "max_tokens": encoder.max_tokens, "data": [str(f) for f in config.data],
+        "split": {"train": len(train), "val": len(val), "test": len(test), "seed": config.seed},
+        "config": dataclasses.asdict(config), "training": summary, "test": scores},
+        {SETTINGS_FILE: to_yaml(config, exclude=("overwrite",), header="lmforge classify train: the settings of "
+                                "this classifier (`lmforge classify train --config` reads them)").encode()})
+    print(json.dumps({"out": str(out), "split": {"train": len(train), "val": len(val), "test": len(test)},
+                      "test": scores, "minutes": summary["minutes"]}))
+    if stop.is_set():
+        print(f"interrupted: {out} holds the best classifier so far", file=sys.stderr)
+        return 128 + (stop.signum or 2)
+    return 0
+
+
+def predict_command(model: str, text: list[str] | None = None, data: list[str] | None = None) -> int:
+    """Print each text's label and the probabilities of every label.
 
     Args:
-        action: train, predict or eval.
-        model: train: the pretrained model folder; predict/eval: the classifier folder.
-        data: labelled files, one 'text<TAB>label' per line (label: 0..n-1 or a label name).
-        out: train: the classifier folder to write.
-        text: predict: the texts to classify (default: the texts of --data).
-        pooling: last (the state at the last token), mean (the mean over the text's tokens), max (their
-            elementwise maximum) or concat (last, mean and max side by side).
-        head_only: train only the linear head on the frozen model's features.
-        labels: label names, in index order (default: negative positive).
-        epochs: full fine-tuning epochs (early stopped on the validation split).
-        batch_size: sentences per step.
-        lr: learning rate of the model body (its top layer with --layer-decay; the head gets 10x).
-        layer_decay: each layer below the top learns at this times the rate of the one above (1: all at lr).
-        label_smoothing: cross-entropy label smoothing (0: none).
-        ensemble: classifiers trained with seeds seed, seed+1, ...; those whose averaged probabilities do best on
-            the validation split are kept and averaged.
-        cross_fit: the ensemble's members each hold out their own fold of the training and validation data
-            (every labelled example trains most members); all are kept.
-        dropout: dropout inside the model while fine-tuning (default: the model's own).
-        test_fraction: share of the data held out (seeded) for the final accuracy and macro-F1.
-        val_fraction: share of the rest held out for choosing the best epoch.
-        seed: seeds the splits, the head and the batch order.
-        max_minutes: wall-clock budget for fine-tuning (per ensemble member).
-        num_threads: torch.set_num_threads (default: PyTorch's).
+        model: the classifier folder (made by `lmforge classify train`).
+        text: the texts to classify.
+        data: labelled or plain files whose texts to classify instead ('text<TAB>label' lines).
     """
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    names = tuple(labels) if labels else DEFAULT_LABELS
-    if action == "train":
-        if not data or not out:
-            raise ValueError("classify train needs --data FILE... and --out DIR")
-        examples = [e for f in data for e in read_labelled(f, names)]
-        rest, test = split_labelled(examples, test_fraction, seed)
-        train, val = split_labelled(rest, val_fraction, seed + 1)
-        if not train:
-            raise ValueError(f"no training examples left after holding out test ({len(test)}) and val ({len(val)})")
-        clf, encoder = new_classifier(model, names, pooling, head_only, dropout)
-        cfg = ClassifyConfig(pooling=pooling, head_only=head_only, epochs=epochs, batch_size=batch_size, lr=lr,
-                             layer_decay=layer_decay, label_smoothing=label_smoothing, ensemble=ensemble,
-                             cross_fit=cross_fit, seed=seed, max_minutes=max_minutes)
-        clf, summary = train_ensemble(clf, encoder, train, val or None, cfg)
-        scores = report(clf, encoder, test) if test else None
-        save_classifier(out, clf, encoder.tokenizer, {
-            "base": str(model), "max_tokens": encoder.max_tokens, "data": [str(f) for f in data],
-            "split": {"train": len(train), "val": len(val), "test": len(test), "seed": seed},
-            "config": dataclasses.asdict(cfg), "training": summary, "test": scores})
-        print(json.dumps({"out": str(out), "split": {"train": len(train), "val": len(val), "test": len(test)},
-                          "test": scores, "minutes": summary["minutes"]}))
-        return 0
     clf, encoder, _ = load_classifier(model)
-    if action == "eval":
-        if not data:
-            raise ValueError("classify eval needs --data FILE...")
-        examples = [e for f in data for e in read_labelled(f, clf.labels)]
-        print(json.dumps(report(clf, encoder, examples)))
-        return 0
     texts = list(text or []) or [e.text for f in (data or []) for e in read_labelled(f, clf.labels)]
     if not texts:
-        raise ValueError("classify predict needs --text \"...\" (or --data FILE)")
+        raise ClassifyError('classify predict needs {param} "..." (or --data FILE)', param="text")
     probs = predict(clf, encoder, texts)
     for t, p in zip(texts, probs.tolist()):
         best = max(range(len(p)), key=p.__getitem__)
         shown = " ".join(f"{name}={q:.4f}" for name, q in zip(clf.labels, p))
         print(f"{clf.labels[best]}\t{shown}\t{t}")
+    return 0
+
+
+def eval_command(model: str, data: list[str] | None = None) -> int:
+    """Score a classifier on labelled files: accuracy and macro-F1.
+
+    Args:
+        model: the classifier folder (made by `lmforge classify train`).
+        data: labelled files, one 'text<TAB>label' per line (label: 0..n-1 or a label name).
+    """
+    if not data:
+        raise ClassifyError("classify eval needs {param} FILE...", param="data")
+    clf, encoder, _ = load_classifier(model)
+    examples = [e for f in data for e in read_labelled(f, clf.labels)]
+    print(json.dumps(report(clf, encoder, examples)))
     return 0

@@ -1,29 +1,31 @@
 """Fine-tuning: a trained base model plus examples in, a fine-tuned model (or a LoRA adapter) out.
 
-`finetune(config, train_examples, val_examples)` trains on `Example`s (token ids + a mask of the tokens whose
-prediction is trained; lmforge.apps.sft makes them from chat or text files) and writes a run folder:
+`finetune(config)` reads the examples of `config.data` (lmforge.apps.sft: chat or text files; or pass `Example`s:
+token ids + a mask of the tokens whose prediction is trained), trains, and writes a run folder:
 
     OUT/best/              full fine-tuning, or LoRA with merge: the model folder with the best validation loss
     OUT/adapter/           LoRA: the adapter folder (lmforge.lora) with the best validation loss
     OUT/metrics.jsonl      one line per logged iteration (iter, loss, lr) and per evaluation (iter, val_loss)
-    OUT/loss.png, OUT/finetune_args.json, OUT/summary.json
+    OUT/loss.png, OUT/finetune.yaml (the settings, which `--config` reads back), OUT/summary.json
 
 Both carry the chat template the data was rendered with (tokenizer_config.json), so `chat` and `serve` prompt
 the tuned model the way it was trained. Batches are right-padded to their longest example (examples of similar
 length are batched together) and the loss is the mean cross-entropy over masked tokens only; the output head runs
-only at those positions. The budget is epochs, iterations or minutes, whichever ends first, with early stopping
-after `patience` evaluations without improvement.
+only at those positions. The loop is lmforge.train.loop's: a budget of epochs, iterations or minutes, whichever
+ends first, evaluation every `eval_interval` steps and at the end, early stopping after `patience` evaluations
+without improvement, the best weights kept in memory; a stop request (Ctrl-C) ends it early with the best so far
+written.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import json
 import math
 import random
-import shutil
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -33,12 +35,21 @@ import torch.nn.functional as F
 from lmforge import lora
 from lmforge.apps.sft import Example, read_examples
 from lmforge.checkpoint import save_model
+from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_write_text
+from lmforge.settings import check_choices, write_config
+from lmforge.train.loop import Loop, budget_steps, claim_run_folder, prepare_run_folder, stop_on_signals
+from lmforge.train.metrics import MetricsLog, plot_losses
 from lmforge.train.optim import Schedule, make_optimizer, set_lr
-from lmforge.train.trainer import MetricsLog, plot_losses
 
 IGNORE = -100
 TOKENIZER_CONFIG = "tokenizer_config.json"
+OUTPUTS = ("best", "adapter", "metrics.jsonl", "loss.png", "summary.json", "finetune.yaml", "finetune_args.json",
+           "tensorboard")
+
+
+class FinetuneError(LmforgeError):
+    """A fine-tuning setting out of range, or missing; the message names it."""
 
 
 @dataclass
@@ -46,13 +57,21 @@ class FinetuneConfig:
     """Every setting of a fine-tuning run."""
 
     base: str
-    """The model to start from: lmforge model/run folder, Hugging Face folder or llama2.c .bin."""
+    """The model to start from: lmforge model or run folder, Hugging Face folder, or llama2.c .bin."""
+    _: KW_ONLY
     out: str
-    """The run folder to write (best/ or adapter/, metrics.jsonl, summary.json)."""
-    method: str = "lora"
-    """full: train every weight; lora: freeze the base and train low-rank adapters."""
+    """The run folder to write: best/ (full, or LoRA with --merge), adapter/ (LoRA), metrics.jsonl."""
+    data: str | None = None
+    """The training data file: .jsonl lines of {"messages": [...]} (chat: only the assistant's tokens are trained)
+    or {"text": ...}, or plain text (every token trained). From Python, examples may be passed instead."""
+    val_data: str | None = None
+    """Held-out data file; without it a fixed fraction of the data is held out (val_fraction)."""
+    val_fraction: float = 0.1
+    """The fraction of the data held out (seeded) for validation when val_data is not given (0: none)."""
+    method: Literal["lora", "full"] = "lora"
+    """full trains every weight; lora freezes the base and trains low-rank adapters."""
     lr: float | None = None
-    """Peak learning rate. None: 1e-3 for lora, 1e-4 for full."""
+    """Peak learning rate. Unset: 1e-3 for lora, 1e-4 for full."""
     epochs: float | None = None
     """Budget: passes over the training examples. If no budget is set: 1 epoch."""
     max_iters: int | None = None
@@ -62,7 +81,7 @@ class FinetuneConfig:
     batch_size: int = 8
     """Examples per optimizer step."""
     eval_interval: int = 50
-    """Evaluate on the validation examples every this many steps, and at the end."""
+    """Evaluate on the validation examples every this many steps, and at the end; the best weights are kept."""
     patience: int | None = None
     """Stop after this many evaluations without a better validation loss."""
     warmup_iters: int = 10
@@ -72,7 +91,7 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: off)."""
     seed: int = 1337
-    """Seeds LoRA's init, dropout and the batch order."""
+    """Seeds the validation split, LoRA's init, dropout and the batch order."""
     lora_rank: int = 8
     """LoRA rank r."""
     lora_alpha: float = 16.0
@@ -82,24 +101,30 @@ class FinetuneConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))
     """Adapted modules: attn.qkv, attn.proj, mlp.fc, mlp.proj (in every block) and/or lm_head."""
     merge: bool = False
-    """LoRA: also write the adapter merged into the base as a model folder, OUT/best/."""
+    """LoRA: also write the adapter merged into the base, as a normal model folder OUT/best."""
     tokenizer: str | None = None
-    """A tokenizer to use instead of the base's own."""
+    """A tokenizer (tokenizer.json, folder or llama2.c .bin) to use instead of the base's own."""
     chat_template: str | None = None
-    """Jinja chat template source to save with the result. None: the base's template (or the default)."""
+    """A file holding a Jinja chat template to render the data with and save with the result. Unset: the base's
+    template (or the default)."""
+    num_threads: int | None = None
+    """torch.set_num_threads for the run. Unset: PyTorch's default."""
+    logger: Literal["tensorboard"] | None = None
+    """Also log every metric to TensorBoard event files in OUT/tensorboard (needs the tensorboard package)."""
+    overwrite: bool = False
+    """Start over in an `out` that holds an earlier run, deleting its results."""
 
     def check(self) -> None:
-        if self.method not in ("full", "lora"):
-            raise ValueError(f"method={self.method!r}: choose 'full' or 'lora'")
+        check_choices(self, FinetuneError)
         for name in ("batch_size", "eval_interval"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("epochs", "max_iters", "max_minutes", "patience"):
+                raise FinetuneError(f"{{param}}={getattr(self, name)} must be >= 1", param=name)
+        for name in ("epochs", "max_iters", "max_minutes", "patience", "lr", "num_threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"{name}={value} must be > 0")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
+                raise FinetuneError(f"{{param}}={value} must be > 0", param=name)
+        if not 0 <= self.val_fraction < 1:
+            raise FinetuneError(f"{{param}}={self.val_fraction} must be in [0, 1)", param="val_fraction")
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -110,6 +135,24 @@ def load_base(base: str, tokenizer: str | None = None):
 
     loaded = load(base, tokenizer=tokenizer, prepare=False)
     return loaded.model, loaded.tokenizer, loaded.chat_template().source
+
+
+def read_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise FinetuneError(f"{{param}} file not found: {path}", param="chat_template")
+    return Path(path).read_text(encoding="utf-8")
+
+
+def read_data(config: FinetuneConfig, tok, template: str, block_size: int) -> tuple[list[Example], list[Example]]:
+    """(train, validation) examples of config.data: val_data's, or a seeded val_fraction of data's."""
+    if config.data is None:
+        raise FinetuneError("fine-tuning needs {param} FILE (chat or text lines)", param="data")
+    examples = read_examples(config.data, tok, template, block_size)
+    if config.val_data is not None:
+        return examples, read_examples(config.val_data, tok, template, block_size)
+    return split_examples(examples, config.val_fraction, config.seed)
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -188,24 +231,32 @@ def tokenizer_config(extras: dict[str, bytes], template: str) -> bytes:
 
 # ------------------------------------------------------------------------------------------------ the loop
 
-def finetune(config: FinetuneConfig, train_examples: list[Example], val_examples: list[Example] | None = None,
-             on_eval=None) -> dict:
-    """Fine-tune config.base on the examples and write config.out; return a summary (see the module docstring).
+def finetune(config: FinetuneConfig, train_examples: list[Example] | None = None,
+             val_examples: list[Example] | None = None, on_eval=None, stop=None) -> dict:
+    """Fine-tune config.base on config.data (or on the examples given) and write config.out; return a summary
+    (see the module docstring).
 
-    `on_eval(iteration, val_loss)`, when given, is called after each evaluation.
+    `on_eval(iteration, val_loss)`, when given, is called after each evaluation; `stop`, an Event, ends training
+    after the current step when set (the best weights so far are still written).
     """
     from lmforge.loader import load
 
     config.check()
+    out = Path(config.out)
+    claim_run_folder(out, OUTPUTS, overwrite=config.overwrite, can_resume=False)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
     t0 = time.time()
     base = load(config.base, tokenizer=config.tokenizer, prepare=False)
     model, tok, extras = base.model, base.tokenizer, base.extras
-    template = config.chat_template or base.chat_template().source
+    template = read_template(config.chat_template) or base.chat_template().source
+    if train_examples is None:
+        train_examples, val_examples = read_data(config, tok, template, model.config.block_size)
     max_ids = model.config.block_size + 1
     train_examples, dropped = fit_context(list(train_examples), max_ids)
     if not train_examples:
-        raise ValueError("no training examples with trained tokens (after fitting them to the model's context "
-                         f"of {model.config.block_size} tokens)")
+        raise FinetuneError("no training examples with trained tokens (after fitting them to the model's context "
+                            f"of {model.config.block_size} tokens)", param="data")
     val_examples, dropped_val = fit_context(list(val_examples or []), max_ids)
 
     torch.manual_seed(config.seed)
@@ -219,62 +270,65 @@ def finetune(config: FinetuneConfig, train_examples: list[Example], val_examples
     optimizer = make_optimizer(model, "adamw", lr, config.weight_decay)
     steps_per_epoch = math.ceil(len(train_examples) / config.batch_size)
     epochs = config.epochs if config.epochs or config.max_iters or config.max_minutes else 1.0
-    budget = [n for n in (config.max_iters, epochs and math.ceil(epochs * steps_per_epoch)) if n]
-    max_iters = min(budget) if budget else None
+    max_iters = budget_steps(config.max_iters, epochs, steps_per_epoch)
     schedule = Schedule("cosine", lr, min(config.warmup_iters, max_iters or 10**9), max_iters or 1, lr / 10)
 
-    def time_fraction() -> float | None:
-        """The share of the minutes spent when time is the only budget: the cosine then decays over the minutes."""
-        return None if max_iters is not None else (time.time() - train_t0) / (60 * config.max_minutes)
-
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "finetune_args.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    log = MetricsLog(out / "metrics.jsonl", keep_until=0)
+    prepare_run_folder(out, OUTPUTS, overwrite=config.overwrite)
+    write_config(out / "finetune.yaml", config, exclude=("overwrite",),
+                 header="lmforge finetune: the settings of this run (`lmforge finetune --config` reads them)")
+    log = MetricsLog(out / "metrics.jsonl", keep_until=0, logger=config.logger)
     trained = [p for p in model.parameters() if p.requires_grad]
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     base_val = evaluate_examples(model, val_examples) if val_examples else None
-    best_val, best_state, bad_evals = math.inf, snapshot(), 0
+    best_state = snapshot()
     if base_val is not None:
         log.write({"iter": 0, "val_loss": base_val})
+
+    def evaluate() -> None:
+        nonlocal best_state
+        val = evaluate_examples(model, val_examples)
+        log.write({"iter": loop.it, "val_loss": val})
+        if loop.observe(val):
+            best_state = snapshot()
+        if on_eval is not None:
+            on_eval(loop.it, val)
+
+    def log_train() -> None:
+        log.write({"iter": loop.it, "loss": sum(running) / len(running), "lr": optimizer.param_groups[0]["lr"]})
+        running.clear()
+
     rng = random.Random(config.seed)
-    it, running, stop = 0, [], False
-    train_t0 = time.time()
+    stream = itertools.chain.from_iterable(epoch_batches(train_examples, config.batch_size, rng)
+                                           for _ in itertools.count())
+    running: list[float] = []
+    loop = Loop(max_iters=max_iters, max_minutes=config.max_minutes,
+                eval_interval=config.eval_interval if val_examples else 0, patience=config.patience, stop=stop)
     model.train()
-    while not stop:
-        for batch in epoch_batches(train_examples, config.batch_size, rng):
-            set_lr(optimizer, schedule.lr_at(it, time_fraction()))
-            loss = masked_loss(model, collate(batch))
+    try:
+        while loop.running():
+            set_lr(optimizer, schedule.lr_at(loop.it, loop.time_fraction()))
+            loss = masked_loss(model, collate(next(stream)))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
             optimizer.step()
-            it += 1
+            loop.step_done()
             running.append(loss.item())
-            out_of_time = config.max_minutes is not None and time.time() - train_t0 > 60 * config.max_minutes
-            done = (max_iters is not None and it >= max_iters) or out_of_time
-            if it % 10 == 0 or done:
-                log.write({"iter": it, "loss": sum(running) / len(running), "lr": optimizer.param_groups[0]["lr"]})
-                running = []
-            if val_examples and (it % config.eval_interval == 0 or done):
-                val = evaluate_examples(model, val_examples)
-                log.write({"iter": it, "val_loss": val})
-                if val < best_val:
-                    best_val, best_state, bad_evals = val, snapshot(), 0
-                else:
-                    bad_evals += 1
-                if on_eval is not None:
-                    on_eval(it, val)
-                if config.patience is not None and bad_evals >= config.patience:
-                    done = True
-            if done:
-                stop = True
-                break
-    train_loss = loss.item()
+            if loop.it % 10 == 0:
+                log_train()
+            if loop.eval_due():
+                evaluate()
+        if running:
+            log_train()
+        if val_examples and loop.final_eval_due():
+            evaluate()
+    finally:
+        log.close()
+    train_loss = loss.item() if loop.it > 0 else None
     if val_examples:
         with torch.no_grad():
             params = dict(model.named_parameters())
@@ -290,14 +344,12 @@ def finetune(config: FinetuneConfig, train_examples: list[Example], val_examples
         if config.merge:
             lora.merge_lora(model)
             model_dir = save_model(out / "best", model, tok, extra_files={**extras, **tok_config})
-        else:
-            shutil.rmtree(out / "best", ignore_errors=True)  # a stale full model from an earlier run
     else:
         model_dir = save_model(out / "best", model, tok, extra_files={**extras, **tok_config})
-        shutil.rmtree(out / "adapter", ignore_errors=True)
     plot_losses(log, out / "loss.png")
-    summary = {"method": config.method, "iters": it, "epochs": round(it / steps_per_epoch, 3),
-               "base_val_loss": base_val, "best_val_loss": best_val if val_examples else None,
+    summary = {"method": config.method, "iters": loop.it, "epochs": round(loop.it / steps_per_epoch, 3),
+               "stop_reason": loop.stop_reason, "base_val_loss": base_val,
+               "best_val_loss": loop.best if val_examples else None,
                "final_train_loss": train_loss, "trainable_params": trainable, "total_params": total,
                "trainable_fraction": trainable / total, "train_examples": len(train_examples),
                "val_examples": len(val_examples), "dropped": dropped + dropped_val,
@@ -318,73 +370,25 @@ def split_examples(examples: list[Example], val_fraction: float, seed: int) -> t
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
-def finetune_command(base: str, data: str | None = None, out: str | None = None,
-                     method: Literal["lora", "full"] = "lora", val_data: str | None = None, val_fraction: float = 0.1,
-                     lr: float | None = None, epochs: float | None = None, max_iters: int | None = None,
-                     max_minutes: float | None = None, batch_size: int = 8, eval_interval: int = 50,
-                     patience: int | None = None, lora_rank: int = 8, lora_alpha: float = 16.0,
-                     lora_dropout: float = 0.0, lora_targets: list[str] = list(lora.DEFAULT_TARGETS),
-                     merge: bool = False, tokenizer: str | None = None, chat_template: str | None = None,
-                     seed: int = 1337, num_threads: int | None = None) -> int:
+def finetune_command(config: FinetuneConfig) -> int:
     """Fine-tune a model on chat or text data, fully or with a LoRA adapter.
 
     Data: a .jsonl file of {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]} per line
     (rendered with the model's chat template; only assistant tokens are trained) or {"text": ...} per line, or
-    any other file as plain text (every token trained).
-
-    Args:
-        base: the model to start from: lmforge model or run folder, Hugging Face folder, or llama2.c .bin.
-        data: the training data file (.jsonl chat/text, or plain text).
-        out: the run folder to write: best/ (full, or LoRA with --merge), adapter/ (LoRA), metrics.jsonl.
-        method: full trains every weight; lora freezes the base and trains low-rank adapters.
-        val_data: held-out data file; without it a fixed fraction of --data is held out.
-        val_fraction: the fraction of --data held out for validation when --val-data is not given (0: none).
-        lr: peak learning rate (default 1e-3 for lora, 1e-4 for full).
-        epochs: budget: passes over the training data (1 when no budget is given).
-        max_iters: budget: optimizer steps.
-        max_minutes: budget: wall-clock minutes.
-        batch_size: examples per optimizer step.
-        eval_interval: evaluate every this many steps (and at the end); the best weights are kept.
-        patience: stop after this many evaluations without improvement.
-        lora_rank: LoRA rank r.
-        lora_alpha: LoRA alpha (the update is scaled by alpha / r).
-        lora_dropout: dropout on the LoRA branch's input.
-        lora_targets: modules to adapt: attn.qkv attn.proj mlp.fc mlp.proj lm_head.
-        merge: LoRA: also write the base with the adapter merged in, as a normal model folder OUT/best.
-        tokenizer: a tokenizer (tokenizer.json, folder or llama2.c .bin) to use instead of the base's own.
-        chat_template: a file holding a Jinja chat template to train and save with (default: the base's).
-        seed: random seed (split, LoRA init, batch order).
-        num_threads: torch threads (default: PyTorch's).
+    any other file as plain text (every token trained). Ctrl-C stops after the current step and writes the best
+    weights so far.
     """
-    if data is None or out is None:
-        raise ValueError("finetune needs --data FILE and --out DIR")
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    template = None
-    if chat_template is not None:
-        path = Path(chat_template)
-        if not path.is_file():
-            raise FileNotFoundError(f"chat template file not found: {path}")
-        template = path.read_text(encoding="utf-8")
-    model, tok, base_template = load_base(base, tokenizer)
-    template = template or base_template
-    block = model.config.block_size
-    examples = read_examples(data, tok, template, block)
-    if val_data is not None:
-        train_ex, val_ex = examples, read_examples(val_data, tok, template, block)
-    else:
-        train_ex, val_ex = split_examples(examples, val_fraction, seed)
-    del model
-    config = FinetuneConfig(base=base, out=out, method=method, lr=lr, epochs=epochs, max_iters=max_iters,
-                            max_minutes=max_minutes, batch_size=batch_size, eval_interval=eval_interval,
-                            patience=patience, seed=seed, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                            lora_dropout=lora_dropout, lora_targets=list(lora_targets), merge=merge,
-                            tokenizer=tokenizer, chat_template=template)
-    print(f"finetune {method}: {len(train_ex)} train / {len(val_ex)} validation examples from {data}")
+    if config.data is None:
+        raise FinetuneError("fine-tuning needs {param} FILE (chat or text lines)", param="data")
 
     def report(it: int, val: float) -> None:
         print(f"iter {it}: val loss {val:.4f}", flush=True)
 
-    summary = finetune(config, train_ex, val_ex, on_eval=report)
+    with stop_on_signals("fine-tuning") as stop:
+        summary = finetune(config, on_eval=report, stop=stop)
     print(json.dumps(summary))
+    if summary["stop_reason"] == "interrupted":
+        print(f"interrupted at iteration {summary['iters']}: {config.out} holds the best weights so far",
+              file=sys.stderr)
+        return 128 + (stop.signum or 2)
     return 0

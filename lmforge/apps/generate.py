@@ -47,21 +47,21 @@ def print_outputs(model, tokenizer, prompts: list[list[int]], params: SamplingPa
         print(text, file=out, flush=True)
 
 
-def generate_command(model: str, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
+def generate_command(model: str, prompt: str = "", max_tokens: int = 200, temperature: float = 0.8,
                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                      presence_penalty: float = 0.0, frequency_penalty: float = 0.0, stop: list[str] = [],
-                     ignore_eos: bool = False, seed: int | None = None, num_samples: int = 1,
+                     ignore_eos: bool = False, seed: int | None = None, n: int = 1,
                      logprobs: int | None = None, batch_file: str | None = None, stream: bool = True,
                      beam_width: int = 0, length_penalty: float = 1.0, tokenizer: str | None = None,
                      dtype: Literal["float32", "bfloat16"] = "float32", quantize: Literal["int8"] | None = None,
-                     draft: str | None = None, speculative_k: int = 4, adapter: str | None = None,
+                     draft: str | None = None, num_speculative_tokens: int = 4, adapter: str | None = None,
                      controls: str | None = None) -> int:
     """Generate text from a model folder, a Hugging Face folder or a llama2.c file, streaming it as it comes.
 
     Args:
         model: model folder (config.json + model.safetensors + tokenizer), or a preset name for random weights.
         prompt: text to continue; empty starts from the tokenizer's BOS/EOS token.
-        max_new_tokens: new tokens per output at most.
+        max_tokens: new tokens per output at most.
         temperature: sampling temperature; 0 is greedy decoding.
         top_k: sample only from the k most likely tokens; 0 keeps all.
         top_p: nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1].
@@ -72,7 +72,7 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 200, te
         stop: strings that end the output (the output is cut before them).
         ignore_eos: keep generating past the end-of-text token.
         seed: random seed for reproducible sampling.
-        num_samples: outputs per prompt (with beam search: the best beams to print).
+        n: outputs per prompt (with beam search: the best beams to print).
         logprobs: print JSON lines with each token's logprob and this many top alternatives.
         batch_file: file with one prompt per line; outputs are printed in the same order.
         stream: print text as it is generated (single prompt, single sample).
@@ -82,7 +82,7 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 200, te
         dtype: weights and activations dtype.
         quantize: quantize the weights on load (int8, per-channel scales).
         draft: a smaller model sharing the tokenizer: speculative decoding (one prompt, one sample at a time).
-        speculative_k: tokens the draft proposes per target forward.
+        num_speculative_tokens: tokens the draft proposes per target forward.
         adapter: a LoRA adapter folder (from `lmforge finetune --method lora`) merged into the model on load.
         controls: banned phrases and word logit biases (JSON or text file, see lmforge.infer.controls); how often
             each fired is printed to stderr as a JSON line.
@@ -96,10 +96,10 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 200, te
         spec = load_controls(controls)
     loaded = load(model, dtype=dtype, quantize=quantize, adapter=adapter, tokenizer=tokenizer)
     net, tok = loaded.model, loaded.tokenizer
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, stop=list(stop), ignore_eos=ignore_eos, seed=seed,
-                            n=num_samples, logprobs=logprobs)
+                            n=n, logprobs=logprobs)
     guard = Controls(spec, tok, net.config.vocab_size).attach(params) if spec is not None else None
     if batch_file is not None:
         path = Path(batch_file)
@@ -116,7 +116,7 @@ def generate_command(model: str, prompt: str = "", max_new_tokens: int = 200, te
 
         draft_net = load(draft, dtype=dtype, quantize=quantize, tokenizer=tokenizer).model
         for prompt_ids in prompts:
-            tokens, stats = speculative_generate(net, draft_net, prompt_ids, params, k=speculative_k,
+            tokens, stats = speculative_generate(net, draft_net, prompt_ids, params, k=num_speculative_tokens,
                                                  eos_id=None if params.ignore_eos else loaded.eos_id)
             print(continuation_text(tok, prompt_ids, tokens) if tok is not None else tokens, flush=True)
             print(json.dumps({"acceptance_rate": round(stats["acceptance_rate"], 3),

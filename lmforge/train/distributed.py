@@ -110,13 +110,13 @@ def all_reduce(tensor: torch.Tensor, env: Dist, op=None) -> torch.Tensor:
     return tensor
 
 
-def max_over_ranks(value: float, env: Dist) -> float:
-    """The largest of the ranks' values, on every rank: the elapsed time that a time budget's stop and a
-    time-driven learning rate follow, so that all ranks decide alike."""
+def max_over_ranks(values: list[float], env: Dist) -> list[float]:
+    """The element-wise largest of the ranks' values, on every rank: the elapsed time that a time budget's stop
+    and a time-driven learning rate follow, and a stop request, so that all ranks decide alike."""
     if env.world == 1:
-        return value
-    t = torch.tensor(float(value), dtype=torch.float64, device=env.device)
-    return float(all_reduce(t, env, dist.ReduceOp.MAX))
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=env.device)
+    return all_reduce(t, env, dist.ReduceOp.MAX).tolist()
 
 
 def gather_objects(obj, env: Dist) -> list:

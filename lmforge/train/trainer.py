@@ -1,8 +1,17 @@
-"""The training loop: a prepared data folder in, a run folder out. nanoGPT's train.py, made a library function.
+"""The training loop: a prepared data folder in, a run folder out. nanoGPT's train.py, made a library function,
+in the steps its reader knows:
 
-    RUN/train_args.json   every setting of the run (TrainConfig)
+    get_batch       batches()        endless (x, y) micro-batches: random windows, or sequential streams
+    estimate_loss   estimate_loss()  the validation loss, on the same batches every time
+    get_lr          Schedule.lr_at() (lmforge.train.optim) warmup, then cosine / constant / plateau
+    one step        train_step()     grad_accum micro-batches, clip, optimizer step
+    the loop        Trainer.run()    lmforge.train.loop's skeleton: budget, evaluation + checkpoints, early stop
+
+The run folder:
+
+    RUN/train.yaml        every setting of the run (TrainConfig): `lmforge train --config RUN/train.yaml` reruns it
     RUN/metrics.jsonl     one JSON line per logged iteration (iter, loss, lr, tokens_per_s) and per evaluation
-    RUN/loss.png          the loss curves
+    RUN/loss.png          the loss curves (RUN/tensorboard/ too with --logger tensorboard)
     RUN/best/             the model with the lowest validation loss so far (a model folder)
     RUN/last/             the latest model + train_state.pt (optimizer, schedule, RNG states, counters): what
                           `resume` continues from, so that a resumed run's losses equal an uninterrupted one's
@@ -10,7 +19,8 @@
 Batches come in two modes: `random` windows each iteration (nanoGPT), or `sequential` (PyTorch's
 word_language_model: the split cut into batch_size streams walked in consecutive windows, an epoch = one pass).
 The budget is iterations, epochs or wall-clock minutes, whichever ends first; early stopping ends a run whose
-validation loss has not improved for `patience` evaluations.
+validation loss has not improved for `patience` evaluations. A stop request (Ctrl-C or SIGTERM under `lmforge
+train`) ends the run after its current step with last/ saved there.
 
 Launched by torchrun, the same function trains on every process (lmforge.train.distributed: DDP or FSDP, each
 rank its own rows of the global batch, rank 0 writing the files); `batch_size` is then per process, and a run on
@@ -27,8 +37,8 @@ import json
 import math
 import os
 import random
-import time
-from dataclasses import dataclass
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,167 +46,24 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.checkpoint import CONFIG_FILE, load_model, load_train_state
-from lmforge.config import PRESETS, ModelConfig
+from lmforge.config import ModelConfig
 from lmforge.data import load_meta, load_split, random_batch, sequential_batches
-from lmforge.fsutil import atomic_write_text
 from lmforge.model import Transformer
+from lmforge.settings import write_config
 from lmforge.train import distributed
+from lmforge.train.config import (RUN_CONFIG_FILE, RUN_OUTPUTS, TrainConfig, TrainConfigError,  # noqa: F401
+                                  build_model_config, check_fits, iters_per_epoch)
 from lmforge.train.distributed import Dist
-from lmforge.train.optim import OPTIMIZERS, SCHEDULES, Schedule, make_optimizer, set_lr
-from lmforge.errors import LmforgeError
+from lmforge.train.loop import Loop, budget_steps, claim_run_folder, prepare_run_folder, stop_on_signals
+from lmforge.train.metrics import MetricsLog, plot_losses  # noqa: F401  (re-exported)
+from lmforge.train.optim import Schedule, make_optimizer, set_lr
 
-
-class TrainConfigError(LmforgeError):
-    """A training setting out of range; the message names it and what is allowed."""
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run. Model sizes left None come from the preset."""
-
-    data: str
-    """A data folder made by `lmforge prepare` (meta.json, train.bin, val.bin, tokenizer)."""
-    out: str
-    """The run folder to write (best/, last/, metrics.jsonl, loss.png, train_args.json)."""
-    preset: str = "gpt-nano"
-    """Model preset (lmforge.config.PRESETS); the vocabulary size always comes from the data."""
-    n_layer: int | None = None
-    """Override the preset's number of layers."""
-    n_head: int | None = None
-    """Override the preset's number of attention heads."""
-    n_embd: int | None = None
-    """Override the preset's model width."""
-    block_size: int | None = None
-    """Context length trained on (the window length; the example's bptt). None: the preset's."""
-    dropout: float | None = None
-    """Override the preset's dropout."""
-    bias: bool | None = None
-    """Override whether linear layers and norms have biases (nanoGPT's default is bias=False)."""
-    batch_size: int = 12
-    """Sequences per micro-batch (sequential mode: the number of parallel streams); per process under torchrun."""
-    batch_mode: str = "random"
-    """random: random windows each iteration (nanoGPT); sequential: consecutive windows of B streams."""
-    grad_accum: int = 1
-    """Micro-batches whose gradients are summed before each optimizer step."""
-    optimizer: str = "adamw"
-    """adamw or sgd."""
-    lr: float = 1e-3
-    """Peak learning rate."""
-    schedule: str = "cosine"
-    """cosine (warmup + cosine decay to min_lr), constant (warmup + flat) or plateau (lr/4 when val stalls)."""
-    warmup_iters: int = 100
-    """Iterations of linear warmup."""
-    lr_decay_iters: int | None = None
-    """Iteration where cosine decay reaches min_lr. None: the iteration budget."""
-    min_lr: float = 1e-4
-    """The cosine schedule's floor."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay on >= 2-D non-embedding weights (SGD: L2 on all)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.99
-    """AdamW beta2."""
-    momentum: float = 0.0
-    """SGD momentum (the example uses none)."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0: no clipping)."""
-    label_smoothing: float = 0.0
-    """Cross-entropy label smoothing for the training loss (evaluation never smooths)."""
-    dtype: str = "float32"
-    """float32, or bfloat16 / float16 autocast for the model's matmuls (weights, optimizer and loss stay float32;
-    float16 scales the loss with a GradScaler). Half precision pays on GPUs; on a CPU bfloat16 may, float16 rarely."""
-    device: str = "cpu"
-    """cpu, cuda, mps, or auto (this rank's CUDA GPU if there is one, else the CPU)."""
-    fsdp: bool = False
-    """Under torchrun: shard parameters, gradients and optimizer state across processes (FSDP2) instead of
-    replicating the model on each (DDP)."""
-    fsdp_checkpoint: str = "consolidated"
-    """With fsdp: consolidated (rank 0 gathers the weights: a normal model folder) or sharded (each rank writes
-    its shard into sharded/ of the folder; `distributed.consolidate` makes a normal one later)."""
-    compile: bool = False
-    """torch.compile the model (compile time counts in the run's wall time)."""
-    num_threads: int | None = None
-    """torch.set_num_threads for the run. None: PyTorch's default."""
-    seed: int = 1337
-    """Seeds the model init, dropout and the batch sampler."""
-    max_iters: int | None = None
-    """Budget: optimizer steps. At least one of max_iters, epochs, max_minutes must be set."""
-    epochs: float | None = None
-    """Budget: passes over the training split (random mode: train tokens / tokens per iteration)."""
-    max_minutes: float | None = None
-    """Budget: wall-clock minutes of training (resumed runs count the time already spent)."""
-    eval_interval: int = 250
-    """Evaluate every this many iterations, and at the end. 0: at the end of each epoch."""
-    eval_mode: str = "random"
-    """random: eval_iters random val batches from a fixed seed (nanoGPT's estimate_loss); streams: the val split
-    as eval_batch_size streams of non-overlapping windows (the example); full: every val token once."""
-    eval_iters: int = 20
-    """Batches per evaluation in random mode."""
-    eval_batch_size: int | None = None
-    """Batch size for evaluation. None: batch_size."""
-    eval_seed: int = 1234
-    """Seed of the random evaluation batches: the same batches at every evaluation and in every run."""
-    patience: int | None = None
-    """Stop after this many evaluations in a row without a new best validation loss. None: never."""
-    log_interval: int = 10
-    """Write a metrics line (and read the loss back from the tensors) every this many iterations."""
-    progress: bool = True
-    """Show a tqdm progress bar."""
-    resume: bool = False
-    """Continue the run in `out` from its last/ checkpoint."""
-
-    def check(self) -> None:
-        """Raise TrainConfigError naming the first setting out of range."""
-        choices = {"preset": tuple(PRESETS), "batch_mode": ("random", "sequential"), "optimizer": OPTIMIZERS,
-                   "schedule": SCHEDULES, "dtype": ("float32", "bfloat16", "float16"),
-                   "eval_mode": ("random", "streams", "full"), "device": distributed.DEVICES,
-                   "fsdp_checkpoint": ("consolidated", "sharded")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise TrainConfigError(f"{key}={getattr(self, key)!r} is not one of: {', '.join(allowed)}")
-        positive = ("batch_size", "grad_accum", "lr", "log_interval", "n_layer", "n_head", "n_embd", "block_size",
-                    "max_iters", "epochs", "max_minutes", "eval_batch_size", "patience")
-        for key in positive:
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise TrainConfigError(f"{key}={value} must be > 0")
-        non_negative = ("warmup_iters", "min_lr", "weight_decay", "momentum", "grad_clip", "eval_interval",
-                        "eval_iters")
-        for key in non_negative:
-            if getattr(self, key) < 0:
-                raise TrainConfigError(f"{key}={getattr(self, key)} must be >= 0")
-        for key in ("dropout", "label_smoothing"):
-            value = getattr(self, key)
-            if value is not None and not 0 <= value < 1:
-                raise TrainConfigError(f"{key}={value} must be in [0, 1)")
-        if self.max_iters is None and self.epochs is None and self.max_minutes is None:
-            raise TrainConfigError("no budget: set max_iters, epochs or max_minutes")
-        if self.eval_mode == "random" and self.eval_iters < 1:
-            raise TrainConfigError("eval_iters must be >= 1 with eval_mode='random'")
-
-
-# ---------------------------------------------------------------------------------------------- pieces
-
-
-def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
-    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
-                 if getattr(cfg, k) is not None}
-    return ModelConfig.from_name(cfg.preset, vocab_size=vocab_size, **overrides)
-
-
-def iters_per_epoch(cfg: TrainConfig, n_train: int, T: int, world: int = 1) -> int:
-    """Optimizer steps in one pass over the training split (`world` processes each taking batch_size rows)."""
-    B = cfg.batch_size * world
-    if cfg.batch_mode == "sequential":
-        windows = math.ceil((n_train // B - 1) / T)
-    else:
-        windows = n_train // (B * T)
-    return max(1, windows // cfg.grad_accum)
+# ---------------------------------------------------------------------------------------------- the steps
 
 
 def batches(train: np.ndarray, cfg: TrainConfig, T: int, generator: torch.Generator, skip: int, env: Dist):
-    """Endless (x, y) micro-batches of shape (B, T); sequential mode skips the first `skip` (a resumed run).
-    Under torchrun each is this rank's rows of the global batch of B * world rows."""
+    """get_batch: endless (x, y) micro-batches of shape (B, T); sequential mode skips the first `skip` (a resumed
+    run). Under torchrun each is this rank's rows of the global batch of B * world rows."""
     if cfg.batch_mode == "random":
         while True:
             if env.world == 1:
@@ -250,6 +117,35 @@ def estimate_loss(model: Transformer, val: np.ndarray, cfg: TrainConfig, T: int,
     return float(total) / max(count, 1)
 
 
+def train_step(model, wrapped, stream, optimizer, params: list, cfg: TrainConfig, autocast, scaler,
+               env: Dist) -> torch.Tensor:
+    """One optimizer step: grad_accum micro-batches (gradients all-reduced on the last), clip, step. Returns the
+    mean training loss as a tensor (read back only at log time: no device sync every step)."""
+    loss_sum = torch.zeros((), device=env.device)
+    for micro in range(cfg.grad_accum):
+        x, y = next(stream)
+        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        sync = micro == cfg.grad_accum - 1
+        with distributed.grad_sync(wrapped, sync) if env.world > 1 else contextlib.nullcontext():
+            with autocast:
+                logits = model(x)  # (B, T, vocab)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), label_smoothing=cfg.label_smoothing)
+            scaled = loss / cfg.grad_accum
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        loss_sum += loss.detach()
+    if scaler:
+        scaler.unscale_(optimizer)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / cfg.grad_accum
+
+
 def rng_state(generator: torch.Generator, device: torch.device = torch.device("cpu")) -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
              "data": generator.get_state()}
@@ -267,51 +163,6 @@ def set_rng_state(state: dict, generator: torch.Generator, device: torch.device 
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, flushed as written. A resumed run first drops the lines logged
-    after its checkpoint (iter > keep_until), so the file reads as one uninterrupted run."""
-
-    def __init__(self, path: Path, keep_until: int):
-        self.path = path
-        kept = [line for line in self.records() if line["iter"] <= keep_until] if keep_until else []
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-    def records(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def plot_losses(log: MetricsLog, png: Path) -> None:
-    """Training and validation loss against iteration, written atomically (matplotlib's Agg backend, no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lmforge.fsutil import atomic_path
-
-    records = log.records()
-    train_pts = [(r["iter"], r["loss"]) for r in records if "loss" in r]
-    val_pts = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for pts, label, style in ((train_pts, "train", "-"), (val_pts, "validation", "o-")):
-        if pts:
-            ax.plot(*zip(*pts), style, label=label, markersize=3)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
 def load_data_tokenizer(data_dir: str):
     """The data folder's tokenizer, saved with every checkpoint; None if it has none (or cannot be read)."""
     try:
@@ -322,284 +173,227 @@ def load_data_tokenizer(data_dir: str):
         return None
 
 
-# ---------------------------------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------------------------------- the run
 
 
-def train(config: TrainConfig, on_eval=None) -> dict:
+class Trainer:
+    """One run on the process group and device `env` describes: built fresh or from last/ by __init__, trained
+    by `run`. Every rank holds one; rank 0 writes the files."""
+
+    def __init__(self, cfg: TrainConfig, env: Dist, on_eval=None, stop: threading.Event | None = None):
+        if cfg.fsdp and env.world == 1:
+            raise TrainConfigError("{param}=True shards the model across processes: launch with torchrun "
+                                   "--nproc_per_node N (N > 1), or drop --fsdp", param="fsdp")
+        self.cfg, self.env, self.on_eval, self.run_dir = cfg, env, on_eval, Path(cfg.out)
+        claim_run_folder(self.run_dir, RUN_OUTPUTS, resume=cfg.resume, overwrite=cfg.overwrite)
+        self.meta = load_meta(cfg.data)
+        self.train_data, self.val_data = load_split(cfg.data, "train"), load_split(cfg.data, "val")
+        self.tokenizer = load_data_tokenizer(cfg.data)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        state = load_train_state(self.run_dir / "last") if cfg.resume else None
+        self.model = self.build_model(state is not None)
+        self.wrapped = distributed.wrap(self.model, env, cfg.fsdp)  # DDP / FSDP under torchrun, else the model
+        if env.world > 1:
+            torch.manual_seed(cfg.seed + env.rank)  # dropout masks differ between ranks, as between rows
+        self.per_epoch = iters_per_epoch(cfg, len(self.train_data), self.T, env.world)
+        max_iters = budget_steps(cfg.max_iters, cfg.epochs, self.per_epoch)
+        self.optimizer = make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                        cfg.momentum)
+        # get_lr; with only a wall-clock budget the cosine decays over the minutes, ending when the time does
+        self.schedule = Schedule(cfg.schedule, cfg.lr, cfg.warmup_iters, cfg.lr_decay_iters or max_iters or 0,
+                                 min(cfg.min_lr, cfg.lr))
+        self.decay_by_time = cfg.schedule == "cosine" and not cfg.lr_decay_iters
+        self.pending: list[torch.Tensor] = []  # training losses since the last metrics line
+        where = self.restore(state) if state is not None else {}
+        agree = (lambda values: distributed.max_over_ranks(values, env)) if env.world > 1 else None
+        self.loop = Loop(max_iters=max_iters, max_minutes=cfg.max_minutes, eval_interval=cfg.eval_interval or
+                         self.per_epoch, patience=cfg.patience, stop=stop, agree=agree, **where)
+        distributed.barrier(env)  # every rank has read last/ before rank 0 may overwrite it
+        self.metrics = None
+        if env.is_main:
+            prepare_run_folder(self.run_dir, RUN_OUTPUTS, overwrite=cfg.overwrite)
+            write_config(self.run_dir / RUN_CONFIG_FILE, cfg, exclude=("resume", "overwrite"),
+                         header=f"lmforge train: the settings of this run. `lmforge train --config "
+                                f"{self.run_dir / RUN_CONFIG_FILE}` runs them again; add --resume to continue it")
+            self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.loop.start, logger=cfg.logger)
+        self.step_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self.eval_model = distributed.unwrap(self.wrapped)  # DDP's replica (no hooks); FSDP's sharded model itself
+        amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
+        self.autocast = torch.autocast(env.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+        self.scaler = torch.amp.GradScaler(env.device.type) if cfg.dtype == "float16" else None
+        self.stream = batches(self.train_data, cfg, self.T, self.data_gen, skip=self.loop.start * cfg.grad_accum,
+                              env=env)
+        self.tokens_per_iter = cfg.batch_size * env.world * self.T * cfg.grad_accum
+        self.params = list(self.model.parameters())
+
+    def build_model(self, resume: bool) -> Transformer:
+        """Seed everything, check that the run fits, then build the model (fresh, or last/'s weights)."""
+        cfg, last = self.cfg, self.run_dir / "last"
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        random.seed(cfg.seed)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: the same global batch
+        config = ModelConfig.from_file(last / CONFIG_FILE) if resume else build_model_config(cfg, self.meta["vocab_size"])
+        if self.meta["vocab_size"] > config.vocab_size:
+            raise TrainConfigError(f"the data in {cfg.data} has {self.meta['vocab_size']} token ids but the model's "
+                                   f"vocabulary is {config.vocab_size}", param="data")
+        self.T = cfg.block_size or config.block_size
+        check_fits(cfg, config, self.T, {"train": len(self.train_data), "val": len(self.val_data)},
+                   self.env.device, resumed_from=str(last) if resume else None)
+        if not resume or (last / distributed.SHARDED_DIR).is_dir():  # sharded weights come with the optimizer state
+            model = Transformer(config)
+        else:
+            model, _ = load_model(last, with_tokenizer=False)
+        return model.train().to(self.env.device)
+
+    def restore(self, state: dict) -> dict:
+        """Optimizer, schedule and RNG states as last/ saved them; returns where the loop stood."""
+        env = self.env
+        try:
+            distributed.restore_optimizer(self.run_dir / "last", self.wrapped, self.optimizer, state)
+        except ValueError as e:
+            raise TrainConfigError(str(e)) from None
+        self.schedule.load_state_dict(state["schedule"])
+        per_rank = state.get("rng_per_rank")
+        own = per_rank[env.rank] if per_rank and len(per_rank) == env.world else state["rng"]
+        set_rng_state({**own, "data": state["rng"]["data"]}, self.data_gen, env.device)
+        pending = state.get("pending_losses")
+        if pending and len(pending) == env.world:
+            self.pending = [torch.tensor(v, device=env.device) for v in pending[env.rank]]
+        return {"start": state["iter"], "best": state["best_val_loss"], "bad_evals": state["bad_evals"],
+                "elapsed_s": state["elapsed_s"]}
+
+    def checkpoint(self, folder: str) -> None:
+        """Save a resumable model folder RUN/`folder` at the current step. Every rank calls it; rank 0 writes."""
+        env, loop = self.env, self.loop
+        rng = rng_state(self.data_gen, env.device)
+        state = {"iter": loop.it, "schedule": self.schedule.state_dict(), "rng": rng, "best_val_loss": loop.best,
+                 "bad_evals": loop.bad_evals, "elapsed_s": loop.elapsed(), "world_size": env.world,
+                 "train_config": dataclasses.asdict(self.cfg),
+                 "pending_losses": distributed.gather_objects([float(v) for v in self.pending], env)}
+        if env.world > 1:
+            state["rng_per_rank"] = distributed.gather_objects(rng, env)
+        distributed.save_checkpoint(self.run_dir / folder, self.wrapped, self.optimizer, self.tokenizer, state, env,
+                                    sharded=self.cfg.fsdp_checkpoint == "sharded")
+
+    def evaluate(self) -> float:
+        """Validation loss at the current step: logged, checkpointed (best when it improves, and last), plotted."""
+        loop, it = self.loop, self.loop.it
+        val = estimate_loss(self.eval_model, self.val_data, self.cfg, self.T, self.autocast, self.env)
+        record = {"iter": it, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
+                  "elapsed_s": round(loop.elapsed(), 2)}
+        if self.meta.get("tokenizer") == "char":
+            record["val_bpc"] = val / math.log(2)
+        if self.schedule.observe(val):
+            record["lr_reduced_to"] = self.schedule.lr_at(it)
+        if self.metrics is not None:
+            self.metrics.write(record)
+        if loop.observe(val):
+            self.checkpoint("best")
+        self.checkpoint("last")
+        if self.metrics is not None:
+            plot_losses(self.metrics, self.run_dir / "loss.png")
+        if self.on_eval is not None:
+            self.on_eval(it, val)
+        return val
+
+    def log(self, lr: float, seconds: float) -> float:
+        """A metrics line: the mean training loss since the last one (over all ranks' rows); returns it."""
+        loss = float(distributed.all_reduce(torch.stack(self.pending).mean(), self.env)) / self.env.world
+        tokens_per_s = len(self.pending) * self.tokens_per_iter / max(seconds, 1e-9)
+        if self.metrics is not None:
+            self.metrics.write({"iter": self.loop.it, "loss": loss, "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        self.pending = []
+        return loss
+
+    def run(self) -> dict:
+        """Step until the budget ends (or early stopping, a stop request, divergence); evaluate and checkpoint on
+        the way and at the end; return a summary."""
+        from time import perf_counter
+
+        from tqdm import tqdm
+
+        cfg, loop = self.cfg, self.loop
+        self.bar = tqdm(total=loop.max_iters, initial=loop.start, disable=not (cfg.progress and self.env.is_main),
+                        unit="it", dynamic_ncols=True)
+        train_time, last_val, t_log = 0.0, None, perf_counter()
+        try:
+            while loop.running():
+                t_step = perf_counter()
+                lr = self.schedule.lr_at(loop.it, loop.time_fraction() if self.decay_by_time else None)
+                set_lr(self.optimizer, lr)
+                self.pending.append(train_step(self.step_model, self.wrapped, self.stream, self.optimizer,
+                                               self.params, cfg, self.autocast, self.scaler, self.env))
+                train_time += perf_counter() - t_step
+                loop.step_done()
+                self.bar.update(1)
+                if loop.it % cfg.log_interval == 0 or loop.it == loop.max_iters:
+                    if not math.isfinite(self.log(lr, perf_counter() - t_log)):
+                        loop.end("diverged")
+                    t_log = perf_counter()
+                if loop.eval_due() and loop.stop_reason != "diverged":
+                    last_val = self.evaluate()
+                    t_log = perf_counter()  # evaluation time is not training time
+            self.bar.close()
+            if loop.final_eval_due():  # the budget ran out between evaluations: the annealed end is often the best
+                last_val = self.evaluate()
+            if loop.evaluated_at != loop.it or loop.it == loop.start:  # diverged, stopped, or no step: save where
+                self.checkpoint("last")                                 # it ended
+                if self.metrics is not None:
+                    plot_losses(self.metrics, self.run_dir / "loss.png")
+            if not math.isfinite(loop.best) and (self.env.world > 1 or not (self.run_dir / "best").exists()):
+                self.checkpoint("best")  # a run that never evaluated: its final model is its best
+            distributed.barrier(self.env)  # the files are complete when any rank returns
+        finally:
+            self.bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        return {"run_dir": str(self.run_dir), "iters": loop.it, "stop_reason": loop.stop_reason,
+                "best_val_loss": loop.best, "last_val_loss": last_val,
+                "train_tokens_per_s": (loop.it - loop.start) * self.tokens_per_iter / max(train_time, 1e-9),
+                "wall_s": loop.elapsed() - loop.elapsed_before, "params": self.model.num_params(),
+                "tokens_per_iter": self.tokens_per_iter, "iters_per_epoch": self.per_epoch,
+                "world_size": self.env.world}
+
+
+def train(config: TrainConfig, on_eval=None, stop: threading.Event | None = None) -> dict:
     """Train a model as `config` says; return a summary (iterations, losses, speed, where things are).
 
     `on_eval(iteration, val_loss)`, when given, is called after each evaluation's checkpoints are written;
-    an exception it raises (a pruned search trial, say) ends training there and propagates. Under torchrun
+    an exception it raises (a pruned search trial, say) ends training there and propagates. `stop`, when set,
+    ends the run after its current step, with last/ saved there (stop_reason "interrupted"). Under torchrun
     every process runs this (and calls on_eval with the same value); only rank 0 writes files.
     """
-    cfg = config
-    cfg.check()
-    env = distributed.setup(cfg.device)
+    config.check()
+    env = distributed.setup(config.device)
     try:
-        return run_training(cfg, env, on_eval)
+        return Trainer(config, env, on_eval, stop).run()
     finally:
         distributed.teardown(env)
 
 
-def run_training(cfg: TrainConfig, env: Dist, on_eval=None) -> dict:
-    """The loop of `train`, on the process group and device `env` describes."""
-    device, main = env.device, env.is_main
-    if cfg.fsdp and env.world == 1:
-        raise TrainConfigError("fsdp=True shards the model across processes: launch with torchrun "
-                               "--nproc_per_node N (N > 1), or drop --fsdp")
-    run = Path(cfg.out)
-    meta = load_meta(cfg.data)
-    train_data, val_data = load_split(cfg.data, "train"), load_split(cfg.data, "val")
-    tokenizer = load_data_tokenizer(cfg.data)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-
-    # ---- model, optimizer, schedule: fresh, or as the last checkpoint left them
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    random.seed(cfg.seed)
-    data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: they draw the same global batch
-    state = None
-    if cfg.resume:
-        state = load_train_state(run / "last")
-        if (run / "last" / distributed.SHARDED_DIR).is_dir():  # weights come with the optimizer state below
-            model = Transformer(ModelConfig.from_file(run / "last" / CONFIG_FILE))
-        else:
-            model, _ = load_model(run / "last", with_tokenizer=False)
-    else:
-        model = Transformer(build_model_config(cfg, meta["vocab_size"]))
-    if meta["vocab_size"] > model.config.vocab_size:
-        raise TrainConfigError(f"the data in {cfg.data} has {meta['vocab_size']} token ids but the model's "
-                               f"vocabulary is {model.config.vocab_size}")
-    model.train().to(device)
-    wrapped = distributed.wrap(model, env, cfg.fsdp)  # DDP / FSDP under torchrun, else the model itself
-    if env.world > 1:
-        torch.manual_seed(cfg.seed + env.rank)  # dropout masks differ between ranks, as between rows
-    T = cfg.block_size or model.config.block_size
-    per_epoch = iters_per_epoch(cfg, len(train_data), T, env.world)
-    budgets = [b for b in (cfg.max_iters, cfg.epochs and math.ceil(cfg.epochs * per_epoch)) if b]
-    max_iters = min(budgets) if budgets else None
-    eval_interval = cfg.eval_interval or per_epoch
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                               cfg.momentum)
-    schedule = Schedule(cfg.schedule, cfg.lr, cfg.warmup_iters, cfg.lr_decay_iters or max_iters or 0,
-                        min(cfg.min_lr, cfg.lr))
-    # Only a wall-clock budget: the cosine decays over the minutes, so it ends when the time does, at any speed.
-    decay_by_time = cfg.schedule == "cosine" and not cfg.lr_decay_iters and max_iters is None
-    start, best_val, bad_evals, elapsed_before = 0, math.inf, 0, 0.0
-    if state is not None:
-        try:
-            distributed.restore_optimizer(run / "last", wrapped, optimizer, state)
-        except ValueError as e:
-            raise TrainConfigError(str(e)) from None
-        schedule.load_state_dict(state["schedule"])
-        per_rank = state.get("rng_per_rank")
-        own = per_rank[env.rank] if per_rank and len(per_rank) == env.world else state["rng"]
-        set_rng_state({**own, "data": state["rng"]["data"]}, data_gen, device)
-        start, best_val, bad_evals = state["iter"], state["best_val_loss"], state["bad_evals"]
-        elapsed_before = state["elapsed_s"]
-    distributed.barrier(env)  # every rank has read last/ before rank 0 may overwrite it
-    metrics = None
-    if main:
-        atomic_write_text(run / "train_args.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        metrics = MetricsLog(run / "metrics.jsonl", keep_until=start)
-
-    step_model = torch.compile(wrapped) if cfg.compile else wrapped
-    eval_model = distributed.unwrap(wrapped)  # DDP's replica (no hooks); FSDP's sharded model itself
-    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
-    autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
-    scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "float16" else None
-    stream = batches(train_data, cfg, T, data_gen, skip=start * cfg.grad_accum, env=env)
-    tokens_per_iter = cfg.batch_size * env.world * T * cfg.grad_accum
-    params = list(model.parameters())
-
-    def checkpoint(folder: str, it: int) -> None:  # every rank calls it; rank 0 writes
-        rng = rng_state(data_gen, device)
-        train_state = {"iter": it, "schedule": schedule.state_dict(), "rng": rng, "best_val_loss": best_val,
-                       "bad_evals": bad_evals, "elapsed_s": elapsed_before + time.perf_counter() - t_start,
-                       "train_config": dataclasses.asdict(cfg), "world_size": env.world}
-        if env.world > 1:
-            train_state["rng_per_rank"] = distributed.gather_objects(rng, env)
-        distributed.save_checkpoint(run / folder, wrapped, optimizer, tokenizer, train_state, env,
-                                    sharded=cfg.fsdp_checkpoint == "sharded")
-
-    evaluated_at = start
-
-    def evaluate(it: int) -> float:
-        """Validation loss at step `it`: logged, checkpointed (best when it improves, and last), plotted."""
-        nonlocal best_val, bad_evals
-        val = estimate_loss(eval_model, val_data, cfg, T, autocast, env)
-        record = {"iter": it, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
-                  "elapsed_s": round(elapsed_before + time.perf_counter() - t_start, 2)}
-        if meta.get("tokenizer") == "char":
-            record["val_bpc"] = val / math.log(2)
-        if schedule.observe(val):
-            record["lr_reduced_to"] = schedule.lr_at(it)
-        if main:
-            metrics.write(record)
-        improved = val < best_val
-        best_val, bad_evals = min(best_val, val), 0 if improved else bad_evals + 1
-        if improved:
-            checkpoint("best", it)
-        checkpoint("last", it)
-        if main:
-            plot_losses(metrics, run / "loss.png")
-        if on_eval is not None:
-            on_eval(it, val)
-        return val
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=max_iters, initial=start, disable=not (cfg.progress and main), unit="it", dynamic_ncols=True)
-    t_start = time.perf_counter()
-    train_time, pending, stop_reason, it = 0.0, [], "budget", start
-    last_val = None
-    t_log = time.perf_counter()
-    while max_iters is None or it < max_iters:
-        elapsed = elapsed_before + time.perf_counter() - t_start
-        if cfg.max_minutes is not None:
-            elapsed = distributed.max_over_ranks(elapsed, env)
-            if elapsed >= 60 * cfg.max_minutes:
-                stop_reason = "minutes"
-                break
-        # ---- one optimizer step: grad_accum micro-batches (gradients all-reduced on the last), clip, step
-        t_step = time.perf_counter()
-        lr = schedule.lr_at(it, elapsed / (60 * cfg.max_minutes) if decay_by_time else None)
-        set_lr(optimizer, lr)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            x, y = next(stream)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = micro == cfg.grad_accum - 1
-            with distributed.grad_sync(wrapped, sync) if env.world > 1 else contextlib.nullcontext():
-                with autocast:
-                    logits = step_model(x)  # (B, T, vocab)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                       label_smoothing=cfg.label_smoothing)
-                scaled = loss / cfg.grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-            loss_sum += loss.detach()
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        pending.append(loss_sum / cfg.grad_accum)  # read back only at log time: no sync every step
-        train_time += time.perf_counter() - t_step
-        it += 1
-        bar.update(1)
-
-        # ---- log: the mean training loss since the last line (over all ranks' rows)
-        if it % cfg.log_interval == 0 or it == max_iters:
-            mean_loss = distributed.all_reduce(torch.stack(pending).mean(), env)
-            loss_value = float(mean_loss) / env.world
-            now = time.perf_counter()
-            tokens_per_s = len(pending) * tokens_per_iter / max(now - t_log, 1e-9)
-            if main:
-                metrics.write({"iter": it, "loss": loss_value, "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-            pending, t_log = [], now
-            if not math.isfinite(loss_value):
-                stop_reason = "diverged"
-                break
-
-        # ---- evaluate, keep the best, maybe stop
-        if it % eval_interval == 0:
-            last_val, evaluated_at = evaluate(it), it
-            t_log = time.perf_counter()  # evaluation time is not training time
-            if cfg.patience is not None and bad_evals >= cfg.patience:
-                stop_reason = "early_stop"
-                break
-    bar.close()
-    if evaluated_at != it and stop_reason != "diverged":
-        # "and at the end": the budget (steps, epochs or minutes) ran out between evaluations; the end of a run,
-        # its schedule annealed, is often its best model
-        last_val, evaluated_at = evaluate(it), it
-    if evaluated_at != it or it == start:  # diverged, or no step taken: last/ and the plot show where it ended
-        checkpoint("last", it)
-        if main:
-            plot_losses(metrics, run / "loss.png")
-    if not math.isfinite(best_val) and (env.world > 1 or not (run / "best").exists()):
-        checkpoint("best", it)  # a run that never evaluated: its final model is its best
-    distributed.barrier(env)  # the files are complete when any rank returns
-    wall = time.perf_counter() - t_start
-    trained = it - start
-    return {"run_dir": str(run), "iters": it, "stop_reason": stop_reason, "best_val_loss": best_val,
-            "last_val_loss": last_val, "train_tokens_per_s": trained * tokens_per_iter / max(train_time, 1e-9),
-            "wall_s": wall, "params": model.num_params(), "tokens_per_iter": tokens_per_iter,
-            "iters_per_epoch": per_epoch, "world_size": env.world}
+def resume_command(run: Path, world: int) -> str:
+    """The command that continues an interrupted run (from its saved settings)."""
+    launcher = f"torchrun --nproc_per_node {world} -m lmforge" if world > 1 else "lmforge"
+    return f"{launcher} train --config {run / RUN_CONFIG_FILE} --resume"
 
 
-def train_command(data: str, out: str, preset: str = "gpt-nano", n_layer: int | None = None,
-                  n_head: int | None = None, n_embd: int | None = None, block_size: int | None = None,
-                  dropout: float | None = None, no_bias: bool = False, batch_size: int = 12,
-                  batch_mode: str = "random", grad_accum: int = 1, optimizer: str = "adamw", lr: float = 1e-3,
-                  schedule: str = "cosine", warmup_iters: int = 100, lr_decay_iters: int | None = None,
-                  min_lr: float = 1e-4, weight_decay: float = 0.1, beta1: float = 0.9, beta2: float = 0.99,
-                  momentum: float = 0.0, grad_clip: float = 1.0, label_smoothing: float = 0.0,
-                  dtype: str = "float32", compile: bool = False, num_threads: int | None = None,
-                  seed: int = 1337, max_iters: int | None = None, epochs: float | None = None,
-                  max_minutes: float | None = None, eval_interval: int = 250, eval_mode: str = "random",
-                  eval_iters: int = 20, eval_batch_size: int | None = None, eval_seed: int = 1234,
-                  patience: int | None = None, log_interval: int = 10, progress: bool = True,
-                  resume: bool = False, device: str = "cpu", fsdp: bool = False,
-                  fsdp_checkpoint: str = "consolidated") -> int:
+def train_command(config: TrainConfig) -> int:
     """Train a language model on a prepared data folder, writing best/ and last/ checkpoints, metrics and a plot.
 
-    Args:
-        data: a data folder made by `lmforge prepare`.
-        out: the run folder (best/, last/, metrics.jsonl, loss.png, train_args.json).
-        preset: model preset; the vocabulary size comes from the data.
-        n_layer: override the preset's layer count.
-        n_head: override the preset's head count.
-        n_embd: override the preset's width.
-        block_size: context length trained on (the bptt length); default the preset's.
-        dropout: override the preset's dropout.
-        no_bias: drop the biases of linear layers and norms (nanoGPT's bias=False); default: the preset's.
-        batch_size: sequences per micro-batch (sequential mode: parallel streams).
-        batch_mode: random (random windows, nanoGPT) or sequential (consecutive windows of streams, by epoch).
-        grad_accum: micro-batches per optimizer step.
-        optimizer: adamw or sgd.
-        lr: peak learning rate.
-        schedule: cosine (warmup + cosine decay to min_lr), constant, or plateau (lr/4 when validation stalls).
-        warmup_iters: linear warmup iterations.
-        lr_decay_iters: iteration where cosine decay ends (default: the iteration budget).
-        min_lr: the cosine schedule's floor.
-        weight_decay: AdamW decoupled weight decay on non-embedding matrices (SGD: L2 on all).
-        beta1: AdamW beta1.
-        beta2: AdamW beta2.
-        momentum: SGD momentum.
-        grad_clip: clip the global gradient norm to this (0: off).
-        label_smoothing: label smoothing of the training loss.
-        dtype: float32, or bfloat16 / float16 autocast for the matmuls (float16 with a loss scaler; for GPUs).
-        compile: torch.compile the model.
-        num_threads: CPU threads for PyTorch.
-        seed: random seed (init, dropout, batches).
-        max_iters: budget in optimizer steps.
-        epochs: budget in passes over the training split.
-        max_minutes: budget in wall-clock minutes.
-        eval_interval: evaluate every this many iterations (0: every epoch), and at the end.
-        eval_mode: random (eval_iters fixed-seed random batches), streams (the example's), or full.
-        eval_iters: batches per evaluation in random mode.
-        eval_batch_size: evaluation batch size (default batch_size).
-        eval_seed: seed of the random evaluation batches.
-        patience: stop after this many evaluations without improvement.
-        log_interval: iterations per metrics line.
-        progress: show a progress bar.
-        resume: continue the run in OUT from its last/ checkpoint.
-        device: cpu, cuda, mps, or auto (the GPU if there is one). Under torchrun each process takes
-            cuda:LOCAL_RANK.
-        fsdp: under torchrun, shard the model across processes (FSDP) instead of replicating it (DDP).
-        fsdp_checkpoint: with --fsdp: consolidated (a normal model folder) or sharded (each rank writes its part).
+    A budget is needed: --max-iters, --epochs or --max-minutes. Ctrl-C (or SIGTERM) stops after the current step
+    with last/ saved there, and prints the command that resumes the run.
     """
-    args = {k: v for k, v in locals().items() if k != "no_bias"}
-    args["bias"] = False if no_bias else None
-    summary = train(TrainConfig(**args))
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary line, not one per process
+    with stop_on_signals("training") as stop:
+        summary = train(config, stop=stop)
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one summary line, not one per process
+    if main:
         print(json.dumps(summary))
+    if summary["stop_reason"] == "interrupted":
+        if main:
+            print(f"interrupted at iteration {summary['iters']}: {Path(config.out) / 'last'} holds it. Resume with:\n"
+                  f"  {resume_command(Path(config.out), summary['world_size'])}", file=sys.stderr)
+        return 128 + (stop.signum or 2)
     return 0

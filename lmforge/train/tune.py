@@ -1,10 +1,12 @@
 """Hyperparameter search over TrainConfig with Optuna: a search space in, one run per trial, the best config out.
 
     OUT/study.db            the Optuna study (SQLite); the same command again resumes it and runs only what is left
-    OUT/trials/<n>/         trial n's run folder (train_args.json, metrics.jsonl, loss.png). Only the best trial keeps
+    OUT/trials/<n>/         trial n's run folder (train.yaml, metrics.jsonl, loss.png). Only the best trial keeps
                             its checkpoints (best/, last/): a trial's are deleted as soon as it is not the best
     OUT/tune.png            the optimization history and the parameter importances
-    OUT/best_config.json    the best trial: its parameters, validation loss and the whole TrainConfig that made it
+    OUT/tune.yaml           the settings of the search (TuneConfig)
+    OUT/best.yaml           the best trial's whole TrainConfig: `lmforge train --config OUT/best.yaml` trains it again
+                            (into OUT/best-run; flags given as well override it, e.g. --max-iters)
 
 A search space gives one spec per TrainConfig option, `NAME=SPEC`:
 
@@ -12,9 +14,10 @@ A search space gives one spec per TrainConfig option, `NAME=SPEC`:
     warmup_iters=0:200   an int range (the option is an int) dropout=0:0.3:0.1    a range with a step
     n_layer=2,4,6        choices                             optimizer=adamw,sgd  choices (str, bool, none)
 
-or the same in a JSON/YAML file: `{"lr": "1e-4:3e-2:log", "n_layer": [2, 4, 6], "dropout": {"low": 0, "high": 0.3}}`,
-optionally as `{"space": {...}, "fixed": {...}}`. A grid search needs finite values: choices, int ranges, or float
-ranges with a step.
+or the same in YAML (`--config`'s `space:` and `fixed:`, or a --space-file):
+`{"lr": "1e-4:3e-2:log", "n_layer": [2, 4, 6], "dropout": {"low": 0, "high": 0.3}}`, a space file optionally as
+`{"space": {...}, "fixed": {...}}`. A grid search needs finite values: choices, int ranges, or float ranges with a
+step.
 
 Every trial trains with lmforge.train.trainer.train and reports each validation loss to Optuna at its iteration;
 the MedianPruner stops a trial whose loss is worse than the median of earlier trials at the same iteration. The
@@ -24,23 +27,25 @@ whose settings are invalid (n_embd not divisible by n_head, say) is recorded as 
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import math
 import shutil
 import time
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lmforge.fsutil import atomic_path, atomic_write_text
-from lmforge.train.trainer import TrainConfig, train
 from lmforge.errors import LmforgeError
+from lmforge.fsutil import atomic_path
+from lmforge.settings import unwrap_optional, write_config
+from lmforge.train.trainer import TrainConfig, train
 
 SAMPLERS = ("tpe", "random", "grid")
-MANAGED = ("data", "out", "progress", "resume")  # set by the search itself, per trial
+MANAGED = ("data", "out", "progress", "resume", "overwrite")  # set by the search itself, per trial
+BEST_CONFIG, BEST_RUN = "best.yaml", "best-run"
 
 
 class TuneError(LmforgeError):
@@ -58,8 +63,8 @@ def option_types() -> dict[str, type]:
     """TrainConfig option -> its value type (int, float, bool or str), Optional unwrapped."""
     types = {}
     for name, tp in typing.get_type_hints(TrainConfig).items():
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        types[name] = args[0] if args else tp
+        tp = unwrap_optional(tp)
+        types[name] = type(typing.get_args(tp)[0]) if typing.get_origin(tp) is typing.Literal else tp
     return types
 
 
@@ -78,7 +83,8 @@ def _check_name(name: str, what: str) -> type:
 def parse_value(name: str, text, tp: type, what: str):
     """One value of option `name` (a string from the command line, or a JSON/YAML value) as type `tp`."""
     if text is None or (isinstance(text, str) and text.strip().lower() in ("none", "null")):
-        if typing.get_type_hints(TrainConfig)[name] == tp:  # not Optional
+        hint = typing.get_type_hints(TrainConfig)[name]
+        if unwrap_optional(hint) is hint:  # not Optional
             raise TuneError(f"{what}: {name} cannot be none")
         return None
     if not isinstance(text, str):  # a JSON/YAML value
@@ -169,17 +175,20 @@ def _range(name: str, tp: type, parts: list, what: str):
     return FloatDistribution(low, high, log=log, step=step)
 
 
-def parse_fixed(items: list[str]) -> dict:
-    """`NAME=VALUE` strings -> {name: typed value}."""
-    fixed = {}
+def parse_fixed(items: list[str] | dict) -> dict:
+    """`NAME=VALUE` strings, or {name: value} (values as strings or typed), -> {name: typed value}."""
+    pairs = {}
     for item in items:
-        name, eq, value = item.partition("=")
+        if isinstance(items, dict):
+            name, value, what = item, items[item], f"fixed option {item}"
+        else:
+            name, eq, value = item.partition("=")
+            what = f"fixed option {item!r}"
+            if not eq or not name.strip():
+                raise TuneError(f"{what}: expected NAME=VALUE, e.g. max_iters=300")
         name = name.strip()
-        if not eq or not name:
-            raise TuneError(f"fixed option {item!r}: expected NAME=VALUE, e.g. max_iters=300")
-        tp = _check_name(name, f"fixed option {item!r}")
-        fixed[name] = parse_value(name, value, tp, f"fixed option {item!r}")
-    return fixed
+        pairs[name] = parse_value(name, value, _check_name(name, what), what)
+    return pairs
 
 
 def load_space_file(path: str) -> tuple[dict, dict]:
@@ -365,7 +374,7 @@ def tune(data: str, out: str, space: dict, fixed: dict | None = None, trials: in
     def run_trial(trial) -> float:
         params = {name: suggest(trial, name, dist) for name, dist in space.items()}
         cfg = TrainConfig(**{**fixed, **params, "data": data, "out": str(out_dir / "trials" / str(trial.number)),
-                             "progress": False, "resume": False})
+                             "progress": False, "resume": False, "overwrite": True})
 
         def on_eval(iteration: int, val_loss: float) -> None:
             trial.report(val_loss, iteration)
@@ -529,62 +538,87 @@ def plot_study(study, png: Path) -> None:
 
 
 def finish(study, out: Path, space: dict, fixed: dict, data: str) -> dict:
-    """Write tune.png and best_config.json; return the best trial's figures."""
+    """Write tune.png and best.yaml (the best trial's TrainConfig, to train into OUT/best-run); return the best
+    trial's figures."""
     plot_study(study, out / "tune.png")
     try:
         best = study.best_trial
     except ValueError:
         return {"best_val_loss": None, "best_params": None, "plot": str(out / "tune.png")}
     run = out / "trials" / str(best.number)
-    config = dataclasses.asdict(TrainConfig(**{**fixed, **best.params, "data": data, "out": str(run),
-                                                "progress": False}))
-    record = {"trial": best.number, "val_loss": best.value, "params": best.params, "run_dir": str(run),
-              "checkpoint": str(run / "best"), "config": config}
-    atomic_write_text(out / "best_config.json", json.dumps(record, indent=2) + "\n")
+    config = TrainConfig(**{**fixed, **best.params, "data": data, "out": str(out / BEST_RUN)})
+    write_config(out / BEST_CONFIG, config, exclude=("resume", "overwrite"),
+                 header=f"lmforge tune: the best of {len(study.trials)} trials, trial {best.number} (validation loss "
+                        f"{best.value:.6g}, checkpoints in {run}),\nsearched: "
+                        + ", ".join(f"{k}={v}" for k, v in best.params.items())
+                        + f"\n`lmforge train --config {out / BEST_CONFIG}` trains it again into {out / BEST_RUN}")
     return {"best_trial": best.number, "best_val_loss": best.value, "best_params": best.params,
-            "best_config": str(out / "best_config.json"), "plot": str(out / "tune.png")}
+            "best_run": str(run), "best_config": str(out / BEST_CONFIG), "plot": str(out / "tune.png")}
 
 
-def tune_command(data: str, out: str, space: list[str] | None = None, space_file: str | None = None,
-                 fixed: list[str] | None = None, trials: int = 20,
-                 sampler: typing.Literal["tpe", "random", "grid"] = "tpe", seed: int = 0, startup_trials: int = 10,
-                 prune: bool = True, pruner_startup_trials: int = 5, pruner_warmup_steps: int = 0,
-                 storage: str | None = None, study: str = "lmforge-tune") -> int:
+@dataclass
+class TuneConfig:
+    """Every setting of a search."""
+
+    data: str
+    """A data folder made by `lmforge prepare`."""
+    out: str
+    """The search folder (study.db, trials/<n>/, tune.png, best.yaml); the same command again resumes it."""
+    space: dict[str, typing.Any] = field(default_factory=dict)
+    """Searched options as NAME=LOW:HIGH, NAME=LOW:HIGH:log, NAME=LOW:HIGH:STEP or NAME=A,B,C (e.g. --space
+    lr=1e-4:3e-2:log n_layer=2,4,6 dropout=0:0.3); in YAML a mapping of specs, lists of choices or
+    {low, high, log, step}."""
+    space_file: str | None = None
+    """A JSON or YAML file mapping options to specs, optionally as {space: ..., fixed: ...}."""
+    fixed: dict[str, typing.Any] = field(default_factory=dict)
+    """Options every trial shares, as NAME=VALUE (e.g. --fixed max_iters=500 num_threads=1); the others keep
+    TrainConfig's defaults."""
+    trials: int = 20
+    """Trials to finish (completed + pruned, resumed ones included); a grid stops at its size."""
+    sampler: typing.Literal["tpe", "random", "grid"] = "tpe"
+    """tpe (Bayesian), random, or grid (every combination)."""
+    seed: int = 0
+    """Sampler seed."""
+    startup_trials: int = 10
+    """Random trials before TPE starts modelling."""
+    prune: bool = True
+    """Median pruning: stop a trial whose validation loss is worse than the median of earlier trials at the same
+    iteration."""
+    pruner_startup_trials: int = 5
+    """Trials that finish before the pruner starts pruning."""
+    pruner_warmup_steps: int = 0
+    """Iterations of each trial before it may be pruned."""
+    storage: str | None = None
+    """Optuna storage URL or SQLite file. Unset: OUT/study.db."""
+    study: str = "lmforge-tune"
+    """The study's name in the storage."""
+
+    def __post_init__(self) -> None:
+        self.fixed = parse_fixed(self.fixed)  # typed, whether it came from flags (strings) or a YAML file
+
+
+def tune_command(config: TuneConfig) -> int:
     """Search training hyperparameters with Optuna (TPE, random or grid), pruning poor trials early.
 
-    Args:
-        data: a data folder made by `lmforge prepare`.
-        out: the search folder (study.db, trials/<n>/, tune.png, best_config.json); rerun to resume.
-        space: searched options as NAME=LOW:HIGH, NAME=LOW:HIGH:log, NAME=LOW:HIGH:STEP or NAME=A,B,C, all after
-            one --space (e.g. --space lr=1e-4:3e-2:log n_layer=2,4,6 dropout=0:0.3).
-        space_file: a JSON or YAML file mapping options to specs (strings as above, lists of choices, or
-            {low, high, log, step}), optionally as {space: ..., fixed: ...}.
-        fixed: options every trial shares, as NAME=VALUE after one --fixed (e.g. --fixed max_iters=500
-            num_threads=1); the other options keep TrainConfig's defaults.
-        trials: trials to finish (completed + pruned, resumed ones included); a grid stops at its size.
-        sampler: tpe (Bayesian), random, or grid (every combination).
-        seed: sampler seed.
-        startup_trials: random trials before TPE starts modelling.
-        prune: median pruning: stop a trial whose validation loss is worse than the median of earlier trials
-            at the same iteration (--no-prune: run every trial to the end).
-        pruner_startup_trials: trials that finish before the pruner starts pruning.
-        pruner_warmup_steps: iterations of each trial before it may be pruned.
-        storage: Optuna storage URL or SQLite file (default OUT/study.db).
-        study: the study's name in the storage.
+    The best trial's settings are written to OUT/best.yaml: `lmforge train --config OUT/best.yaml` trains them.
     """
-    search, extra = (load_space_file(space_file) if space_file else ({}, {}))
-    for spec in space or []:
-        name, dist = parse_spec(spec)
+    search, extra = (load_space_file(config.space_file) if config.space_file else ({}, {}))
+    for name, spec in config.space.items():
         if name in search:
-            raise TuneError(f"space spec {spec!r}: {name} is already in the search space")
-        search[name] = dist
-    settings = {**extra, **parse_fixed(fixed or [])}
-    summary = tune(data, out, search, settings, trials=trials, sampler=sampler, seed=seed,
-                   startup_trials=startup_trials, prune=prune, pruner_startup_trials=pruner_startup_trials,
-                   pruner_warmup_steps=pruner_warmup_steps, storage=storage, study_name=study)
+            raise TuneError(f"space {name}: it is already in the search space (from {config.space_file})")
+        search[name] = make_distribution(name, spec, f"space spec {name}={spec}")
+    settings = {**extra, **config.fixed}
+    check_settings(config.data, settings, search)  # before anything is written
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    write_config(Path(config.out) / "tune.yaml", config, header="lmforge tune: the settings of this search "
+                 "(`lmforge tune --config` reads them; the same search again resumes it)")
+    summary = tune(config.data, config.out, search, settings, trials=config.trials, sampler=config.sampler,
+                   seed=config.seed, startup_trials=config.startup_trials, prune=config.prune,
+                   pruner_startup_trials=config.pruner_startup_trials,
+                   pruner_warmup_steps=config.pruner_warmup_steps, storage=config.storage, study_name=config.study)
     import optuna
 
-    loaded = optuna.load_study(study_name=study, storage=summary["storage"])
+    loaded = optuna.load_study(study_name=config.study, storage=summary["storage"])
     print_table(results_table(loaded, search), f"lmforge tune: {summary['trials']} trials, {summary['pruned']} pruned")
     print(json.dumps(summary))
     return 0
