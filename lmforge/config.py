@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.fsutil import read_json
+
 
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
@@ -113,16 +115,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"model config not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"model config {path} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"model config {path} must hold a JSON object, got {type(d).__name__}")
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path, "model config"))
 
 
 _GPT2 = dict(norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_embeddings=True, init="gpt2")

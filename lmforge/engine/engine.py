@@ -35,7 +35,7 @@ from lmforge.engine.drafter import Drafter
 from lmforge.engine.paged_cache import PagedKVCache
 from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.engine.sequence import RequestOutput, Sequence
-from lmforge.infer.generate import Completion
+from lmforge.infer.generate import Completion, check_prompt
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
 from lmforge.infer.speculative import accept_greedy, accept_reject, processed, token_probs
 
@@ -87,19 +87,8 @@ class Engine:
                      request_id: str | None = None) -> list[Sequence]:
         """Check a request and build its sequences (n per prompt), without queueing them."""
         params = params if params is not None else SamplingParams()
-        prompt = [int(t) for t in prompt_ids]
-        V, ctx = self.config.vocab_size, self.config.block_size
-        if not prompt:
-            raise ValueError("the prompt is empty; start it with the tokenizer's BOS/EOS token")
-        if min(prompt) < 0 or max(prompt) >= V:
-            raise ValueError(f"the prompt holds token ids outside the model's vocabulary 0..{V - 1}")
-        params.check_vocab(V)
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer to decode text; pass tokenizer=... or use stop_token_ids")
+        prompt = check_prompt(prompt_ids, params, self.config, has_tokenizer=self.tokenizer is not None)
         need = len(prompt) + params.max_tokens - 1  # positions fed to the model
-        if self.config.pos != "sinusoidal" and need > ctx:
-            raise ValueError(f"the prompt ({len(prompt)} tokens) plus max_tokens={params.max_tokens} needs {need + 1} "
-                             f"positions but the model's context is {ctx}; shorten the prompt or lower max_tokens")
         if self.block_manager.blocks_needed(need) > self.block_manager.num_blocks:
             raise ValueError(f"the request needs {self.block_manager.blocks_needed(need)} KV blocks but the pool has "
                              f"{self.block_manager.num_blocks}; raise num_blocks or lower max_tokens")
