@@ -33,8 +33,8 @@ class ModelConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    n_kv_head: int | None = None  # grouped-query attention; None means n_head (plain multi-head)
-    intermediate_size: int | None = None  # FFN hidden width; None derives it from the mlp type
+    n_kv_head: int = 0  # grouped-query attention; 0 (or None in a file) means n_head, plain multi-head
+    intermediate_size: int = 0  # FFN hidden width; 0 (or None in a file) derives it from the mlp type
     multiple_of: int = 256  # Llama rounds the SwiGLU width up to a multiple of this
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
@@ -52,9 +52,9 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # provenance (e.g. imported from), never read by the model
 
     def __post_init__(self) -> None:
-        if self.n_kv_head is None:
+        if not self.n_kv_head:
             self.n_kv_head = self.n_head
-        if self.intermediate_size is None:
+        if not self.intermediate_size:
             if self.mlp == "swiglu":
                 self.intermediate_size = find_multiple(int(2 * 4 * self.n_embd / 3), self.multiple_of)
             else:

@@ -88,11 +88,11 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, qua
         if read_chat_template(folder) is not None:  # the template the adapter was trained with
             loaded.template_folder = folder
             loaded.extras[TEMPLATE_FILE] = (folder / TEMPLATE_FILE).read_bytes()
-    model = loaded.model.to(device=device, dtype=torch_dtype)
+    model = loaded.model.to(device=device, dtype=torch_dtype).eval()
     if quantize is not None and model.config.quantization is None:
         quantize_model(model, quantize)
-    loaded.model = prepare_for_decoding(model) if prepare else model
-    loaded.model.eval()
+    if prepare:
+        prepare_for_decoding(model)  # in place
     return loaded
 
 

@@ -14,14 +14,20 @@ model masks padding slots and gives each row its own positions (`KVCache.pad`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.sampling import (SamplingParams, StopStrings, TokenLogprob, make_generator,
-                                    sample_next, token_logprobs)
+from lmforge.infer.sampling import (
+    SamplingParams,
+    StopStrings,
+    TokenLogprob,
+    make_generator,
+    sample_next,
+    token_logprobs,
+)
 
 
 @dataclass
@@ -164,14 +170,21 @@ def continuation_text(tokenizer, prompt: Sequence[int], generated: Sequence[int]
     return tokenizer.decode(anchor + list(generated))[len(tokenizer.decode(anchor)):]
 
 
+def per_prompt_params(params: Sequence[SamplingParams] | SamplingParams, n: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: the list given (its length checked), or the one given, n times."""
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise LmforgeError(f"got {n} prompts but {len(params)} SamplingParams; pass one per prompt or a single one "
+                           f"for all")
+    return list(params)
+
+
 def _normalise(model, prompts, params, has_tokenizer: bool) -> tuple[list[list[int]], list[SamplingParams]]:
     """One SamplingParams per prompt, every prompt checked (`check_prompt`)."""
     if not prompts:
         raise LmforgeError("generate needs at least one prompt", param="prompt")
-    params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-    if len(params) != len(prompts):
-        raise LmforgeError(f"got {len(prompts)} prompts but {len(params)} SamplingParams; pass one per prompt "
-                           f"or a single one for all")
+    params = per_prompt_params(params, len(prompts))
     prompts = [check_prompt(p, sp, model.config, has_tokenizer=has_tokenizer, name=f"prompt {i}")
                for i, (p, sp) in enumerate(zip(prompts, params))]
     return prompts, params
@@ -257,12 +270,11 @@ def generate(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingP
             c.tokens.append(ev.token)
         if ev.logprob is not None:
             c.logprobs = (c.logprobs or []) + [ev.logprob]
-        if tokenizer is not None:
+        if c.text is not None:
             c.text += ev.text
         c.finish_reason = ev.finish_reason
     completions, i = [], 0
-    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-    for p_index, sp in enumerate(plist):
+    for p_index, sp in enumerate(per_prompt_params(params, len(prompts))):
         for s_index in range(sp.n):
             c = out[i]
             c.prompt_index, c.sample_index = p_index, s_index
