@@ -17,7 +17,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/lmforge demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --run-slow
 
 # Optional: llama-cpp-python compiles llama.cpp from source (15+ minutes on 2 cores; pip caches the wheel) so the
 # GGUF tests also run the exported files in llama.cpp. Without it those tests skip with a reason.

@@ -13,8 +13,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -197,9 +197,9 @@ def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: P
     missing = [n for n in kept if n not in tensors]
     unexpected = [n for n in tensors if n not in own]
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit this model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; is it a checkpoint "
-                              f"of another architecture?")
+        raise CheckpointError(f"{path} does not fit this model: missing {missing[:5]}"
+                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                              f"{'...' if len(unexpected) > 5 else ''}; is it a checkpoint of another architecture?")
     for name, t in tensors.items():
         if own[name].shape != t.shape:
             raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, the config in "
@@ -226,9 +226,9 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
                                   f"lmforge.loader.load, which builds the quantized layers")
         build = Transformer
     if not (folder / WEIGHTS_FILE).exists() and (folder / "sharded").is_dir():
-        raise CheckpointError(f"{folder} is a sharded FSDP checkpoint (its weights are split across {folder / 'sharded'}); "
-                              f"resume it under torchrun with --fsdp, or make a normal model folder from it with "
-                              f"lmforge.train.distributed.consolidate")
+        raise CheckpointError(f"{folder} is a sharded FSDP checkpoint (its weights are split across "
+                              f"{folder / 'sharded'}); resume it under torchrun with --fsdp, or make a normal model "
+                              f"folder from it with lmforge.train.distributed.consolidate")
     tensors, _ = read_weights(folder / WEIGHTS_FILE)
     model = build(config)
     load_state(model, tensors, folder / WEIGHTS_FILE)

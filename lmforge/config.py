@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.fsutil import read_json
+
 
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
@@ -31,8 +33,8 @@ class ModelConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    n_kv_head: int | None = None  # grouped-query attention; None means n_head (plain multi-head)
-    intermediate_size: int | None = None  # FFN hidden width; None derives it from the mlp type
+    n_kv_head: int = 0  # grouped-query attention; 0 (or None in a file) means n_head, plain multi-head
+    intermediate_size: int = 0  # FFN hidden width; 0 (or None in a file) derives it from the mlp type
     multiple_of: int = 256  # Llama rounds the SwiGLU width up to a multiple of this
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
@@ -50,9 +52,9 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # provenance (e.g. imported from), never read by the model
 
     def __post_init__(self) -> None:
-        if self.n_kv_head is None:
+        if not self.n_kv_head:
             self.n_kv_head = self.n_head
-        if self.intermediate_size is None:
+        if not self.intermediate_size:
             if self.mlp == "swiglu":
                 self.intermediate_size = find_multiple(int(2 * 4 * self.n_embd / 3), self.multiple_of)
             else:
@@ -113,16 +115,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"model config not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"model config {path} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"model config {path} must hold a JSON object, got {type(d).__name__}")
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path, "model config"))
 
 
 _GPT2 = dict(norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_embeddings=True, init="gpt2")

@@ -19,6 +19,7 @@ base), and, with prepare=False to keep the weights as stored, quantize, import a
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from lmforge.templates import TEMPLATE_FILE, ChatTemplate, read_chat_template
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,16 +85,18 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, qua
         check_mode(quantize)
     loaded = read(path, tokenizer)
     if adapter is not None:
+        log.debug("merging the LoRA adapter %s", adapter)
         apply_adapter(loaded.model, adapter)
         folder = resolve_adapter_dir(adapter)
         if read_chat_template(folder) is not None:  # the template the adapter was trained with
             loaded.template_folder = folder
             loaded.extras[TEMPLATE_FILE] = (folder / TEMPLATE_FILE).read_bytes()
-    model = loaded.model.to(device=device, dtype=torch_dtype)
+    model = loaded.model.to(device=device, dtype=torch_dtype).eval()
     if quantize is not None and model.config.quantization is None:
+        log.debug("quantizing %s to %s", path, quantize)
         quantize_model(model, quantize)
-    loaded.model = prepare_for_decoding(model) if prepare else model
-    loaded.model.eval()
+    if prepare:
+        prepare_for_decoding(model)  # in place
     return loaded
 
 
@@ -102,6 +106,7 @@ def read(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) ->
     path = Path(path)
     if not path.exists():
         if name in PRESETS:
+            log.debug("%s: a preset name, random weights", name)
             return _random_preset(name, tokenizer)
         raise FileNotFoundError(f"model not found: {path} (a model folder, training run, Hugging Face folder, "
                                 f"{', '.join(FILE_READERS)} file, or one of the presets {', '.join(PRESETS)})")
@@ -110,8 +115,11 @@ def read(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) ->
         if reader is None:
             raise LmforgeError(f"cannot load {path}: a model is an lmforge or Hugging Face folder, or a "
                                f"{' / '.join(FILE_READERS)} file", param="model")
+        log.debug("%s: a %s model file", path, path.suffix)
         return reader(path, tokenizer)
-    loaded = _read_hf(path) if is_hf_folder(path) else _read_lmforge(path, tokenizer is None)
+    hf = is_hf_folder(path)
+    log.debug("%s: %s folder", path, "a Hugging Face" if hf else "an lmforge model or run")
+    loaded = _read_hf(path) if hf else _read_lmforge(path, tokenizer is None)
     if tokenizer is not None:
         loaded.tokenizer = load_tokenizer(tokenizer, loaded.model.config.vocab_size)
     return loaded

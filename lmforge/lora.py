@@ -15,8 +15,8 @@ fused qkv and SwiGLU fc layers are adapted as one matrix each. An adapter folder
     adapter_config.json         rank, alpha, dropout, targets, and the base it was trained on (path + digest)
 
 and is applied for inference by merging (`lmforge.loader.load(..., adapter=...)`): W += scale * B @ A, after which
-the model is a plain Transformer again (quantization and oneDNN packing then apply as to any model). A base whose weights differ from the digest
-recorded at training time is refused.
+the model is a plain Transformer again (quantization and oneDNN packing then apply as to any model). A base whose
+weights differ from the digest recorded at training time is refused.
 """
 
 from __future__ import annotations

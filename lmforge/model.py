@@ -19,6 +19,7 @@ sampling, files or HTTP.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -196,6 +197,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    rope_cos: torch.Tensor  # (block_size, hs/2) buffers, rope models only
+    rope_sin: torch.Tensor
+    fused_decoder: Any = None  # a one-call decode step, attached by lmforge.infer.fused.prepare_for_decoding
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -217,10 +222,10 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         c = self.config
         if c.init == "seed":  # the example's init_weights(); encoder layers keep PyTorch's own init
-            for block in self.blocks:
-                nn.init.xavier_uniform_(block.attn.qkv.weight)  # as nn.MultiheadAttention's in_proj
-                nn.init.zeros_(block.attn.qkv.bias)
-                nn.init.zeros_(block.attn.proj.bias)
+            for attn in (m for m in self.modules() if isinstance(m, Attention)):
+                nn.init.xavier_uniform_(attn.qkv.weight)  # as nn.MultiheadAttention's in_proj
+                nn.init.zeros_(attn.qkv.bias)
+                nn.init.zeros_(attn.proj.bias)
             nn.init.uniform_(self.tok_emb.weight, -0.1, 0.1)
             nn.init.uniform_(self.lm_head.weight, -0.1, 0.1)
             nn.init.zeros_(self.lm_head.bias)
@@ -263,7 +268,7 @@ class Transformer(nn.Module):
         x = self.tok_emb(tokens)  # (B, T, C)
         if c.embed_scale:
             x = x * math.sqrt(c.n_embd)
-        if c.pos == "learned":
+        if self.pos_emb is not None:  # learned positions
             x = x + self.pos_emb(positions)
         elif c.pos == "sinusoidal":
             x = x + sinusoidal(positions, c.n_embd).to(x.dtype)

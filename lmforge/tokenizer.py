@@ -28,8 +28,9 @@ import os
 import re
 import struct
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -110,7 +111,7 @@ class CharTokenizer:
         self._codepoints = np.array([ord(ch) for ch in vocab], dtype=np.int64)
 
     @classmethod
-    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+    def train(cls, texts: Iterable[str]) -> CharTokenizer:
         chars: set[str] = set()
         for text in texts:
             chars.update(text)
@@ -182,7 +183,7 @@ class WordTokenizer:
         self.unk_id = self.stoi[UNK]
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int | None = None) -> "WordTokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int | None = None) -> WordTokenizer:
         """Ids in order of first appearance; with `vocab_size`, keep the most frequent words (ties: first seen).
 
         `<eos>` and `<unk>` always stay in (and count towards `vocab_size`); `<unk>` is appended when the
@@ -264,9 +265,10 @@ class BPETokenizer:
         self.bos_id = _special_token_id(tok, bos_token, BOS_CANDIDATES)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int | None = None) -> "BPETokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int | None = None) -> BPETokenizer:
         """GPT-2 style: bytes mapped to 256 printable symbols, so any UTF-8 text encodes with no `<unk>`."""
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
 
         vocab_size = DEFAULT_BPE_VOCAB_SIZE if vocab_size is None else vocab_size
         alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -288,7 +290,7 @@ class BPETokenizer:
         return cls(tok, eos_token=BPE_EOS)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "BPETokenizer":
+    def from_file(cls, path: str | os.PathLike) -> BPETokenizer:
         """Wrap an existing `tokenizer.json`.
 
         eos/bos come from a `tokenizer_config.json` beside it when that names them (as Hugging Face model
@@ -369,7 +371,7 @@ class Llama2cTokenizer:
     # -- files
     @classmethod
     def from_file(cls, path: str | os.PathLike, vocab_size: int | None = None,
-                  verify: bool = True) -> "Llama2cTokenizer":
+                  verify: bool = True) -> Llama2cTokenizer:
         """Read a llama2.c tokenizer.bin; `vocab_size` (the model's) is checked, or taken from the file's length."""
         path = Path(path)
         if not path.is_file():

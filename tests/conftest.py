@@ -33,3 +33,18 @@ def fused_decode_built():
     from lmforge.infer.fused import _load_extension
 
     _load_extension()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (minutes in all); `make test` and CI pass it")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow are opt-in locally: skipped, with the reason, unless --run-slow is given."""
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --run-slow to run it (make test and CI do)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -206,6 +206,7 @@ def naive_hits(model, tok, documents, targets):
     return hits
 
 
+@pytest.mark.slow  # trains a model for tens of seconds
 def test_memorized_file_scores_high_and_random_model_scores_zero(memorized):
     model, tok = memorized
     got = next_line_exact_match(model, tok, [MEMO_TEXT], 60, max_line_tokens=MAX_LINE_TOKENS)
@@ -217,6 +218,7 @@ def test_memorized_file_scores_high_and_random_model_scores_zero(memorized):
     assert got["next_line_exact_match"] <= 0.05
 
 
+@pytest.mark.slow  # trains a model for tens of seconds
 def test_exact_match_equals_naive_argmax_loop(memorized):
     model, tok = memorized
     # the memorized text, and a variant it never saw: a mix of hits and misses
@@ -233,6 +235,7 @@ def test_exact_match_equals_naive_argmax_loop(memorized):
 # ---------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow  # trains a model for tens of seconds
 def test_stdlib_model_evaluates_and_serves_greedy_completions(tmp_path, capsys):
     data, run = tmp_path / "data", tmp_path / "run"
     assert cli.main(["prepare", "python-stdlib", "--out", str(data), "--tokenizer", "bpe", "--vocab-size", "400",

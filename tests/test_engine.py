@@ -184,3 +184,20 @@ def test_requests_that_cannot_fit_are_refused_with_the_reason():
         engine.add_request([1], SamplingParams(stop=["x"]))
     with pytest.raises(ValueError, match="empty"):
         engine.add_request([], SamplingParams())
+
+
+@pytest.mark.parametrize("prompt, params, param", [
+    ([], SamplingParams(), "prompt"),
+    ([1, 10**6], SamplingParams(), "prompt"),
+    ([1], SamplingParams(stop=["x"]), "stop"),
+    ([1] * 60, SamplingParams(max_tokens=10), "max_tokens"),
+])
+def test_engine_and_generate_refuse_the_same_prompts_naming_the_same_parameter(prompt, params, param):
+    from lmforge.errors import LmforgeError
+
+    model = tiny()  # gpt-nano: a context of 64
+    with pytest.raises(LmforgeError) as by_engine:
+        Engine(model, block_size=4, num_blocks=64).add_request(prompt, params)
+    with pytest.raises(LmforgeError) as by_generate:
+        plain_generate(model, [prompt], params)
+    assert by_engine.value.param == by_generate.value.param == param

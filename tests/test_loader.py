@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from test_llama2c import write_llama2c
 
 from lmforge import lora
 from lmforge.apps.convert import quantize_command
@@ -19,7 +20,6 @@ from lmforge.interop.llama2c import read_llama2c_model
 from lmforge.loader import load, read
 from lmforge.model import Transformer
 from lmforge.tokenizer import BPETokenizer
-from test_llama2c import write_llama2c
 
 TOKENS = torch.tensor([[5, 9, 2, 31, 7, 7, 1, 30]])
 TEMPLATE = {"chat_template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"}

@@ -159,6 +159,7 @@ def check_resumed(data_dir, out: Path, cut_state: str) -> None:
         tune(data_dir, str(out), space("lr=1e-4:1e-3:log"), FIXED, trials=3, verbose=False)
 
 
+@pytest.mark.slow  # kills and restarts a search in subprocesses
 def test_killed_search_resumes_and_keeps_earlier_trials(data_dir, tmp_path):
     out = tmp_path / "search"
     cmd = [sys.executable, "-m", "lmforge", "tune", data_dir, str(out), "--space", "lr=1e-3:1e-2:log",

@@ -51,7 +51,8 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, repeats: int = 
             "total_s": round(t_total, 3)}
 
 
-def bench_command(model: str, batch_sizes: list[int] = [1, 8], dtypes: list[str] = ["float32"],
+# The list defaults are what the CLI shows and passes (lmforge.cli); nothing mutates them.
+def bench_command(model: str, batch_sizes: list[int] = [1, 8], dtypes: list[str] = ["float32"],  # noqa: B006
                   prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3) -> int:
     """Measure prefill and decode tokens/s of a model, one JSON line per batch size and dtype.
 

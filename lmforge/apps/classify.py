@@ -50,6 +50,7 @@ from safetensors.torch import save_file
 from lmforge.checkpoint import (CheckpointError, clean_stale_folders, load_model, read_weights, resolve_model_dir,
                                 save_model_files, tensors_digest, write_folder)
 from lmforge.errors import LmforgeError
+from lmforge.fsutil import read_json
 from lmforge.model import Transformer
 from lmforge.settings import check_choices, to_yaml
 from lmforge.textfile import text_lines
@@ -530,17 +531,16 @@ def load_classifier(folder: str | Path, device: str = "cpu") -> tuple[Classifier
     if not meta_path.is_file():
         raise CheckpointError(f"{folder} holds no {CLASSIFY_FILE}: not a classifier folder (make one with "
                               f"`lmforge classify train BASE --data FILE --out DIR`)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        labels, pooling = meta["labels"], meta["pooling"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{meta_path} is not a valid classifier description ({type(e).__name__}: {e})") from None
+    meta = read_json(meta_path, "classifier description", CheckpointError)
+    if "labels" not in meta or "pooling" not in meta:
+        raise CheckpointError(f"{meta_path} is not a valid classifier description: it needs 'labels' and 'pooling'")
+    labels, pooling = meta["labels"], meta["pooling"]
     clf, tokenizer = _read_member(folder, labels, pooling)
     max_tokens = meta.get("max_tokens", clf.body.config.block_size)
     if meta.get("members"):
         others = []
         for name in meta["members"]:
-            info = json.loads((folder / name / CLASSIFY_FILE).read_text(encoding="utf-8"))
+            info = read_json(folder / name / CLASSIFY_FILE, "classifier description", CheckpointError)
             others.append(_read_member(folder / name, labels, info.get("pooling", pooling))[0])
         clf = Ensemble([clf, *others])
     clf.to(device).eval()

@@ -8,13 +8,15 @@ besides its weights (tokenizer_config.json with the chat template, generation_co
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from typing import Literal
 
 from lmforge.checkpoint import save_model
 from lmforge.errors import LmforgeError
 from lmforge.infer.quantize import check_mode, model_bytes, quantize_model
 from lmforge.loader import load
+
+log = logging.getLogger(__name__)
 
 
 def import_command(source: str, out: str, tokenizer: str | None = None) -> None:
@@ -55,14 +57,14 @@ def export_command(model: str, out: str, format: Literal["hf", "gguf"] = "hf",
 
         done = export_gguf(net, tok, out, gguf_type or "f16", extras=loaded.extras)
         for note in done.notes:
-            print(f"note: {note}", file=sys.stderr)
+            log.warning("%s", note)
         print(f"exported {model} -> {out} (GGUF {done.arch}, {gguf_type or 'f16'}, tokenizer {done.tokenizer_model}, "
               f"{len(done.tensor_types)} tensors)")
         return
     from lmforge.interop.hf import export_hf
 
     if tok is not None and tok.kind != "bpe":
-        print(f"note: a {tok.kind} tokenizer has no tokenizer.json form; only the model is exported", file=sys.stderr)
+        log.warning("a %s tokenizer has no tokenizer.json form; only the model is exported", tok.kind)
     export_hf(net, tok, out, extra_files=loaded.extras)
     print(f"exported {model} -> {out} (Hugging Face format)")
 

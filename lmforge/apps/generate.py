@@ -47,9 +47,10 @@ def print_outputs(model, tokenizer, prompts: list[list[int]], params: SamplingPa
         print(text, file=out, flush=True)
 
 
+# The list default is what the CLI shows and passes (lmforge.cli); nothing mutates it.
 def generate_command(model: str, prompt: str = "", max_tokens: int = 200, temperature: float = 0.8,
                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0, stop: list[str] = [],
+                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0, stop: list[str] = [],  # noqa: B006
                      ignore_eos: bool = False, seed: int | None = None, n: int = 1,
                      logprobs: int | None = None, batch_file: str | None = None, stream: bool = True,
                      beam_width: int = 0, length_penalty: float = 1.0, tokenizer: str | None = None,

@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 
 from lmforge.apps.sft import Example
-from lmforge.fsutil import atomic_write_text
+from lmforge.fsutil import atomic_write_text, read_json
 from lmforge.textfile import text_lines
 from lmforge.errors import LmforgeError
 
@@ -155,12 +155,12 @@ class PromptFormat:
         if not path.is_file():
             raise FileNotFoundError(f"{path.parent} holds no {FORMAT_FILE}: not a translation model (train one with "
                                     f"lmforge.apps.translate.train_translator or bench/translate.py)")
+        expected = f"expected keys {sorted(asdict(cls()))}"
+        d = read_json(path, "translation format", fix=expected)
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
             return cls(**d)
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
-            raise ValueError(f"{path} is not a valid translation format ({e}); expected keys "
-                             f"{sorted(asdict(cls()))}") from None
+        except TypeError as e:
+            raise LmforgeError(f"{path} is not a valid translation format ({e}); {expected}") from None
 
 
 def pair_example(tokenizer, fmt: PromptFormat, src: str, tgt: str) -> Example:

@@ -56,8 +56,8 @@ class Drafter:
     def propose(self, seqs, ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         """Draft ks[b] tokens for seqs[b]; returns the tokens and the distributions (ks[b], V) they were drawn from
         (None for a greedy row: its check compares argmaxes)."""
-        drafted = [[] for _ in seqs]
-        q_rows = [[] for _ in seqs]
+        drafted: list[list[int]] = [[] for _ in seqs]
+        q_rows: list[list[torch.Tensor]] = [[] for _ in seqs]
         starts = [min(s.num_draft_computed, s.num_tokens - 1) for s in seqs]
         feeds = [s.token_ids[a:] for s, a in zip(seqs, starts)]
         active = list(range(len(seqs)))

@@ -35,7 +35,7 @@ from lmforge.engine.drafter import Drafter
 from lmforge.engine.paged_cache import PagedKVCache
 from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.engine.sequence import RequestOutput, Sequence
-from lmforge.infer.generate import Completion
+from lmforge.infer.generate import Completion, check_prompt, per_prompt_params
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
 from lmforge.infer.speculative import accept_greedy, accept_reject, processed, token_probs
 
@@ -87,19 +87,8 @@ class Engine:
                      request_id: str | None = None) -> list[Sequence]:
         """Check a request and build its sequences (n per prompt), without queueing them."""
         params = params if params is not None else SamplingParams()
-        prompt = [int(t) for t in prompt_ids]
-        V, ctx = self.config.vocab_size, self.config.block_size
-        if not prompt:
-            raise ValueError("the prompt is empty; start it with the tokenizer's BOS/EOS token")
-        if min(prompt) < 0 or max(prompt) >= V:
-            raise ValueError(f"the prompt holds token ids outside the model's vocabulary 0..{V - 1}")
-        params.check_vocab(V)
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer to decode text; pass tokenizer=... or use stop_token_ids")
+        prompt = check_prompt(prompt_ids, params, self.config, has_tokenizer=self.tokenizer is not None)
         need = len(prompt) + params.max_tokens - 1  # positions fed to the model
-        if self.config.pos != "sinusoidal" and need > ctx:
-            raise ValueError(f"the prompt ({len(prompt)} tokens) plus max_tokens={params.max_tokens} needs {need + 1} "
-                             f"positions but the model's context is {ctx}; shorten the prompt or lower max_tokens")
         if self.block_manager.blocks_needed(need) > self.block_manager.num_blocks:
             raise ValueError(f"the request needs {self.block_manager.blocks_needed(need)} KV blocks but the pool has "
                              f"{self.block_manager.num_blocks}; raise num_blocks or lower max_tokens")
@@ -192,6 +181,7 @@ class Engine:
 
     def _speculate(self, seqs: list[Sequence], ks: list[int]) -> tuple[dict[int, list[int]], dict]:
         """Draft ks[b] tokens for each decoding row, check them in one target forward, keep what the rule keeps."""
+        assert self.drafter is not None  # the scheduler looks ahead only for an engine with a draft model
         drafted, q = self.drafter.propose(seqs, ks)
         all_logits = forward.logits(self.model, self.cache, [s.block_table for s in seqs],  # (B, T, V)
                                     [s.token_ids[-1:] + d for s, d in zip(seqs, drafted)],
@@ -199,11 +189,11 @@ class Engine:
         sampled, lps = {}, {}
         for b, s in enumerate(seqs):
             logits = all_logits[b, :ks[b] + 1]  # (k + 1, V): the target after each fed token
-            context = s.token_ids + drafted[b]
-            if s.generator is None:
+            context, q_b = s.token_ids + drafted[b], q[b]
+            if s.generator is None or q_b is None:  # greedy (the drafter keeps no distribution for it)
                 new = accept_greedy(drafted[b], processed(logits, s.params, context, s.prompt_len).argmax(-1).tolist())
             else:
-                new = accept_reject(drafted[b], q[b], token_probs(logits, s.params, context, s.prompt_len),
+                new = accept_reject(drafted[b], q_b, token_probs(logits, s.params, context, s.prompt_len),
                                     s.generator)
             s.num_draft_computed = s.num_tokens + min(len(new) - 1, ks[b] - 1)
             self.counters["draft_proposed"] += ks[b]
@@ -265,10 +255,7 @@ class Engine:
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[Completion]:
         """Run prompts to the end: one `Completion` per output (prompt-major, n each), as infer.generate does."""
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(plist)} SamplingParams; pass one per prompt "
-                             f"or a single one for all")
+        plist = per_prompt_params(params if params is not None else SamplingParams(), len(prompts))
         keys = []
         for i, (prompt, sp) in enumerate(zip(prompts, plist)):
             rid = self.add_request(prompt, sp)
@@ -283,7 +270,7 @@ class Engine:
                 c.tokens += out.new_token_ids
                 if out.logprobs:
                     c.logprobs = (c.logprobs or []) + out.logprobs
-                if text is not None:
+                if c.text is not None:
                     c.text += out.text
                 c.finish_reason = out.finish_reason
         return [done[(rid, j)] for rid, j, _ in keys]

@@ -27,12 +27,14 @@ same memory, and half the reading for attention at many rows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from lmforge.config import ModelConfig
 
 
-def block_table_tensor(block_tables: list[list[int]], device="cpu") -> torch.Tensor:
+def block_table_tensor(block_tables: Sequence[Sequence[int]], device="cpu") -> torch.Tensor:
     """Rows' block tables as one (B, longest) tensor, shorter rows padded with block 0 (callers mask or never
     reach those slots)."""
     width = max(len(t) for t in block_tables)

@@ -13,7 +13,9 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from lmforge.infer.sampling import SamplingParams, TokenLogprob
+import torch
+
+from lmforge.infer.sampling import SamplingParams, StopStrings, TokenLogprob
 
 
 class Status(enum.Enum):
@@ -48,8 +50,8 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at the last admission
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0
-        self.generator = None  # torch.Generator of a sampled (non-greedy) sequence; set by the engine
-        self.stops = None  # StopStrings over the decoded output, when the engine has a tokenizer
+        self.generator: torch.Generator | None = None  # of a sampled (non-greedy) sequence; set by the engine
+        self.stops: StopStrings | None = None  # over the decoded output, when the engine has a tokenizer
         self.num_emitted = 0  # output tokens already reported in a RequestOutput
         self.arrival_time = time.perf_counter()
         self.token_times: list[float] = []  # when each output token was chosen (TTFT, inter-token latency)

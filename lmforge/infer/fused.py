@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.infer.packed import PackedLinear, pack_linears
-from lmforge.model import KVCache, Transformer
+from lmforge.model import Block, KVCache, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class FusedDecoder:
 
         self.params: list[torch.Tensor] = []
         for block in model.blocks:
+            assert isinstance(block, Block)  # what the Transformer is made of (for the type checker)
             self.params += [*norm(block.norm1), *linear(block.attn.qkv), *linear(block.attn.proj),
                             *norm(block.norm2), *linear(block.mlp.fc), *linear(block.mlp.proj)]
         self.params += [model.tok_emb.weight.detach(), tensor(None if model.pos_emb is None else model.pos_emb.weight),
@@ -169,7 +170,7 @@ def prepare_for_decoding(model: nn.Module) -> nn.Module:
     if next(model.parameters()).dtype == torch.bfloat16:
         pack_linears(model)
     reason = unsupported_reason(model)
-    if reason is None:
+    if reason is None and isinstance(model, Transformer):  # (the first thing unsupported_reason checks)
         model.fused_decoder = FusedDecoder(model)
         return model
     log.debug("fused decode unavailable (%s); packing linear layers", reason)

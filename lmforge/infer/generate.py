@@ -14,13 +14,20 @@ model masks padding slots and gives each row its own positions (`KVCache.pad`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 
-from lmforge.infer.sampling import (SamplingParams, StopStrings, TokenLogprob, make_generator,
-                                    sample_next, token_logprobs)
+from lmforge.errors import LmforgeError
+from lmforge.infer.sampling import (
+    SamplingParams,
+    StopStrings,
+    TokenLogprob,
+    make_generator,
+    sample_next,
+    token_logprobs,
+)
 
 
 @dataclass
@@ -87,6 +94,52 @@ def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor:
     return model(tokens[:, None], kv_cache=cache)[:, -1]
 
 
+# ---------------------------------------------------------------------------------- prompts
+
+def prompt_tokens(tokenizer, text: str) -> list[int]:
+    """Encode a prompt; an empty one starts from BOS (else EOS, else a newline for char/word models)."""
+    if text:
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer to encode the prompt; pass --tokenizer PATH "
+                             "(a tokenizer.json or a folder holding one)")
+        return tokenizer.encode(text)
+    for start in (getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)):
+        if start is not None:
+            return [start]
+    if tokenizer is not None:
+        try:
+            return tokenizer.encode("\n")
+        except ValueError:
+            pass
+    return [0]
+
+
+def check_prompt(prompt: Sequence[int], params: SamplingParams, config, *, has_tokenizer: bool,
+                 name: str = "the prompt") -> list[int]:
+    """The checks every way of generating makes before any work (`stream`/`generate` here, the serving engine's
+    requests): the prompt is not empty and its ids are in the vocabulary, the sampling settings fit the
+    vocabulary, stop strings come with a tokenizer to read them, and the prompt plus max_tokens fits the model's
+    context (sinusoidal positions have no limit). `name` is how messages call the prompt; errors carry the
+    parameter at fault. Returns the prompt as a list of ints.
+    """
+    prompt = [int(t) for t in prompt]
+    V, ctx = config.vocab_size, config.block_size
+    if not prompt:
+        raise LmforgeError(f"{name} is empty; start it with the tokenizer's BOS/EOS token", param="prompt")
+    if min(prompt) < 0 or max(prompt) >= V:
+        raise LmforgeError(f"{name} holds token ids outside the model's vocabulary 0..{V - 1}", param="prompt")
+    params.check_vocab(V)
+    if params.stop and not has_tokenizer:
+        raise LmforgeError("stop strings need a tokenizer to decode text; pass tokenizer=... or use stop_token_ids",
+                           param="stop")
+    need = len(prompt) + params.max_tokens - 1  # positions fed to the model
+    if config.pos != "sinusoidal" and need > ctx:
+        raise LmforgeError(f"{name} ({len(prompt)} tokens) plus max_tokens={params.max_tokens} needs {need + 1} "
+                           f"positions but the model's context is {ctx}; shorten the prompt or lower max_tokens",
+                           param="max_tokens")
+    return prompt
+
+
 # ---------------------------------------------------------------------------------- the decoding loop
 
 class _Row:
@@ -117,21 +170,23 @@ def continuation_text(tokenizer, prompt: Sequence[int], generated: Sequence[int]
     return tokenizer.decode(anchor + list(generated))[len(tokenizer.decode(anchor)):]
 
 
-def _normalise(model, prompts, params) -> tuple[list[list[int]], list[SamplingParams]]:
-    prompts = [list(map(int, p)) for p in prompts]
+def per_prompt_params(params: Sequence[SamplingParams] | SamplingParams, n: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: the list given (its length checked), or the one given, n times."""
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise LmforgeError(f"got {n} prompts but {len(params)} SamplingParams; pass one per prompt or a single one "
+                           f"for all")
+    return list(params)
+
+
+def _normalise(model, prompts, params, has_tokenizer: bool) -> tuple[list[list[int]], list[SamplingParams]]:
+    """One SamplingParams per prompt, every prompt checked (`check_prompt`)."""
     if not prompts:
-        raise ValueError("generate needs at least one prompt")
-    params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-    if len(params) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams; pass one per prompt "
-                         f"or a single one for all")
-    V = model.config.vocab_size
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        if not p:
-            raise ValueError(f"prompt {i} is empty; start it with the tokenizer's BOS/EOS token")
-        if min(p) < 0 or max(p) >= V:
-            raise ValueError(f"prompt {i} holds token ids outside the model's vocabulary 0..{V - 1}")
-        sp.check_vocab(V)
+        raise LmforgeError("generate needs at least one prompt", param="prompt")
+    params = per_prompt_params(params, len(prompts))
+    prompts = [check_prompt(p, sp, model.config, has_tokenizer=has_tokenizer, name=f"prompt {i}")
+               for i, (p, sp) in enumerate(zip(prompts, params))]
     return prompts, params
 
 
@@ -149,9 +204,7 @@ def stream(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingPar
         eos_id: the end-of-sequence token when there is no tokenizer (or to override its).
     """
     eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
-    prompts, params = _normalise(model, prompts, params)
-    if tokenizer is None and any(p.stop for p in params):
-        raise ValueError("stop strings need a tokenizer to decode text; pass tokenizer=... or use stop_token_ids")
+    prompts, params = _normalise(model, prompts, params, tokenizer is not None)
 
     device = next(model.parameters()).device
     rows: list[_Row] = []
@@ -217,12 +270,11 @@ def generate(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingP
             c.tokens.append(ev.token)
         if ev.logprob is not None:
             c.logprobs = (c.logprobs or []) + [ev.logprob]
-        if tokenizer is not None:
+        if c.text is not None:
             c.text += ev.text
         c.finish_reason = ev.finish_reason
     completions, i = [], 0
-    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-    for p_index, sp in enumerate(plist):
+    for p_index, sp in enumerate(per_prompt_params(params, len(prompts))):
         for s_index in range(sp.n):
             c = out[i]
             c.prompt_index, c.sample_index = p_index, s_index
@@ -285,23 +337,3 @@ def beam_search(model, prompt: Sequence[int], beam_width: int = 4, max_tokens: i
     if step == max_tokens:
         finished += [(b, normalised(s, step)) for b, s in zip(new_beams, new_scores)]
     return sorted(finished, key=lambda h: -h[1])[:W]
-
-
-# ---------------------------------------------------------------------------------- prompts
-
-def prompt_tokens(tokenizer, text: str) -> list[int]:
-    """Encode a prompt; an empty one starts from BOS (else EOS, else a newline for char/word models)."""
-    if text:
-        if tokenizer is None:
-            raise ValueError("this model has no tokenizer to encode the prompt; pass --tokenizer PATH "
-                             "(a tokenizer.json or a folder holding one)")
-        return tokenizer.encode(text)
-    for start in (getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)):
-        if start is not None:
-            return [start]
-    if tokenizer is not None:
-        try:
-            return tokenizer.encode("\n")
-        except ValueError:
-            pass
-    return [0]

@@ -77,6 +77,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
 class Int8Linear(nn.Module):
     """A Linear with int8 weight (out, in) and float scales (out,) as buffers; the bias (if any) stays float."""
 
+    weight: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32,
                  device=None):
         super().__init__()
@@ -87,11 +90,11 @@ class Int8Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         w = linear.weight
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device)
         q.weight, q.scales = quantize_int8(w)
-        if linear.bias is not None:
+        if q.bias is not None:  # exactly when the linear has one
             q.bias.copy_(linear.bias)
         return q
 
@@ -116,7 +119,7 @@ def _swap_linears(model: nn.Module, make) -> int:
 
 
 def _record_mode(model: nn.Module, mode: str) -> None:
-    if hasattr(model, "config"):
+    if isinstance(model, Transformer):
         model.config = dataclasses.replace(model.config, quantization=mode)
 
 

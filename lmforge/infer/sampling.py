@@ -180,7 +180,9 @@ def apply_logit_bias(logits: torch.Tensor, biases: Sequence[dict[int, float]]) -
     rows, cols, vals = [], [], []
     for b, bias in enumerate(biases):
         for token, value in bias.items():
-            rows.append(b), cols.append(token), vals.append(value)
+            rows.append(b)
+            cols.append(token)
+            vals.append(value)
     if not rows:
         return logits
     out = logits.clone()
@@ -361,24 +363,24 @@ def apply_guards(logits: torch.Tensor, processed: torch.Tensor, tokens: torch.Te
             row = processed[b].clone() if row is None else row
             row[token] = -math.inf
             if bool(torch.isinf(row).all()):
-                token = _first_accepted(logits[b], p, contexts[b], prompt_lens[b], tried)
+                token = _first_accepted(logits[b], p, p.guard, contexts[b], prompt_lens[b], tried)
                 break
             token = int(sample(row[None], [p.greedy], [generators[b]])[0])
         tokens[b] = token
     return tokens
 
 
-def _first_accepted(logits: torch.Tensor, p: SamplingParams, context: Sequence[int], prompt_len: int,
-                    tried: set[int]) -> int:
-    """The most likely token (after penalties, biases, bans and allowed tokens) that p.guard accepts."""
+def _first_accepted(logits: torch.Tensor, p: SamplingParams, guard: TokenGuard, context: Sequence[int],
+                    prompt_len: int, tried: set[int]) -> int:
+    """The most likely token (after penalties, biases, bans and allowed tokens) that p's guard accepts."""
     hard = process_logits(logits[None], [replace(p, temperature=0.0, n=1)], [context], [prompt_len])[0]
     for token in hard.argsort(descending=True).tolist():
         if math.isinf(hard[token]):
             break
-        if token not in tried and not p.guard.rejects(context, prompt_len, token):
+        if token not in tried and not guard.rejects(context, prompt_len, token):
             return token
-    if p.guard.end_token is not None:
-        return p.guard.end_token
+    if guard.end_token is not None:
+        return guard.end_token
     raise SamplingError("sampling setting guard rejects every token allowed at this step: each would complete a "
                         "banned phrase (lmforge.infer.controls); the output cannot continue")
 
@@ -398,13 +400,13 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
     chosen = logp.gather(-1, tokens.view(-1, 1))[:, 0].tolist()
     k = max((n for n in top_n if n is not None), default=0)
-    top_vals, top_ids = logp.topk(k, dim=-1) if k else (None, None)
+    top_vals, top_ids = logp.topk(k, dim=-1)  # (B, k); k = 0 gives empty rows
     out: list[TokenLogprob | None] = []
     for b, n in enumerate(top_n):
         if n is None:
             out.append(None)
             continue
-        top = dict(zip(top_ids[b, :n].tolist(), top_vals[b, :n].tolist())) if n else {}
+        top = dict(zip(top_ids[b, :n].tolist(), top_vals[b, :n].tolist()))
         out.append(TokenLogprob(int(tokens[b]), chosen[b], top))
     return out
 

@@ -138,7 +138,8 @@ def speculative_generate(target, draft, prompt_ids: Sequence[int], params: Sampl
     finish_reason = "length"
     while len(context) - len(prompt) < params.max_tokens:
         k_round = min(k, params.max_tokens - (len(context) - len(prompt)) - 1)  # never run past max_tokens
-        drafted, q_rows = [], []
+        drafted: list[int] = []
+        q_rows: list[torch.Tensor] = []  # the draft's distribution at each drafted token (sampled rows)
         for _ in range(k_round):
             sequence = context + drafted
             logits = feed(draft, draft_cache, sequence, 1)

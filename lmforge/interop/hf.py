@@ -26,6 +26,7 @@ from lmforge.checkpoint import CheckpointError, load_state, model_tensors, write
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
 from lmforge.errors import LmforgeError
+from lmforge.fsutil import read_json
 
 KEPT_FILES = ("tokenizer_config.json", "generation_config.json")  # copied into the lmforge folder on import
 LLAMA_LIKE = ("llama", "mistral")
@@ -159,10 +160,9 @@ def load_hf_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     if single.is_file():
         files = [single]
     elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index} is not a safetensors index (needs a 'weight_map' object): {e!r}") from None
+        weight_map = read_json(index, "safetensors index", CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} is not a safetensors index: it needs a 'weight_map' object")
         files = [folder / name for name in sorted(set(weight_map.values()))]
     elif pt.is_file():
         try:
@@ -280,13 +280,8 @@ def convert_lmforge_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
 
 def read_hf_config(folder: Path) -> dict:
     path = folder / "config.json"
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face model folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(d, dict) or "model_type" not in d:
+    d = read_json(path, "Hugging Face model config", CheckpointError)
+    if "model_type" not in d:
         raise CheckpointError(f"{path} has no 'model_type': not a Hugging Face model config")
     return d
 
