@@ -68,10 +68,11 @@ def _load_extension():
                 _build_error = f"the fused decode step did not load ({'; '.join(failures)})"
             elif fused_build.built_modules():
                 _build_error = ("the fused decode step was built from another fused_decode.cpp or torch: "
-                                "rebuild it with `make ext` (or pip install lmforge again)")
+                                "rebuild it with `make ext` (or pip install --no-build-isolation lmforge again)")
             else:
                 _build_error = ("the fused decode step was not built when lmforge was installed (no C++ compiler "
-                                "then?): install one and run `make ext` (or pip install lmforge again)")
+                                "then?): install one and run `make ext` (or pip install --no-build-isolation "
+                                "lmforge again)")
             log.warning("lmforge: %s; decoding with packed linear layers instead", _build_error)
     return _extension
 
