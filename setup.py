@@ -39,8 +39,10 @@ try:
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 except ImportError as e:  # e.g. an isolated build without torch: the package installs, decoding falls back
-    say(f"the fused decode step is not built: torch is not importable at build time ({e}); install torch first "
-        f"and pip install with --no-build-isolation, or run `make ext` later")
+    say(
+        f"the fused decode step is not built: torch is not importable at build time ({e}); install torch first "
+        f"and pip install with --no-build-isolation, or run `make ext` later"
+    )
     torch = None
     from setuptools.command.build_ext import build_ext as BuildExtension
 
@@ -63,8 +65,10 @@ class BuildFusedDecode(BuildExtension):
         try:
             super().build_extensions()
         except Exception as e:  # before any variant compiled: e.g. no compiler to ask for its version
-            say(f"the fused decode step is not built ({type(e).__name__}: {e}); lmforge will decode with packed "
-                f"linear layers. Install a C++ compiler and run `make ext` (or pip install lmforge again)")
+            say(
+                f"the fused decode step is not built ({type(e).__name__}: {e}); lmforge will decode with packed "
+                f"linear layers. Install a C++ compiler and run `make ext` (or pip install lmforge again)"
+            )
 
     def build_extension(self, ext) -> None:
         name = ext.name.rsplit(".", 1)[-1]
@@ -77,8 +81,10 @@ class BuildFusedDecode(BuildExtension):
         try:
             super().build_extension(ext)
         except Exception as e:  # no compiler, a compiler without these ISA flags, missing headers
-            say(f"{name} (the fused decode step) did not build ({type(e).__name__}: {e}); lmforge will use "
-                f"another build or packed linear layers. Install a C++ compiler and run `make ext`")
+            say(
+                f"{name} (the fused decode step) did not build ({type(e).__name__}: {e}); lmforge will use "
+                f"another build or packed linear layers. Install a C++ compiler and run `make ext`"
+            )
         finally:
             self.build_temp = temp
 
@@ -102,9 +108,17 @@ class BuildFusedDecode(BuildExtension):
 
 source = os.path.relpath(fused_build.SOURCE, ROOT)
 setup(
-    ext_modules=[] if torch is None else [
-        CppExtension(f"lmforge.infer.{fused_build.module_name(variant, torch.__version__)}", [source],
-                     extra_compile_args=flags, extra_link_args=fused_build.LINK_FLAGS, optional=True)
-        for variant, flags in fused_build.VARIANTS.items()],
+    ext_modules=[]
+    if torch is None
+    else [
+        CppExtension(
+            f"lmforge.infer.{fused_build.module_name(variant, torch.__version__)}",
+            [source],
+            extra_compile_args=flags,
+            extra_link_args=fused_build.LINK_FLAGS,
+            optional=True,
+        )
+        for variant, flags in fused_build.VARIANTS.items()
+    ],
     cmdclass={"build_ext": BuildFusedDecode},
 )

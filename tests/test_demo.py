@@ -27,9 +27,28 @@ def demo_run(tmp_path_factory):
     """A demo-like run in seconds: the demo itself on 60,000 characters, a small BPE and a small preset, capped at
     6 seconds of training long before its step budget."""
     root = tmp_path_factory.mktemp("demo")
-    run = subprocess.run(LMFORGE + ["demo", "--out", str(root / "demo"), "--iters", "100000", "--minutes", "0.1",
-                                    "--preset", "gpt-nano", "--max-chars", "60000", "--vocab-size", "300"],
-                         cwd=root, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        LMFORGE
+        + [
+            "demo",
+            "--out",
+            str(root / "demo"),
+            "--iters",
+            "100000",
+            "--minutes",
+            "0.1",
+            "--preset",
+            "gpt-nano",
+            "--max-chars",
+            "60000",
+            "--vocab-size",
+            "300",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr
     return root, run.stdout
 

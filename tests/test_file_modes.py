@@ -14,8 +14,14 @@ TEXT = "the quick brown fox jumps over the lazy dog.\nto be or not to be, that i
 
 
 def lmforge(*args, cwd):
-    run = subprocess.run(LMFORGE + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                         preexec_fn=lambda: os.umask(UMASK))
+    run = subprocess.run(
+        LMFORGE + [str(a) for a in args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: os.umask(UMASK),
+    )
     assert run.returncode == 0, f"{args}\n{run.stderr[-2000:]}"
 
 
@@ -32,9 +38,24 @@ def wrong_modes(folder):
 def test_prepared_data_a_training_run_and_an_export_follow_the_umask(tmp_path):
     (tmp_path / "corpus.txt").write_text(TEXT, encoding="utf-8")
     lmforge("prepare", "corpus.txt", "--tokenizer", "char", "--out", "data", cwd=tmp_path)
-    lmforge("train", "data", "run", "--max-iters", 2, "--eval-interval", 1, "--eval-iters", 1, "--batch-size", 2,
-            "--block-size", 16, "--no-progress", cwd=tmp_path)
+    lmforge(
+        "train",
+        "data",
+        "run",
+        "--max-iters",
+        2,
+        "--eval-interval",
+        1,
+        "--eval-iters",
+        1,
+        "--batch-size",
+        2,
+        "--block-size",
+        16,
+        "--no-progress",
+        cwd=tmp_path,
+    )
     lmforge("export", "run", "hf", cwd=tmp_path)
-    assert (tmp_path / "run" / "best" / "model.safetensors").exists() and (tmp_path / "hf" / "model.safetensors").exists()
-    assert (tmp_path / "run" / "loss.png").exists()
+    for written in ("run/best/model.safetensors", "run/loss.png", "hf/model.safetensors"):
+        assert (tmp_path / written).exists(), written
     assert wrong_modes(tmp_path / "data") + wrong_modes(tmp_path / "run") + wrong_modes(tmp_path / "hf") == []

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
