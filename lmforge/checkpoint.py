@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.fsutil import default_mode
+from lmforge.fsutil import default_mode, follow_umask
 from lmforge.model import Transformer
 from lmforge.tokenizer import TOKENIZER_FILES, load_tokenizer
 
@@ -77,6 +77,7 @@ def write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     default_mode(tmp, directory=True)
     try:
         write(tmp)
+        follow_umask(tmp)
         for f in tmp.iterdir():
             if f.is_dir():  # a subfolder (a sharded checkpoint's files) syncs its own files as it writes them
                 continue

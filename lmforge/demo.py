@@ -7,9 +7,9 @@ prepare (byte-level BPE) -> train (a small GPT under a wall-clock budget) -> eva
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
-
 
 
 def demo(out: str = "runs/demo", iters: int = 400, minutes: float = 5.0, preset: str = "gpt-mini",
@@ -44,6 +44,10 @@ def demo(out: str = "runs/demo", iters: int = 400, minutes: float = 5.0, preset:
     print(f"[2/4] training {preset} for {iters} steps (at most {minutes:g} minutes) ...")
     summary = train(TrainConfig(data=str(data_dir), out=str(run_dir), preset=preset, max_iters=iters,
                                 lr_decay_iters=iters, max_minutes=minutes, seed=seed, overwrite=True, **DEMO_RECIPE))
+    if summary["stop_reason"] == "minutes":
+        print(f"      stopped at the {minutes:g}-minute cap after {summary['iters']} of {iters} steps (a slow or busy "
+              f"machine; `lmforge demo --minutes M` allows more)")
+    print(f"      loss curve: {run_dir / 'loss.png'}")
 
     print("[3/4] evaluating the best checkpoint on the held-out files ...")
     model, tokenizer = load_model(run_dir)
@@ -59,13 +63,21 @@ def demo(out: str = "runs/demo", iters: int = 400, minutes: float = 5.0, preset:
     print(prompt + completion.text)
     print("\n" + json.dumps({"val_loss": round(result["loss"], 4), "val_ppl": round(result["ppl"], 2),
                              "train_iters": summary.get("iters"), "wall_s": round(time.perf_counter() - t0, 1)}))
-    print(f"""
-next, try:
-  lmforge generate {run_dir} --prompt "class " --max-new-tokens 200
-  lmforge eval {run_dir} {data_dir}
-  lmforge prepare tinyshakespeare --out data/shakespeare && lmforge train data/shakespeare runs/shakespeare --preset gpt-nano
-  lmforge bench {run_dir}""")
+    commands = next_commands(run_dir, data_dir, out_dir, model.config.block_size, minutes)
+    print("\nnext, try:\n" + "\n".join(f"  {command}" for command in commands))
     return 0
+
+
+def next_commands(run_dir: Path, data_dir: Path, out_dir: Path, block_size: int, minutes: float) -> list[str]:
+    """What to run on the demo's model next; each works as printed, offline (tests/test_demo.py runs them all).
+    The sample leaves a quarter of the model's context (`block_size` tokens) to the prompt."""
+    run, data, llama = (shlex.quote(str(p)) for p in (run_dir, data_dir, out_dir / "llama"))
+    return [f"lmforge generate {run} --prompt 'class ' --max-new-tokens {block_size * 3 // 4}",
+            f"lmforge eval {run} {data}",
+            f"lmforge bench {run}",
+            # a Llama-style model of the demo's size on the same data and time: compare the validation losses
+            f"lmforge train {data} {llama} --preset llama-nano --n-embd 256 --block-size {DEMO_RECIPE['block_size']} "
+            f"--max-minutes {minutes:g}"]
 
 
 # A recipe that learns fast in few steps on two CPU cores: a high learning rate, a short warmup, cosine decay.

@@ -23,6 +23,14 @@ def default_mode(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
 
 
+def follow_umask(folder: Path) -> None:
+    """Give every file and folder under `folder` the mode a plain open/mkdir would. Some writers replace the
+    file they are given with their own temporary one, mode 0600: safetensors' save_file does."""
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            default_mode(path, directory=path.is_dir())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path`.
@@ -37,6 +45,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     default_mode(tmp)
     try:
         yield tmp
+        default_mode(tmp)  # again: the writer may have replaced the file (safetensors' save_file does, 0600)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -352,6 +352,9 @@ class Llama2cTokenizer:
 
     kind = "llama2c"
     bos_id, eos_id = LLAMA2C_BOS_ID, LLAMA2C_EOS_ID
+    # The ids that end a generated text: llama2.c's training data starts every story with BOS and holds no EOS,
+    # so run.c stops when the model samples BOS (the start of another story); EOS would end one too.
+    end_ids = (LLAMA2C_BOS_ID, LLAMA2C_EOS_ID)
 
     def __init__(self, pieces: Sequence[bytes], scores: Sequence[float], max_token_length: int):
         if len(pieces) != len(scores) or len(pieces) < LLAMA2C_BYTE_OFFSET + 256:

@@ -26,15 +26,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def fused_decode_built():
-    """Build the fused decode extension (lmforge.infer.fused) once, up front: its first build takes about 40 s,
-    which would otherwise land inside whichever test first generates (some wait on subprocesses with timeouts)."""
-    from lmforge.infer.fused import _load_extension
-
-    _load_extension()
-
-
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true",
                      help="also run the tests marked slow (minutes in all); `make test` and CI pass it")

@@ -308,3 +308,24 @@ def test_save_writes_the_same_bytes(tok, tmp_path):
     assert path.name == "llama2c_tokenizer.bin" and path.read_bytes() == (STORIES / "tok512.bin").read_bytes()
     again = Llama2cTokenizer.from_file(path, 512)
     assert again.encode("Once upon a time") == tok.encode("Once upon a time")
+
+
+@needs_stories
+def test_stories260k_stops_at_bos_as_run_c_does(one_thread):
+    """llama2.c's data starts every story with BOS, and run.c stops when the model samples it. Greedy from BOS:
+    the output is the plain loop's tokens up to the next BOS, not a second story; ignore_eos goes on past it."""
+    from lmforge.infer.generate import generate
+    from lmforge.infer.sampling import SamplingParams
+
+    plain = load(STORIES / "stories260K.bin", prepare=False).model
+    loaded = load(STORIES / "stories260K.bin")  # as `lmforge generate` loads it: the fast decode path
+    model, tok = loaded.model, loaded.tokenizer
+    steps = 400
+    reference = greedy(plain, [tok.bos_id], steps, cached=False)[1:]
+    assert tok.bos_id in reference, "the model starts another story within 400 tokens"
+    [c] = generate(model, [[tok.bos_id]], SamplingParams(max_tokens=steps, temperature=0), tokenizer=tok)
+    assert c.tokens == reference[:reference.index(tok.bos_id)] and c.finish_reason == "stop"
+    assert c.text.startswith("Once upon a time") and c.text.count("Once upon a time") == 1
+    [c] = generate(model, [[tok.bos_id]], SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True),
+                   tokenizer=tok)
+    assert c.tokens == reference

@@ -53,7 +53,7 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, repeats: int = 
 
 # The list defaults are what the CLI shows and passes (lmforge.cli); nothing mutates them.
 def bench_command(model: str, batch_sizes: list[int] = [1, 8], dtypes: list[str] = ["float32"],  # noqa: B006
-                  prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3) -> int:
+                  prompt_len: int = 32, new_tokens: int | None = None, repeats: int = 3) -> int:
     """Measure prefill and decode tokens/s of a model, one JSON line per batch size and dtype.
 
     Args:
@@ -61,16 +61,19 @@ def bench_command(model: str, batch_sizes: list[int] = [1, 8], dtypes: list[str]
         batch_sizes: batch sizes to measure.
         dtypes: weight dtypes to measure (float32, bfloat16).
         prompt_len: tokens per prompt.
-        new_tokens: greedy tokens generated per prompt.
+        new_tokens: greedy tokens generated per prompt; default 128, or what the model's context leaves after
+            the prompt when that is less.
         repeats: timed repeats per case (the median is reported).
     """
     for name, values, low in (("batch_sizes", batch_sizes, 1), ("prompt_len", [prompt_len], 1),
-                              ("new_tokens", [new_tokens], 1), ("repeats", [repeats], 1)):
+                              ("new_tokens", [1 if new_tokens is None else new_tokens], 1), ("repeats", [repeats], 1)):
         if not values or min(values) < low:
             raise ValueError(f"{name}={values} must hold values >= {low}")
     cases = []
     for dtype in dtypes:
         net = load(model, dtype=dtype).model
+        if new_tokens is None:  # the demo's 128-token model: 32 + 128 would not fit
+            new_tokens = max(1, min(128, net.config.block_size - prompt_len))
         for batch in batch_sizes:
             case = {"model": model, "dtype": dtype, **measure(net, batch, prompt_len, new_tokens, repeats),
                     "decode_path": decode_path(net), "threads": torch.get_num_threads()}

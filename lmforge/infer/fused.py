@@ -7,9 +7,12 @@ runs the whole step (embeddings, every layer's norms, attention over the KV cach
 norm and the output head) in one call, with matrix-vector products that stream the float32 weights nn.Linear
 already holds. Prefill, training and everything else keep the ordinary model code.
 
-The extension is compiled on first use with PyTorch's own tool chain (torch.utils.cpp_extension, cached under
-~/.cache/torch_extensions); where it cannot be (no compiler, no AVX2, the classic post-norm model) `prepare_for_decoding`
-falls back to oneDNN-packed linear layers (lmforge.infer.packed), and `decode_path(model)` says which one runs.
+The extension is compiled when lmforge is installed (setup.py, with PyTorch's own extension build), one module per
+ISA variant (fused_build.py: AVX2, AVX-512), and imported here by the CPU's capability: nothing compiles, waits on
+a lock or writes a cache at run time. After changing fused_decode.cpp, rebuild with `make ext` (or
+`pip install -e .` again); until then the changed source's module is missing and decoding says so and falls back.
+Where the step cannot run (not built, no AVX2, the classic post-norm model) `prepare_for_decoding` falls back to
+oneDNN-packed linear layers (lmforge.infer.packed), and `decode_path(model)` says which one runs.
 
 Supported: pre-norm decoders with LayerNorm or RMSNorm, learned or rotary positions, a GELU (exact or tanh), ReLU
 or SwiGLU MLP, multi-head or grouped-query attention, with or without biases, tied or separate output head: GPT-2,
@@ -24,13 +27,14 @@ in the last bfloat16 place with the batch (oneDNN's kernel depends on the row co
 
 from __future__ import annotations
 
+import importlib
 import logging
-from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
+from lmforge.infer import fused_build
 from lmforge.infer.packed import PackedLinear, pack_linears
 from lmforge.model import Block, KVCache, Transformer
 
@@ -42,25 +46,34 @@ _build_error: str | None = None
 
 
 def _load_extension():
-    """The compiled extension, or None (the reason is kept for `unsupported_reason`)."""
+    """The extension module built for this CPU at install time, or None (the reason is kept for
+    `unsupported_reason`, and logged once: the line that says decoding falls back to packed linear layers)."""
     global _extension, _build_error
     if _extension is None and _build_error is None:
-        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-            _build_error = f"the CPU lacks AVX2 ({torch.backends.cpu.get_cpu_capability()})"
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability not in fused_build.CHOICES:
+            _build_error = f"the CPU lacks AVX2 ({capability})"
             return None
-        try:
-            from torch.utils.cpp_extension import load
-
-            source = Path(__file__).with_name("fused_decode.cpp")
-            # -fopenmp: at::parallel_for only splits work when compiled with it (torch's own libgomp is reused).
-            # AVX-512 machines get a build of their own whose multi-row tiles use its 32 vector registers.
-            wide = torch.backends.cpu.get_cpu_capability() == "AVX512"
-            flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"] + (["-mavx512f", "-mavx512vl"] if wide else [])
-            _extension = load("lmforge_fused_decode" + ("_avx512" if wide else ""), [str(source)], verbose=False,
-                              extra_cflags=flags, extra_ldflags=["-fopenmp"])
-        except Exception as e:  # no compiler, no ninja, headers missing: fall back, say why once
-            _build_error = f"the fused decode extension did not build: {type(e).__name__}: {e}"
-            log.warning("%s; decoding with packed linear layers instead", _build_error)
+        failures = []
+        for variant in fused_build.CHOICES[capability]:
+            name = fused_build.module_name(variant, torch.__version__)
+            try:
+                _extension = importlib.import_module(f"{__package__}.{name}")
+                break
+            except ImportError as e:  # not built (ModuleNotFoundError), or built against another torch
+                if not isinstance(e, ModuleNotFoundError) or e.name != f"{__package__}.{name}":
+                    failures.append(f"{name}: {e}")
+        else:
+            if failures:
+                _build_error = f"the fused decode step did not load ({'; '.join(failures)})"
+            elif fused_build.built_modules():
+                _build_error = ("the fused decode step was built from another fused_decode.cpp or torch: "
+                                "rebuild it with `make ext` (or pip install --no-build-isolation lmforge again)")
+            else:
+                _build_error = ("the fused decode step was not built when lmforge was installed (no C++ compiler "
+                                "then?): install one and run `make ext` (or pip install --no-build-isolation "
+                                "lmforge again)")
+            log.warning("lmforge: %s; decoding with packed linear layers instead", _build_error)
     return _extension
 
 

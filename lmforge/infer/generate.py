@@ -200,16 +200,18 @@ def stream(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingPar
         prompts: token id lists, of any lengths.
         params: one `SamplingParams` per prompt, or one for all. Rows are prompt-major: prompt i's sample j
             is row sum(n of prompts before i) + j.
-        tokenizer: decodes text deltas and enables stop strings; its `eos_id` ends a row unless ignore_eos.
+        tokenizer: decodes text deltas and enables stop strings; its `eos_id` (and any `end_ids`, e.g. llama2.c's
+            BOS) ends a row unless ignore_eos.
         eos_id: the end-of-sequence token when there is no tokenizer (or to override its).
     """
     eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+    ends = ({eos_id} if eos_id is not None else set()) | set(getattr(tokenizer, "end_ids", ()))
     prompts, params = _normalise(model, prompts, params, tokenizer is not None)
 
     device = next(model.parameters()).device
     rows: list[_Row] = []
     for i, (prompt, sp) in enumerate(zip(prompts, params)):
-        stop_ids = set(sp.stop_token_ids) | ({eos_id} if eos_id is not None and not sp.ignore_eos else set())
+        stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else ends)
         for j in range(sp.n):
             rows.append(_Row(len(rows), i, j, prompt, sp, stop_ids, device))
     max_len = max(len(p) for p in prompts) + max(sp.max_tokens for sp in params) - 1
