@@ -259,13 +259,15 @@ def tiny_parts():
     return model, tok
 
 
-def test_rate_limit_chunked_body_and_prompt_length(tiny_parts):
+def test_rate_limit_chunked_body_and_prompt_length(tiny_parts, tmp_path):
     from fastapi.testclient import TestClient
 
     from lmforge.serve.app import ServeSettings, create_app
 
     model, tok = tiny_parts
-    settings = ServeSettings(model_name="tiny", api_keys=["k1", "k2"], rate_limit_tpm=10, max_body_bytes=5000)
+    (tmp_path / "keys").write_text("k1\nk2\n")
+    settings = ServeSettings(served_model_name="tiny", api_key_file=str(tmp_path / "keys"), rate_limit_tpm=10,
+                             max_body_bytes=5000)
     with TestClient(create_app(model, tok, settings)) as c:
         k1, k2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
         body = {"model": "tiny", "prompt": "the cat sat on the mat", "max_tokens": 8}
@@ -277,7 +279,7 @@ def test_rate_limit_chunked_body_and_prompt_length(tiny_parts):
         chunks = (b'{"model": "tiny", "prompt": "' + b"x" * 1000 for _ in range(8))
         big = c.post("/v1/completions", headers=k2, content=chunks)  # chunked: no content-length
         assert big.status_code == 400 and "max_body_bytes" in big.json()["error"]["message"]
-    with TestClient(create_app(model, tok, ServeSettings(model_name="tiny", kv_dtype="float16"))) as c:
+    with TestClient(create_app(model, tok, ServeSettings(served_model_name="tiny", kv_dtype="float16"))) as c:
         long = {"model": "tiny", "prompt": "the cat " * 100, "max_tokens": 8}
         err = c.post("/v1/completions", json=long).json()["error"]
         assert err["param"] == "prompt" and "max_model_len is 128" in err["message"]

@@ -35,9 +35,15 @@ from lmforge.engine.drafter import Drafter
 from lmforge.engine.paged_cache import PagedKVCache
 from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.engine.sequence import RequestOutput, Sequence
+from lmforge.errors import LmforgeError
 from lmforge.infer.generate import Completion, check_prompt, per_prompt_params
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
 from lmforge.infer.speculative import accept_greedy, accept_reject, processed, token_probs
+
+
+class RequestError(LmforgeError):
+    """A request the engine's KV pool cannot take (infer.generate.check_prompt refuses the rest); `param` names
+    the request field at fault."""
 
 
 class Engine:
@@ -90,11 +96,12 @@ class Engine:
         prompt = check_prompt(prompt_ids, params, self.config, has_tokenizer=self.tokenizer is not None)
         need = len(prompt) + params.max_tokens - 1  # positions fed to the model
         if self.block_manager.blocks_needed(need) > self.block_manager.num_blocks:
-            raise ValueError(f"the request needs {self.block_manager.blocks_needed(need)} KV blocks but the pool has "
-                             f"{self.block_manager.num_blocks}; raise num_blocks or lower max_tokens")
+            raise RequestError(f"the request needs {self.block_manager.blocks_needed(need)} KV blocks but the pool "
+                               f"has {self.block_manager.num_blocks}; raise num_blocks or lower max_tokens",
+                               "max_tokens")
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise RequestError(f"request id {request_id!r} is already in use")
         seqs = []
         for i in range(params.n):
             seq = Sequence(request_id, prompt, params, i, self.eos_id)

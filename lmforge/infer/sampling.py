@@ -30,7 +30,8 @@ from lmforge.errors import LmforgeError
 
 
 class SamplingError(LmforgeError):
-    """A sampling setting out of range; the message names the setting, its value and what is allowed."""
+    """A sampling setting out of range; the message names the setting, its value and what is allowed, and
+    `param` the setting (the server's request field of the same name)."""
 
 
 class TokenGuard(Protocol):
@@ -96,19 +97,20 @@ class SamplingParams:
         for name, ok, allowed in checks:
             if not ok:
                 raise SamplingError(f"sampling setting {name}={getattr(self, name)!r} is out of range: "
-                                    f"it must be {allowed}")
+                                    f"it must be {allowed}", name)
         for token, bias in self.logit_bias.items():
             if token < 0 or not -100 <= bias <= 100:
                 raise SamplingError(f"sampling setting logit_bias={{{token}: {bias}}} is out of range: token ids "
-                                    f"must be >= 0 and biases in [-100, 100]")
+                                    f"must be >= 0 and biases in [-100, 100]", "logit_bias")
         for seq in self.banned_sequences:
             if not seq or min(seq) < 0:
                 raise SamplingError(f"sampling setting banned_sequences holds {seq!r}: each banned sequence "
-                                    f"must be a non-empty list of token ids >= 0")
+                                    f"must be a non-empty list of token ids >= 0", "banned_sequences")
         if any(not s for s in self.stop):
-            raise SamplingError("sampling setting stop holds an empty string: stop strings must be non-empty")
+            raise SamplingError("sampling setting stop holds an empty string: stop strings must be non-empty", "stop")
         if any(t < 0 for t in self.stop_token_ids):
-            raise SamplingError(f"sampling setting stop_token_ids={self.stop_token_ids} holds a negative id")
+            raise SamplingError(f"sampling setting stop_token_ids={self.stop_token_ids} holds a negative id",
+                                "stop_token_ids")
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids in the settings must exist in the model's vocabulary."""
@@ -117,7 +119,7 @@ class SamplingParams:
         for name, t in ids:
             if t >= vocab_size:
                 raise SamplingError(f"sampling setting {name} names token id {t}, but the model's vocabulary "
-                                    f"has ids 0..{vocab_size - 1}")
+                                    f"has ids 0..{vocab_size - 1}", name)
 
     @property
     def greedy(self) -> bool:
@@ -382,7 +384,7 @@ def _first_accepted(logits: torch.Tensor, p: SamplingParams, guard: TokenGuard, 
     if guard.end_token is not None:
         return guard.end_token
     raise SamplingError("sampling setting guard rejects every token allowed at this step: each would complete a "
-                        "banned phrase (lmforge.infer.controls); the output cannot continue")
+                        "banned phrase (lmforge.infer.controls); the output cannot continue", "banned_phrases")
 
 
 @dataclass

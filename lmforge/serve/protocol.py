@@ -13,19 +13,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.infer.sampling import MAX_LOGPROBS, SamplingParams
-
-
-class ApiError(Exception):
-    """An error the client sees as OpenAI's JSON: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+from lmforge.serve.errors import ApiError
 
 
 class StreamOptions(BaseModel):

@@ -27,11 +27,8 @@ from lmforge.errors import LmforgeError
 
 
 class StructuredOutputError(LmforgeError):
-    """A format that cannot be enforced: a bad schema or regex, or a tokenizer the automaton cannot use."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
+    """A format that cannot be enforced: a bad schema or regex, or a tokenizer the automaton cannot use; `param`
+    names the request field (response_format, regex, choice)."""
 
 
 # ---------------------------------------------------------------------------------- formats -> one regex
