@@ -46,6 +46,10 @@ class TokenGuard(Protocol):
 
 
 MAX_LOGPROBS = 20  # the OpenAI API's limit on top alternatives per token
+# A temperature below this is greedy: dividing logits by it could overflow float32 (vLLM draws the same line).
+GREEDY_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0  # above it the distribution is uniform to float32 precision anyway
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it penalised logits could overflow float32 in later stages
 
 
 @dataclass
@@ -53,8 +57,8 @@ class SamplingParams:
     """How to continue one prompt. Field names and ranges follow the OpenAI completions API where it has them."""
 
     max_tokens: int = 256  # new tokens at most (stop tokens and strings may end it earlier)
-    temperature: float = 1.0  # 0 means greedy (argmax of the processed logits)
-    top_k: int = 0  # keep the k most likely tokens; 0 keeps all
+    temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) means greedy: argmax of the processed logits
+    top_k: int = 0  # keep the k most likely tokens; 0 (or k >= the vocabulary) keeps all
     top_p: float = 1.0  # keep the smallest set of tokens whose probability sums to >= top_p (nucleus)
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
     repetition_penalty: float = 1.0  # CTRL/HF: divide positive logits (multiply negative) of seen tokens
@@ -82,12 +86,13 @@ class SamplingParams:
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         checks = [
             ("max_tokens", self.max_tokens >= 1, ">= 1"),
-            ("temperature", self.temperature >= 0 and math.isfinite(self.temperature), ">= 0 (0 is greedy)"),
+            ("temperature", 0 <= self.temperature <= MAX_TEMPERATURE,
+             f"in [0, {MAX_TEMPERATURE:g}] (below {GREEDY_TEMPERATURE:g} is greedy)"),
             ("top_k", self.top_k >= 0, ">= 0 (0 disables it)"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
-            ("repetition_penalty", 0 < self.repetition_penalty and math.isfinite(self.repetition_penalty),
-             "> 0 (1 disables it)"),
+            ("repetition_penalty", REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <=
+             REPETITION_PENALTY_RANGE[1], "in [{:g}, {:g}] (1 disables it)".format(*REPETITION_PENALTY_RANGE)),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
             ("n", self.n >= 1, ">= 1"),
@@ -113,17 +118,20 @@ class SamplingParams:
                                 "stop_token_ids")
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Token ids in the settings must exist in the model's vocabulary."""
+        """Token ids in the settings must exist in the model's vocabulary, and logprobs' alternatives too."""
         ids = [("logit_bias", t) for t in self.logit_bias] + [("stop_token_ids", t) for t in self.stop_token_ids]
         ids += [("banned_sequences", t) for seq in self.banned_sequences for t in seq]
         for name, t in ids:
             if t >= vocab_size:
                 raise SamplingError(f"sampling setting {name} names token id {t}, but the model's vocabulary "
                                     f"has ids 0..{vocab_size - 1}", name)
+        if self.logprobs is not None and self.logprobs > vocab_size:
+            raise SamplingError(f"sampling setting logprobs={self.logprobs} asks for more alternatives than the "
+                                f"model's vocabulary of {vocab_size} tokens holds", "logprobs")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def plain(self) -> bool:
@@ -224,8 +232,8 @@ def mask_disallowed(logits: torch.Tensor, allowed: Sequence[Sequence[int] | None
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """Divide each row by its temperature (B,); rows with temperature 0 (greedy) are left as they are."""
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    """Divide each row by its temperature (B,); greedy rows (below GREEDY_TEMPERATURE) are left as they are."""
+    t = torch.where(temperature >= GREEDY_TEMPERATURE, temperature, torch.ones_like(temperature))
     return logits / t[:, None].to(logits.dtype)
 
 
@@ -265,6 +273,11 @@ def _column(params: Sequence[SamplingParams], name: str, device, dtype=torch.flo
     return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
 
 
+def _top_k_column(params: Sequence[SamplingParams], vocab_size: int, device) -> torch.Tensor:
+    """top_k per row, bounded by the vocabulary (k >= V keeps all, as 0 does; no k overflows an int64)."""
+    return torch.tensor([min(p.top_k, vocab_size) for p in params], dtype=torch.long, device=device)
+
+
 def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], contexts: Sequence[Sequence[int]],
                    prompt_lens: Sequence[int]) -> torch.Tensor:
     """The distribution each row samples from, as logits (B, V) with -inf for removed tokens.
@@ -290,7 +303,7 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], conte
         return logits  # argmax is unchanged by temperature and by filters that keep the top token
     logits = apply_temperature(logits, _column(params, "temperature", device))
     if any(p.top_k for p in params):
-        logits = top_k_filter(logits, _column(params, "top_k", device, torch.long))
+        logits = top_k_filter(logits, _top_k_column(params, logits.shape[-1], device))
     if any(p.top_p < 1 for p in params):
         logits = top_p_filter(logits, _column(params, "top_p", device))
     if any(p.min_p > 0 for p in params):

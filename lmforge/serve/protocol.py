@@ -12,8 +12,18 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmforge.infer.sampling import MAX_LOGPROBS, SamplingParams
+from lmforge.infer.sampling import (GREEDY_TEMPERATURE, MAX_LOGPROBS, MAX_TEMPERATURE, REPETITION_PENALTY_RANGE,
+                                    SamplingParams)
 from lmforge.serve.errors import ApiError
+
+
+TEMPERATURE = Field(default=1.0, description=f"sampling temperature in [0, {MAX_TEMPERATURE:g}]; 0, or anything "
+                    f"below {GREEDY_TEMPERATURE:g} (too small to divide by), is greedy decoding")
+TOP_K = Field(default=None, description="keep the k most likely tokens; 0 or none keeps all, as does any k at least "
+                                        "the vocabulary's size")
+REPETITION_PENALTY = Field(default=None, description="divide the positive logits (multiply the negative ones) of "
+                                                     "tokens already in the prompt or output, in [{:g}, {:g}]; 1 is "
+                                                     "off".format(*REPETITION_PENALTY_RANGE))
 
 
 class StreamOptions(BaseModel):
@@ -70,13 +80,13 @@ class CompletionRequest(_Extras):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     suffix: Optional[str] = None
-    temperature: Optional[float] = 1.0
+    temperature: Optional[float] = TEMPERATURE
     top_p: Optional[float] = 1.0
     user: Optional[str] = None
     # ---- lmforge extras (not in the OpenAI API) ----
-    top_k: Optional[int] = None
+    top_k: Optional[int] = TOP_K
     min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = REPETITION_PENALTY
     regex: Optional[str] = None  # structured output: the completion matches this regular expression
     choice: Optional[list[str]] = None  # structured output: the completion is exactly one of these
     banned_phrases: Optional[list[str]] = None  # texts that never appear in the output (however spelled in tokens)
@@ -130,13 +140,13 @@ class ChatCompletionRequest(_Extras):
     stop: Optional[Union[str, list[str]]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = 1.0
+    temperature: Optional[float] = TEMPERATURE
     top_p: Optional[float] = 1.0
     user: Optional[str] = None
     # ---- lmforge extras (not in the OpenAI API) ----
-    top_k: Optional[int] = None
+    top_k: Optional[int] = TOP_K
     min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = REPETITION_PENALTY
     regex: Optional[str] = None
     choice: Optional[list[str]] = None
     banned_phrases: Optional[list[str]] = None

@@ -52,7 +52,8 @@ class SSEResponse(StreamingResponse):
 
 async def engine_outputs(server, streams: list[RequestStream], http: Request
                          ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, RequestOutput) as the engine produces them; ends early when the client disconnects."""
+    """(prompt index, RequestOutput) as the engine produces them; ends early when the client disconnects. An
+    output carrying the engine's error for this request raises it as an ApiError (streaming sends it as an event)."""
     merged: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, stream: RequestStream) -> None:
@@ -78,8 +79,11 @@ async def engine_outputs(server, streams: list[RequestStream], http: Request
             if out is None:
                 open_streams -= 1
                 continue
-            if isinstance(out, Exception):
-                raise ApiError(500, f"the engine failed: {out}", type="server_error")
+            if isinstance(out, Exception):  # the engine loop itself stopped
+                raise ApiError(500, f"the engine failed: {type(out).__name__}", type="server_error")
+            if out.error is not None:  # this request failed in the engine, alone: a 400 if its input is at fault
+                server.metrics.request_errors.inc()
+                raise ApiError.of(out.error)
             server.metrics.observe(out)
             yield i, out
     finally:
