@@ -21,7 +21,7 @@ from lmforge.tokenizer import train_tokenizer
 CHARS = "ab \n"  # the char model's whole vocabulary: small enough to ban every character
 
 
-def _char_model(folder, block_size=128):
+def _char_model(folder, block_size=1024):
     tok = train_tokenizer("char", ["abab ba\n" * 10])
     assert set(tok.vocab) == set(CHARS) and tok.eos_id is None
     torch.manual_seed(0)
@@ -86,3 +86,33 @@ def test_a_request_failing_in_the_engine_fails_alone_beside_healthy_streams(char
     again = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "ba", "max_tokens": 5})
     assert again.status_code == 200 and len(again.json()["choices"][0]["text"]) == 5
     assert "lmforge_request_errors_total 2.0" in httpx.get(url + "/metrics").text
+
+
+def test_admission_counts_sequences_not_requests(char_server):
+    """max_batch 4 + max_queue 4: a request holds len(prompts) x n of the 8 places; one larger than all of them is
+    a 400 naming the limit (a long list of prompts is refused before it is tokenized), one larger than what is
+    free is a 429 with Retry-After."""
+    url = char_server
+    base = {"model": "tiny", "max_tokens": 3, "temperature": 0}
+    too_many = httpx.post(url + "/v1/completions", json=base | {"prompt": ["ab"] * 9}).json()["error"]
+    assert too_many["param"] == "prompt" and "at most 8" in too_many["message"]
+    too_wide = httpx.post(url + "/v1/completions", json=base | {"prompt": ["ab"] * 3, "n": 3}).json()["error"]
+    assert too_wide["param"] == "n" and "9 sequences" in too_wide["message"]
+    flood = httpx.post(url + "/v1/completions", json=base | {"prompt": [[1, 2]] * 4000, "n": 16}, timeout=30)
+    assert flood.status_code == 400 and flood.json()["error"]["code"] == "request_too_large"
+    chat = httpx.post(url + "/v1/chat/completions", json=base | {"messages": [{"role": "user", "content": "a"}],
+                                                                  "n": 9})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "n"
+    full = httpx.post(url + "/v1/completions", json=base | {"prompt": ["ab", "ba"], "n": 4}).json()
+    assert sorted(c["index"] for c in full["choices"]) == list(range(8))
+
+    hold = base | {"prompt": ["ab"] * 5, "max_tokens": 1000, "stream": True}  # 5 of the 8 places, for a while
+    with httpx.Client(timeout=60) as c, c.stream("POST", url + "/v1/completions", json=hold) as r:
+        lines = r.iter_lines()  # kept: dropping the iterator would close the response (and abort the request)
+        next(lines)
+        assert httpx.get(url + "/health").json()["active_sequences"] == 5
+        busy = httpx.post(url + "/v1/completions", json=base | {"prompt": ["ab"] * 2, "n": 2})
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1", busy.text
+        assert httpx.post(url + "/v1/completions", json=base | {"prompt": ["ab"] * 3}).status_code == 200
+    health = httpx.get(url + "/health").json()
+    assert health["active_sequences"] == 0 and health["max_sequences"] == 8

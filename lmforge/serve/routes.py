@@ -36,12 +36,12 @@ router = APIRouter()
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, http: Request, server: ServerDep):
     server.check_model(req.model)
-    prompts = server.prompts(req.prompt)
+    prompts = server.prompts(req.prompt, req.n or 1)
     params = req.to_sampling_params(server.max_tokens(req.max_tokens, max(map(len, prompts)), 16, "max_tokens",
                                                       "prompt"))
     await server.attach_constraint(req, params)
     guard = server.attach_controls(params, req.banned_phrases)
-    slot = server.admit(http.scope["lmforge.api_key"])
+    slot = server.admit(http.scope["lmforge.api_key"], len(prompts), params.n)
     streams = server.submit(prompts, params, slot)
     echo = [server.tokenizer.decode(p) for p in prompts] if req.echo else None
     reply = Reply(server, http, CompletionShape(server, echo), streams, slot, params.n, sum(map(len, prompts)), guard)
@@ -53,6 +53,7 @@ async def completions(req: CompletionRequest, http: Request, server: ServerDep):
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, http: Request, server: ServerDep):
     server.check_model(req.model)
+    server.check_size(1, req.n or 1)
     prompt = server.chat_prompt(req.messages)
     params = req.to_sampling_params(
         server.max_tokens(req.requested_max_tokens(), len(prompt), None,
@@ -62,7 +63,7 @@ async def chat_completions(req: ChatCompletionRequest, http: Request, server: Se
         params.stop += [s for s in server.template.turn_stops if s not in params.stop]
     await server.attach_constraint(req, params)
     guard = server.attach_controls(params, req.banned_phrases)
-    slot = server.admit(http.scope["lmforge.api_key"])
+    slot = server.admit(http.scope["lmforge.api_key"], 1, params.n)
     streams = server.submit([prompt], params, slot)
     reply = Reply(server, http, ChatShape(server), streams, slot, params.n, len(prompt), guard)
     if req.stream:
@@ -109,7 +110,8 @@ async def health(server: ServerDep):
     loop = server.loop
     ok = loop is not None and loop.error is None
     body = {"status": "ok" if ok else "error", "model": server.settings.model_name,
-            "active_requests": server.active, "draft": server.settings.draft,
+            "active_requests": server.active, "active_sequences": server.sequences,
+            "max_sequences": server.max_sequences, "draft": server.settings.draft,
             "engine": loop.last_stats if loop else None}
     return JSONResponse(body, status_code=200 if ok else 503)
 

@@ -31,12 +31,13 @@ from lmforge.templates import ChatTemplate
 
 
 class Slot:
-    """One admitted request's place. `release` (idempotent) ends it whichever way the request ends: it aborts
-    the engine requests still running (a no-op for finished ones; a disconnected client's are freed at once),
-    frees the place and charges the tokens to the API key."""
+    """One admitted request's place: its `sequences` (prompts x n) count against the server's bound. `release`
+    (idempotent) ends it whichever way the request ends: it aborts the engine requests still running (a no-op
+    for finished ones; a disconnected client's are freed at once), frees the place and charges the tokens to the
+    API key."""
 
-    def __init__(self, server: "Server", key: str):
-        self.server, self.key, self.tokens, self.released = server, key, 0, False
+    def __init__(self, server: "Server", key: str, sequences: int):
+        self.server, self.key, self.sequences, self.tokens, self.released = server, key, sequences, 0, False
         self.request_ids: list[str] = []
 
     def release(self) -> None:
@@ -45,6 +46,7 @@ class Slot:
             for rid in self.request_ids:
                 self.server.loop.abort(rid)
             self.server.active -= 1
+            self.server.sequences -= self.sequences
             self.server.rate.charge(self.key, self.tokens)
 
 
@@ -75,19 +77,38 @@ class Server:
         self.loop: EngineLoop | None = None  # started by the app's lifespan
         self._token_bytes: dict[int, bytes] | None = None
         self.active = 0  # HTTP generation requests in flight
+        self.sequences = 0  # their engine sequences (prompts x n each), bounded by max_batch + max_queue
         self.created = int(time.time())
 
-    # -- admission
-    def admit(self, key: str) -> Slot:
-        """Take a place for one request (429 when full or over the key's rate); release it when the request ends."""
-        limit = self.settings.max_batch + self.settings.max_queue
-        if self.active >= limit:
-            raise ApiError(429, f"the server is full: {self.active} requests in flight (max_batch "
-                                f"{self.settings.max_batch} + max_queue {self.settings.max_queue}); retry shortly",
+    # -- admission: by work, the engine sequences a request adds (its prompts x n)
+    @property
+    def max_sequences(self) -> int:
+        return self.settings.max_batch + self.settings.max_queue
+
+    def check_size(self, num_prompts: int, n: int) -> None:
+        """400 for a request that could never be admitted (more sequences than the whole bound); checked before
+        its prompts are tokenized, so a long list of prompts costs nothing."""
+        if num_prompts * n > self.max_sequences:
+            raise ApiError(400, f"this request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} "
+                                f"sequences; the server holds at most {self.max_sequences} (max_batch "
+                                f"{self.settings.max_batch} + max_queue {self.settings.max_queue}): send fewer "
+                                f"prompts or a smaller n", "n" if num_prompts <= self.max_sequences else "prompt",
+                           code="request_too_large")
+
+    def admit(self, key: str, num_prompts: int, n: int) -> Slot:
+        """Take a place for a request of num_prompts x n sequences (429 when the server cannot hold them now or
+        the key is over its rate); release it when the request ends."""
+        self.check_size(num_prompts, n)
+        wanted = num_prompts * n
+        if self.sequences + wanted > self.max_sequences:
+            raise ApiError(429, f"the server is full: {self.sequences} sequences in flight and this request adds "
+                                f"{wanted} (at most {self.max_sequences}: max_batch {self.settings.max_batch} + "
+                                f"max_queue {self.settings.max_queue}); retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         self.rate.check(key)
         self.active += 1
-        return Slot(self, key)
+        self.sequences += wanted
+        return Slot(self, key, wanted)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.settings.model_name:
@@ -99,14 +120,16 @@ class Server:
                 "max_model_len": self.max_model_len}
 
     # -- requests -> engine inputs
-    def prompts(self, prompt) -> list[list[int]]:
-        """The completions `prompt` field (text, texts, token ids, lists of token ids) as token id lists."""
+    def prompts(self, prompt, n: int) -> list[list[int]]:
+        """The completions `prompt` field (text, texts, token ids, lists of token ids) as token id lists; a list
+        holding more prompts than the server could ever run x n is refused before any is tokenized."""
         if isinstance(prompt, str):
             prompt = [prompt]
         if prompt and all(isinstance(t, int) for t in prompt):
             prompt = [prompt]
         if not prompt:
             raise ApiError(400, "prompt is empty", "prompt")
+        self.check_size(len(prompt), n)
         out = []
         for p in prompt:
             ids = prompt_tokens(self.tokenizer, p) if isinstance(p, str) else list(p)

@@ -39,7 +39,8 @@ class ServeSettings:
     max_batch: int = 16
     """sequences decoded together in one batch."""
     max_queue: int = 64
-    """requests allowed to wait beyond the running batch; more get 429 with Retry-After."""
+    """sequences allowed to wait beyond the running batch (a request holds len(prompts) x n of them); more get
+    429 with Retry-After, and a request larger than max_batch + max_queue gets 400."""
     max_model_len: int | None = None
     """prompt plus output tokens per request at most (default: the model's context)."""
     max_num_batched_tokens: int = 256
