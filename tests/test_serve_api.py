@@ -137,6 +137,49 @@ def test_response_format_json_schema_always_validates(client):
         jsonschema.validate(json.loads(r.choices[0].message.content), schema)
 
 
+NUMERIC_SCHEMAS = [  # enforced, or refused naming the keyword
+    ({"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                       "score": {"type": "number", "exclusiveMinimum": -1, "maximum": 1}},
+      "required": ["age", "score"]}, None),
+    ({"type": "array", "items": {"type": "integer", "multipleOf": 5, "minimum": -20}, "minItems": 1, "maxItems": 3},
+     None),
+    ({"type": "array", "items": {"enum": ["cat", "dog", "owl"]}, "uniqueItems": True, "minItems": 2}, None),
+    ({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 7}}, "required": ["n"]}, "multipleOf"),
+    ({"type": "number", "multipleOf": 0.01}, "multipleOf"),
+    ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "uniqueItems"),
+]
+
+
+@pytest.mark.parametrize("schema, refused", NUMERIC_SCHEMAS, ids=lambda x: json.dumps(x)[:50])
+def test_numeric_multiple_and_unique_keywords_are_enforced_or_refused_by_name(client, schema, refused):
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "json please"}], max_tokens=120, n=3, seed=1,
+                  temperature=1.0, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    if refused:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(**kwargs)
+        assert err.value.body["param"] == "response_format" and repr(refused) in err.value.body["message"]
+        return
+    r = client.chat.completions.create(**kwargs)
+    for choice in r.choices:
+        if choice.finish_reason == "stop":  # "length": max_tokens cut it
+            jsonschema.validate(json.loads(choice.message.content), schema)
+    assert any(c.finish_reason == "stop" for c in r.choices)
+
+
+def test_a_format_is_not_cut_by_stop_strings_echo_or_banned_phrases(server):
+    """Stop strings and echo would break a format's answer, so combining them is a 400; banned phrases that leave
+    the format no way on end the answer early with finish_reason content_filter, never a "stop" that fails it."""
+    base, _ = server
+    body = dict(model="tiny", prompt="pick", max_tokens=20, choice=["red", "green"])
+    for extra, param in ((dict(stop=["e"]), "stop"), (dict(echo=True), "echo")):
+        r = httpx.post(base + "/v1/completions", json=body | extra)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = httpx.post(base + "/v1/completions", json=body | dict(banned_phrases=["r", "g"])).json()
+    assert r["choices"][0]["finish_reason"] == "content_filter" and r["choices"][0]["text"] not in ("red", "green")
+    r = httpx.post(base + "/v1/completions", json=body | dict(banned_phrases=["g"])).json()
+    assert r["choices"][0] == {"index": 0, "text": "red", "logprobs": None, "finish_reason": "stop"}
+
+
 def test_choice_and_regex(server):
     base, _ = server
     body = dict(model="tiny", prompt="pick", max_tokens=20, temperature=1.0, n=4, seed=3,

@@ -39,12 +39,13 @@ async def completions(req: CompletionRequest, http: Request, server: ServerDep):
     prompts = server.prompts(req.prompt, req.n or 1)
     params = req.to_sampling_params(server.max_tokens(req.max_tokens, max(map(len, prompts)), 16, "max_tokens",
                                                       "prompt"))
-    await server.attach_constraint(req, params)
+    constraint = await server.attach_constraint(req, params)
     guard = server.attach_controls(params, req.banned_phrases)
     slot = server.admit(http.scope["lmforge.api_key"], len(prompts), params.n)
     streams = server.submit(prompts, params, slot)
     echo = [server.tokenizer.decode(p) for p in prompts] if req.echo else None
-    reply = Reply(server, http, CompletionShape(server, echo), streams, slot, params.n, sum(map(len, prompts)), guard)
+    reply = Reply(server, http, CompletionShape(server, echo), streams, slot, params.n, sum(map(len, prompts)), guard,
+                  constraint)
     if req.stream:
         return reply.stream(bool(req.stream_options and req.stream_options.include_usage))
     return await reply.whole()
@@ -61,11 +62,11 @@ async def chat_completions(req: ChatCompletionRequest, http: Request, server: Se
                           "messages"))
     if server.constraint_regex(req) is None:  # a constrained output ends by its format, not by a turn marker
         params.stop += [s for s in server.template.turn_stops if s not in params.stop]
-    await server.attach_constraint(req, params)
+    constraint = await server.attach_constraint(req, params)
     guard = server.attach_controls(params, req.banned_phrases)
     slot = server.admit(http.scope["lmforge.api_key"], 1, params.n)
     streams = server.submit([prompt], params, slot)
-    reply = Reply(server, http, ChatShape(server), streams, slot, params.n, len(prompt), guard)
+    reply = Reply(server, http, ChatShape(server), streams, slot, params.n, len(prompt), guard, constraint)
     if req.stream:
         return reply.stream(bool(req.stream_options and req.stream_options.include_usage))
     return await reply.whole()

@@ -25,8 +25,8 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.edge import Metrics, RateLimiter
 from lmforge.serve.errors import ApiError
 from lmforge.serve.settings import ServeSettings
-from lmforge.serve.structured import (JSON_OBJECT_SCHEMA, ConstraintCompiler, StructuredOutputError, check_regex,
-                                      regex_for_choice, regex_for_json_schema, token_bytes)
+from lmforge.serve.structured import (JSON_OBJECT_SCHEMA, ConstraintCompiler, StructuredOutputError, TokenConstraint,
+                                      check_regex, regex_for_choice, regex_for_json_schema, token_bytes)
 from lmforge.templates import ChatTemplate
 
 
@@ -167,6 +167,12 @@ class Server:
             chosen.append("response_format")
         if len(chosen) > 1:
             raise ApiError(400, f"give at most one output format; got {', '.join(chosen)}", chosen[1])
+        if chosen and req.stop:  # the answer must run to the end of its format
+            raise ApiError(400, f"stop strings cannot be combined with {chosen[0]}: a stop string would cut the "
+                                f"answer before its format is complete", "stop")
+        if chosen and getattr(req, "echo", False):
+            raise ApiError(400, f"echo cannot be combined with {chosen[0]}: the prompt before the answer would not "
+                                f"match the format", "echo")
         if req.regex is not None:
             return check_regex(req.regex), "regex"
         if req.choice is not None:
@@ -180,10 +186,12 @@ class Server:
             return regex_for_json_schema(fmt.json_schema.schema_), "response_format"
         return None
 
-    async def attach_constraint(self, req, params: SamplingParams) -> None:
+    async def attach_constraint(self, req, params: SamplingParams) -> TokenConstraint | None:
+        """The request's output format as a token mask on its params (compiled in a worker thread), or None."""
         spec = self.constraint_regex(req)
         if spec is not None:
             params.allowed_tokens = await asyncio.to_thread(self.compiler.constraint, *spec)
+        return params.allowed_tokens
 
     def attach_controls(self, params: SamplingParams, phrases: list[str] | None = None):
         """Apply --controls and the request's own banned phrases (checked on the text, as --controls's are) to its

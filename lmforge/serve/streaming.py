@@ -203,12 +203,16 @@ class Reply:
         n: samples per prompt.
         prompt_tokens: the prompts' tokens, for `usage`.
         guard: the request's --controls / banned-phrases guard (its fire counts go in an `lmforge` field), or None.
+        constraint: the request's output format (structured.TokenConstraint), or None. An answer that stops
+            before its format is complete (banned phrases left the format no way on, so the end token was forced)
+            finishes with "content_filter" rather than "stop", so "stop" always means a complete, valid answer.
     """
 
     def __init__(self, server, http: Request, shape, streams: list[RequestStream], slot, n: int,
-                 prompt_tokens: int, guard=None):
+                 prompt_tokens: int, guard=None, constraint=None):
         self.server, self.http, self.shape, self.streams, self.slot = server, http, shape, streams, slot
-        self.n, self.prompt_tokens, self.guard = n, prompt_tokens, guard
+        self.n, self.prompt_tokens, self.guard, self.constraint = n, prompt_tokens, guard, constraint
+        self.outputs: dict[int, list[int]] = {}  # choice -> its tokens, to check a constrained answer ended whole
         self.id = f"{'chatcmpl' if isinstance(shape, ChatShape) else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.completion_tokens = 0
@@ -237,7 +241,13 @@ class Reply:
                 self.completion_tokens += len(out.new_token_ids)
                 self.slot.tokens += len(out.new_token_ids)
                 lp = self.shape.logprobs(out.logprobs) if out.logprobs else None
-                yield index, self.shape.text(i, index, out), lp, finish_reason(out.finish_reason)
+                finish = finish_reason(out.finish_reason)
+                if self.constraint is not None:
+                    tokens = self.outputs.setdefault(index, [])
+                    tokens += out.new_token_ids
+                    if finish == "stop" and not self.constraint.is_complete(tokens):
+                        finish = "content_filter"
+                yield index, self.shape.text(i, index, out), lp, finish
 
     async def whole(self) -> dict:
         choices = [self.shape.choice(i) for i in range(len(self.streams) * self.n)]
