@@ -309,20 +309,22 @@ def test_rate_limit_chunked_body_and_prompt_length(tiny_parts, tmp_path):
 
     model, tok = tiny_parts
     (tmp_path / "keys").write_text("k1\nk2\n")
-    settings = ServeSettings(served_model_name="tiny", api_key_file=str(tmp_path / "keys"), rate_limit_tpm=10,
+    settings = ServeSettings(served_model_name="tiny", api_key_file=str(tmp_path / "keys"), rate_limit_tpm=20,
                              max_body_bytes=5000)
-    with TestClient(create_app(model, tok, settings)) as c:
+    with TestClient(create_app(model, tok, settings), base_url="http://localhost") as c:
         k1, k2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
         body = {"model": "tiny", "prompt": "the cat sat on the mat", "max_tokens": 8}
+        assert len(tok.encode(body["prompt"])) + 8 <= 20 < 2 * (len(tok.encode(body["prompt"])) + 1) + 8
         assert c.post("/v1/completions", headers=k1, json=body).status_code == 200
-        limited = c.post("/v1/completions", headers=k1, json=body)  # k1 spent its 10 tokens per minute
+        limited = c.post("/v1/completions", headers=k1, json=body)  # what k1 spent plus this one's 8: over 20
         assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
         assert limited.json()["error"]["code"] == "rate_limit_exceeded"
         assert c.post("/v1/completions", headers=k2, json=body).status_code == 200  # per key
         chunks = (b'{"model": "tiny", "prompt": "' + b"x" * 1000 for _ in range(8))
         big = c.post("/v1/completions", headers=k2, content=chunks)  # chunked: no content-length
         assert big.status_code == 400 and "max_body_bytes" in big.json()["error"]["message"]
-    with TestClient(create_app(model, tok, ServeSettings(served_model_name="tiny", kv_dtype="float16"))) as c:
+    with TestClient(create_app(model, tok, ServeSettings(served_model_name="tiny", kv_dtype="float16")),
+                    base_url="http://localhost") as c:
         long = {"model": "tiny", "prompt": "the cat " * 100, "max_tokens": 8}
         err = c.post("/v1/completions", json=long).json()["error"]
         assert err["param"] == "prompt" and "max_model_len is 128" in err["message"]

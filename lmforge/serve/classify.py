@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Annotated, Optional, Union
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from lmforge.serve.errors import ApiError
+from lmforge.serve.protocol import CheckedModel
 
 MAX_INPUTS = 256  # texts per request
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(CheckedModel):
     """POST /v1/classify, shaped like OpenAI's /v1/moderations and /v1/embeddings (`input`, `model`)."""
 
     model_config = ConfigDict(extra="ignore")

@@ -1,8 +1,10 @@
 """The edge: what every HTTP request passes before a route sees it, and the counters it leaves behind.
 
-`EdgeMiddleware` checks the body's size (declared or counted as it arrives) and the API key on /v1 and /tokenize
-routes, and counts each request in /metrics by a fixed set of route labels. `RateLimiter` is the per-key token
-budget, and `Metrics` the app's own Prometheus registry.
+`EdgeMiddleware` checks, in order: the Host header against the allow-list (a DNS-rebinding page names its own
+host), the body's size (declared or counted as it arrives), and the API key on /v1 and /tokenize routes; it adds
+the security headers (the web page gets a Content-Security-Policy it works under) and counts each request in
+/metrics by a fixed set of route labels. `RateLimiter` is the per-key token budget that admission reserves from,
+and `Metrics` the app's own Prometheus registry.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ from lmforge.serve.errors import ApiError
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 METRIC_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
                  "/metrics", "/", "/v1/classify"}
+# The web chat (/ and /static/) is served under a Content-Security-Policy. The page loads its script and stylesheet from /static, talks to this origin only, and sets styles through the
+# CSSOM (allowed by style-src 'self'); its favicon is an empty data: URL.
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer")]
 
 
 class Metrics:
@@ -65,11 +73,16 @@ class Metrics:
 
 
 class RateLimiter:
-    """Tokens per minute per API key over a sliding 60 s window."""
+    """Tokens per minute per API key over a sliding 60 s window, reserved up front and settled at the end.
+
+    `reserve` books a request's most tokens (prompt + max_tokens x n x prompts) when it is admitted, so
+    concurrent requests cannot all pass a check made before any of them is charged; `settle` replaces the
+    booking with what the request really used when it ends (the rest is refunded).
+    """
 
     def __init__(self, tokens_per_minute: int):
         self.limit = tokens_per_minute
-        self.spent: dict[str, deque[tuple[float, int]]] = {}
+        self.spent: dict[str, deque[list]] = {}  # key -> [time, tokens] entries, oldest first
 
     def _used(self, key: str, now: float) -> int:
         window = self.spent.setdefault(key, deque())
@@ -77,23 +90,43 @@ class RateLimiter:
             window.popleft()
         return sum(n for _, n in window)
 
-    def check(self, key: str) -> None:
+    def reserve(self, key: str, tokens: int, param: str = "max_tokens") -> list | None:
+        """Book `tokens` for `key` (429 when the window cannot hold them, 400 when no window ever could)."""
         if self.limit <= 0:
-            return
+            return None
+        if tokens > self.limit:
+            raise ApiError(400, f"this request may use up to {tokens} tokens (prompt plus max_tokens x n for each "
+                                f"prompt), more than this API key's limit of {self.limit} tokens per minute; lower "
+                                f"max_tokens or n", param, code="rate_limit_exceeded")
         now = time.monotonic()
-        if self._used(key, now) >= self.limit:
-            retry = max(1, int(60 - (now - self.spent[key][0][0])) + 1)
-            raise ApiError(429, f"rate limit of {self.limit} tokens per minute reached for this API key; retry in "
-                                f"{retry} s", type="rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(retry)})
+        used = self._used(key, now)
+        if used + tokens > self.limit:
+            window = self.spent[key]
+            retry = max(1, int(60 - (now - window[0][0])) + 1) if window else 1
+            raise ApiError(429, f"rate limit of {self.limit} tokens per minute reached for this API key ({used} "
+                                f"used or reserved, this request may use {tokens}); retry in {retry} s",
+                           type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+        entry = [now, tokens]
+        self.spent[key].append(entry)
+        return entry
 
-    def charge(self, key: str, tokens: int) -> None:
-        if self.limit > 0:
-            self.spent.setdefault(key, deque()).append((time.monotonic(), tokens))
+    @staticmethod
+    def settle(entry: list | None, tokens: int) -> None:
+        """Charge what the request used in place of its reservation."""
+        if entry is not None:
+            entry[1] = tokens
+
+
+def host_name(value: str) -> str:
+    """The name in a Host header, lower case, without its port ("[::1]:8000" -> "::1")."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value[1:]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
 class EdgeMiddleware:
-    """Every HTTP request: body size limit, API key, per-route metrics.
+    """Every HTTP request: Host allow-list, body size limit, API key, security headers, per-route metrics.
 
     Plain ASGI rather than `@app.middleware("http")`, which wraps `receive` and so hides a client's disconnect
     from a streaming response (whose request must then be aborted).
@@ -102,7 +135,7 @@ class EdgeMiddleware:
     def __init__(self, app, server):
         self.app, self.server = app, server
         settings = server.settings
-        self.max_body, self.keys = settings.max_body_bytes, server.api_keys
+        self.max_body, self.hosts, self.keys = settings.max_body_bytes, settings.host_names(), server.api_keys
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -110,7 +143,8 @@ class EdgeMiddleware:
         path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         status = {"code": 500}
-        extra: list = []
+        extra = SECURITY_HEADERS + ([(b"content-security-policy", PAGE_POLICY.encode())]
+                                    if path == "/" or path.startswith("/static/") else [])
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -142,7 +176,10 @@ class EdgeMiddleware:
             self.server.metrics.requests.labels(route, str(status["code"])).inc()
 
     def check(self, scope, path: str, headers: dict[str, str]) -> None:
-        """Declared body size and API key; the key that matched is left in scope["lmforge.api_key"]."""
+        """Host, declared body size and API key; the key that matched is left in scope["lmforge.api_key"]."""
+        if self.hosts is not None and host_name(headers.get("host", "")) not in self.hosts:
+            raise ApiError(400, "the Host header names a host this server does not answer for; start it with "
+                                "--allowed-hosts NAME to accept that name", code="invalid_host")
         try:
             size = int(headers.get("content-length") or 0)
         except ValueError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lmforge.infer.sampling import (GREEDY_TEMPERATURE, MAX_LOGPROBS, MAX_TEMPERATURE, REPETITION_PENALTY_RANGE,
                                     SamplingParams)
@@ -26,26 +26,68 @@ REPETITION_PENALTY = Field(default=None, description="divide the positive logits
                                                      "off".format(*REPETITION_PENALTY_RANGE))
 
 
-class StreamOptions(BaseModel):
+MAX_STOP = 16  # stop strings per request; each is checked against the output after every token
+MAX_PHRASES = 64  # banned phrases per request; each token's text is checked against each
+MAX_TEXT = 256  # characters in one stop string or banned phrase
+
+
+def check_text(value, where: str = "") -> None:
+    """Raise ValueError when a string in `value` (nested in lists and dicts, keys included) holds a lone UTF-16
+    surrogate: JSON can carry one ("\\ud800"), but no UTF-8 text, tokenizer or response can."""
+    stack = [(value, where)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{at + ' ' if at else ''}holds a lone UTF-16 surrogate (U+{ord(v[e.start]):04X} at "
+                                 f"character {e.start}); send valid Unicode text") from None
+        elif isinstance(v, dict):
+            stack += [(k, at) for k in v] + [(x, f"{at}.{k}" if at else str(k)) for k, x in v.items()]
+        elif isinstance(v, (list, tuple)):
+            stack += [(x, f"{at}[{i}]" if at else f"[{i}]") for i, x in enumerate(v)]
+
+
+class CheckedModel(BaseModel):
+    """A request model whose every text field is checked for lone surrogates (a 400 naming the field)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value):
+        check_text(value)
+        return value
+
+
+class StreamOptions(CheckedModel):
     include_usage: Optional[bool] = False
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(CheckedModel):
     name: str
     description: Optional[str] = None
     schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
     strict: Optional[bool] = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(CheckedModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: Optional[JsonSchemaFormat] = None
 
 
-class _Extras(BaseModel):
-    """Shared conversion; subclasses declare the fields (OpenAI's first, then lmforge's)."""
+class _Extras(CheckedModel):
+    """Shared checks and conversion; subclasses declare the fields (OpenAI's first, then lmforge's)."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @field_validator("stop", "banned_phrases", check_fields=False)
+    @classmethod
+    def _bounded_texts(cls, value, info):
+        texts = [value] if isinstance(value, str) else value or []
+        most = MAX_STOP if info.field_name == "stop" else MAX_PHRASES
+        if len(texts) > most or any(len(t) > MAX_TEXT for t in texts):
+            raise ValueError(f"at most {most} strings of at most {MAX_TEXT} characters each")
+        return value
 
     def _params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -103,7 +145,7 @@ class CompletionRequest(_Extras):
         return self._params(max_tokens, self.logprobs)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(CheckedModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[dict[str, Any]]]] = None
@@ -160,12 +202,12 @@ class ChatCompletionRequest(_Extras):
         return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(CheckedModel):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None  # tokenized after the chat template, as chat requests are
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(CheckedModel):
     model: Optional[str] = None
     tokens: list[int]

@@ -36,12 +36,12 @@ router = APIRouter()
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, http: Request, server: ServerDep):
     server.check_model(req.model)
-    prompts = server.prompts(req.prompt, req.n or 1)
+    prompts = await server.prompts(req.prompt, req.n or 1)
     params = req.to_sampling_params(server.max_tokens(req.max_tokens, max(map(len, prompts)), 16, "max_tokens",
                                                       "prompt"))
     constraint = await server.attach_constraint(req, params)
     guard = server.attach_controls(params, req.banned_phrases)
-    slot = server.admit(http.scope["lmforge.api_key"], len(prompts), params.n)
+    slot = server.admit(http.scope["lmforge.api_key"], prompts, params)
     streams = server.submit(prompts, params, slot)
     echo = [server.tokenizer.decode(p) for p in prompts] if req.echo else None
     reply = Reply(server, http, CompletionShape(server, echo), streams, slot, params.n, sum(map(len, prompts)), guard,
@@ -55,7 +55,7 @@ async def completions(req: CompletionRequest, http: Request, server: ServerDep):
 async def chat_completions(req: ChatCompletionRequest, http: Request, server: ServerDep):
     server.check_model(req.model)
     server.check_size(1, req.n or 1)
-    prompt = server.chat_prompt(req.messages)
+    prompt = await server.chat_prompt(req.messages)
     params = req.to_sampling_params(
         server.max_tokens(req.requested_max_tokens(), len(prompt), None,
                           "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
@@ -64,7 +64,7 @@ async def chat_completions(req: ChatCompletionRequest, http: Request, server: Se
         params.stop += [s for s in server.template.turn_stops if s not in params.stop]
     constraint = await server.attach_constraint(req, params)
     guard = server.attach_controls(params, req.banned_phrases)
-    slot = server.admit(http.scope["lmforge.api_key"], 1, params.n)
+    slot = server.admit(http.scope["lmforge.api_key"], [prompt], params)
     streams = server.submit([prompt], params, slot)
     reply = Reply(server, http, ChatShape(server), streams, slot, params.n, len(prompt), guard, constraint)
     if req.stream:
@@ -90,7 +90,10 @@ async def tokenize(req: TokenizeRequest, server: ServerDep):
     server.check_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise ApiError(400, "give exactly one of prompt or messages", "prompt")
-    tokens = server.tokenizer.encode(req.prompt if req.prompt is not None else server.render(req.messages))
+    if req.prompt is not None:
+        tokens = await server.encode(req.prompt, "prompt")
+    else:
+        tokens = await server.encode(await server.render(req.messages), "messages")
     return {"tokens": tokens, "count": len(tokens), "max_model_len": server.max_model_len}
 
 
@@ -112,7 +115,7 @@ async def health(server: ServerDep):
     ok = loop is not None and loop.error is None
     body = {"status": "ok" if ok else "error", "model": server.settings.model_name,
             "active_requests": server.active, "active_sequences": server.sequences,
-            "max_sequences": server.max_sequences, "draft": server.settings.draft,
+            "max_sequences": server.max_sequences, "speculative": server.settings.draft is not None,
             "engine": loop.last_stats if loop else None}
     return JSONResponse(body, status_code=200 if ok else 503)
 

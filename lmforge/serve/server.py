@@ -31,13 +31,15 @@ from lmforge.templates import ChatTemplate
 
 
 class Slot:
-    """One admitted request's place: its `sequences` (prompts x n) count against the server's bound. `release`
-    (idempotent) ends it whichever way the request ends: it aborts the engine requests still running (a no-op
-    for finished ones; a disconnected client's are freed at once), frees the place and charges the tokens to the
-    API key."""
+    """One admitted request's place: its `sequences` (prompts x n) count against the server's bound, and its
+    `reservation` against the API key's tokens per minute. `release` (idempotent) ends it whichever way the
+    request ends: it aborts the engine requests still running (a no-op for finished ones; a disconnected
+    client's are freed at once), frees the place and charges the key what was used (`tokens`) instead of what
+    was reserved."""
 
-    def __init__(self, server: "Server", key: str, sequences: int):
-        self.server, self.key, self.sequences, self.tokens, self.released = server, key, sequences, 0, False
+    def __init__(self, server: "Server", sequences: int, reservation: list | None):
+        self.server, self.sequences, self.reservation, self.tokens, self.released = \
+            server, sequences, reservation, 0, False
         self.request_ids: list[str] = []
 
     def release(self) -> None:
@@ -47,7 +49,7 @@ class Slot:
                 self.server.loop.abort(rid)
             self.server.active -= 1
             self.server.sequences -= self.sequences
-            self.server.rate.charge(self.key, self.tokens)
+            self.server.rate.settle(self.reservation, self.tokens)
 
 
 class Server:
@@ -95,9 +97,11 @@ class Server:
                                 f"prompts or a smaller n", "n" if num_prompts <= self.max_sequences else "prompt",
                            code="request_too_large")
 
-    def admit(self, key: str, num_prompts: int, n: int) -> Slot:
-        """Take a place for a request of num_prompts x n sequences (429 when the server cannot hold them now or
-        the key is over its rate); release it when the request ends."""
+    def admit(self, key: str, prompts: list[list[int]], params: SamplingParams) -> Slot:
+        """Take a place for a request of len(prompts) x n sequences (429 when the server cannot hold them now),
+        reserving its most tokens from the key's rate (the prompts, and max_tokens for each sequence); release it
+        when the request ends."""
+        num_prompts, n = len(prompts), params.n
         self.check_size(num_prompts, n)
         wanted = num_prompts * n
         if self.sequences + wanted > self.max_sequences:
@@ -105,10 +109,10 @@ class Server:
                                 f"{wanted} (at most {self.max_sequences}: max_batch {self.settings.max_batch} + "
                                 f"max_queue {self.settings.max_queue}); retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-        self.rate.check(key)
+        reservation = self.rate.reserve(key, sum(map(len, prompts)) + wanted * params.max_tokens)
         self.active += 1
         self.sequences += wanted
-        return Slot(self, key, wanted)
+        return Slot(self, wanted, reservation)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.settings.model_name:
@@ -120,7 +124,17 @@ class Server:
                 "max_model_len": self.max_model_len}
 
     # -- requests -> engine inputs
-    def prompts(self, prompt, n: int) -> list[list[int]]:
+    async def encode(self, text: str, param: str) -> list[int]:
+        """`text`'s tokens, computed in a worker thread with `encode_batch` (which lets go of the GIL, where HF
+        tokenizers' `encode` holds it: a 1 MB prompt would stall every other request for a second); a text the
+        tokenizer cannot encode is a 400 naming `param`."""
+        try:
+            [ids] = await asyncio.to_thread(self.tokenizer.encode_batch, [text])
+        except LmforgeError as e:
+            raise ApiError(400, str(e), param) from e
+        return ids.tolist()
+
+    async def prompts(self, prompt, n: int) -> list[list[int]]:
         """The completions `prompt` field (text, texts, token ids, lists of token ids) as token id lists; a list
         holding more prompts than the server could ever run x n is refused before any is tokenized."""
         if isinstance(prompt, str):
@@ -132,18 +146,21 @@ class Server:
         self.check_size(len(prompt), n)
         out = []
         for p in prompt:
-            ids = prompt_tokens(self.tokenizer, p) if isinstance(p, str) else list(p)
+            ids = (await self.encode(p, "prompt") if p else prompt_tokens(self.tokenizer, "")) if isinstance(p, str) \
+                else list(p)
             if not ids or min(ids) < 0 or max(ids) >= self.vocab_size:
                 raise ApiError(400, f"prompt token ids must be in 0..{self.vocab_size - 1}", "prompt")
             out.append(ids)
         return out
 
-    def render(self, messages) -> str:
-        """Chat messages (protocol.ChatMessage) as the prompt text the chat template makes of them."""
-        return self.template.render([{"role": m.role, "content": m.text()} for m in messages])
+    async def render(self, messages) -> str:
+        """Chat messages (protocol.ChatMessage) as the prompt text the chat template makes of them (in a worker
+        thread: a template runs over the whole conversation)."""
+        return await asyncio.to_thread(self.template.render, [{"role": m.role, "content": m.text()}
+                                                              for m in messages])
 
-    def chat_prompt(self, messages) -> list[int]:
-        return self.tokenizer.encode(self.render(messages)) or prompt_tokens(self.tokenizer, "")
+    async def chat_prompt(self, messages) -> list[int]:
+        return await self.encode(await self.render(messages), "messages") or prompt_tokens(self.tokenizer, "")
 
     def max_tokens(self, requested: int | None, prompt_len: int, default: int | None, param: str,
                    prompt_param: str) -> int:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import ipaddress
 import textwrap
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from lmforge.errors import LmforgeError
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 class ServeSettingsError(LmforgeError):
     """A serve setting out of range or a file it names that cannot be read; `param` names the setting."""
@@ -36,6 +39,10 @@ class ServeSettings:
     """require this key as 'Authorization: Bearer KEY' on /v1 and /tokenize routes."""
     api_key_file: str | None = None
     """file with one accepted API key per line (combined with --api-key)."""
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Host header names accepted besides the loopback names (localhost, 127.0.0.1, ::1), which are all a server
+    bound to loopback accepts by default (a web page elsewhere cannot drive it through DNS rebinding); '*'
+    accepts any. A server bound to another address accepts any Host unless this is given."""
     max_batch: int = 16
     """sequences decoded together in one batch."""
     max_queue: int = 64
@@ -66,7 +73,8 @@ class ServeSettings:
     chat_template: str | None = None
     """a Jinja chat template file to use instead of the model's own (tokenizer_config.json) or the default."""
     rate_limit_tpm: int = 0
-    """tokens (prompt + generated) per minute per API key; 0 means unlimited."""
+    """tokens (prompt + generated) per minute per API key; 0 means unlimited. A request reserves its prompt
+    plus max_tokens x n x prompts when admitted and is refunded what it did not use when it ends."""
     max_body_bytes: int = 1_000_000
     """largest request body accepted."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -107,6 +115,24 @@ class ServeSettings:
                 raise ServeSettingsError(f"API key file {path} holds no keys (one per line expected)",
                                          "api_key_file")
         return keys
+
+    def host_names(self) -> frozenset[str] | None:
+        """Host header names accepted (lower case, no port), or None for any."""
+        extra = {h.strip().lower().strip("[]") for h in self.allowed_hosts if h.strip()}
+        if "*" in extra:
+            return None
+        if not _is_loopback(self.host) and not extra:
+            return None
+        return frozenset(LOOPBACK_NAMES) | extra
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------------------------- the command's interface
