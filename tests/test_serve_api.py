@@ -207,10 +207,8 @@ def test_stop_echo_and_json_object(client):
         assert r.choices[0].message.content.startswith("{")
 
 
-# EngineLoop._deliver ends a request's stream at the first of its outputs in the step where it finishes, so when
-# two samples of a request finish in the same step the other's last output (its finish_reason) is dropped.
-# The fix belongs in lmforge/engine/loop.py (reported to the lead); remove this marker with it.
 def test_streaming_chat_with_n(client):
+    """Both samples stream to their finish chunk, even when they finish in the same engine step."""
     chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                                  max_tokens=5, n=2, seed=3, stream=True))
     texts, finished = {0: "", 1: ""}, {}
