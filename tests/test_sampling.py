@@ -5,10 +5,25 @@ import math
 import pytest
 import torch
 
-from lmforge.infer.sampling import (REPETITION_PENALTY_RANGE, SamplingError, SamplingParams, StopStrings,
-                                    apply_logit_bias, apply_penalties, apply_temperature, argmax, ban_sequences,
-                                    make_generator, min_p_filter, process_logits, sample_next, token_counts,
-                                    token_logprobs, top_k_filter, top_p_filter)
+from lmforge.infer.sampling import (
+    REPETITION_PENALTY_RANGE,
+    SamplingError,
+    SamplingParams,
+    StopStrings,
+    apply_logit_bias,
+    apply_penalties,
+    apply_temperature,
+    argmax,
+    ban_sequences,
+    make_generator,
+    min_p_filter,
+    process_logits,
+    sample_next,
+    token_counts,
+    token_logprobs,
+    top_k_filter,
+    top_p_filter,
+)
 
 NEG = -math.inf
 

@@ -8,9 +8,8 @@ generation short, so the whole run stays around a minute.
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
-
 import schemathesis
+from hypothesis import HealthCheck, given, settings
 from test_chat_repl import tiny_model_folder
 
 from lmforge.serve.process import start_server, stop_server

@@ -152,8 +152,9 @@ NUMERIC_SCHEMAS = [  # enforced, or refused naming the keyword
 
 @pytest.mark.parametrize("schema, refused", NUMERIC_SCHEMAS, ids=lambda x: json.dumps(x)[:50])
 def test_numeric_multiple_and_unique_keywords_are_enforced_or_refused_by_name(client, schema, refused):
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
     kwargs = dict(model="tiny", messages=[{"role": "user", "content": "json please"}], max_tokens=120, n=3, seed=1,
-                  temperature=1.0, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+                  temperature=1.0, response_format=fmt)
     if refused:
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(**kwargs)
@@ -307,7 +308,7 @@ def test_rate_limit_chunked_body_and_prompt_length(tiny_parts, tmp_path):
 
     model, tok = tiny_parts
     (tmp_path / "keys").write_text("k1\nk2\n")
-    settings = ServeSettings(served_model_name="tiny", api_key_file=str(tmp_path / "keys"), rate_limit_tpm=20,
+    settings = ServeSettings(model="tiny", api_key_file=str(tmp_path / "keys"), rate_limit_tpm=20,
                              max_body_bytes=5000)
     with TestClient(create_app(model, tok, settings), base_url="http://localhost") as c:
         k1, k2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
@@ -321,7 +322,7 @@ def test_rate_limit_chunked_body_and_prompt_length(tiny_parts, tmp_path):
         chunks = (b'{"model": "tiny", "prompt": "' + b"x" * 1000 for _ in range(8))
         big = c.post("/v1/completions", headers=k2, content=chunks)  # chunked: no content-length
         assert big.status_code == 400 and "max_body_bytes" in big.json()["error"]["message"]
-    with TestClient(create_app(model, tok, ServeSettings(served_model_name="tiny", kv_dtype="float16")),
+    with TestClient(create_app(model, tok, ServeSettings(model="tiny", kv_dtype="float16")),
                     base_url="http://localhost") as c:
         long = {"model": "tiny", "prompt": "the cat " * 100, "max_tokens": 8}
         err = c.post("/v1/completions", json=long).json()["error"]

@@ -16,7 +16,6 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from test_serve_api import _model_folder
 
 from lmforge.serve.process import start_server, stop_server

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from lmforge.serve.jsonregex import SchemaKeywordError, alternation, integers, multiples
-from lmforge.serve.structured import (ConstraintCompiler, StructuredOutputError, regex_for_choice,
-                                      regex_for_json_schema, token_bytes)
+from lmforge.serve.structured import (
+    ConstraintCompiler,
+    StructuredOutputError,
+    regex_for_choice,
+    regex_for_json_schema,
+    token_bytes,
+)
 from lmforge.tokenizer import train_tokenizer
 
 TEXT = ["hello world, {\"a\": 1, \"b\": [true, false, null]} the cat sat 0123456789\n"] * 30

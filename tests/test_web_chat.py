@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from test_chat_repl import tiny_model_folder
 
 from lmforge.serve.process import start_server, stop_server

@@ -26,7 +26,7 @@ import statistics
 import time
 import uuid
 from collections import deque
-from typing import Sequence as Seq
+from collections.abc import Sequence as Seq
 
 import torch
 

@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import uuid
-from typing import Sequence as Seq
+from collections.abc import Sequence as Seq
 
 from lmforge.engine.engine import Engine
 from lmforge.engine.sequence import RequestOutput
@@ -116,7 +116,7 @@ class EngineLoop:
         self._wake.set()
         self._thread.join()
 
-    def __enter__(self) -> "EngineLoop":
+    def __enter__(self) -> EngineLoop:
         return self
 
     def __exit__(self, *exc) -> None:

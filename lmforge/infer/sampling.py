@@ -21,11 +21,13 @@ request draws the same tokens whatever else shares its batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
+
 from lmforge.errors import LmforgeError
 
 

@@ -10,7 +10,6 @@ JSON), protocol.py (request models), structured.py (output formats -> token mask
 from __future__ import annotations
 
 import contextlib
-import inspect
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -22,7 +21,7 @@ from lmforge.infer.controls import load_controls
 from lmforge.serve import classify, errors, routes
 from lmforge.serve.edge import EdgeMiddleware
 from lmforge.serve.server import Server
-from lmforge.serve.settings import ServeSettings, command_signature
+from lmforge.serve.settings import ServeSettings
 
 __all__ = ["ServeSettings", "create_app", "serve_command"]
 
@@ -42,7 +41,7 @@ def create_app(model, tokenizer, settings: ServeSettings | None = None,
     """The FastAPI app serving `model` (an lmforge Transformer) with `tokenizer`. `model_folder` is where the chat
     template is looked for (tokenizer_config.json); `draft`, a smaller model sharing the tokenizer, turns on
     speculative decoding in the engine."""
-    settings = settings or ServeSettings()
+    settings = settings or ServeSettings(model="")
     app = FastAPI(title="lmforge", version="1", lifespan=lifespan)
     app.state.server = server = Server(model, tokenizer, settings, model_folder, draft)
     app.state.classifier = None
@@ -65,14 +64,10 @@ def load_model(path: str, settings: ServeSettings, adapter: str | None = None):
                 adapter=adapter, tokenizer=settings.tokenizer)
 
 
-def serve_command(**options) -> int:
-    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) and a web chat.
-
-    The flags are ServeSettings' fields; their help is each field's docstring.
-    """
+def serve_command(settings: ServeSettings) -> int:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) and a web chat."""
     import uvicorn
 
-    settings = ServeSettings(**options)
     settings.api_keys()  # a missing or empty key file fails now, before the model loads
     if settings.controls:
         load_controls(settings.controls)  # so does a bad controls file
@@ -84,24 +79,3 @@ def serve_command(**options) -> int:
     app = create_app(loaded.model, loaded.tokenizer, settings, loaded.template_folder or path.parent, draft)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
-
-
-# The command takes ServeSettings' fields as its parameters (MODEL positional), so lmforge.cli builds its flags
-# and help from the dataclass: each setting is written once.
-serve_command.__signature__, serve_command.__annotations__, _args = command_signature(ServeSettings, ("model",))
-serve_command.__doc__ = inspect.cleandoc(serve_command.__doc__) + "\n\n" + _args
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m lmforge.serve.app MODEL ...`: the same as `lmforge serve MODEL ...`."""
-    import argparse
-
-    from lmforge.cli import add_function_arguments
-
-    parser = argparse.ArgumentParser(prog="lmforge serve")
-    add_function_arguments(parser, serve_command)
-    return serve_command(**vars(parser.parse_args(argv)))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

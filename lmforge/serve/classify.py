@@ -17,7 +17,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Optional, Union
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import ConfigDict, Field, field_validator
@@ -33,8 +33,8 @@ class ClassifyRequest(CheckedModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    input: Union[str, list[str]] = Field(description="a text, or a list of texts, to classify")
-    model: Optional[str] = None
+    input: str | list[str] = Field(description="a text, or a list of texts, to classify")
+    model: str | None = None
 
     @field_validator("input", mode="before")
     @classmethod

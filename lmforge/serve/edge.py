@@ -21,8 +21,9 @@ from lmforge.serve.errors import ApiError
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 METRIC_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
                  "/metrics", "/", "/v1/classify"}
-# The web chat (/ and /static/) is served under a Content-Security-Policy. The page loads its script and stylesheet from /static, talks to this origin only, and sets styles through the
-# CSSOM (allowed by style-src 'self'); its favicon is an empty data: URL.
+# The web chat (/ and /static/) is served under a Content-Security-Policy. The page loads its script and
+# stylesheet from /static, talks to this origin only, sets styles through the CSSOM (allowed by
+# style-src 'self'), and its favicon is an empty data: URL.
 PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),

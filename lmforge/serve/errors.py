@@ -30,7 +30,7 @@ class ApiError(LmforgeError):
         self.status, self.message, self.type, self.code, self.headers = status, message, type, code, headers
 
     @classmethod
-    def of(cls, e: Exception, param: str | None = None) -> "ApiError":
+    def of(cls, e: Exception, param: str | None = None) -> ApiError:
         """A 400 for an lmforge input error (named by its own param, else `param`), a 500 for anything else."""
         if isinstance(e, ApiError):
             return e

@@ -76,7 +76,8 @@ def _naturals(lo: int, hi: int | None) -> list[str]:
     last = len(str(hi)) if hi is not None else None
     out, whole = [], []
     for width in range(len(str(lo)), (last or len(str(lo))) + 1):
-        a, b = max(lo, 10 ** (width - 1) if width > 1 else 0), 10 ** width - 1 if hi is None else min(hi, 10 ** width - 1)
+        a = max(lo, 10 ** (width - 1) if width > 1 else 0)
+        b = 10**width - 1 if hi is None else min(hi, 10**width - 1)
         if width > 1 and a == 10 ** (width - 1) and b == 10 ** width - 1:
             whole.append(width)
         elif a <= b:
@@ -250,7 +251,7 @@ def _emit(pattern, top: bool = False) -> str:
             lo, hi, sub = av
             if lo > MAX_COUNT or (hi is not sre.MAXREPEAT and hi > MAX_COUNT):
                 raise SchemaKeywordError(f"repeat counts above {MAX_COUNT} are not supported", "pattern")
-            out.append("(?:" + _emit(sub) + ")" + ("{%d,}" % lo if hi is sre.MAXREPEAT else "{%d,%d}" % (lo, hi)))
+            out.append("(?:" + _emit(sub) + ")" + (f"{{{lo},}}" if hi is sre.MAXREPEAT else f"{{{lo},{hi}}}"))
         elif op is sre.AT and top and ((i == 0 and av in (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING)) or
                                        (i == len(items) - 1 and av in (sre.AT_END, sre.AT_END_STRING))):
             continue  # the whole string is matched anyway

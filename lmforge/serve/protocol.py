@@ -8,14 +8,18 @@ settings, so HTTP types stop here.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lmforge.infer.sampling import (GREEDY_TEMPERATURE, MAX_LOGPROBS, MAX_TEMPERATURE, REPETITION_PENALTY_RANGE,
-                                    SamplingParams)
+from lmforge.infer.sampling import (
+    GREEDY_TEMPERATURE,
+    MAX_LOGPROBS,
+    MAX_TEMPERATURE,
+    REPETITION_PENALTY_RANGE,
+    SamplingParams,
+)
 from lmforge.serve.errors import ApiError
-
 
 TEMPERATURE = Field(default=1.0, description=f"sampling temperature in [0, {MAX_TEMPERATURE:g}]; 0, or anything "
                     f"below {GREEDY_TEMPERATURE:g} (too small to divide by), is greedy decoding")
@@ -60,19 +64,19 @@ class CheckedModel(BaseModel):
 
 
 class StreamOptions(CheckedModel):
-    include_usage: Optional[bool] = False
+    include_usage: bool | None = False
 
 
 class JsonSchemaFormat(CheckedModel):
     name: str
-    description: Optional[str] = None
-    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
-    strict: Optional[bool] = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
 
 
 class ResponseFormat(CheckedModel):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Optional[JsonSchemaFormat] = None
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _Extras(CheckedModel):
@@ -108,31 +112,31 @@ class CompletionRequest(_Extras):
     """POST /v1/completions (https://platform.openai.com/docs/api-reference/completions/create)."""
 
     model: str
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    best_of: Optional[int] = None
-    echo: Optional[bool] = False
-    frequency_penalty: Optional[float] = 0.0
-    logit_bias: Optional[dict[str, float]] = None
-    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    max_tokens: Optional[int] = Field(default=16, ge=1)
-    n: Optional[int] = Field(default=1, ge=1, le=16)
-    presence_penalty: Optional[float] = 0.0
-    seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    suffix: Optional[str] = None
-    temperature: Optional[float] = TEMPERATURE
-    top_p: Optional[float] = 1.0
-    user: Optional[str] = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    echo: bool | None = False
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(default=16, ge=1)
+    n: int | None = Field(default=1, ge=1, le=16)
+    presence_penalty: float | None = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float | None = TEMPERATURE
+    top_p: float | None = 1.0
+    user: str | None = None
     # ---- lmforge extras (not in the OpenAI API) ----
-    top_k: Optional[int] = TOP_K
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = REPETITION_PENALTY
-    regex: Optional[str] = None  # structured output: the completion matches this regular expression
-    choice: Optional[list[str]] = None  # structured output: the completion is exactly one of these
-    banned_phrases: Optional[list[str]] = None  # texts that never appear in the output (however spelled in tokens)
-    response_format: Optional[ResponseFormat] = None  # as in chat completions
+    top_k: int | None = TOP_K
+    min_p: float | None = None
+    repetition_penalty: float | None = REPETITION_PENALTY
+    regex: str | None = None  # structured output: the completion matches this regular expression
+    choice: list[str] | None = None  # structured output: the completion is exactly one of these
+    banned_phrases: list[str] | None = None  # texts that never appear in the output (however spelled in tokens)
+    response_format: ResponseFormat | None = None  # as in chat completions
 
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         """Engine settings for this request (banned phrases are the server's: see Server.attach_controls)."""
@@ -148,8 +152,8 @@ class CompletionRequest(_Extras):
 class ChatMessage(CheckedModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[str, list[dict[str, Any]]]] = None
-    name: Optional[str] = None
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         """The content as text; content parts must be text parts (this server has no image input)."""
@@ -169,29 +173,29 @@ class ChatCompletionRequest(_Extras):
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
-    frequency_penalty: Optional[float] = 0.0
-    logit_bias: Optional[dict[str, float]] = None
-    logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    max_tokens: Optional[int] = Field(default=None, ge=1)  # deprecated by OpenAI for max_completion_tokens
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    n: Optional[int] = Field(default=1, ge=1, le=16)
-    presence_penalty: Optional[float] = 0.0
-    response_format: Optional[ResponseFormat] = None
-    seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = TEMPERATURE
-    top_p: Optional[float] = 1.0
-    user: Optional[str] = None
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(default=None, ge=1)  # deprecated by OpenAI for max_completion_tokens
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=1, ge=1, le=16)
+    presence_penalty: float | None = 0.0
+    response_format: ResponseFormat | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = TEMPERATURE
+    top_p: float | None = 1.0
+    user: str | None = None
     # ---- lmforge extras (not in the OpenAI API) ----
-    top_k: Optional[int] = TOP_K
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = REPETITION_PENALTY
-    regex: Optional[str] = None
-    choice: Optional[list[str]] = None
-    banned_phrases: Optional[list[str]] = None
+    top_k: int | None = TOP_K
+    min_p: float | None = None
+    repetition_penalty: float | None = REPETITION_PENALTY
+    regex: str | None = None
+    choice: list[str] | None = None
+    banned_phrases: list[str] | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -203,11 +207,11 @@ class ChatCompletionRequest(_Extras):
 
 
 class TokenizeRequest(CheckedModel):
-    model: Optional[str] = None
-    prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = None  # tokenized after the chat template, as chat requests are
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None  # tokenized after the chat template, as chat requests are
 
 
 class DetokenizeRequest(CheckedModel):
-    model: Optional[str] = None
+    model: str | None = None
     tokens: list[int]

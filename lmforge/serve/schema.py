@@ -30,7 +30,15 @@ from fractions import Fraction
 import jsonschema
 from outlines_core.json_schema import build_regex_from_schema
 
-from lmforge.serve.jsonregex import LIMIT, MAX_COUNT, SchemaKeywordError, alternation, literal, number_range, string_pattern
+from lmforge.serve.jsonregex import (
+    LIMIT,
+    MAX_COUNT,
+    SchemaKeywordError,
+    alternation,
+    literal,
+    number_range,
+    string_pattern,
+)
 
 ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id", "$anchor",
                "$dynamicAnchor", "$vocabulary", "deprecated", "readOnly", "writeOnly", "contentMediaType",

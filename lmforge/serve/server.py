@@ -25,8 +25,16 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.edge import Metrics, RateLimiter
 from lmforge.serve.errors import ApiError
 from lmforge.serve.settings import ServeSettings
-from lmforge.serve.structured import (JSON_OBJECT_SCHEMA, ConstraintCompiler, StructuredOutputError, TokenConstraint,
-                                      check_regex, regex_for_choice, regex_for_json_schema, token_bytes)
+from lmforge.serve.structured import (
+    JSON_OBJECT_SCHEMA,
+    ConstraintCompiler,
+    StructuredOutputError,
+    TokenConstraint,
+    check_regex,
+    regex_for_choice,
+    regex_for_json_schema,
+    token_bytes,
+)
 from lmforge.templates import ChatTemplate
 
 
@@ -37,7 +45,7 @@ class Slot:
     client's are freed at once), frees the place and charges the key what was used (`tokens`) instead of what
     was reserved."""
 
-    def __init__(self, server: "Server", sequences: int, reservation: list | None):
+    def __init__(self, server: Server, sequences: int, reservation: list | None):
         self.server, self.sequences, self.reservation, self.tokens, self.released = \
             server, sequences, reservation, 0, False
         self.request_ids: list[str] = []

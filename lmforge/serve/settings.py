@@ -1,18 +1,13 @@
 """What `lmforge serve` can be told: every setting declared once, in `ServeSettings`, with its attribute docstring.
 
-The dataclass is the interface: `create_app` takes one (tests build the same app in-process), and the `serve`
-command's flags and help are generated from its fields and docstrings (`command_signature`), so a setting is
-added by adding a field.
+The dataclass is the interface: `create_app` takes one (tests build the same app in-process), and `serve_command`
+takes one, so lmforge.cli makes each field a flag (its help the docstring) and reads `--config FILE.yaml`; a
+setting is added by adding a field.
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import inspect
 import ipaddress
-import textwrap
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,7 +24,7 @@ class ServeSettingsError(LmforgeError):
 class ServeSettings:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) and a web chat."""
 
-    model: str = ""
+    model: str
     """model folder (lmforge run or imported Hugging Face folder) or a llama2.c .bin file."""
     host: str = "127.0.0.1"
     """address to listen on; 127.0.0.1 keeps it on this machine, 0.0.0.0 opens it to the network."""
@@ -93,10 +88,9 @@ class ServeSettings:
         for name, low in (("max_batch", 1), ("max_queue", 0), ("port", 0), ("num_speculative_tokens", 1),
                           ("max_num_batched_tokens", 1), ("rate_limit_tpm", 0), ("max_body_bytes", 1)):
             if getattr(self, name) < low:
-                raise ServeSettingsError(f"{name}={getattr(self, name)} is out of range: it must be >= {low}", name)
+                raise ServeSettingsError(f"{{param}}={getattr(self, name)} is out of range: it must be >= {low}", name)
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise ServeSettingsError(f"max_model_len={self.max_model_len} is too small; it must be >= 2",
-                                     "max_model_len")
+            raise ServeSettingsError(f"{{param}}={self.max_model_len} is too small; it must be >= 2", "max_model_len")
 
     @property
     def model_name(self) -> str:
@@ -109,11 +103,10 @@ class ServeSettings:
         if self.api_key_file:
             path = Path(self.api_key_file)
             if not path.is_file():
-                raise ServeSettingsError(f"API key file {path} does not exist", "api_key_file")
+                raise ServeSettingsError(f"{{param}} {path} does not exist", "api_key_file")
             keys += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             if not keys:
-                raise ServeSettingsError(f"API key file {path} holds no keys (one per line expected)",
-                                         "api_key_file")
+                raise ServeSettingsError(f"{{param}} {path} holds no keys (one per line expected)", "api_key_file")
         return keys
 
     def host_names(self) -> frozenset[str] | None:
@@ -133,29 +126,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-# ---------------------------------------------------------------------------------- the command's interface
-
-def attribute_docs(cls) -> dict[str, str]:
-    """Field name -> the docstring written under it (PEP 257 attribute docstrings, read from the source)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(after.value.value).split())
-    return docs
-
-
-def command_signature(cls, positional: tuple[str, ...] = ()) -> tuple[inspect.Signature, dict, str]:
-    """(signature, annotations, Args: docstring) of a command taking the dataclass's fields as parameters, the
-    `positional` ones without a default: what lmforge.cli builds flags and help from."""
-    hints = typing.get_type_hints(cls)
-    docs = attribute_docs(cls)
-    params = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[f.name],
-                                default=inspect.Parameter.empty if f.name in positional else
-                                (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default))
-              for f in dataclasses.fields(cls)]
-    params.sort(key=lambda p: p.default is not inspect.Parameter.empty)  # positional ones first
-    args = "\n".join(f"    {f.name}: {docs.get(f.name, '')}" for f in dataclasses.fields(cls))
-    return inspect.Signature(params), {p.name: p.annotation for p in params}, f"Args:\n{args}\n"

@@ -1,8 +1,9 @@
 """Structured output: constrained decoding that masks every token that cannot continue a valid output.
 
 A request's format (a JSON schema, any JSON object, a regex or a list of choices) becomes one regular
-expression (for a schema: schema.py, which enforces every keyword exactly or refuses it); outlines-core compiles it against the tokenizer's vocabulary into a token-level automaton
-(`Index`: state -> allowed token ids -> next state). `TokenConstraint` is the per-request hook the sampler
+expression (for a schema: schema.py, which enforces every keyword exactly or refuses it); outlines-core compiles
+it against the tokenizer's vocabulary into a token-level automaton (`Index`: state -> allowed token ids -> next
+state), in a child process under a deadline (`build_index`). `TokenConstraint` is the per-request hook the sampler
 calls (`SamplingParams.allowed_tokens`): given the tokens a sequence has produced so far, it returns the ids
 allowed next. When the automaton is in a final state the end-of-sequence token is allowed too, and when
 nothing else is, EOS is the only choice, so the output ends exactly when it is complete (finish_reason "stop").
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 from outlines_core import Index, Vocabulary
 
