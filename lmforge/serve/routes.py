@@ -60,9 +60,9 @@ async def chat_completions(req: ChatCompletionRequest, http: Request, server: Se
         server.max_tokens(req.requested_max_tokens(), len(prompt), None,
                           "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
                           "messages"))
-    if server.constraint_regex(req) is None:  # a constrained output ends by its format, not by a turn marker
-        params.stop += [s for s in server.template.turn_stops if s not in params.stop]
     constraint = await server.attach_constraint(req, params)
+    if constraint is None:  # a constrained output ends by its format, not by a turn marker
+        params.stop += [s for s in server.template.turn_stops if s not in params.stop]
     guard = server.attach_controls(params, req.banned_phrases)
     slot = server.admit(http.scope["lmforge.api_key"], [prompt], params)
     streams = server.submit([prompt], params, slot)
