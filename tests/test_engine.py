@@ -162,6 +162,78 @@ def test_engine_loop_streams_each_request_and_cancels():
     assert loop.engine.stats()["kv_blocks_used"] == 0
 
 
+class Exploding:
+    """A sampling hook (allowed tokens, or a TokenGuard) that raises once a row has `after` output tokens: a fault
+    while the engine serves one request, before sampling (the mask) or after it (the guard's veto)."""
+
+    end_token = None
+
+    def __init__(self, after: int):
+        self.after = after
+
+    def __call__(self, output_ids):  # SamplingParams.allowed_tokens
+        if len(output_ids) >= self.after:
+            raise RuntimeError("the hook failed")
+        return None
+
+    def rejects(self, context, prompt_len, token):  # TokenGuard
+        self(context[prompt_len:])
+        return False
+
+    def observe(self, logits):
+        pass
+
+
+def test_a_request_that_fails_in_a_step_fails_alone():
+    """Requests whose hooks raise mid-output (one before sampling, one after the batch has drawn) end with
+    finish_reason "error" and the exception, their KV blocks freed; the requests sharing their steps -- seeded
+    sampling, greedy, a prompt prefilled in chunks meanwhile -- give exactly their outputs alone, and the engine
+    goes on serving."""
+    model = tiny()
+    prompts = prompts_of([7, 12, 30], model.config.vocab_size)
+    params = [SamplingParams(max_tokens=12, temperature=1.0, seed=5), SamplingParams(max_tokens=12, temperature=0),
+              SamplingParams(max_tokens=6, temperature=0.8, seed=9, top_k=5)]
+    alone = [Engine(model, block_size=4).generate([p], sp)[0].tokens for p, sp in zip(prompts, params)]
+    bad = [SamplingParams(max_tokens=12, seed=1, n=2, allowed_tokens=Exploding(3)),
+           SamplingParams(max_tokens=12, seed=2, guard=Exploding(2))]
+    engine = Engine(model, block_size=4, num_blocks=64, max_num_batched_tokens=16)
+    good_ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    bad_ids = [engine.add_request(prompts[0], sp) for sp in bad]
+    tokens, finals = {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault((out.request_id, out.index), []).extend(out.new_token_ids)
+            if out.finished:
+                finals[out.request_id, out.index] = out
+    assert [tokens[rid, 0] for rid in good_ids] == alone
+    assert all(finals[rid, 0].error is None for rid in good_ids)
+    for rid, n, after in ((bad_ids[0], 2, 3), (bad_ids[1], 1, 2)):
+        for j in range(n):
+            assert finals[rid, j].finish_reason == "error" and "hook failed" in str(finals[rid, j].error)
+            assert len(tokens[rid, j]) == after  # what it produced before the fault
+    assert engine.block_manager.num_used_blocks == 0 and engine.requests == {}
+    assert engine.generate([prompts[1]], params[1])[0].tokens == alone[1]
+    with pytest.raises(RuntimeError, match="hook failed"):  # generate() runs the others to their end, then raises
+        engine.generate([prompts[1], prompts[0]], [params[1], bad[0]])
+    assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished()
+
+
+def test_the_engine_loop_keeps_serving_after_a_request_fails():
+    model = tiny()
+    prompts = prompts_of([4, 9], model.config.vocab_size)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    with EngineLoop(Engine(model, block_size=4, num_blocks=64)) as loop:
+        good = loop.submit(prompts[0], params)
+        bad = loop.submit(prompts[1], SamplingParams(max_tokens=8, allowed_tokens=Exploding(1)))
+        assert sum((o.new_token_ids for o in good), []) == greedy_alone(model, prompts[0], 8)
+        outs = list(bad)
+        assert outs[-1].finish_reason == "error" and isinstance(outs[-1].error, RuntimeError)
+        assert loop.error is None
+        later = loop.submit(prompts[1], params)
+        assert sum((o.new_token_ids for o in later), []) == greedy_alone(model, prompts[1], 8)
+    assert loop.engine.stats()["kv_blocks_used"] == 0
+
+
 def test_kv_bytes_per_live_token_follow_the_blocks_held():
     model = tiny()
     engine = Engine(model, block_size=4, num_blocks=64)

@@ -5,9 +5,25 @@ import math
 import pytest
 import torch
 
-from lmforge.infer.sampling import (SamplingError, SamplingParams, StopStrings, apply_logit_bias, apply_penalties,
-                                    apply_temperature, argmax, ban_sequences, make_generator, min_p_filter, process_logits,
-                                    sample_next, token_counts, token_logprobs, top_k_filter, top_p_filter)
+from lmforge.infer.sampling import (
+    REPETITION_PENALTY_RANGE,
+    SamplingError,
+    SamplingParams,
+    StopStrings,
+    apply_logit_bias,
+    apply_penalties,
+    apply_temperature,
+    argmax,
+    ban_sequences,
+    make_generator,
+    min_p_filter,
+    process_logits,
+    sample_next,
+    token_counts,
+    token_logprobs,
+    top_k_filter,
+    top_p_filter,
+)
 
 NEG = -math.inf
 
@@ -193,16 +209,40 @@ def test_logprobs_are_raw_log_softmax(logits):
     ("top_p", 0.0), ("top_p", 1.5), ("temperature", -0.1), ("top_k", -1), ("min_p", 1.1), ("max_tokens", 0),
     ("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("n", 0),
     ("logprobs", 21), ("logit_bias", {1: 200.0}), ("banned_sequences", [[]]), ("stop", [""]),
+    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", 1e300), ("top_p", float("nan")),
+    ("repetition_penalty", 1e-40), ("repetition_penalty", 1e40), ("repetition_penalty", float("nan")),
+    ("min_p", float("nan")), ("presence_penalty", float("nan")), ("logit_bias", {1: float("nan")}),
 ])
 def test_bad_settings_name_the_setting(setting, value):
     with pytest.raises(SamplingError, match=setting) as err:
         SamplingParams(**{setting: value})
-    assert isinstance(err.value, ValueError)
+    assert isinstance(err.value, ValueError) and err.value.param == setting
+
+
+def test_extreme_settings_that_can_be_honoured_are_their_limits(logits):
+    """A top_k beyond any int64 keeps every token, as top_k 0 does; a temperature too small to divide by is
+    greedy; the range ends of the repetition penalty keep the logits finite."""
+    contexts, lens = [[1, 2, 3]] * logits.shape[0], [1] * logits.shape[0]
+    huge = process_logits(logits, [SamplingParams(top_k=2**64, temperature=0.7)] * len(contexts), contexts, lens)
+    torch.testing.assert_close(huge, process_logits(logits, [SamplingParams(temperature=0.7)] * len(contexts),
+                                                    contexts, lens))
+    tiny = SamplingParams(temperature=1e-40)
+    assert tiny.greedy and not SamplingParams(temperature=1e-5).greedy
+    generators = [torch.Generator().manual_seed(b) for b in range(len(contexts))]
+    assert sample_next(logits, [tiny] * len(contexts), contexts, lens, generators).tolist() == \
+        logits.argmax(-1).tolist()
+    for r in REPETITION_PENALTY_RANGE:
+        out = process_logits(logits * 1e4, [SamplingParams(repetition_penalty=r, temperature=1e-5)] * len(contexts),
+                             contexts, lens)
+        assert torch.isfinite(out).all()
 
 
 def test_vocab_check_names_the_token():
     with pytest.raises(SamplingError, match="logit_bias.*99.*0..49"):
         SamplingParams(logit_bias={99: 1.0}).check_vocab(50)
+    with pytest.raises(SamplingError, match="logprobs") as err:
+        SamplingParams(logprobs=20).check_vocab(12)
+    assert err.value.param == "logprobs"
 
 
 # ------------------------------------------------------------------ stop strings

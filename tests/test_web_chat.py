@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from test_chat_repl import tiny_model_folder
 
 from lmforge.serve.process import start_server, stop_server
@@ -41,7 +40,13 @@ def page():
 
 
 def test_streamed_answer_with_token_probabilities(server, page):
-    page.goto(server + "/")
+    refused = []  # Chromium reports each Content-Security-Policy violation on the console
+    page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
+    response = page.goto(server + "/")
+    headers = response.headers
+    assert "script-src 'self'" in headers["content-security-policy"] and "frame-ancestors 'none'" in \
+        headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
     assert page.title() == "lmforge chat"
     # Accessible controls: every setting has a label.
     for control in ("System prompt", "Temperature", "Max tokens", "API key", "Message"):
@@ -74,7 +79,8 @@ def test_streamed_answer_with_token_probabilities(server, page):
     }""")
     page.keyboard.press("Enter")
     answer = page.locator(".message.assistant .body").last
-    page.wait_for_function("window.__counts.length > 0 && !document.querySelector('.body.streaming')",
+    # Predicates are functions, not expression strings: the page's Content-Security-Policy forbids eval.
+    page.wait_for_function("() => window.__counts.length > 0 && !document.querySelector('.body.streaming')",
                            timeout=60_000)
     seen = page.evaluate("window.__counts")
     final = answer.locator(".tok").count()
@@ -98,7 +104,8 @@ def test_streamed_answer_with_token_probabilities(server, page):
     # A second turn sends the history: two answers on the page, "New conversation" clears them.
     page.get_by_label("Message").fill("and then?")
     page.keyboard.press("Enter")
-    page.wait_for_function("document.querySelectorAll('.message.assistant').length == 3 && "
+    page.wait_for_function("() => document.querySelectorAll('.message.assistant').length == 3 && "
                            "!document.querySelector('.body.streaming')", timeout=60_000)
     page.get_by_role("button", name="New conversation").click()
     assert page.locator(".message").count() == 0
+    assert refused == [], refused  # the page did all of this under its policy

@@ -21,11 +21,12 @@ whose request asks for logprobs get them from the target's logits at each kept t
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 import uuid
 from collections import deque
-from typing import Sequence as Seq
+from collections.abc import Sequence as Seq
 
 import torch
 
@@ -35,9 +36,17 @@ from lmforge.engine.drafter import Drafter
 from lmforge.engine.paged_cache import PagedKVCache
 from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.engine.sequence import RequestOutput, Sequence
+from lmforge.errors import LmforgeError
 from lmforge.infer.generate import Completion, check_prompt, per_prompt_params
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
 from lmforge.infer.speculative import accept_greedy, accept_reject, processed, token_probs
+
+log = logging.getLogger("lmforge.engine")
+
+
+class RequestError(LmforgeError):
+    """A request the engine's KV pool cannot take (infer.generate.check_prompt refuses the rest); `param` names
+    the request field at fault."""
 
 
 class Engine:
@@ -90,11 +99,12 @@ class Engine:
         prompt = check_prompt(prompt_ids, params, self.config, has_tokenizer=self.tokenizer is not None)
         need = len(prompt) + params.max_tokens - 1  # positions fed to the model
         if self.block_manager.blocks_needed(need) > self.block_manager.num_blocks:
-            raise ValueError(f"the request needs {self.block_manager.blocks_needed(need)} KV blocks but the pool has "
-                             f"{self.block_manager.num_blocks}; raise num_blocks or lower max_tokens")
+            raise RequestError(f"the request needs {self.block_manager.blocks_needed(need)} KV blocks but the pool "
+                               f"has {self.block_manager.num_blocks}; raise num_blocks or lower max_tokens",
+                               "max_tokens")
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise RequestError(f"request id {request_id!r} is already in use")
         seqs = []
         for i in range(params.n):
             seq = Sequence(request_id, prompt, params, i, self.eos_id)
@@ -128,14 +138,60 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def fail(self, request_id: str, error: Exception) -> list[RequestOutput]:
+        """End a request with `error`: each of its sequences gets a final output with finish_reason "error" and
+        the exception, and its KV blocks are freed. The engine and every other request go on."""
+        log.warning("request %s failed in the engine and ends alone: %s: %s", request_id, type(error).__name__,
+                    error, exc_info=error)
+        outs = []
+        for seq in self.requests.pop(request_id, []):
+            self.scheduler.finish(seq, "error")
+            outs.append(RequestOutput(seq.request_id, seq.index, finish_reason="error", error=error,
+                                      num_cached_tokens=seq.num_cached_tokens, metrics=self._metrics(seq)))
+        return outs
+
+    def fail_all(self, error: Exception) -> list[RequestOutput]:
+        """End every request in flight with `error` (a failure no single request can be blamed for)."""
+        return [out for request_id in list(self.requests) for out in self.fail(request_id, error)]
+
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Schedule, execute, update: one forward's worth of work for the running batch."""
+        """Schedule, execute, update: one forward's worth of work for the running batch. A request whose rows
+        fail to compute or sample fails alone (`_execute_isolated`); the other rows' tokens stand."""
         scheduled = self.scheduler.schedule()
-        sampled, logprobs = self._execute(scheduled)
+        sampled, logprobs, failed = self._execute_isolated(scheduled)
+        failures = [out for request_id, error in failed.items() for out in self.fail(request_id, error)]
         advanced = self.scheduler.update_from_output(scheduled, sampled)
-        return self._outputs(advanced, logprobs)
+        return failures + self._outputs(advanced, logprobs)
+
+    def _execute_isolated(self, out: SchedulerOutput) -> tuple[dict[int, list[int]], dict, dict[str, Exception]]:
+        """`_execute`, and when it raises, each row again on its own: a row that fails alone is its request's
+        failure (request id -> exception), the others' tokens stand. Their RNG is first rewound to where the
+        step began, so a seeded request draws the same tokens as if it had not shared a step with the failure."""
+        rngs = [(s.generator, s.generator.get_state()) for s, _ in out.scheduled if s.generator is not None]
+        self.counters["computed_tokens"] += out.num_batched_tokens
+        self.counters["steps"] += 1
+        try:
+            return *self._execute(out), {}
+        except Exception as e:
+            if len(out.scheduled) == 1:
+                return {}, {}, {out.scheduled[0][0].request_id: e}
+        for generator, state in rngs:
+            generator.set_state(state)
+        sampled, logprobs, failed = {}, {}, {}
+        for seq, n in out.scheduled:
+            if seq.request_id in failed:
+                continue
+            ahead = {seq.seq_id: out.lookahead[seq.seq_id]} if seq.seq_id in out.lookahead else {}
+            try:
+                more, more_lps = self._execute(SchedulerOutput([(seq, n)], lookahead=ahead))
+            except Exception as e:
+                failed[seq.request_id] = e
+                continue
+            sampled.update(more)
+            logprobs.update(more_lps)
+        return sampled, logprobs, failed
 
     def _execute(self, out: SchedulerOutput) -> tuple[dict[int, list[int]], dict]:
         """Run the model over the scheduled rows; choose the next token(s) of each row that caught up."""
@@ -159,8 +215,6 @@ class Engine:
                     torch.arange(len(group)), torch.tensor([n for _, n in group]) - 1]
                 logits += [self.model.lm_head(last[pick])] if pick else []  # last: (B, C)
             seqs += [group[b][0] for b in pick]
-        self.counters["computed_tokens"] += out.num_batched_tokens
-        self.counters["steps"] += 1
         sampled, lps = self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), seqs) if seqs else ({}, {})
         if speculative:
             more, more_lps = self._speculate([s for s, _ in speculative], [out.lookahead[s.seq_id] for s, _ in speculative])
@@ -204,28 +258,39 @@ class Engine:
         return sampled, lps
 
     def _outputs(self, advanced: list[Sequence], logprobs: dict) -> list[RequestOutput]:
-        """Turn each advanced sequence's new tokens into a RequestOutput; stop strings end sequences here."""
-        now, outs = time.perf_counter(), []
+        """Turn each advanced sequence's new tokens into a RequestOutput; stop strings end sequences here. A
+        sequence whose output cannot be made (its text fails to decode) fails its request alone."""
+        now, outs, failed = time.perf_counter(), [], set()
         for seq in advanced:
-            new = seq.output_ids[seq.num_emitted:]
-            seq.num_emitted += len(new)
-            seq.token_times += [now] * len(new)
-            self.counters["generated_tokens"] += len(new)
-            text = ""
-            if seq.stops is not None:
-                text = seq.stops.update(self.tokenizer.decode(seq.output_ids), final=seq.finished)
-                if seq.stops.stopped and not seq.finished:
-                    self.scheduler.finish(seq, "stop")
-            lp = logprobs.get(seq.seq_id)
-            out = RequestOutput(seq.request_id, seq.index, new, text, lp[:len(new)] if lp is not None else None,
-                                seq.finish_reason, seq.num_cached_tokens)
-            if seq.finished:
-                out.metrics = self._metrics(seq)
-                seqs = self.requests.get(seq.request_id, [])
-                if all(s.finished for s in seqs):
-                    self.requests.pop(seq.request_id, None)
-            outs.append(out)
+            if seq.request_id in failed:
+                continue
+            try:
+                outs.append(self._output(seq, now, logprobs.get(seq.seq_id)))
+            except Exception as e:
+                failed.add(seq.request_id)
+                self.requests.setdefault(seq.request_id, [seq])
+                outs += self.fail(seq.request_id, e)
         return outs
+
+    def _output(self, seq: Sequence, now: float, lp: list | None) -> RequestOutput:
+        """One advanced sequence's RequestOutput: its new tokens and the text now safe to show."""
+        new = seq.output_ids[seq.num_emitted:]
+        seq.num_emitted += len(new)
+        seq.token_times += [now] * len(new)
+        self.counters["generated_tokens"] += len(new)
+        text = ""
+        if seq.stops is not None:
+            text = seq.stops.update(self.tokenizer.decode(seq.output_ids), final=seq.finished)
+            if seq.stops.stopped and not seq.finished:
+                self.scheduler.finish(seq, "stop")
+        out = RequestOutput(seq.request_id, seq.index, new, text, lp[:len(new)] if lp is not None else None,
+                            seq.finish_reason, seq.num_cached_tokens)
+        if seq.finished:
+            out.metrics = self._metrics(seq)
+            seqs = self.requests.get(seq.request_id, [])
+            if all(s.finished for s in seqs):
+                self.requests.pop(seq.request_id, None)
+        return out
 
     def _metrics(self, seq: Sequence) -> dict:
         t = seq.token_times
@@ -262,6 +327,7 @@ class Engine:
             keys += [(rid, j, i) for j in range(len(self.requests[rid]))]
         text = "" if self.tokenizer is not None else None
         done = {(rid, j): Completion(i, j, text=text) for rid, j, i in keys}
+        error = None
         while self.has_unfinished():
             for out in self.step():
                 c = done.get((out.request_id, out.index))
@@ -273,4 +339,8 @@ class Engine:
                 if c.text is not None:
                     c.text += out.text
                 c.finish_reason = out.finish_reason
+                if out.error is not None and error is None:
+                    error = out.error
+        if error is not None:  # the other prompts ran to their end; this call still reports the failure
+            raise error
         return [done[(rid, j)] for rid, j, _ in keys]

@@ -3,19 +3,27 @@
 `EngineLoop` runs `Engine.step()` in a thread and hands each request's outputs to its own `RequestStream`
 (iterate it, or `async for` it); `abort` frees the request's blocks at the next step boundary. Adds and aborts
 are queued and applied between steps, so a server thread never waits for a step to finish.
+
+Failures: a request that fails inside a step fails alone (`Engine.step` gives its sequences a final output with
+finish_reason "error" and the exception; its stream ends there). Should a step fail as a whole (a fault no single
+request can be blamed for), every request in flight ends that way and the loop takes new requests; only when even
+that fails does the loop stop (`error` set, every open stream ends with the exception).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import uuid
-from typing import Sequence as Seq
+from collections.abc import Sequence as Seq
 
 from lmforge.engine.engine import Engine
 from lmforge.engine.sequence import RequestOutput
 from lmforge.infer.sampling import SamplingParams
+
+log = logging.getLogger("lmforge.engine")
 
 
 class RequestStream:
@@ -108,7 +116,7 @@ class EngineLoop:
         self._wake.set()
         self._thread.join()
 
-    def __enter__(self) -> "EngineLoop":
+    def __enter__(self) -> EngineLoop:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -150,8 +158,13 @@ class EngineLoop:
                 self._wake.clear()
                 continue
             try:
-                self._deliver(self.engine.step())
-            except Exception as e:  # a broken engine ends every open stream with the error
+                try:
+                    outs = self.engine.step()
+                except Exception as e:  # not one request's fault (Engine.step isolates those): end all in flight
+                    log.exception("an engine step failed; every request in flight ends with the error")
+                    outs = self.engine.fail_all(e)
+                self._deliver(outs)
+            except Exception as e:  # the engine cannot even end its requests: stop, ending every open stream
                 self.error = e
                 for stream in self._streams.values():
                     stream.put(e)

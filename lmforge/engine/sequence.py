@@ -44,7 +44,7 @@ class Sequence:
         self.stop_ids = frozenset(params.stop_token_ids) | (
             {eos_id} if eos_id is not None and not params.ignore_eos else frozenset())
         self.status = Status.WAITING
-        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.num_computed_tokens = 0
         self.num_draft_computed = 0  # tokens in a draft model's KV cache (speculative decoding; lmforge.engine.drafter)
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at the last admission
@@ -87,9 +87,10 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     text: str = ""  # newly printable text ("" without a tokenizer)
     logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last output, else None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" on the last output, else None
     num_cached_tokens: int = 0  # prompt tokens the prefix cache served
     metrics: dict | None = None  # on the last output: ttft_s, mean inter-token latency, tokens
+    error: Exception | None = None  # with finish_reason "error": what failed this request (and only it)
 
     @property
     def finished(self) -> bool:

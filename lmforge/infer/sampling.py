@@ -21,16 +21,19 @@ request draws the same tokens whatever else shares its batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
+
 from lmforge.errors import LmforgeError
 
 
 class SamplingError(LmforgeError):
-    """A sampling setting out of range; the message names the setting, its value and what is allowed."""
+    """A sampling setting out of range; the message names the setting, its value and what is allowed, and
+    `param` the setting (the server's request field of the same name)."""
 
 
 class TokenGuard(Protocol):
@@ -45,6 +48,10 @@ class TokenGuard(Protocol):
 
 
 MAX_LOGPROBS = 20  # the OpenAI API's limit on top alternatives per token
+# A temperature below this is greedy: dividing logits by it could overflow float32 (vLLM draws the same line).
+GREEDY_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0  # above it the distribution is uniform to float32 precision anyway
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it penalised logits could overflow float32 in later stages
 
 
 @dataclass
@@ -52,8 +59,8 @@ class SamplingParams:
     """How to continue one prompt. Field names and ranges follow the OpenAI completions API where it has them."""
 
     max_tokens: int = 256  # new tokens at most (stop tokens and strings may end it earlier)
-    temperature: float = 1.0  # 0 means greedy (argmax of the processed logits)
-    top_k: int = 0  # keep the k most likely tokens; 0 keeps all
+    temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) means greedy: argmax of the processed logits
+    top_k: int = 0  # keep the k most likely tokens; 0 (or k >= the vocabulary) keeps all
     top_p: float = 1.0  # keep the smallest set of tokens whose probability sums to >= top_p (nucleus)
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
     repetition_penalty: float = 1.0  # CTRL/HF: divide positive logits (multiply negative) of seen tokens
@@ -81,12 +88,13 @@ class SamplingParams:
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         checks = [
             ("max_tokens", self.max_tokens >= 1, ">= 1"),
-            ("temperature", self.temperature >= 0 and math.isfinite(self.temperature), ">= 0 (0 is greedy)"),
+            ("temperature", 0 <= self.temperature <= MAX_TEMPERATURE,
+             f"in [0, {MAX_TEMPERATURE:g}] (below {GREEDY_TEMPERATURE:g} is greedy)"),
             ("top_k", self.top_k >= 0, ">= 0 (0 disables it)"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
-            ("repetition_penalty", 0 < self.repetition_penalty and math.isfinite(self.repetition_penalty),
-             "> 0 (1 disables it)"),
+            ("repetition_penalty", REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <=
+             REPETITION_PENALTY_RANGE[1], "in [{:g}, {:g}] (1 disables it)".format(*REPETITION_PENALTY_RANGE)),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
             ("n", self.n >= 1, ">= 1"),
@@ -96,32 +104,36 @@ class SamplingParams:
         for name, ok, allowed in checks:
             if not ok:
                 raise SamplingError(f"sampling setting {name}={getattr(self, name)!r} is out of range: "
-                                    f"it must be {allowed}")
+                                    f"it must be {allowed}", name)
         for token, bias in self.logit_bias.items():
             if token < 0 or not -100 <= bias <= 100:
                 raise SamplingError(f"sampling setting logit_bias={{{token}: {bias}}} is out of range: token ids "
-                                    f"must be >= 0 and biases in [-100, 100]")
+                                    f"must be >= 0 and biases in [-100, 100]", "logit_bias")
         for seq in self.banned_sequences:
             if not seq or min(seq) < 0:
                 raise SamplingError(f"sampling setting banned_sequences holds {seq!r}: each banned sequence "
-                                    f"must be a non-empty list of token ids >= 0")
+                                    f"must be a non-empty list of token ids >= 0", "banned_sequences")
         if any(not s for s in self.stop):
-            raise SamplingError("sampling setting stop holds an empty string: stop strings must be non-empty")
+            raise SamplingError("sampling setting stop holds an empty string: stop strings must be non-empty", "stop")
         if any(t < 0 for t in self.stop_token_ids):
-            raise SamplingError(f"sampling setting stop_token_ids={self.stop_token_ids} holds a negative id")
+            raise SamplingError(f"sampling setting stop_token_ids={self.stop_token_ids} holds a negative id",
+                                "stop_token_ids")
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Token ids in the settings must exist in the model's vocabulary."""
+        """Token ids in the settings must exist in the model's vocabulary, and logprobs' alternatives too."""
         ids = [("logit_bias", t) for t in self.logit_bias] + [("stop_token_ids", t) for t in self.stop_token_ids]
         ids += [("banned_sequences", t) for seq in self.banned_sequences for t in seq]
         for name, t in ids:
             if t >= vocab_size:
                 raise SamplingError(f"sampling setting {name} names token id {t}, but the model's vocabulary "
-                                    f"has ids 0..{vocab_size - 1}")
+                                    f"has ids 0..{vocab_size - 1}", name)
+        if self.logprobs is not None and self.logprobs > vocab_size:
+            raise SamplingError(f"sampling setting logprobs={self.logprobs} asks for more alternatives than the "
+                                f"model's vocabulary of {vocab_size} tokens holds", "logprobs")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def plain(self) -> bool:
@@ -222,8 +234,8 @@ def mask_disallowed(logits: torch.Tensor, allowed: Sequence[Sequence[int] | None
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """Divide each row by its temperature (B,); rows with temperature 0 (greedy) are left as they are."""
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    """Divide each row by its temperature (B,); greedy rows (below GREEDY_TEMPERATURE) are left as they are."""
+    t = torch.where(temperature >= GREEDY_TEMPERATURE, temperature, torch.ones_like(temperature))
     return logits / t[:, None].to(logits.dtype)
 
 
@@ -263,6 +275,11 @@ def _column(params: Sequence[SamplingParams], name: str, device, dtype=torch.flo
     return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
 
 
+def _top_k_column(params: Sequence[SamplingParams], vocab_size: int, device) -> torch.Tensor:
+    """top_k per row, bounded by the vocabulary (k >= V keeps all, as 0 does; no k overflows an int64)."""
+    return torch.tensor([min(p.top_k, vocab_size) for p in params], dtype=torch.long, device=device)
+
+
 def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], contexts: Sequence[Sequence[int]],
                    prompt_lens: Sequence[int]) -> torch.Tensor:
     """The distribution each row samples from, as logits (B, V) with -inf for removed tokens.
@@ -288,7 +305,7 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], conte
         return logits  # argmax is unchanged by temperature and by filters that keep the top token
     logits = apply_temperature(logits, _column(params, "temperature", device))
     if any(p.top_k for p in params):
-        logits = top_k_filter(logits, _column(params, "top_k", device, torch.long))
+        logits = top_k_filter(logits, _top_k_column(params, logits.shape[-1], device))
     if any(p.top_p < 1 for p in params):
         logits = top_p_filter(logits, _column(params, "top_p", device))
     if any(p.min_p > 0 for p in params):
@@ -382,7 +399,7 @@ def _first_accepted(logits: torch.Tensor, p: SamplingParams, guard: TokenGuard, 
     if guard.end_token is not None:
         return guard.end_token
     raise SamplingError("sampling setting guard rejects every token allowed at this step: each would complete a "
-                        "banned phrase (lmforge.infer.controls); the output cannot continue")
+                        "banned phrase (lmforge.infer.controls); the output cannot continue", "banned_phrases")
 
 
 @dataclass

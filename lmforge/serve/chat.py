@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Iterator, TextIO
+from typing import TextIO
+
 from lmforge.errors import LmforgeError
 
 

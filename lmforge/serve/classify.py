@@ -6,8 +6,9 @@
 
 The request is a pydantic model; what a client can get wrong (no texts, an empty text, more than MAX_INPUTS texts,
 a text longer than the classifier's context) is a 400 in OpenAI's error JSON naming the `input` parameter. A
-server started without a classifier answers 404 saying how to start one with it. Classification runs in a worker
-thread, one batch at a time, so the event loop (and the generation engine) keep running meanwhile.
+server started without a classifier (`app.state.classifier` is None) answers 404 saying how to start one with
+it. Classification runs in a worker thread, one batch at a time, so the event loop (and the generation engine)
+keep running meanwhile.
 """
 
 from __future__ import annotations
@@ -16,23 +17,24 @@ import asyncio
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Annotated
 
-from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi import APIRouter, Depends, Request
+from pydantic import ConfigDict, Field, field_validator
 
-from lmforge.serve.protocol import ApiError
+from lmforge.serve.errors import ApiError
+from lmforge.serve.protocol import CheckedModel
 
 MAX_INPUTS = 256  # texts per request
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(CheckedModel):
     """POST /v1/classify, shaped like OpenAI's /v1/moderations and /v1/embeddings (`input`, `model`)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    input: Union[str, list[str]] = Field(description="a text, or a list of texts, to classify")
-    model: Optional[str] = None
+    input: str | list[str] = Field(description="a text, or a list of texts, to classify")
+    model: str | None = None
 
     @field_validator("input", mode="before")
     @classmethod
@@ -84,23 +86,24 @@ class ClassifierService:
                  "probabilities": dict(zip(labels, p))} for i, p in enumerate(probs)]
 
 
-def classify_router(service: ClassifierService | None) -> APIRouter:
-    """The /v1/classify route over `service`, or one answering 404 when the server has no classifier."""
-    router = APIRouter()
+def get_classifier(request: Request) -> ClassifierService | None:
+    return request.app.state.classifier
 
-    @router.post("/v1/classify")
-    async def classify(req: ClassifyRequest):
-        if service is None:
-            raise ApiError(404, "this server has no classifier: start it with `lmforge serve MODEL --classifier "
-                                "DIR` (DIR made by `lmforge classify train`)", type="not_found_error",
-                           code="classifier_not_loaded")
-        if req.model is not None and req.model not in service.names:
-            raise ApiError(404, f"the model {req.model!r} does not exist; the classifier here is "
-                                f"{service.name!r}", "model", code="model_not_found")
-        seqs = service.token_ids(req)
-        data = await asyncio.to_thread(service.classify, seqs)
-        tokens = sum(map(len, seqs))
-        return {"object": "list", "model": service.name, "created": int(time.time()), "data": data,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    return router
+router = APIRouter()
+
+
+@router.post("/v1/classify")
+async def classify(req: ClassifyRequest, service: Annotated[ClassifierService | None, Depends(get_classifier)]):
+    if service is None:
+        raise ApiError(404, "this server has no classifier: start it with `lmforge serve MODEL --classifier "
+                            "DIR` (DIR made by `lmforge classify train`)", type="not_found_error",
+                       code="classifier_not_loaded")
+    if req.model is not None and req.model not in service.names:
+        raise ApiError(404, f"the model {req.model!r} does not exist; the classifier here is "
+                            f"{service.name!r}", "model", code="model_not_found")
+    seqs = service.token_ids(req)
+    data = await asyncio.to_thread(service.classify, seqs)
+    tokens = sum(map(len, seqs))
+    return {"object": "list", "model": service.name, "created": int(time.time()), "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

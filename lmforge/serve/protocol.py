@@ -8,46 +8,90 @@ settings, so HTTP types stop here.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lmforge.infer.sampling import MAX_LOGPROBS, SamplingParams
+from lmforge.infer.sampling import (
+    GREEDY_TEMPERATURE,
+    MAX_LOGPROBS,
+    MAX_TEMPERATURE,
+    REPETITION_PENALTY_RANGE,
+    SamplingParams,
+)
+from lmforge.serve.errors import ApiError
 
-
-class ApiError(Exception):
-    """An error the client sees as OpenAI's JSON: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-class StreamOptions(BaseModel):
-    include_usage: Optional[bool] = False
+TEMPERATURE = Field(default=1.0, description=f"sampling temperature in [0, {MAX_TEMPERATURE:g}]; 0, or anything "
+                    f"below {GREEDY_TEMPERATURE:g} (too small to divide by), is greedy decoding")
+TOP_K = Field(default=None, description="keep the k most likely tokens; 0 or none keeps all, as does any k at least "
+                                        "the vocabulary's size")
+REPETITION_PENALTY = Field(default=None, description="divide the positive logits (multiply the negative ones) of "
+                                                     "tokens already in the prompt or output, in [{:g}, {:g}]; 1 is "
+                                                     "off".format(*REPETITION_PENALTY_RANGE))
 
 
-class JsonSchemaFormat(BaseModel):
+MAX_STOP = 16  # stop strings per request; each is checked against the output after every token
+MAX_PHRASES = 64  # banned phrases per request; each token's text is checked against each
+MAX_TEXT = 256  # characters in one stop string or banned phrase
+
+
+def check_text(value, where: str = "") -> None:
+    """Raise ValueError when a string in `value` (nested in lists and dicts, keys included) holds a lone UTF-16
+    surrogate: JSON can carry one ("\\ud800"), but no UTF-8 text, tokenizer or response can."""
+    stack = [(value, where)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{at + ' ' if at else ''}holds a lone UTF-16 surrogate (U+{ord(v[e.start]):04X} at "
+                                 f"character {e.start}); send valid Unicode text") from None
+        elif isinstance(v, dict):
+            stack += [(k, at) for k in v] + [(x, f"{at}.{k}" if at else str(k)) for k, x in v.items()]
+        elif isinstance(v, (list, tuple)):
+            stack += [(x, f"{at}[{i}]" if at else f"[{i}]") for i, x in enumerate(v)]
+
+
+class CheckedModel(BaseModel):
+    """A request model whose every text field is checked for lone surrogates (a 400 naming the field)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value):
+        check_text(value)
+        return value
+
+
+class StreamOptions(CheckedModel):
+    include_usage: bool | None = False
+
+
+class JsonSchemaFormat(CheckedModel):
     name: str
-    description: Optional[str] = None
-    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
-    strict: Optional[bool] = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(CheckedModel):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Optional[JsonSchemaFormat] = None
+    json_schema: JsonSchemaFormat | None = None
 
 
-class _Extras(BaseModel):
-    """Shared conversion; subclasses declare the fields (OpenAI's first, then lmforge's)."""
+class _Extras(CheckedModel):
+    """Shared checks and conversion; subclasses declare the fields (OpenAI's first, then lmforge's)."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @field_validator("stop", "banned_phrases", check_fields=False)
+    @classmethod
+    def _bounded_texts(cls, value, info):
+        texts = [value] if isinstance(value, str) else value or []
+        most = MAX_STOP if info.field_name == "stop" else MAX_PHRASES
+        if len(texts) > most or any(len(t) > MAX_TEXT for t in texts):
+            raise ValueError(f"at most {most} strings of at most {MAX_TEXT} characters each")
+        return value
 
     def _params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -68,31 +112,31 @@ class CompletionRequest(_Extras):
     """POST /v1/completions (https://platform.openai.com/docs/api-reference/completions/create)."""
 
     model: str
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    best_of: Optional[int] = None
-    echo: Optional[bool] = False
-    frequency_penalty: Optional[float] = 0.0
-    logit_bias: Optional[dict[str, float]] = None
-    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    max_tokens: Optional[int] = Field(default=16, ge=1)
-    n: Optional[int] = Field(default=1, ge=1, le=16)
-    presence_penalty: Optional[float] = 0.0
-    seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    suffix: Optional[str] = None
-    temperature: Optional[float] = 1.0
-    top_p: Optional[float] = 1.0
-    user: Optional[str] = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    echo: bool | None = False
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(default=16, ge=1)
+    n: int | None = Field(default=1, ge=1, le=16)
+    presence_penalty: float | None = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float | None = TEMPERATURE
+    top_p: float | None = 1.0
+    user: str | None = None
     # ---- lmforge extras (not in the OpenAI API) ----
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    regex: Optional[str] = None  # structured output: the completion matches this regular expression
-    choice: Optional[list[str]] = None  # structured output: the completion is exactly one of these
-    banned_phrases: Optional[list[str]] = None  # texts that never appear in the output (however spelled in tokens)
-    response_format: Optional[ResponseFormat] = None  # as in chat completions
+    top_k: int | None = TOP_K
+    min_p: float | None = None
+    repetition_penalty: float | None = REPETITION_PENALTY
+    regex: str | None = None  # structured output: the completion matches this regular expression
+    choice: list[str] | None = None  # structured output: the completion is exactly one of these
+    banned_phrases: list[str] | None = None  # texts that never appear in the output (however spelled in tokens)
+    response_format: ResponseFormat | None = None  # as in chat completions
 
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         """Engine settings for this request (banned phrases are the server's: see Server.attach_controls)."""
@@ -105,11 +149,11 @@ class CompletionRequest(_Extras):
         return self._params(max_tokens, self.logprobs)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(CheckedModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[str, list[dict[str, Any]]]] = None
-    name: Optional[str] = None
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         """The content as text; content parts must be text parts (this server has no image input)."""
@@ -129,29 +173,29 @@ class ChatCompletionRequest(_Extras):
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
-    frequency_penalty: Optional[float] = 0.0
-    logit_bias: Optional[dict[str, float]] = None
-    logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    max_tokens: Optional[int] = Field(default=None, ge=1)  # deprecated by OpenAI for max_completion_tokens
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    n: Optional[int] = Field(default=1, ge=1, le=16)
-    presence_penalty: Optional[float] = 0.0
-    response_format: Optional[ResponseFormat] = None
-    seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = 1.0
-    top_p: Optional[float] = 1.0
-    user: Optional[str] = None
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(default=None, ge=1)  # deprecated by OpenAI for max_completion_tokens
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=1, ge=1, le=16)
+    presence_penalty: float | None = 0.0
+    response_format: ResponseFormat | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = TEMPERATURE
+    top_p: float | None = 1.0
+    user: str | None = None
     # ---- lmforge extras (not in the OpenAI API) ----
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    regex: Optional[str] = None
-    choice: Optional[list[str]] = None
-    banned_phrases: Optional[list[str]] = None
+    top_k: int | None = TOP_K
+    min_p: float | None = None
+    repetition_penalty: float | None = REPETITION_PENALTY
+    regex: str | None = None
+    choice: list[str] | None = None
+    banned_phrases: list[str] | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -162,12 +206,12 @@ class ChatCompletionRequest(_Extras):
         return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
 
-class TokenizeRequest(BaseModel):
-    model: Optional[str] = None
-    prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = None  # tokenized after the chat template, as chat requests are
+class TokenizeRequest(CheckedModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None  # tokenized after the chat template, as chat requests are
 
 
-class DetokenizeRequest(BaseModel):
-    model: Optional[str] = None
+class DetokenizeRequest(CheckedModel):
+    model: str | None = None
     tokens: list[int]

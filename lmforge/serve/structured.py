@@ -1,8 +1,9 @@
 """Structured output: constrained decoding that masks every token that cannot continue a valid output.
 
 A request's format (a JSON schema, any JSON object, a regex or a list of choices) becomes one regular
-expression; outlines-core compiles it against the tokenizer's vocabulary into a token-level automaton
-(`Index`: state -> allowed token ids -> next state). `TokenConstraint` is the per-request hook the sampler
+expression (for a schema: schema.py, which enforces every keyword exactly or refuses it); outlines-core compiles
+it against the tokenizer's vocabulary into a token-level automaton (`Index`: state -> allowed token ids -> next
+state), in a child process under a deadline (`build_index`). `TokenConstraint` is the per-request hook the sampler
 calls (`SamplingParams.allowed_tokens`): given the tokens a sequence has produced so far, it returns the ids
 allowed next. When the automaton is in a final state the end-of-sequence token is allowed too, and when
 nothing else is, EOS is the only choice, so the output ends exactly when it is complete (finish_reason "stop").
@@ -16,22 +17,21 @@ model without an end-of-sequence token could never stop, so both are refused wit
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import subprocess
+import sys
 import threading
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 from outlines_core import Index, Vocabulary
-from outlines_core.json_schema import build_regex_from_schema
-from lmforge.errors import LmforgeError
 
+from lmforge.serve.jsonregex import StructuredOutputError
+from lmforge.serve.schema import regex_for_schema
 
-class StructuredOutputError(LmforgeError):
-    """A format that cannot be enforced: a bad schema or regex, or a tokenizer the automaton cannot use."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
+__all__ = ["StructuredOutputError", "ConstraintCompiler", "TokenConstraint", "regex_for_json_schema",
+           "regex_for_choice", "check_regex", "token_bytes"]
 
 
 # ---------------------------------------------------------------------------------- formats -> one regex
@@ -40,12 +40,14 @@ JSON_OBJECT_SCHEMA = {"type": "object"}  # OpenAI's json_object mode: any JSON o
 
 
 def regex_for_json_schema(schema: dict | str, param: str = "response_format") -> str:
-    """The regex of every JSON text that validates against `schema` (outlines-core's translation)."""
-    text = schema if isinstance(schema, str) else json.dumps(schema)
-    try:
-        return build_regex_from_schema(text)
-    except Exception as e:  # the Rust side raises plain exceptions for schemas it cannot translate
-        raise StructuredOutputError(f"{param}: the JSON schema cannot be enforced ({e})", param) from e
+    """The regex of JSON texts that validate against `schema` (lmforge.serve.schema: outlines-core's translation,
+    made exact or refused by keyword)."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise StructuredOutputError(f"{param}: the JSON schema is not valid JSON ({e})", param) from e
+    return regex_for_schema(schema)
 
 
 def regex_for_choice(choices: Sequence[str]) -> str:
@@ -167,11 +169,50 @@ class TokenConstraint:
         return state is not None and self.index.is_final_state(state)
 
 
-class ConstraintCompiler:
-    """Builds (and keeps the last few) automata for one model's tokenizer: compiling is the slow part."""
+_BUILD = """
+import pickle, sys
+from outlines_core import Index
+pattern, vocabulary = pickle.load(sys.stdin.buffer)
+try:
+    answer = ("ok", Index(pattern, vocabulary))
+except Exception as e:
+    answer = ("error", str(e))
+pickle.dump(answer, sys.stdout.buffer)
+"""
 
-    def __init__(self, tokenizer, vocab_size: int, cache_size: int = 32):
-        self.tokenizer, self.vocab_size, self.cache_size = tokenizer, vocab_size, cache_size
+
+def build_index(pattern: str, vocabulary: Vocabulary, param: str, timeout: float) -> Index:
+    """outlines-core's automaton for `pattern`, built in a child Python that is killed after `timeout` seconds.
+
+    The build can grow exponentially with the pattern (measured on a 300-token vocabulary: `(a|b)*a(a|b){20}`
+    and a 16-digit number bound before a closing brace ran for minutes; a bounded string with escapes doubles
+    with every few characters), and Rust code in a thread cannot be stopped; a process can. A fresh interpreter
+    (not a fork) copies none of the server's threads; Index and Vocabulary travel pickled.
+    """
+    proc = subprocess.Popen([sys.executable, "-c", _BUILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(pickle.dumps((pattern, vocabulary)), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise StructuredOutputError(f"{param}: the format's automaton did not build within {timeout:g} s "
+                                    f"(outlines-core's build grows very large for some patterns: long bounded "
+                                    f"repeats, overlapping counted alternatives); simplify it", param) from None
+    status, value = pickle.loads(out) if proc.returncode == 0 else \
+        ("error", f"the build process failed: {err.decode(errors='replace').strip().splitlines()[-1:]}")
+    if status != "ok":
+        raise StructuredOutputError(f"{param}: the format cannot be built over this model's vocabulary ({value})",
+                                    param)
+    return value
+
+
+class ConstraintCompiler:
+    """Builds (and keeps the last few) automata for one model's tokenizer: compiling is the slow part, so it
+    runs in a child process under a deadline (`build_index`), one build at a time."""
+
+    def __init__(self, tokenizer, vocab_size: int, cache_size: int = 32, timeout: float = 20.0):
+        self.tokenizer, self.vocab_size, self.cache_size, self.timeout = tokenizer, vocab_size, cache_size, timeout
         self._vocabulary: Vocabulary | None = None
         self._indexes: OrderedDict[str, Index] = OrderedDict()
         self._lock = threading.Lock()
@@ -182,11 +223,7 @@ class ConstraintCompiler:
                 self._vocabulary = build_vocabulary(self.tokenizer, self.vocab_size)
             index = self._indexes.get(pattern)
             if index is None:
-                try:
-                    index = Index(pattern, self._vocabulary)
-                except Exception as e:
-                    raise StructuredOutputError(f"{param}: the format cannot be built over this model's vocabulary "
-                                                f"({e})", param) from e
+                index = build_index(pattern, self._vocabulary, param, self.timeout)
                 self._indexes[pattern] = index
                 if len(self._indexes) > self.cache_size:
                     self._indexes.popitem(last=False)

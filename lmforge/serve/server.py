@@ -1,0 +1,266 @@
+"""The server's state: one model served by one engine loop, and how a request becomes engine inputs.
+
+`Server` holds the engine loop, tokenizer, chat template, structured-output compiler, --controls, metrics and
+admission. Routes (routes.py) reach it through `request.app.state.server`; they turn a request into prompts and
+`SamplingParams` with the methods here, take a `Slot` (admission), submit, and hand the engine's streams to
+streaming.py. A `Slot` is released whichever way the request ends, which aborts its engine requests (freeing
+their KV blocks) and gives its place back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from lmforge.engine.engine import Engine
+from lmforge.engine.loop import EngineLoop, RequestStream
+from lmforge.errors import LmforgeError
+from lmforge.infer.controls import Controls, ControlSpec
+from lmforge.infer.generate import prompt_tokens
+from lmforge.infer.sampling import SamplingParams
+from lmforge.serve.edge import Metrics, RateLimiter
+from lmforge.serve.errors import ApiError
+from lmforge.serve.settings import ServeSettings
+from lmforge.serve.structured import (
+    JSON_OBJECT_SCHEMA,
+    ConstraintCompiler,
+    StructuredOutputError,
+    TokenConstraint,
+    check_regex,
+    regex_for_choice,
+    regex_for_json_schema,
+    token_bytes,
+)
+from lmforge.templates import ChatTemplate
+
+
+class Slot:
+    """One admitted request's place: its `sequences` (prompts x n) count against the server's bound, and its
+    `reservation` against the API key's tokens per minute. `release` (idempotent) ends it whichever way the
+    request ends: it aborts the engine requests still running (a no-op for finished ones; a disconnected
+    client's are freed at once), frees the place and charges the key what was used (`tokens`) instead of what
+    was reserved."""
+
+    def __init__(self, server: Server, sequences: int, reservation: list | None):
+        self.server, self.sequences, self.reservation, self.tokens, self.released = \
+            server, sequences, reservation, 0, False
+        self.request_ids: list[str] = []
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            for rid in self.request_ids:
+                self.server.loop.abort(rid)
+            self.server.active -= 1
+            self.server.sequences -= self.sequences
+            self.server.rate.settle(self.reservation, self.tokens)
+
+
+class Server:
+    """One model served: engine loop, tokenizer, chat template, structured-output compiler, admission."""
+
+    def __init__(self, model, tokenizer, settings: ServeSettings, model_folder: str | Path | None = None,
+                 draft=None):
+        if tokenizer is None:
+            raise LmforgeError("serving needs a tokenizer: the model folder has none; pass --tokenizer PATH",
+                               "tokenizer")
+        self.settings, self.tokenizer = settings, tokenizer
+        ctx = model.config.block_size
+        self.max_model_len = min(ctx, settings.max_model_len or ctx)
+        self.engine = Engine(model, tokenizer, max_num_seqs=settings.max_batch,
+                             max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_batch),
+                             draft=draft, num_speculative_tokens=settings.num_speculative_tokens,
+                             kv_dtype=None if settings.kv_dtype == "auto" else getattr(torch, settings.kv_dtype))
+        self.vocab_size = model.config.vocab_size
+        self.template = ChatTemplate(Path(settings.chat_template).read_text(encoding="utf-8"), tokenizer) \
+            if settings.chat_template else ChatTemplate.for_model(model_folder, tokenizer)
+        self.compiler = ConstraintCompiler(tokenizer, self.vocab_size)
+        self.controls = Controls.from_file(settings.controls, tokenizer, self.vocab_size) if settings.controls \
+            else None
+        self.api_keys = settings.api_keys()
+        self.metrics = Metrics()
+        self.rate = RateLimiter(settings.rate_limit_tpm)
+        self.loop: EngineLoop | None = None  # started by the app's lifespan
+        self._token_bytes: dict[int, bytes] | None = None
+        self.active = 0  # HTTP generation requests in flight
+        self.sequences = 0  # their engine sequences (prompts x n each), bounded by max_batch + max_queue
+        self.created = int(time.time())
+
+    # -- admission: by work, the engine sequences a request adds (its prompts x n)
+    @property
+    def max_sequences(self) -> int:
+        return self.settings.max_batch + self.settings.max_queue
+
+    def check_size(self, num_prompts: int, n: int) -> None:
+        """400 for a request that could never be admitted (more sequences than the whole bound); checked before
+        its prompts are tokenized, so a long list of prompts costs nothing."""
+        if num_prompts * n > self.max_sequences:
+            raise ApiError(400, f"this request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} "
+                                f"sequences; the server holds at most {self.max_sequences} (max_batch "
+                                f"{self.settings.max_batch} + max_queue {self.settings.max_queue}): send fewer "
+                                f"prompts or a smaller n", "n" if num_prompts <= self.max_sequences else "prompt",
+                           code="request_too_large")
+
+    def admit(self, key: str, prompts: list[list[int]], params: SamplingParams) -> Slot:
+        """Take a place for a request of len(prompts) x n sequences (429 when the server cannot hold them now),
+        reserving its most tokens from the key's rate (the prompts, and max_tokens for each sequence); release it
+        when the request ends."""
+        num_prompts, n = len(prompts), params.n
+        self.check_size(num_prompts, n)
+        wanted = num_prompts * n
+        if self.sequences + wanted > self.max_sequences:
+            raise ApiError(429, f"the server is full: {self.sequences} sequences in flight and this request adds "
+                                f"{wanted} (at most {self.max_sequences}: max_batch {self.settings.max_batch} + "
+                                f"max_queue {self.settings.max_queue}); retry shortly",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        reservation = self.rate.reserve(key, sum(map(len, prompts)) + wanted * params.max_tokens)
+        self.active += 1
+        self.sequences += wanted
+        return Slot(self, wanted, reservation)
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.settings.model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
+                                f"{self.settings.model_name!r}", "model", code="model_not_found")
+
+    def model_card(self) -> dict:
+        return {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "lmforge",
+                "max_model_len": self.max_model_len}
+
+    # -- requests -> engine inputs
+    async def encode(self, text: str, param: str) -> list[int]:
+        """`text`'s tokens, computed in a worker thread with `encode_batch` (which lets go of the GIL, where HF
+        tokenizers' `encode` holds it: a 1 MB prompt would stall every other request for a second); a text the
+        tokenizer cannot encode is a 400 naming `param`."""
+        try:
+            [ids] = await asyncio.to_thread(self.tokenizer.encode_batch, [text])
+        except LmforgeError as e:
+            raise ApiError(400, str(e), param) from e
+        return ids.tolist()
+
+    async def prompts(self, prompt, n: int) -> list[list[int]]:
+        """The completions `prompt` field (text, texts, token ids, lists of token ids) as token id lists; a list
+        holding more prompts than the server could ever run x n is refused before any is tokenized."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if prompt and all(isinstance(t, int) for t in prompt):
+            prompt = [prompt]
+        if not prompt:
+            raise ApiError(400, "prompt is empty", "prompt")
+        self.check_size(len(prompt), n)
+        out = []
+        for p in prompt:
+            ids = (await self.encode(p, "prompt") if p else prompt_tokens(self.tokenizer, "")) if isinstance(p, str) \
+                else list(p)
+            if not ids or min(ids) < 0 or max(ids) >= self.vocab_size:
+                raise ApiError(400, f"prompt token ids must be in 0..{self.vocab_size - 1}", "prompt")
+            out.append(ids)
+        return out
+
+    async def render(self, messages) -> str:
+        """Chat messages (protocol.ChatMessage) as the prompt text the chat template makes of them (in a worker
+        thread: a template runs over the whole conversation)."""
+        return await asyncio.to_thread(self.template.render, [{"role": m.role, "content": m.text()}
+                                                              for m in messages])
+
+    async def chat_prompt(self, messages) -> list[int]:
+        return await self.encode(await self.render(messages), "messages") or prompt_tokens(self.tokenizer, "")
+
+    def max_tokens(self, requested: int | None, prompt_len: int, default: int | None, param: str,
+                   prompt_param: str) -> int:
+        """The request's output budget: what it asked for (or `default`, or all the room left), checked to fit."""
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise ApiError(400, f"the prompt is {prompt_len} tokens but max_model_len is {self.max_model_len}; "
+                                f"shorten it", prompt_param, code="context_length_exceeded")
+        wanted = requested if requested is not None else (default if default is not None else room)
+        if wanted > room:
+            raise ApiError(400, f"{param}={wanted} plus the prompt's {prompt_len} tokens exceeds max_model_len "
+                                f"{self.max_model_len}; lower {param} to at most {room}", param,
+                           code="context_length_exceeded")
+        return wanted
+
+    def constraint_regex(self, req) -> tuple[str, str] | None:
+        """(regex, param) of the request's structured-output format, or None for free text."""
+        fmt = getattr(req, "response_format", None)
+        chosen = [p for p, v in (("regex", req.regex), ("choice", req.choice)) if v is not None]
+        if fmt is not None and fmt.type != "text":
+            chosen.append("response_format")
+        if len(chosen) > 1:
+            raise ApiError(400, f"give at most one output format; got {', '.join(chosen)}", chosen[1])
+        if chosen and req.stop:  # the answer must run to the end of its format
+            raise ApiError(400, f"stop strings cannot be combined with {chosen[0]}: a stop string would cut the "
+                                f"answer before its format is complete", "stop")
+        if chosen and getattr(req, "echo", False):
+            raise ApiError(400, f"echo cannot be combined with {chosen[0]}: the prompt before the answer would not "
+                                f"match the format", "echo")
+        if req.regex is not None:
+            return check_regex(req.regex), "regex"
+        if req.choice is not None:
+            return regex_for_choice(req.choice), "choice"
+        if fmt is not None and fmt.type == "json_object":
+            return regex_for_json_schema(JSON_OBJECT_SCHEMA), "response_format"
+        if fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise ApiError(400, "response_format of type json_schema needs json_schema.schema",
+                               "response_format")
+            return regex_for_json_schema(fmt.json_schema.schema_), "response_format"
+        return None
+
+    async def attach_constraint(self, req, params: SamplingParams) -> TokenConstraint | None:
+        """The request's output format as a token mask on its params (compiled in a worker thread), or None."""
+        spec = self.constraint_regex(req)
+        if spec is not None:
+            params.allowed_tokens = await asyncio.to_thread(self.compiler.constraint, *spec)
+        return params.allowed_tokens
+
+    def attach_controls(self, params: SamplingParams, phrases: list[str] | None = None):
+        """Apply --controls and the request's own banned phrases (checked on the text, as --controls's are) to its
+        params; the guard (None when there is neither) counts what fired. /metrics counts --controls entries
+        only: a client's phrases would make its label values unbounded."""
+        phrases = [p for p in phrases or [] if p]
+        if not phrases:
+            return self.controls.attach(params, self.metrics.control_fired) if self.controls is not None else None
+        base = self.controls.spec if self.controls is not None else ControlSpec()
+        spec = ControlSpec(base.banned_phrases + [p for p in phrases if p not in base.banned_phrases],
+                           dict(base.logit_bias), base.ignore_case)
+        operator = set(base.banned_phrases)
+
+        def on_fire(kind: str, control: str) -> None:
+            if kind == "logit_bias" or control in operator:
+                self.metrics.control_fired(kind, control)
+
+        return Controls(spec, self.tokenizer, self.vocab_size).attach(params, on_fire)
+
+    # -- running
+    def submit(self, prompts: list[list[int]], params: SamplingParams, slot: Slot) -> list[RequestStream]:
+        """Queue one engine request per prompt (all or none: a bad one aborts the others, 400 naming the cause)."""
+        base = uuid.uuid4().hex
+        streams = []
+        try:
+            for i, prompt in enumerate(prompts):
+                slot.request_ids.append(f"{base}-{i}")
+                streams.append(self.loop.submit(prompt, params, slot.request_ids[-1]))
+        except LmforgeError as e:
+            slot.release()
+            raise ApiError.of(e) from e
+        self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
+        return streams
+
+    # -- token spelling (logprobs)
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token adds to the text (exact even for a piece of a multi-byte character)."""
+        if self._token_bytes is None:
+            try:
+                self._token_bytes = token_bytes(self.tokenizer)
+            except StructuredOutputError:  # word tokenizers: their decoded text is the best there is
+                self._token_bytes = {}
+        b = self._token_bytes.get(token)
+        return b if b is not None else self.tokenizer.decode([token]).encode("utf-8")
+
+    def token_text(self, token: int) -> str:
+        return self.token_bytes(token).decode("utf-8", "replace")
