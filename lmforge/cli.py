@@ -56,6 +56,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
 RENAMED: dict[str, dict[str, str]] = {
     "generate": {"--max-new-tokens": "--max-tokens", "--num-samples": "--n",
                  "--speculative-k": "--num-speculative-tokens"},
+    "translate": {"--max-new-tokens": "--max-tokens"},
 }
 
 
@@ -290,13 +291,32 @@ def call_arguments(fn, args: dict) -> tuple[list, dict]:
     return positional, args
 
 
+# A third-party module a verb needs -> the extra of pyproject.toml that installs it (`pip install lmforge[serve]`).
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "pydantic": "serve", "prometheus_client": "serve",
+          "outlines_core": "serve", "httpx": "serve", "jinja2": "serve", "sacrebleu": "apps", "rich": "apps",
+          "optuna": "apps", "gguf": "gguf", "tensorboard": "tensorboard", "transformers": "dev"}
+
+
+def missing_extra(name: str, e: ModuleNotFoundError) -> int:
+    """Name the extra that installs a missing module instead of a traceback; anything else is our bug: re-raise."""
+    extra = EXTRAS.get((e.name or "").split(".")[0])
+    if extra is None:
+        raise e
+    print(f"{name}: error: this command needs the '{e.name}' package, which lmforge's [{extra}] extra installs: "
+          f"pip install 'lmforge[{extra}]'", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verb = next((a for a in argv if not a.startswith("-")), None)
     if verb is not None and verb not in COMMANDS:
         print(f"lmforge: unknown command {verb!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    parsed = parse_command(argv)
+    try:
+        parsed = parse_command(argv)
+    except ModuleNotFoundError as e:
+        return missing_extra(f"lmforge {verb}", e)
     if parsed is None:
         return 0
     verb, action, fn, args = parsed
@@ -304,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         positional, kwargs = call_arguments(fn, args)
         result = fn(*positional, **kwargs)
+    except ModuleNotFoundError as e:
+        return missing_extra(name, e)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

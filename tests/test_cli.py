@@ -237,3 +237,13 @@ def test_a_list_flag_given_twice_keeps_every_value_and_replaces_its_default():
     args = parser.parse_args(["--space", "a=1", "b=2", "--space", "c=3", "--sizes", "4"])
     assert args.space == ["a=1", "b=2", "c=3"] and args.sizes == [4]
     assert parser.parse_args([]).sizes == [1, 8]
+
+
+def test_a_verb_whose_extra_is_not_installed_names_the_extra_instead_of_a_traceback():
+    """`pip install lmforge` without [serve]: `lmforge serve` says which extra installs what is missing."""
+    code = ("import sys; sys.modules['fastapi'] = None\n"  # `import fastapi` now raises ModuleNotFoundError
+            "from lmforge.cli import main; raise SystemExit(main(['serve', 'gpt-nano']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "pip install 'lmforge[serve]'" in done.stderr and "fastapi" in done.stderr

@@ -147,10 +147,10 @@ def naive_greedy(model, tokenizer, fmt, source: str, max_new_tokens: int) -> str
 def test_greedy_batch_equals_naive_argmax_and_beam_1(tiny):
     _, model, tok, fmt = tiny
     sources = ["Hi.", "I'm cold, very cold today.", "Run!", "sentence 12.", "Thank you."]
-    greedy = translate(model, tok, fmt, sources, max_new_tokens=12, batch_size=3)
+    greedy = translate(model, tok, fmt, sources, max_tokens=12, batch_size=3)
     assert greedy == [naive_greedy(model, tok, fmt, s, 12) for s in sources]
-    assert translate(model, tok, fmt, sources, beam=1, max_new_tokens=12) == greedy
-    assert len(translate(model, tok, fmt, sources, beam=3, max_new_tokens=12)) == len(sources)
+    assert translate(model, tok, fmt, sources, beam=1, max_tokens=12) == greedy
+    assert len(translate(model, tok, fmt, sources, beam=3, max_tokens=12)) == len(sources)
     with pytest.raises(ValueError, match="beam=-1 must be >= 0"):
         translate(model, tok, fmt, sources, beam=-1)
     with pytest.raises(ValueError, match="source 0 .* makes a prompt of .* context is 64"):

@@ -279,19 +279,19 @@ def clean_output(text: str) -> str:
 
 @torch.inference_mode()
 def translate(model, tokenizer, fmt: PromptFormat, sources: Sequence[str], beam: int = 0,
-              max_new_tokens: int = 64, length_penalty: float = 1.0, batch_size: int = 64) -> list[str]:
+              max_tokens: int = 64, length_penalty: float = 1.0, batch_size: int = 64) -> list[str]:
     """Translate sources: greedy in length-sorted batches (beam=0), or beam search with `beam` beams each.
 
     Beam width 1 gives the greedy translation. Each output stops at the format's end token, after
-    max_new_tokens, or where the model's context is full.
+    max_tokens, or where the model's context is full.
     """
     from lmforge.infer.generate import beam_search, generate
     from lmforge.infer.sampling import SamplingParams
 
     if beam < 0:
         raise ValueError(f"beam={beam} must be >= 0 (0: greedy, N: beam search with N beams)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens} must be >= 1")
     end = fmt.end_id(tokenizer)
     prompts = [tokenizer.encode(fmt.prompt(s)) for s in sources]
     block = model.config.block_size
@@ -302,13 +302,13 @@ def translate(model, tokenizer, fmt: PromptFormat, sources: Sequence[str], beam:
     outputs: list[list[int]] = [[] for _ in prompts]
     if beam >= 1:
         for i, p in enumerate(prompts):
-            n = min(max_new_tokens, block - len(p) + 1)
+            n = min(max_tokens, block - len(p) + 1)
             outputs[i] = beam_search(model, p, beam, n, length_penalty, eos_id=end)[0][0]
     else:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            n = min(max_new_tokens, block - max(len(prompts[i]) for i in chunk) + 1)
+            n = min(max_tokens, block - max(len(prompts[i]) for i in chunk) + 1)
             done = generate(model, [prompts[i] for i in chunk], SamplingParams(max_tokens=n, temperature=0.0),
                             eos_id=end)
             for i, c in zip(chunk, done):
@@ -344,7 +344,7 @@ def load_translator(model: str, dtype: str = "float32"):
 
 
 def translate_command(model: str, text: str = "", file: str | None = None, beam: int = 0,
-                      max_new_tokens: int = 64, length_penalty: float = 1.0) -> int:
+                      max_tokens: int = 64, length_penalty: float = 1.0) -> int:
     """Translate a sentence (or a file of them) with a translation model folder.
 
     Args:
@@ -352,7 +352,7 @@ def translate_command(model: str, text: str = "", file: str | None = None, beam:
         text: the sentence to translate.
         file: a UTF-8 file with one source sentence per line; translations are printed one per line, in order.
         beam: beam search with this many beams; 0 decodes greedily.
-        max_new_tokens: tokens per translation at most.
+        max_tokens: tokens per translation at most.
         length_penalty: beam scores divide by length ** length_penalty.
     """
     if file is not None:
@@ -370,6 +370,6 @@ def translate_command(model: str, text: str = "", file: str | None = None, beam:
     else:
         raise ValueError("nothing to translate: pass --text SENTENCE or --file PATH")
     net, tok, fmt = load_translator(model)
-    for line in translate(net, tok, fmt, sources, beam, max_new_tokens, length_penalty):
+    for line in translate(net, tok, fmt, sources, beam, max_tokens, length_penalty):
         print(line, flush=True)
     return 0
