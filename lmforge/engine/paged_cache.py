@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.model import causal_mask
 
 
 def block_table_tensor(block_tables: Sequence[Sequence[int]], device="cpu") -> torch.Tensor:
@@ -79,8 +80,8 @@ class PagedKVCache:
         self._write_slots = (blk * bs + slot_pos % bs)[valid]  # (N,) flat slot of each real new token
         self._valid = valid
 
-        key_pos = torch.arange(nblk * bs, device=device)  # (S,)
-        self._mask = (key_pos[None, None, :] <= self._positions[:, :, None])[:, None]  # (B, 1, T, S) causal, per row
+        self._key_pos = torch.arange(nblk * bs, device=device)  # (S,) a row's slot s holds its position s
+        self._masks = {}  # window -> (B, 1, T, S), made when a layer with that window asks
         self._T = T
 
     # ---- the model's cache protocol ------------------------------------------------------------
@@ -88,8 +89,12 @@ class PagedKVCache:
         assert T == self._T, f"prepared for {self._T} new tokens per row, the model fed {T}"
         return self._positions  # (B, T)
 
-    def attention(self, T: int) -> tuple[torch.Tensor, bool]:
-        return self._mask, False
+    def attention(self, T: int, window: int | None = None) -> tuple[torch.Tensor, bool]:
+        """Each row's causal mask over its slots, within `window` positions when a layer has a sliding window."""
+        if window not in self._masks:
+            mask = causal_mask(self._positions[:, :, None], self._key_pos[None, None, :], window)  # (B, T, S)
+            self._masks[window] = mask[:, None]
+        return self._masks[window], False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new k, v (B, nkv, T, hs) into their slots; return each row's keys/values (B, nkv, S, hs)."""

@@ -87,6 +87,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
                 f"models with learned or rotary positions and a {'/'.join(_ACT)} MLP")
     if c.embed_scale or not c.final_norm:
         return f"embed_scale={c.embed_scale}, final_norm={c.final_norm} are not fused"
+    unfused = {k: getattr(c, k) for k in ("qk_norm", "attn_scale", "attn_softcap", "logit_softcap", "sliding_window",
+                                          "rope_local_base", "rope_dim", "head_size") if getattr(c, k) is not None}
+    if unfused:
+        return f"{', '.join(f'{k}={v!r}' for k, v in unfused.items())}: not fused yet"
     for module in model.modules():
         if type(module).__module__.startswith("lmforge.infer") and type(module).__name__ not in ("Int8Linear",
                                                                                                 "PackedLinear"):
