@@ -215,7 +215,6 @@ FAMILIES = {
                     ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"], ["<|endoftext|>"]),
 }
 NAMES = list(FAMILIES)
-NOT_FUSED_YET = {"qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "olmo2"}  # the next commit fuses them
 TOKENS = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))  # longer than every window
 PROMPTS = [TOKENS[0, :11].tolist(), TOKENS[1, :5].tolist(), TOKENS[1, 7:20].tolist()]
 NEW_TOKENS = 14  # prompts + new tokens run past the windows and the original contexts
@@ -345,8 +344,6 @@ def test_greedy_tokens_match_transformers_generate_through_the_fused_step(built)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
     assert [c.tokens for c in generate(model, PROMPTS, params)] == reference  # the plain path (padded batch)
     fused = prepare_for_decoding(copy.deepcopy(model))
-    if built.hf.config.model_type in NOT_FUSED_YET:
-        pytest.xfail(unsupported_reason(fused))
     assert decode_path(fused) == "fused", unsupported_reason(fused)
     assert [c.tokens for c in generate(fused, PROMPTS, params)] == reference
 
@@ -362,8 +359,6 @@ def test_engine_serves_concurrent_requests_as_transformers_generates(built):
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
     plain = Engine(model, block_size=4, max_num_batched_tokens=8, max_num_seqs=3)
     assert [c.tokens for c in plain.generate(PROMPTS, params)] == reference
-    if built.hf.config.model_type in NOT_FUSED_YET:
-        pytest.xfail(unsupported_reason(model))
     engine = Engine(prepare_for_decoding(copy.deepcopy(model)), block_size=4, max_num_batched_tokens=8,
                     max_num_seqs=3)
     assert engine.fused is not None

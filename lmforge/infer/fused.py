@@ -14,9 +14,11 @@ a lock or writes a cache at run time. After changing fused_decode.cpp, rebuild w
 Where the step cannot run (not built, no AVX2, the classic post-norm model) `prepare_for_decoding` falls back to
 oneDNN-packed linear layers (lmforge.infer.packed), and `decode_path(model)` says which one runs.
 
-Supported: pre-norm decoders with LayerNorm or RMSNorm, learned or rotary positions, a GELU (exact or tanh), ReLU
-or SwiGLU MLP, multi-head or grouped-query attention, with or without biases, tied or separate output head: GPT-2,
-Llama and the gpt-* / llama-* presets, imported checkpoints and llama2.c models alike; float32
+Supported: decoders with LayerNorm or RMSNorm before, after (on the sublayer's output) or around each sublayer,
+learned or rotary positions (scaled, partial, per-layer tables), a GELU (exact or tanh), ReLU, SwiGLU or GeGLU
+MLP, multi-head or grouped-query attention with any head size, q/k norms, sliding windows, score scales and
+soft-caps, with or without biases, tied or separate output head: GPT-2, Llama and the gpt-* / llama-* presets,
+llama2.c models and every imported family (Qwen, Mistral, Phi-3, Gemma 2/3, OLMo 2) alike; float32
 weights, or int8 ones with per-row scales (lmforge.infer.quantize's Int8Linear), which the kernel widens to float
 as it streams them: a quarter of the bytes for the same arithmetic. bfloat16 models get their linear layers packed
 for oneDNN (`prepare_for_decoding`) and the step hands each matrix product of all its rows to oneDNN's bfloat16
@@ -40,7 +42,7 @@ from lmforge.model import Block, KVCache, Transformer
 
 log = logging.getLogger(__name__)
 
-_ACT = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu": 4}
+_ACT = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu": 4, "geglu_tanh": 5}
 _extension = None
 _build_error: str | None = None
 
@@ -82,15 +84,13 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if not isinstance(model, Transformer):
         return f"{type(model).__name__} is not an lmforge Transformer"
     c = model.config
-    if c.norm_placement != "pre" or c.pos not in ("learned", "rope") or c.mlp not in _ACT:
-        return (f"norm_placement={c.norm_placement!r}, pos={c.pos!r}, mlp={c.mlp!r}: the fused step runs pre-norm "
-                f"models with learned or rotary positions and a {'/'.join(_ACT)} MLP")
-    if c.embed_scale or not c.final_norm:
-        return f"embed_scale={c.embed_scale}, final_norm={c.final_norm} are not fused"
-    unfused = {k: getattr(c, k) for k in ("qk_norm", "attn_scale", "attn_softcap", "logit_softcap", "sliding_window",
-                                          "rope_local_base", "rope_dim", "head_size") if getattr(c, k) is not None}
-    if unfused:
-        return f"{', '.join(f'{k}={v!r}' for k, v in unfused.items())}: not fused yet"
+    if c.norm_placement == "post" or c.pos not in ("learned", "rope") or c.mlp not in _ACT:
+        return (f"norm_placement={c.norm_placement!r}, pos={c.pos!r}, mlp={c.mlp!r}: the fused step runs models "
+                f"with norms before or on their sublayers, learned or rotary positions and a {'/'.join(_ACT)} MLP")
+    if not c.final_norm:
+        return f"final_norm={c.final_norm} is not fused"
+    if c.qk_norm is not None and c.norm != "rmsnorm":
+        return f"qk_norm={c.qk_norm!r} with norm={c.norm!r}: the fused step norms q and k with RMSNorm"
     for module in model.modules():
         if type(module).__module__.startswith("lmforge.infer") and type(module).__name__ not in ("Int8Linear",
                                                                                                 "PackedLinear"):
@@ -122,6 +122,11 @@ class FusedDecoder:
     def __init__(self, model: Transformer):
         c = model.config
         self.n_head, self.eps, self.act = c.n_head, float(c.norm_eps), _ACT[c.mlp]
+        self.windows = [c.layer_window(i) or 0 for i in range(c.n_layer)]
+        self.scalars = [c.attn_scale or 0.0, c.attn_softcap or 0.0, c.logit_softcap or 0.0,
+                        c.n_embd ** 0.5 if c.embed_scale else 0.0]
+        scaling = c.rope_scaling or {}
+        self.long_from = scaling["original_context"] if scaling.get("type") == "longrope" else -1
         none = torch.Tensor()  # an empty tensor marks an absent bias or scale
 
         def tensor(t):  # float32: bfloat16 models' norms, biases and rotary tables widened (small copies)
@@ -131,19 +136,27 @@ class FusedDecoder:
             weight = module.packed if isinstance(module, PackedLinear) else module.weight.detach()
             return [weight, tensor(getattr(module, "scales", None)), tensor(module.bias)]
 
-        def norm(module):  # weight, bias (RMSNorm has none)
-            return [tensor(module.weight), tensor(getattr(module, "bias", None))]
+        def norm(module):  # weight, bias (RMSNorm has none); an nn.Identity (no norm there) gives empty ones
+            return [tensor(getattr(module, "weight", None)), tensor(getattr(module, "bias", None))]
 
         self.params: list[torch.Tensor] = []
+        self.norms: list[torch.Tensor] = []  # per layer: q_norm, k_norm, post_norm1 (w, b), post_norm2 (w, b)
         for block in model.blocks:
             assert isinstance(block, Block)  # what the Transformer is made of (for the type checker)
             self.params += [*norm(block.norm1), *linear(block.attn.qkv), *linear(block.attn.proj),
                             *norm(block.norm2), *linear(block.mlp.fc), *linear(block.mlp.proj)]
+            attn = block.attn
+            self.norms += [tensor(attn.q_norm.weight) if attn.qk_norm else none,
+                           tensor(attn.k_norm.weight) if attn.qk_norm else none,
+                           *norm(block.post_norm1), *norm(block.post_norm2)]
         self.params += [model.tok_emb.weight.detach(), tensor(None if model.pos_emb is None else model.pos_emb.weight),
                         *norm(model.norm_f), *linear(model.lm_head)]
         self.rms = c.norm == "rmsnorm"
-        self.rope = (tensor(model.rope_cos), tensor(model.rope_sin)) if c.pos == "rope" else (none, none)
+        self.ropes = [tensor(getattr(model, f"rope{which}_{part}", None)) for which in ("", "_local", "_long")
+                      for part in ("cos", "sin")]  # empty where the model has no such table
         self.params = [p if p.is_mkldnn else p.contiguous() for p in self.params]  # a no-op for the usual, contiguous weights
+        self.norms = [p.contiguous() for p in self.norms]
+        self.ropes = [p.contiguous() for p in self.ropes]
         self.extension = _load_extension()
 
     def accepts(self, cache, new_tokens: int = 1) -> bool:
@@ -155,7 +168,8 @@ class FusedDecoder:
 
     def _run(self, tokens, lo, start, last, cache, block_table):
         return self.extension.forward_step(tokens, lo, start, last, cache.k, cache.v, block_table, self.params,
-                                           self.n_head, self.eps, self.act, self.rms, *self.rope)
+                                           self.norms, self.n_head, self.eps, self.act, self.rms, self.ropes,
+                                           self.long_from, self.windows, self.scalars)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, last: int = 1) -> torch.Tensor:
