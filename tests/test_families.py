@@ -30,7 +30,7 @@ from lmforge.templates import ChatTemplate  # noqa: E402
 
 VOCAB = 300
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=VOCAB, max_position_embeddings=64)
+             vocab_size=VOCAB, max_position_embeddings=128)
 CORPUS = ["the quick brown fox jumps over the lazy dog. ", "hello there, how are you today? ",
           "a small model talks in tokens: 1, 2, 3. "] * 30
 
@@ -156,7 +156,6 @@ class Family:
     off: dict = field(default_factory=dict)  # the same model with its features switched off (they must matter)
     system: bool = True  # the template takes a system turn
     norm_init: tuple = (0.5, 1.5)  # norm weights drawn from this range (Gemma stores w - 1: around 0)
-    stepwise: bool = False  # RoPE depends on each call's largest position: compare with cached decoding
 
 
 LONG_ROPE = dict(type="longrope", short_factor=[1.0 + i / 10 for i in range(6)],
@@ -170,12 +169,9 @@ FAMILIES = {
                      LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                               "<|eot_id|>", "<|eom_id|>"], ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
                      off=dict(rope_scaling=None)),
-    # SmolLM2: a tied Llama with ChatML, RoPE stretched past its context by dynamic NTK scaling.
-    "smollm2-dynamic": Family("LlamaConfig", "LlamaForCausalLM",
-                              dict(tie_word_embeddings=True, max_position_embeddings=16,
-                                   rope_scaling=dict(rope_type="dynamic", factor=4.0)),
-                              CHATML, ["<|im_start|>", "<|im_end|>", "<|endoftext|>"], ["<|im_end|>"],
-                              off=dict(rope_scaling=None, max_position_embeddings=64), stepwise=True),
+    # SmolLM2: a tied Llama with ChatML and its own RoPE base.
+    "smollm2": Family("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_theta=100000.0),
+                      CHATML, ["<|im_start|>", "<|im_end|>", "<|endoftext|>"], ["<|im_end|>"]),
     # Qwen2.5: q/k/v biases, a sliding window on the layers from max_window_layers on, YaRN scaling.
     "qwen2": Family("Qwen2Config", "Qwen2ForCausalLM",
                     dict(use_sliding_window=True, sliding_window=8, max_window_layers=1, tie_word_embeddings=True,
@@ -201,14 +197,14 @@ FAMILIES = {
                      dict(head_dim=24, sliding_window=8, query_pre_attn_scalar=20, attn_logit_softcapping=1.5,
                           final_logit_softcapping=2.0),
                      GEMMA2, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], ["<eos>", "<end_of_turn>"],
-                     off=dict(sliding_window=64, attn_logit_softcapping=None, final_logit_softcapping=None),
+                     off=dict(sliding_window=128, attn_logit_softcapping=None, final_logit_softcapping=None),
                      system=False, norm_init=(-0.5, 0.5)),
     # Gemma 3 (text): per-head q/k norms, local layers with their own RoPE base, linear scaling on global ones.
     "gemma3": Family("Gemma3TextConfig", "Gemma3ForCausalLM",
                      dict(head_dim=24, sliding_window=8, sliding_window_pattern=2, rope_local_base_freq=100.0,
                           rope_scaling=dict(rope_type="linear", factor=4.0), final_logit_softcapping=3.0),
                      GEMMA3, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], ["<eos>", "<end_of_turn>"],
-                     off=dict(sliding_window=64, rope_scaling=None, final_logit_softcapping=None),
+                     off=dict(sliding_window=128, rope_scaling=None, final_logit_softcapping=None),
                      norm_init=(-0.5, 0.5)),
     # OLMo 2: norms on the sublayer outputs only, RMSNorm over the whole q and k projections.
     "olmo2": Family("Olmo2Config", "Olmo2ForCausalLM", dict(), OLMO2,
@@ -325,8 +321,7 @@ def test_import_gives_transformers_logits(built):
     prefill (transformers' cached decoding), both ways."""
     model, tok, extras = import_hf(built.hf_folder)
     assert model.config.extra["model_type"] == built.hf.config.model_type
-    if not built.family.stepwise:  # dynamic NTK: one call's base follows its last position (see rope_tables)
-        torch.testing.assert_close(model(TOKENS), hf_logits(built.hf, TOKENS), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model(TOKENS), hf_logits(built.hf, TOKENS), rtol=1e-4, atol=1e-4)
     cache = model.new_cache(2, 24)
     with torch.no_grad():
         steps = [model(TOKENS[:, :6], kv_cache=cache)] + [model(TOKENS[:, t:t + 1], kv_cache=cache)
@@ -372,9 +367,7 @@ def test_export_loads_in_transformers_with_equal_logits(built, tmp_path):
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["model_type"] == built.hf.config.model_type
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
-    stepwise = 6 if built.family.stepwise else None
-    torch.testing.assert_close(hf_logits(back, TOKENS, stepwise), hf_logits(built.hf, TOKENS, stepwise),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hf_logits(back, TOKENS), hf_logits(built.hf, TOKENS), rtol=1e-4, atol=1e-4)
     again, _, _ = import_hf(tmp_path / "back")  # and the round trip keeps every setting
     assert again.config.to_dict() | {"name": None} == model.config.to_dict() | {"name": None}
 
@@ -388,6 +381,36 @@ def test_chat_template_renders_a_conversation_as_transformers_does(built):
     ours = ChatTemplate.for_model(built.folder, tok).render(messages)
     theirs = built.hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert ours == theirs and "fox" in ours
+
+
+def test_dynamic_ntk_rope_matches_transformers_cached_decoding_past_the_original_context(tmp_path):
+    """Dynamic NTK scaling (a Llama with rope_scaling "dynamic", original context 16, reaching 128): each position
+    past 16 turns by the base its own length gives, as transformers' cached decoding computes it; prompts within
+    the original context then give transformers.generate's greedy tokens through the fused step and the engine.
+    (One transformers call over more than 16 tokens uses its last position's base for all of them: see
+    lmforge.model.rope_tables.)"""
+    from lmforge.engine.engine import Engine
+
+    family = Family("LlamaConfig", "LlamaForCausalLM", dict(max_position_embeddings=16, rope_scaling=dict(
+        rope_type="dynamic", factor=8.0)), CHATML, [], [])
+    hf = hf_model(family)
+    assert (hf_logits(hf, TOKENS, 6) - hf_logits(hf_model(family, dict()), TOKENS, 6)).abs().max() > 1e-2
+    hf.save_pretrained(tmp_path)
+    model, _, _ = import_hf(tmp_path)
+    assert model.config.block_size == 128 and model.config.rope_scaling["type"] == "dynamic"
+    cache = model.new_cache(2, 24)
+    with torch.no_grad():
+        steps = [model(TOKENS[:, :6], kv_cache=cache)] + [model(TOKENS[:, t:t + 1], kv_cache=cache)
+                                                          for t in range(6, 24)]
+    torch.testing.assert_close(torch.cat(steps, 1), hf_logits(hf, TOKENS, 6), rtol=1e-4, atol=1e-4)
+    prompts = [p[:10] for p in PROMPTS]
+    params = SamplingParams(max_tokens=20, temperature=0)
+    reference = [hf_greedy(hf, p, n=20) for p in prompts]
+    fused = prepare_for_decoding(model)
+    assert decode_path(fused) == "fused"
+    assert [c.tokens for c in generate(fused, prompts, params)] == reference
+    engine = Engine(fused, block_size=4, max_num_batched_tokens=8, max_num_seqs=3)
+    assert [c.tokens for c in engine.generate(prompts, params)] == reference
 
 
 # ------------------------------------------------------------------------------------------------- refusals
@@ -420,3 +443,55 @@ def test_export_of_an_architecture_no_family_has_says_why(tmp_path):
     model = Transformer(ModelConfig.from_name("llama-nano", norm_placement="output"))  # OLMo 2 norms, Llama rest
     with pytest.raises(UnsupportedModelError, match="norm_placement='output'"):
         export_hf(model, None, tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------------------- serving
+
+
+def test_serve_answers_like_transformers_and_stops_at_every_eos_id(built, tmp_path):
+    """`lmforge serve` on the imported folder, driven by the official openai client: concurrent completions give
+    transformers' greedy tokens; a token that generation_config.json adds to the EOS ids ends them where
+    transformers.generate (given the same ids) ends; chat renders the folder's template."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from lmforge.serve.process import start_server, stop_server
+
+    crossing_xfail(built)
+    first = hf_greedy(built.hf, PROMPTS[0])
+    stop_at = first[5]  # a token greedy decoding reaches: made an EOS id, it must end the output there
+    ends = built.ends + [stop_at]
+    folder = tmp_path / "served"
+    shutil.copytree(built.folder, folder)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps(generation | {"eos_token_id": ends}))
+    messages = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi!"},
+                {"role": "user", "content": "how are you?"}]
+    rendered = built.hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    chat_prompt = built.hf_tok(rendered, add_special_tokens=False)["input_ids"]
+
+    proc, base = start_server(str(folder), "--log-level", "warning", "--max-batch", "3")
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+
+        def complete(prompt):
+            return client.completions.create(model=folder.name, prompt=prompt, max_tokens=NEW_TOKENS,
+                                             temperature=0)
+
+        with ThreadPoolExecutor(3) as pool:  # three requests in the engine at once
+            answers = list(pool.map(complete, PROMPTS))
+        chat = client.chat.completions.create(model=folder.name, messages=messages, max_tokens=6, temperature=0)
+    finally:
+        assert stop_server(proc) in (0, -15)
+    for prompt, answer in zip(PROMPTS, answers):
+        want = hf_greedy(built.hf, prompt, eos=ends)
+        finished = want and want[-1] in ends
+        want = want[:-1] if finished else want
+        assert answer.choices[0].text == built.hf_tok.decode(want)
+        assert answer.choices[0].finish_reason == ("stop" if finished else "length")
+    assert answers[0].choices[0].finish_reason == "stop" and answers[0].usage.completion_tokens == first.index(stop_at)
+    want = hf_greedy(built.hf, chat_prompt, n=6, eos=ends)
+    want = want[:-1] if want and want[-1] in ends else want
+    assert chat.choices[0].message.content == built.hf_tok.decode(want)

@@ -35,7 +35,7 @@ from lmforge.engine.drafter import Drafter
 from lmforge.engine.paged_cache import PagedKVCache
 from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.engine.sequence import RequestOutput, Sequence
-from lmforge.infer.generate import Completion, check_prompt, per_prompt_params
+from lmforge.infer.generate import Completion, check_prompt, end_tokens, per_prompt_params
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
 from lmforge.infer.speculative import accept_greedy, accept_reject, processed, token_probs
 
@@ -46,12 +46,13 @@ class Engine:
     Args:
         model: an lmforge `Transformer` (anything with `hidden`, `lm_head`, `config` and the cache protocol);
             prepared by `lmforge.infer.fused.prepare_for_decoding`, its decoding rows take the fused step.
-        tokenizer: decodes text and enables stop strings; its `eos_id` ends outputs unless ignore_eos.
+        tokenizer: decodes text and enables stop strings; its end tokens (`eos_ids`, else `eos_id`) end outputs
+            unless ignore_eos.
         num_blocks: KV blocks in the pool; default: room for max_num_seqs full-context sequences.
         block_size: token slots per KV block.
         max_num_seqs: the most sequences running at once.
         max_num_batched_tokens: the per-step token budget (decodes take 1, prompts are chunked to fit).
-        eos_id: the end-of-sequence token without a tokenizer (or to override its).
+        eos_id: the end-of-sequence token (or tokens) without a tokenizer (or to override its).
         draft: a smaller model sharing the tokenizer: speculative decoding of every decoding row.
         num_speculative_tokens: tokens the draft proposes per row and step.
         kv_dtype: the KV pool's dtype (default: the model's). float16 under a float32 model holds twice the tokens
@@ -60,7 +61,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, *, num_blocks: int | None = None, block_size: int = 16,
-                 max_num_seqs: int = 32, max_num_batched_tokens: int = 256, eos_id: int | None = None,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 256, eos_id: int | Seq[int] | None = None,
                  draft=None, num_speculative_tokens: int = 4, kv_dtype: torch.dtype | None = None):
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
         p = next(model.parameters())
@@ -75,7 +76,7 @@ class Engine:
                                                           num_speculative_tokens)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
                                    num_speculative_tokens if draft is not None else 0)
-        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        self.eos_ids = end_tokens(tokenizer, eos_id)
         self.requests: dict[str, list[Sequence]] = {}  # live requests -> their sequences
         self.counters = dict(prompt_tokens=0, generated_tokens=0, computed_tokens=0, steps=0,
                              draft_proposed=0, draft_accepted=0)
@@ -97,7 +98,7 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         seqs = []
         for i in range(params.n):
-            seq = Sequence(request_id, prompt, params, i, self.eos_id)
+            seq = Sequence(request_id, prompt, params, i, self.eos_ids)
             seq.generator = None if params.greedy else make_generator(params.seed, i, self.device)
             seq.stops = StopStrings(params.stop) if self.tokenizer is not None else None
             seqs.append(seq)

@@ -14,7 +14,7 @@ model masks padding slots and gives each row its own positions (`KVCache.pad`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +53,16 @@ class Completion:
     text: str | None = None  # decoded output, truncated before a stop string; None without a tokenizer
     finish_reason: str | None = None  # "stop" (stop token, EOS or stop string) | "length" (max_tokens)
     logprobs: list[TokenLogprob] | None = None
+
+
+def end_tokens(tokenizer=None, eos_id: int | Collection[int] | None = None) -> set[int]:
+    """The tokens that end an output (and are not part of it): `eos_id` (one id or several) when given, else the
+    tokenizer's eos_id, and the tokenizer's `end_ids` (llama2.c's BOS; an imported model's generation_config.json
+    list: Llama 3 instruct ends a turn with <|eot_id|>, a document with <|end_of_text|>)."""
+    if eos_id is None:
+        eos_id = getattr(tokenizer, "eos_id", None)
+    ends = set() if eos_id is None else {int(eos_id)} if isinstance(eos_id, int) else set(map(int, eos_id))
+    return ends | set(getattr(tokenizer, "end_ids", ()))
 
 
 # ---------------------------------------------------------------------------------- cache rows
@@ -192,7 +202,7 @@ def _normalise(model, prompts, params, has_tokenizer: bool) -> tuple[list[list[i
 
 @torch.inference_mode()
 def stream(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams] | SamplingParams, *,
-           tokenizer=None, eos_id: int | None = None) -> Iterator[Event]:
+           tokenizer=None, eos_id: int | Collection[int] | None = None) -> Iterator[Event]:
     """Generate for every prompt at once, yielding an `Event` per row per step as tokens are chosen.
 
     Args:
@@ -200,12 +210,12 @@ def stream(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingPar
         prompts: token id lists, of any lengths.
         params: one `SamplingParams` per prompt, or one for all. Rows are prompt-major: prompt i's sample j
             is row sum(n of prompts before i) + j.
-        tokenizer: decodes text deltas and enables stop strings; its `eos_id` (and any `end_ids`, e.g. llama2.c's
-            BOS) ends a row unless ignore_eos.
-        eos_id: the end-of-sequence token when there is no tokenizer (or to override its).
+        tokenizer: decodes text deltas and enables stop strings; its end tokens (`end_tokens`: its eos_id and any
+            `end_ids`, e.g. llama2.c's BOS or an imported model's generation_config.json list) end a row unless
+            ignore_eos.
+        eos_id: the end-of-sequence token(s) when there is no tokenizer (or to override its eos_id).
     """
-    eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
-    ends = ({eos_id} if eos_id is not None else set()) | set(getattr(tokenizer, "end_ids", ()))
+    ends = end_tokens(tokenizer, eos_id)
     prompts, params = _normalise(model, prompts, params, tokenizer is not None)
 
     device = next(model.parameters()).device
@@ -261,7 +271,7 @@ def _advance(row: _Row, token: int, logprob: TokenLogprob | None, tokenizer) -> 
 
 
 def generate(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams] | SamplingParams, *,
-             tokenizer=None, eos_id: int | None = None) -> list[Completion]:
+             tokenizer=None, eos_id: int | Collection[int] | None = None) -> list[Completion]:
     """Run `stream` to the end: one `Completion` per output row (prompt-major, n samples per prompt)."""
     out: dict[int, Completion] = {}
     for ev in stream(model, prompts, params, tokenizer=tokenizer, eos_id=eos_id):
