@@ -204,13 +204,23 @@ def rope_tables(config: ModelConfig, length: int, which: str = "global") -> tupl
     return angles.cos() * factor, angles.sin() * factor
 
 
-def long_rope_rows(config: ModelConfig, positions: torch.Tensor) -> torch.Tensor | None:
-    """For LongRoPE, which rows (B or 1,) of positions (B or 1, T) turn by the long factors: those whose last
-    position is past the original context. None for every other model."""
+def long_rope_switch(config: ModelConfig) -> int | None:
+    """LongRoPE's original context C: a sequence turns by the short factors while its last position is below C and
+    by the long ones, at every position, from then on; its keys cached before must then be computed again, as
+    transformers' Phi-3 generation does (lmforge.infer.generate, lmforge.engine). None for every other model."""
     scaling = config.rope_scaling
-    if not scaling or scaling["type"] != "longrope":
+    return scaling["original_context"] if scaling and scaling["type"] == "longrope" else None
+
+
+def long_rope_rows(config: ModelConfig, positions: torch.Tensor, cache=None) -> torch.Tensor | None:
+    """Which rows (B or 1,) of positions (B or 1, T) turn by LongRoPE's long factors: the cache's `long_rope` flags
+    when it has them (the engine knows each sequence's whole length while it feeds a prompt in chunks), else the
+    rows whose last position is past the original context. None for every other model."""
+    switch = long_rope_switch(config)
+    if switch is None:
         return None
-    return positions.max(dim=-1).values >= scaling["original_context"]
+    flags = getattr(cache, "long_rope", None)
+    return flags if flags is not None else positions.max(dim=-1).values >= switch
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -378,8 +388,7 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
             for which in ("local", "long"):  # the sliding-window layers' own base; LongRoPE's long factors
-                if (config.rope_local_base is not None) if which == "local" else (
-                        long_rope_rows(config, torch.zeros(1, 1)) is not None):
+                if (config.rope_local_base is not None) if which == "local" else long_rope_switch(config):
                     cos, sin = rope_tables(config, config.block_size, which)
                     self.register_buffer(f"rope_{which}_cos", cos, persistent=False)
                     self.register_buffer(f"rope_{which}_sin", sin, persistent=False)
@@ -454,7 +463,7 @@ class Transformer(nn.Module):
             for local in {self.uses_local_rope(i) for i in range(c.n_layer)}:
                 cos, sin = (self.rope_local_cos, self.rope_local_sin) if local else (self.rope_cos, self.rope_sin)
                 cos, sin = cos[pos][:, None], sin[pos][:, None]  # (B|1, 1, T, r/2)
-                long = None if local else long_rope_rows(c, pos)
+                long = None if local else long_rope_rows(c, pos, kv_cache)
                 if long is not None:
                     pick = long[:, None, None, None]
                     cos = torch.where(pick, self.rope_long_cos[pos][:, None], cos)

@@ -297,12 +297,6 @@ def hf_greedy(model, prompt: list[int], n: int = NEW_TOKENS, eos: list[int] | No
     return out[0, len(prompt):].tolist()
 
 
-def crossing_xfail(built: Built) -> None:
-    if built.hf.config.model_type == "phi3":  # strict: the commit that recomputes the cache removes this
-        pytest.xfail("transformers' Phi-3 generate recomputes a sequence's whole cache with the long factors when "
-                     "it first exceeds original_max_position_embeddings; lmforge does not yet")
-
-
 # ------------------------------------------------------------------------------------------------- the tests
 
 
@@ -333,7 +327,6 @@ def test_import_gives_transformers_logits(built):
 
 
 def test_greedy_tokens_match_transformers_generate_through_the_fused_step(built):
-    crossing_xfail(built)
     model, _ = load_any(built.folder)
     reference = [hf_greedy(built.hf, p) for p in PROMPTS]
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
@@ -348,7 +341,6 @@ def test_engine_serves_concurrent_requests_as_transformers_generates(built):
     decoding through the fused step."""
     from lmforge.engine.engine import Engine
 
-    crossing_xfail(built)
     model, _ = load_any(built.folder)
     reference = [hf_greedy(built.hf, p) for p in PROMPTS]
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
@@ -459,7 +451,6 @@ def test_serve_answers_like_transformers_and_stops_at_every_eos_id(built, tmp_pa
 
     from lmforge.serve.process import start_server, stop_server
 
-    crossing_xfail(built)
     first = hf_greedy(built.hf, PROMPTS[0])
     stop_at = first[5]  # a token greedy decoding reaches: made an EOS id, it must end the output there
     ends = built.ends + [stop_at]

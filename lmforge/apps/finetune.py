@@ -177,7 +177,7 @@ def masked_loss(model, batch: tuple[torch.Tensor, torch.Tensor], reduction: str 
     inputs, targets = inputs.to(device), targets.to(device)
     keep = targets != IGNORE
     hidden = model.hidden(inputs)[keep]  # (N, C)
-    return F.cross_entropy(model.lm_head(hidden).float(), targets[keep], reduction=reduction)
+    return F.cross_entropy(model.logits(hidden).float(), targets[keep], reduction=reduction)
 
 
 @torch.no_grad()

@@ -38,13 +38,14 @@ from lmforge.engine.sequence import RequestOutput, Sequence
 from lmforge.infer.generate import Completion, check_prompt, end_tokens, per_prompt_params
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
 from lmforge.infer.speculative import accept_greedy, accept_reject, processed, token_probs
+from lmforge.model import long_rope_switch
 
 
 class Engine:
     """Continuous batching over one model.
 
     Args:
-        model: an lmforge `Transformer` (anything with `hidden`, `lm_head`, `config` and the cache protocol);
+        model: an lmforge `Transformer` (anything with `hidden`, `logits`, `config` and the cache protocol);
             prepared by `lmforge.infer.fused.prepare_for_decoding`, its decoding rows take the fused step.
         tokenizer: decodes text and enables stop strings; its end tokens (`eos_ids`, else `eos_id`) end outputs
             unless ignore_eos.
@@ -75,7 +76,8 @@ class Engine:
         self.drafter = None if draft is None else Drafter(draft, self.config, num_blocks, block_size,
                                                           num_speculative_tokens)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
-                                   num_speculative_tokens if draft is not None else 0)
+                                   num_speculative_tokens if draft is not None else 0,
+                                   recompute_at=long_rope_switch(self.config))
         self.eos_ids = end_tokens(tokenizer, eos_id)
         self.requests: dict[str, list[Sequence]] = {}  # live requests -> their sequences
         self.counters = dict(prompt_tokens=0, generated_tokens=0, computed_tokens=0, steps=0,
@@ -152,13 +154,14 @@ class Engine:
             tables = [s.block_table for s, _ in group]
             starts = [s.num_computed_tokens for s, _ in group]
             feeds = [s.token_ids[a:a + n] for (s, n), a in zip(group, starts)]
+            long = self._long_rope([s for s, _ in group])
             if group is decodes:  # one token a row: the fused step where the model has one
-                rows = forward.logits(self.model, self.cache, tables, feeds, starts)
+                rows = forward.logits(self.model, self.cache, tables, feeds, starts, long_rope=long)
                 logits += [rows if len(pick) == len(group) else rows[pick]] if pick else []
             else:  # prompt chunks: the head only where a row samples
-                last = forward.hidden(self.model, self.cache, tables, feeds, starts)[
+                last = forward.hidden(self.model, self.cache, tables, feeds, starts, long)[
                     torch.arange(len(group)), torch.tensor([n for _, n in group]) - 1]
-                logits += [self.model.lm_head(last[pick])] if pick else []  # last: (B, C)
+                logits += [self.model.logits(last[pick])] if pick else []  # last: (B, C)
             seqs += [group[b][0] for b in pick]
         self.counters["computed_tokens"] += out.num_batched_tokens
         self.counters["steps"] += 1
@@ -168,6 +171,13 @@ class Engine:
             sampled.update(more)
             lps.update(more_lps)
         return sampled, lps
+
+    def _long_rope(self, seqs: list[Sequence]) -> list[bool] | None:
+        """LongRoPE models: which rows turn by the long factors (their sequences are past the original context,
+        whichever chunk of them a step feeds). None for other models."""
+        if self.scheduler.recompute_at is None:
+            return None
+        return [s.cache_salt == "long" for s in seqs]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[dict[int, list[int]], dict]:
         """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG."""
@@ -186,7 +196,8 @@ class Engine:
         drafted, q = self.drafter.propose(seqs, ks)
         all_logits = forward.logits(self.model, self.cache, [s.block_table for s in seqs],  # (B, T, V)
                                     [s.token_ids[-1:] + d for s, d in zip(seqs, drafted)],
-                                    [s.num_computed_tokens for s in seqs], every_position=True)
+                                    [s.num_computed_tokens for s in seqs], every_position=True,
+                                    long_rope=self._long_rope(seqs))
         sampled, lps = {}, {}
         for b, s in enumerate(seqs):
             logits = all_logits[b, :ks[b] + 1]  # (k + 1, V): the target after each fed token

@@ -60,12 +60,15 @@ class PagedKVCache:
         """The ideal: 2 * n_layer * kv_dim * dtype bytes, as if no block were partly empty."""
         return self.bytes_per_block // self.block_size
 
-    def prepare(self, block_tables: list[list[int]], starts: list[int], lengths: list[int]) -> None:
+    def prepare(self, block_tables: list[list[int]], starts: list[int], lengths: list[int],
+                long_rope: list[bool] | None = None) -> None:
         """Set up the next forward: row b feeds lengths[b] tokens at positions starts[b], starts[b] + 1, ...
 
-        block_tables[b] must already hold slots for starts[b] + lengths[b] tokens.
+        block_tables[b] must already hold slots for starts[b] + lengths[b] tokens. long_rope: which rows turn by
+        LongRoPE's long factors (their sequences are past the original context; lmforge.model.long_rope_rows).
         """
         device, bs = self.k.device, self.block_size
+        self.long_rope = None if long_rope is None else torch.tensor(long_rope, dtype=torch.bool, device=device)
         start = torch.tensor(starts, device=device)  # (B,)
         length = torch.tensor(lengths, device=device)  # (B,)
         T = max(lengths)

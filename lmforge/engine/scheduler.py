@@ -16,7 +16,10 @@ give it several tokens.
 
 Preemption by recomputation: when a running sequence needs a block and none is free, the newest other running
 sequence gives all its blocks back and returns to the front of the waiting queue; when it is admitted again it
-recomputes its tokens (prompt and output so far), often from the prefix cache.
+recomputes its tokens (prompt and output so far), often from the prefix cache. The same path serves LongRoPE
+models (`recompute_at`, lmforge.model.long_rope_switch): a sequence that grows past the original context has its
+keys turned by the long factors from then on, all of them, so it is computed again, under a prefix-cache salt of
+its own, as transformers' Phi-3 generation recomputes its cache there.
 
 The scheduler needs no model: tests drive `schedule()` and `update_from_output()` with hand-made tokens.
 """
@@ -50,13 +53,14 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 32, max_num_batched_tokens: int = 256,
-                 num_lookahead_tokens: int = 0):
+                 num_lookahead_tokens: int = 0, recompute_at: int | None = None):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or num_lookahead_tokens < 0:
             raise ValueError(f"max_num_seqs={max_num_seqs} and max_num_batched_tokens={max_num_batched_tokens} "
                              f"must both be >= 1 and num_lookahead_tokens={num_lookahead_tokens} >= 0")
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.num_lookahead_tokens = num_lookahead_tokens
+        self.recompute_at = recompute_at  # LongRoPE's switch: sequences longer than this are computed "long"
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -80,6 +84,9 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
+            if self.salt(seq) != seq.cache_salt:  # it grew past LongRoPE's switch: every key is computed again
+                self._release(seq)
+                continue
             n = min(seq.num_to_compute, budget)
             ahead = self._lookahead(seq, budget - n) if n == seq.num_to_compute == 1 else 0
             while not bm.allocate_slots(seq, n + ahead):
@@ -96,7 +103,8 @@ class Scheduler:
         # 2. Waiting sequences join, oldest first, unless this step already had to preempt.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            hits = bm.match_prefix(seq.token_ids)
+            seq.cache_salt = self.salt(seq)
+            hits = bm.match_prefix(seq.token_ids, seq.cache_salt)
             n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
             if not bm.allocate_slots(seq, n, hits):
                 break  # no room for its first chunk: it waits for blocks to be freed
@@ -123,12 +131,20 @@ class Scheduler:
         others = [s for s in self.running if s is not seq and s.seq_id not in busy]
         return max(others, key=lambda s: s.seq_id) if others else seq
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def salt(self, seq: Sequence) -> str | None:
+        """How a sequence's keys are computed: "long" past LongRoPE's switch, else None (the one way)."""
+        return "long" if self.recompute_at is not None and seq.num_tokens > self.recompute_at else None
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back all of a running sequence's blocks; it waits at the front, to compute its tokens again."""
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self._release(seq)
         out.preempted.append(seq)
         self.num_preemptions += 1
 

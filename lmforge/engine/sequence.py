@@ -51,6 +51,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at the last admission
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0
+        self.cache_salt: str | None = None  # "long": its keys turn by LongRoPE's long factors (a hash chain of its own)
         self.generator: torch.Generator | None = None  # of a sampled (non-greedy) sequence; set by the engine
         self.stops: StopStrings | None = None  # over the decoded output, when the engine has a tokenizer
         self.num_emitted = 0  # output tokens already reported in a RequestOutput

@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from lmforge.infer import fused_build
 from lmforge.infer.packed import PackedLinear, pack_linears
-from lmforge.model import Block, KVCache, Transformer
+from lmforge.model import Block, KVCache, Transformer, long_rope_switch
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,7 @@ class FusedDecoder:
         self.windows = [c.layer_window(i) or 0 for i in range(c.n_layer)]
         self.scalars = [c.attn_scale or 0.0, c.attn_softcap or 0.0, c.logit_softcap or 0.0,
                         c.n_embd ** 0.5 if c.embed_scale else 0.0]
-        scaling = c.rope_scaling or {}
-        self.long_from = scaling["original_context"] if scaling.get("type") == "longrope" else -1
+        self.long_from = long_rope_switch(c)  # LongRoPE: rows whose sequence reaches it turn by the long tables
         none = torch.Tensor()  # an empty tensor marks an absent bias or scale
 
         def tensor(t):  # float32: bfloat16 models' norms, biases and rotary tables widened (small copies)
@@ -166,10 +165,13 @@ class FusedDecoder:
                 and cache.v.dtype == cache.k.dtype
                 and cache.k.is_contiguous() and cache.v.is_contiguous() and new_tokens <= self.MAX_TOKENS)
 
-    def _run(self, tokens, lo, start, last, cache, block_table):
+    def _run(self, tokens, lo, start, last, cache, block_table, long_rows=None):
+        if long_rows is None and self.long_from is not None:  # rows whose last new position is past the switch
+            long_rows = start + tokens.shape[1] - 1 - lo >= self.long_from
+        long_rows = torch.Tensor() if long_rows is None else torch.as_tensor(long_rows, dtype=torch.bool)
         return self.extension.forward_step(tokens, lo, start, last, cache.k, cache.v, block_table, self.params,
                                            self.norms, self.n_head, self.eps, self.act, self.rms, self.ropes,
-                                           self.long_from, self.windows, self.scalars)
+                                           long_rows.contiguous(), self.windows, self.scalars)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, last: int = 1) -> torch.Tensor:
@@ -184,14 +186,15 @@ class FusedDecoder:
 
     @torch.no_grad()
     def paged(self, feeds: Sequence[Sequence[int]], cache, block_table: torch.Tensor, starts: Sequence[int],
-              last: int = 1) -> torch.Tensor:
+              last: int = 1, long_rope: Sequence[bool] | None = None) -> torch.Tensor:
         """Rows of the serving engine's pool (lmforge.engine.forward): row b feeds the tokens feeds[b] (every row
         the same number) at positions starts[b].. (its cached tokens), its blocks block_table[b] ((B, blocks)
         int64, as lmforge.engine.paged_cache.block_table_tensor lays them out). Logits (B, last, V) of each row's
-        last `last` tokens."""
+        last `last` tokens. long_rope: the rows that turn by LongRoPE's long factors (default: those whose last
+        new position is past the original context)."""
         tokens = torch.tensor(feeds, dtype=torch.long)
         lo = torch.zeros(len(feeds), dtype=torch.long)
-        return self._run(tokens, lo, torch.tensor(starts, dtype=torch.long), last, cache, block_table)
+        return self._run(tokens, lo, torch.tensor(starts, dtype=torch.long), last, cache, block_table, long_rope)
 
 
 def prepare_for_decoding(model: nn.Module) -> nn.Module:

@@ -530,8 +530,8 @@ void embed_row(const at::Tensor& table, int64_t i, int64_t C, float* out, bool a
 // per head (a weight of head_dim) or over the projection (of n_head * head_dim, n_kv_head * head_dim); norms of
 // the attention and MLP outputs before their residual adds (Gemma's sandwich, OLMo 2); empty where absent.
 // ropes: [cos, sin, local cos, local sin, long cos, long sin], each (max_pos, rot / 2), rot the rotary dims of a
-// head; windowed layers turn by the local tables when present; a row whose last new position is long_from or
-// later turns by the long ones (LongRoPE; long_from < 0: never). Empty without rotary positions.
+// head; windowed layers turn by the local tables when present; rows flagged in long_rows (B,) turn by the long ones
+// (LongRoPE: a sequence past its original context; empty: none). Empty without rotary positions.
 // windows: per layer, a query sees the last windows[l] slots up to itself (0: all).
 // scalars: [attention score scale (0: 1 / sqrt(head_dim)), attention soft-cap (0: none), logit soft-cap (0: none),
 // embedding multiplier (0: none)].
@@ -545,8 +545,9 @@ template <typename KV>
 at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const at::Tensor& start, int64_t last,
                         at::Tensor kcache, at::Tensor vcache, const at::Tensor& block_table,
                         const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& norms, int64_t n_head,
-                        double eps, int64_t act, bool rms, const std::vector<at::Tensor>& ropes, int64_t long_from,
-                        const std::vector<int64_t>& windows, const std::vector<double>& scalars) {
+                        double eps, int64_t act, bool rms, const std::vector<at::Tensor>& ropes,
+                        const at::Tensor& long_rows, const std::vector<int64_t>& windows,
+                        const std::vector<double>& scalars) {
   const int64_t B = tokens.size(0), T = tokens.size(1), R = B * T;  // R rows: (b, t), b-major
   const bool paged = present(block_table);
   const int64_t L = kcache.size(0), nkv = kcache.size(paged ? 3 : 2), hs = kcache.size(4);
@@ -595,7 +596,9 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
   std::vector<float> x(R * C), h(R * std::max(C, A)), qkv(R * qkv_dim), att(R * A), ff(R * ffn),
       gated_ff(gate ? R * inner : 0), out(R * C);
   std::vector<int64_t> pos(R);
-  std::vector<char> long_row(B, 0);  // LongRoPE: the row's last new position reaches the long factors' range
+  TORCH_CHECK(!present(long_rows) || (long_rows.numel() == B && long_rows.scalar_type() == at::kBool &&
+                                       present(ropes[4])), "long_rows wants a bool per row and long rope tables");
+  const bool* long_row = present(long_rows) ? long_rows.data_ptr<bool>() : nullptr;
   const int64_t* tp = tokens.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r)
     TORCH_CHECK(tp[r] >= 0 && tp[r] < vocab, "token id ", tp[r], " is outside the vocabulary 0..", vocab - 1);
@@ -606,7 +609,6 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
     if (embed_scale > 0)
       for (int64_t c = 0; c < C; ++c) x[r * C + c] *= embed_scale;
     if (present(pos_emb)) embed_row(pos_emb, pos[r], C, x.data() + r * C, true);
-    if (long_from >= 0 && t == T - 1) long_row[b] = pos[r] >= long_from;
   }
   KV* kc = kcache.data_ptr<KV>();
   KV* vc = vcache.data_ptr<KV>();
@@ -628,7 +630,7 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
     if (rope) {
       const bool local = window > 0 && present(ropes[2]);
       for (int64_t r = 0; r < R; ++r) {  // queries and keys turned by their positions
-        const int64_t which = local ? 2 : long_row[r / T] ? 4 : 0;
+        const int64_t which = local ? 2 : long_row && long_row[r / T] ? 4 : 0;
         const float* c = ropes[which].data_ptr<float>() + pos[r] * (rot / 2);
         const float* sn = ropes[which + 1].data_ptr<float>() + pos[r] * (rot / 2);
         rotate(qkv.data() + r * qkv_dim, n_head + nkv, hs, rot, c, sn);
@@ -697,15 +699,16 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
 at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at::Tensor& start, int64_t last,
                         at::Tensor kcache, at::Tensor vcache, const at::Tensor& block_table,
                         const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& norms, int64_t n_head,
-                        double eps, int64_t act, bool rms, const std::vector<at::Tensor>& ropes, int64_t long_from,
-                        const std::vector<int64_t>& windows, const std::vector<double>& scalars) {
+                        double eps, int64_t act, bool rms, const std::vector<at::Tensor>& ropes,
+                        const at::Tensor& long_rows, const std::vector<int64_t>& windows,
+                        const std::vector<double>& scalars) {
   const auto kv = kcache.scalar_type();
   TORCH_CHECK(vcache.scalar_type() == kv && (kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16),
               "forward_step wants a float32, float16 or bfloat16 KV cache");
   auto step = kv == at::kHalf ? forward_step_kv<at::Half>
               : kv == at::kBFloat16 ? forward_step_kv<at::BFloat16> : forward_step_kv<float>;
   return step(tokens, lo, start, last, kcache, vcache, block_table, params, norms, n_head, eps, act, rms, ropes,
-              long_from, windows, scalars);
+              long_rows, windows, scalars);
 }
 
 // act(x @ (w * scale[:, None]).T + bias) for x (B, K): the step's matrix product on its own, for tests and benchmarks.

@@ -28,6 +28,7 @@ from lmforge.infer.sampling import (
     sample_next,
     token_logprobs,
 )
+from lmforge.model import long_rope_switch
 
 
 @dataclass
@@ -92,7 +93,22 @@ def prefill(model, prompts: Sequence[Sequence[int]], max_len: int):
         tokens[b, L - len(p):] = torch.as_tensor(p, dtype=torch.long)
     cache = model.new_cache(len(prompts), max_len, pad=pad)
     hidden = model.hidden(tokens, kv_cache=cache)[:, -1]  # (B, C)
-    return model.lm_head(hidden), cache
+    return model.logits(hidden), cache
+
+
+def recompute_row(model, cache, row: int, tokens: Sequence[int]) -> torch.Tensor:
+    """Compute row `row` of a contiguous cache again from all its tokens (those cached and the one just fed) in one
+    forward, and return that row's next logits (V,). LongRoPE models need it when a sequence first reaches the
+    original context (lmforge.model.long_rope_switch): from then on every position turns by the long factors,
+    the keys cached before too, as transformers' Phi-3 generation recomputes them."""
+    device = cache.k.device
+    fresh = model.new_cache(1, len(tokens))
+    hidden = model.hidden(torch.tensor([list(tokens)], device=device), kv_cache=fresh)[0, -1]
+    first = int(cache.pad[row]) if cache.pad is not None else 0  # the row's slots: first .. cache.length - 1
+    assert first + len(tokens) == cache.length, "the row's tokens must be the ones its cache holds"
+    cache.k[:, row, :, first:cache.length] = fresh.k[:, 0, :, :len(tokens)]
+    cache.v[:, row, :, first:cache.length] = fresh.v[:, 0, :, :len(tokens)]
+    return model.logits(hidden)
 
 
 def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor:
@@ -206,7 +222,7 @@ def stream(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingPar
     """Generate for every prompt at once, yielding an `Event` per row per step as tokens are chosen.
 
     Args:
-        model: an lmforge `Transformer` (anything with hidden/lm_head/new_cache and the KV-cache forward).
+        model: an lmforge `Transformer` (anything with hidden/logits/new_cache and the KV-cache forward).
         prompts: token id lists, of any lengths.
         params: one `SamplingParams` per prompt, or one for all. Rows are prompt-major: prompt i's sample j
             is row sum(n of prompts before i) + j.
@@ -237,6 +253,7 @@ def stream(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingPar
         select_cache_rows(cache, index)
     live = rows
     want_logprobs = any(sp.logprobs is not None for sp in params)
+    switch = long_rope_switch(model.config)
     while True:
         tokens = sample_next(logits, [r.params for r in live], [r.context for r in live],
                              [r.prompt_len for r in live], [r.generator for r in live])
@@ -255,6 +272,9 @@ def stream(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingPar
             tokens = tokens.index_select(0, index)
             live = [live[b] for b in keep]
         logits = decode_step(model, tokens, cache)
+        for b, row in enumerate(live):
+            if switch is not None and len(row.context) - 1 == switch:  # its first token past the short factors
+                logits[b] = recompute_row(model, cache, b, row.context)
 
 
 def _advance(row: _Row, token: int, logprob: TokenLogprob | None, tokenizer) -> Event:

@@ -87,7 +87,7 @@ def feed(model, cache, sequence: Sequence[int], last: int) -> torch.Tensor:
     if fused is not None and fused.accepts(cache, new.shape[1]):
         return fused(new, cache, last)[0]
     hidden = model.hidden(new, kv_cache=cache)[0, -last:]  # (last, C): only these go through the head
-    return model.lm_head(hidden)
+    return model.logits(hidden)
 
 
 def _check(target, draft, prompt: list[int], params: SamplingParams, k: int) -> None:
