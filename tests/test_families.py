@@ -405,6 +405,82 @@ def test_dynamic_ntk_rope_matches_transformers_cached_decoding_past_the_original
     assert [c.tokens for c in engine.generate(prompts, params)] == reference
 
 
+def test_int8_weights_decode_through_the_fused_step_as_their_dequantized_twin(built):
+    from lmforge.infer.generate import decode_step, prefill
+    from lmforge.infer.quantize import Int8Linear, quantize_model
+
+    model, _ = load_any(built.folder)
+    quantized = quantize_model(copy.deepcopy(model), "int8")
+    twin = copy.deepcopy(model)  # the float model holding exactly the dequantized weights
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, Int8Linear):
+                twin.get_submodule(name).weight = torch.nn.Parameter(module.dequantized())
+    fused = prepare_for_decoding(quantized)
+    assert decode_path(fused) == "fused", unsupported_reason(fused)
+    with torch.no_grad():
+        want, want_cache = prefill(twin, PROMPTS, 32)
+        cache = copy.deepcopy(want_cache)  # both decode from the same float prefill
+        tokens = want.argmax(-1)
+        for _ in range(12):  # past the windows and the original contexts
+            want, got = decode_step(twin, tokens, want_cache), decode_step(fused, tokens, cache)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            tokens = want.argmax(-1)
+
+
+def test_lora_and_full_fine_tuning_learn_a_chat_in_the_familys_template(built, tmp_path):
+    """Both methods lower the held-out loss of a small chat set rendered with the family's own template; the LoRA
+    adapter applied to the base gives the merged model's logits."""
+    from lmforge.apps.finetune import finetune_command
+    from lmforge.apps.lora import apply_adapter
+
+    turns = [("hello there", "hi, how are you?"), ("tell me about the fox.", "the quick brown fox jumps."),
+             ("count", "1, 2, 3.")]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                        {"role": "assistant", "content": a}]})
+                                for q, a in turns * 4))
+    runs = {}
+    for method in ("lora", "full"):
+        out = tmp_path / method
+        finetune_command(str(built.folder), data=str(data), val_data=str(data), out=str(out), method=method,
+                         max_iters=8, eval_interval=4, batch_size=4, lr=3e-3 if method == "lora" else 1e-3,
+                         merge=True, seed=0)
+        losses = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                  if "val_loss" in json.loads(line)]
+        assert losses[-1] < losses[0], (method, losses)
+        runs[method] = out
+    merged, _ = load_any(runs["lora"] / "best")
+    adapted = apply_adapter(load_any(built.folder)[0], runs["lora"] / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(TOKENS), merged(TOKENS), rtol=1e-4, atol=1e-4)
+
+
+def test_explain_reports_the_attention_each_family_computes(built, tmp_path):
+    """explain's weights @ V, through the output projection, are each layer's own attention output (windows,
+    soft-caps, q/k norms, local RoPE tables and all)."""
+    from lmforge.apps.explain import explain_command, forward_with_attention
+
+    model, tok = load_any(built.folder)
+    assert explain_command(str(built.folder), text="hello there, how are you today?", out=str(tmp_path / "x")) == 0
+    ids = TOKENS[0, :20].tolist()
+    seen = {}
+    hooks = [b.attn.register_forward_hook(lambda m, args, out: seen.__setitem__(args[1], (args[0], args[2], out)))
+             for b in model.blocks]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    _, weights = forward_with_attention(model, ids)
+    for layer, block in enumerate(model.blocks):
+        x, rope, y = seen[layer]
+        with torch.no_grad():
+            q, _, v = block.attn.project(x, rope)
+            mixed = weights[layer][None] @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # (1, nh, T, hs)
+            torch.testing.assert_close(block.attn.proj(mixed.transpose(1, 2).reshape(1, len(ids), -1)), y,
+                                       rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------- refusals
 
 
