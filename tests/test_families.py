@@ -481,6 +481,67 @@ def test_explain_reports_the_attention_each_family_computes(built, tmp_path):
                                        rtol=1e-4, atol=1e-4)
 
 
+# What llama.cpp's architectures can express of each family (lmforge.interop.gguf refuses the rest, by name): it
+# has no sliding window for llama (Mistral), qwen2 and phi3, and Gemma's window pattern, local RoPE base and score
+# scale (head_dim^-1/2) are fixed in it. Gemma 3 gets six layers so one is global (with the linear scaling).
+GGUF = {"llama3": {}, "smollm2": {}, "qwen2": dict(use_sliding_window=False), "qwen3": {},
+        "mistral": dict(sliding_window=None), "phi3": dict(sliding_window=None), "gemma2": dict(query_pre_attn_scalar=24),
+        "gemma3": dict(query_pre_attn_scalar=24, sliding_window_pattern=6, rope_local_base_freq=10000.0,
+                       num_hidden_layers=6), "olmo2": {}}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gguf_export_runs_in_llama_cpp_with_lmforges_logits(name, tmp_path):
+    """The family's GGUF (llama.cpp's architecture for it, the tokenizer and chat template embedded) loaded by
+    llama.cpp itself: the same tokens for a text and the same logits over a sequence longer than the windows and
+    the original contexts (llama.cpp's GELU is an f16 table: Gemma's logits agree to ~1e-3)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make llama-cpp`)")
+    from lmforge.interop import load_source
+    from lmforge.interop.gguf import export_gguf
+
+    family = FAMILIES[name]
+    hf, hf_tok = hf_model(family, family.settings | GGUF[name]), tokenizer_for(family)
+    hf.save_pretrained(tmp_path / "hf")
+    hf_tok.save_pretrained(tmp_path / "hf")
+    import_command(str(tmp_path / "hf"), str(tmp_path / "ours"))
+    model, tok, extras = load_source(tmp_path / "ours")
+    done = export_gguf(model, tok, tmp_path / "m.gguf", "f32", extras=extras)
+    llm = llama_cpp.Llama(model_path=str(done.path), n_ctx=model.config.block_size, n_threads=1, logits_all=True,
+                          verbose=False, type_k=0, type_v=0)  # f32 keys and values, as lmforge's
+    assert llm.metadata["general.architecture"] == done.arch and "tokenizer.chat_template" in llm.metadata
+    text = "hello there, how are you today?"
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text)
+    ids = TOKENS[0].tolist()
+    llm.eval(ids)
+    theirs = torch.tensor(llm.scores[:len(ids)], dtype=torch.float32)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    tolerance = 2e-3 if done.arch.startswith("gemma") else 1e-4
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=tolerance * float(ours.abs().max()))
+
+
+@pytest.mark.parametrize("name, settings, message", [
+    ("mistral", {}, "sliding_window=8 .llama.cpp's llama attends over the whole context"),
+    ("qwen2", {}, "sliding_window=8"),
+    ("phi3", {}, "sliding_window=8"),
+    ("gemma2", {}, "query_pre_attn_scalar must be head_dim"),
+    ("gemma3", dict(query_pre_attn_scalar=24), "window_layers=.0, 2. .llama.cpp's gemma3 windows layers .0, 1, 2."),
+])
+def test_gguf_export_refuses_what_llama_cpp_would_compute_differently(name, settings, message, tmp_path):
+    from lmforge.interop.gguf import export_gguf
+
+    family = FAMILIES[name]
+    model = import_hf(save_hf_folder(family, family.settings | settings, tmp_path))[0]
+    with pytest.raises(UnsupportedModelError, match=message):
+        export_gguf(model, None, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def save_hf_folder(family: Family, settings: dict, folder: Path) -> Path:
+    hf_model(family, settings).save_pretrained(folder)
+    return folder
+
+
 # ------------------------------------------------------------------------------------------------- refusals
 
 
