@@ -270,4 +270,16 @@ PRESETS: dict[str, dict] = {
     # https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json
     "llama3-8b": dict(_LLAMA, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336,
                       block_size=8192, vocab_size=128256, rope_base=500000.0),
+    # Shapes of imported families, for benchmarks with random weights (import the real ones: lmforge import).
+    # https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json: q/k/v biases, tied.
+    "qwen2.5-0.5b": dict(_LLAMA, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, intermediate_size=4864,
+                         block_size=32768, vocab_size=151936, rope_base=1000000.0, qkv_bias=True,
+                         tie_embeddings=True, norm_eps=1e-6),
+    # https://huggingface.co/google/gemma-3-270m/blob/main/config.json: 256-wide heads, per-head q/k norms, sandwich
+    # norms, GeGLU, scaled embeddings, five 512-token windows (RoPE base 10000) to one global layer.
+    "gemma3-270m": dict(_LLAMA, mlp="geglu_tanh", n_layer=18, n_head=4, n_kv_head=1, n_embd=640, head_size=256,
+                        intermediate_size=2048, block_size=32768, vocab_size=262144, rope_base=1000000.0,
+                        rope_local_base=10000.0, norm_placement="sandwich", qk_norm="head", embed_scale=True,
+                        attn_scale=256 ** -0.5, sliding_window=512, window_layers=[i for i in range(18) if (i + 1) % 6],
+                        tie_embeddings=True, norm_eps=1e-6),
 }

@@ -162,3 +162,18 @@ def test_a_longrope_sequence_growing_past_its_switch_is_computed_again_under_its
     assert sched.block_manager.match_prefix(list(range(1, 9)) + [5], None)[:2] == short_blocks[:2]
     assert sched.block_manager.match_prefix(a.token_ids, "long")[:2] == a.block_table[:2]
     assert step(sched)[0] == {"a": 1}  # and decodes on, long
+
+
+def test_with_a_window_on_every_layer_blocks_behind_it_go_back_to_the_pool():
+    """Window 6, blocks of 4: a sequence keeps about window / block + 2 blocks however long it grows; the released
+    blocks stay findable by the prefix cache (hashed), and freeing it at the end frees the rest exactly once."""
+    sched = Scheduler(BlockManager(64, 4), 8, 32, window=6)
+    a = request("a", 9, max_tokens=30)
+    sched.add(a)
+    held = []
+    while not a.finished:
+        step(sched)
+        held.append(sum(b >= 0 for b in a.block_table))
+    assert 2 <= max(held) <= 3 and len(a.block_table) == 0  # 39 tokens would fill 10 blocks; freed at the end
+    assert sched.block_manager.num_used_blocks == 0 and sched.block_manager.num_free_blocks == 64
+    assert sched.block_manager.match_prefix(list(range(1, 10)))  # its first (released) blocks are still cached

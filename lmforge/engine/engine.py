@@ -77,7 +77,9 @@ class Engine:
                                                           num_speculative_tokens)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
                                    num_speculative_tokens if draft is not None else 0,
-                                   recompute_at=long_rope_switch(self.config))
+                                   recompute_at=long_rope_switch(self.config),
+                                   window=self.config.sliding_window if self.config.all_windowed and draft is None
+                                   else None)  # a draft reads the same blocks without a window
         self.eos_ids = end_tokens(tokenizer, eos_id)
         self.requests: dict[str, list[Sequence]] = {}  # live requests -> their sequences
         self.counters = dict(prompt_tokens=0, generated_tokens=0, computed_tokens=0, steps=0,

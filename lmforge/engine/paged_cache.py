@@ -37,9 +37,11 @@ from lmforge.model import causal_mask
 
 def block_table_tensor(block_tables: Sequence[Sequence[int]], device="cpu") -> torch.Tensor:
     """Rows' block tables as one (B, longest) tensor, shorter rows padded with block 0 (callers mask or never
-    reach those slots)."""
+    reach those slots), and released entries (behind a sliding window: lmforge.engine.block_manager.RELEASED)
+    read as block 0 too."""
     width = max(len(t) for t in block_tables)
-    return torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device)
+    return torch.tensor([[max(b, 0) for b in t] + [0] * (width - len(t)) for t in block_tables], dtype=torch.long,
+                        device=device)
 
 
 class PagedKVCache:

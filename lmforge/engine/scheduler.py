@@ -21,6 +21,10 @@ models (`recompute_at`, lmforge.model.long_rope_switch): a sequence that grows p
 keys turned by the long factors from then on, all of them, so it is computed again, under a prefix-cache salt of
 its own, as transformers' Phi-3 generation recomputes its cache there.
 
+Sliding windows (`window`: a model whose every layer has one, Mistral's): once computed, a sequence's blocks that
+lie wholly behind the window of its next query go back to the pool (BlockManager.release_before), so its memory
+follows the window, not its length.
+
 The scheduler needs no model: tests drive `schedule()` and `update_from_output()` with hand-made tokens.
 """
 
@@ -53,7 +57,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 32, max_num_batched_tokens: int = 256,
-                 num_lookahead_tokens: int = 0, recompute_at: int | None = None):
+                 num_lookahead_tokens: int = 0, recompute_at: int | None = None, window: int | None = None):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or num_lookahead_tokens < 0:
             raise ValueError(f"max_num_seqs={max_num_seqs} and max_num_batched_tokens={max_num_batched_tokens} "
                              f"must both be >= 1 and num_lookahead_tokens={num_lookahead_tokens} >= 0")
@@ -61,6 +65,7 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.num_lookahead_tokens = num_lookahead_tokens
         self.recompute_at = recompute_at  # LongRoPE's switch: sequences longer than this are computed "long"
+        self.window = window  # every layer's sliding window: blocks behind it go back to the pool as sequences run
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -163,7 +168,7 @@ class Scheduler:
                 continue
             seq.num_computed_tokens += n
             if seq.num_computed_tokens < seq.num_tokens:
-                self.block_manager.cache_blocks(seq)
+                self._computed(seq)
                 continue  # a prefill chunk: nothing to sample yet
             tokens = sampled[seq.seq_id]
             advanced.append(seq)
@@ -171,12 +176,19 @@ class Scheduler:
             keep = tokens[:stop][:seq.params.max_tokens - (seq.num_tokens - seq.prompt_len)]
             seq.token_ids += keep
             seq.num_computed_tokens += min(len(keep), len(tokens) - 1)  # the accepted draft tokens
-            self.block_manager.cache_blocks(seq)
+            self._computed(seq)
             if stop is not None and stop <= len(keep):
                 self.finish(seq, "stop")
             elif seq.num_tokens - seq.prompt_len >= seq.params.max_tokens:
                 self.finish(seq, "length")
         return advanced
+
+    def _computed(self, seq: Sequence) -> None:
+        """After a step computed some of seq's tokens: name its full blocks for the prefix cache and, with a
+        window on every layer, give back the blocks behind it (the next query sits at num_computed_tokens)."""
+        self.block_manager.cache_blocks(seq)
+        if self.window is not None:
+            self.block_manager.release_before(seq, seq.num_computed_tokens - self.window + 1)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a sequence now (stop, length, a stop string found by the engine, or abort) and free its blocks."""
