@@ -21,7 +21,7 @@ The imported families (lmforge.interop.hf) differ from Llama only in the fields 
   OLMo 2: `norm_placement="output"` (norms on the sublayers' outputs only). Gemma stores norm weights as w - 1;
   the import adds the 1 back, so the model has one RMSNorm for everyone (the fused step, LoRA and int8 included).
 - `rope_scaling` (Llama 3's "llama3", "linear", "dynamic", "yarn", Phi-3's "longrope") and `rope_dim` (partial
-  rotary, Phi-4-mini): they only change the rotary tables, see lmforge.model.rope_tables.
+  rotary, Phi-4-mini): they only change the rotary tables, see lmforge.rope.rope_tables.
 
 Layer choices are strings so the config stays a plain JSON document.
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import read_json
 
-# rope_scaling["type"] -> the keys it needs (lmforge.model.rope_tables reads them; names as in Hugging Face's
+# rope_scaling["type"] -> the keys it needs (lmforge.rope.rope_tables reads them; names as in Hugging Face's
 # rope_parameters, with original_max_position_embeddings shortened to original_context).
 ROPE_SCALING_KEYS = {
     "linear": ("factor",),

@@ -380,7 +380,7 @@ def test_dynamic_ntk_rope_matches_transformers_cached_decoding_past_the_original
     past 16 turns by the base its own length gives, as transformers' cached decoding computes it; prompts within
     the original context then give transformers.generate's greedy tokens through the fused step and the engine.
     (One transformers call over more than 16 tokens uses its last position's base for all of them: see
-    lmforge.model.rope_tables.)"""
+    lmforge.rope.rope_tables.)"""
     from lmforge.engine.engine import Engine
 
     family = Family("LlamaConfig", "LlamaForCausalLM", dict(max_position_embeddings=16, rope_scaling=dict(

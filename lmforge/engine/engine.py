@@ -38,7 +38,7 @@ from lmforge.engine.sequence import RequestOutput, Sequence
 from lmforge.infer.generate import Completion, check_prompt, end_tokens, per_prompt_params
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
 from lmforge.infer.speculative import accept_greedy, accept_reject, processed, token_probs
-from lmforge.model import long_rope_switch
+from lmforge.rope import long_rope_switch
 
 
 class Engine:

@@ -19,7 +19,7 @@ def hidden(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], fe
            starts: Sequence[int], long_rope: Sequence[bool] | None = None) -> torch.Tensor:
     """Hidden states (B, T, C) of the model's forward over the rows, right-padded to the longest feed T.
 
-    long_rope: which rows' sequences are past LongRoPE's original context (lmforge.model.long_rope_rows); None
+    long_rope: which rows' sequences are past LongRoPE's original context (lmforge.rope.long_rope_rows); None
     decides by the fed positions."""
     lengths = [len(f) for f in feeds]
     tokens = torch.zeros(len(feeds), max(lengths), dtype=torch.long)

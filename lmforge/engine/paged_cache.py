@@ -67,7 +67,7 @@ class PagedKVCache:
         """Set up the next forward: row b feeds lengths[b] tokens at positions starts[b], starts[b] + 1, ...
 
         block_tables[b] must already hold slots for starts[b] + lengths[b] tokens. long_rope: which rows turn by
-        LongRoPE's long factors (their sequences are past the original context; lmforge.model.long_rope_rows).
+        LongRoPE's long factors (their sequences are past the original context; lmforge.rope.long_rope_rows).
         """
         device, bs = self.k.device, self.block_size
         self.long_rope = None if long_rope is None else torch.tensor(long_rope, dtype=torch.bool, device=device)

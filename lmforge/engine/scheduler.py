@@ -17,7 +17,7 @@ give it several tokens.
 Preemption by recomputation: when a running sequence needs a block and none is free, the newest other running
 sequence gives all its blocks back and returns to the front of the waiting queue; when it is admitted again it
 recomputes its tokens (prompt and output so far), often from the prefix cache. The same path serves LongRoPE
-models (`recompute_at`, lmforge.model.long_rope_switch): a sequence that grows past the original context has its
+models (`recompute_at`, lmforge.rope.long_rope_switch): a sequence that grows past the original context has its
 keys turned by the long factors from then on, all of them, so it is computed again, under a prefix-cache salt of
 its own, as transformers' Phi-3 generation recomputes its cache there.
 

@@ -38,7 +38,8 @@ import torch.nn as nn
 
 from lmforge.infer import fused_build
 from lmforge.infer.packed import PackedLinear, pack_linears
-from lmforge.model import Block, KVCache, Transformer, long_rope_switch
+from lmforge.model import Block, KVCache, Transformer
+from lmforge.rope import long_rope_switch
 
 log = logging.getLogger(__name__)
 

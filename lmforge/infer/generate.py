@@ -28,7 +28,7 @@ from lmforge.infer.sampling import (
     sample_next,
     token_logprobs,
 )
-from lmforge.model import long_rope_switch
+from lmforge.rope import long_rope_switch
 
 
 @dataclass
@@ -99,7 +99,7 @@ def prefill(model, prompts: Sequence[Sequence[int]], max_len: int):
 def recompute_row(model, cache, row: int, tokens: Sequence[int]) -> torch.Tensor:
     """Compute row `row` of a contiguous cache again from all its tokens (those cached and the one just fed) in one
     forward, and return that row's next logits (V,). LongRoPE models need it when a sequence first reaches the
-    original context (lmforge.model.long_rope_switch): from then on every position turns by the long factors,
+    original context (lmforge.rope.long_rope_switch): from then on every position turns by the long factors,
     the keys cached before too, as transformers' Phi-3 generation recomputes them."""
     device = cache.k.device
     fresh = model.new_cache(1, len(tokens))

@@ -143,7 +143,7 @@ def gguf_arch(model: Transformer) -> str:
 def rope_factor_tensors(config) -> dict[str, torch.Tensor]:
     """Per-frequency divisors llama.cpp applies to the base frequencies: Llama 3's bands (rope_freqs) as
     convert_hf_to_gguf.py writes them, and LongRoPE's short and long factors (rope_factors_short/long)."""
-    from lmforge.model import rope_frequencies
+    from lmforge.rope import rope_frequencies
 
     scaling = config.rope_scaling or {}
     if scaling.get("type") == "llama3":
