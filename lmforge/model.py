@@ -258,8 +258,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    rope_cos: torch.Tensor  # (block_size, hs/2) buffers, rope models only
+    rope_cos: torch.Tensor  # (block_size, rotary_dim/2) buffers, rope models only
     rope_sin: torch.Tensor
+    rope_local_cos: torch.Tensor  # the sliding-window layers' own tables (rope_local_base)
+    rope_local_sin: torch.Tensor
+    rope_long_cos: torch.Tensor  # LongRoPE's long factors
+    rope_long_sin: torch.Tensor
     fused_decoder: Any = None  # a one-call decode step, attached by lmforge.infer.fused.prepare_for_decoding
 
     def __init__(self, config: ModelConfig):

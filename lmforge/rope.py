@@ -87,7 +87,8 @@ def rope_tables(config: ModelConfig, length: int, which: str = "global") -> tupl
         dim, context = config.rotary_dim, scaling["original_context"]
         ratio = scaling.get("factor") or config.block_size / context
         factor = scaling.get("attention_factor") or (
-            1.0 if ratio <= 1 else math.sqrt(1 + math.log(ratio) / math.log(context)))
+            1.0 if ratio <= 1 else math.sqrt(1 + math.log(ratio) / math.log(context))
+        )
         ext = torch.tensor(scaling["long_factor" if which == "long" else "short_factor"], dtype=torch.float32)
         inv_freq = 1.0 / (ext * base ** (torch.arange(0, dim, 2).float() / dim))
     elif kind == "dynamic":
@@ -96,7 +97,7 @@ def rope_tables(config: ModelConfig, length: int, which: str = "global") -> tupl
         seq_len = (positions + 1).clamp(min=context)  # the sequence length each position is computed at
         bases = base * ((grow * seq_len / context) - (grow - 1)) ** (dim / (dim - 2))  # base itself up to context
         late = (torch.arange(length) >= context)[:, None]
-        inv_freq, factor = torch.where(late, 1.0 / (bases[:, None] ** exponents), 1.0 / (base ** exponents)), 1.0
+        inv_freq, factor = torch.where(late, 1.0 / (bases[:, None] ** exponents), 1.0 / (base**exponents)), 1.0
         angles = positions[:, None] * inv_freq  # (length, rotary_dim / 2), each position its own frequencies
         return angles.cos(), angles.sin()
     else:
@@ -128,5 +129,5 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate pairs (x[i], x[i + r/2]) of the first r = 2 * cos.shape[-1] dims of x (B, n, T, hs) by the angles in
     cos/sin (B or 1, 1, T, r/2); dims from r on pass unchanged (partial rotary)."""
     r = 2 * cos.shape[-1]
-    x1, x2, rest = x[..., :r // 2], x[..., r // 2:r], x[..., r:]
+    x1, x2, rest = x[..., : r // 2], x[..., r // 2 : r], x[..., r:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)

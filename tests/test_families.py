@@ -21,18 +21,30 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from lmforge.apps.convert import export_command, import_command  # noqa: E402
 from lmforge.infer.fused import decode_path, prepare_for_decoding, unsupported_reason  # noqa: E402
 from lmforge.infer.generate import generate  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
-from lmforge.interop import export_command, import_command, load_any  # noqa: E402
+from lmforge.interop.gguf import LLAMA3_SPLIT, QWEN2_SPLIT  # noqa: E402
 from lmforge.interop.hf import UnsupportedModelError, config_from_hf, export_hf, import_hf  # noqa: E402
+from lmforge.loader import read  # noqa: E402
 from lmforge.templates import ChatTemplate  # noqa: E402
 
 VOCAB = 300
-SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=VOCAB, max_position_embeddings=128)
-CORPUS = ["the quick brown fox jumps over the lazy dog. ", "hello there, how are you today? ",
-          "a small model talks in tokens: 1, 2, 3. "] * 30
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=128,
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog. ",
+    "hello there, how are you today? ",
+    "a small model talks in tokens: 1, 2, 3. ",
+] * 30
 
 # ---- chat templates in each family's style (written for these tests: system turns, alternation checks, trims,
 # strftime_now, namespaces, bos/eos tokens, roles renamed), rendered by both sides.
@@ -53,7 +65,8 @@ LLAMA3 = """{{- bos_token }}
 {{- system_message }}
 {{- "<|eot_id|>" }}
 {%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
+    {{- message['content'] | trim + '<|eot_id|>' }}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
@@ -156,59 +169,152 @@ class Family:
     off: dict = field(default_factory=dict)  # the same model with its features switched off (they must matter)
     system: bool = True  # the template takes a system turn
     norm_init: tuple = (0.5, 1.5)  # norm weights drawn from this range (Gemma stores w - 1: around 0)
+    split: str | None = None  # the tokenizer's pre-tokenizer regex (Llama 3's, Qwen2's); None: GPT-2's ByteLevel
 
 
-LONG_ROPE = dict(type="longrope", short_factor=[1.0 + i / 10 for i in range(6)],
-                 long_factor=[2.0 + i for i in range(6)])
+LONG_ROPE = dict(
+    type="longrope", short_factor=[1.0 + i / 10 for i in range(6)], long_factor=[2.0 + i for i in range(6)]
+)
 FAMILIES = {
     # Llama 3.2: llama3 RoPE scaling from an original context of 16, tied embeddings, several EOS ids.
-    "llama3": Family("LlamaConfig", "LlamaForCausalLM",
-                     dict(tie_word_embeddings=True, rope_scaling=dict(
-                         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                         original_max_position_embeddings=16)),
-                     LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                              "<|eot_id|>", "<|eom_id|>"], ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
-                     off=dict(rope_scaling=None)),
+    "llama3": Family(
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            tie_word_embeddings=True,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+        ),
+        LLAMA3,
+        [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|eom_id|>",
+        ],
+        ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+        off=dict(rope_scaling=None),
+        split=LLAMA3_SPLIT,
+    ),
     # SmolLM2: a tied Llama with ChatML and its own RoPE base.
-    "smollm2": Family("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_theta=100000.0),
-                      CHATML, ["<|im_start|>", "<|im_end|>", "<|endoftext|>"], ["<|im_end|>"]),
+    "smollm2": Family(
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(tie_word_embeddings=True, rope_theta=100000.0),
+        CHATML,
+        ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+        ["<|im_end|>"],
+    ),
     # Qwen2.5: q/k/v biases, a sliding window on the layers from max_window_layers on, YaRN scaling.
-    "qwen2": Family("Qwen2Config", "Qwen2ForCausalLM",
-                    dict(use_sliding_window=True, sliding_window=8, max_window_layers=1, tie_word_embeddings=True,
-                         rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
-                    CHATML, ["<|endoftext|>", "<|im_end|>", "<|im_start|>"], ["<|im_end|>", "<|endoftext|>"],
-                    off=dict(use_sliding_window=False, rope_scaling=None)),
+    "qwen2": Family(
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=1,
+            tie_word_embeddings=True,
+            rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16),
+        ),
+        CHATML,
+        ["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
+        ["<|im_end|>", "<|endoftext|>"],
+        off=dict(use_sliding_window=False, rope_scaling=None),
+        split=QWEN2_SPLIT,
+    ),
     # Qwen3: per-head RMSNorm on q and k, heads wider than hidden_size / heads.
-    "qwen3": Family("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, tie_word_embeddings=True),
-                    QWEN3, ["<|endoftext|>", "<|im_end|>", "<|im_start|>"], ["<|im_end|>", "<|endoftext|>"]),
+    "qwen3": Family(
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(head_dim=24, tie_word_embeddings=True),
+        QWEN3,
+        ["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
+        ["<|im_end|>", "<|endoftext|>"],
+        split=QWEN2_SPLIT,
+    ),
     # Mistral: every layer attends through a window of 8.
-    "mistral": Family("MistralConfig", "MistralForCausalLM", dict(sliding_window=8), MISTRAL,
-                      ["<s>", "</s>", "[INST]", "[/INST]"], ["</s>"], off=dict(sliding_window=None), system=False),
+    "mistral": Family(
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(sliding_window=8),
+        MISTRAL,
+        ["<s>", "</s>", "[INST]", "[/INST]"],
+        ["</s>"],
+        off=dict(sliding_window=None),
+        system=False,
+    ),
     # Phi-4-mini: fused qkv_proj and gate_up_proj, LongRoPE past an original context of 16, partial rotary (3/4),
     # and Phi-3-mini's sliding window.
-    "phi3": Family("Phi3Config", "Phi3ForCausalLM",
-                   dict(sliding_window=8, rope_scaling=LONG_ROPE, original_max_position_embeddings=16,
-                        partial_rotary_factor=0.75, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-                   PHI3, ["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"],
-                   ["<|end|>", "<|endoftext|>"], off=dict(sliding_window=None, rope_scaling=None)),
+    "phi3": Family(
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            sliding_window=8,
+            rope_scaling=LONG_ROPE,
+            original_max_position_embeddings=16,
+            partial_rotary_factor=0.75,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        PHI3,
+        ["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"],
+        ["<|end|>", "<|endoftext|>"],
+        off=dict(sliding_window=None, rope_scaling=None),
+    ),
     # Gemma 2: sandwich norms (stored w - 1), GeGLU, scaled embeddings, query_pre_attn_scalar, soft-caps that bite,
     # a window on alternate layers.
-    "gemma2": Family("Gemma2Config", "Gemma2ForCausalLM",
-                     dict(head_dim=24, sliding_window=8, query_pre_attn_scalar=20, attn_logit_softcapping=1.5,
-                          final_logit_softcapping=2.0),
-                     GEMMA2, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], ["<eos>", "<end_of_turn>"],
-                     off=dict(sliding_window=128, attn_logit_softcapping=None, final_logit_softcapping=None),
-                     system=False, norm_init=(-0.5, 0.5)),
+    "gemma2": Family(
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            head_dim=24,
+            sliding_window=8,
+            query_pre_attn_scalar=20,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=2.0,
+        ),
+        GEMMA2,
+        ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
+        ["<eos>", "<end_of_turn>"],
+        off=dict(sliding_window=128, attn_logit_softcapping=None, final_logit_softcapping=None),
+        system=False,
+        norm_init=(-0.5, 0.5),
+    ),
     # Gemma 3 (text): per-head q/k norms, local layers with their own RoPE base, linear scaling on global ones.
-    "gemma3": Family("Gemma3TextConfig", "Gemma3ForCausalLM",
-                     dict(head_dim=24, sliding_window=8, sliding_window_pattern=2, rope_local_base_freq=100.0,
-                          rope_scaling=dict(rope_type="linear", factor=4.0), final_logit_softcapping=3.0),
-                     GEMMA3, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], ["<eos>", "<end_of_turn>"],
-                     off=dict(sliding_window=128, rope_scaling=None, final_logit_softcapping=None),
-                     norm_init=(-0.5, 0.5)),
+    "gemma3": Family(
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            head_dim=24,
+            sliding_window=8,
+            sliding_window_pattern=2,
+            rope_local_base_freq=100.0,
+            rope_scaling=dict(rope_type="linear", factor=4.0),
+            final_logit_softcapping=3.0,
+        ),
+        GEMMA3,
+        ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
+        ["<eos>", "<end_of_turn>"],
+        off=dict(sliding_window=128, rope_scaling=None, final_logit_softcapping=None),
+        norm_init=(-0.5, 0.5),
+    ),
     # OLMo 2: norms on the sublayer outputs only, RMSNorm over the whole q and k projections.
-    "olmo2": Family("Olmo2Config", "Olmo2ForCausalLM", dict(), OLMO2,
-                    ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"], ["<|endoftext|>"]),
+    "olmo2": Family(
+        "Olmo2Config",
+        "Olmo2ForCausalLM",
+        dict(),
+        OLMO2,
+        ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"],
+        ["<|endoftext|>"],
+    ),
 }
 NAMES = list(FAMILIES)
 TOKENS = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))  # longer than every window
@@ -217,6 +323,12 @@ NEW_TOKENS = 14  # prompts + new tokens run past the windows and the original co
 
 
 # ------------------------------------------------------------------------------------------ building the models
+
+
+def load_any(folder):
+    """(model, tokenizer) of an lmforge or Hugging Face folder, as stored (lmforge.loader.read)."""
+    loaded = read(folder)
+    return loaded.model, loaded.tokenizer
 
 
 def hf_model(family: Family, settings: dict | None = None, seed: int = 0):
@@ -234,16 +346,26 @@ def hf_model(family: Family, settings: dict | None = None, seed: int = 0):
 
 
 def tokenizer_for(family: Family):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if family.split is not None:  # as Llama 3's and Qwen2's tokenizer.json: a regex split, then bytes
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(family.split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 20, special_tokens=family.specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 20,
+        special_tokens=family.specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=family.specials[0],
-                                                eos_token=family.specials[1], chat_template=family.template)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=family.specials[0], eos_token=family.specials[1], chat_template=family.template
+    )
 
 
 @dataclass
@@ -268,7 +390,8 @@ def built(request, tmp_path_factory) -> Built:
         hf, hf_tok = hf_model(family), tokenizer_for(family)
         ends = [hf_tok.convert_tokens_to_ids(t) for t in family.ends]
         hf.generation_config = transformers.GenerationConfig(
-            bos_token_id=hf_tok.bos_token_id, eos_token_id=ends, pad_token_id=hf_tok.eos_token_id)
+            bos_token_id=hf_tok.bos_token_id, eos_token_id=ends, pad_token_id=hf_tok.eos_token_id
+        )
         hf.save_pretrained(root / "hf", max_shard_size="150KB")  # sharded, as large checkpoints are
         hf_tok.save_pretrained(root / "hf")
         assert (root / "hf" / "model.safetensors.index.json").is_file()
@@ -285,16 +408,22 @@ def hf_logits(model, tokens, stepwise_from: int | None = None) -> torch.Tensor:
         cache = transformers.DynamicCache(config=model.config)
         out = [model(tokens[:, :stepwise_from], cache=cache, use_cache=True).logits]
         for t in range(stepwise_from, tokens.shape[1]):
-            out.append(model(tokens[:, t:t + 1], cache=cache, use_cache=True).logits)
+            out.append(model(tokens[:, t : t + 1], cache=cache, use_cache=True).logits)
         return torch.cat(out, 1)
 
 
 def hf_greedy(model, prompt: list[int], n: int = NEW_TOKENS, eos: list[int] | None = None) -> list[int]:
     """transformers.generate's greedy tokens for one prompt (one row: its LongRoPE looks at the batch's longest)."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 # ------------------------------------------------------------------------------------------------- the tests
@@ -318,10 +447,10 @@ def test_import_gives_transformers_logits(built):
     torch.testing.assert_close(model(TOKENS), hf_logits(built.hf, TOKENS), rtol=1e-4, atol=1e-4)
     cache = model.new_cache(2, 24)
     with torch.no_grad():
-        steps = [model(TOKENS[:, :6], kv_cache=cache)] + [model(TOKENS[:, t:t + 1], kv_cache=cache)
-                                                          for t in range(6, 24)]
-    torch.testing.assert_close(torch.cat(steps, 1), hf_logits(built.hf, TOKENS, stepwise_from=6), rtol=1e-4,
-                               atol=1e-4)
+        steps = [model(TOKENS[:, :6], kv_cache=cache)] + [
+            model(TOKENS[:, t : t + 1], kv_cache=cache) for t in range(6, 24)
+        ]
+    torch.testing.assert_close(torch.cat(steps, 1), hf_logits(built.hf, TOKENS, stepwise_from=6), rtol=1e-4, atol=1e-4)
     assert tok.encode("hello there") == built.hf_tok("hello there", add_special_tokens=False)["input_ids"]
     assert json.loads(extras["generation_config.json"])["eos_token_id"] == built.ends
 
@@ -346,8 +475,7 @@ def test_engine_serves_concurrent_requests_as_transformers_generates(built):
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
     plain = Engine(model, block_size=4, max_num_batched_tokens=8, max_num_seqs=3)
     assert [c.tokens for c in plain.generate(PROMPTS, params)] == reference
-    engine = Engine(prepare_for_decoding(copy.deepcopy(model)), block_size=4, max_num_batched_tokens=8,
-                    max_num_seqs=3)
+    engine = Engine(prepare_for_decoding(copy.deepcopy(model)), block_size=4, max_num_batched_tokens=8, max_num_seqs=3)
     assert engine.fused is not None
     assert [c.tokens for c in engine.generate(PROMPTS, params)] == reference
     assert engine.block_manager.num_used_blocks == 0
@@ -365,8 +493,11 @@ def test_export_loads_in_transformers_with_equal_logits(built, tmp_path):
 
 
 def test_chat_template_renders_a_conversation_as_transformers_does(built):
-    messages = [{"role": "user", "content": "hello there "}, {"role": "assistant", "content": "hi, how are you?"},
-                {"role": "user", "content": "tell me about the fox."}]
+    messages = [
+        {"role": "user", "content": "hello there "},
+        {"role": "assistant", "content": "hi, how are you?"},
+        {"role": "user", "content": "tell me about the fox."},
+    ]
     if built.family.system:
         messages.insert(0, {"role": "system", "content": "You are a small model."})
     _, tok = load_any(built.folder)
@@ -383,8 +514,14 @@ def test_dynamic_ntk_rope_matches_transformers_cached_decoding_past_the_original
     lmforge.rope.rope_tables.)"""
     from lmforge.engine.engine import Engine
 
-    family = Family("LlamaConfig", "LlamaForCausalLM", dict(max_position_embeddings=16, rope_scaling=dict(
-        rope_type="dynamic", factor=8.0)), CHATML, [], [])
+    family = Family(
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(max_position_embeddings=16, rope_scaling=dict(rope_type="dynamic", factor=8.0)),
+        CHATML,
+        [],
+        [],
+    )
     hf = hf_model(family)
     assert (hf_logits(hf, TOKENS, 6) - hf_logits(hf_model(family, dict()), TOKENS, 6)).abs().max() > 1e-2
     hf.save_pretrained(tmp_path)
@@ -392,8 +529,9 @@ def test_dynamic_ntk_rope_matches_transformers_cached_decoding_past_the_original
     assert model.config.block_size == 128 and model.config.rope_scaling["type"] == "dynamic"
     cache = model.new_cache(2, 24)
     with torch.no_grad():
-        steps = [model(TOKENS[:, :6], kv_cache=cache)] + [model(TOKENS[:, t:t + 1], kv_cache=cache)
-                                                          for t in range(6, 24)]
+        steps = [model(TOKENS[:, :6], kv_cache=cache)] + [
+            model(TOKENS[:, t : t + 1], kv_cache=cache) for t in range(6, 24)
+        ]
     torch.testing.assert_close(torch.cat(steps, 1), hf_logits(hf, TOKENS, 6), rtol=1e-4, atol=1e-4)
     prompts = [p[:10] for p in PROMPTS]
     params = SamplingParams(max_tokens=20, temperature=0)
@@ -431,23 +569,45 @@ def test_int8_weights_decode_through_the_fused_step_as_their_dequantized_twin(bu
 def test_lora_and_full_fine_tuning_learn_a_chat_in_the_familys_template(built, tmp_path):
     """Both methods lower the held-out loss of a small chat set rendered with the family's own template; the LoRA
     adapter applied to the base gives the merged model's logits."""
-    from lmforge.apps.finetune import finetune_command
-    from lmforge.apps.lora import apply_adapter
+    from lmforge.apps.finetune import FinetuneConfig, finetune_command
+    from lmforge.lora import apply_adapter
 
-    turns = [("hello there", "hi, how are you?"), ("tell me about the fox.", "the quick brown fox jumps."),
-             ("count", "1, 2, 3.")]
+    turns = [
+        ("hello there", "hi, how are you?"),
+        ("tell me about the fox.", "the quick brown fox jumps."),
+        ("count", "1, 2, 3."),
+    ]
     data = tmp_path / "chat.jsonl"
-    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                        {"role": "assistant", "content": a}]})
-                                for q, a in turns * 4))
+    data.write_text(
+        "\n".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            for q, a in turns * 4
+        )
+    )
     runs = {}
     for method in ("lora", "full"):
         out = tmp_path / method
-        finetune_command(str(built.folder), data=str(data), val_data=str(data), out=str(out), method=method,
-                         max_iters=8, eval_interval=4, batch_size=4, lr=3e-3 if method == "lora" else 1e-3,
-                         merge=True, seed=0)
-        losses = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-                  if "val_loss" in json.loads(line)]
+        finetune_command(
+            FinetuneConfig(
+                str(built.folder),
+                data=str(data),
+                val_data=str(data),
+                out=str(out),
+                method=method,
+                max_iters=8,
+                eval_interval=4,
+                batch_size=4,
+                warmup_iters=0,
+                lr=3e-3 if method == "lora" else 1e-3,
+                merge=True,
+                seed=0,
+            )
+        )
+        losses = [
+            json.loads(line)["val_loss"]
+            for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "val_loss" in json.loads(line)
+        ]
         assert losses[-1] < losses[0], (method, losses)
         runs[method] = out
     merged, _ = load_any(runs["lora"] / "best")
@@ -465,8 +625,10 @@ def test_explain_reports_the_attention_each_family_computes(built, tmp_path):
     assert explain_command(str(built.folder), text="hello there, how are you today?", out=str(tmp_path / "x")) == 0
     ids = TOKENS[0, :20].tolist()
     seen = {}
-    hooks = [b.attn.register_forward_hook(lambda m, args, out: seen.__setitem__(args[1], (args[0], args[2], out)))
-             for b in model.blocks]
+    hooks = [
+        b.attn.register_forward_hook(lambda m, args, out: seen.__setitem__(args[1], (args[0], args[2], out)))
+        for b in model.blocks
+    ]
     with torch.no_grad():
         model(torch.tensor([ids]))
     for h in hooks:
@@ -477,17 +639,27 @@ def test_explain_reports_the_attention_each_family_computes(built, tmp_path):
         with torch.no_grad():
             q, _, v = block.attn.project(x, rope)
             mixed = weights[layer][None] @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # (1, nh, T, hs)
-            torch.testing.assert_close(block.attn.proj(mixed.transpose(1, 2).reshape(1, len(ids), -1)), y,
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                block.attn.proj(mixed.transpose(1, 2).reshape(1, len(ids), -1)), y, rtol=1e-4, atol=1e-4
+            )
 
 
 # What llama.cpp's architectures can express of each family (lmforge.interop.gguf refuses the rest, by name): it
 # has no sliding window for llama (Mistral), qwen2 and phi3, and Gemma's window pattern, local RoPE base and score
 # scale (head_dim^-1/2) are fixed in it. Gemma 3 gets six layers so one is global (with the linear scaling).
-GGUF = {"llama3": {}, "smollm2": {}, "qwen2": dict(use_sliding_window=False), "qwen3": {},
-        "mistral": dict(sliding_window=None), "phi3": dict(sliding_window=None), "gemma2": dict(query_pre_attn_scalar=24),
-        "gemma3": dict(query_pre_attn_scalar=24, sliding_window_pattern=6, rope_local_base_freq=10000.0,
-                       num_hidden_layers=6), "olmo2": {}}
+GGUF = {
+    "llama3": {},
+    "smollm2": {},
+    "qwen2": dict(use_sliding_window=False),
+    "qwen3": {},
+    "mistral": dict(sliding_window=None),
+    "phi3": dict(sliding_window=None),
+    "gemma2": dict(query_pre_attn_scalar=24),
+    "gemma3": dict(
+        query_pre_attn_scalar=24, sliding_window_pattern=6, rope_local_base_freq=10000.0, num_hidden_layers=6
+    ),
+    "olmo2": {},
+}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -496,7 +668,6 @@ def test_gguf_export_runs_in_llama_cpp_with_lmforges_logits(name, tmp_path):
     llama.cpp itself: the same tokens for a text and the same logits over a sequence longer than the windows and
     the original contexts (llama.cpp's GELU is an f16 table: Gemma's logits agree to ~1e-3)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make llama-cpp`)")
-    from lmforge.interop import load_source
     from lmforge.interop.gguf import export_gguf
 
     family = FAMILIES[name]
@@ -504,29 +675,40 @@ def test_gguf_export_runs_in_llama_cpp_with_lmforges_logits(name, tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     hf_tok.save_pretrained(tmp_path / "hf")
     import_command(str(tmp_path / "hf"), str(tmp_path / "ours"))
-    model, tok, extras = load_source(tmp_path / "ours")
+    loaded = read(tmp_path / "ours")
+    model, tok, extras = loaded.model, loaded.tokenizer, loaded.extras
     done = export_gguf(model, tok, tmp_path / "m.gguf", "f32", extras=extras)
-    llm = llama_cpp.Llama(model_path=str(done.path), n_ctx=model.config.block_size, n_threads=1, logits_all=True,
-                          verbose=False, type_k=0, type_v=0)  # f32 keys and values, as lmforge's
+    llm = llama_cpp.Llama(
+        model_path=str(done.path),
+        n_ctx=model.config.block_size,
+        n_threads=1,
+        logits_all=True,
+        verbose=False,
+        type_k=0,
+        type_v=0,
+    )  # f32 keys and values, as lmforge's
     assert llm.metadata["general.architecture"] == done.arch and "tokenizer.chat_template" in llm.metadata
-    text = "hello there, how are you today?"
+    text = "hello there, how are you today? 12345 apples"  # digits: Llama 3 splits them by 3, Qwen2 by 1
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text)
     ids = TOKENS[0].tolist()
     llm.eval(ids)
-    theirs = torch.tensor(llm.scores[:len(ids)], dtype=torch.float32)
+    theirs = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0]
     tolerance = 2e-3 if done.arch.startswith("gemma") else 1e-4
     torch.testing.assert_close(theirs, ours, rtol=0, atol=tolerance * float(ours.abs().max()))
 
 
-@pytest.mark.parametrize("name, settings, message", [
-    ("mistral", {}, "sliding_window=8 .llama.cpp's llama attends over the whole context"),
-    ("qwen2", {}, "sliding_window=8"),
-    ("phi3", {}, "sliding_window=8"),
-    ("gemma2", {}, "query_pre_attn_scalar must be head_dim"),
-    ("gemma3", dict(query_pre_attn_scalar=24), "window_layers=.0, 2. .llama.cpp's gemma3 windows layers .0, 1, 2."),
-])
+@pytest.mark.parametrize(
+    "name, settings, message",
+    [
+        ("mistral", {}, "sliding_window=8 .llama.cpp's llama attends over the whole context"),
+        ("qwen2", {}, "sliding_window=8"),
+        ("phi3", {}, "sliding_window=8"),
+        ("gemma2", {}, "query_pre_attn_scalar must be head_dim"),
+        ("gemma3", dict(query_pre_attn_scalar=24), "window_layers=.0, 2. .llama.cpp's gemma3 windows layers .0, 1, 2."),
+    ],
+)
 def test_gguf_export_refuses_what_llama_cpp_would_compute_differently(name, settings, message, tmp_path):
     from lmforge.interop.gguf import export_gguf
 
@@ -545,15 +727,18 @@ def save_hf_folder(family: Family, settings: dict, folder: Path) -> Path:
 # ------------------------------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("name, change, message", [
-    ("llama3", {"rope_scaling": {"rope_type": "mrope", "factor": 2.0}}, "rope type 'mrope'"),
-    ("llama3", {"attention_bias": True}, "attention_bias=True"),
-    ("llama3", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
-    ("gemma2", {"attention_bias": True}, "attention_bias=True"),
-    ("qwen3", {"attention_bias": True}, "attention_bias=True"),
-    ("phi3", {"hidden_act": "gelu_new"}, "hidden_act='gelu_new'"),
-])
+@pytest.mark.parametrize(
+    "name, change, message",
+    [
+        ("llama3", {"rope_scaling": {"rope_type": "mrope", "factor": 2.0}}, "rope type 'mrope'"),
+        ("llama3", {"attention_bias": True}, "attention_bias=True"),
+        ("llama3", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ("gemma2", {"attention_bias": True}, "attention_bias=True"),
+        ("qwen3", {"attention_bias": True}, "attention_bias=True"),
+        ("phi3", {"hidden_act": "gelu_new"}, "hidden_act='gelu_new'"),
+    ],
+)
 def test_a_setting_lmforge_does_not_implement_is_refused_by_name(name, change, message):
     config = json.loads(hf_model(FAMILIES[name]).config.to_json_string()) | change
     with pytest.raises(UnsupportedModelError, match=message):
@@ -595,8 +780,11 @@ def test_serve_answers_like_transformers_and_stops_at_every_eos_id(built, tmp_pa
     shutil.copytree(built.folder, folder)
     generation = json.loads((folder / "generation_config.json").read_text())
     (folder / "generation_config.json").write_text(json.dumps(generation | {"eos_token_id": ends}))
-    messages = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi!"},
-                {"role": "user", "content": "how are you?"}]
+    messages = [
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "hi!"},
+        {"role": "user", "content": "how are you?"},
+    ]
     rendered = built.hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     chat_prompt = built.hf_tok(rendered, add_special_tokens=False)["input_ids"]
 
@@ -605,8 +793,7 @@ def test_serve_answers_like_transformers_and_stops_at_every_eos_id(built, tmp_pa
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
 
         def complete(prompt):
-            return client.completions.create(model=folder.name, prompt=prompt, max_tokens=NEW_TOKENS,
-                                             temperature=0)
+            return client.completions.create(model=folder.name, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0)
 
         with ThreadPoolExecutor(3) as pool:  # three requests in the engine at once
             answers = list(pool.map(complete, PROMPTS))

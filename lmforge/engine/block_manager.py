@@ -77,6 +77,11 @@ class BlockManager:
 
     # ---- prefix cache --------------------------------------------------------------------------
     @staticmethod
+    def root(salt: str | None) -> int | None:
+        """The parent of a sequence's first block: none, or its salt's hash (its keys computed another way)."""
+        return None if salt is None else hash(salt)
+
+    @staticmethod
     def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
         return hash((parent, token_ids))
 
@@ -86,7 +91,7 @@ class BlockManager:
         At least one token is always left uncovered: its logits are what the next step samples from. `salt`
         starts the hash chain: blocks computed another way (LongRoPE's long factors) are other blocks.
         """
-        bs, parent, hits = self.block_size, salt, []
+        bs, parent, hits = self.block_size, self.root(salt), []
         for i in range((len(token_ids) - 1) // bs):
             chunk = tuple(token_ids[i * bs:(i + 1) * bs])
             parent = self.chain_hash(parent, chunk)
@@ -100,7 +105,7 @@ class BlockManager:
         """Name every block of `seq` that is now full and computed, so later requests can find it."""
         bs, table = self.block_size, seq.block_table
         for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // bs):
-            parent = self.blocks[table[i - 1]].hash if i else getattr(seq, "cache_salt", None)
+            parent = self.blocks[table[i - 1]].hash if i else self.root(getattr(seq, "cache_salt", None))
             chunk = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             block = self.blocks[table[i]]
             block.hash, block.token_ids = self.chain_hash(parent, chunk), chunk

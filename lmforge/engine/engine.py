@@ -47,7 +47,7 @@ class Engine:
     Args:
         model: an lmforge `Transformer` (anything with `hidden`, `logits`, `config` and the cache protocol);
             prepared by `lmforge.infer.fused.prepare_for_decoding`, its decoding rows take the fused step.
-        tokenizer: decodes text and enables stop strings; its end tokens (`eos_ids`, else `eos_id`) end outputs
+        tokenizer: decodes text and enables stop strings; its end tokens (`eos_id` and `end_ids`) end outputs
             unless ignore_eos.
         num_blocks: KV blocks in the pool; default: room for max_num_seqs full-context sequences.
         block_size: token slots per KV block.

@@ -25,7 +25,8 @@ def hidden(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], fe
     tokens = torch.zeros(len(feeds), max(lengths), dtype=torch.long)
     for b, f in enumerate(feeds):
         tokens[b, :len(f)] = torch.as_tensor(f)
-    cache.prepare([list(t) for t in block_tables], list(starts), lengths, None if long_rope is None else list(long_rope))
+    long = None if long_rope is None else list(long_rope)
+    cache.prepare([list(t) for t in block_tables], list(starts), lengths, long)
     return model.hidden(tokens.to(next(model.parameters()).device), kv_cache=cache)
 
 

@@ -86,7 +86,7 @@ class PagedKVCache:
         self._valid = valid
 
         self._key_pos = torch.arange(nblk * bs, device=device)  # (S,) a row's slot s holds its position s
-        self._masks = {}  # window -> (B, 1, T, S), made when a layer with that window asks
+        self._masks: dict[int | None, torch.Tensor] = {}  # window -> (B, 1, T, S), made when a layer asks
         self._T = T
 
     # ---- the model's cache protocol ------------------------------------------------------------

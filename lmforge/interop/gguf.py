@@ -64,6 +64,10 @@ SPIECE_SPACE = "\u2581"  # SentencePiece's visible space, which llama.cpp's "lla
 # Llama 3's pre-tokenizer regex (tokenizer.json Split pattern) -> llama.cpp's "llama-bpe" pre-tokenizer.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2/2.5/3's (single digits): transformers' tokenization_qwen2.PRETOKENIZE_REGEX -> llama.cpp's "qwen2".
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}  # tokenizer.json Split regex -> llama.cpp pre-tokenizer
 
 
 @dataclass
@@ -151,7 +155,8 @@ def rope_factor_tensors(config) -> dict[str, torch.Tensor]:
         scaled, _ = rope_frequencies(config, config.rope_base, scaling)
         return {"rope_freqs": base / scaled}
     if scaling.get("type") == "longrope":
-        return {f"rope_factors_{k}": torch.tensor(scaling[f"{k}_factor"], dtype=torch.float32) for k in ("short", "long")}
+        return {f"rope_factors_{k}": torch.tensor(scaling[f"{k}_factor"], dtype=torch.float32)
+                for k in ("short", "long")}
     return {}
 
 
@@ -327,12 +332,12 @@ def bpe_pre_tokenizer(spec: dict | None) -> str:
     if spec and spec.get("type") == "Sequence":
         steps = spec.get("pretokenizers", [])
         kinds = [s.get("type") for s in steps]
-        if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT \
-                and not steps[1].get("use_regex", True):
-            return "llama-bpe"
+        split = SPLITS.get(steps[0].get("pattern", {}).get("Regex")) if steps else None
+        if kinds == ["Split", "ByteLevel"] and split and not steps[1].get("use_regex", True):
+            return split
     raise UnsupportedModelError(f"the tokenizer.json pre-tokenizer {json.dumps(spec)[:200]} has no llama.cpp "
-                                f"equivalent lmforge knows (it maps GPT-2's ByteLevel regex to 'gpt-2' and "
-                                f"Llama 3's split to 'llama-bpe')")
+                                f"equivalent lmforge knows (it maps GPT-2's ByteLevel regex to 'gpt-2', "
+                                f"Llama 3's split to 'llama-bpe' and Qwen2's to 'qwen2')")
 
 
 def add_bpe_tokenizer(writer, tok: BPETokenizer, vocab_size: int, chat_template: str | None = None) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -33,6 +33,7 @@ class UnsupportedModelError(LmforgeError):
 
 
 # ------------------------------------------------------------------------------------------------ GPT-2
+
 
 class GPT2:
     """GPT2LMHeadModel: LayerNorm, learned positions, Conv1D weights stored (in, out), c_attn already [q; k; v]."""
@@ -50,40 +51,76 @@ class GPT2:
             problems.append(f"activation_function={act!r} (lmforge's GPT-2 runs 'gelu_new' or 'gelu')")
         if not d.get("tie_word_embeddings", True):
             problems.append("tie_word_embeddings=false (HF's untied GPT-2 head has no bias, lmforge's has one)")
-        for key, bad in (("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
-                         ("add_cross_attention", True), ("reorder_and_upcast_attn", True)):
+        for key, bad in (
+            ("scale_attn_by_inverse_layer_idx", True),
+            ("scale_attn_weights", False),
+            ("add_cross_attention", True),
+            ("reorder_and_upcast_attn", True),
+        ):
             if d.get(key, not bad) == bad:
                 problems.append(f"{key}={str(bad).lower()}")
         if problems:
             raise UnsupportedModelError(f"GPT-2 config not supported: {'; '.join(problems)}")
         return ModelConfig(
-            name=name, vocab_size=d["vocab_size"], block_size=d.get("n_positions", 1024), n_layer=d["n_layer"],
-            n_head=d["n_head"], n_embd=d["n_embd"], intermediate_size=d.get("n_inner") or 4 * d["n_embd"],
-            norm="layernorm", norm_eps=d.get("layer_norm_epsilon", 1e-5), mlp=mlp, pos="learned", bias=True,
-            tie_embeddings=True, extra={"imported_from": "huggingface", "model_type": "gpt2"})
+            name=name,
+            vocab_size=d["vocab_size"],
+            block_size=d.get("n_positions", 1024),
+            n_layer=d["n_layer"],
+            n_head=d["n_head"],
+            n_embd=d["n_embd"],
+            intermediate_size=d.get("n_inner") or 4 * d["n_embd"],
+            norm="layernorm",
+            norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            mlp=mlp,
+            pos="learned",
+            bias=True,
+            tie_embeddings=True,
+            extra={"imported_from": "huggingface", "model_type": "gpt2"},
+        )
 
     def hf_config(self, c: ModelConfig) -> dict:
         act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}.get(c.mlp, c.mlp)
-        return {"architectures": [self.architecture], "model_type": "gpt2", "vocab_size": c.vocab_size,
-                "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
-                "n_inner": c.intermediate_size, "activation_function": act, "layer_norm_epsilon": c.norm_eps,
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True}
+        return {
+            "architectures": [self.architecture],
+            "model_type": "gpt2",
+            "vocab_size": c.vocab_size,
+            "n_positions": c.block_size,
+            "n_embd": c.n_embd,
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "n_inner": c.intermediate_size,
+            "activation_function": act,
+            "layer_norm_epsilon": c.norm_eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "tie_word_embeddings": True,
+        }
 
     def to_ours(self, take: Take, c: ModelConfig) -> dict[str, torch.Tensor]:
-        out = {"tok_emb.weight": take("wte.weight"), "pos_emb.weight": take("wpe.weight"),
-               "norm_f.weight": take("ln_f.weight"), "norm_f.bias": take("ln_f.bias")}
+        out = {
+            "tok_emb.weight": take("wte.weight"),
+            "pos_emb.weight": take("wpe.weight"),
+            "norm_f.weight": take("ln_f.weight"),
+            "norm_f.bias": take("ln_f.bias"),
+        }
         for i in range(c.n_layer):
             h, p = f"h.{i}.", f"blocks.{i}."
             for theirs, ours in self.conv1d.items():
                 out[p + ours + ".weight"] = take(h + theirs + ".weight").t()  # Conv1D (in, out) -> (out, in)
                 out[p + ours + ".bias"] = take(h + theirs + ".bias")
             for theirs, ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
-                out[p + ours + ".weight"], out[p + ours + ".bias"] = take(h + theirs + ".weight"), take(h + theirs + ".bias")
+                out[p + ours + ".weight"] = take(h + theirs + ".weight")
+                out[p + ours + ".bias"] = take(h + theirs + ".bias")
         return out
 
     def to_hf(self, sd: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
-        out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
-               "transformer.ln_f.weight": sd["norm_f.weight"], "transformer.ln_f.bias": sd["norm_f.bias"]}
+        out = {
+            "transformer.wte.weight": sd["tok_emb.weight"],
+            "transformer.wpe.weight": sd["pos_emb.weight"],
+            "transformer.ln_f.weight": sd["norm_f.weight"],
+            "transformer.ln_f.bias": sd["norm_f.bias"],
+        }
         names = {**self.conv1d, "ln_1": "norm1", "ln_2": "norm2"}
         for i in range(c.n_layer):
             for theirs, ours in names.items():
@@ -95,6 +132,7 @@ class GPT2:
 
 # ------------------------------------------------------------------------------------------------ Llama and kin
 
+
 class Llama:
     """LlamaForCausalLM (Llama 2/3.x, SmolLM2, TinyLlama): RMSNorm, RoPE, SwiGLU, grouped-query attention.
 
@@ -102,8 +140,13 @@ class Llama:
     """
 
     model_type, architecture = "llama", "LlamaForCausalLM"
-    defaults: dict = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-                      "rope_theta": 10000.0, "hidden_act": "silu"}
+    defaults: dict = {
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+    }
     act_key = "hidden_act"
     acts = {"silu": "swiglu"}  # Hugging Face activation of the gate -> our gated MLP
     norms = {"input_layernorm": "norm1", "post_attention_layernorm": "norm2"}  # per layer, theirs -> ours
@@ -127,13 +170,24 @@ class Llama:
             problems.append(f"{self.act_key}={act!r} (lmforge's {self.model_type} runs {sorted(self.acts)})")
         context = self.get(d, "max_position_embeddings")
         fields = dict(
-            name=name, vocab_size=d["vocab_size"], block_size=context, n_layer=d["num_hidden_layers"],
-            n_head=n_head, n_kv_head=d.get("num_key_value_heads") or n_head, n_embd=n_embd,
-            intermediate_size=d["intermediate_size"], norm="rmsnorm", norm_eps=self.get(d, "rms_norm_eps"),
-            mlp=self.acts.get(act, "swiglu"), pos="rope", bias=False,
+            name=name,
+            vocab_size=d["vocab_size"],
+            block_size=context,
+            n_layer=d["num_hidden_layers"],
+            n_head=n_head,
+            n_kv_head=d.get("num_key_value_heads") or n_head,
+            n_embd=n_embd,
+            intermediate_size=d["intermediate_size"],
+            norm="rmsnorm",
+            norm_eps=self.get(d, "rms_norm_eps"),
+            mlp=self.acts.get(act, "swiglu"),
+            pos="rope",
+            bias=False,
             tie_embeddings=bool(self.get(d, "tie_word_embeddings")),
             head_size=head_dim if head_dim * n_head != n_embd else None,
-            extra={"imported_from": "huggingface", "model_type": self.model_type}, **self.fixed)
+            extra={"imported_from": "huggingface", "model_type": self.model_type},
+            **self.fixed,
+        )
         fields |= self.rope(d, head_dim, context, problems)
         fields |= self.windows(self.layer_windows(d, fields["n_layer"], problems), fields["block_size"])
         fields |= self.features(d, problems)
@@ -183,8 +237,11 @@ class Llama:
         kind = params["rope_type"]
         original = d.get("original_max_position_embeddings") if self.top_level_original else None
         original = original or params.get("original_max_position_embeddings") or context
-        keep = {k: params[k] for k in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-                                       "truncate") if params.get(k) is not None}
+        keep = {
+            k: params[k]
+            for k in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
+            if params.get(k) is not None
+        }
         if kind == "default":
             scaling = None
         elif kind == "linear":
@@ -193,18 +250,32 @@ class Llama:
             scaling = {"type": "dynamic", "factor": params["factor"], "original_context": context}
             fields["block_size"] = int(context * params["factor"])
         elif kind == "llama3":
-            scaling = {"type": "llama3", "original_context": original,
-                       **{k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor")}}
+            scaling = {
+                "type": "llama3",
+                "original_context": original,
+                **{k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor")},
+            }
         elif kind == "yarn":
-            scaling = {"type": "yarn", "factor": params.get("factor") or context / original,
-                       "original_context": original, **keep}
+            scaling = {
+                "type": "yarn",
+                "factor": params.get("factor") or context / original,
+                "original_context": original,
+                **keep,
+            }
         elif kind == "longrope":
-            scaling = {"type": "longrope", "short_factor": list(params["short_factor"]),
-                       "long_factor": list(params["long_factor"]), "original_context": original,
-                       "factor": params.get("factor") or context / original, **keep}
+            scaling = {
+                "type": "longrope",
+                "short_factor": list(params["short_factor"]),
+                "long_factor": list(params["long_factor"]),
+                "original_context": original,
+                "factor": params.get("factor") or context / original,
+                **keep,
+            }
         else:
-            problems.append(f"rope type {kind!r} ({params}) is not supported; lmforge implements 'default', "
-                            f"'linear', 'dynamic', 'llama3', 'yarn' and 'longrope'")
+            problems.append(
+                f"rope type {kind!r} ({params}) is not supported; lmforge implements 'default', "
+                f"'linear', 'dynamic', 'llama3', 'yarn' and 'longrope'"
+            )
             scaling = None
         fields["rope_scaling"] = scaling
         if local is not None:
@@ -221,12 +292,23 @@ class Llama:
         act = {v: k for k, v in self.acts.items()}.get(c.mlp, c.mlp)
         scaling = c.rope_scaling
         context = scaling["original_context"] if scaling and scaling["type"] == "dynamic" else c.block_size
-        d = {"architectures": [self.architecture], "model_type": self.model_type, "vocab_size": c.vocab_size,
-             "max_position_embeddings": context, "hidden_size": c.n_embd, "intermediate_size": c.intermediate_size,
-             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head,
-             "head_dim": c.head_dim, self.act_key: act, "rms_norm_eps": c.norm_eps,
-             "tie_word_embeddings": c.tie_embeddings, "rope_theta": c.rope_base,
-             "rope_parameters": self.hf_rope(c, c.rope_base, scaling)}
+        d = {
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
+            "vocab_size": c.vocab_size,
+            "max_position_embeddings": context,
+            "hidden_size": c.n_embd,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.n_layer,
+            "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_kv_head,
+            "head_dim": c.head_dim,
+            self.act_key: act,
+            "rms_norm_eps": c.norm_eps,
+            "tie_word_embeddings": c.tie_embeddings,
+            "rope_theta": c.rope_base,
+            "rope_parameters": self.hf_rope(c, c.rope_base, scaling),
+        }
         return d | self.hf_features(c)
 
     def hf_rope(self, c: ModelConfig, base: float, scaling: dict | None) -> dict:
@@ -322,8 +404,10 @@ class Qwen2(Llama):
 
     def layer_windows(self, d, n_layer, problems):
         window = self.get(d, "sliding_window") if d.get("use_sliding_window") else None
-        types = d.get("layer_types") or ["sliding_attention" if window is not None and i >= self.get(
-            d, "max_window_layers") else "full_attention" for i in range(n_layer)]
+        types = d.get("layer_types") or [
+            "sliding_attention" if window is not None and i >= self.get(d, "max_window_layers") else "full_attention"
+            for i in range(n_layer)
+        ]
         return [window if t == "sliding_attention" else None for t in types]
 
     def features(self, d, problems):
@@ -331,10 +415,12 @@ class Qwen2(Llama):
 
     def hf_features(self, c):
         windowed = [i for i in range(c.n_layer) if c.layer_window(i) is not None]
-        return {"use_sliding_window": bool(windowed), "sliding_window": c.sliding_window,
-                "max_window_layers": windowed[0] if windowed else c.n_layer,
-                "layer_types": ["sliding_attention" if c.layer_window(i) else "full_attention"
-                                for i in range(c.n_layer)]}
+        return {
+            "use_sliding_window": bool(windowed),
+            "sliding_window": c.sliding_window,
+            "max_window_layers": windowed[0] if windowed else c.n_layer,
+            "layer_types": ["sliding_attention" if c.layer_window(i) else "full_attention" for i in range(c.n_layer)],
+        }
 
 
 class Qwen3(Qwen2):
@@ -377,8 +463,10 @@ class Phi3(Llama):
     def hf_features(self, c):
         scaling = c.rope_scaling or {}
         original = scaling.get("original_context", c.block_size) if scaling.get("type") != "dynamic" else c.block_size
-        return {"sliding_window": c.sliding_window if c.all_windowed else None,
-                "original_max_position_embeddings": original}
+        return {
+            "sliding_window": c.sliding_window if c.all_windowed else None,
+            "original_max_position_embeddings": original,
+        }
 
 
 class Gemma2(Llama):
@@ -387,22 +475,33 @@ class Gemma2(Llama):
     alternate layers (the first of each pair)."""
 
     model_type, architecture = "gemma2", "Gemma2ForCausalLM"
-    defaults = Llama.defaults | {"max_position_embeddings": 8192, "head_dim": 256, "tie_word_embeddings": True,
-                                 "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
-                                 "sliding_window": 4096, "final_logit_softcapping": 30.0,
-                                 "attn_logit_softcapping": 50.0}
+    defaults = Llama.defaults | {
+        "max_position_embeddings": 8192,
+        "head_dim": 256,
+        "tie_word_embeddings": True,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+    }
     act_key = "hidden_activation"
     acts = {"gelu_pytorch_tanh": "geglu_tanh"}
-    norms = {"input_layernorm": "norm1", "post_attention_layernorm": "post_norm1",
-             "pre_feedforward_layernorm": "norm2", "post_feedforward_layernorm": "post_norm2"}
+    norms = {
+        "input_layernorm": "norm1",
+        "post_attention_layernorm": "post_norm1",
+        "pre_feedforward_layernorm": "norm2",
+        "post_feedforward_layernorm": "post_norm2",
+    }
     norm_offset = 1.0
     fixed = {"norm_placement": "sandwich", "embed_scale": True}
     pattern = 2  # every pattern-th layer attends globally, the others through the window
 
     def layer_windows(self, d, n_layer, problems):
         window = self.get(d, "sliding_window")
-        types = d.get("layer_types") or ["sliding_attention" if (i + 1) % self.pattern else "full_attention"
-                                          for i in range(n_layer)]
+        types = d.get("layer_types") or [
+            "sliding_attention" if (i + 1) % self.pattern else "full_attention" for i in range(n_layer)
+        ]
         return [window if t == "sliding_attention" else None for t in types]
 
     def features(self, d, problems):
@@ -410,20 +509,25 @@ class Gemma2(Llama):
             problems.append(f"attention_bias={d['attention_bias']} (lmforge's {self.model_type} has no biases)")
         if d.get("use_bidirectional_attention"):
             problems.append("use_bidirectional_attention=true (lmforge's models are causal)")
-        return {"attn_scale": self.get(d, "query_pre_attn_scalar") ** -0.5,
-                "logit_softcap": self.get(d, "final_logit_softcapping"), **self.attention_softcap(d)}
+        return {
+            "attn_scale": self.get(d, "query_pre_attn_scalar") ** -0.5,
+            "logit_softcap": self.get(d, "final_logit_softcapping"),
+            **self.attention_softcap(d),
+        }
 
     def attention_softcap(self, d):
         return {"attn_softcap": self.get(d, "attn_logit_softcapping")}
 
     def hf_features(self, c):
-        scalar = c.attn_scale ** -2 if c.attn_scale else c.head_dim
-        return {"attention_bias": False, "query_pre_attn_scalar": round(scalar, 6) if abs(
-                    scalar - round(scalar)) > 1e-6 else round(scalar),
-                "final_logit_softcapping": c.logit_softcap, "attn_logit_softcapping": c.attn_softcap,
-                "sliding_window": c.sliding_window,
-                "layer_types": ["sliding_attention" if c.layer_window(i) else "full_attention"
-                                for i in range(c.n_layer)]}
+        scalar = c.attn_scale**-2 if c.attn_scale else c.head_dim
+        return {
+            "attention_bias": False,
+            "query_pre_attn_scalar": round(scalar, 6) if abs(scalar - round(scalar)) > 1e-6 else round(scalar),
+            "final_logit_softcapping": c.logit_softcap,
+            "attn_logit_softcapping": c.attn_softcap,
+            "sliding_window": c.sliding_window,
+            "layer_types": ["sliding_attention" if c.layer_window(i) else "full_attention" for i in range(c.n_layer)],
+        }
 
 
 class Gemma3(Gemma2):
@@ -433,9 +537,13 @@ class Gemma3(Gemma2):
     sliding_attention entry); scaling applies to the global layers."""
 
     model_type, architecture = "gemma3_text", "Gemma3ForCausalLM"
-    defaults = Gemma2.defaults | {"max_position_embeddings": 131072, "final_logit_softcapping": None,
-                                  "attn_logit_softcapping": None, "rope_theta": 1_000_000.0,
-                                  "rope_local_base_freq": 10_000.0}
+    defaults = Gemma2.defaults | {
+        "max_position_embeddings": 131072,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+    }
     fixed = Gemma2.fixed | {"qk_norm": "head"}
     pattern = 6
 
@@ -462,8 +570,10 @@ class Gemma3(Gemma2):
     def hf_config(self, c):
         d = super().hf_config(c)
         local = c.rope_local_base if c.rope_local_base is not None else c.rope_base
-        d["rope_parameters"] = {"full_attention": self.hf_rope(c, c.rope_base, c.rope_scaling),
-                                "sliding_attention": self.hf_rope(c, local, None)}
+        d["rope_parameters"] = {
+            "full_attention": self.hf_rope(c, c.rope_base, c.rope_scaling),
+            "sliding_attention": self.hf_rope(c, local, None),
+        }
         d["rope_local_base_freq"] = local
         return d
 
@@ -489,18 +599,23 @@ class Olmo2(Llama):
         return {"attention_bias": False}
 
 
-FAMILIES = {f.model_type: f for f in (GPT2(), Llama(), Mistral(), Qwen2(), Qwen3(), Phi3(), Gemma2(), Gemma3(),
-                                      Olmo2())}
+FAMILIES = {
+    f.model_type: f for f in (GPT2(), Llama(), Mistral(), Qwen2(), Qwen3(), Phi3(), Gemma2(), Gemma3(), Olmo2())
+}
 
 
 def family_of(model_type: str | None):
     """The converter for a config.json's model_type, or UnsupportedModelError listing the ones lmforge reads."""
     if model_type == "gemma3":
-        raise UnsupportedModelError("model_type 'gemma3' is Gemma 3's image-text model; lmforge imports its text "
-                                    "model (Gemma3ForCausalLM, model_type 'gemma3_text', e.g. gemma-3-1b)")
+        raise UnsupportedModelError(
+            "model_type 'gemma3' is Gemma 3's image-text model; lmforge imports its text "
+            "model (Gemma3ForCausalLM, model_type 'gemma3_text', e.g. gemma-3-1b)"
+        )
     if model_type not in FAMILIES:
-        raise UnsupportedModelError(f"Hugging Face model_type {model_type!r} is not supported; lmforge imports "
-                                    f"{', '.join(repr(t) for t in FAMILIES)}")
+        raise UnsupportedModelError(
+            f"Hugging Face model_type {model_type!r} is not supported; lmforge imports "
+            f"{', '.join(repr(t) for t in FAMILIES)}"
+        )
     return FAMILIES[model_type]
 
 
@@ -511,7 +626,7 @@ def _same(a: ModelConfig, b: ModelConfig) -> list[str]:
         if f.name in ("name", "extra", "multiple_of", "init", "dropout"):
             continue
         x, y = getattr(a, f.name), getattr(b, f.name)
-        close = (math.isclose(x, y, rel_tol=1e-6) if isinstance(x, float) and isinstance(y, float) else x == y)
+        close = math.isclose(x, y, rel_tol=1e-6) if isinstance(x, float) and isinstance(y, float) else x == y
         if not close:
             diffs.append(f"{f.name}={x!r} (as {b.extra.get('model_type')}: {y!r})")
     return diffs
@@ -519,10 +634,18 @@ def _same(a: ModelConfig, b: ModelConfig) -> list[str]:
 
 # What a plain GPT-2 or Llama is, for saying why a model is neither (lmforge's own presets are one or the other).
 ARCHETYPES = {
-    "gpt2": dict(norm_placement="pre", final_norm=True, embed_scale=False, norm="layernorm", pos="learned",
-                 bias=True, tie_embeddings=True),
-    "llama": dict(norm_placement="pre", final_norm=True, embed_scale=False, norm="rmsnorm", mlp="swiglu", pos="rope",
-                  bias=False),
+    "gpt2": dict(
+        norm_placement="pre",
+        final_norm=True,
+        embed_scale=False,
+        norm="layernorm",
+        pos="learned",
+        bias=True,
+        tie_embeddings=True,
+    ),
+    "llama": dict(
+        norm_placement="pre", final_norm=True, embed_scale=False, norm="rmsnorm", mlp="swiglu", pos="rope", bias=False
+    ),
 }
 
 
@@ -547,6 +670,8 @@ def family_for(config: ModelConfig):
     for name, wanted in ARCHETYPES.items():
         diffs = [f"{k}={getattr(config, k)!r} (needs {v!r})" for k, v in wanted.items() if getattr(config, k) != v]
         why[name] = ", ".join(diffs) or why[name]
-    raise UnsupportedModelError("this model is neither a GPT-2 nor a Llama architecture, nor another family lmforge "
-                                f"exports ({', '.join(t for t in FAMILIES if t not in ARCHETYPES)}); as GPT-2: "
-                                f"{why['gpt2']}; as Llama: {why['llama']}")
+    raise UnsupportedModelError(
+        "this model is neither a GPT-2 nor a Llama architecture, nor another family lmforge "
+        f"exports ({', '.join(t for t in FAMILIES if t not in ARCHETYPES)}); as GPT-2: "
+        f"{why['gpt2']}; as Llama: {why['llama']}"
+    )
