@@ -8,6 +8,21 @@ Every architecture lmforge runs is a point in this space:
 - GPT-2 family: pre-norm LayerNorm, GELU, learned positions, tied embeddings, biases.
 - Llama family: pre-norm RMSNorm, rotary positions, SwiGLU, grouped-query attention, no biases.
 
+The imported families (lmforge.interop.hf) differ from Llama only in the fields below, each one small, named piece
+(as litgpt's Config does), never a family name the model branches on:
+
+- Qwen2/2.5: `qkv_bias` (biases on q, k, v but not on the output projection).
+- Qwen3, Gemma 3: `qk_norm="head"` (RMSNorm over each head of q and k before RoPE); OLMo 2: `qk_norm="proj"`
+  (over the whole q and k projections); `head_size` wider or narrower than n_embd / n_head.
+- Mistral, Phi-3: `sliding_window` on every layer; Gemma 2: on alternate layers, Gemma 3: five of every six
+  (`window_layers`), whose RoPE turns at `rope_local_base`.
+- Gemma 2/3: `norm_placement="sandwich"` (a norm before and after attention and MLP), `mlp="geglu_tanh"`,
+  `embed_scale`, `attn_scale` (query_pre_attn_scalar^-1/2), `attn_softcap` and `logit_softcap` (c * tanh(x / c));
+  OLMo 2: `norm_placement="output"` (norms on the sublayers' outputs only). Gemma stores norm weights as w - 1;
+  the import adds the 1 back, so the model has one RMSNorm for everyone (the fused step, LoRA and int8 included).
+- `rope_scaling` (Llama 3's "llama3", "linear", "dynamic", "yarn", Phi-3's "longrope") and `rope_dim` (partial
+  rotary, Phi-4-mini): they only change the rotary tables, see lmforge.rope.rope_tables.
+
 Layer choices are strings so the config stays a plain JSON document.
 """
 
@@ -18,7 +33,19 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.errors import LmforgeError
 from lmforge.fsutil import read_json
+
+# rope_scaling["type"] -> the keys it needs (lmforge.rope.rope_tables reads them; names as in Hugging Face's
+# rope_parameters, with original_max_position_embeddings shortened to original_context).
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "dynamic": ("factor", "original_context"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_context"),
+    "yarn": ("factor", "original_context"),
+    "longrope": ("short_factor", "long_factor", "original_context"),
+}
+ROPE_SCALING_OPTIONAL = ("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -38,13 +65,29 @@ class ModelConfig:
     multiple_of: int = 256  # Llama rounds the SwiGLU width up to a multiple of this
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    norm_placement: str = "pre"  # pre (GPT-2, Llama) | post (the classic encoder layer)
-    mlp: str = "gelu"  # gelu (exact, erf) | gelu_tanh (GPT-2's "gelu_new") | relu | swiglu
+    # Where each block's norms sit, for a sublayer f (attention, MLP):
+    #   pre: x + f(norm(x)) (GPT-2, Llama) | post: norm(x + f(x)) (the classic encoder layer)
+    #   sandwich: x + norm'(f(norm(x))) (Gemma 2/3) | output: x + norm(f(x)) (OLMo 2)
+    norm_placement: str = "pre"
+    # gelu (exact, erf) | gelu_tanh (GPT-2's "gelu_new") | relu | swiglu: silu(gate) * up |
+    # geglu_tanh: gelu_tanh(gate) * up (Gemma)
+    mlp: str = "gelu"
     pos: str = "learned"  # learned | rope | sinusoidal
     rope_base: float = 10000.0
+    rope_scaling: dict | None = None  # {"type": one of ROPE_SCALING_KEYS, its keys...}; None: plain RoPE
+    rope_dim: int | None = None  # leading dims of each head that RoPE turns (partial rotary); None: all
+    rope_local_base: float | None = None  # RoPE base of the sliding-window layers (Gemma 3); None: rope_base
     bias: bool = True
+    qkv_bias: bool | None = None  # biases on q, k, v; None: as `bias` (Qwen2 has them while `bias` is False)
+    head_size: int | None = None  # per-head width; None: n_embd // n_head
+    qk_norm: str | None = None  # None | head: RMSNorm per head of q and k | proj: over the whole q, k projections
+    attn_scale: float | None = None  # multiplies q . k; None: 1 / sqrt(head_size)
+    attn_softcap: float | None = None  # attention scores -> c * tanh(scores / c) before the mask (Gemma 2)
+    logit_softcap: float | None = None  # output logits -> c * tanh(logits / c) (Gemma 2)
+    sliding_window: int | None = None  # a windowed layer's query sees its last `sliding_window` tokens (itself too)
+    window_layers: list[int] | None = None  # which layers are windowed; None: all of them (when sliding_window)
     tie_embeddings: bool = True
-    embed_scale: bool = False  # multiply token embeddings by sqrt(n_embd), as the classic model does
+    embed_scale: bool = False  # multiply token embeddings by sqrt(n_embd), as the classic model and Gemma do
     final_norm: bool = True  # a norm after the last block (pre-norm models need one)
     dropout: float = 0.0
     init: str = "gpt2"  # gpt2: normal(0, 0.02) + scaled residual projections | seed: the example's uniform(-0.1, 0.1)
@@ -55,33 +98,76 @@ class ModelConfig:
         if not self.n_kv_head:
             self.n_kv_head = self.n_head
         if not self.intermediate_size:
-            if self.mlp == "swiglu":
+            if self.gated:
                 self.intermediate_size = find_multiple(int(2 * 4 * self.n_embd / 3), self.multiple_of)
             else:
                 self.intermediate_size = 4 * self.n_embd
         self._check()
 
     def _check(self) -> None:
-        choices = {"norm": ("layernorm", "rmsnorm"), "norm_placement": ("pre", "post"),
-                   "mlp": ("gelu", "gelu_tanh", "relu", "swiglu"), "pos": ("learned", "rope", "sinusoidal"),
-                   "init": ("gpt2", "seed"), "quantization": (None, "int8")}
+        choices = {"norm": ("layernorm", "rmsnorm"), "norm_placement": ("pre", "post", "sandwich", "output"),
+                   "mlp": ("gelu", "gelu_tanh", "relu", "swiglu", "geglu_tanh"),
+                   "pos": ("learned", "rope", "sinusoidal"), "init": ("gpt2", "seed"),
+                   "quantization": (None, "int8"), "qk_norm": (None, "head", "proj")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"config {key}={getattr(self, key)!r} is not one of {allowed}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+                raise LmforgeError(f"config {key}={getattr(self, key)!r} is not one of {allowed}", param=key)
+        if self.head_size is None and self.n_embd % self.n_head:
+            raise LmforgeError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set head_size)",
+                               param="n_head")
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
-        if self.pos == "rope" and self.head_dim % 2:
-            raise ValueError(f"rotary positions need an even head size, got {self.head_dim}")
-        for key in ("vocab_size", "block_size", "n_layer"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"config {key} must be >= 1, got {getattr(self, key)}")
+            raise LmforgeError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}",
+                               param="n_kv_head")
+        for key in ("vocab_size", "block_size", "n_layer", "head_size", "rope_dim", "sliding_window"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise LmforgeError(f"config {key} must be >= 1, got {value}", param=key)
+        for key in ("attn_scale", "attn_softcap", "logit_softcap", "rope_local_base"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise LmforgeError(f"config {key} must be > 0 (or null), got {value}", param=key)
+        if self.pos == "rope":
+            if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+                raise LmforgeError(f"rotary positions turn an even number of dims, at most the head size "
+                                   f"{self.head_dim}; got {self.rotary_dim}", param="rope_dim")
+            self._check_rope_scaling()
+        elif self.rope_scaling or self.rope_dim or self.rope_local_base:
+            raise LmforgeError(f"rope_scaling, rope_dim and rope_local_base need pos='rope', not {self.pos!r}",
+                               param="pos")
+        if self.window_layers is not None:
+            bad = [i for i in self.window_layers if not 0 <= i < self.n_layer]
+            if self.sliding_window is None or bad:
+                raise LmforgeError(f"window_layers={self.window_layers} needs sliding_window and layer indices in "
+                                   f"0..{self.n_layer - 1}", param="window_layers")
+
+    def _check_rope_scaling(self) -> None:
+        spec = self.rope_scaling
+        if spec is None:
+            return
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in ROPE_SCALING_KEYS:
+            raise LmforgeError(f"rope_scaling type {kind!r} is not one of {sorted(ROPE_SCALING_KEYS)}",
+                               param="rope_scaling")
+        missing = [k for k in ROPE_SCALING_KEYS[kind] if spec.get(k) is None]
+        unknown = set(spec) - {"type", *ROPE_SCALING_KEYS[kind], *ROPE_SCALING_OPTIONAL}
+        if missing or unknown:
+            raise LmforgeError(f"rope_scaling {kind!r} needs {list(ROPE_SCALING_KEYS[kind])}; missing {missing}, "
+                               f"unknown {sorted(unknown)}", param="rope_scaling")
+        if kind == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(spec[key]) != self.rotary_dim // 2:
+                    raise LmforgeError(f"rope_scaling {key} has {len(spec[key])} values; the {self.rotary_dim} "
+                                       f"rotary dims need {self.rotary_dim // 2}", param="rope_scaling")
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size if self.head_size is not None else self.n_embd // self.n_head
+
+    @property
+    def q_dim(self) -> int:
+        """Width of all query heads together (the attention output); n_embd unless head_size says otherwise."""
+        return self.n_head * self.head_dim
 
     @property
     def qkv_dim(self) -> int:
@@ -91,6 +177,31 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.n_kv_head * self.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.rope_dim if self.rope_dim is not None else self.head_dim
+
+    @property
+    def gated(self) -> bool:
+        """Whether the MLP's first layer holds [gate; up] rows (SwiGLU, GeGLU)."""
+        return self.mlp in ("swiglu", "geglu_tanh")
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of `layer` (None: it attends to every earlier token)."""
+        if self.sliding_window is None or (self.window_layers is not None and layer not in self.window_layers):
+            return None
+        return self.sliding_window
+
+    @property
+    def all_windowed(self) -> bool:
+        """Every layer has a sliding window: keys older than the window are never read again (lmforge.engine
+        frees their blocks)."""
+        return all(self.layer_window(i) is not None for i in range(self.n_layer))
 
     # ---- construction and (de)serialisation --------------------------------------------------
     @classmethod
@@ -159,4 +270,16 @@ PRESETS: dict[str, dict] = {
     # https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json
     "llama3-8b": dict(_LLAMA, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336,
                       block_size=8192, vocab_size=128256, rope_base=500000.0),
+    # Shapes of imported families, for benchmarks with random weights (import the real ones: lmforge import).
+    # https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json: q/k/v biases, tied.
+    "qwen2.5-0.5b": dict(_LLAMA, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, intermediate_size=4864,
+                         block_size=32768, vocab_size=151936, rope_base=1000000.0, qkv_bias=True,
+                         tie_embeddings=True, norm_eps=1e-6),
+    # https://huggingface.co/google/gemma-3-270m/blob/main/config.json: 256-wide heads, per-head q/k norms, sandwich
+    # norms, GeGLU, scaled embeddings, five 512-token windows (RoPE base 10000) to one global layer.
+    "gemma3-270m": dict(_LLAMA, mlp="geglu_tanh", n_layer=18, n_head=4, n_kv_head=1, n_embd=640, head_size=256,
+                        intermediate_size=2048, block_size=32768, vocab_size=262144, rope_base=1000000.0,
+                        rope_local_base=10000.0, norm_placement="sandwich", qk_norm="head", embed_scale=True,
+                        attn_scale=256 ** -0.5, sliding_window=512, window_layers=[i for i in range(18) if (i + 1) % 6],
+                        tie_embeddings=True, norm_eps=1e-6),
 }

@@ -37,7 +37,7 @@ from lmforge.interop.hf import KEPT_FILES, import_hf
 from lmforge.interop.llama2c import read_llama2c_model, tokenizer_beside
 from lmforge.lora import apply_adapter, resolve_adapter_dir
 from lmforge.model import Transformer
-from lmforge.templates import TEMPLATE_FILE, ChatTemplate, read_chat_template
+from lmforge.templates import JINJA_FILE, TEMPLATE_FILE, ChatTemplate, read_chat_template
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,6 +91,7 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, qua
         if read_chat_template(folder) is not None:  # the template the adapter was trained with
             loaded.template_folder = folder
             loaded.extras[TEMPLATE_FILE] = (folder / TEMPLATE_FILE).read_bytes()
+            loaded.extras.pop(JINJA_FILE, None)  # the base's chat_template.jinja would win over it
     model = loaded.model.to(device=device, dtype=torch_dtype).eval()
     if quantize is not None and model.config.quantization is None:
         log.debug("quantizing %s to %s", path, quantize)

@@ -1,10 +1,12 @@
 """Chat templates: how a list of messages becomes the prompt text a model was trained on.
 
-Each model carries its template as Hugging Face tokenizer configs do: the Jinja source in
-`tokenizer_config.json` under `chat_template` (a string, or a list of {"name", "template"} where "default" is
-the one used), beside the weights; imports from Hugging Face keep that file. Templates come from model files,
-which are not trusted code, so they are rendered in jinja2's immutable sandbox. Rendering always asks for the
-assistant's turn (`add_generation_prompt=True`).
+Each model carries its template as Hugging Face model folders do: the Jinja source in `chat_template.jinja`
+(transformers 5 writes it, and it wins), else in `tokenizer_config.json` under `chat_template` (a string, or a
+list of {"name", "template"} where "default" is the one used), beside the weights; imports from Hugging Face keep
+both files. Templates come from model files, which are not trusted code, so they are rendered in jinja2's
+immutable sandbox, with the globals and filters transformers' `apply_chat_template` gives them (raise_exception,
+strftime_now, loop controls, a tojson that keeps non-ASCII text), so a model's template renders the same text
+here as there. Rendering always asks for the assistant's turn (`add_generation_prompt=True`).
 
 Models without a template get one of two defaults: ChatML (`<|im_start|>role\\ncontent<|im_end|>\\n`) when the
 tokenizer has `<|im_start|>`/`<|im_end|>` as tokens, else plain text ("User: ...\\nAssistant:"), which a small
@@ -13,15 +15,19 @@ model trained on prose continues sensibly and which needs no special tokens.
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
 from pathlib import Path
 
 from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import read_json
 
-TEMPLATE_FILE = "tokenizer_config.json"  # the file that carries a model's chat template
+TEMPLATE_FILE = "tokenizer_config.json"  # the file that carries a model's chat template ("chat_template")
+JINJA_FILE = "chat_template.jinja"  # transformers 5's file for it, which wins when both are there
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -42,8 +48,26 @@ def _raise(message: str):
     raise ChatTemplateError(message)
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' tojson: JSON as json.dumps writes it (jinja's own escapes HTML characters)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)  # Llama 3.x templates date their system header with it
+
+
 def read_chat_template(folder: str | Path) -> str | None:
-    """The `chat_template` of `folder/tokenizer_config.json`, or None when there is none."""
+    """The template of `folder/chat_template.jinja`, else the `chat_template` of `folder/tokenizer_config.json`,
+    or None when there is none."""
+    jinja = Path(folder) / JINJA_FILE
+    if jinja.is_file():
+        try:
+            template = jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ChatTemplateError(f"{jinja} is not UTF-8 text ({e}); fix or remove it") from e
+        if template.strip():
+            return template
     path = Path(folder) / TEMPLATE_FILE
     if not path.is_file():
         return None
@@ -77,8 +101,10 @@ class ChatTemplate:
 
     def __init__(self, source: str, tokenizer=None):
         self.source = source
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = _strftime_now
+        env.filters["tojson"] = _tojson
         try:
             self.template = env.from_string(source)
         except TemplateError as e:

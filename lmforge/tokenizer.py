@@ -253,16 +253,28 @@ def _configured_token(config: dict, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _generation_eos_ids(path: Path) -> list[int]:
+    """generation_config.json's eos_token_id (an id or a list of them); [] when the file is absent."""
+    if not path.is_file():
+        return []
+    ids = read_json(path, "generation config", TokenizerError, "fix or remove it").get("eos_token_id")
+    ids = [ids] if isinstance(ids, int) else ids if isinstance(ids, list) else []
+    return [i for i in ids if isinstance(i, int)]
+
+
 class BPETokenizer:
     """A Hugging Face `tokenizers.Tokenizer`: trained byte-level BPE, or any imported `tokenizer.json`."""
 
     kind = "bpe"
 
-    def __init__(self, tok, eos_token: str | None = None, bos_token: str | None = None):
+    def __init__(self, tok, eos_token: str | None = None, bos_token: str | None = None,
+                 more_eos_ids: Sequence[int] = ()):
         self.tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = _special_token_id(tok, eos_token, EOS_CANDIDATES)
         self.bos_id = _special_token_id(tok, bos_token, BOS_CANDIDATES)
+        # More tokens that end a turn: those generation_config.json lists (lmforge.infer.generate.end_tokens)
+        self.end_ids = tuple(dict.fromkeys(i for i in more_eos_ids if i >= 0 and i != self.eos_id))
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int | None = None) -> BPETokenizer:
@@ -295,6 +307,7 @@ class BPETokenizer:
 
         eos/bos come from a `tokenizer_config.json` beside it when that names them (as Hugging Face model
         folders do), else from the added tokens by their usual spellings (`<|endoftext|>`, `</s>`, `<s>`, ...).
+        A `generation_config.json` beside it may list more tokens that end a turn (its eos_token_id): `end_ids`.
         """
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -308,7 +321,8 @@ class BPETokenizer:
         config_path = path.parent / "tokenizer_config.json"
         config = read_json(config_path, "tokenizer config", TokenizerError, "fix or remove it") \
             if config_path.is_file() else {}
-        return cls(tok, _configured_token(config, "eos_token"), _configured_token(config, "bos_token"))
+        return cls(tok, _configured_token(config, "eos_token"), _configured_token(config, "bos_token"),
+                   _generation_eos_ids(path.parent / "generation_config.json"))
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -319,8 +333,12 @@ class BPETokenizer:
         return [np.array(e.ids, dtype=np.int64) for e in encode(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        # Keep special tokens: a text containing "<|endoftext|>" must come back unchanged.
-        return self.tok.decode(_check_ids(ids, self.vocab_size), skip_special_tokens=False)
+        # Keep special tokens: a text containing "<|endoftext|>" must come back unchanged. Ids past the tokenizer's
+        # vocabulary (a model's padded embedding rows: Qwen2.5 has 151936 for 151665 tokens) decode to nothing, as
+        # in transformers; a negative id is an error.
+        ids = [int(i) for i in ids]
+        return self.tok.decode(_check_ids([i for i in ids if i < self.vocab_size or i < 0], self.vocab_size),
+                               skip_special_tokens=False)
 
     def save(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)

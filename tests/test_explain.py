@@ -17,11 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.apps.explain import (
-    causal_attention,
-    explain_command,
-    forward_with_attention,
-)
+from lmforge.apps.explain import explain_command, forward_with_attention
 from lmforge.checkpoint import load_model, save_model
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
@@ -37,6 +33,12 @@ FAMILIES = {
     "seed": dict(n_layer=2, n_head=2, n_embd=32, intermediate_size=32, block_size=64, norm_placement="post",
                  mlp="relu", pos="sinusoidal", tie_embeddings=False, embed_scale=True, final_norm=False,
                  dropout=0.2, init="seed"),
+    # Gemma 2/3's pieces: a window of 4 on the first layer (with its own RoPE base), soft-capped scores at their own
+    # scale, per-head q/k norms, heads wider than n_embd / n_head, sandwich norms, GeGLU.
+    "gemma": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_size=12, block_size=64, norm="rmsnorm",
+                  mlp="geglu_tanh", pos="rope", bias=False, norm_placement="sandwich", embed_scale=True,
+                  qk_norm="head", attn_scale=0.3, attn_softcap=3.0, logit_softcap=5.0, sliding_window=4,
+                  window_layers=[0], rope_local_base=100.0, multiple_of=16),
 }
 
 
@@ -108,6 +110,10 @@ def test_explain_writes_the_models_own_numbers(tmp_path, tok, family, capsys):
     np.testing.assert_allclose(np.array(result["attention"]), att, atol=1e-6)
     np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-5)
     assert np.all(np.triu(att, k=1) == 0)  # causal
+    for layer in range(model.config.n_layer):  # a windowed layer's queries see their last `window` tokens only
+        window = model.config.layer_window(layer)
+        if window is not None:
+            assert np.all(np.tril(att[layer], k=-window) == 0) and np.any(np.tril(att[layer], k=-window + 1) > 0)
     assert att.max(-1).mean() > 1.5 / len(ids)  # not uniform: the check below is not trivially true
 
     pngs = sorted(p.name for p in out.glob("attention_layer*.png"))
@@ -142,16 +148,21 @@ def test_attention_times_v_is_the_models_attention_output(tmp_path, tok, family)
                                        rtol=1e-4, atol=1e-5)
 
 
-def test_causal_attention_matches_a_naive_loop():
+def test_attention_weights_match_a_naive_loop():
+    """Attention.weights, which explain reports: grouped-query heads, the layer's scale, soft-cap and window."""
     torch.manual_seed(0)
-    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
-    w = causal_attention(q, k)
+    config = ModelConfig(vocab_size=10, n_layer=1, n_head=4, n_kv_head=2, n_embd=32, attn_scale=0.5,
+                         attn_softcap=2.0, sliding_window=3)
+    attn = Transformer(config).blocks[0].attn
+    q, k = torch.randn(1, 4, 6, 8) * 3, torch.randn(1, 2, 6, 8)
+    w = attn.weights(q, k)
     for h in range(4):
-        for i in range(5):
-            scores = [float(q[0, h, i] @ k[0, h // 2, j]) / math.sqrt(8) for j in range(i + 1)]
+        for i in range(6):
+            seen = range(max(0, i - 2), i + 1)
+            scores = [2.0 * math.tanh(float(q[0, h, i] @ k[0, h // 2, j]) * 0.5 / 2.0) for j in seen]
             m = max(scores)
-            e = [math.exp(s - m) for s in scores]
-            expect = [x / sum(e) for x in e] + [0.0] * (4 - i)
+            e = [math.exp(x - m) for x in scores]
+            expect = [0.0] * seen.start + [x / sum(e) for x in e] + [0.0] * (5 - i)
             np.testing.assert_allclose(w[0, h, i].tolist(), expect, rtol=1e-5, atol=1e-7)
 
 

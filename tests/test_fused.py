@@ -52,7 +52,29 @@ CONFIGS = {
     "gpt-relu-gqa": ("gpt-nano", dict(mlp="relu", n_kv_head=2)),
     "llama-gqa": ("llama-nano", dict()),  # RMSNorm, rotary positions, SwiGLU, 4 query heads on 2 kv heads
     "llama-odd-head-size": ("llama-nano", dict(n_embd=120, n_head=4, n_kv_head=4, intermediate_size=100)),
+    # The imported families' pieces (lmforge.interop.hf_families), each where the test's positions reach it: the
+    # prompts run 2-7 tokens and 6 decode steps follow, past windows of 3-5 and original contexts of 8.
+    "llama3-rope-scaling": ("llama-nano", dict(rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                                 high_freq_factor=4.0, original_context=8))),
+    "qwen2-qkv-bias-yarn": ("llama-nano", dict(qkv_bias=True, rope_scaling=dict(type="yarn", factor=4.0,
+                                                                                 original_context=8))),
+    "qwen3-qk-norm-wide-heads": ("llama-nano", dict(qk_norm="head", head_size=40)),
+    "mistral-window": ("llama-nano", dict(sliding_window=4)),
+    "phi3-longrope-partial-window": ("llama-nano", dict(rope_dim=16, sliding_window=5, rope_scaling=dict(
+        type="longrope", short_factor=[1.0 + i / 8 for i in range(8)], long_factor=[2.0 + i for i in range(8)],
+        original_context=8, factor=8.0))),
+    "gemma2-sandwich-geglu-softcaps": ("llama-nano", dict(
+        norm_placement="sandwich", mlp="geglu_tanh", embed_scale=True, attn_scale=0.2, attn_softcap=2.0,
+        logit_softcap=1.5, sliding_window=3, window_layers=[0], head_size=24, tie_embeddings=True)),
+    "gemma3-local-rope-qk-norm": ("llama-nano", dict(
+        norm_placement="sandwich", mlp="geglu_tanh", qk_norm="head", sliding_window=3, window_layers=[0],
+        rope_local_base=100.0, rope_scaling=dict(type="linear", factor=4.0))),
+    "olmo2-output-norms-proj-qk-norm": ("llama-nano", dict(norm_placement="output", qk_norm="proj")),
 }
+
+
+BIT_IDENTICAL = ["gpt", "mistral-window", "gemma2-sandwich-geglu-softcaps", "gemma3-local-rope-qk-norm",
+                 "olmo2-output-norms-proj-qk-norm", "phi3-longrope-partial-window"]
 
 
 @pytest.mark.parametrize("K, N", [(100, 7), (384, 1152)])
@@ -105,11 +127,15 @@ def test_fused_generation_equals_plain_generation(ext):
     assert [len(t) for t in want] == [12, 5, 9, 9]
 
 
-def test_a_rows_logits_do_not_depend_on_the_batch_or_on_tokens_per_call(ext):
+@pytest.mark.parametrize("preset, overrides", [CONFIGS[k] for k in BIT_IDENTICAL], ids=BIT_IDENTICAL)
+def test_a_rows_logits_do_not_depend_on_the_batch_or_on_tokens_per_call(ext, preset, overrides):
     """Bit-identical: a row alone or among others, its tokens one per call or three at once (speculative
-    verification feeds several tokens, plain decoding one: greedy outputs must agree exactly)."""
+    verification feeds several tokens, plain decoding one: greedy outputs must agree exactly). Windows, soft-caps,
+    q/k norms and output norms keep it (LongRoPE too while no row crosses its original context: a row's new
+    tokens turn by the long factors once its last one is past it, as transformers does)."""
     torch.manual_seed(3)
-    model = prepare_for_decoding(Transformer(ModelConfig.from_name("gpt-nano", vocab_size=97, n_layer=2)).eval())
+    model = prepare_for_decoding(Transformer(ModelConfig.from_name(preset, vocab_size=97, n_layer=2,
+                                                                   **overrides)).eval())
     prompts = [[5, 6, 7, 8], [1, 2, 3, 4], [9, 10, 11, 12]]
     new = torch.tensor([[20, 21, 22], [30, 31, 32], [40, 41, 42]])
     def row_cache(batch_cache, b):  # row b of a prefilled cache on its own: the same prefix, bit for bit

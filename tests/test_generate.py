@@ -154,11 +154,11 @@ class TableModel(nn.Module):
         kv_cache.advance(tokens.shape[1])
         return F.one_hot(tokens, self.table.shape[0]).float()
 
-    def lm_head(self, h):
+    def logits(self, h):
         return h @ self.table
 
     def forward(self, tokens, positions=None, kv_cache=None):
-        return self.lm_head(self.hidden(tokens, positions, kv_cache))
+        return self.logits(self.hidden(tokens, positions, kv_cache))
 
 
 def test_beam_finds_a_better_sequence_than_greedy():

@@ -132,8 +132,8 @@ def test_import_command_keeps_tokenizer_and_chat_template(tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     ({"model_type": "bert"}, "model_type 'bert'"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling 'linear'"),
-    ({"model_type": "mistral", "sliding_window": 16}, "sliding_window=16"),
+    ({"rope_scaling": {"rope_type": "mrope", "factor": 2.0}}, "rope type 'mrope'"),
+    ({"hidden_act": "relu"}, "hidden_act='relu'"),
     ({"attention_bias": True}, "attention_bias"),
 ])
 def test_unsupported_llama_configs_say_why(change, message):

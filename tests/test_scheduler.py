@@ -145,3 +145,35 @@ def test_max_num_seqs_caps_the_running_batch():
     assert step(sched)[0] == {"0": 3, "1": 3}
     assert step(sched)[0] == {"0": 1, "1": 1}  # both finish here
     assert step(sched)[0] == {"2": 3}
+
+
+def test_a_longrope_sequence_growing_past_its_switch_is_computed_again_under_its_own_prefix_hashes():
+    """LongRoPE (recompute_at = the original context, 8 here): once a sequence is longer, every key turns by the
+    long factors, so it gives its blocks back and is computed again in full; its new blocks hash apart from the
+    short-factor blocks of the same tokens, which a short sequence still finds."""
+    sched = Scheduler(BlockManager(64, 4), 8, 32, recompute_at=8)
+    a = request("a", 8, max_tokens=4)
+    sched.add(a)
+    assert step(sched)[0] == {"a": 8} and a.cache_salt is None  # 8 tokens: short factors
+    short_blocks = list(a.block_table)
+    plan, _ = step(sched)  # a is now 9 tokens long: computed again, all 9 of them
+    assert plan == {"a": 9} and a.cache_salt == "long" and a.num_computed_tokens == 9 and a.num_tokens == 10
+    assert not set(a.block_table) & set(short_blocks) and sched.num_preemptions == 0
+    assert sched.block_manager.match_prefix(list(range(1, 9)) + [5], None)[:2] == short_blocks[:2]
+    assert sched.block_manager.match_prefix(a.token_ids, "long")[:2] == a.block_table[:2]
+    assert step(sched)[0] == {"a": 1}  # and decodes on, long
+
+
+def test_with_a_window_on_every_layer_blocks_behind_it_go_back_to_the_pool():
+    """Window 6, blocks of 4: a sequence keeps about window / block + 2 blocks however long it grows; the released
+    blocks stay findable by the prefix cache (hashed), and freeing it at the end frees the rest exactly once."""
+    sched = Scheduler(BlockManager(64, 4), 8, 32, window=6)
+    a = request("a", 9, max_tokens=30)
+    sched.add(a)
+    held = []
+    while not a.finished:
+        step(sched)
+        held.append(sum(b >= 0 for b in a.block_table))
+    assert 2 <= max(held) <= 3 and len(a.block_table) == 0  # 39 tokens would fill 10 blocks; freed at the end
+    assert sched.block_manager.num_used_blocks == 0 and sched.block_manager.num_free_blocks == 64
+    assert sched.block_manager.match_prefix(list(range(1, 10)))  # its first (released) blocks are still cached

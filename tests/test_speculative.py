@@ -104,8 +104,8 @@ class FixedLM(torch.nn.Module):
 
     def __init__(self, logits):
         super().__init__()
-        self.logits = torch.nn.Parameter(torch.as_tensor(logits, dtype=torch.float32), requires_grad=False)
-        self.config = SimpleNamespace(vocab_size=len(self.logits), block_size=10**6)
+        self.scores = torch.nn.Parameter(torch.as_tensor(logits, dtype=torch.float32), requires_grad=False)
+        self.config = SimpleNamespace(vocab_size=len(self.scores), block_size=10**6)
         self.caches = []
 
     def new_cache(self, batch_size, max_len):
@@ -116,8 +116,8 @@ class FixedLM(torch.nn.Module):
         kv_cache.tokens += tokens[0].tolist()
         return torch.zeros(*tokens.shape, 1)
 
-    def lm_head(self, hidden):
-        return self.logits.expand(*hidden.shape[:-1], -1)
+    def logits(self, hidden):
+        return self.scores.expand(*hidden.shape[:-1], -1)
 
 
 NEG = -math.inf
@@ -209,7 +209,7 @@ def test_sampled_tokens_follow_the_processed_target_distribution():
     target = FixedLM([0.0, 1.0, 0.5, 1.5, -0.5, 0.2])
     params = SamplingParams(max_tokens=2000, temperature=0.8, top_k=4, seed=3)
     tokens, stats = speculative_generate(target, draft, [0], params, k=4)
-    expected = torch.softmax(target.logits / 0.8, -1)
+    expected = torch.softmax(target.scores / 0.8, -1)
     expected[expected < expected.sort(descending=True).values[3]] = 0  # top_k=4
     expected /= expected.sum()
     counts = torch.bincount(torch.tensor(tokens), minlength=6).float()

@@ -1,10 +1,11 @@
 """`lmforge explain`: where a model looks and how surprised it is, token by token, for one text.
 
 One forward pass over the text gives
-- the attention weights of every layer and head: softmax(q k^T / sqrt(hs) + causal mask), recomputed in a hook from
-  the very queries and keys the block's attention uses (`Attention.project`: after RoPE; with grouped-query
-  attention each query head uses its group's key head), which is what F.scaled_dot_product_attention computes
-  inside without returning it (tests/test_explain.py checks weights @ V against the model's own attention output);
+- the attention weights of every layer and head: softmax(q k^T * scale + causal mask), recomputed in a hook from
+  the very queries and keys the block's attention uses (`Attention.project`: after q/k norms and RoPE; with
+  grouped-query attention each query head uses its group's key head) by the layer's own `Attention.weights` (its
+  scale, soft-cap and sliding window), which is what F.scaled_dot_product_attention computes inside without
+  returning it (tests/test_explain.py checks weights @ V against the model's own attention output);
 - for every token after the first, the model's probability of it given the tokens before (softmax of the logits
   at the previous position), its surprisal -log2 p in bits, and the top-k alternatives.
 
@@ -51,18 +52,6 @@ class TokenInfo:
 
 # ---------------------------------------------------------------------------------- the forward pass
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs)) with a causal mask: (B, nh, T, T) for q (B, nh, T, hs), k (B, nkv, T, hs).
-
-    Query head h uses key head h // (nh / nkv), as scaled_dot_product_attention's enable_gqa does.
-    """
-    nh, nkv, T = q.shape[1], k.shape[1], q.shape[2]
-    k = k.repeat_interleave(nh // nkv, dim=1)
-    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    return scores.masked_fill(~causal, -math.inf).softmax(dim=-1)
-
-
 @torch.inference_mode()
 def forward_with_attention(model, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (T, V) float32, attention (n_layer, n_head, T, T) float32) of one uncached pass over tokens."""
@@ -71,7 +60,7 @@ def forward_with_attention(model, tokens: Sequence[int]) -> tuple[torch.Tensor, 
     def hook(attn, args):
         x, layer, rope = args[0], args[1], args[2]  # Attention.forward(x, layer, rope, cache, mask, is_causal)
         q, k, _ = attn.project(x, rope)
-        captured[layer] = causal_attention(q, k)[0]
+        captured[layer] = attn.weights(q.float(), k.float())[0]  # causal, with the layer's window and soft-cap
 
     handles = [block.attn.register_forward_pre_hook(hook) for block in model.blocks]
     try:

@@ -38,6 +38,7 @@ from lmforge.checkpoint import save_model
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_write_text
 from lmforge.settings import check_choices, write_config
+from lmforge.templates import JINJA_FILE
 from lmforge.train.loop import Loop, budget_steps, claim_run_folder, prepare_run_folder, stop_on_signals
 from lmforge.train.metrics import MetricsLog, plot_losses
 from lmforge.train.optim import Schedule, make_optimizer, set_lr
@@ -177,7 +178,7 @@ def masked_loss(model, batch: tuple[torch.Tensor, torch.Tensor], reduction: str 
     inputs, targets = inputs.to(device), targets.to(device)
     keep = targets != IGNORE
     hidden = model.hidden(inputs)[keep]  # (N, C)
-    return F.cross_entropy(model.lm_head(hidden).float(), targets[keep], reduction=reduction)
+    return F.cross_entropy(model.logits(hidden).float(), targets[keep], reduction=reduction)
 
 
 @torch.no_grad()
@@ -250,6 +251,7 @@ def finetune(config: FinetuneConfig, train_examples: list[Example] | None = None
     base = load(config.base, tokenizer=config.tokenizer, prepare=False)
     model, tok, extras = base.model, base.tokenizer, base.extras
     template = read_template(config.chat_template) or base.chat_template().source
+    extras = {k: v for k, v in extras.items() if k != JINJA_FILE}  # the template travels in tokenizer_config.json
     if train_examples is None:
         train_examples, val_examples = read_data(config, tok, template, model.config.block_size)
     max_ids = model.config.block_size + 1

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from lmforge.infer.generate import beam_search, continuation_text, generate, prompt_tokens, stream
+from lmforge.infer.generate import beam_search, continuation_text, end_tokens, generate, prompt_tokens, stream
 from lmforge.infer.sampling import SamplingParams
 from lmforge.loader import load
 
@@ -118,7 +118,7 @@ def generate_command(model: str, prompt: str = "", max_tokens: int = 200, temper
         draft_net = load(draft, dtype=dtype, quantize=quantize, tokenizer=tokenizer).model
         for prompt_ids in prompts:
             tokens, stats = speculative_generate(net, draft_net, prompt_ids, params, k=num_speculative_tokens,
-                                                 eos_id=None if params.ignore_eos else loaded.eos_id)
+                                                 eos_id=None if params.ignore_eos else end_tokens(tok))
             print(continuation_text(tok, prompt_ids, tokens) if tok is not None else tokens, flush=True)
             print(json.dumps({"acceptance_rate": round(stats["acceptance_rate"], 3),
                               "tokens_per_round": round(stats["tokens_per_round"], 2)}), file=sys.stderr)

@@ -9,6 +9,11 @@ prefixes. A new request first looks up its prompt's full blocks by that chain an
 reference instead of recomputing. Blocks are reference-counted; a freed block that has a hash stays in the free
 pool, still findable, until it is evicted (least recently freed first) to make room for new tokens.
 
+Sliding windows: when every layer of the model attends through a window (Mistral), keys older than the window
+are never read again, so `release_before` gives their blocks back while the sequence runs; its table keeps the
+entry as RELEASED (the paged cache and the fused step read those slots as block 0, behind the window's mask), so
+a sequence holds about window / block_size + 2 blocks however long it grows.
+
 Pure Python, no torch: the block manager moves integers, the paged cache (paged_cache.py) moves tensors.
 Sequences are any objects with `token_ids`, `block_table`, `num_computed_tokens` and `num_hashed_blocks`.
 """
@@ -17,6 +22,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Sequence
+
+RELEASED = -1  # a block table entry whose block went back to the pool: its slots are behind every layer's window
 
 
 class Block:
@@ -70,15 +77,21 @@ class BlockManager:
 
     # ---- prefix cache --------------------------------------------------------------------------
     @staticmethod
+    def root(salt: str | None) -> int | None:
+        """The parent of a sequence's first block: none, or its salt's hash (its keys computed another way)."""
+        return None if salt is None else hash(salt)
+
+    @staticmethod
     def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
         return hash((parent, token_ids))
 
-    def match_prefix(self, token_ids: Sequence[int]) -> list[int]:
+    def match_prefix(self, token_ids: Sequence[int], salt: str | None = None) -> list[int]:
         """Block ids of the longest cached prefix of `token_ids`, in full blocks.
 
-        At least one token is always left uncovered: its logits are what the next step samples from.
+        At least one token is always left uncovered: its logits are what the next step samples from. `salt`
+        starts the hash chain: blocks computed another way (LongRoPE's long factors) are other blocks.
         """
-        bs, parent, hits = self.block_size, None, []
+        bs, parent, hits = self.block_size, self.root(salt), []
         for i in range((len(token_ids) - 1) // bs):
             chunk = tuple(token_ids[i * bs:(i + 1) * bs])
             parent = self.chain_hash(parent, chunk)
@@ -92,7 +105,7 @@ class BlockManager:
         """Name every block of `seq` that is now full and computed, so later requests can find it."""
         bs, table = self.block_size, seq.block_table
         for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // bs):
-            parent = self.blocks[table[i - 1]].hash if i else None
+            parent = self.blocks[table[i - 1]].hash if i else self.root(getattr(seq, "cache_salt", None))
             chunk = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             block = self.blocks[table[i]]
             block.hash, block.token_ids = self.chain_hash(parent, chunk), chunk
@@ -126,6 +139,8 @@ class BlockManager:
     def free(self, seq) -> None:
         """Drop `seq`'s references; blocks nobody holds return to the free pool (hashed ones stay findable)."""
         for block_id in reversed(seq.block_table):  # the tail goes first, so it is evicted before the prefix
+            if block_id == RELEASED:
+                continue
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed more often than taken"
@@ -135,6 +150,24 @@ class BlockManager:
                     self._free.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.num_hashed_blocks = 0
+
+    def release_before(self, seq, num_tokens: int) -> int:
+        """Give back the blocks of `seq` all of whose slots hold tokens before `num_tokens` (no query reads them
+        again: every layer's window starts later), keeping the last hashed one, whose hash the next block's chains
+        from. Their table entries become RELEASED. Returns how many blocks went back."""
+        upto = min(num_tokens // self.block_size, seq.num_hashed_blocks - 1)
+        released = 0
+        for i in range(max(upto, 0)):
+            block_id = seq.block_table[i]
+            if block_id == RELEASED:
+                continue
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:  # hashed (full and computed): it stays findable for other prompts
+                self._free[block_id] = None
+            seq.block_table[i] = RELEASED
+            released += 1
+        return released
 
     def _new_blocks(self, seq, num_new_tokens: int, computed_blocks: Sequence[int]) -> int:
         num_tokens = seq.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens

@@ -37,9 +37,10 @@ from lmforge.engine.paged_cache import PagedKVCache
 from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.engine.sequence import RequestOutput, Sequence
 from lmforge.errors import LmforgeError
-from lmforge.infer.generate import Completion, check_prompt, per_prompt_params
+from lmforge.infer.generate import Completion, check_prompt, end_tokens, per_prompt_params
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
 from lmforge.infer.speculative import accept_greedy, accept_reject, processed, token_probs
+from lmforge.rope import long_rope_switch
 
 log = logging.getLogger("lmforge.engine")
 
@@ -53,14 +54,15 @@ class Engine:
     """Continuous batching over one model.
 
     Args:
-        model: an lmforge `Transformer` (anything with `hidden`, `lm_head`, `config` and the cache protocol);
+        model: an lmforge `Transformer` (anything with `hidden`, `logits`, `config` and the cache protocol);
             prepared by `lmforge.infer.fused.prepare_for_decoding`, its decoding rows take the fused step.
-        tokenizer: decodes text and enables stop strings; its `eos_id` ends outputs unless ignore_eos.
+        tokenizer: decodes text and enables stop strings; its end tokens (`eos_id` and `end_ids`) end outputs
+            unless ignore_eos.
         num_blocks: KV blocks in the pool; default: room for max_num_seqs full-context sequences.
         block_size: token slots per KV block.
         max_num_seqs: the most sequences running at once.
         max_num_batched_tokens: the per-step token budget (decodes take 1, prompts are chunked to fit).
-        eos_id: the end-of-sequence token without a tokenizer (or to override its).
+        eos_id: the end-of-sequence token (or tokens) without a tokenizer (or to override its).
         draft: a smaller model sharing the tokenizer: speculative decoding of every decoding row.
         num_speculative_tokens: tokens the draft proposes per row and step.
         kv_dtype: the KV pool's dtype (default: the model's). float16 under a float32 model holds twice the tokens
@@ -69,7 +71,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, *, num_blocks: int | None = None, block_size: int = 16,
-                 max_num_seqs: int = 32, max_num_batched_tokens: int = 256, eos_id: int | None = None,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 256, eos_id: int | Seq[int] | None = None,
                  draft=None, num_speculative_tokens: int = 4, kv_dtype: torch.dtype | None = None):
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
         p = next(model.parameters())
@@ -83,8 +85,11 @@ class Engine:
         self.drafter = None if draft is None else Drafter(draft, self.config, num_blocks, block_size,
                                                           num_speculative_tokens)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
-                                   num_speculative_tokens if draft is not None else 0)
-        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+                                   num_speculative_tokens if draft is not None else 0,
+                                   recompute_at=long_rope_switch(self.config),
+                                   window=self.config.sliding_window if self.config.all_windowed and draft is None
+                                   else None)  # a draft reads the same blocks without a window
+        self.eos_ids = end_tokens(tokenizer, eos_id)
         self.requests: dict[str, list[Sequence]] = {}  # live requests -> their sequences
         self.counters = dict(prompt_tokens=0, generated_tokens=0, computed_tokens=0, steps=0,
                              draft_proposed=0, draft_accepted=0)
@@ -107,7 +112,7 @@ class Engine:
             raise RequestError(f"request id {request_id!r} is already in use")
         seqs = []
         for i in range(params.n):
-            seq = Sequence(request_id, prompt, params, i, self.eos_id)
+            seq = Sequence(request_id, prompt, params, i, self.eos_ids)
             seq.generator = None if params.greedy else make_generator(params.seed, i, self.device)
             seq.stops = StopStrings(params.stop) if self.tokenizer is not None else None
             seqs.append(seq)
@@ -207,13 +212,14 @@ class Engine:
             tables = [s.block_table for s, _ in group]
             starts = [s.num_computed_tokens for s, _ in group]
             feeds = [s.token_ids[a:a + n] for (s, n), a in zip(group, starts)]
+            long = self._long_rope([s for s, _ in group])
             if group is decodes:  # one token a row: the fused step where the model has one
-                rows = forward.logits(self.model, self.cache, tables, feeds, starts)
+                rows = forward.logits(self.model, self.cache, tables, feeds, starts, long_rope=long)
                 logits += [rows if len(pick) == len(group) else rows[pick]] if pick else []
             else:  # prompt chunks: the head only where a row samples
-                last = forward.hidden(self.model, self.cache, tables, feeds, starts)[
+                last = forward.hidden(self.model, self.cache, tables, feeds, starts, long)[
                     torch.arange(len(group)), torch.tensor([n for _, n in group]) - 1]
-                logits += [self.model.lm_head(last[pick])] if pick else []  # last: (B, C)
+                logits += [self.model.logits(last[pick])] if pick else []  # last: (B, C)
             seqs += [group[b][0] for b in pick]
         sampled, lps = self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), seqs) if seqs else ({}, {})
         if speculative:
@@ -221,6 +227,13 @@ class Engine:
             sampled.update(more)
             lps.update(more_lps)
         return sampled, lps
+
+    def _long_rope(self, seqs: list[Sequence]) -> list[bool] | None:
+        """LongRoPE models: which rows turn by the long factors (their sequences are past the original context,
+        whichever chunk of them a step feeds). None for other models."""
+        if self.scheduler.recompute_at is None:
+            return None
+        return [s.cache_salt == "long" for s in seqs]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[dict[int, list[int]], dict]:
         """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG."""
@@ -239,7 +252,8 @@ class Engine:
         drafted, q = self.drafter.propose(seqs, ks)
         all_logits = forward.logits(self.model, self.cache, [s.block_table for s in seqs],  # (B, T, V)
                                     [s.token_ids[-1:] + d for s, d in zip(seqs, drafted)],
-                                    [s.num_computed_tokens for s in seqs], every_position=True)
+                                    [s.num_computed_tokens for s in seqs], every_position=True,
+                                    long_rope=self._long_rope(seqs))
         sampled, lps = {}, {}
         for b, s in enumerate(seqs):
             logits = all_logits[b, :ks[b] + 1]  # (k + 1, V): the target after each fed token

@@ -16,38 +16,45 @@ from lmforge.engine.paged_cache import PagedKVCache, block_table_tensor
 
 
 def hidden(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], feeds: Sequence[Sequence[int]],
-           starts: Sequence[int]) -> torch.Tensor:
-    """Hidden states (B, T, C) of the model's forward over the rows, right-padded to the longest feed T."""
+           starts: Sequence[int], long_rope: Sequence[bool] | None = None) -> torch.Tensor:
+    """Hidden states (B, T, C) of the model's forward over the rows, right-padded to the longest feed T.
+
+    long_rope: which rows' sequences are past LongRoPE's original context (lmforge.rope.long_rope_rows); None
+    decides by the fed positions."""
     lengths = [len(f) for f in feeds]
     tokens = torch.zeros(len(feeds), max(lengths), dtype=torch.long)
     for b, f in enumerate(feeds):
         tokens[b, :len(f)] = torch.as_tensor(f)
-    cache.prepare([list(t) for t in block_tables], list(starts), lengths)
+    long = None if long_rope is None else list(long_rope)
+    cache.prepare([list(t) for t in block_tables], list(starts), lengths, long)
     return model.hidden(tokens.to(next(model.parameters()).device), kv_cache=cache)
 
 
 def logits(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], feeds: Sequence[Sequence[int]],
-           starts: Sequence[int], every_position: bool = False) -> torch.Tensor:
+           starts: Sequence[int], every_position: bool = False, long_rope: Sequence[bool] | None = None
+           ) -> torch.Tensor:
     """Logits at each row's last fed token (B, V), or with every_position at each fed token (B, T, V), rows
     shorter than the longest feed T padded with zeros."""
     lengths = [len(f) for f in feeds]
     T = max(lengths)
     fused = getattr(model, "fused_decoder", None)
     if fused is None or not fused.accepts(cache, T):
-        h = hidden(model, cache, block_tables, feeds, starts)
+        h = hidden(model, cache, block_tables, feeds, starts, long_rope)
         if not every_position:
             h = h[torch.arange(len(feeds)), torch.tensor(lengths) - 1]
-        return model.lm_head(h)
+        return model.logits(h)
     groups: dict[int, list[int]] = {}
     for b, n in enumerate(lengths):
         groups.setdefault(n, []).append(b)
     if len(groups) == 1:  # the usual case: one call, no reassembly
-        out = fused.paged(feeds, cache, block_table_tensor(block_tables), starts, T if every_position else 1)
+        out = fused.paged(feeds, cache, block_table_tensor(block_tables), starts, T if every_position else 1,
+                          long_rope)
         return out if every_position else out[:, 0]
     out = None
     for n, rows in groups.items():
         part = fused.paged([feeds[b] for b in rows], cache, block_table_tensor([block_tables[b] for b in rows]),
-                           [starts[b] for b in rows], n if every_position else 1)
+                           [starts[b] for b in rows], n if every_position else 1,
+                           None if long_rope is None else [long_rope[b] for b in rows])
         if out is None:
             out = part.new_zeros((len(feeds), T if every_position else 1, part.shape[-1]))
         out[rows, :part.shape[1]] = part

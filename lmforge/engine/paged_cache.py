@@ -32,13 +32,16 @@ from collections.abc import Sequence
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.model import causal_mask
 
 
 def block_table_tensor(block_tables: Sequence[Sequence[int]], device="cpu") -> torch.Tensor:
     """Rows' block tables as one (B, longest) tensor, shorter rows padded with block 0 (callers mask or never
-    reach those slots)."""
+    reach those slots), and released entries (behind a sliding window: lmforge.engine.block_manager.RELEASED)
+    read as block 0 too."""
     width = max(len(t) for t in block_tables)
-    return torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device)
+    return torch.tensor([[max(b, 0) for b in t] + [0] * (width - len(t)) for t in block_tables], dtype=torch.long,
+                        device=device)
 
 
 class PagedKVCache:
@@ -59,12 +62,15 @@ class PagedKVCache:
         """The ideal: 2 * n_layer * kv_dim * dtype bytes, as if no block were partly empty."""
         return self.bytes_per_block // self.block_size
 
-    def prepare(self, block_tables: list[list[int]], starts: list[int], lengths: list[int]) -> None:
+    def prepare(self, block_tables: list[list[int]], starts: list[int], lengths: list[int],
+                long_rope: list[bool] | None = None) -> None:
         """Set up the next forward: row b feeds lengths[b] tokens at positions starts[b], starts[b] + 1, ...
 
-        block_tables[b] must already hold slots for starts[b] + lengths[b] tokens.
+        block_tables[b] must already hold slots for starts[b] + lengths[b] tokens. long_rope: which rows turn by
+        LongRoPE's long factors (their sequences are past the original context; lmforge.rope.long_rope_rows).
         """
         device, bs = self.k.device, self.block_size
+        self.long_rope = None if long_rope is None else torch.tensor(long_rope, dtype=torch.bool, device=device)
         start = torch.tensor(starts, device=device)  # (B,)
         length = torch.tensor(lengths, device=device)  # (B,)
         T = max(lengths)
@@ -79,8 +85,8 @@ class PagedKVCache:
         self._write_slots = (blk * bs + slot_pos % bs)[valid]  # (N,) flat slot of each real new token
         self._valid = valid
 
-        key_pos = torch.arange(nblk * bs, device=device)  # (S,)
-        self._mask = (key_pos[None, None, :] <= self._positions[:, :, None])[:, None]  # (B, 1, T, S) causal, per row
+        self._key_pos = torch.arange(nblk * bs, device=device)  # (S,) a row's slot s holds its position s
+        self._masks: dict[int | None, torch.Tensor] = {}  # window -> (B, 1, T, S), made when a layer asks
         self._T = T
 
     # ---- the model's cache protocol ------------------------------------------------------------
@@ -88,8 +94,12 @@ class PagedKVCache:
         assert T == self._T, f"prepared for {self._T} new tokens per row, the model fed {T}"
         return self._positions  # (B, T)
 
-    def attention(self, T: int) -> tuple[torch.Tensor, bool]:
-        return self._mask, False
+    def attention(self, T: int, window: int | None = None) -> tuple[torch.Tensor, bool]:
+        """Each row's causal mask over its slots, within `window` positions when a layer has a sliding window."""
+        if window not in self._masks:
+            mask = causal_mask(self._positions[:, :, None], self._key_pos[None, None, :], window)  # (B, T, S)
+            self._masks[window] = mask[:, None]
+        return self._masks[window], False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new k, v (B, nkv, T, hs) into their slots; return each row's keys/values (B, nkv, S, hs)."""

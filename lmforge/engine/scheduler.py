@@ -16,7 +16,14 @@ give it several tokens.
 
 Preemption by recomputation: when a running sequence needs a block and none is free, the newest other running
 sequence gives all its blocks back and returns to the front of the waiting queue; when it is admitted again it
-recomputes its tokens (prompt and output so far), often from the prefix cache.
+recomputes its tokens (prompt and output so far), often from the prefix cache. The same path serves LongRoPE
+models (`recompute_at`, lmforge.rope.long_rope_switch): a sequence that grows past the original context has its
+keys turned by the long factors from then on, all of them, so it is computed again, under a prefix-cache salt of
+its own, as transformers' Phi-3 generation recomputes its cache there.
+
+Sliding windows (`window`: a model whose every layer has one, Mistral's): once computed, a sequence's blocks that
+lie wholly behind the window of its next query go back to the pool (BlockManager.release_before), so its memory
+follows the window, not its length.
 
 The scheduler needs no model: tests drive `schedule()` and `update_from_output()` with hand-made tokens.
 """
@@ -50,13 +57,15 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 32, max_num_batched_tokens: int = 256,
-                 num_lookahead_tokens: int = 0):
+                 num_lookahead_tokens: int = 0, recompute_at: int | None = None, window: int | None = None):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or num_lookahead_tokens < 0:
             raise ValueError(f"max_num_seqs={max_num_seqs} and max_num_batched_tokens={max_num_batched_tokens} "
                              f"must both be >= 1 and num_lookahead_tokens={num_lookahead_tokens} >= 0")
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.num_lookahead_tokens = num_lookahead_tokens
+        self.recompute_at = recompute_at  # LongRoPE's switch: sequences longer than this are computed "long"
+        self.window = window  # every layer's sliding window: blocks behind it go back to the pool as sequences run
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -80,6 +89,9 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
+            if self.salt(seq) != seq.cache_salt:  # it grew past LongRoPE's switch: every key is computed again
+                self._release(seq)
+                continue
             n = min(seq.num_to_compute, budget)
             ahead = self._lookahead(seq, budget - n) if n == seq.num_to_compute == 1 else 0
             while not bm.allocate_slots(seq, n + ahead):
@@ -96,7 +108,8 @@ class Scheduler:
         # 2. Waiting sequences join, oldest first, unless this step already had to preempt.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            hits = bm.match_prefix(seq.token_ids)
+            seq.cache_salt = self.salt(seq)
+            hits = bm.match_prefix(seq.token_ids, seq.cache_salt)
             n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
             if not bm.allocate_slots(seq, n, hits):
                 break  # no room for its first chunk: it waits for blocks to be freed
@@ -123,12 +136,20 @@ class Scheduler:
         others = [s for s in self.running if s is not seq and s.seq_id not in busy]
         return max(others, key=lambda s: s.seq_id) if others else seq
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def salt(self, seq: Sequence) -> str | None:
+        """How a sequence's keys are computed: "long" past LongRoPE's switch, else None (the one way)."""
+        return "long" if self.recompute_at is not None and seq.num_tokens > self.recompute_at else None
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back all of a running sequence's blocks; it waits at the front, to compute its tokens again."""
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self._release(seq)
         out.preempted.append(seq)
         self.num_preemptions += 1
 
@@ -147,7 +168,7 @@ class Scheduler:
                 continue
             seq.num_computed_tokens += n
             if seq.num_computed_tokens < seq.num_tokens:
-                self.block_manager.cache_blocks(seq)
+                self._computed(seq)
                 continue  # a prefill chunk: nothing to sample yet
             tokens = sampled[seq.seq_id]
             advanced.append(seq)
@@ -155,12 +176,19 @@ class Scheduler:
             keep = tokens[:stop][:seq.params.max_tokens - (seq.num_tokens - seq.prompt_len)]
             seq.token_ids += keep
             seq.num_computed_tokens += min(len(keep), len(tokens) - 1)  # the accepted draft tokens
-            self.block_manager.cache_blocks(seq)
+            self._computed(seq)
             if stop is not None and stop <= len(keep):
                 self.finish(seq, "stop")
             elif seq.num_tokens - seq.prompt_len >= seq.params.max_tokens:
                 self.finish(seq, "length")
         return advanced
+
+    def _computed(self, seq: Sequence) -> None:
+        """After a step computed some of seq's tokens: name its full blocks for the prefix cache and, with a
+        window on every layer, give back the blocks behind it (the next query sits at num_computed_tokens)."""
+        self.block_manager.cache_blocks(seq)
+        if self.window is not None:
+            self.block_manager.release_before(seq, seq.num_computed_tokens - self.window + 1)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a sequence now (stop, length, a stop string found by the engine, or abort) and free its blocks."""

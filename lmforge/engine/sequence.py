@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -35,14 +36,14 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, index: int = 0,
-                 eos_id: int | None = None):
+                 eos_id: int | Collection[int] | None = None):
         self.seq_id = next(_seq_ids)  # also the arrival order: lower ids are older
         self.request_id, self.index, self.params = request_id, index, params
         self.token_ids = list(prompt_ids)
         self.prompt_len = len(prompt_ids)
-        # Tokens that end the output (not part of it): the stop_token_ids, and EOS unless ignore_eos.
-        self.stop_ids = frozenset(params.stop_token_ids) | (
-            {eos_id} if eos_id is not None and not params.ignore_eos else frozenset())
+        # Tokens that end the output (not part of it): the stop_token_ids, and the EOS token(s) unless ignore_eos.
+        ends = frozenset() if eos_id is None else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
+        self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else ends)
         self.status = Status.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.num_computed_tokens = 0
@@ -50,6 +51,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at the last admission
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0
+        self.cache_salt: str | None = None  # "long": its keys turn by LongRoPE's long factors (a hash chain of its own)
         self.generator: torch.Generator | None = None  # of a sampled (non-greedy) sequence; set by the engine
         self.stops: StopStrings | None = None  # over the decoded output, when the engine has a tokenizer
         self.num_emitted = 0  # output tokens already reported in a RequestOutput

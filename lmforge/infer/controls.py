@@ -221,8 +221,11 @@ class Controls:
         for t, b in self.token_bias.items():
             bias[t] = max(-MAX_BIAS, min(MAX_BIAS, bias.get(t, 0.0) + b))
         params.logit_bias = bias
+        from lmforge.infer.generate import end_tokens
+
+        ends = end_tokens(self.tokenizer, eos_id)
         eos_id = eos_id if eos_id is not None else getattr(self.tokenizer, "eos_id", None)
-        free = set(params.stop_token_ids) | ({eos_id} if eos_id is not None and not params.ignore_eos else set())
+        free = set(params.stop_token_ids) | (set() if params.ignore_eos else set(ends))
         params.guard = ControlGuard(self, free, eos_id, on_fire)
         return params.guard
 

@@ -14,9 +14,11 @@ a lock or writes a cache at run time. After changing fused_decode.cpp, rebuild w
 Where the step cannot run (not built, no AVX2, the classic post-norm model) `prepare_for_decoding` falls back to
 oneDNN-packed linear layers (lmforge.infer.packed), and `decode_path(model)` says which one runs.
 
-Supported: pre-norm decoders with LayerNorm or RMSNorm, learned or rotary positions, a GELU (exact or tanh), ReLU
-or SwiGLU MLP, multi-head or grouped-query attention, with or without biases, tied or separate output head: GPT-2,
-Llama and the gpt-* / llama-* presets, imported checkpoints and llama2.c models alike; float32
+Supported: decoders with LayerNorm or RMSNorm before, after (on the sublayer's output) or around each sublayer,
+learned or rotary positions (scaled, partial, per-layer tables), a GELU (exact or tanh), ReLU, SwiGLU or GeGLU
+MLP, multi-head or grouped-query attention with any head size, q/k norms, sliding windows, score scales and
+soft-caps, with or without biases, tied or separate output head: GPT-2, Llama and the gpt-* / llama-* presets,
+llama2.c models and every imported family (Qwen, Mistral, Phi-3, Gemma 2/3, OLMo 2) alike; float32
 weights, or int8 ones with per-row scales (lmforge.infer.quantize's Int8Linear), which the kernel widens to float
 as it streams them: a quarter of the bytes for the same arithmetic. bfloat16 models get their linear layers packed
 for oneDNN (`prepare_for_decoding`) and the step hands each matrix product of all its rows to oneDNN's bfloat16
@@ -37,10 +39,11 @@ import torch.nn as nn
 from lmforge.infer import fused_build
 from lmforge.infer.packed import PackedLinear, pack_linears
 from lmforge.model import Block, KVCache, Transformer
+from lmforge.rope import long_rope_switch
 
 log = logging.getLogger(__name__)
 
-_ACT = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu": 4}
+_ACT = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu": 4, "geglu_tanh": 5}
 _extension = None
 _build_error: str | None = None
 
@@ -82,11 +85,13 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if not isinstance(model, Transformer):
         return f"{type(model).__name__} is not an lmforge Transformer"
     c = model.config
-    if c.norm_placement != "pre" or c.pos not in ("learned", "rope") or c.mlp not in _ACT:
-        return (f"norm_placement={c.norm_placement!r}, pos={c.pos!r}, mlp={c.mlp!r}: the fused step runs pre-norm "
-                f"models with learned or rotary positions and a {'/'.join(_ACT)} MLP")
-    if c.embed_scale or not c.final_norm:
-        return f"embed_scale={c.embed_scale}, final_norm={c.final_norm} are not fused"
+    if c.norm_placement == "post" or c.pos not in ("learned", "rope") or c.mlp not in _ACT:
+        return (f"norm_placement={c.norm_placement!r}, pos={c.pos!r}, mlp={c.mlp!r}: the fused step runs models "
+                f"with norms before or on their sublayers, learned or rotary positions and a {'/'.join(_ACT)} MLP")
+    if not c.final_norm:
+        return f"final_norm={c.final_norm} is not fused"
+    if c.qk_norm is not None and c.norm != "rmsnorm":
+        return f"qk_norm={c.qk_norm!r} with norm={c.norm!r}: the fused step norms q and k with RMSNorm"
     for module in model.modules():
         if type(module).__module__.startswith("lmforge.infer") and type(module).__name__ not in ("Int8Linear",
                                                                                                 "PackedLinear"):
@@ -118,6 +123,10 @@ class FusedDecoder:
     def __init__(self, model: Transformer):
         c = model.config
         self.n_head, self.eps, self.act = c.n_head, float(c.norm_eps), _ACT[c.mlp]
+        self.windows = [c.layer_window(i) or 0 for i in range(c.n_layer)]
+        self.scalars = [c.attn_scale or 0.0, c.attn_softcap or 0.0, c.logit_softcap or 0.0,
+                        c.n_embd ** 0.5 if c.embed_scale else 0.0]
+        self.long_from = long_rope_switch(c)  # LongRoPE: rows whose sequence reaches it turn by the long tables
         none = torch.Tensor()  # an empty tensor marks an absent bias or scale
 
         def tensor(t):  # float32: bfloat16 models' norms, biases and rotary tables widened (small copies)
@@ -127,19 +136,27 @@ class FusedDecoder:
             weight = module.packed if isinstance(module, PackedLinear) else module.weight.detach()
             return [weight, tensor(getattr(module, "scales", None)), tensor(module.bias)]
 
-        def norm(module):  # weight, bias (RMSNorm has none)
-            return [tensor(module.weight), tensor(getattr(module, "bias", None))]
+        def norm(module):  # weight, bias (RMSNorm has none); an nn.Identity (no norm there) gives empty ones
+            return [tensor(getattr(module, "weight", None)), tensor(getattr(module, "bias", None))]
 
         self.params: list[torch.Tensor] = []
+        self.norms: list[torch.Tensor] = []  # per layer: q_norm, k_norm, post_norm1 (w, b), post_norm2 (w, b)
         for block in model.blocks:
             assert isinstance(block, Block)  # what the Transformer is made of (for the type checker)
             self.params += [*norm(block.norm1), *linear(block.attn.qkv), *linear(block.attn.proj),
                             *norm(block.norm2), *linear(block.mlp.fc), *linear(block.mlp.proj)]
+            attn = block.attn
+            self.norms += [tensor(attn.q_norm.weight) if attn.qk_norm else none,
+                           tensor(attn.k_norm.weight) if attn.qk_norm else none,
+                           *norm(block.post_norm1), *norm(block.post_norm2)]
         self.params += [model.tok_emb.weight.detach(), tensor(None if model.pos_emb is None else model.pos_emb.weight),
                         *norm(model.norm_f), *linear(model.lm_head)]
         self.rms = c.norm == "rmsnorm"
-        self.rope = (tensor(model.rope_cos), tensor(model.rope_sin)) if c.pos == "rope" else (none, none)
+        self.ropes = [tensor(getattr(model, f"rope{which}_{part}", None)) for which in ("", "_local", "_long")
+                      for part in ("cos", "sin")]  # empty where the model has no such table
         self.params = [p if p.is_mkldnn else p.contiguous() for p in self.params]  # a no-op for the usual, contiguous weights
+        self.norms = [p.contiguous() for p in self.norms]
+        self.ropes = [p.contiguous() for p in self.ropes]
         self.extension = _load_extension()
 
     def accepts(self, cache, new_tokens: int = 1) -> bool:
@@ -149,9 +166,13 @@ class FusedDecoder:
                 and cache.v.dtype == cache.k.dtype
                 and cache.k.is_contiguous() and cache.v.is_contiguous() and new_tokens <= self.MAX_TOKENS)
 
-    def _run(self, tokens, lo, start, last, cache, block_table):
+    def _run(self, tokens, lo, start, last, cache, block_table, long_rows=None):
+        if long_rows is None and self.long_from is not None:  # rows whose last new position is past the switch
+            long_rows = start + tokens.shape[1] - 1 - lo >= self.long_from
+        long_rows = torch.Tensor() if long_rows is None else torch.as_tensor(long_rows, dtype=torch.bool)
         return self.extension.forward_step(tokens, lo, start, last, cache.k, cache.v, block_table, self.params,
-                                           self.n_head, self.eps, self.act, self.rms, *self.rope)
+                                           self.norms, self.n_head, self.eps, self.act, self.rms, self.ropes,
+                                           long_rows.contiguous(), self.windows, self.scalars)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, last: int = 1) -> torch.Tensor:
@@ -166,14 +187,15 @@ class FusedDecoder:
 
     @torch.no_grad()
     def paged(self, feeds: Sequence[Sequence[int]], cache, block_table: torch.Tensor, starts: Sequence[int],
-              last: int = 1) -> torch.Tensor:
+              last: int = 1, long_rope: Sequence[bool] | None = None) -> torch.Tensor:
         """Rows of the serving engine's pool (lmforge.engine.forward): row b feeds the tokens feeds[b] (every row
         the same number) at positions starts[b].. (its cached tokens), its blocks block_table[b] ((B, blocks)
         int64, as lmforge.engine.paged_cache.block_table_tensor lays them out). Logits (B, last, V) of each row's
-        last `last` tokens."""
+        last `last` tokens. long_rope: the rows that turn by LongRoPE's long factors (default: those whose last
+        new position is past the original context)."""
         tokens = torch.tensor(feeds, dtype=torch.long)
         lo = torch.zeros(len(feeds), dtype=torch.long)
-        return self._run(tokens, lo, torch.tensor(starts, dtype=torch.long), last, cache, block_table)
+        return self._run(tokens, lo, torch.tensor(starts, dtype=torch.long), last, cache, block_table, long_rope)
 
 
 def prepare_for_decoding(model: nn.Module) -> nn.Module:

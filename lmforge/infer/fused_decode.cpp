@@ -3,6 +3,12 @@
 // per batch row (or a few: speculative verification), reading and writing lmforge's contiguous KV cache.
 // See lmforge/infer/fused.py for why.
 //
+// The imported families' pieces are here too, each one switch: q/k biases (a linear's bias), RMSNorm on q and k
+// (per head or over the projection), heads wider or narrower than n_embd / n_head, norms on the sublayers'
+// outputs as well as (or instead of) their inputs, GeGLU, embeddings scaled by sqrt(d), a score scale and
+// soft-cap, per-layer sliding windows, partial and scaled rotary tables (local layers' own, LongRoPE's long ones),
+// and soft-capped logits.
+//
 // Linear layers are AVX2/FMA matrix-vector products over the row-major float32 weights nn.Linear already holds,
 // a few output rows x a few batch rows per register tile, split across PyTorch's threads (at::parallel_for) by
 // output rows; bias, activation and the residual add are applied while the outputs are still in cache. bfloat16
@@ -22,7 +28,7 @@
 
 namespace {
 
-constexpr int kNone = 0, kGeluErf = 1, kGeluTanh = 2, kRelu = 3, kSwiGLU = 4;
+constexpr int kNone = 0, kGeluErf = 1, kGeluTanh = 2, kRelu = 3, kSwiGLU = 4, kGeGLUTanh = 5;
 
 // An absent bias or scale comes from Python as an empty tensor.
 inline bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
@@ -373,7 +379,7 @@ inline void dot4(const float* const q[4], const KV* const k[4], int64_t hs, floa
 template <typename KV>
 void attend(const float* q, const KV* k, const KV* v, const int64_t* slots, int64_t stride,
             int64_t head_stride, int64_t start, int64_t end, int64_t h0, int64_t h1, int64_t group, int64_t hs,
-            float scale, float* score, int64_t cap, float* inv, float* out) {
+            float scale, float softcap, float* score, int64_t cap, float* inv, float* out) {
   const int64_t hs8 = hs - hs % 8, H = h1 - h0;
   auto key = [&](int64_t s, int64_t h) { return k + slots[s] * stride + (h / group) * head_stride; };
   auto sc = [&](int64_t s, int64_t h) { return score + (h - h0) * cap + s; };
@@ -401,6 +407,10 @@ void attend(const float* q, const KV* k, const KV* v, const int64_t* slots, int6
       for (; s <= end; ++s) *sc(s, h) = dot(qh, key(s, h), hs, scale);
     }
   }
+
+  if (softcap > 0.0f)  // Gemma 2: scores squashed into (-softcap, softcap) before the softmax
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t s = start; s <= end; ++s) score[i * cap + s] = std::tanh(score[i * cap + s] / softcap) * softcap;
 
   for (int64_t i = 0; i < H; ++i) {  // softmax of each head's scores, in place
     float* e = score + i * cap;
@@ -436,9 +446,14 @@ void attend(const float* q, const KV* k, const KV* v, const int64_t* slots, int6
     for (int64_t d = 0; d < hs; ++d) out[h * hs + d] *= inv[h - h0];
 }
 
-// LayerNorm (mean and variance) or, with rms, RMSNorm (x / sqrt(mean(x^2) + eps) * g) of B rows of C.
+// LayerNorm (mean and variance) or, with rms, RMSNorm (x / sqrt(mean(x^2) + eps) * g) of B rows of C; x itself
+// where the model has no norm there (an empty g). out may be x.
 void norm(const float* x, int64_t B, int64_t C, const at::Tensor& g, const at::Tensor& beta, float eps, bool rms,
           float* out) {
+  if (!present(g)) {
+    if (out != x) std::copy(x, x + B * C, out);
+    return;
+  }
   const float* gp = g.data_ptr<float>();
   const float* bp = present(beta) ? beta.data_ptr<float>() : nullptr;
   at::parallel_for(0, B, 8, [&](int64_t begin, int64_t end) {  // rows split across threads from 16 rows on
@@ -457,9 +472,10 @@ void norm(const float* x, int64_t B, int64_t C, const at::Tensor& g, const at::T
   });
 }
 
-// Rotary embedding in place on n heads of hs at v: pairs (i, i + hs/2) turned by the angles of one position.
-void rotate(float* v, int64_t n, int64_t hs, const float* cos, const float* sin) {
-  const int64_t half = hs / 2;
+// Rotary embedding in place on n heads of hs at v: pairs (i, i + rot/2) of each head's first rot dims turned by
+// the angles of one position (rot < hs: partial rotary, the rest passes).
+void rotate(float* v, int64_t n, int64_t hs, int64_t rot, const float* cos, const float* sin) {
+  const int64_t half = rot / 2;
   for (int64_t h = 0; h < n; ++h, v += hs) {
     for (int64_t i = 0; i < half; ++i) {
       const float x1 = v[i], x2 = v[i + half];
@@ -469,11 +485,18 @@ void rotate(float* v, int64_t n, int64_t hs, const float* cos, const float* sin)
   }
 }
 
-// SwiGLU: out[r, i] = silu(gate[r, i]) * up[r, i] for rows of [gate (I); up (I)].
-void swiglu(const float* in, int64_t R, int64_t I, float* out) {
+// Gated MLPs: out[r, i] = f(gate[r, i]) * up[r, i] for rows of [gate (I); up (I)]; f is silu (SwiGLU) or the
+// tanh GELU (GeGLU, Gemma), computed as `activate` computes it.
+void gated(const float* in, int64_t R, int64_t I, float* out, int act) {
   for (int64_t r = 0; r < R; ++r) {
     const float *g = in + r * 2 * I, *u = g + I;
     float* o = out + r * I;
+    if (act == kGeGLUTanh) {
+      std::copy(g, g + I, o);
+      activate(o, I, kGeluTanh);
+      for (int64_t i = 0; i < I; ++i) o[i] *= u[i];
+      continue;
+    }
     int64_t i = 0;
     for (; i + 8 <= I; i += 8) {
       const __m256 gv = _mm256_loadu_ps(g + i);
@@ -499,10 +522,19 @@ void embed_row(const at::Tensor& table, int64_t i, int64_t C, float* out, bool a
 }  // namespace
 
 // params: per layer [ln1 w, b; qkv w, s, b; proj w, s, b; ln2 w, b; fc w, s, b; mlp_proj w, s, b] (16), then
-// [tok_emb, pos_emb (empty with rotary positions: rope_cos, rope_sin (max_pos, head_dim / 2) instead), lnf w, b;
-// head w, s, b]; a linear's w is float32 (its s undefined), int8 with float32 per-row scales s, or packed for
-// oneDNN; an absent bias is an empty tensor. Norms, biases and rotary tables are float32, embeddings float32 or
-// bfloat16.
+// [tok_emb, pos_emb (empty with rotary positions), lnf w, b; head w, s, b]; a linear's w is float32 (its s
+// undefined), int8 with float32 per-row scales s, or packed for oneDNN; an absent bias is an empty tensor, an
+// absent norm an empty weight (OLMo 2 has no input norms). Norms, biases and rotary tables are float32,
+// embeddings float32 or bfloat16.
+// norms: per layer [q_norm w, k_norm w, post_norm1 w, b, post_norm2 w, b] (6): RMSNorm of q and k before RoPE,
+// per head (a weight of head_dim) or over the projection (of n_head * head_dim, n_kv_head * head_dim); norms of
+// the attention and MLP outputs before their residual adds (Gemma's sandwich, OLMo 2); empty where absent.
+// ropes: [cos, sin, local cos, local sin, long cos, long sin], each (max_pos, rot / 2), rot the rotary dims of a
+// head; windowed layers turn by the local tables when present; rows flagged in long_rows (B,) turn by the long ones
+// (LongRoPE: a sequence past its original context; empty: none). Empty without rotary positions.
+// windows: per layer, a query sees the last windows[l] slots up to itself (0: all).
+// scalars: [attention score scale (0: 1 / sqrt(head_dim)), attention soft-cap (0: none), logit soft-cap (0: none),
+// embedding multiplier (0: none)].
 // tokens: (B, T) new tokens per row. New token t of row b goes to the row's slot start[b] + t, sits at position
 // start[b] + t - lo[b] and attends to the row's slots lo[b]..start[b] + t (a slot before lo[b] sees itself only).
 // The KV cache is lmforge's contiguous one, kcache/vcache (n_layer, B, n_kv_head, max_len, head_dim), with an empty
@@ -512,17 +544,28 @@ void embed_row(const at::Tensor& table, int64_t i, int64_t C, float* out, bool a
 template <typename KV>
 at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const at::Tensor& start, int64_t last,
                         at::Tensor kcache, at::Tensor vcache, const at::Tensor& block_table,
-                        const std::vector<at::Tensor>& params, int64_t n_head, double eps, int64_t act, bool rms,
-                        const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
+                        const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& norms, int64_t n_head,
+                        double eps, int64_t act, bool rms, const std::vector<at::Tensor>& ropes,
+                        const at::Tensor& long_rows, const std::vector<int64_t>& windows,
+                        const std::vector<double>& scalars) {
   const int64_t B = tokens.size(0), T = tokens.size(1), R = B * T;  // R rows: (b, t), b-major
   const bool paged = present(block_table);
   const int64_t L = kcache.size(0), nkv = kcache.size(paged ? 3 : 2), hs = kcache.size(4);
-  const int64_t C = n_head * hs, group = n_head / nkv, qkv_dim = C + 2 * nkv * hs;
   const at::Tensor* top = params.data() + 16 * L;  // tok_emb, pos_emb, lnf w, b, head w, s, b
   const at::Tensor& tok_emb = top[0];
   const at::Tensor& pos_emb = top[1];
-  const int64_t ffn = params[10].size(0), inner = act == kSwiGLU ? ffn / 2 : ffn;  // swiglu: [gate; up] rows
-  const bool rope = present(rope_cos);
+  const int64_t C = tok_emb.size(1), A = n_head * hs, group = n_head / nkv, qkv_dim = A + 2 * nkv * hs;
+  const bool gate = act == kSwiGLU || act == kGeGLUTanh;
+  const int64_t ffn = params[10].size(0), inner = gate ? ffn / 2 : ffn;  // gated: [gate; up] rows
+  TORCH_CHECK(ropes.size() == 6 && norms.size() == static_cast<size_t>(6 * L) &&
+              windows.size() == static_cast<size_t>(L) && scalars.size() == 4,
+              "forward_step wants 6 rope tables, 6 norms and a window per layer, and 4 scalars");
+  const bool rope = present(ropes[0]);
+  const int64_t rot = rope ? 2 * ropes[0].size(1) : 0;
+  TORCH_CHECK(rot <= hs, "rotary tables of ", rot, " dims do not fit heads of ", hs);
+  const float attn_scale = scalars[0] > 0 ? static_cast<float>(scalars[0]) : 1.0f / std::sqrt(static_cast<float>(hs));
+  const float attn_softcap = static_cast<float>(scalars[1]), logit_softcap = static_cast<float>(scalars[2]);
+  const float embed_scale = static_cast<float>(scalars[3]);
   TORCH_CHECK(tokens.is_contiguous() && lo.is_contiguous() && start.is_contiguous() && kcache.is_contiguous() &&
               vcache.is_contiguous() && (!paged || block_table.is_contiguous()),
               "forward_step wants contiguous tokens, lo, start, caches and block table");
@@ -530,7 +573,7 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
   const int64_t* lp = lo.data_ptr<int64_t>();
   const int64_t* sp = start.data_ptr<int64_t>();
   const int64_t vocab = tok_emb.size(0);
-  const int64_t max_pos = present(pos_emb) ? pos_emb.size(0) : rope ? rope_cos.size(0) : INT64_MAX;
+  const int64_t max_pos = present(pos_emb) ? pos_emb.size(0) : rope ? ropes[0].size(0) : INT64_MAX;
 
   // Where slot s of row b lives: kc + layer * layer_stride + slot_of[b][s] * row_stride + kv_head * head_stride.
   // Contiguous: row b's slots are consecutive in its (b, kv_head) plane. Paged: a slot is block * bs + offset.
@@ -550,8 +593,12 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
       slot_of[b][s] = (paged ? table[b * blocks + s / bs] : b * nkv) * bs + s % bs;
   }
 
-  std::vector<float> x(R * C), h(R * C), qkv(R * qkv_dim), att(R * C), ff(R * ffn), gated(act == kSwiGLU ? R * inner : 0);
+  std::vector<float> x(R * C), h(R * std::max(C, A)), qkv(R * qkv_dim), att(R * A), ff(R * ffn),
+      gated_ff(gate ? R * inner : 0), out(R * C);
   std::vector<int64_t> pos(R);
+  TORCH_CHECK(!present(long_rows) || (long_rows.numel() == B && long_rows.scalar_type() == at::kBool &&
+                                       present(ropes[4])), "long_rows wants a bool per row and long rope tables");
+  const bool* long_row = present(long_rows) ? long_rows.data_ptr<bool>() : nullptr;
   const int64_t* tp = tokens.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r)
     TORCH_CHECK(tp[r] >= 0 && tp[r] < vocab, "token id ", tp[r], " is outside the vocabulary 0..", vocab - 1);
@@ -559,21 +606,34 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
     const int64_t b = r / T, t = r % T;
     pos[r] = std::max<int64_t>(sp[b] + t - lp[b], 0);
     embed_row(tok_emb, tp[r], C, x.data() + r * C, false);
+    if (embed_scale > 0)
+      for (int64_t c = 0; c < C; ++c) x[r * C + c] *= embed_scale;
     if (present(pos_emb)) embed_row(pos_emb, pos[r], C, x.data() + r * C, true);
   }
   KV* kc = kcache.data_ptr<KV>();
   KV* vc = vcache.data_ptr<KV>();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
 
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* P = params.data() + 16 * l;
+    const at::Tensor* N = norms.data() + 6 * l;
+    const int64_t window = windows[l];
     norm(x.data(), R, C, P[0], P[1], eps, rms, h.data());
     linear(h.data(), R, C, P[2], P[3], P[4], qkv.data());
+    if (present(N[0])) {  // q and k normed per head (a weight of hs) or over each projection
+      const bool per_head = N[0].numel() == hs;
+      for (int64_t r = 0; r < R; ++r) {
+        float* q = qkv.data() + r * qkv_dim;
+        norm(q, per_head ? n_head : 1, per_head ? hs : A, N[0], at::Tensor(), eps, true, q);
+        norm(q + A, per_head ? nkv : 1, per_head ? hs : nkv * hs, N[1], at::Tensor(), eps, true, q + A);
+      }
+    }
     if (rope) {
+      const bool local = window > 0 && present(ropes[2]);
       for (int64_t r = 0; r < R; ++r) {  // queries and keys turned by their positions
-        const float* c = rope_cos.data_ptr<float>() + pos[r] * (hs / 2);
-        const float* sn = rope_sin.data_ptr<float>() + pos[r] * (hs / 2);
-        rotate(qkv.data() + r * qkv_dim, n_head + nkv, hs, c, sn);
+        const int64_t which = local ? 2 : long_row && long_row[r / T] ? 4 : 0;
+        const float* c = ropes[which].data_ptr<float>() + pos[r] * (rot / 2);
+        const float* sn = ropes[which + 1].data_ptr<float>() + pos[r] * (rot / 2);
+        rotate(qkv.data() + r * qkv_dim, n_head + nkv, hs, rot, c, sn);
       }
     }
     KV* kl = kc + l * layer_stride;
@@ -581,7 +641,7 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
     for (int64_t r = 0; r < R; ++r) {  // the new keys and values into the cache
       const int64_t b = r / T, t = r % T, off = slot_of[b][sp[b] + t] * row_stride;
       for (int64_t kvh = 0; kvh < nkv; ++kvh) {
-        const float* kn = qkv.data() + r * qkv_dim + C + kvh * hs;
+        const float* kn = qkv.data() + r * qkv_dim + A + kvh * hs;
         std::copy(kn, kn + hs, kl + off + kvh * head_stride);
         std::copy(kn + nkv * hs, kn + nkv * hs + hs, vl + off + kvh * head_stride);
       }
@@ -595,19 +655,32 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
       for (int64_t task = begin; task < end; ++task) {
         const int64_t r = task / groups, h0 = task % groups * per, h1 = std::min(n_head, h0 + per);
         const int64_t b = r / T, self = sp[b] + r % T;
-        attend(qkv.data() + r * qkv_dim, kl, vl, slot_of[b].data(), row_stride, head_stride, std::min(lp[b], self),
-               self, h0, h1, group, hs, scale, score.data(), capacity, inv.data(), att.data() + r * C);
+        const int64_t first = window > 0 ? std::max(lp[b], self - window + 1) : lp[b];  // the window's first slot
+        attend(qkv.data() + r * qkv_dim, kl, vl, slot_of[b].data(), row_stride, head_stride, std::min(first, self),
+               self, h0, h1, group, hs, attn_scale, attn_softcap, score.data(), capacity, inv.data(),
+               att.data() + r * A);
       }
     });
-    linear(att.data(), R, C, P[5], P[6], P[7], x.data(), /*accumulate=*/true);
+    if (present(N[2])) {  // the attention output normed before its residual add
+      linear(att.data(), R, A, P[5], P[6], P[7], out.data());
+      norm(out.data(), R, C, N[2], N[3], eps, rms, out.data());
+      for (int64_t i = 0; i < R * C; ++i) x[i] += out[i];
+    } else {
+      linear(att.data(), R, A, P[5], P[6], P[7], x.data(), /*accumulate=*/true);
+    }
     norm(x.data(), R, C, P[8], P[9], eps, rms, h.data());
-    if (act == kSwiGLU) {
+    float* mlp_out = present(N[4]) ? out.data() : x.data();
+    if (gate) {
       linear(h.data(), R, C, P[10], P[11], P[12], ff.data());
-      swiglu(ff.data(), R, inner, gated.data());
-      linear(gated.data(), R, inner, P[13], P[14], P[15], x.data(), /*accumulate=*/true);
+      gated(ff.data(), R, inner, gated_ff.data(), static_cast<int>(act));
+      linear(gated_ff.data(), R, inner, P[13], P[14], P[15], mlp_out, /*accumulate=*/!present(N[4]));
     } else {
       linear(h.data(), R, C, P[10], P[11], P[12], ff.data(), false, static_cast<int>(act));
-      linear(ff.data(), R, ffn, P[13], P[14], P[15], x.data(), /*accumulate=*/true);
+      linear(ff.data(), R, ffn, P[13], P[14], P[15], mlp_out, /*accumulate=*/!present(N[4]));
+    }
+    if (present(N[4])) {  // the MLP output normed before its residual add
+      norm(out.data(), R, C, N[4], N[5], eps, rms, out.data());
+      for (int64_t i = 0; i < R * C; ++i) x[i] += out[i];
     }
   }
   std::vector<float> tail(B * last * C);  // the rows that go through the head
@@ -616,20 +689,26 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
   norm(tail.data(), B * last, C, top[2], top[3], eps, rms, h.data());
   at::Tensor logits = at::empty({B, last, top[4].size(0)}, tokens.options().dtype(at::kFloat));
   linear(h.data(), B * last, C, top[4], top[5], top[6], logits.data_ptr<float>());
+  if (logit_softcap > 0) {
+    float* lg = logits.data_ptr<float>();
+    for (int64_t i = 0; i < logits.numel(); ++i) lg[i] = std::tanh(lg[i] / logit_softcap) * logit_softcap;
+  }
   return logits;
 }
 
 at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at::Tensor& start, int64_t last,
                         at::Tensor kcache, at::Tensor vcache, const at::Tensor& block_table,
-                        const std::vector<at::Tensor>& params, int64_t n_head, double eps, int64_t act, bool rms,
-                        const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
+                        const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& norms, int64_t n_head,
+                        double eps, int64_t act, bool rms, const std::vector<at::Tensor>& ropes,
+                        const at::Tensor& long_rows, const std::vector<int64_t>& windows,
+                        const std::vector<double>& scalars) {
   const auto kv = kcache.scalar_type();
   TORCH_CHECK(vcache.scalar_type() == kv && (kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16),
               "forward_step wants a float32, float16 or bfloat16 KV cache");
   auto step = kv == at::kHalf ? forward_step_kv<at::Half>
               : kv == at::kBFloat16 ? forward_step_kv<at::BFloat16> : forward_step_kv<float>;
-  return step(tokens, lo, start, last, kcache, vcache, block_table, params, n_head, eps, act, rms, rope_cos,
-              rope_sin);
+  return step(tokens, lo, start, last, kcache, vcache, block_table, params, norms, n_head, eps, act, rms, ropes,
+              long_rows, windows, scalars);
 }
 
 // act(x @ (w * scale[:, None]).T + bias) for x (B, K): the step's matrix product on its own, for tests and benchmarks.

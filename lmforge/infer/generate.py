@@ -14,7 +14,7 @@ model masks padding slots and gives each row its own positions (`KVCache.pad`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +28,7 @@ from lmforge.infer.sampling import (
     sample_next,
     token_logprobs,
 )
+from lmforge.rope import long_rope_switch
 
 
 @dataclass
@@ -53,6 +54,16 @@ class Completion:
     text: str | None = None  # decoded output, truncated before a stop string; None without a tokenizer
     finish_reason: str | None = None  # "stop" (stop token, EOS or stop string) | "length" (max_tokens)
     logprobs: list[TokenLogprob] | None = None
+
+
+def end_tokens(tokenizer=None, eos_id: int | Collection[int] | None = None) -> set[int]:
+    """The tokens that end an output (and are not part of it): `eos_id` (one id or several) when given, else the
+    tokenizer's eos_id, and the tokenizer's `end_ids` (llama2.c's BOS; an imported model's generation_config.json
+    list: Llama 3 instruct ends a turn with <|eot_id|>, a document with <|end_of_text|>)."""
+    if eos_id is None:
+        eos_id = getattr(tokenizer, "eos_id", None)
+    ends = set() if eos_id is None else {int(eos_id)} if isinstance(eos_id, int) else set(map(int, eos_id))
+    return ends | set(getattr(tokenizer, "end_ids", ()))
 
 
 # ---------------------------------------------------------------------------------- cache rows
@@ -82,7 +93,22 @@ def prefill(model, prompts: Sequence[Sequence[int]], max_len: int):
         tokens[b, L - len(p):] = torch.as_tensor(p, dtype=torch.long)
     cache = model.new_cache(len(prompts), max_len, pad=pad)
     hidden = model.hidden(tokens, kv_cache=cache)[:, -1]  # (B, C)
-    return model.lm_head(hidden), cache
+    return model.logits(hidden), cache
+
+
+def recompute_row(model, cache, row: int, tokens: Sequence[int]) -> torch.Tensor:
+    """Compute row `row` of a contiguous cache again from all its tokens (those cached and the one just fed) in one
+    forward, and return that row's next logits (V,). LongRoPE models need it when a sequence first reaches the
+    original context (lmforge.rope.long_rope_switch): from then on every position turns by the long factors,
+    the keys cached before too, as transformers' Phi-3 generation recomputes them."""
+    device = cache.k.device
+    fresh = model.new_cache(1, len(tokens))
+    hidden = model.hidden(torch.tensor([list(tokens)], device=device), kv_cache=fresh)[0, -1]
+    first = int(cache.pad[row]) if cache.pad is not None else 0  # the row's slots: first .. cache.length - 1
+    assert first + len(tokens) == cache.length, "the row's tokens must be the ones its cache holds"
+    cache.k[:, row, :, first:cache.length] = fresh.k[:, 0, :, :len(tokens)]
+    cache.v[:, row, :, first:cache.length] = fresh.v[:, 0, :, :len(tokens)]
+    return model.logits(hidden)
 
 
 def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor:
@@ -192,20 +218,20 @@ def _normalise(model, prompts, params, has_tokenizer: bool) -> tuple[list[list[i
 
 @torch.inference_mode()
 def stream(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams] | SamplingParams, *,
-           tokenizer=None, eos_id: int | None = None) -> Iterator[Event]:
+           tokenizer=None, eos_id: int | Collection[int] | None = None) -> Iterator[Event]:
     """Generate for every prompt at once, yielding an `Event` per row per step as tokens are chosen.
 
     Args:
-        model: an lmforge `Transformer` (anything with hidden/lm_head/new_cache and the KV-cache forward).
+        model: an lmforge `Transformer` (anything with hidden/logits/new_cache and the KV-cache forward).
         prompts: token id lists, of any lengths.
         params: one `SamplingParams` per prompt, or one for all. Rows are prompt-major: prompt i's sample j
             is row sum(n of prompts before i) + j.
-        tokenizer: decodes text deltas and enables stop strings; its `eos_id` (and any `end_ids`, e.g. llama2.c's
-            BOS) ends a row unless ignore_eos.
-        eos_id: the end-of-sequence token when there is no tokenizer (or to override its).
+        tokenizer: decodes text deltas and enables stop strings; its end tokens (`end_tokens`: its eos_id and any
+            `end_ids`, e.g. llama2.c's BOS or an imported model's generation_config.json list) end a row unless
+            ignore_eos.
+        eos_id: the end-of-sequence token(s) when there is no tokenizer (or to override its eos_id).
     """
-    eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
-    ends = ({eos_id} if eos_id is not None else set()) | set(getattr(tokenizer, "end_ids", ()))
+    ends = end_tokens(tokenizer, eos_id)
     prompts, params = _normalise(model, prompts, params, tokenizer is not None)
 
     device = next(model.parameters()).device
@@ -227,6 +253,7 @@ def stream(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingPar
         select_cache_rows(cache, index)
     live = rows
     want_logprobs = any(sp.logprobs is not None for sp in params)
+    switch = long_rope_switch(model.config)
     while True:
         tokens = sample_next(logits, [r.params for r in live], [r.context for r in live],
                              [r.prompt_len for r in live], [r.generator for r in live])
@@ -245,6 +272,9 @@ def stream(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingPar
             tokens = tokens.index_select(0, index)
             live = [live[b] for b in keep]
         logits = decode_step(model, tokens, cache)
+        for b, row in enumerate(live):
+            if switch is not None and len(row.context) - 1 == switch:  # its first token past the short factors
+                logits[b] = recompute_row(model, cache, b, row.context)
 
 
 def _advance(row: _Row, token: int, logprob: TokenLogprob | None, tokenizer) -> Event:
@@ -261,7 +291,7 @@ def _advance(row: _Row, token: int, logprob: TokenLogprob | None, tokenizer) -> 
 
 
 def generate(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams] | SamplingParams, *,
-             tokenizer=None, eos_id: int | None = None) -> list[Completion]:
+             tokenizer=None, eos_id: int | Collection[int] | None = None) -> list[Completion]:
     """Run `stream` to the end: one `Completion` per output row (prompt-major, n samples per prompt)."""
     out: dict[int, Completion] = {}
     for ev in stream(model, prompts, params, tokenizer=tokenizer, eos_id=eos_id):

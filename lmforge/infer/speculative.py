@@ -20,10 +20,11 @@ Both models keep a KV cache holding every context token but the last; after a ro
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
+from lmforge.infer.generate import end_tokens
 from lmforge.infer.sampling import SamplingParams, make_generator, process_logits
 from lmforge.errors import LmforgeError
 
@@ -86,7 +87,7 @@ def feed(model, cache, sequence: Sequence[int], last: int) -> torch.Tensor:
     if fused is not None and fused.accepts(cache, new.shape[1]):
         return fused(new, cache, last)[0]
     hidden = model.hidden(new, kv_cache=cache)[0, -last:]  # (last, C): only these go through the head
-    return model.lm_head(hidden)
+    return model.logits(hidden)
 
 
 def _check(target, draft, prompt: list[int], params: SamplingParams, k: int) -> None:
@@ -109,7 +110,7 @@ def _check(target, draft, prompt: list[int], params: SamplingParams, k: int) -> 
 
 @torch.inference_mode()
 def speculative_generate(target, draft, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                         k: int = 4, *, eos_id: int | None = None) -> tuple[list[int], dict]:
+                         k: int = 4, *, eos_id: int | Collection[int] | None = None) -> tuple[list[int], dict]:
     """Continue one prompt with the target's distribution, drafting k tokens per target forward.
 
     Args:
@@ -119,7 +120,7 @@ def speculative_generate(target, draft, prompt_ids: Sequence[int], params: Sampl
         params: sampling settings (temperature 0 is greedy; penalties, top-k/top-p/min-p and seed apply to
             both models); one sample, stop token ids but not stop strings.
         k: draft tokens proposed per round.
-        eos_id: a token that ends the output (not included) unless params.ignore_eos.
+        eos_id: the token (or tokens) that end the output (not included) unless params.ignore_eos.
 
     Returns:
         (generated token ids, stats) with stats: acceptance_rate (accepted / proposed draft tokens), proposed,
@@ -128,7 +129,7 @@ def speculative_generate(target, draft, prompt_ids: Sequence[int], params: Sampl
     params = params or SamplingParams()
     prompt = [int(t) for t in prompt_ids]
     _check(target, draft, prompt, params, k)
-    stop_ids = set(params.stop_token_ids) | ({eos_id} if eos_id is not None and not params.ignore_eos else set())
+    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(end_tokens(None, eos_id)))
     max_len = len(prompt) + params.max_tokens - 1  # the last token is never fed
     target_cache, draft_cache = target.new_cache(1, max_len), draft.new_cache(1, max_len)
     generator = make_generator(params.seed)

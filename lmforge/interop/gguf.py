@@ -1,18 +1,27 @@
-"""GGUF export: an lmforge Llama or GPT-2 model and its tokenizer as one llama.cpp GGUF file.
+"""GGUF export: an lmforge model and its tokenizer as one llama.cpp GGUF file, for every family llama.cpp has.
 
 The file is written with llama.cpp's own `gguf` Python package (GGUFWriter, its tensor names and keys, its Q8_0
 quantizer), so names, metadata keys and block layouts are llama.cpp's by construction.
 
+Architectures (`ARCHS`, as convert_hf_to_gguf.py's classes): GPT-2 -> gpt2; Llama 3.x, SmolLM2, Mistral -> llama;
+Qwen2/2.5 -> qwen2 (q/k/v biases); Qwen3 -> qwen3 and OLMo 2 -> olmo2 (q/k norms); Phi-3/4-mini -> phi3 (fused
+qkv and gate_up, LongRoPE's factors as tensors); Gemma 2/3 -> gemma2, gemma3 (four norms a layer, already
+holding w + 1 as llama.cpp's do; soft-caps and windows as keys). What llama.cpp would compute differently is
+refused with the setting named (`gguf_problems`): dynamic NTK scaling, a sliding window where its architecture
+has none, Gemma windows, local bases or score scales other than the ones it fixes.
+
 Weights (ours -> llama.cpp):
-- Llama: our fused `attn.qkv` rows [q; k; v] split into attn_q, attn_k, attn_v; our fused SwiGLU `mlp.fc` rows
+- llama: our fused `attn.qkv` rows [q; k; v] split into attn_q, attn_k, attn_v; our fused gated `mlp.fc` rows
   [gate; up] into ffn_gate, ffn_up. llama.cpp's "llama" architecture rotates *adjacent* pairs (x[2i], x[2i+1])
   of each head (Meta's and llama2.c's layout), while lmforge rotates pairs (x[i], x[i + hs/2]) (Hugging Face's
   half-split layout). So q and k rows are permuted per head exactly as convert_hf_to_gguf.py's `permute` does for
   Hugging Face weights: half-split row j goes to 2j, row hs/2 + j to 2j + 1. A tied head is left out (llama.cpp
-  falls back to token_embd).
+  falls back to token_embd). The other rotary architectures rotate halves as lmforge does: no permutation.
 - GPT-2: llama.cpp's "gpt2" architecture keeps q/k/v fused as attn_qkv in our row order; linear weights are
   (out, in) on both sides. The tied head is written as `output` too, as convert_hf_to_gguf.py does. llama.cpp
   computes GELU with the tanh approximation; a model trained with exact (erf) GELU exports with a note.
+- Llama 3's RoPE bands are the rope_freqs tensor (divisors of the base frequencies), LongRoPE's factors
+  rope_factors_short / rope_factors_long; linear and YaRN scaling are keys.
 
 Tensor types: "f32", "f16" or "q8_0" for 2-D weights; 1-D tensors (norms, biases) stay float32, as llama.cpp's
 converter keeps them. Q8_0 packs rows in blocks of 32; a weight whose row length is not a multiple of 32 (e.g.
@@ -24,13 +33,15 @@ Tokenizers (all metadata llama.cpp's tokenizer needs):
   The pieces, scores and types are what llama.cpp's own convert-llama2c-to-ggml writes.
 - byte-level BPE (`BPETokenizer`, a tokenizer.json): tokenizer.ggml.model "gpt2": tokens in id order, merges,
   token types (special added tokens control), the pre-tokenizer type ("gpt-2" for GPT-2's ByteLevel regex,
-  "llama-bpe" for Llama 3's split), bos/eos ids, and the chat template from tokenizer_config.json if any.
+  "llama-bpe" for Llama 3's split), bos/eos ids, and the chat template (chat_template.jinja or
+  tokenizer_config.json's) if any.
 - char/word tokenizers (or none) have no GGUF form: tokenizer.ggml.model "none" (llama.cpp runs on token ids).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -53,6 +64,10 @@ SPIECE_SPACE = "\u2581"  # SentencePiece's visible space, which llama.cpp's "lla
 # Llama 3's pre-tokenizer regex (tokenizer.json Split pattern) -> llama.cpp's "llama-bpe" pre-tokenizer.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2/2.5/3's (single digits): transformers' tokenization_qwen2.PRETOKENIZE_REGEX -> llama.cpp's "qwen2".
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}  # tokenizer.json Split regex -> llama.cpp pre-tokenizer
 
 
 @dataclass
@@ -86,10 +101,63 @@ def half_split_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, hs // 2, C).transpose(1, 2).reshape(out, C)
 
 
+# llama.cpp's architecture for each Hugging Face family lmforge exports (convert_hf_to_gguf.py's classes). Only
+# "llama" rotates adjacent pairs (q and k rows permuted); the others rotate halves, as lmforge does ("NEOX").
+ARCHS = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+         "gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2"}
+# llama.cpp architectures whose sliding windows it applies (its phi3 reads the key but attends over the whole
+# context: checked against llama-cpp-python 0.3.36, tests/test_families.py).
+SWA_ARCHS = ("gemma2", "gemma3")
+
+
+def gguf_problems(config, arch: str) -> list[str]:
+    """What llama.cpp's `arch` would compute differently from this model (it has no key for it)."""
+    c, problems = config, []
+    scaling = (c.rope_scaling or {}).get("type")
+    if scaling == "dynamic":
+        problems.append("rope_scaling 'dynamic' (llama.cpp has no dynamic NTK scaling)")
+    if c.sliding_window is not None and arch not in SWA_ARCHS:
+        problems.append(f"sliding_window={c.sliding_window} (llama.cpp's {arch} attends over the whole context)")
+    if arch in ("gemma2", "gemma3"):
+        pattern = 2 if arch == "gemma2" else 6  # llama.cpp's fixed local:global pattern
+        fixed = [i for i in range(c.n_layer) if (i + 1) % pattern]
+        if c.sliding_window is not None and (c.window_layers or list(range(c.n_layer))) != fixed:
+            problems.append(f"window_layers={c.window_layers} (llama.cpp's {arch} windows layers {fixed})")
+        if c.attn_scale is not None and abs(c.attn_scale - c.head_dim ** -0.5) > 1e-7 * c.attn_scale:
+            problems.append(f"attn_scale={c.attn_scale:.6g} (llama.cpp's {arch} scales scores by "
+                            f"head_dim^-1/2 = {c.head_dim ** -0.5:.6g}: query_pre_attn_scalar must be head_dim)")
+    if arch == "gemma3" and c.rope_local_base not in (None, 10000.0):
+        problems.append(f"rope_local_base={c.rope_local_base} (llama.cpp's gemma3 local layers turn at 10000)")
+    return problems
+
+
 def gguf_arch(model: Transformer) -> str:
-    """'llama' or 'gpt2' (llama.cpp's architecture names); UnsupportedModelError names what does not fit."""
-    family = hf_family(model.config)  # the same two architectures, and the same refusal of quantized models
-    return {"llama": "llama", "gpt2": "gpt2"}[family]
+    """llama.cpp's architecture name for the model; UnsupportedModelError names what llama.cpp cannot reproduce."""
+    family = hf_family(model.config)  # the Hugging Face family, and the same refusal of quantized models
+    if family not in ARCHS:
+        raise UnsupportedModelError(f"llama.cpp has no architecture for lmforge's {family!r} export")
+    arch = ARCHS[family]
+    problems = gguf_problems(model.config, arch)
+    if problems:
+        raise UnsupportedModelError(f"GGUF export as llama.cpp's {arch!r} would change this model: "
+                                    f"{'; '.join(problems)}")
+    return arch
+
+
+def rope_factor_tensors(config) -> dict[str, torch.Tensor]:
+    """Per-frequency divisors llama.cpp applies to the base frequencies: Llama 3's bands (rope_freqs) as
+    convert_hf_to_gguf.py writes them, and LongRoPE's short and long factors (rope_factors_short/long)."""
+    from lmforge.rope import rope_frequencies
+
+    scaling = config.rope_scaling or {}
+    if scaling.get("type") == "llama3":
+        base, _ = rope_frequencies(config, config.rope_base, None)
+        scaled, _ = rope_frequencies(config, config.rope_base, scaling)
+        return {"rope_freqs": base / scaled}
+    if scaling.get("type") == "longrope":
+        return {f"rope_factors_{k}": torch.tensor(scaling[f"{k}_factor"], dtype=torch.float32)
+                for k in ("short", "long")}
+    return {}
 
 
 def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
@@ -113,26 +181,39 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
         put(T.OUTPUT, "tok_emb.weight")  # tied; convert_hf_to_gguf.py writes it out for GPT-2
     elif not c.tie_embeddings:
         put(T.OUTPUT, "lm_head.weight")
+    out |= {f"{k}.weight": v for k, v in rope_factor_tensors(c).items()}
     for i in range(c.n_layer):
         p = f"blocks.{i}."
-        if arch == "llama":
-            q, k, v = sd[p + "attn.qkv.weight"].split([c.n_embd, c.kv_dim, c.kv_dim])
-            gate, up = sd[p + "mlp.fc.weight"].chunk(2)
-            put(T.ATTN_NORM, p + "norm1.weight", bid=i)
-            put(T.ATTN_Q, half_split_to_interleaved(q, c.n_head), bid=i)
-            put(T.ATTN_K, half_split_to_interleaved(k, c.n_kv_head), bid=i)
-            put(T.ATTN_V, v, bid=i)
-            put(T.ATTN_OUT, p + "attn.proj.weight", bid=i)
-            put(T.FFN_NORM, p + "norm2.weight", bid=i)
-            put(T.FFN_GATE, gate, bid=i)
-            put(T.FFN_UP, up, bid=i)
-            put(T.FFN_DOWN, p + "mlp.proj.weight", bid=i)
-        else:
+        if arch == "gpt2":
             parts = {T.ATTN_NORM: "norm1", T.ATTN_QKV: "attn.qkv", T.ATTN_OUT: "attn.proj", T.FFN_NORM: "norm2",
                      T.FFN_UP: "mlp.fc", T.FFN_DOWN: "mlp.proj"}
             for tensor, ours in parts.items():
                 put(tensor, f"{p}{ours}.weight", bid=i)
                 put(tensor, f"{p}{ours}.bias", "bias", bid=i)
+            continue
+        norms = {T.ATTN_NORM: "norm1", T.ATTN_POST_NORM: "post_norm1", T.FFN_NORM: "norm2",
+                 T.FFN_POST_NORM: "post_norm2", T.ATTN_Q_NORM: "attn.q_norm", T.ATTN_K_NORM: "attn.k_norm"}
+        for tensor, ours in norms.items():  # the ones this model has (Gemma's already hold w + 1, as llama.cpp's)
+            if f"{p}{ours}.weight" in sd:
+                put(tensor, f"{p}{ours}.weight", bid=i)
+        for part in ("weight", "bias"):
+            key = f"{p}attn.qkv.{part}"
+            if key not in sd:
+                continue
+            if arch == "phi3":  # llama.cpp's Phi-3 keeps [q; k; v] fused
+                put(T.ATTN_QKV, key, part, bid=i)
+                continue
+            q, k, v = sd[key].split([c.q_dim, c.kv_dim, c.kv_dim])
+            if arch == "llama":  # adjacent-pair RoPE: q and k rows permuted per head
+                q, k = half_split_to_interleaved(q, c.n_head), half_split_to_interleaved(k, c.n_kv_head)
+            put(T.ATTN_Q, q, part, bid=i), put(T.ATTN_K, k, part, bid=i), put(T.ATTN_V, v, part, bid=i)
+        put(T.ATTN_OUT, p + "attn.proj.weight", bid=i)
+        if arch == "phi3":  # and [gate; up] fused in ffn_up
+            put(T.FFN_UP, p + "mlp.fc.weight", bid=i)
+        else:
+            gate, up = sd[p + "mlp.fc.weight"].chunk(2)
+            put(T.FFN_GATE, gate, bid=i), put(T.FFN_UP, up, bid=i)
+        put(T.FFN_DOWN, p + "mlp.proj.weight", bid=i)
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -153,7 +234,8 @@ def encode_tensor(array: np.ndarray, ftype: str):
 
 
 def add_hparams(writer, model: Transformer, arch: str, name: str) -> None:
-    """The architecture hyperparameters llama.cpp reads for `arch`."""
+    """The architecture hyperparameters llama.cpp reads for `arch` (convert_hf_to_gguf.py's set_gguf_parameters)."""
+    gguf = _gguf()
     c = model.config
     writer.add_name(name)
     writer.add_context_length(c.block_size)
@@ -163,12 +245,36 @@ def add_hparams(writer, model: Transformer, arch: str, name: str) -> None:
     writer.add_head_count(c.n_head)
     writer.add_head_count_kv(c.n_kv_head)
     writer.add_vocab_size(c.vocab_size)
-    if arch == "llama":
-        writer.add_rope_dimension_count(c.head_dim)
-        writer.add_rope_freq_base(c.rope_base)
-        writer.add_layer_norm_rms_eps(c.norm_eps)
-    else:
+    if arch == "gpt2":
         writer.add_layer_norm_eps(c.norm_eps)
+        return
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_rope_dimension_count(c.rotary_dim)
+    writer.add_rope_freq_base(c.rope_base)
+    if c.head_size is not None:
+        writer.add_key_length(c.head_dim)
+        writer.add_value_length(c.head_dim)
+    scaling = c.rope_scaling or {}
+    kind = scaling.get("type")
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(scaling["factor"])
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_context"])
+    elif kind == "longrope":
+        ratio = scaling.get("factor") or c.block_size / scaling["original_context"]
+        factor = scaling.get("attention_factor") or (
+            1.0 if ratio <= 1 else math.sqrt(1 + math.log(ratio) / math.log(scaling["original_context"])))
+        writer.add_rope_scaling_attn_factors(factor)
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_context"])
+    if c.sliding_window is not None:
+        writer.add_sliding_window(c.sliding_window)
+    if c.attn_softcap is not None:
+        writer.add_attn_logit_softcapping(c.attn_softcap)
+    if c.logit_softcap is not None:
+        writer.add_final_logit_softcapping(c.logit_softcap)
 
 
 def _padded(tokens: list[str], types: list[int], vocab_size: int, what: str) -> tuple[list[str], list[int]]:
@@ -226,12 +332,12 @@ def bpe_pre_tokenizer(spec: dict | None) -> str:
     if spec and spec.get("type") == "Sequence":
         steps = spec.get("pretokenizers", [])
         kinds = [s.get("type") for s in steps]
-        if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT \
-                and not steps[1].get("use_regex", True):
-            return "llama-bpe"
+        split = SPLITS.get(steps[0].get("pattern", {}).get("Regex")) if steps else None
+        if kinds == ["Split", "ByteLevel"] and split and not steps[1].get("use_regex", True):
+            return split
     raise UnsupportedModelError(f"the tokenizer.json pre-tokenizer {json.dumps(spec)[:200]} has no llama.cpp "
-                                f"equivalent lmforge knows (it maps GPT-2's ByteLevel regex to 'gpt-2' and "
-                                f"Llama 3's split to 'llama-bpe')")
+                                f"equivalent lmforge knows (it maps GPT-2's ByteLevel regex to 'gpt-2', "
+                                f"Llama 3's split to 'llama-bpe' and Qwen2's to 'qwen2')")
 
 
 def add_bpe_tokenizer(writer, tok: BPETokenizer, vocab_size: int, chat_template: str | None = None) -> None:
@@ -274,7 +380,14 @@ def add_bpe_tokenizer(writer, tok: BPETokenizer, vocab_size: int, chat_template:
 
 
 def chat_template_of(extras: dict[str, bytes] | None) -> str | None:
-    """The chat_template string of a kept tokenizer_config.json, if it has one."""
+    """The chat template kept with the model: chat_template.jinja (which wins, as in transformers), else the
+    chat_template string of tokenizer_config.json, if either is there."""
+    jinja = (extras or {}).get("chat_template.jinja")
+    if jinja:
+        try:
+            return jinja.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
     raw = (extras or {}).get("tokenizer_config.json")
     if not raw:
         return None
