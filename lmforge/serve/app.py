@@ -740,7 +740,7 @@ def _offsets(tokens: list[str]):
 
 def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                   api_key_file: str | None = None, max_batch: int = 16, max_queue: int = 64,
-                  max_model_len: int | None = None, quantize: Literal["none", "int8"] = "none",
+                  max_model_len: int | None = None, quantize: Literal["none", "int8", "int4"] = "none",
                   draft: str | None = None, num_speculative_tokens: int = 4, tokenizer: str | None = None,
                   dtype: Literal["float32", "bfloat16"] = "float32",
                   kv_dtype: Literal["auto", "float16"] = "auto", served_model_name: str | None = None,
@@ -758,7 +758,8 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
         max_batch: sequences decoded together in one batch.
         max_queue: requests allowed to wait beyond the running batch; more get 429 with Retry-After.
         max_model_len: prompt plus output tokens per request at most (default: the model's context).
-        quantize: int8 quantizes the linear layers' weights at load time (less memory, faster on CPU).
+        quantize: int8 or int4 (GGUF Q4_0's blocks) quantizes the linear layers' weights at load time (less
+            memory, faster decoding on CPU).
         draft: a smaller model sharing the tokenizer: speculative decoding of every running request (the
             output keeps the model's distribution; greedy output is unchanged).
         num_speculative_tokens: tokens the draft proposes per request and step.
