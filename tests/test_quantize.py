@@ -126,7 +126,7 @@ def test_quantize_command_writes_a_loadable_quantized_folder(tmp_path, capsys):
     assert quantize_command(str(tmp_path / "fp32"), str(tmp_path / "int4"), mode="int4") == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["mode"] == "int4" and report["bytes_after"] < report["bytes_before"]
-    assert isinstance(load_model(tmp_path / "int4")[0].blocks[0].mlp.fc, Int4Linear)
+    assert isinstance(load(tmp_path / "int4", prepare=False).model.blocks[0].mlp.fc, Int4Linear)
 
 
 def test_quantize_help_through_cli():
@@ -248,14 +248,14 @@ def test_int4_save_load_round_trip_and_runtime_shapes(tmp_path):
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"] == "int4"
     stored = load_file(tmp_path / "q" / "model.safetensors")
     assert stored["blocks.0.attn.qkv.weight"].dtype == torch.uint8 and stored["lm_head.scales"].dtype == torch.float16
-    loaded, _ = load_model(tmp_path / "q")
+    loaded = load(tmp_path / "q", prepare=False).model
     empty = convert_for_runtime(tiny("llama-nano", intermediate_size=72), "int4")
     assert {k: (v.shape, v.dtype) for k, v in q.state_dict().items()} == \
            {k: (v.shape, v.dtype) for k, v in empty.state_dict().items()}
     tokens = torch.randint(0, 97, (1, 16))
     with torch.no_grad():
         assert torch.equal(loaded(tokens), q(tokens))
-    bf16, _ = load_model(tmp_path / "q", dtype=torch.bfloat16)  # a cast keeps Q4_0's float16 scales exact
+    bf16 = load(tmp_path / "q", dtype="bfloat16", prepare=False).model  # a cast keeps Q4_0's float16 scales exact
     assert torch.equal(bf16.lm_head.scales, q.lm_head.scales)
 
 

@@ -40,7 +40,6 @@ import torch.nn as nn
 
 from lmforge.infer import fused_build
 from lmforge.infer.packed import PackedLinear, gemm_linears, pack_linears
-from lmforge.infer.quantize import Int4Linear, Int8Linear
 from lmforge.model import Block, KVCache, Transformer
 
 log = logging.getLogger(__name__)
@@ -99,8 +98,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
         if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16:
             return "bfloat16 linear layers run packed for oneDNN (prepare_for_decoding packs them where it can)"
         params, buffers = list(module.parameters(recurse=False)), list(module.buffers(recurse=False))
-        floats = params if isinstance(module, (Int8Linear, Int4Linear)) else params + buffers  # the kernel checks
-        if (any(t.dtype not in (torch.float32, torch.bfloat16) for t in floats)  # quantized weights and scales
+        quantized = type(module).__name__ in ("Int8Linear", "Int4Linear")  # lmforge.infer.quantize's
+        floats = params if quantized else params + buffers  # the kernel checks quantized weights and scales
+        if (any(t.dtype not in (torch.float32, torch.bfloat16) for t in floats)
                 or any(t.device.type != "cpu" for t in params + buffers)):
             return "the fused step runs float32, bfloat16 (or int8- or 4-bit-weight) models on the CPU"
     if _load_extension() is None:
@@ -131,8 +131,8 @@ class FusedDecoder:
 
         def linear(module):  # weight (oneDNN-packed for PackedLinear), scales (int8: float32, 4-bit: float16), bias
             weight = module.packed if isinstance(module, PackedLinear) else module.weight.detach()
-            scales = module.scales if isinstance(module, Int4Linear) else tensor(getattr(module, "scales", None))
-            return [weight, scales, tensor(module.bias)]
+            scales = getattr(module, "scales", None)  # 4-bit blocks' float16 scales go as they are
+            return [weight, scales if weight.dtype == torch.uint8 else tensor(scales), tensor(module.bias)]
 
         def norm(module):  # weight, bias (RMSNorm has none)
             return [tensor(module.weight), tensor(getattr(module, "bias", None))]

@@ -119,17 +119,14 @@ def int4_from_q4_0_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _weights(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our state dict for export: float32 tensors, int4 weights as Q4_0 rows (uint8), int8 ones dequantized."""
-    from lmforge.infer.quantize import Int4Linear, Int8Linear
-
-    sd = {k: v.detach().float().cpu() for k, v in model_tensors(model).items() if v.is_floating_point()}
-    for name, module in model.named_modules():
-        if isinstance(module, Int4Linear):
-            sd[f"{name}.weight"] = q4_0_rows(module.weight.cpu(), module.scales.cpu())
-        elif isinstance(module, Int8Linear):
-            sd[f"{name}.weight"] = module.dequantized().detach().float().cpu()
-        sd.pop(f"{name}.scales", None)
-    return sd
+    """Our state dict for export, float32, except a quantized model's weights (lmforge.infer.quantize's layouts,
+    known by their `scales`): 4-bit ones (uint8) as Q4_0 rows, int8 ones (one scale per row) dequantized."""
+    sd = {k: v.detach().cpu() for k, v in model_tensors(model).items()}
+    for key in [k for k in sd if k.endswith(".scales")]:
+        scales, name = sd.pop(key), key[:-len("scales")] + "weight"
+        weight = sd[name]
+        sd[name] = q4_0_rows(weight, scales) if weight.dtype == torch.uint8 else weight.float() * scales.float()[:, None]
+    return {k: v if v.dtype == torch.uint8 else v.float() for k, v in sd.items()}
 
 
 def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
