@@ -327,10 +327,10 @@ def test_int4_model_decodes_as_its_dequantized_float_twin(ext, preset):
     twin = dequantized_twin(model, quantized)
     fused = prepare_for_decoding(quantized)
     assert decode_path(fused) == "fused" and isinstance(fused.lm_head, Int4Linear)
-    prompts = [list(range(1, 21)), [5, 6]]  # 20 rows: the prompt's products take the GEMM path
+    prompts = [list(range(1, 41)), [5, 6]]  # 2 x 40 rows: the prompt's products take the GEMM path
     with torch.no_grad():
-        want, want_cache = prefill(twin, prompts, 30)
-        got, cache = prefill(fused, prompts, 30)
+        want, want_cache = prefill(twin, prompts, 50)
+        got, cache = prefill(fused, prompts, 50)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         tokens = want.argmax(-1)
         for _ in range(5):

@@ -11,8 +11,9 @@ from lmforge.apps.convert import quantize_command
 from lmforge.checkpoint import CheckpointError, load_model, save_model
 from lmforge.config import ModelConfig
 from lmforge.infer.packed import GEMM_ROWS
-from lmforge.infer.quantize import (Int4Linear, Int8Linear, QuantizationError, convert_for_runtime, dequantize_int4,
-                                    int4_linear, int8_linear, quantize_int4, quantize_int8, quantize_model)
+from lmforge.infer.quantize import (Q4_GEMM_ROWS, Int4Linear, Int8Linear, QuantizationError, convert_for_runtime,
+                                    dequantize_int4, int4_linear, int8_linear, quantize_int4, quantize_int8,
+                                    quantize_model)
 from lmforge.loader import load
 from lmforge.model import Transformer
 
@@ -149,7 +150,7 @@ def test_int8_linear_matches_dequantized_reference_at_any_width(in_features):
     assert (got - ref).abs().max() <= 0.01 * ref.abs().max()  # bf16 activations: ~0.4% here
 
 
-@pytest.mark.parametrize("rows", [1, 5, GEMM_ROWS + 3])  # rows below GEMM_ROWS: the fused kernel; above: one GEMM
+@pytest.mark.parametrize("rows", [1, 5, GEMM_ROWS + 3])  # below GEMM_ROWS: torch's int8 kernel; from it: one GEMM
 def test_int8_linear_of_any_row_count_matches_dequantized_reference(rows):
     torch.manual_seed(rows)
     w, x, b = torch.randn(40, 64), torch.randn(rows, 64), torch.randn(40)
@@ -196,11 +197,11 @@ def test_quantize_int4_is_gguf_q4_0_byte_for_byte():
     assert (err <= d + 2 ** -10 * w.abs().reshape(24, 3, 32)).all() and (err <= d / 2 + 1e-6).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("rows", [1, 3, GEMM_ROWS + 1, 40])
+@pytest.mark.parametrize("rows", [1, 3, Q4_GEMM_ROWS - 1, Q4_GEMM_ROWS + 5])
 @pytest.mark.parametrize("bias", [True, False])
 def test_int4_linear_matches_the_naive_dequantized_reference(rows, bias):
-    """A few rows take the fused step's kernel, many one GEMM over the dequantized weight: both give the product
-    with the weight read one nibble at a time, to float32 rounding."""
+    """A few rows take the fused step's kernel, many (Q4_GEMM_ROWS on) one GEMM over the dequantized weight: both
+    give the product with the weight read one nibble at a time, to float32 rounding."""
     torch.manual_seed(rows)
     linear = torch.nn.Linear(96, 40, bias=bias)
     q = Int4Linear.from_linear(linear)
@@ -216,7 +217,7 @@ def test_int4_linear_runs_bfloat16_activations_and_keeps_float16_scales():
     torch.manual_seed(0)
     q = Int4Linear.from_linear(torch.nn.Linear(64, 32)).to(torch.bfloat16)
     assert q.scales.dtype == torch.float16 and q.bias.dtype == torch.bfloat16 and q.weight.dtype == torch.uint8
-    for rows in (2, 40):
+    for rows in (2, Q4_GEMM_ROWS + 1):
         x = torch.randn(rows, 64).to(torch.bfloat16)
         with torch.no_grad():
             got = q(x)

@@ -29,7 +29,8 @@ The products. Decoding (a few rows) runs in the fused C++ step (lmforge.infer.fu
 weights to float in registers as they stream in; an eager `Int4Linear` call of a few rows uses the same kernel.
 Many rows (a prompt) are matrix-matrix work: the weight is dequantized, exactly, to the activations' dtype and
 multiplied by oneDNN's GEMM (lmforge.infer.packed.gemm), at the CPU's float32 or bfloat16 GEMM rate; dequantizing
-a 4-bit weight costs about what 5 of its rows' products do, so at a prompt's hundreds of rows it is a few percent.
+costs about what a few dozen of its rows' products do, so it pays from `Q4_GEMM_ROWS` (int8: `GEMM_ROWS`) rows on
+and is a few percent of a prompt of hundreds.
 A few rows of int8 outside the fused step go through `torch._weight_int8pack_mm`, whose float32 kernel is a slow
 reference loop in torch 2.13 while its bfloat16 one is vectorised: activations are rounded to bfloat16 for it.
 That kernel needs the input width to be a multiple of its vector (16 on AVX-512; other widths return garbage or
@@ -51,6 +52,10 @@ from lmforge.model import Transformer
 
 MODES = ("int8", "int4")
 Q4_BLOCK = 32  # inputs per 4-bit block: GGUF Q4_0's
+# From this many rows on, a 4-bit product dequantizes and runs one GEMM; below, the decode step's kernel: 160-180
+# GFLOP/s a core at any row count, which dequantize + GEMM only passes from about 64 rows (AMD EPYC Zen 5, 1
+# thread, 4096 x 768 and 768 x 2048: 185 vs 171 at 64 rows, 154 vs 170 at 32).
+Q4_GEMM_ROWS = 64
 
 
 class QuantizationError(LmforgeError):
@@ -168,7 +173,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bia
     """y = x @ dequantize_int4(packed, scales).T + bias for x (..., in), in x's dtype."""
     rows, n = x.numel() // x.shape[-1], x.shape[-1]
     ext = _kernels() if x.device.type == "cpu" else None
-    if ext is not None and rows < GEMM_ROWS:  # a few rows: the decode step's kernel, weights widened in registers
+    if ext is not None and rows < Q4_GEMM_ROWS:  # a few rows: the decode step's kernel, widened in registers
         b = torch.Tensor() if bias is None else bias.float().contiguous()
         y = ext.linear_act(x.reshape(rows, n).float().contiguous(), packed, scales, b, 0)
         return y.to(x.dtype).view(*x.shape[:-1], packed.shape[0])
