@@ -378,7 +378,7 @@ inline void q4_tile(const float* x, int64_t b, int64_t K, const uint8_t* q, cons
   for (int64_t j = 0; j < blocks; ++j) {
     if (pf && j % 4 == 0)  // 4 blocks = one 64-byte line of each row
       for (int i = 0; i < O; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * row_bytes + 16 * j), _MM_HINT_T0);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < O; ++i) {
       Q4Vec w[kQ4Parts];
       q4_block(q + (o + i) * row_bytes + 16 * j, scale + (o + i) * blocks + j, w);
@@ -421,6 +421,9 @@ void linear_rows_q4(const float* x, int64_t B, int64_t K, const uint8_t* q, cons
     out = accumulate ? out + v : v;
   };
   int64_t o = o0;
+  if (B == 1)  // one row: 8 weight rows a tile (1 thread, a 12 x 768 Llama's products: 17.2 vs 15.8 GB/s at 4)
+    for (; o + 8 <= o1; o += 8) q4_tile<1, 8>(x, 0, K, q, scale, o, o + 24 <= o1 ? q + (o + 16) * row_bytes : nullptr,
+                                              finish);
   for (; o + 4 <= o1; o += 4) {  // the first row tile fetches the rows 8 ahead into cache
     q4_rows<4>(x, B, K, q, scale, o, o + 12 <= o1 ? q + (o + 8) * row_bytes : nullptr, finish);
   }
