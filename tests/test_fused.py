@@ -317,40 +317,23 @@ def dequantized_twin(model, quantized):
     return twin
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("preset", ["gpt-nano", "llama-nano"])
-def test_int4_model_decodes_as_its_dequantized_float_twin(ext, preset):
-    """The fused 4-bit step, and the 4-bit model's own prefill (one GEMM over the dequantized weights per layer),
-    against the float model holding the dequantized weights: float32 rounding apart."""
+def test_quantized_model_decodes_as_its_dequantized_float_twin(ext, preset, mode):
+    """The fused int8 / 4-bit step, and the quantized model's own prefill (one GEMM over the dequantized weights per
+    layer; the head's few rows through the step's kernel), against an independent reference: the float model
+    holding the dequantized weights. Float32 rounding apart."""
     torch.manual_seed(2)
     model = Transformer(ModelConfig.from_name(preset, vocab_size=97, n_layer=2)).eval()
-    quantized = quantize_model(copy.deepcopy(model), "int4")
+    quantized = quantize_model(copy.deepcopy(model), mode)
     twin = dequantized_twin(model, quantized)
     fused = prepare_for_decoding(quantized)
-    assert decode_path(fused) == "fused" and isinstance(fused.lm_head, Int4Linear)
+    assert decode_path(fused) == "fused" and isinstance(fused.lm_head, Int4Linear if mode == "int4" else Int8Linear)
     prompts = [list(range(1, 41)), [5, 6]]  # 2 x 40 rows: the prompt's products take the GEMM path
     with torch.no_grad():
         want, want_cache = prefill(twin, prompts, 50)
         got, cache = prefill(fused, prompts, 50)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        tokens = want.argmax(-1)
-        for _ in range(5):
-            want, got = decode_step(twin, tokens, want_cache), decode_step(fused, tokens, cache)
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-            tokens = want.argmax(-1)
-
-
-def test_int8_model_decodes_as_its_dequantized_float_twin(ext):
-    """The fused int8 step against an independent reference: the float model holding the dequantized weights."""
-    torch.manual_seed(2)
-    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=97, n_layer=2)).eval()
-    quantized = quantize_model(copy.deepcopy(model), "int8")
-    twin = dequantized_twin(model, quantized)
-    fused = prepare_for_decoding(quantized)
-    assert decode_path(fused) == "fused"
-    prompts = [[1, 2, 3, 4], [5, 6]]
-    with torch.no_grad():
-        want, want_cache = prefill(twin, prompts, 12)  # the eager int8 prefill rounds activations to bfloat16:
-        cache = copy.deepcopy(want_cache)  # both decode from the same float prefill
         tokens = want.argmax(-1)
         for _ in range(5):
             want, got = decode_step(twin, tokens, want_cache), decode_step(fused, tokens, cache)

@@ -26,15 +26,15 @@ float -- a lookup reads one row per token, so fewer bits would save memory but n
 own quantized copy: the tie is broken, the file holds the float embedding plus the quantized head.
 
 The products. Decoding (a few rows) runs in the fused C++ step (lmforge.infer.fused), which widens int8 and 4-bit
-weights to float in registers as they stream in; an eager `Int4Linear` call of a few rows uses the same kernel.
+weights to float in registers as they stream in; an eager call of a few rows uses the same kernel.
 Many rows (a prompt) are matrix-matrix work: the weight is dequantized, exactly, to the activations' dtype and
 multiplied by oneDNN's GEMM (lmforge.infer.packed.gemm), at the CPU's float32 or bfloat16 GEMM rate; dequantizing
 costs about what a few dozen of its rows' products do, so it pays from `Q4_GEMM_ROWS` (int8: `GEMM_ROWS`) rows on
 and is a few percent of a prompt of hundreds.
-A few rows of int8 outside the fused step go through `torch._weight_int8pack_mm`, whose float32 kernel is a slow
-reference loop in torch 2.13 while its bfloat16 one is vectorised: activations are rounded to bfloat16 for it.
-That kernel needs the input width to be a multiple of its vector (16 on AVX-512; other widths return garbage or
-segfault in torch 2.13); other widths, and other devices (CUDA, MPS), take the cast-weight formula.
+Without the compiled step, a few rows of int8 go through `torch._weight_int8pack_mm`, whose float32 kernel is a
+slow reference loop in torch 2.13 while its bfloat16 one is vectorised: activations are rounded to bfloat16 for
+it. That kernel needs the input width to be a multiple of its vector (16 on AVX-512; other widths return garbage
+or segfault in torch 2.13); other widths, and other devices (CUDA, MPS), take the cast-weight formula.
 """
 
 from __future__ import annotations
@@ -70,10 +70,17 @@ def check_mode(mode: str | None) -> str:
 
 
 def _kernels():
-    """The fused step's compiled extension (its 4-bit product and dequantizer), or None where it did not build."""
+    """The fused step's compiled extension (its products and 4-bit dequantizer), or None where it was not built."""
     from lmforge.infer.fused import _load_extension
 
     return _load_extension()
+
+
+def _kernel_rows(ext, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    """x (..., in) through the decode step's own kernel (float32, weights widened in registers), in x's dtype."""
+    b = torch.Tensor() if bias is None else bias.float().contiguous()
+    y = ext.linear_act(x.reshape(-1, x.shape[-1]).float().contiguous(), weight, scales, b, 0)
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
 # ------------------------------------------------------------------------------------------------ int8
@@ -94,6 +101,9 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ (weight * scales[:, None]).T + bias for x (..., in), int8 weight (out, in), scales (out,)."""
     rows = x.numel() // x.shape[-1]
+    ext = _kernels() if x.device.type == "cpu" and rows < GEMM_ROWS else None
+    if ext is not None:  # a few rows: the decode step's kernel, float32 throughout
+        return _kernel_rows(ext, x, weight, scales.float().contiguous(), bias)
     if x.device.type == "cpu" and rows >= GEMM_ROWS:  # a prompt: the exact int8 values in x's dtype, one GEMM
         y = gemm(x, weight.to(x.dtype)) * scales.to(x.dtype)
     elif x.device.type == "cpu" and weight.shape[1] % 16 == 0:  # other widths: wrong sums or a crash (torch 2.13)
@@ -171,12 +181,10 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ dequantize_int4(packed, scales).T + bias for x (..., in), in x's dtype."""
-    rows, n = x.numel() // x.shape[-1], x.shape[-1]
+    rows = x.numel() // x.shape[-1]
     ext = _kernels() if x.device.type == "cpu" else None
     if ext is not None and rows < Q4_GEMM_ROWS:  # a few rows: the decode step's kernel, widened in registers
-        b = torch.Tensor() if bias is None else bias.float().contiguous()
-        y = ext.linear_act(x.reshape(rows, n).float().contiguous(), packed, scales, b, 0)
-        return y.to(x.dtype).view(*x.shape[:-1], packed.shape[0])
+        return _kernel_rows(ext, x, packed, scales, bias)
     w = ext.dequantize_q4(packed, scales) if ext is not None else dequantize_int4(packed, scales)
     if x.device.type == "cpu":
         return gemm(x, w.to(x.dtype), bias)
