@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 from lmforge.infer.fused import _load_extension, decode_path, prepare_for_decoding, unsupported_reason
 from lmforge.infer.generate import decode_step, generate, prefill
-from lmforge.infer.packed import PackedLinear
+from lmforge.infer.packed import PackedLinear, bf16_gemm_available
 from lmforge.infer.quantize import (Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_int8,
                                     quantize_model)
 from lmforge.infer.sampling import SamplingParams
@@ -321,8 +321,8 @@ def dequantized_twin(model, quantized):
 @pytest.mark.parametrize("preset", ["gpt-nano", "llama-nano"])
 def test_quantized_model_decodes_as_its_dequantized_float_twin(ext, preset, mode):
     """The fused int8 / 4-bit step, and the quantized model's own prefill (one GEMM over the dequantized weights per
-    layer; the head's few rows through the step's kernel), against an independent reference: the float model
-    holding the dequantized weights. Float32 rounding apart."""
+    layer, in bfloat16 where oneDNN has it; the head's few rows through the step's kernel), against an independent
+    reference: the float model holding the dequantized weights. Float32 rounding apart for the step."""
     torch.manual_seed(2)
     model = Transformer(ModelConfig.from_name(preset, vocab_size=97, n_layer=2)).eval()
     quantized = quantize_model(copy.deepcopy(model), mode)
@@ -333,7 +333,8 @@ def test_quantized_model_decodes_as_its_dequantized_float_twin(ext, preset, mode
     with torch.no_grad():
         want, want_cache = prefill(twin, prompts, 50)
         got, cache = prefill(fused, prompts, 50)
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert (got - want).abs().max() < (0.02 if bf16_gemm_available() else 1e-4) * want.abs().max()
+        cache = copy.deepcopy(want_cache)  # the steps from the same prefill: float32 against float32
         tokens = want.argmax(-1)
         for _ in range(5):
             want, got = decode_step(twin, tokens, want_cache), decode_step(fused, tokens, cache)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from lmforge.apps.convert import quantize_command
 from lmforge.checkpoint import CheckpointError, load_model, save_model
 from lmforge.config import ModelConfig
-from lmforge.infer.packed import GEMM_ROWS
+from lmforge.infer.packed import GEMM_ROWS, bf16_gemm_available
 from lmforge.infer.quantize import (Q4_GEMM_ROWS, Int4Linear, Int8Linear, QuantizationError, convert_for_runtime,
                                     dequantize_int4, int4_linear, int8_linear, quantize_int4, quantize_int8,
                                     quantize_model)
@@ -197,11 +197,11 @@ def test_quantize_int4_is_gguf_q4_0_byte_for_byte():
     assert (err <= d + 2 ** -10 * w.abs().reshape(24, 3, 32)).all() and (err <= d / 2 + 1e-6).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("rows", [1, 3, Q4_GEMM_ROWS - 1, Q4_GEMM_ROWS + 5])
+@pytest.mark.parametrize("rows", [1, 3, Q4_GEMM_ROWS // 2 - 1, Q4_GEMM_ROWS // 2 + 5])  # x 2
 @pytest.mark.parametrize("bias", [True, False])
 def test_int4_linear_matches_the_naive_dequantized_reference(rows, bias):
-    """A few rows take the fused step's kernel, many (Q4_GEMM_ROWS on) one GEMM over the dequantized weight: both
-    give the product with the weight read one nibble at a time, to float32 rounding."""
+    """A few rows take the fused step's kernel (float32), many (Q4_GEMM_ROWS on) one GEMM over the dequantized weight
+    (bfloat16 where oneDNN has it): the product with the weight read one nibble at a time, to their rounding."""
     torch.manual_seed(rows)
     linear = torch.nn.Linear(96, 40, bias=bias)
     q = Int4Linear.from_linear(linear)
@@ -210,7 +210,10 @@ def test_int4_linear_matches_the_naive_dequantized_reference(rows, bias):
     with torch.no_grad():
         got = q(x)
     assert got.shape == (2, rows, 40) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    if 2 * rows < Q4_GEMM_ROWS or not bf16_gemm_available():  # float32 throughout
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    else:  # a prompt's product in bfloat16: activations and weights rounded to 8 significant bits
+        assert (got.double() - ref).abs().max() < 0.02 * ref.abs().max()
 
 
 def test_int4_linear_runs_bfloat16_activations_and_keeps_float16_scales():
