@@ -91,7 +91,7 @@ class ModelConfig:
     final_norm: bool = True  # a norm after the last block (pre-norm models need one)
     dropout: float = 0.0
     init: str = "gpt2"  # gpt2: normal(0, 0.02) + scaled residual projections | seed: the example's uniform(-0.1, 0.1)
-    quantization: str | None = None  # None | int8: weight-only quantized checkpoint
+    quantization: str | None = None  # None | int8 | int4: weight-only quantized checkpoint (lmforge.infer.quantize)
     extra: dict = field(default_factory=dict)  # provenance (e.g. imported from), never read by the model
 
     def __post_init__(self) -> None:
@@ -108,7 +108,7 @@ class ModelConfig:
         choices = {"norm": ("layernorm", "rmsnorm"), "norm_placement": ("pre", "post", "sandwich", "output"),
                    "mlp": ("gelu", "gelu_tanh", "relu", "swiglu", "geglu_tanh"),
                    "pos": ("learned", "rope", "sinusoidal"), "init": ("gpt2", "seed"),
-                   "quantization": (None, "int8"), "qk_norm": (None, "head", "proj")}
+                   "quantization": (None, "int8", "int4"), "qk_norm": (None, "head", "proj")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise LmforgeError(f"config {key}={getattr(self, key)!r} is not one of {allowed}", param=key)

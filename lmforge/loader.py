@@ -11,7 +11,7 @@ What a path holds is decided by what is on disk, never by a flag:
 Then, each step optional, in this order:
 
     read (float weights, CPU) -> merge a LoRA adapter (before anything rounds the weights) -> device and dtype
-        -> int8 quantization -> decode preparation (the fused C++ step, else oneDNN-packed linear layers)
+        -> int8 or int4 quantization -> decode preparation (the fused C++ step, else oneDNN-packed linear layers)
 
 Every verb that runs a model loads it here: generate, chat, serve, eval, bench, explain, translate, finetune (its
 base), and, with prepare=False to keep the weights as stored, quantize, import and export.
@@ -71,8 +71,8 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, qua
     Args:
         path: a model folder, training run, Hugging Face folder, model file or preset name.
         dtype: "float32", "bfloat16", "float16" (or a torch dtype); None keeps the stored one.
-        quantize: "int8" quantizes float weights on load (weight-only, per output channel); a model that is
-            already quantized is left as it is.
+        quantize: "int8" (weight-only, per output channel) or "int4" (GGUF Q4_0's blocks) quantizes float weights
+            on load; a model that is already quantized is left as it is.
         adapter: a LoRA adapter folder (or the fine-tuning run holding one) merged into the weights; its chat
             template, when it has one, replaces the model's.
         prepare: make decoding fast (lmforge.infer.fused.prepare_for_decoding); False keeps the plain modules

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 from lmforge.infer.fused import _load_extension, decode_path, prepare_for_decoding, unsupported_reason
 from lmforge.infer.generate import decode_step, generate, prefill
-from lmforge.infer.packed import PackedLinear
-from lmforge.infer.quantize import Int8Linear, quantize_int8, quantize_model
+from lmforge.infer.packed import PackedLinear, bf16_gemm_available
+from lmforge.infer.quantize import (Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_int8,
+                                    quantize_model)
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.speculative import speculative_generate
 from lmforge.model import Transformer
@@ -44,6 +45,10 @@ def test_linear_kernel_equals_f_linear(ext, B, K, N, act, ref):
     q, scales = quantize_int8(w)  # int8 weights: the same product with the dequantized float weight
     want = ref(F.linear(x, q.float() * scales[:, None], b))
     torch.testing.assert_close(ext.linear_act(x, q, scales, b, act), want, atol=2e-5, rtol=1e-5)
+    if K % 32 == 0:  # 4-bit weights (32-value blocks): the product with the dequantized weight, in float64
+        q4, s4 = quantize_int4(w)
+        want = ref(F.linear(x.double(), dequantize_int4(q4, s4).double(), b.double())).float()
+        torch.testing.assert_close(ext.linear_act(x, q4, s4, b, act), want, atol=2e-5, rtol=1e-5)
 
 
 CONFIGS = {
@@ -77,15 +82,15 @@ BIT_IDENTICAL = ["gpt", "mistral-window", "gemma2-sandwich-geglu-softcaps", "gem
                  "olmo2-output-norms-proj-qk-norm", "phi3-longrope-partial-window"]
 
 
-@pytest.mark.parametrize("K, N", [(100, 7), (384, 1152)])
+@pytest.mark.parametrize("K, N", [(100, 7), (384, 1152), (96, 13)])
 def test_linear_kernel_rows_do_not_depend_on_the_batch(ext, K, N):
     """Whatever tiles a batch is cut into (they differ with the row count and the CPU), each row's outputs are the
-    bits it gets alone."""
+    bits it gets alone: float32, int8 and 4-bit weights."""
     torch.manual_seed(K)
     x, w, b = torch.randn(32, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
     q, scales = quantize_int8(w)
     none = torch.Tensor()
-    for weight, scale in ((w, none), (q, scales)):
+    for weight, scale in ((w, none), (q, scales)) + ((quantize_int4(w),) if K % 32 == 0 else ()):
         alone = torch.cat([ext.linear_act(x[i:i + 1], weight, scale, b, 0) for i in range(32)])
         for B in (2, 3, 4, 5, 6, 7, 8, 13, 32):
             assert torch.equal(ext.linear_act(x[:B], weight, scale, b, 0), alone[:B]), B
@@ -328,27 +333,59 @@ def test_serving_engine_runs_bfloat16_models_through_the_fused_step(ext):
             assert (got - want).abs().max() < 0.02 * want.abs().max()
 
 
-def test_int8_model_decodes_as_its_dequantized_float_twin(ext):
-    """The fused int8 step against an independent reference: the float model holding the dequantized weights."""
-    torch.manual_seed(2)
-    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=97, n_layer=2)).eval()
-    quantized = quantize_model(copy.deepcopy(model), "int8")
+def dequantized_twin(model, quantized):
+    """The float model holding the quantized model's dequantized weights (an independent reference)."""
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for name, module in quantized.named_modules():
-            if isinstance(module, Int8Linear):
+            if isinstance(module, (Int8Linear, Int4Linear)):
                 twin.get_submodule(name).weight = torch.nn.Parameter(module.dequantized())
+    return twin
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("preset", ["gpt-nano", "llama-nano"])
+def test_quantized_model_decodes_as_its_dequantized_float_twin(ext, preset, mode):
+    """The fused int8 / 4-bit step, and the quantized model's own prefill (one GEMM over the dequantized weights per
+    layer, in bfloat16 where oneDNN has it; the head's few rows through the step's kernel), against an independent
+    reference: the float model holding the dequantized weights. Float32 rounding apart for the step."""
+    torch.manual_seed(2)
+    model = Transformer(ModelConfig.from_name(preset, vocab_size=97, n_layer=2)).eval()
+    quantized = quantize_model(copy.deepcopy(model), mode)
+    twin = dequantized_twin(model, quantized)
     fused = prepare_for_decoding(quantized)
-    assert decode_path(fused) == "fused"
-    prompts = [[1, 2, 3, 4], [5, 6]]
+    assert decode_path(fused) == "fused" and isinstance(fused.lm_head, Int4Linear if mode == "int4" else Int8Linear)
+    prompts = [list(range(1, 41)), [5, 6]]  # 2 x 40 rows: the prompt's products take the GEMM path
     with torch.no_grad():
-        want, want_cache = prefill(twin, prompts, 12)  # the eager int8 prefill rounds activations to bfloat16:
-        cache = copy.deepcopy(want_cache)  # both decode from the same float prefill
+        want, want_cache = prefill(twin, prompts, 50)
+        got, cache = prefill(fused, prompts, 50)
+        assert (got - want).abs().max() < (0.02 if bf16_gemm_available() else 1e-4) * want.abs().max()
+        cache = copy.deepcopy(want_cache)  # the steps from the same prefill: float32 against float32
         tokens = want.argmax(-1)
         for _ in range(5):
             want, got = decode_step(twin, tokens, want_cache), decode_step(fused, tokens, cache)
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
             tokens = want.argmax(-1)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_engine_decodes_quantized_models_through_the_fused_step(ext, mode):
+    """The serving engine's batched decode on int8 and 4-bit weights takes the fused step, and requests served
+    together (joining and leaving, a pool small enough to preempt) get exactly the tokens each gets alone."""
+    from lmforge.engine.engine import Engine
+
+    torch.manual_seed(11)
+    model = quantize_model(Transformer(ModelConfig.from_name("llama-nano", vocab_size=97, n_layer=2)).eval(), mode)
+    fused = prepare_for_decoding(model)
+    g = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (5, 30, 1, 13, 9)]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    engine = Engine(fused, block_size=4, num_blocks=14, max_num_batched_tokens=12, max_num_seqs=4)
+    assert engine.fused is fused.fused_decoder
+    together = [c.tokens for c in engine.generate(prompts, params)]
+    assert engine.stats()["preemptions"] > 0
+    alone = [Engine(fused, block_size=4, num_blocks=14).generate([p], params)[0].tokens for p in prompts]
+    assert together == alone == [c.tokens for c in generate(fused, prompts, params)]
 
 
 def test_other_models_fall_back_to_packed_linears(ext):

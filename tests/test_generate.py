@@ -247,7 +247,7 @@ def test_bench_command_prints_a_line_per_case_and_a_summary(capsys):
 
 
 def test_generate_command_draft_and_quantize(model, tok, tmp_path, capsys):
-    """--draft (speculative decoding) prints the same greedy text as plain decoding; --quantize int8 runs."""
+    """--draft (speculative decoding) prints the same greedy text as plain decoding; --quantize int8 and int4 run."""
     from lmforge.checkpoint import save_model
     from lmforge.cli import main
 
@@ -259,8 +259,9 @@ def test_generate_command_draft_and_quantize(model, tok, tmp_path, capsys):
     assert main(argv + ["--draft", str(tmp_path / "m")]) == 0
     captured = capsys.readouterr()
     assert captured.out == plain and "acceptance_rate" in captured.err
-    assert main(argv + ["--quantize", "int8"]) == 0
-    assert capsys.readouterr().out.strip()
+    for mode in ("int8", "int4"):
+        assert main(argv + ["--quantize", mode]) == 0
+        assert capsys.readouterr().out.strip()
     with pytest.raises(SystemExit):  # argparse rejects the choice, naming the allowed ones
-        main(argv + ["--quantize", "int4"])
-    assert "invalid choice: 'int4'" in capsys.readouterr().err
+        main(argv + ["--quantize", "int3"])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err

@@ -6,6 +6,7 @@ llama.cpp's "llama" graph computes it (adjacent-pair RoPE), a Hugging Face `toke
 file's tokens and merges, and, when llama-cpp-python is importable, llama.cpp itself generating greedily.
 """
 
+import copy
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from lmforge.config import ModelConfig
 from lmforge.infer.generate import generate
 from lmforge.infer.quantize import quantize_model
 from lmforge.infer.sampling import SamplingParams
-from lmforge.interop.gguf import export_gguf
+from lmforge.interop.gguf import export_gguf, int4_from_q4_0_rows, q4_0_rows
 from lmforge.interop.hf import UnsupportedModelError
 from lmforge.loader import read as read_model
 from lmforge.model import Transformer
@@ -48,9 +49,9 @@ def read(path):
 
 
 def values(t) -> np.ndarray:
-    """A tensor's values as float32 in numpy (row-major, (out, in)) order, Q8_0 dequantized by gguf.quants."""
-    if t.tensor_type == Q.Q8_0:
-        return gguf.quants.dequantize(t.data, Q.Q8_0)
+    """A tensor's values as float32 in numpy (row-major, (out, in)) order, Q8_0 / Q4_0 dequantized by gguf.quants."""
+    if t.tensor_type in (Q.Q8_0, Q.Q4_0):
+        return gguf.quants.dequantize(t.data, t.tensor_type)
     return np.asarray(t.data, dtype=np.float32)
 
 
@@ -224,6 +225,71 @@ def test_llama_f16_and_q8_0_within_their_rounding(tmp_path, bpe):
     assert np.abs(gguf_llama_logits(t8, meta8, tokens) - ours).max() < 0.05 * np.abs(ours).max() + 1e-3
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_int4_model_exports_as_q4_0_byte_for_byte(tmp_path, bpe, arch):
+    """lmforge's int4 is Q4_0: an int4 model's file holds exactly what gguf's own Q4_0 quantizer makes of the float
+    model's matrices (split and RoPE-permuted as for a float export); norms and biases f32, embeddings f16, and a
+    tied head quantized on its own, written as `output`."""
+    model = tiny_llama(bpe.vocab_size, tie=True) if arch == "llama" else tiny_gpt2(bpe.vocab_size)
+    _, ref = read(export_gguf(model, bpe, tmp_path / "f.gguf", "f32").path)
+    export = export_gguf(quantize_model(copy.deepcopy(model), "int4"), bpe, tmp_path / "q.gguf")  # its own type
+    meta, tensors = read(export.path)
+    assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0 and not export.notes
+    embeddings = {"token_embd.weight", "position_embd.weight"}
+    assert set(tensors) == set(ref) | {"output.weight"}
+    for name, t in tensors.items():
+        want = values(ref.get(name, ref["token_embd.weight"]))  # llama's tied head: the embedding
+        if name in embeddings:
+            assert t.tensor_type == Q.F16
+            np.testing.assert_array_equal(values(t), want.astype(np.float16).astype(np.float32))
+        elif want.ndim == 1:
+            assert t.tensor_type == Q.F32
+            np.testing.assert_array_equal(values(t), want)
+        else:
+            assert t.tensor_type == Q.Q4_0, name
+            np.testing.assert_array_equal(np.asarray(t.data), gguf.quants.quantize(want, Q.Q4_0), err_msg=name)
+
+
+def test_int8_model_exports_as_q8_0_within_a_rounding_step(tmp_path, bpe, capsys):
+    model = tiny_llama(bpe.vocab_size)
+    q = quantize_model(copy.deepcopy(model), "int8")
+    save_model(tmp_path / "int8", q, bpe)
+    export_command(str(tmp_path / "int8"), str(tmp_path / "q.gguf"), format="gguf")
+    assert "q8_0" in capsys.readouterr().out
+    meta, tensors = read(tmp_path / "q.gguf")
+    assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    ours = values(read(export_gguf(q, bpe, tmp_path / "f.gguf", "f32").path)[1]["blk.0.ffn_down.weight"])
+    got = values(tensors["blk.0.ffn_down.weight"])  # the int8 weights re-blocked: one Q8_0 step at most apart
+    d = np.abs(ours).reshape(-1, 32).max(axis=1, keepdims=True) / 127
+    assert (np.abs(got - ours).reshape(-1, 32) <= d * (0.5 + 127 * 2 ** -11) + 1e-9).all()
+
+
+def test_q4_0_rows_round_trip_to_lmforge_int4():
+    from lmforge.infer.quantize import quantize_int4
+
+    torch.manual_seed(0)
+    packed, scales = quantize_int4(torch.randn(7, 96))
+    rows = q4_0_rows(packed, scales)
+    assert rows.shape == (7, 3 * 18) and rows.dtype == torch.uint8
+    back_packed, back_scales = int4_from_q4_0_rows(rows)
+    assert torch.equal(back_packed, packed) and torch.equal(back_scales, scales)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_q4_0_export_of_rows_not_in_blocks_of_32_falls_back_to_f16(tmp_path, bpe, quantized):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("llama-nano", vocab_size=bpe.vocab_size, n_layer=1, n_embd=64,
+                                              intermediate_size=72)).eval()  # ffn_down reads 72 inputs
+    if quantized:  # int4 gives that layer int8; exported dequantized
+        model = quantize_model(model, "int4")
+    export = export_gguf(model, bpe, tmp_path / "q.gguf", "q4_0")
+    meta, tensors = read(export.path)
+    assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == Q.F16 and "blk.0.ffn_down.weight" in export.notes[-1]
+    assert tensors["blk.0.ffn_up.weight"].tensor_type == Q.Q4_0
+    assert tensors["token_embd.weight"].tensor_type == (Q.F16 if quantized else Q.Q4_0)
+
+
 def test_bpe_tokenizer_metadata_rebuilds_the_same_tokenizer(tmp_path, bpe):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -354,17 +420,14 @@ def test_bad_input_gives_clear_errors(tmp_path, bpe):
         export_gguf(seed, None, tmp_path / "s.gguf")
 
     model = tiny_llama(bpe.vocab_size)
-    with pytest.raises(ValueError, match="unknown GGUF tensor type 'q4_0'.*f32, f16, q8_0"):
-        export_gguf(model, bpe, tmp_path / "t.gguf", "q4_0")
+    with pytest.raises(ValueError, match="unknown GGUF tensor type 'q5_1'.*f32, f16, q8_0, q4_0"):
+        export_gguf(model, bpe, tmp_path / "t.gguf", "q5_1")
     with pytest.raises(IsADirectoryError, match="is a folder"):
         export_gguf(model, bpe, tmp_path)
 
     save_model(tmp_path / "float", model, bpe)
     with pytest.raises(ValueError, match="applies to --format gguf only"):
         export_command(str(tmp_path / "float"), str(tmp_path / "x"), format="hf", gguf_type="q8_0")
-    save_model(tmp_path / "int8", quantize_model(tiny_llama(bpe.vocab_size)), bpe)
-    with pytest.raises(UnsupportedModelError, match=r"quantized \(int8\); export the float checkpoint"):
-        export_command(str(tmp_path / "int8"), str(tmp_path / "q.gguf"), format="gguf")
 
     small = tiny_llama(bpe.vocab_size - 1)
     with pytest.raises(UnsupportedModelError, match="do not belong together"):
@@ -442,3 +505,25 @@ def test_llama_cpp_runs_bpe_exports(tmp_path, bpe, arch):
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0].double().numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-2 * np.abs(ours).max())
+
+
+def test_llama_cpp_runs_int4_exports_with_lmforges_weights(tmp_path, bpe):
+    """llama.cpp on the Q4_0 file of an int4 model: its logits sit far closer to the int4 model's than the float
+    model's do (llama.cpp rounds activations to 8 bits for its Q4_0 products; the weights are the same)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason=NO_LLAMA_CPP)
+    model = tiny_llama(bpe.vocab_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    q = quantize_model(copy.deepcopy(model), "int4")
+    path = export_gguf(q, bpe, tmp_path / "q.gguf").path
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.config.block_size, n_threads=1, logits_all=True,
+                          verbose=False, type_k=F32_CACHE, type_v=F32_CACHE)
+    ids = bpe.encode("the quick brown fox jumps")
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)], dtype=np.float64)
+    with torch.no_grad():
+        ours, flt = (m(torch.tensor([ids]))[0].double().numpy() for m in (q, model))
+    int4_error = np.abs(flt - ours).max()
+    assert int4_error > 0.05 * np.abs(ours).max()  # 4-bit rounding shows
+    assert np.abs(theirs - ours).max() < 0.25 * int4_error

@@ -1,5 +1,5 @@
 """The verbs that turn one model file into another: `import` (any format -> an lmforge folder), `export` (-> a
-Hugging Face folder or a GGUF file) and `quantize` (-> an int8 lmforge folder).
+Hugging Face folder or a GGUF file) and `quantize` (-> an int8 or int4 lmforge folder).
 
 Each is load (lmforge.loader, weights as stored) -> convert -> write atomically; the files a model carries
 besides its weights (tokenizer_config.json with the chat template, generation_config.json) travel with it.
@@ -36,7 +36,7 @@ def import_command(source: str, out: str, tokenizer: str | None = None) -> None:
 
 
 def export_command(model: str, out: str, format: Literal["hf", "gguf"] = "hf",
-                   gguf_type: Literal["f32", "f16", "q8_0"] | None = None) -> None:
+                   gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] | None = None) -> None:
     """Export a model (lmforge folder, or anything `import` reads) to a Hugging Face folder or a GGUF file.
 
     Args:
@@ -44,7 +44,8 @@ def export_command(model: str, out: str, format: Literal["hf", "gguf"] = "hf",
         out: the folder to write for "hf", the .gguf file for "gguf" (replaced atomically if it exists).
         format: the output format; "hf" loads with transformers.AutoModelForCausalLM.from_pretrained, "gguf" with
             llama.cpp (Llama and GPT-2 architectures, tokenizer embedded).
-        gguf_type: GGUF type of the weight matrices: f32, f16 (default) or q8_0; norms and biases stay f32.
+        gguf_type: GGUF type of the weight matrices: f32, f16, q8_0 or q4_0; norms and biases stay f32. Default: the
+            model's own (f16 for a float model, q8_0 for int8, q4_0 for int4: lossless, lmforge's int4 is Q4_0).
     """
     if format not in ("hf", "gguf"):
         raise LmforgeError(f"unknown export format {format!r}; choose 'hf' or 'gguf'", param="format")
@@ -53,12 +54,13 @@ def export_command(model: str, out: str, format: Literal["hf", "gguf"] = "hf",
     loaded = load(model, prepare=False)
     net, tok = loaded.model, loaded.tokenizer
     if format == "gguf":
-        from lmforge.interop.gguf import export_gguf
+        from lmforge.interop.gguf import OWN_TYPE, export_gguf
 
-        done = export_gguf(net, tok, out, gguf_type or "f16", extras=loaded.extras)
+        done = export_gguf(net, tok, out, gguf_type, extras=loaded.extras)
         for note in done.notes:
             log.warning("%s", note)
-        print(f"exported {model} -> {out} (GGUF {done.arch}, {gguf_type or 'f16'}, tokenizer {done.tokenizer_model}, "
+        kind = gguf_type or OWN_TYPE.get(net.config.quantization, "f16")
+        print(f"exported {model} -> {out} (GGUF {done.arch}, {kind}, tokenizer {done.tokenizer_model}, "
               f"{len(done.tensor_types)} tensors)")
         return
     from lmforge.interop.hf import export_hf
@@ -69,17 +71,18 @@ def export_command(model: str, out: str, format: Literal["hf", "gguf"] = "hf",
     print(f"exported {model} -> {out} (Hugging Face format)")
 
 
-def quantize_command(model: str, out: str, mode: Literal["int8"] = "int8") -> int:
+def quantize_command(model: str, out: str, mode: Literal["int8", "int4"] = "int8") -> int:
     """Write a weight-only quantized copy of a model folder; its config records the mode.
 
-    Every Linear (the output head included) gets int8 weights with one float scale per output channel; the
-    token embedding stays float. `lmforge eval OUT DATA` shows the perplexity change, `lmforge generate OUT`
-    runs it.
+    Every Linear (the output head included) is quantized; the token embedding stays float. `lmforge eval OUT DATA`
+    shows the perplexity change, `lmforge generate OUT` runs it, and `lmforge export OUT x.gguf --format gguf`
+    writes it for llama.cpp (int4 as Q4_0, unchanged).
 
     Args:
         model: a model folder or training run (its best/ checkpoint) to quantize.
         out: the folder to write the quantized model to (replaced atomically if it exists).
-        mode: the quantization: int8 (weight-only, per output channel).
+        mode: int8 (one scale per output channel) or int4 (GGUF Q4_0: one float16 scale per 32 inputs; layers
+            whose input width is not a multiple of 32 get int8).
     """
     check_mode(mode)
     loaded = load(model, prepare=False)

@@ -54,7 +54,7 @@ def generate_command(model: str, prompt: str = "", max_tokens: int = 200, temper
                      ignore_eos: bool = False, seed: int | None = None, n: int = 1,
                      logprobs: int | None = None, batch_file: str | None = None, stream: bool = True,
                      beam_width: int = 0, length_penalty: float = 1.0, tokenizer: str | None = None,
-                     dtype: Literal["float32", "bfloat16"] = "float32", quantize: Literal["int8"] | None = None,
+                     dtype: Literal["float32", "bfloat16"] = "float32", quantize: Literal["int8", "int4"] | None = None,
                      draft: str | None = None, num_speculative_tokens: int = 4, adapter: str | None = None,
                      controls: str | None = None) -> int:
     """Generate text from a model folder, a Hugging Face folder or a llama2.c file, streaming it as it comes.
@@ -81,7 +81,7 @@ def generate_command(model: str, prompt: str = "", max_tokens: int = 200, temper
         length_penalty: beam scores divide by length ** length_penalty.
         tokenizer: tokenizer.json or folder to use instead of the model folder's own.
         dtype: weights and activations dtype.
-        quantize: quantize the weights on load (int8, per-channel scales).
+        quantize: quantize the weights on load: int8 (per-channel scales) or int4 (GGUF Q4_0's 32-value blocks).
         draft: a smaller model sharing the tokenizer: speculative decoding (one prompt, one sample at a time).
         num_speculative_tokens: tokens the draft proposes per target forward.
         adapter: a LoRA adapter folder (from `lmforge finetune --method lora`) merged into the model on load.

@@ -5,7 +5,9 @@ each pays dispatch and thread start-up costs that, on a small model, add up to a
 (bench/decode_vs_hf.py: the 14M model spends about 40% of a step outside its matrix products). `fused_decode.cpp`
 runs the whole step (embeddings, every layer's norms, attention over the KV cache, MLP and residuals, the final
 norm and the output head) in one call, with matrix-vector products that stream the float32 weights nn.Linear
-already holds. Prefill, training and everything else keep the ordinary model code.
+already holds. Prefill, training and everything else keep the ordinary model code; for a float32 model
+`prepare_for_decoding` swaps its nn.Linears for `GemmLinear`s holding the same weights, so a prompt's products run
+at oneDNN's GEMM rate (lmforge.infer.packed) while the step streams those same weights.
 
 The extension is compiled when lmforge is installed (setup.py, with PyTorch's own extension build), one module per
 ISA variant (fused_build.py: AVX2, AVX-512), and imported here by the CPU's capability: nothing compiles, waits on
@@ -19,12 +21,14 @@ learned or rotary positions (scaled, partial, per-layer tables), a GELU (exact o
 MLP, multi-head or grouped-query attention with any head size, q/k norms, sliding windows, score scales and
 soft-caps, with or without biases, tied or separate output head: GPT-2, Llama and the gpt-* / llama-* presets,
 llama2.c models and every imported family (Qwen, Mistral, Phi-3, Gemma 2/3, OLMo 2) alike; float32
-weights, or int8 ones with per-row scales (lmforge.infer.quantize's Int8Linear), which the kernel widens to float
-as it streams them: a quarter of the bytes for the same arithmetic. bfloat16 models get their linear layers packed
+weights, int8 ones with per-row scales or 4-bit ones in GGUF Q4_0's blocks (lmforge.infer.quantize's Int8Linear
+and Int4Linear), which the kernel widens to float as it streams them, exactly: a quarter (int8) or 4.5/32 (4-bit)
+of the bytes for the same arithmetic. bfloat16 models get their linear layers packed
 for oneDNN (`prepare_for_decoding`) and the step hands each matrix product of all its rows to oneDNN's bfloat16
 kernels, which at many rows (the serving engine's batches) beat any float32 kernel on CPUs with AMX or AVX-512
 BF16; the rest of the step stays float32, the KV cache float32, bfloat16 or float16. Their rows' logits may differ
-in the last bfloat16 place with the batch (oneDNN's kernel depends on the row count); float32 and int8 rows do not.
+in the last bfloat16 place with the batch (oneDNN's kernel depends on the row count); float32, int8 and 4-bit rows
+do not.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.infer import fused_build
-from lmforge.infer.packed import PackedLinear, pack_linears
+from lmforge.infer.packed import PackedLinear, gemm_linears, pack_linears
 from lmforge.model import Block, KVCache, Transformer
 from lmforge.rope import long_rope_switch
 
@@ -93,15 +97,17 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if c.qk_norm is not None and c.norm != "rmsnorm":
         return f"qk_norm={c.qk_norm!r} with norm={c.norm!r}: the fused step norms q and k with RMSNorm"
     for module in model.modules():
-        if type(module).__module__.startswith("lmforge.infer") and type(module).__name__ not in ("Int8Linear",
-                                                                                                "PackedLinear"):
+        if type(module).__module__.startswith("lmforge.infer") and type(module).__name__ not in (
+                "Int8Linear", "Int4Linear", "PackedLinear", "GemmLinear"):
             return f"{type(module).__name__} layers are not fused"
         if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16:
             return "bfloat16 linear layers run packed for oneDNN (prepare_for_decoding packs them where it can)"
-        tensors = list(module.parameters(recurse=False)) + [b for b in module.buffers(recurse=False)
-                                                             if b.dtype != torch.int8]
-        if any(t.dtype not in (torch.float32, torch.bfloat16) or t.device.type != "cpu" for t in tensors):
-            return "the fused step runs float32, bfloat16 (or int8-weight) models on the CPU"
+        params, buffers = list(module.parameters(recurse=False)), list(module.buffers(recurse=False))
+        quantized = type(module).__name__ in ("Int8Linear", "Int4Linear")  # lmforge.infer.quantize's
+        floats = params if quantized else params + buffers  # the kernel checks quantized weights and scales
+        if (any(t.dtype not in (torch.float32, torch.bfloat16) for t in floats)
+                or any(t.device.type != "cpu" for t in params + buffers)):
+            return "the fused step runs float32, bfloat16 (or int8- or 4-bit-weight) models on the CPU"
     if _load_extension() is None:
         return _build_error
     return None
@@ -132,9 +138,10 @@ class FusedDecoder:
         def tensor(t):  # float32: bfloat16 models' norms, biases and rotary tables widened (small copies)
             return none if t is None else t.detach().float()
 
-        def linear(module):  # weight (oneDNN-packed for PackedLinear), scales (Int8Linear) or none, bias
+        def linear(module):  # weight (oneDNN-packed for PackedLinear), scales (int8: float32, 4-bit: float16), bias
             weight = module.packed if isinstance(module, PackedLinear) else module.weight.detach()
-            return [weight, tensor(getattr(module, "scales", None)), tensor(module.bias)]
+            scales = getattr(module, "scales", None)  # 4-bit blocks' float16 scales go as they are
+            return [weight, scales if weight.dtype == torch.uint8 else tensor(scales), tensor(module.bias)]
 
         def norm(module):  # weight, bias (RMSNorm has none); an nn.Identity (no norm there) gives empty ones
             return [tensor(getattr(module, "weight", None)), tensor(getattr(module, "bias", None))]
@@ -206,6 +213,7 @@ def prepare_for_decoding(model: nn.Module) -> nn.Module:
         pack_linears(model)
     reason = unsupported_reason(model)
     if reason is None and isinstance(model, Transformer):  # (the first thing unsupported_reason checks)
+        gemm_linears(model)  # float32 prompts through oneDNN's GEMM; the step reads the same weights
         model.fused_decoder = FusedDecoder(model)
         return model
     log.debug("fused decode unavailable (%s); packing linear layers", reason)

@@ -24,6 +24,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -162,10 +163,10 @@ inline void tile(const float* x, int64_t b, int64_t K, int64_t Kv, const W* w, i
 //
 // Every dot product is summed in the same order whatever the tile (one 8-lane accumulator over k, then the lanes,
 // then the tail), so a row's result does not depend on which other rows share the batch: batched decoding,
-// speculative verification and single-row decoding give bit-identical logits. Tiles: one row against 8 outputs
-// (prefetching the weight rows 32 ahead into L2: into L1 they were evicted before use; gpt-14m's 25 1-row
-// products 1.96 -> 1.51 ms on an AMD EPYC Zen 4), or up to 3 rows (AVX2) / 6 rows (AVX-512) against 4 outputs
-// (weights reused from registers).
+// speculative verification and single-row decoding give bit-identical logits. Tiles: one row against one output
+// (float32) or 8 (int8; prefetching the weight rows 32 ahead into L2: into L1 they were evicted before use;
+// gpt-14m's 25 1-row products 1.96 -> 1.51 ms on an AMD EPYC Zen 4), or up to 3 rows (AVX2) / 6 rows (AVX-512)
+// against 4 outputs (weights reused from registers).
 template <typename W>
 void linear_rows(const float* x, int64_t B, int64_t K, const W* w, const float* scale, const float* bias, float* y,
                  int64_t ldy, int64_t o0, int64_t o1, bool accumulate) {
@@ -179,6 +180,23 @@ void linear_rows(const float* x, int64_t B, int64_t K, const W* w, const float* 
     out = accumulate ? out + v : v;
   };
   int64_t o = o0;
+  if (B == 1 && std::is_same_v<W, float>) {
+    // float32, one row: one weight row at a time, the row 16 ahead fetched into L2 as this one streams: a single
+    // stream per thread keeps up with memory better than 8 rows side by side (AMD EPYC Zen 5, 1 thread, the 49
+    // products of a 12 x 768 Llama: 30.9 vs 27.2 GB/s). One accumulator chain (FMA latency) caps it near 8 bytes
+    // a cycle, above what one core draws from memory; int8 weights, a quarter of the bytes per FMA, would be
+    // capped at a quarter of that, so they keep the 8-row tiles below.
+    for (; o < o1; ++o) {
+      const W* r = w + o * K;
+      const bool prefetch = o + 16 < o1;
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K8; k += 8) {
+        if (prefetch && k % 16 == 0) _mm_prefetch(reinterpret_cast<const char*>(r + 16 * K + k), _MM_HINT_T1);
+        a = _mm256_fmadd_ps(load8(r + k), _mm256_loadu_ps(x + k), a);
+      }
+      finish(0, o, a);
+    }
+  }
   if (B == 1) {
     for (; o + 8 <= o1; o += 8) {
       const W* r = w + o * K;
@@ -311,8 +329,139 @@ void linear_onednn(const float* x, int64_t B, int64_t K, const at::Tensor& w, co
   });
 }
 
+// ---- 4-bit weights: lmforge.infer.quantize.Int4Linear, laid out as GGUF's Q4_0 ----
+// A row of K weights is K/32 blocks of 16 bytes: byte i of a block holds its value i in the low nibble and its value
+// 16 + i in the high one (Q4_0's order), each a q in 0..15 standing for (q - 8) * d, d the block's float16 scale
+// (K/32 of them a row). A block is widened to float in registers as it streams in, exactly ((q - 8) * d needs
+// 4 + 11 significant bits): on AVX-512 a 16-entry table of (q - 8) * d is made per block (one multiply) and each
+// 16 values are looked up in it by their nibble (vpermps reads an index's low 4 bits only, so the low nibbles need
+// no mask and the high ones one shift); on AVX2, converted and scaled (fma(q, d, -8d)). Every dot product is summed
+// in one fixed order, block by block, part by part (two 16-lane parts on AVX-512, four 8-lane ones on AVX2) into one
+// accumulator, then its lanes: whatever the tile, a row's outputs are the bits it gets alone.
+#if defined(__AVX512F__)
+using Q4Vec = __m512;
+constexpr int kQ4Parts = 2, kQ4Rows = 4;
+inline Q4Vec q4_zero() { return _mm512_setzero_ps(); }
+inline Q4Vec q4_load(const float* x) { return _mm512_loadu_ps(x); }
+inline void q4_store(float* y, Q4Vec v) { _mm512_storeu_ps(y, v); }
+inline Q4Vec q4_fma(Q4Vec a, Q4Vec b, Q4Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float q4_sum(Q4Vec a) { return _mm512_reduce_add_ps(a); }
+inline void q4_block(const uint8_t* block, const at::Half* scale, Q4Vec w[kQ4Parts]) {
+  const __m512 d = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(scale->x)));
+  const __m512 table = _mm512_mul_ps(_mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7), d);
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
+  w[0] = _mm512_permutexvar_ps(bytes, table);                         // values 0..15: low nibbles
+  w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);  // values 16..31: high nibbles
+}
+#else
+using Q4Vec = __m256;
+constexpr int kQ4Parts = 4, kQ4Rows = 2;
+inline Q4Vec q4_zero() { return _mm256_setzero_ps(); }
+inline Q4Vec q4_load(const float* x) { return _mm256_loadu_ps(x); }
+inline void q4_store(float* y, Q4Vec v) { _mm256_storeu_ps(y, v); }
+inline Q4Vec q4_fma(Q4Vec a, Q4Vec b, Q4Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float q4_sum(Q4Vec a) { return hsum(a); }
+inline void q4_block(const uint8_t* block, const at::Half* scale, Q4Vec w[kQ4Parts]) {
+  const float s = _cvtsh_ss(scale->x);
+  const __m256 d = _mm256_set1_ps(s), m = _mm256_set1_ps(-8.0f * s);
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block)), mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  const __m128i parts[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};  // values 8p..8p+7
+  for (int p = 0; p < 4; ++p) w[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p])), d, m);
+}
+#endif
+constexpr int kQ4Lanes = 32 / kQ4Parts;
+
+// R batch rows (from b) against O output rows (from o): each block of the O weight rows widened once and used R
+// times. pf: O weight rows to prefetch alongside (or null).
+template <int R, int O, typename Finish>
+inline void q4_tile(const float* x, int64_t b, int64_t K, const uint8_t* q, const at::Half* scale, int64_t o,
+                    const uint8_t* pf, const Finish& finish) {
+  const int64_t blocks = K / 32, row_bytes = K / 2;
+  Q4Vec acc[R][O];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < O; ++i) acc[r][i] = q4_zero();
+  for (int64_t j = 0; j < blocks; ++j) {
+    if (pf && j % 4 == 0)  // 4 blocks = one 64-byte line of each row
+      for (int i = 0; i < O; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * row_bytes + 16 * j), _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int i = 0; i < O; ++i) {
+      Q4Vec w[kQ4Parts];
+      q4_block(q + (o + i) * row_bytes + 16 * j, scale + (o + i) * blocks + j, w);
+#pragma GCC unroll 4
+      for (int p = 0; p < kQ4Parts; ++p)
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r)
+          acc[r][i] = q4_fma(w[p], q4_load(x + (b + r) * K + 32 * j + kQ4Lanes * p), acc[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < O; ++i) finish(b + r, o + i, q4_sum(acc[r][i]));
+}
+
+template <int O, typename Finish>
+inline void q4_rows(const float* x, int64_t B, int64_t K, const uint8_t* q, const at::Half* scale, int64_t o,
+                    const uint8_t* pf, const Finish& finish) {
+  for (int64_t b = 0, tiles = (B + kQ4Rows - 1) / kQ4Rows; b < B; --tiles) {
+    const int rows = static_cast<int>((B - b + tiles - 1) / tiles);  // rows shared evenly
+    const uint8_t* p = b == 0 ? pf : nullptr;
+    switch (rows) {
+#if defined(__AVX512F__)
+      case 4: q4_tile<4, O>(x, b, K, q, scale, o, p, finish); break;
+      case 3: q4_tile<3, O>(x, b, K, q, scale, o, p, finish); break;
+#endif
+      case 2: q4_tile<2, O>(x, b, K, q, scale, o, p, finish); break;
+      default: q4_tile<1, O>(x, b, K, q, scale, o, p, finish); break;
+    }
+    b += rows;
+  }
+}
+
+// y[b, o] (+)= x[b, :] . ((q[o, :] - 8) * d[o, block]) + bias[o] for o in [o0, o1).
+void linear_rows_q4(const float* x, int64_t B, int64_t K, const uint8_t* q, const at::Half* scale, const float* bias,
+                    float* y, int64_t ldy, int64_t o0, int64_t o1, bool accumulate) {
+  const int64_t row_bytes = K / 2;
+  auto finish = [&](int64_t b, int64_t o, float v) {
+    if (bias) v += bias[o];
+    float& out = y[b * ldy + o];
+    out = accumulate ? out + v : v;
+  };
+  int64_t o = o0;
+  if (B == 1)  // one row: 8 weight rows a tile (1 thread, a 12 x 768 Llama's products: 17.2 vs 15.8 GB/s at 4)
+    for (; o + 8 <= o1; o += 8) q4_tile<1, 8>(x, 0, K, q, scale, o, o + 24 <= o1 ? q + (o + 16) * row_bytes : nullptr,
+                                              finish);
+  for (; o + 4 <= o1; o += 4) {  // the first row tile fetches the rows 8 ahead into cache
+    q4_rows<4>(x, B, K, q, scale, o, o + 12 <= o1 ? q + (o + 8) * row_bytes : nullptr, finish);
+  }
+  for (; o < o1; ++o) q4_rows<1>(x, B, K, q, scale, o, nullptr, finish);
+}
+
+// The float weight (N, K) a 4-bit one stands for, each row widened as the kernel widens it (exactly).
+at::Tensor dequantize_q4(const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() && scale.dim() == 2 &&
+              scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.size(0) == q.size(0),
+              "dequantize_q4 wants contiguous uint8 weights (N, K/2) and float16 scales (N, K/32)");
+  const int64_t N = q.size(0), K = 2 * q.size(1);
+  TORCH_CHECK(K % 32 == 0 && scale.size(1) == K / 32, "4-bit rows of ", K, " values need ", K / 32,
+              " block scales, got ", scale.size(1));
+  at::Tensor out = at::empty({N, K}, q.options().dtype(at::kFloat));
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const at::Half* sp = scale.data_ptr<at::Half>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t j = 0; j < K / 32; ++j) {
+        Q4Vec w[kQ4Parts];
+        q4_block(qp + n * (K / 2) + 16 * j, sp + n * (K / 32) + j, w);
+        for (int p = 0; p < kQ4Parts; ++p) q4_store(op + n * K + 32 * j + kQ4Lanes * p, w[p]);
+      }
+  });
+  return out;
+}
+
 // y (B x N) (+)= act(x (B x K) @ (w * scale[:, None]).T + bias), output rows split across threads; w is float32,
-// int8 with per-row float32 scales, or packed for oneDNN (linear_onednn).
+// int8 with per-row float32 scales, 4-bit with float16 block scales (linear_rows_q4), or packed for oneDNN
+// (linear_onednn).
 void linear(const float* x, int64_t B, int64_t K, const at::Tensor& w, const at::Tensor& scale,
             const at::Tensor& bias, float* y, bool accumulate = false, int act = kNone) {
   if (w.is_mkldnn()) {
@@ -320,13 +469,18 @@ void linear(const float* x, int64_t B, int64_t K, const at::Tensor& w, const at:
     return linear_onednn(x, B, K, w, bias, y, accumulate, act);
   }
   const int64_t N = w.size(0);
-  const bool q8 = w.scalar_type() == at::kChar;
-  TORCH_CHECK(q8 == present(scale), "int8 weights need scales, float32 weights take none");
+  const bool q8 = w.scalar_type() == at::kChar, q4 = w.scalar_type() == at::kByte;
+  TORCH_CHECK((q8 || q4) == present(scale), "int8 and 4-bit weights need scales, float32 weights take none");
+  TORCH_CHECK(!q4 || (scale.scalar_type() == at::kHalf && scale.dim() == 2 && scale.size(0) == N &&
+                      2 * w.size(1) == K && K % 32 == 0 && scale.size(1) == K / 32),
+              "4-bit weights (N, K/2) with K a multiple of 32 take float16 scales (N, K/32)");
   const float* sp = q8 ? scale.data_ptr<float>() : nullptr;
   const float* bp = present(bias) ? bias.data_ptr<float>() : nullptr;
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t begin, int64_t end) {
     const int64_t o0 = begin * 4, o1 = std::min(N, end * 4);
-    if (q8)
+    if (q4)
+      linear_rows_q4(x, B, K, w.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(), bp, y, N, o0, o1, accumulate);
+    else if (q8)
       linear_rows(x, B, K, w.data_ptr<int8_t>(), sp, bp, y, N, o0, o1, accumulate);
     else
       linear_rows(x, B, K, w.data_ptr<float>(), sp, bp, y, N, o0, o1, accumulate);
@@ -523,7 +677,8 @@ void embed_row(const at::Tensor& table, int64_t i, int64_t C, float* out, bool a
 
 // params: per layer [ln1 w, b; qkv w, s, b; proj w, s, b; ln2 w, b; fc w, s, b; mlp_proj w, s, b] (16), then
 // [tok_emb, pos_emb (empty with rotary positions), lnf w, b; head w, s, b]; a linear's w is float32 (its s
-// undefined), int8 with float32 per-row scales s, or packed for oneDNN; an absent bias is an empty tensor, an
+// undefined), int8 with float32 per-row scales s, 4-bit (uint8 (N, K/2)) with float16 block scales s (N, K/32),
+// or packed for oneDNN; an absent bias is an empty tensor, an
 // absent norm an empty weight (OLMo 2 has no input norms). Norms, biases and rotary tables are float32,
 // embeddings float32 or bfloat16.
 // norms: per layer [q_norm w, k_norm w, post_norm1 w, b, post_norm2 w, b] (6): RMSNorm of q and k before RoPE,
@@ -714,8 +869,9 @@ at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at
 // act(x @ (w * scale[:, None]).T + bias) for x (B, K): the step's matrix product on its own, for tests and benchmarks.
 at::Tensor linear_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias,
                       int64_t act) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (w.is_mkldnn() || w.is_contiguous()) && x.size(1) == w.size(1),
-              "linear_act wants contiguous x (B, K) and w (N, K)");
+  const int64_t K = w.scalar_type() == at::kByte ? 2 * w.size(1) : w.size(1);  // 4-bit: two values a byte
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (w.is_mkldnn() || w.is_contiguous()) && x.size(1) == K,
+              "linear_act wants contiguous x (B, K) and w (N, K) (4-bit: (N, K/2))");
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
   linear(x.data_ptr<float>(), x.size(0), x.size(1), w, scale, bias, y.data_ptr<float>(), false,
          static_cast<int>(act));
@@ -724,5 +880,6 @@ at::Tensor linear_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_act", &linear_act, "act(x @ w.T + bias) with the decode step's kernel");
+  m.def("dequantize_q4", &dequantize_q4, "the float weight (N, K) of 4-bit weights and float16 group scales");
   m.def("forward_step", &forward_step, "new tokens through a GPT-style model and its KV cache, fused");
 }

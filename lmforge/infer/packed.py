@@ -13,12 +13,66 @@ bfloat16 kernels (AMX tiles on CPUs that have them) were 1.3-5x faster than `F.l
 rows here, and the fused decode step (lmforge.infer.fused) runs its matrix products on these packed weights.
 
 `pack_linears` is for inference: packed layers hold no trainable parameters and are not saved in checkpoints.
+
+Prompts (many rows) are matrix-matrix work, bound by the CPU's GEMM rate rather than by memory. PyTorch sends a
+float32 `F.linear` to MKL, which on AMD CPUs takes a generic path: 190 GFLOP/s where oneDNN reaches 450-475 on the
+same 2-core AMD EPYC (Zen 5, AVX-512) for 512 x 768 x 2304. `gemm` hands a product of many rows to oneDNN with the
+weight as it is (oneDNN reorders it per call, about 5% of a 512-row product), so the fused decode step keeps
+reading the plain weight and no second copy is held; `GemmLinear` is the nn.Linear that does that for the prompt
+and keeps F.linear for a few rows; quantized layers dequantize into the same `gemm` (lmforge.infer.quantize).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+
+GEMM_ROWS = 16  # from this many rows on, a product goes to oneDNN's GEMM (fewer: its per-call reorder dominates)
+
+
+def bf16_gemm_available() -> bool:
+    """Whether oneDNN has bfloat16 GEMM kernels for this CPU (AVX-512 BF16, AMX): about twice float32's rate."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) @ weight (out, in).T + bias through oneDNN, weight unpacked (float32 or bfloat16, on the CPU)."""
+    if torch.backends.mkldnn.is_available() and x.dtype == weight.dtype and (
+            x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and bf16_gemm_available())):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class GemmLinear(nn.Module):
+    """An nn.Linear (the same weight and bias parameters, not copies) whose products of many rows go to `gemm`."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() >= GEMM_ROWS * self.in_features and x.device.type == "cpu":
+            return gemm(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@torch.no_grad()
+def gemm_linears(model: nn.Module) -> nn.Module:
+    """Swap every float32 CPU nn.Linear of an inference model for a GemmLinear sharing its parameters (tied weights
+    stay tied), where oneDNN is available. Returns the model (changed in place)."""
+    if not torch.backends.mkldnn.is_available():
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
+                setattr(parent, name, GemmLinear(child))
+    return model
 
 
 def packing_available(model: nn.Module) -> bool:

@@ -23,9 +23,17 @@ Weights (ours -> llama.cpp):
 - Llama 3's RoPE bands are the rope_freqs tensor (divisors of the base frequencies), LongRoPE's factors
   rope_factors_short / rope_factors_long; linear and YaRN scaling are keys.
 
-Tensor types: "f32", "f16" or "q8_0" for 2-D weights; 1-D tensors (norms, biases) stay float32, as llama.cpp's
-converter keeps them. Q8_0 packs rows in blocks of 32; a weight whose row length is not a multiple of 32 (e.g.
-stories260K's 172-wide ffn_down) is written as f16 instead, as llama-quantize falls back.
+Tensor types: "f32", "f16", "q8_0" or "q4_0" for 2-D weights; 1-D tensors (norms, biases) stay float32, as
+llama.cpp's converter keeps them. Q8_0 and Q4_0 pack rows in blocks of 32; a weight whose row length is not a
+multiple of 32 (e.g. stories260K's 172-wide ffn_down) is written as f16 instead, as llama-quantize falls back.
+
+Quantized models (lmforge.infer.quantize) export too, by default as their own type. An int4 model's 4-bit weights
+are Q4_0's blocks already (lmforge's int4 *is* Q4_0: the same scale, values and nibble order, kept in two tensors):
+they are written unchanged, so a q4_0 export is lossless, and its rows survive the q/k split and RoPE permutation
+because every row is whole blocks. int8 weights (one scale per row) are dequantized exactly and re-blocked into
+Q8_0 (one scale per 32), which may move a value by a rounding step. Other requested types dequantize every
+quantized weight exactly first. The embeddings, which lmforge keeps float in a quantized model, are written f16
+(f32 if asked), not quantized, so that llama.cpp looks up the rows lmforge does.
 
 Tokenizers (all metadata llama.cpp's tokenizer needs):
 - llama2.c / SentencePiece-style (`Llama2cTokenizer`): tokenizer.ggml.model "llama": pieces with spaces written as
@@ -40,6 +48,7 @@ Tokenizers (all metadata llama.cpp's tokenizer needs):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -57,8 +66,10 @@ from lmforge.interop.hf import UnsupportedModelError, hf_family
 from lmforge.model import Transformer
 from lmforge.tokenizer import BPETokenizer, Llama2cTokenizer
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
-GGUFType = Literal["f32", "f16", "q8_0"]
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+GGUFType = Literal["f32", "f16", "q8_0", "q4_0"]
+OWN_TYPE = {None: "f16", "int8": "q8_0", "int4": "q4_0"}  # a model's quantization -> its default GGUF type
+Q4_0_BLOCK_BYTES = 18  # float16 d, then 16 bytes of nibbles
 BYTE_PIECE = re.compile(rb"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback piece, as llama.cpp reads it
 SPIECE_SPACE = "\u2581"  # SentencePiece's visible space, which llama.cpp's "llama" tokenizer expects in pieces
 # Llama 3's pre-tokenizer regex (tokenizer.json Split pattern) -> llama.cpp's "llama-bpe" pre-tokenizer.
@@ -133,7 +144,7 @@ def gguf_problems(config, arch: str) -> list[str]:
 
 def gguf_arch(model: Transformer) -> str:
     """llama.cpp's architecture name for the model; UnsupportedModelError names what llama.cpp cannot reproduce."""
-    family = hf_family(model.config)  # the Hugging Face family, and the same refusal of quantized models
+    family = hf_family(dataclasses.replace(model.config, quantization=None))  # quantized export too
     if family not in ARCHS:
         raise UnsupportedModelError(f"llama.cpp has no architecture for lmforge's {family!r} export")
     arch = ARCHS[family]
@@ -160,13 +171,40 @@ def rope_factor_tensors(config) -> dict[str, torch.Tensor]:
     return {}
 
 
+def q4_0_rows(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """lmforge int4 (packed (out, in/2) uint8, scales (out, in/32) float16) -> GGUF Q4_0 rows (out, in/32 * 18)
+    uint8: each block's float16 d, then its 16 bytes of nibbles, as llama.cpp lays them out."""
+    out = packed.shape[0]
+    d = scales.contiguous().view(torch.uint8).reshape(out, -1, 2)
+    return torch.cat([d, packed.reshape(out, -1, 16)], dim=-1).reshape(out, -1)
+
+
+def int4_from_q4_0_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF Q4_0 rows (out, blocks * 18) uint8 -> lmforge int4 (packed (out, blocks * 16), scales (out, blocks))."""
+    blocks = rows.reshape(rows.shape[0], -1, Q4_0_BLOCK_BYTES)
+    scales = blocks[..., :2].contiguous().view(torch.float16).reshape(rows.shape[0], -1)
+    return blocks[..., 2:].reshape(rows.shape[0], -1).contiguous(), scales
+
+
+def _weights(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our state dict for export, float32, except a quantized model's weights (lmforge.infer.quantize's layouts,
+    known by their `scales`): 4-bit ones (uint8) as Q4_0 rows, int8 ones (one scale per row) dequantized."""
+    sd = {k: v.detach().cpu() for k, v in model_tensors(model).items()}
+    for key in [k for k in sd if k.endswith(".scales")]:
+        scales, name = sd.pop(key), key[:-len("scales")] + "weight"
+        weight = sd[name]
+        sd[name] = q4_0_rows(weight, scales) if weight.dtype == torch.uint8 else weight.float() * scales.float()[:, None]
+    return {k: v if v.dtype == torch.uint8 else v.float() for k, v in sd.items()}
+
+
 def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our weights under llama.cpp's tensor names, in llama.cpp's layout (float32, (out, in) for matrices)."""
+    """Our weights under llama.cpp's tensor names, in llama.cpp's layout ((out, in) for matrices): float32, or
+    Q4_0 rows (uint8) for an int4 model's 4-bit weights."""
     gguf = _gguf()
     T, names = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
     c = model.config
     arch = gguf_arch(model)
-    sd = {k: v.detach().float().cpu() for k, v in model_tensors(model).items()}
+    sd = _weights(model)
     out: dict[str, torch.Tensor] = {}
 
     def put(tensor, key, suffix="weight", bid=None):
@@ -178,8 +216,9 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     put(T.OUTPUT_NORM, "norm_f.weight")
     if arch == "gpt2":
         put(T.OUTPUT_NORM, "norm_f.bias", "bias")
-        put(T.OUTPUT, "tok_emb.weight")  # tied; convert_hf_to_gguf.py writes it out for GPT-2
-    elif not c.tie_embeddings:
+        # tied: convert_hf_to_gguf.py writes it out for GPT-2; a quantized head is a copy of its own
+        put(T.OUTPUT, "lm_head.weight" if "lm_head.weight" in sd else "tok_emb.weight")
+    elif "lm_head.weight" in sd:  # untied, or tied and quantized (the head got its own copy)
         put(T.OUTPUT, "lm_head.weight")
     out |= {f"{k}.weight": v for k, v in rope_factor_tensors(c).items()}
     for i in range(c.n_layer):
@@ -218,15 +257,20 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def encode_tensor(array: np.ndarray, ftype: str):
-    """(data, raw_dtype, type name) for GGUFWriter.add_tensor: 1-D stays f32; q8_0 falls back to f16 on odd rows."""
+    """(data, raw_dtype, type name) for GGUFWriter.add_tensor: 1-D stays f32; q8_0 and q4_0 fall back to f16 on
+    rows not a multiple of 32. A uint8 array is Q4_0 rows: written as they are for q4_0, else dequantized first."""
     gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    if array.dtype == np.uint8:
+        if ftype == "q4_0":
+            return np.ascontiguousarray(array), Q.Q4_0, "q4_0"
+        array = gguf.quants.dequantize(array, Q.Q4_0)
     array = np.ascontiguousarray(array, dtype=np.float32)
     if array.ndim == 1 or ftype == "f32":
         return array, None, "f32"
-    if ftype == "q8_0":
-        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
-        if array.shape[-1] % block == 0:
-            return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0, "q8_0"
+    kind = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0}.get(ftype)
+    if kind is not None and array.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0] == 0:
+        return gguf.quants.quantize(array, kind), kind, ftype
     return array.astype(np.float16), None, "f16"
 
 
@@ -401,15 +445,17 @@ def chat_template_of(extras: dict[str, bytes] | None) -> str | None:
 # -------------------------------------------------------------------------------------------- export
 
 
-def export_gguf(model: Transformer, tokenizer, path: str | os.PathLike, ftype: str = "f16",
+def export_gguf(model: Transformer, tokenizer, path: str | os.PathLike, ftype: str | None = None,
                 extras: dict[str, bytes] | None = None, name: str | None = None) -> GGUFExport:
     """Write `model` (Llama or GPT-2 architecture) and `tokenizer` to the GGUF file `path`, atomically.
 
-    `ftype` is the type of 2-D weights: "f32", "f16" or "q8_0". `extras` are files kept with the model (a
-    tokenizer_config.json's chat template is embedded). Raises UnsupportedModelError for another architecture,
-    a quantized model or a tokenizer that does not fit, ValueError for an unknown type.
+    `ftype` is the type of 2-D weights: "f32", "f16", "q8_0" or "q4_0"; None is the model's own (f16 for a float
+    model, q8_0 for int8, q4_0 for int4). `extras` are files kept with the model (a tokenizer_config.json's chat
+    template is embedded). Raises UnsupportedModelError for another architecture or a tokenizer that does not fit,
+    ValueError for an unknown type.
     """
     gguf = _gguf()
+    ftype = OWN_TYPE.get(model.config.quantization, "f16") if ftype is None else ftype
     if ftype not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF tensor type {ftype!r}; choose one of {', '.join(GGUF_TYPES)}")
     path = Path(path)
@@ -425,7 +471,7 @@ def export_gguf(model: Transformer, tokenizer, path: str | os.PathLike, ftype: s
         writer = gguf.GGUFWriter(tmp, arch)
         add_hparams(writer, model, arch, name or c.name)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
+                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[ftype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if isinstance(tokenizer, Llama2cTokenizer):
             add_llama2c_tokenizer(writer, tokenizer, c.vocab_size)
@@ -439,16 +485,24 @@ def export_gguf(model: Transformer, tokenizer, path: str | os.PathLike, ftype: s
             result.notes.append(f"a {kind} tokenizer has no GGUF form; the file holds no vocabulary (llama.cpp "
                                 f"runs it on token ids)" if kind else "no tokenizer found; the file holds no "
                                 "vocabulary")
+        embeddings = {f"{gguf.TENSOR_NAMES[e]}.weight" for e in (gguf.MODEL_TENSOR.TOKEN_EMBD,
+                                                                   gguf.MODEL_TENSOR.POS_EMBD)}
         for tensor_name, t in gguf_tensors(model).items():
-            data, raw_dtype, kind = encode_tensor(t.numpy(), ftype)
+            own = ftype if not (model.config.quantization and tensor_name in embeddings) else (
+                "f32" if ftype == "f32" else "f16")  # a quantized model's embeddings are float in lmforge
+            data, raw_dtype, kind = encode_tensor(t.numpy(), own)
             writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
             result.tensor_types[tensor_name] = kind
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    fell_back = [n for n, k in result.tensor_types.items() if ftype == "q8_0" and k == "f16"]
+    if model.config.quantization == "int8" and ftype == "q8_0":
+        result.notes.append("int8 weights (one scale per row) were re-blocked into Q8_0 (one scale per 32 values): "
+                            "a value may move by one rounding step")
+    fell_back = [n for n, k in result.tensor_types.items() if ftype in ("q8_0", "q4_0") and k == "f16"
+                 and n not in embeddings]
     if fell_back:
-        result.notes.append(f"{len(fell_back)} weights have rows not a multiple of 32 and are f16, not q8_0: "
+        result.notes.append(f"{len(fell_back)} weights have rows not a multiple of 32 and are f16, not {ftype}: "
                             f"{', '.join(fell_back[:4])}{'...' if len(fell_back) > 4 else ''}")
     return result

@@ -17,7 +17,7 @@ import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import TextIO
+from typing import Literal, TextIO
 
 from lmforge.errors import LmforgeError
 
@@ -63,10 +63,11 @@ class ChatSettings:
 class LocalBackend:
     """A model folder loaded in this process; the conversation is re-rendered and re-prefilled every turn."""
 
-    def __init__(self, model: str, adapter: str | None = None, controls: str | None = None):
+    def __init__(self, model: str, adapter: str | None = None, controls: str | None = None,
+                 quantize: str | None = None):
         from lmforge.loader import load
 
-        loaded = load(model, dtype="float32", adapter=adapter)
+        loaded = load(model, dtype="float32", adapter=adapter, quantize=quantize)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         if self.tokenizer is None:
             raise ChatError(f"{model} has no tokenizer; chat needs a model folder with one")
@@ -300,7 +301,7 @@ class ChatSession:
 
 def chat_command(model: str | None = None, /, url: str | None = None, system: str = "", temperature: float = 0.7,
                  max_tokens: int = 256, api_key: str | None = None, adapter: str | None = None,
-                 controls: str | None = None) -> int:
+                 controls: str | None = None, quantize: Literal["int8", "int4"] | None = None) -> int:
     """Chat with a model in the terminal: answers stream as they are generated; /help lists the commands.
 
     Args:
@@ -313,6 +314,8 @@ def chat_command(model: str | None = None, /, url: str | None = None, system: st
         adapter: a LoRA adapter folder merged into the model on load (its saved chat template is used).
         controls: banned phrases and word logit biases for the local model (JSON or text file, see
             lmforge.infer.controls); /controls shows how often each fired. A server applies its own --controls.
+        quantize: quantize the local model's weights on load: int8 (per-channel scales) or int4 (GGUF Q4_0's
+            32-value blocks); a server applies its own --quantize.
     """
     if model is None and url is None:
         raise ChatError("give a model folder to chat with, or --url of a running `lmforge serve`")
@@ -321,7 +324,9 @@ def chat_command(model: str | None = None, /, url: str | None = None, system: st
     settings = ChatSettings()
     settings.set("temperature", str(temperature))
     settings.set("max_tokens", str(max_tokens))
-    backend = RemoteBackend(url, api_key, model) if url else LocalBackend(model, adapter, controls)
+    if url is not None and quantize is not None:
+        raise ChatError("--quantize applies to a local model; start the server with `lmforge serve --quantize ...`")
+    backend = RemoteBackend(url, api_key, model) if url else LocalBackend(model, adapter, controls, quantize)
     where = f"{backend.name} at {url}" if url else backend.name
     print(f"chatting with {where}; /help lists the commands, /quit leaves", flush=True)
     ChatSession(backend, system, settings).run()

@@ -47,8 +47,9 @@ class ServeSettings:
     """prompt plus output tokens per request at most (default: the model's context)."""
     max_num_batched_tokens: int = 256
     """tokens computed per engine step at most (prompts longer than what is left are prefilled in chunks)."""
-    quantize: Literal["none", "int8"] = "none"
-    """int8 quantizes the linear layers' weights at load time (less memory, faster on CPU)."""
+    quantize: Literal["none", "int8", "int4"] = "none"
+    """int8 (a scale per row) or int4 (GGUF Q4_0's 32-blocks) quantizes the linear layers' weights at load time (less
+    memory, faster decoding on CPU)."""
     draft: str | None = None
     """a smaller model sharing the tokenizer: speculative decoding of every running request (the output keeps
     the model's distribution; greedy output is unchanged)."""
