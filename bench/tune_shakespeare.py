@@ -19,7 +19,8 @@ from pathlib import Path
 
 from lmforge.data import prepare
 from lmforge.train.trainer import TrainConfig, train
-from lmforge.train.tune import parse_spec, tune
+from lmforge.train.space import parse_spec
+from lmforge.train.tune import tune
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPACE = ["lr=3e-4:3e-2:log", "warmup_iters=0:100", "weight_decay=0:0.3", "dropout=0:0.2", "beta2=0.9:0.999",

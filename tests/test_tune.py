@@ -20,14 +20,8 @@ from lmforge.checkpoint import load_model
 from lmforge.cli import main
 from lmforge.settings import read_config
 from lmforge.train.trainer import TrainConfig
-from lmforge.train.tune import (
-    TuneError,
-    grid_values,
-    load_space_file,
-    parse_fixed,
-    parse_spec,
-    tune,
-)
+from lmforge.train.space import TuneError, grid_values, load_space_file, parse_fixed, parse_spec
+from lmforge.train.tune import tune
 
 # a one-layer 32-wide model, context 16, 20 iterations evaluated once at the end (or at 10 and 20, for pruning):
 # each evaluation also writes checkpoints and a loss plot, most of a trial's time
