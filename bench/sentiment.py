@@ -50,8 +50,9 @@ from pathlib import Path
 
 import torch
 
-from lmforge.apps.classify import (DEFAULT_LABELS, ClassifyConfig, accuracy, macro_f1, new_classifier,
-                                   read_labelled, report, split_labelled, train_ensemble)
+from lmforge.apps.classifier import new_classifier
+from lmforge.apps.classify import (DEFAULT_LABELS, ClassifyConfig, accuracy, macro_f1, read_labelled, report,
+                                   split_labelled, train_ensemble)
 from lmforge.fsutil import atomic_write_text
 from lmforge.tokenizer import BPE_EOS
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from lmforge.apps.classify import (CLASSIFY_FILE, HEAD_FILE, ClassifyConfig, ClassifyDataError, Ensemble, accuracy,
-                                   body_param_groups, cross_folds, load_classifier, macro_f1, new_classifier, predict,
-                                   read_labelled, save_classifier, train_classifier, train_ensemble)
+from lmforge.apps.classifier import (CLASSIFY_FILE, HEAD_FILE, Ensemble, load_classifier, new_classifier, predict,
+                                     save_classifier)
+from lmforge.apps.classify import (ClassifyConfig, ClassifyDataError, accuracy, body_param_groups, cross_folds,
+                                   macro_f1, read_labelled, train_classifier, train_ensemble)
 from lmforge.checkpoint import CheckpointError, save_model
 from lmforge.cli import main as cli_main
 from lmforge.config import ModelConfig

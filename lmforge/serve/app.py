@@ -15,7 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from lmforge.apps.classify import CLASSIFY_FILE
+from lmforge.apps.classifier import CLASSIFY_FILE
 from lmforge.engine.loop import EngineLoop
 from lmforge.infer.controls import load_controls
 from lmforge.serve import classify, errors, routes

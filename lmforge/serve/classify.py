@@ -48,7 +48,7 @@ class ClassifierService:
     """A loaded classifier: checks requests against its limits and classifies batches, one at a time."""
 
     def __init__(self, folder: str | Path, served_names: tuple[str, ...] = ()):
-        from lmforge.apps.classify import load_classifier
+        from lmforge.apps.classifier import load_classifier
 
         self.folder = Path(folder)
         self.clf, self.encoder, self.meta = load_classifier(folder)
@@ -77,7 +77,7 @@ class ClassifierService:
         return seqs
 
     def classify(self, seqs: list[list[int]]) -> list[dict]:
-        from lmforge.apps.classify import predict_ids
+        from lmforge.apps.classifier import predict_ids
 
         with self.lock:
             probs = predict_ids(self.clf, seqs).tolist()
