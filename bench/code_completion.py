@@ -1,6 +1,6 @@
 """Code completion on the Python standard library, end to end, under a training budget (docs/code-completion.md).
 
-prepare python-stdlib with whole files held out (default: data.STDLIB_HOLDOUT) and a 4096-token byte-level BPE
+prepare python-stdlib with whole files held out (default: corpus.STDLIB_HOLDOUT) and a 4096-token byte-level BPE
 trained without them -> train gpt-mini (context 256) for `--minutes` of wall time -> on the held-out files:
 perplexity, and next-line exact match on `--next-line` sampled code lines (with the score of repeating the
 previous line beside it, the floor a model must beat). The iteration count is chosen to fill the budget: 20

@@ -180,7 +180,7 @@ def test_errors_spell_settings_as_flags(data_dir, tmp_path, capsys):
     assert main(["prepare", "tinyshakespeare", "--from-file", str(tmp_path / "none.txt"), "--out",
                  str(tmp_path / "d")]) == 1
     assert f"--from-file {tmp_path / 'none.txt'} does not exist" in capsys.readouterr().err
-    from lmforge.data import fetch_tinyshakespeare
+    from lmforge.corpus import fetch_tinyshakespeare
 
     with pytest.raises(ValueError, match="^from_file .* does not exist"):  # the Python API spells it as Python
         fetch_tinyshakespeare(tmp_path, from_file=tmp_path / "none.txt")

@@ -11,15 +11,8 @@ import torch
 
 from lmforge import cli
 from lmforge.checkpoint import load_model
-from lmforge.data import (
-    STDLIB_HOLDOUT,
-    DataError,
-    load_corpus,
-    load_meta,
-    load_split,
-    prepare,
-    python_stdlib_files,
-)
+from lmforge.corpus import STDLIB_HOLDOUT, DataError, load_corpus, python_stdlib_files
+from lmforge.data import load_meta, load_split, prepare
 from lmforge.evaluate import (
     line_targets,
     next_line_exact_match,

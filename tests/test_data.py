@@ -10,18 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge import data as data_mod
+from lmforge import corpus, data as data_mod
+from lmforge.corpus import DataError, Document, download, read_text
 from lmforge.data import (
-    DataError,
-    download,
     encode_documents,
-    Document,
     eval_windows,
     load_meta,
     load_split,
     prepare,
     random_batch,
-    read_text,
     sequential_batches,
 )
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
@@ -152,9 +149,9 @@ def test_prepare_python_stdlib_with_max_chars(tmp_path):
     assert sum(meta["splits"].values()) == 20_000  # char: one token per character
     texts = read_all(tmp_path / "out")
     assert "import" in texts["train"] + texts["val"]
-    root, names = data_mod.python_stdlib_files()
+    root, names = corpus.python_stdlib_files()
     assert len(set(names)) == len(names) and all(n.endswith(".py") for n in names)
-    assert names == data_mod.python_stdlib_files()[1]  # a stable order
+    assert names == corpus.python_stdlib_files()[1]  # a stable order
     assert names[:50] != sorted(names)[:50]  # not alphabetical: a capped corpus samples the whole library
     assert not any(part in ("site-packages", "test", "tests", "idle_test", "encodings") for n in names for part in n.split("/"))
 
