@@ -207,6 +207,9 @@ class Int4Linear(nn.Module):
     """A Linear with 4-bit weight packed as Q4_0 (out, in/2) uint8 and float16 block scales (out, in/32) as
     buffers; the bias (if any) stays float. The scales stay float16 when the model is cast (`model.to(dtype)`)."""
 
+    weight: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32,
                  device=None):
         super().__init__()
@@ -220,11 +223,11 @@ class Int4Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
+    def from_linear(cls, linear: nn.Linear) -> Int4Linear:
         w = linear.weight
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device)
         q.weight, q.scales = quantize_int4(w)
-        if linear.bias is not None:
+        if q.bias is not None:  # exactly when the linear has one
             q.bias.copy_(linear.bias)
         return q
 
@@ -237,6 +240,7 @@ class Int4Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         scales = self._buffers.pop("scales")  # moved with the module, never cast: they are Q4_0's float16 d
+        assert scales is not None
         super()._apply(fn, recurse)
         moved = fn(scales)
         self._buffers["scales"] = moved if moved.dtype == torch.float16 else scales.to(moved.device)
@@ -249,7 +253,7 @@ class Int4Linear(nn.Module):
 # ------------------------------------------------------------------------------------------- the model
 
 
-def _quantized_class(mode: str, linear: nn.Linear) -> type[nn.Module]:
+def _quantized_class(mode: str, linear: nn.Linear) -> type[Int4Linear] | type[Int8Linear]:
     """The module a Linear becomes: int4 where its input width splits into 32-value blocks, else int8."""
     return Int4Linear if mode == "int4" and linear.in_features % Q4_BLOCK == 0 else Int8Linear
 
