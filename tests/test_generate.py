@@ -200,6 +200,16 @@ def test_beam_stops_at_eos(model):
     assert results[0][0] == uncached_greedy(model, prompt, 2)
 
 
+def test_beam_stops_at_any_of_several_end_tokens(model):
+    """A model with several end tokens (Llama 3's generation_config.json, llama2.c's BOS) ends a beam at any."""
+    prompt = PROMPTS[0]
+    greedy = uncached_greedy(model, prompt, 6)
+    k = next(i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i])  # its first time
+    unused = next(t for t in range(model.config.vocab_size) if t not in greedy)
+    results = beam_search(model, prompt, beam_width=1, max_tokens=10, eos_id=[unused, greedy[k]])
+    assert results[0][0] == greedy[:k]
+
+
 # ------------------------------------------------------------------ the command
 
 def test_generate_help_lists_the_settings(capsys):

@@ -22,7 +22,7 @@ def print_outputs(model, tokenizer, prompts: list[list[int]], params: SamplingPa
     out = sys.stdout if out is None else out
     decode = tokenizer.decode if tokenizer is not None else (lambda ids: " ".join(map(str, ids)))
     if beam_width > 0:
-        eos = None if params.ignore_eos else getattr(tokenizer, "eos_id", None)
+        eos = None if params.ignore_eos else end_tokens(tokenizer)
         for i, prompt in enumerate(prompts):
             beams = beam_search(model, prompt, beam_width, params.max_tokens, length_penalty, eos)
             for j, (tokens, score) in enumerate(beams[:params.n]):

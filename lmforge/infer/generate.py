@@ -319,11 +319,13 @@ def generate(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingP
 
 @torch.inference_mode()
 def beam_search(model, prompt: Sequence[int], beam_width: int = 4, max_tokens: int = 64,
-                length_penalty: float = 1.0, eos_id: int | None = None) -> list[tuple[list[int], float]]:
+                length_penalty: float = 1.0,
+                eos_id: int | Collection[int] | None = None) -> list[tuple[list[int], float]]:
     """The beam_width best continuations of one prompt, best first, as (tokens, score).
 
     score = sum of token logprobs / (number of generated tokens ** length_penalty), as Hugging Face scores
-    finished hypotheses; a hypothesis ending in eos_id counts the EOS token but does not return it. Search stops
+    finished hypotheses; a hypothesis ending in an end token (`eos_id`: one id or several, as `end_tokens`) counts
+    it but does not return it. Search stops
     when beam_width hypotheses are finished and no live beam can beat the worst of them at its current length
     (Hugging Face's default heuristic), or after max_tokens. The beams are the rows of one KV cache, reordered
     after every step by the beam each survivor came from.
@@ -333,6 +335,7 @@ def beam_search(model, prompt: Sequence[int], beam_width: int = 4, max_tokens: i
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens} must be >= 1")
     prompt = list(map(int, prompt))
+    ends = end_tokens(None, eos_id)
     logits, cache = prefill(model, [prompt], len(prompt) + max_tokens - 1)
     beams: list[list[int]] = [[]]
     scores = torch.zeros(1, device=logits.device)  # (W,) summed logprobs of the live beams
@@ -349,7 +352,7 @@ def beam_search(model, prompt: Sequence[int], beam_width: int = 4, max_tokens: i
         new_beams, new_scores, parents = [], [], []
         for s, idx in zip(top_scores.tolist(), top_idx.tolist()):
             parent, token = divmod(idx, V)
-            if token == eos_id:
+            if token in ends:
                 finished.append((beams[parent], normalised(s, step)))
             else:
                 new_beams.append(beams[parent] + [token])
