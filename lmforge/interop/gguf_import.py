@@ -1,0 +1,399 @@
+"""GGUF import: a llama.cpp GGUF file -> an lmforge model, its tokenizer and chat template.
+
+The file is read with llama.cpp's own `gguf` package (GGUFReader: metadata and memory-mapped tensors;
+gguf.quants.dequantize for block types), and every step inverts what lmforge.interop.gguf's exporter (and
+llama.cpp's convert_hf_to_gguf.py, which writes the same names and layouts) does:
+
+- Config: one `Arch` row per llama.cpp architecture: the ModelConfig fields every model of it has, plus its named
+  pieces (q/k rows permuted for adjacent-pair RoPE, fused qkv, fused gate_up, a fixed window pattern, a fixed
+  local RoPE base). The sizes come from `{arch}.block_count`, `.embedding_length`, `.feed_forward_length`,
+  `.attention.head_count(_kv)`, `.attention.key_length`, `.rope.dimension_count`, `.rope.freq_base`,
+  `.attention.layer_norm_(rms_)epsilon`, `.context_length`, `.attention.sliding_window`, the soft-caps and
+  `.rope.scaling.*`; the vocabulary size from token_embd's rows; a tied head from a missing (or identical)
+  `output` tensor. A RoPE per-frequency divisor tensor (Llama 3's rope_freqs, Phi-3's rope_factors_short/long)
+  becomes lmforge's "longrope" scaling, which divides the base frequencies the same way.
+- Weights: llama's q and k rows go back from adjacent-pair to half-split order (lmforge.interop.llama2c's
+  permutation), q/k/v and gate/up are concatenated into lmforge's fused rows; Gemma's norms already hold w + 1 in
+  GGUF, as in lmforge, so none is offset.
+- Tensor types (see `plan_mode`): a file is read as one lmforge precision, the one most of its weight matrices'
+  values map to: float32 for F32/F16/BF16, int8 for Q8_0 and the 6-bit K-quant Q6_K, int4 for Q4_0 and the
+  4/5-bit types (Q4_K, Q5_K, Q4_1, Q5_0, Q5_1). Q4_0 weights become Int4Linear's bytes unchanged (lmforge's int4 is
+  Q4_0's block layout); every other block type is dequantized exactly (gguf.quants.dequantize) and re-quantized to
+  the model's mode: Q8_0 -> int8 moves a weight by at most half its row's int8 step (max|row| / 254), and is exact
+  where the row's 32-value blocks share one scale; K-quants -> int4 add one Q4_0 rounding (half a step of
+  max|block| / 8) to their own. Embeddings stay float, as in every lmforge model. What happened to each source type
+  is counted in `GGUFImport.summary()`.
+
+Anything this module does not implement is refused with a GGUFImportError naming the metadata key (or tensor) and
+its value. The tokenizer and chat template are lmforge.interop.gguf_vocab's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.checkpoint import load_state
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.infer.quantize import Q4_BLOCK, build_model, quantize_int4, quantize_int8
+from lmforge.interop.gguf import int4_from_q4_0_rows
+from lmforge.interop.llama2c import interleaved_to_half_split
+from lmforge.model import Transformer
+
+
+class GGUFImportError(LmforgeError):
+    """A GGUF file lmforge cannot run as llama.cpp would; the message names the key or tensor and its value."""
+
+
+def _gguf():
+    import gguf  # llama.cpp's package; imported when used so that `lmforge --help` stays fast
+
+    return gguf
+
+
+# ------------------------------------------------------------------------------------------ architectures
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One llama.cpp architecture in lmforge's terms (as convert_hf_to_gguf.py's model classes, inverted)."""
+
+    model_type: str  # the Hugging Face family it is (config.extra["model_type"]; export back goes there)
+    fixed: dict  # ModelConfig fields every model of the architecture has
+    interleaved_rope: bool = False  # q/k rows in adjacent-pair RoPE order (llama): permuted back to half-split
+    fused_qkv: bool = False  # attn_qkv holds [q; k; v] rows (gpt2, phi3)
+    fused_gate_up: bool = False  # ffn_up holds [gate; up] rows (phi3)
+    window_pattern: int | None = None  # every n-th layer global, the others windowed (llama.cpp's gemma2/3)
+    local_base: float | None = None  # RoPE base of the windowed layers, fixed by llama.cpp (gemma3)
+    gemma_scale: bool = False  # scores scaled by head_dim^-1/2 (llama.cpp's fixed query_pre_attn_scalar)
+    uses_window: bool = False  # whether llama.cpp applies `.attention.sliding_window` (else it is ignored)
+
+
+_ROPE = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False)
+_GEMMA = dict(_ROPE, mlp="geglu_tanh", norm_placement="sandwich", embed_scale=True)
+ARCHS: dict[str, Arch] = {
+    "llama": Arch("llama", _ROPE, interleaved_rope=True),
+    "qwen2": Arch("qwen2", dict(_ROPE, qkv_bias=True)),
+    "qwen3": Arch("qwen3", dict(_ROPE, qk_norm="head")),
+    "phi3": Arch("phi3", _ROPE, fused_qkv=True, fused_gate_up=True),
+    "gemma2": Arch("gemma2", _GEMMA, window_pattern=2, gemma_scale=True, uses_window=True),
+    "gemma3": Arch("gemma3_text", dict(_GEMMA, qk_norm="head"), window_pattern=6, local_base=10000.0,
+                   gemma_scale=True, uses_window=True),
+    "olmo2": Arch("olmo2", dict(_ROPE, norm_placement="output", qk_norm="proj")),
+    "gpt2": Arch("gpt2", dict(norm="layernorm", mlp="gelu_tanh", pos="learned", bias=True), fused_qkv=True),
+}
+# Per-layer tensors that map one to one (GGUF blk.{i}.<name> -> blocks.{i}.<ours>), weight and bias alike.
+LAYER_TENSORS = {"attn_norm": "norm1", "ffn_norm": "norm2", "post_attention_norm": "post_norm1",
+                 "post_ffw_norm": "post_norm2", "attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm",
+                 "attn_qkv": "attn.qkv", "attn_output": "attn.proj", "ffn_down": "mlp.proj"}
+ROPE_FACTORS = ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+class Metadata:
+    """A GGUF file's key-value metadata, read by name with the architecture prefix filled in."""
+
+    def __init__(self, reader, arch: str):
+        self.fields, self.arch = reader.fields, arch
+
+    def get(self, key: str, default=None):
+        f = self.fields.get(key.replace("{arch}", self.arch))
+        return default if f is None else f.contents()
+
+    def need(self, key: str):
+        value = self.get(key)
+        if value is None:
+            raise GGUFImportError(f"the GGUF file has no {key.replace('{arch}', self.arch)!r}; it is needed for "
+                                  f"a {self.arch} model", param=key.replace("{arch}", self.arch))
+        return value
+
+    def scalar(self, key: str, default=None):
+        """A per-model number; a per-layer list must hold one value (lmforge's layers are alike)."""
+        value = self.get(key, default)
+        if isinstance(value, list):
+            if len(set(value)) != 1:
+                name = key.replace("{arch}", self.arch)
+                raise GGUFImportError(f"{name}={value}: layers of different shapes are not supported", param=name)
+            value = value[0]
+        return value
+
+
+def config_from_gguf(meta: Metadata, tensors: dict, name: str) -> ModelConfig:
+    """The ModelConfig of a GGUF file's metadata (and the few facts only its tensors hold)."""
+    a = ARCHS[meta.arch]
+    n_embd, n_head = meta.scalar("{arch}.embedding_length"), meta.scalar("{arch}.attention.head_count")
+    if n_embd is None or n_head is None:
+        meta.need("{arch}.embedding_length"), meta.need("{arch}.attention.head_count")
+    head_dim = meta.scalar("{arch}.attention.key_length") or n_embd // n_head
+    value_dim = meta.scalar("{arch}.attention.value_length") or head_dim
+    if value_dim != head_dim:
+        raise GGUFImportError(f"{meta.arch}.attention.value_length={value_dim} differs from key_length={head_dim}",
+                              param=f"{meta.arch}.attention.value_length")
+    emb = tensors["token_embd.weight"]
+    output = tensors.get("output.weight")
+    tied = output is None or (output.tensor_type == emb.tensor_type and np.array_equal(output.data, emb.data))
+    eps_key = "{arch}.attention.layer_norm_epsilon" if a.fixed["norm"] == "layernorm" else \
+        "{arch}.attention.layer_norm_rms_epsilon"
+    fields = dict(
+        a.fixed, name=name, vocab_size=int(emb.shape[1]), block_size=meta.scalar("{arch}.context_length", 2048),
+        n_layer=meta.need("{arch}.block_count"), n_head=n_head,
+        n_kv_head=meta.scalar("{arch}.attention.head_count_kv") or n_head, n_embd=n_embd,
+        intermediate_size=meta.scalar("{arch}.feed_forward_length"), norm_eps=float(meta.need(eps_key)),
+        tie_embeddings=tied, head_size=head_dim if head_dim * n_head != n_embd else None,
+        extra={"imported_from": "gguf", "model_type": a.model_type},
+    )
+    if a.fixed["pos"] == "rope":
+        fields |= _rope_fields(meta, tensors, head_dim, fields["block_size"])
+    fields |= _attention_fields(meta, a, fields["n_layer"], head_dim)
+    return ModelConfig(**fields)
+
+
+def _rope_fields(meta: Metadata, tensors: dict, head_dim: int, context: int) -> dict:
+    rotary = meta.scalar("{arch}.rope.dimension_count") or head_dim
+    fields = {"rope_base": float(meta.scalar("{arch}.rope.freq_base", 10000.0)),
+              "rope_dim": rotary if rotary != head_dim else None}
+    kind = meta.get("{arch}.rope.scaling.type", "none")
+    original = meta.get("{arch}.rope.scaling.original_context_length")
+    factor = meta.get("{arch}.rope.scaling.factor")
+    factors = {n: tensors[n].data for n in ROPE_FACTORS if n in tensors}
+    if factors:  # per-frequency divisors of the base frequencies: lmforge's longrope does exactly that
+        short = factors.get("rope_factors_short.weight", factors.get("rope_freqs.weight"))
+        long = factors.get("rope_factors_long.weight", short)
+        attn = meta.get("{arch}.rope.scaling.attn_factor")
+        fields["rope_scaling"] = {"type": "longrope", "short_factor": np.asarray(short, np.float64).tolist(),
+                                  "long_factor": np.asarray(long, np.float64).tolist(),
+                                  "original_context": int(original or context),
+                                  "attention_factor": float(attn) if attn else 1.0}
+    elif kind == "linear" and factor:
+        fields["rope_scaling"] = {"type": "linear", "factor": float(factor)}
+    elif kind == "yarn" and factor:
+        fields["rope_scaling"] = {"type": "yarn", "factor": float(factor), "original_context": int(original or context)}
+    elif kind not in ("none", "linear", "yarn") or (kind != "none" and not factor):
+        key = f"{meta.arch}.rope.scaling.type"
+        raise GGUFImportError(f"{key}={kind!r} (factor {factor}) is not supported; lmforge reads 'none', 'linear', "
+                              f"'yarn' and the rope_freqs / rope_factors tensors", param=key)
+    return fields
+
+
+def _attention_fields(meta: Metadata, a: Arch, n_layer: int, head_dim: int) -> dict:
+    fields: dict = {}
+    window = meta.scalar("{arch}.attention.sliding_window")
+    if window and a.uses_window:
+        fields["sliding_window"] = int(window)
+        if a.window_pattern:
+            windowed = [i for i in range(n_layer) if (i + 1) % a.window_pattern]
+            fields["window_layers"] = windowed if len(windowed) < n_layer else None
+    if a.local_base is not None:
+        fields["rope_local_base"] = a.local_base
+    if a.gemma_scale:
+        fields["attn_scale"] = head_dim ** -0.5
+    for key, ours in (("{arch}.attn_logit_softcapping", "attn_softcap"),
+                      ("{arch}.final_logit_softcapping", "logit_softcap")):
+        value = meta.get(key)
+        if value:
+            fields[ours] = float(value)
+    if meta.arch == "gemma3":
+        fields.pop("attn_softcap", None)  # llama.cpp's (and transformers') Gemma 3 attention has no soft-cap
+    return fields
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+INT8_TYPES = ("Q8_0", "Q6_K")  # 6 bits and more a weight: int8 keeps them (nearly) as they are
+MODE_NAMES = {None: "float32", "int8": "int8", "int4": "int4"}
+
+
+def plan_mode(tensors: dict) -> str | None:
+    """The lmforge precision of the file's weight matrices: the one most of their values map to (float32 for
+    float types, int8 for Q8_0 / Q6_K, int4 for the other block types); None is float."""
+    votes: Counter = Counter()
+    for name, t in tensors.items():
+        if name.startswith("blk.") and len(t.shape) == 2:
+            kind = t.tensor_type.name
+            votes[None if kind in FLOAT_TYPES else "int8" if kind in INT8_TYPES else "int4"] += int(t.n_elements)
+    return votes.most_common(1)[0][0] if votes else None
+
+
+class Weights:
+    """The file's tensors under lmforge's names: float32, or, for Q4_0 weights going into an int4 model, their
+    raw Q4_0 rows (uint8, (out, blocks * 18)), which row permutations and concatenations keep whole."""
+
+    def __init__(self, tensors: dict, mode: str | None):
+        self.tensors, self.mode = tensors, mode
+        self.used: set[str] = set()
+        self.source: dict[str, list[str]] = {}  # our name -> GGUF type names it came from
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def take(self, name: str) -> torch.Tensor:
+        t = self.tensors.get(name)
+        if t is None:
+            raise GGUFImportError(f"the GGUF file lacks the tensor {name!r} its metadata implies")
+        self.used.add(name)
+        Q = _gguf().GGMLQuantizationType
+        if t.tensor_type == Q.Q4_0 and self.mode == "int4":
+            return torch.from_numpy(np.array(t.data))
+        try:
+            values = _gguf().quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise GGUFImportError(f"tensor {name!r} has type {t.tensor_type.name}, which gguf.quants cannot "
+                                  f"dequantize") from None
+        return torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: the file is mapped read-only
+
+    def put(self, out: dict, ours: str, *names: str, heads: list | None = None) -> None:
+        """out[ours] = the rows of `names` concatenated; `heads[i]` (if given) un-permutes part i's rows from
+        adjacent-pair to half-split RoPE order in that many heads."""
+        parts = [self.take(n) for n in names]
+        if heads:
+            parts = [interleaved_to_half_split(p, h) if h and p.dim() == 2 else p for p, h in zip(parts, heads)]
+        if any(p.dtype == torch.uint8 for p in parts) and not all(p.dtype == torch.uint8 for p in parts):
+            parts = [_dequantize_q4_0(p) if p.dtype == torch.uint8 else p for p in parts]
+        out[ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        self.source[ours] = [self.tensors[n].tensor_type.name for n in names]
+
+
+def _dequantize_q4_0(rows: torch.Tensor) -> torch.Tensor:
+    from lmforge.infer.quantize import dequantize_int4
+
+    return dequantize_int4(*int4_from_q4_0_rows(rows))
+
+
+def lmforge_tensors(w: Weights, c: ModelConfig, arch: Arch) -> dict[str, torch.Tensor]:
+    """Our state dict (before quantization) from the GGUF tensors: the exporter's gguf_tensors, inverted."""
+    out: dict[str, torch.Tensor] = {}
+    w.put(out, "tok_emb.weight", "token_embd.weight")
+    if c.pos == "learned":
+        w.put(out, "pos_emb.weight", "position_embd.weight")
+    w.put(out, "norm_f.weight", "output_norm.weight")
+    if w.has("output_norm.bias"):
+        w.put(out, "norm_f.bias", "output_norm.bias")
+    if not c.tie_embeddings:
+        w.put(out, "lm_head.weight", "output.weight")
+        if c.bias:  # lmforge's untied GPT-2 head has a bias; llama.cpp's has none
+            out["lm_head.bias"] = torch.zeros(c.vocab_size)
+    elif w.has("output.weight"):
+        w.used.add("output.weight")  # the same values as token_embd (checked by config_from_gguf)
+    w.used.update(n for n in ROPE_FACTORS if w.has(n))  # read into the config's rope_scaling
+    rope_heads = [c.n_head, c.n_kv_head, None] if arch.interleaved_rope else None
+    for i in range(c.n_layer):
+        b, p = f"blk.{i}.", f"blocks.{i}."
+        for theirs, ours in LAYER_TENSORS.items():
+            for part in ("weight", "bias"):
+                if w.has(f"{b}{theirs}.{part}"):
+                    w.put(out, f"{p}{ours}.{part}", f"{b}{theirs}.{part}")
+        for part in ("weight", "bias"):
+            if not arch.fused_qkv and w.has(f"{b}attn_q.{part}"):
+                w.put(out, f"{p}attn.qkv.{part}", *(f"{b}attn_{x}.{part}" for x in "qkv"), heads=rope_heads)
+            if not arch.fused_gate_up and w.has(f"{b}ffn_gate.{part}"):
+                w.put(out, f"{p}mlp.fc.{part}", f"{b}ffn_gate.{part}", f"{b}ffn_up.{part}")
+            elif w.has(f"{b}ffn_up.{part}"):  # phi3's [gate; up] rows, gpt2's one up projection
+                w.put(out, f"{p}mlp.fc.{part}", f"{b}ffn_up.{part}")
+    left = sorted(set(w.tensors) - w.used)
+    if left:
+        raise GGUFImportError(f"the GGUF file holds tensors lmforge's {arch.model_type} would ignore: {left[:5]}"
+                              f"{'...' if len(left) > 5 else ''}")
+    return out
+
+
+def quantized_state(model: Transformer, sd: dict[str, torch.Tensor], mode: str | None) -> dict[str, torch.Tensor]:
+    """`sd` in the layouts of `model`'s (possibly quantized) modules: Q4_0 rows into Int4Linear bytes unchanged,
+    float weights rounded by the module's own quantizer, a tied head's weight copied from the embedding."""
+    if mode is not None and model.config.tie_embeddings and "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["tok_emb.weight"]  # a quantized model's head is its own copy
+    out = {}
+    own = model.state_dict()
+    for name, t in sd.items():
+        scales = name[:-len("weight")] + "scales"
+        if name.endswith(".weight") and scales in own:
+            if own[name].dtype == torch.uint8:
+                out[name], out[scales] = int4_from_q4_0_rows(t) if t.dtype == torch.uint8 else quantize_int4(t)
+            else:
+                out[name], out[scales] = quantize_int8(_dequantize_q4_0(t) if t.dtype == torch.uint8 else t)
+                out[scales] = out[scales].to(own[scales].dtype)
+        else:
+            out[name] = _dequantize_q4_0(t) if t.dtype == torch.uint8 else t
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- import
+
+
+@dataclass
+class GGUFImport:
+    """What `read_gguf` did: the model and what travels with it, and the fate of each source tensor type."""
+
+    model: Transformer
+    tokenizer: object | None
+    extras: dict[str, bytes] = field(default_factory=dict)
+    arch: str = ""
+    mode: str | None = None
+    fates: Counter = field(default_factory=Counter)  # (GGUF type, what lmforge did) -> tensors
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: per GGUF tensor type, how many tensors became what."""
+        parts = [f"{kind} x{n} -> {fate}" for (kind, fate), n in sorted(self.fates.items())]
+        return f"GGUF {self.arch} as an lmforge {MODE_NAMES[self.mode]} model: " + "; ".join(parts)
+
+
+def _fate(kind: str, ours: str, module_dtype: torch.dtype | None) -> str:
+    if module_dtype is None:  # a float tensor: embeddings, norms, biases, or the weights of a float model
+        return "float32" + (" (exact)" if kind in FLOAT_TYPES else " (dequantized)")
+    target = "int4" if module_dtype == torch.uint8 else "int8"
+    if kind == "Q4_0" and target == "int4":
+        return "int4 (Q4_0 blocks unchanged)"
+    return f"{target} (re-quantized)"
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFImport:
+    """Read a GGUF file into an lmforge model (CPU, eval mode), its tokenizer and chat template (as extras)."""
+    from lmforge.interop.gguf_vocab import read_vocab
+
+    path = Path(path)
+    gguf = _gguf()
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise GGUFImportError(f"{path} is not a readable GGUF file ({e})", param="model") from None
+    arch_field = reader.fields.get("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else None
+    if arch not in ARCHS:
+        raise GGUFImportError(f"general.architecture={arch!r} is not supported; lmforge reads "
+                              f"{', '.join(ARCHS)}", param="general.architecture")
+    meta = Metadata(reader, arch)
+    tensors = {t.name: t for t in reader.tensors}
+    config = config_from_gguf(meta, tensors, meta.get("general.name") or path.stem)
+    mode = plan_mode(tensors)
+    weights = Weights(tensors, mode)
+    sd = lmforge_tensors(weights, config, ARCHS[arch])
+    config = dataclasses.replace(config, quantization=mode)
+    model = build_model(config)
+    state = quantized_state(model, sd, mode)
+    load_state(model, state, path)
+    result = GGUFImport(model.eval(), None, arch=arch, mode=mode)
+    own = model.state_dict()
+    for ours, kinds in weights.source.items():
+        quantized = ours.endswith(".weight") and ours[:-len("weight")] + "scales" in own
+        for kind in kinds:
+            result.fates[(kind, _fate(kind, ours, own[ours].dtype if quantized else None))] += 1
+    if arch in ("llama", "qwen2", "phi3") and meta.get("{arch}.attention.sliding_window"):
+        result.notes.append(f"{arch}.attention.sliding_window is ignored, as llama.cpp's {arch} does")
+    if mode == "int4" and any(c % Q4_BLOCK for c in (config.n_embd, config.intermediate_size)):
+        result.notes.append("layers whose input width is not a multiple of 32 are int8")
+    result.tokenizer, result.extras = read_vocab(meta, config.vocab_size)
+    return result
+
+
+__all__ = ["ARCHS", "Arch", "GGUFImport", "GGUFImportError", "config_from_gguf", "plan_mode", "read_gguf"]
