@@ -16,13 +16,18 @@ llama.cpp's convert_hf_to_gguf.py, which writes the same names and layouts) does
   permutation), q/k/v and gate/up are concatenated into lmforge's fused rows; Gemma's norms already hold w + 1 in
   GGUF, as in lmforge, so none is offset.
 - Tensor types (see `plan_mode`): a file is read as one lmforge precision, the one most of its weight matrices'
-  values map to: float32 for F32/F16/BF16, int8 for Q8_0 and the 6-bit K-quant Q6_K, int4 for Q4_0 and the
-  4/5-bit types (Q4_K, Q5_K, Q4_1, Q5_0, Q5_1). Q4_0 weights become Int4Linear's bytes unchanged (lmforge's int4 is
-  Q4_0's block layout); every other block type is dequantized exactly (gguf.quants.dequantize) and re-quantized to
-  the model's mode: Q8_0 -> int8 moves a weight by at most half its row's int8 step (max|row| / 254), and is exact
-  where the row's 32-value blocks share one scale; K-quants -> int4 add one Q4_0 rounding (half a step of
-  max|block| / 8) to their own. Embeddings stay float, as in every lmforge model. What happened to each source type
-  is counted in `GGUFImport.summary()`.
+  values map to: float32 for F32/F16/BF16, int4 for Q4_0, int8 for every other block type. Q4_0 weights become
+  Int4Linear's bytes unchanged (lmforge's int4 is Q4_0's block layout). Every other block type is dequantized
+  exactly (gguf.quants.dequantize) and re-rounded to the model's mode:
+  - Q8_0 -> int8 (one scale per row, Q8_0 has one per 32 values): a weight moves by at most half its row's step,
+    max|row| / 254; exact where the row's blocks share one scale. On the test models this moves the logits about
+    as far again as Q8_0 itself moved them from F32's (tests/test_gguf_import.py).
+  - K-quants (Q4_K, Q5_K, Q6_K) and the other block types -> int8, not int4: re-rounding them to Q4_0's blocks
+    doubled their error on the test models (1.1-1.7x the file's own), while int8 adds about a sixteenth of a 4-bit
+    step. The price is memory and decode speed: 8 bits a weight instead of the file's 4.5-6.6.
+  - In an int4 model (a Q4_0 file), llama-quantize's Q6_K output head is re-rounded to Q4_0.
+  Embeddings stay float, as in every lmforge model. What happened to each source type is counted in
+  `GGUFImport.summary()`.
 
 Anything this module does not implement is refused with a GGUFImportError naming the metadata key (or tensor) and
 its value. The tokenizer and chat template are lmforge.interop.gguf_vocab's job.
@@ -210,18 +215,17 @@ def _attention_fields(meta: Metadata, a: Arch, n_layer: int, head_dim: int) -> d
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
-INT8_TYPES = ("Q8_0", "Q6_K")  # 6 bits and more a weight: int8 keeps them (nearly) as they are
 MODE_NAMES = {None: "float32", "int8": "int8", "int4": "int4"}
 
 
 def plan_mode(tensors: dict) -> str | None:
-    """The lmforge precision of the file's weight matrices: the one most of their values map to (float32 for
-    float types, int8 for Q8_0 / Q6_K, int4 for the other block types); None is float."""
+    """The lmforge precision of the file's weight matrices: the one most of their values map to (None, float32, for
+    float types; int4 for Q4_0; int8 for every other block type: see the module docstring)."""
     votes: Counter = Counter()
     for name, t in tensors.items():
         if name.startswith("blk.") and len(t.shape) == 2:
             kind = t.tensor_type.name
-            votes[None if kind in FLOAT_TYPES else "int8" if kind in INT8_TYPES else "int4"] += int(t.n_elements)
+            votes[None if kind in FLOAT_TYPES else "int4" if kind == "Q4_0" else "int8"] += int(t.n_elements)
     return votes.most_common(1)[0][0] if votes else None
 
 
@@ -388,6 +392,14 @@ def read_gguf(path: str | os.PathLike) -> GGUFImport:
         quantized = ours.endswith(".weight") and ours[:-len("weight")] + "scales" in own
         for kind in kinds:
             result.fates[(kind, _fate(kind, ours, own[ours].dtype if quantized else None))] += 1
+    if mode is not None and config.tie_embeddings:  # the quantized head is a copy of the embedding's values
+        kind = tensors["token_embd.weight"].tensor_type.name
+        result.fates[(kind, _fate(kind, "lm_head.weight", own["lm_head.weight"].dtype) + ", the tied head")] += 1
+    scaling = config.rope_scaling or {}
+    if scaling.get("type") == "longrope" and scaling["short_factor"] != scaling["long_factor"]:
+        result.notes.append(f"LongRoPE: lmforge turns a sequence by the long factors once it passes "
+                            f"{scaling['original_context']} tokens (as transformers does); llama.cpp does from the "
+                            f"start whenever its context is longer than that")
     if arch in ("llama", "qwen2", "phi3") and meta.get("{arch}.attention.sliding_window"):
         result.notes.append(f"{arch}.attention.sliding_window is ignored, as llama.cpp's {arch} does")
     if mode == "int4" and any(c % Q4_BLOCK for c in (config.n_embd, config.intermediate_size)):
