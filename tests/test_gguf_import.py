@@ -15,6 +15,7 @@ The reference is llama.cpp running the very same file (llama-cpp-python, logits_
 from __future__ import annotations
 
 import ctypes
+import json
 from pathlib import Path
 
 import numpy as np
@@ -261,3 +262,51 @@ def test_what_is_not_implemented_is_refused_by_key(files, tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(GGUFImportError, match="not a readable GGUF"):
         read(tmp_path / "junk.gguf")
+
+
+def test_prepare_and_eval_take_a_gguf_path(files, tmp_path, capsys):
+    """`prepare --tokenizer-from model.gguf` tokenizes with the embedded tokenizer (llama.cpp's ids), and `eval`
+    scores the .gguf on that data, as an int4 model for a Q4_0 file."""
+    path = quantize(files("qwen2"), "q4_0")
+    text = "the quick brown fox jumps over the lazy dog. hello there, how are you today? 12345\n" * 40
+    (tmp_path / "corpus.txt").write_text(text)
+    data = tmp_path / "data"
+    assert main(["prepare", str(tmp_path / "corpus.txt"), "--out", str(data), "--tokenizer-from", str(path)]) == 0
+    from lmforge.data import load_split
+
+    ids = [int(i) for i in load_split(data, "train")[:20]]
+    assert ids == llama(path).tokenize(text.encode(), add_bos=False)[:20]
+    capsys.readouterr()
+    assert main(["eval", str(path), str(data), "--block-size", "32"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["quantization"] == "int4" and np.isfinite(result["loss"])
+
+
+@pytest.mark.slow
+def test_serve_answers_a_chat_with_the_embedded_template_as_llama_cpp_continues_it(files):
+    """`lmforge serve model.gguf` over HTTP (the official openai client): the embedded ChatML template renders the
+    prompt (its token count is llama.cpp's for the rendered text) and greedy decoding gives llama.cpp's tokens."""
+    import openai
+
+    from lmforge.serve.process import start_server, stop_server
+    from lmforge.templates import ChatTemplate
+
+    path = files("smollm2")
+    messages = [{"role": "user", "content": "hello there"}]
+    llm = llama(path)
+    rendered = ChatTemplate(llm.metadata["tokenizer.chat_template"]).render(messages)
+    ids = llm.tokenize(rendered.encode(), add_bos=False, special=True)
+    llm.eval(ids)
+    greedy = []
+    for _ in range(6):
+        greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([greedy[-1]])
+    proc, base = start_server(str(path), "--log-level", "warning")
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model=path.stem, messages=messages, max_tokens=6, temperature=0)
+    finally:
+        assert stop_server(proc) in (0, -15)
+    assert reply.usage.prompt_tokens == len(ids)
+    expected = llm.detokenize(greedy, special=True).decode("utf-8", errors="replace")
+    assert reply.choices[0].message.content == expected, (reply.choices[0], greedy)

@@ -51,6 +51,7 @@ from lmforge.infer.quantize import Q4_BLOCK, build_model, quantize_int4, quantiz
 from lmforge.interop.gguf import int4_from_q4_0_rows
 from lmforge.interop.llama2c import interleaved_to_half_split
 from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
 
 
 class GGUFImportError(LmforgeError):
@@ -339,7 +340,7 @@ class GGUFImport:
     """What `read_gguf` did: the model and what travels with it, and the fate of each source tensor type."""
 
     model: Transformer
-    tokenizer: object | None
+    tokenizer: Tokenizer | None
     extras: dict[str, bytes] = field(default_factory=dict)
     arch: str = ""
     mode: str | None = None
@@ -361,14 +362,10 @@ def _fate(kind: str, ours: str, module_dtype: torch.dtype | None) -> str:
     return f"{target} (re-quantized)"
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFImport:
-    """Read a GGUF file into an lmforge model (CPU, eval mode), its tokenizer and chat template (as extras)."""
-    from lmforge.interop.gguf_vocab import read_vocab
-
-    path = Path(path)
-    gguf = _gguf()
+def _open(path: Path):
+    """(reader, metadata, tensors by name) of a GGUF file of an architecture lmforge reads."""
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _gguf().GGUFReader(path)
     except (ValueError, OSError) as e:
         raise GGUFImportError(f"{path} is not a readable GGUF file ({e})", param="model") from None
     arch_field = reader.fields.get("general.architecture")
@@ -376,8 +373,28 @@ def read_gguf(path: str | os.PathLike) -> GGUFImport:
     if arch not in ARCHS:
         raise GGUFImportError(f"general.architecture={arch!r} is not supported; lmforge reads "
                               f"{', '.join(ARCHS)}", param="general.architecture")
-    meta = Metadata(reader, arch)
-    tensors = {t.name: t for t in reader.tensors}
+    return reader, Metadata(reader, arch), {t.name: t for t in reader.tensors}
+
+
+def read_gguf_tokenizer(path: str | os.PathLike):
+    """Only the tokenizer a GGUF file embeds (no weights are read): for `prepare --tokenizer-from model.gguf`."""
+    from lmforge.interop.gguf_vocab import read_vocab
+
+    _, meta, tensors = _open(Path(path))
+    tok, _ = read_vocab(meta, int(tensors["token_embd.weight"].shape[1]))
+    if tok is None:
+        raise GGUFImportError(f"{path} embeds no tokenizer (tokenizer.ggml.model is 'none')",
+                              param="tokenizer.ggml.model")
+    return tok
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFImport:
+    """Read a GGUF file into an lmforge model (CPU, eval mode), its tokenizer and chat template (as extras)."""
+    from lmforge.interop.gguf_vocab import read_vocab
+
+    path = Path(path)
+    _, meta, tensors = _open(path)
+    arch = meta.arch
     config = config_from_gguf(meta, tensors, meta.get("general.name") or path.stem)
     mode = plan_mode(tensors)
     weights = Weights(tensors, mode)
@@ -408,4 +425,5 @@ def read_gguf(path: str | os.PathLike) -> GGUFImport:
     return result
 
 
-__all__ = ["ARCHS", "Arch", "GGUFImport", "GGUFImportError", "config_from_gguf", "plan_mode", "read_gguf"]
+__all__ = ["ARCHS", "Arch", "GGUFImport", "GGUFImportError", "config_from_gguf", "plan_mode", "read_gguf",
+           "read_gguf_tokenizer"]

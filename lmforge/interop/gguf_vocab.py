@@ -27,6 +27,7 @@ import json
 from lmforge.errors import LmforgeError
 from lmforge.interop.gguf import LLAMA3_SPLIT, QWEN2_SPLIT, SPIECE_SPACE
 from lmforge.templates import JINJA_FILE
+from lmforge.tokenizer import Tokenizer
 
 CONTROL, USER_DEFINED, UNUSED = 3, 4, 5  # gguf.TokenType values
 LLAMA_BYTES = 3  # the first of the 256 byte pieces in a Llama-2-layout vocabulary
@@ -124,7 +125,7 @@ def llama_tokenizer(meta, vocab_size: int):
     return Llama2cTokenizer(pieces, scores[:len(tokens)], max(len(p) for p in pieces))
 
 
-def read_vocab(meta, vocab_size: int) -> tuple[object | None, dict[str, bytes]]:
+def read_vocab(meta, vocab_size: int) -> tuple[Tokenizer | None, dict[str, bytes]]:
     """(tokenizer or None, {file name: bytes} to keep with the model: chat_template.jinja, generation_config.json)."""
     kind = meta.get("tokenizer.ggml.model", "none")
     readers = {"gpt2": bpe_tokenizer, "llama": llama_tokenizer}
