@@ -4,14 +4,7 @@ The file is read with llama.cpp's own `gguf` package (GGUFReader: metadata and m
 gguf.quants.dequantize for block types), and every step inverts what lmforge.interop.gguf's exporter (and
 llama.cpp's convert_hf_to_gguf.py, which writes the same names and layouts) does:
 
-- Config: one `Arch` row per llama.cpp architecture: the ModelConfig fields every model of it has, plus its named
-  pieces (q/k rows permuted for adjacent-pair RoPE, fused qkv, fused gate_up, a fixed window pattern, a fixed
-  local RoPE base). The sizes come from `{arch}.block_count`, `.embedding_length`, `.feed_forward_length`,
-  `.attention.head_count(_kv)`, `.attention.key_length`, `.rope.dimension_count`, `.rope.freq_base`,
-  `.attention.layer_norm_(rms_)epsilon`, `.context_length`, `.attention.sliding_window`, the soft-caps and
-  `.rope.scaling.*`; the vocabulary size from token_embd's rows; a tied head from a missing (or identical)
-  `output` tensor. A RoPE per-frequency divisor tensor (Llama 3's rope_freqs, Phi-3's rope_factors_short/long)
-  becomes lmforge's "longrope" scaling, which divides the base frequencies the same way.
+- Config: lmforge.interop.gguf_arch (one `Arch` row per llama.cpp architecture).
 - Weights: llama's q and k rows go back from adjacent-pair to half-split order (lmforge.interop.llama2c's
   permutation), q/k/v and gate/up are concatenated into lmforge's fused rows; Gemma's norms already hold w + 1 in
   GGUF, as in lmforge, so none is offset.
@@ -46,170 +39,27 @@ import torch
 
 from lmforge.checkpoint import load_state
 from lmforge.config import ModelConfig
-from lmforge.errors import LmforgeError
 from lmforge.infer.quantize import Q4_BLOCK, build_model, quantize_int4, quantize_int8
 from lmforge.interop.gguf import int4_from_q4_0_rows
+from lmforge.interop.gguf_arch import ARCHS, ROPE_FACTORS, Arch, GGUFImportError, Metadata, config_from_gguf
 from lmforge.interop.llama2c import interleaved_to_half_split
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
 
-class GGUFImportError(LmforgeError):
-    """A GGUF file lmforge cannot run as llama.cpp would; the message names the key or tensor and its value."""
-
-
 def _gguf():
-    import gguf  # llama.cpp's package; imported when used so that `lmforge --help` stays fast
-
+    try:
+        import gguf  # llama.cpp's package; imported when used so that `lmforge --help` stays fast
+    except ModuleNotFoundError:
+        raise GGUFImportError("reading a .gguf file needs llama.cpp's gguf package: pip install 'lmforge[gguf]'",
+                              param="model") from None
     return gguf
 
 
-# ------------------------------------------------------------------------------------------ architectures
-
-
-@dataclass(frozen=True)
-class Arch:
-    """One llama.cpp architecture in lmforge's terms (as convert_hf_to_gguf.py's model classes, inverted)."""
-
-    model_type: str  # the Hugging Face family it is (config.extra["model_type"]; export back goes there)
-    fixed: dict  # ModelConfig fields every model of the architecture has
-    interleaved_rope: bool = False  # q/k rows in adjacent-pair RoPE order (llama): permuted back to half-split
-    fused_qkv: bool = False  # attn_qkv holds [q; k; v] rows (gpt2, phi3)
-    fused_gate_up: bool = False  # ffn_up holds [gate; up] rows (phi3)
-    window_pattern: int | None = None  # every n-th layer global, the others windowed (llama.cpp's gemma2/3)
-    local_base: float | None = None  # RoPE base of the windowed layers, fixed by llama.cpp (gemma3)
-    gemma_scale: bool = False  # scores scaled by head_dim^-1/2 (llama.cpp's fixed query_pre_attn_scalar)
-    uses_window: bool = False  # whether llama.cpp applies `.attention.sliding_window` (else it is ignored)
-
-
-_ROPE = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False)
-_GEMMA = dict(_ROPE, mlp="geglu_tanh", norm_placement="sandwich", embed_scale=True)
-ARCHS: dict[str, Arch] = {
-    "llama": Arch("llama", _ROPE, interleaved_rope=True),
-    "qwen2": Arch("qwen2", dict(_ROPE, qkv_bias=True)),
-    "qwen3": Arch("qwen3", dict(_ROPE, qk_norm="head")),
-    "phi3": Arch("phi3", _ROPE, fused_qkv=True, fused_gate_up=True),
-    "gemma2": Arch("gemma2", _GEMMA, window_pattern=2, gemma_scale=True, uses_window=True),
-    "gemma3": Arch("gemma3_text", dict(_GEMMA, qk_norm="head"), window_pattern=6, local_base=10000.0,
-                   gemma_scale=True, uses_window=True),
-    "olmo2": Arch("olmo2", dict(_ROPE, norm_placement="output", qk_norm="proj")),
-    "gpt2": Arch("gpt2", dict(norm="layernorm", mlp="gelu_tanh", pos="learned", bias=True), fused_qkv=True),
-}
 # Per-layer tensors that map one to one (GGUF blk.{i}.<name> -> blocks.{i}.<ours>), weight and bias alike.
 LAYER_TENSORS = {"attn_norm": "norm1", "ffn_norm": "norm2", "post_attention_norm": "post_norm1",
                  "post_ffw_norm": "post_norm2", "attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm",
                  "attn_qkv": "attn.qkv", "attn_output": "attn.proj", "ffn_down": "mlp.proj"}
-ROPE_FACTORS = ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")
-
-
-# ------------------------------------------------------------------------------------------------ reading
-
-
-class Metadata:
-    """A GGUF file's key-value metadata, read by name with the architecture prefix filled in."""
-
-    def __init__(self, reader, arch: str):
-        self.fields, self.arch = reader.fields, arch
-
-    def get(self, key: str, default=None):
-        f = self.fields.get(key.replace("{arch}", self.arch))
-        return default if f is None else f.contents()
-
-    def need(self, key: str):
-        value = self.get(key)
-        if value is None:
-            raise GGUFImportError(f"the GGUF file has no {key.replace('{arch}', self.arch)!r}; it is needed for "
-                                  f"a {self.arch} model", param=key.replace("{arch}", self.arch))
-        return value
-
-    def scalar(self, key: str, default=None):
-        """A per-model number; a per-layer list must hold one value (lmforge's layers are alike)."""
-        value = self.get(key, default)
-        if isinstance(value, list):
-            if len(set(value)) != 1:
-                name = key.replace("{arch}", self.arch)
-                raise GGUFImportError(f"{name}={value}: layers of different shapes are not supported", param=name)
-            value = value[0]
-        return value
-
-
-def config_from_gguf(meta: Metadata, tensors: dict, name: str) -> ModelConfig:
-    """The ModelConfig of a GGUF file's metadata (and the few facts only its tensors hold)."""
-    a = ARCHS[meta.arch]
-    n_embd, n_head = meta.scalar("{arch}.embedding_length"), meta.scalar("{arch}.attention.head_count")
-    if n_embd is None or n_head is None:
-        meta.need("{arch}.embedding_length"), meta.need("{arch}.attention.head_count")
-    head_dim = meta.scalar("{arch}.attention.key_length") or n_embd // n_head
-    value_dim = meta.scalar("{arch}.attention.value_length") or head_dim
-    if value_dim != head_dim:
-        raise GGUFImportError(f"{meta.arch}.attention.value_length={value_dim} differs from key_length={head_dim}",
-                              param=f"{meta.arch}.attention.value_length")
-    emb = tensors["token_embd.weight"]
-    output = tensors.get("output.weight")
-    tied = output is None or (output.tensor_type == emb.tensor_type and np.array_equal(output.data, emb.data))
-    eps_key = "{arch}.attention.layer_norm_epsilon" if a.fixed["norm"] == "layernorm" else \
-        "{arch}.attention.layer_norm_rms_epsilon"
-    fields = dict(
-        a.fixed, name=name, vocab_size=int(emb.shape[1]), block_size=meta.scalar("{arch}.context_length", 2048),
-        n_layer=meta.need("{arch}.block_count"), n_head=n_head,
-        n_kv_head=meta.scalar("{arch}.attention.head_count_kv") or n_head, n_embd=n_embd,
-        intermediate_size=meta.scalar("{arch}.feed_forward_length"), norm_eps=float(meta.need(eps_key)),
-        tie_embeddings=tied, head_size=head_dim if head_dim * n_head != n_embd else None,
-        extra={"imported_from": "gguf", "model_type": a.model_type},
-    )
-    if a.fixed["pos"] == "rope":
-        fields |= _rope_fields(meta, tensors, head_dim, fields["block_size"])
-    fields |= _attention_fields(meta, a, fields["n_layer"], head_dim)
-    return ModelConfig(**fields)
-
-
-def _rope_fields(meta: Metadata, tensors: dict, head_dim: int, context: int) -> dict:
-    rotary = meta.scalar("{arch}.rope.dimension_count") or head_dim
-    fields = {"rope_base": float(meta.scalar("{arch}.rope.freq_base", 10000.0)),
-              "rope_dim": rotary if rotary != head_dim else None}
-    kind = meta.get("{arch}.rope.scaling.type", "none")
-    original = meta.get("{arch}.rope.scaling.original_context_length")
-    factor = meta.get("{arch}.rope.scaling.factor")
-    factors = {n: tensors[n].data for n in ROPE_FACTORS if n in tensors}
-    if factors:  # per-frequency divisors of the base frequencies: lmforge's longrope does exactly that
-        short = factors.get("rope_factors_short.weight", factors.get("rope_freqs.weight"))
-        long = factors.get("rope_factors_long.weight", short)
-        attn = meta.get("{arch}.rope.scaling.attn_factor")
-        fields["rope_scaling"] = {"type": "longrope", "short_factor": np.asarray(short, np.float64).tolist(),
-                                  "long_factor": np.asarray(long, np.float64).tolist(),
-                                  "original_context": int(original or context),
-                                  "attention_factor": float(attn) if attn else 1.0}
-    elif kind == "linear" and factor:
-        fields["rope_scaling"] = {"type": "linear", "factor": float(factor)}
-    elif kind == "yarn" and factor:
-        fields["rope_scaling"] = {"type": "yarn", "factor": float(factor), "original_context": int(original or context)}
-    elif kind not in ("none", "linear", "yarn") or (kind != "none" and not factor):
-        key = f"{meta.arch}.rope.scaling.type"
-        raise GGUFImportError(f"{key}={kind!r} (factor {factor}) is not supported; lmforge reads 'none', 'linear', "
-                              f"'yarn' and the rope_freqs / rope_factors tensors", param=key)
-    return fields
-
-
-def _attention_fields(meta: Metadata, a: Arch, n_layer: int, head_dim: int) -> dict:
-    fields: dict = {}
-    window = meta.scalar("{arch}.attention.sliding_window")
-    if window and a.uses_window:
-        fields["sliding_window"] = int(window)
-        if a.window_pattern:
-            windowed = [i for i in range(n_layer) if (i + 1) % a.window_pattern]
-            fields["window_layers"] = windowed if len(windowed) < n_layer else None
-    if a.local_base is not None:
-        fields["rope_local_base"] = a.local_base
-    if a.gemma_scale:
-        fields["attn_scale"] = head_dim ** -0.5
-    for key, ours in (("{arch}.attn_logit_softcapping", "attn_softcap"),
-                      ("{arch}.final_logit_softcapping", "logit_softcap")):
-        value = meta.get(key)
-        if value:
-            fields[ours] = float(value)
-    if meta.arch == "gemma3":
-        fields.pop("attn_softcap", None)  # llama.cpp's (and transformers') Gemma 3 attention has no soft-cap
-    return fields
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -364,8 +214,9 @@ def _fate(kind: str, ours: str, module_dtype: torch.dtype | None) -> str:
 
 def _open(path: Path):
     """(reader, metadata, tensors by name) of a GGUF file of an architecture lmforge reads."""
+    gguf = _gguf()
     try:
-        reader = _gguf().GGUFReader(path)
+        reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as e:
         raise GGUFImportError(f"{path} is not a readable GGUF file ({e})", param="model") from None
     arch_field = reader.fields.get("general.architecture")
