@@ -30,6 +30,7 @@ from test_families import FAMILIES, GGUF, VOCAB, hf_model, tokenizer_for  # noqa
 
 from lmforge.apps.convert import import_command  # noqa: E402
 from lmforge.cli import main  # noqa: E402
+from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.infer.generate import generate  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.interop.gguf import export_gguf  # noqa: E402
@@ -216,6 +217,10 @@ def test_embedded_sentencepiece_tokenizer_encodes_as_llama_cpp_does(tmp_path):
     with torch.no_grad():
         ids = torch.tensor([loaded.tokenizer.encode("Once upon a time")])
         torch.testing.assert_close(loaded.model(ids), stories.model(ids))
+    # Gemma's SentencePiece layout (BOS 2) is not the Llama 2 one lmforge's tokenizer has
+    gemma_like = rewrite(path, tmp_path / "g.gguf", {"tokenizer.ggml.bos_token_id": (2, gguf.GGUFValueType.UINT32)})
+    with pytest.raises(LmforgeError, match="tokenizer.ggml.bos_token_id=2"):
+        read(gemma_like)
 
 
 def test_chat_template_and_end_tokens_travel_with_the_model(files, tmp_path):
@@ -260,16 +265,55 @@ def test_generate_verb_runs_a_gguf_path_as_llama_cpp_does(files, capsys):
     assert llm.detokenize(greedy).decode("utf-8", errors="replace") in printed
 
 
-def test_what_is_not_implemented_is_refused_by_key(files, tmp_path):
-    src = gguf.GGUFReader(files("smollm2"))
-    w = gguf.GGUFWriter(tmp_path / "bad.gguf", "mamba")
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    with pytest.raises(GGUFImportError, match="general.architecture='mamba'"):
-        read(tmp_path / "bad.gguf")
-    assert src.fields["general.architecture"].contents() == "llama"
+def rewrite(src: Path, dst: Path, changes: dict | None = None, extra_tensor: str | None = None) -> Path:
+    """A copy of a GGUF file with metadata changed ({key: (value, GGUFValueType)}), or a tensor added."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(dst, arch)
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name in (changes or {}):
+            continue
+        sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
+    for name, (value, kind) in (changes or {}).items():
+        sub = gguf.GGUFValueType.UINT32 if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, value, kind, sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    if extra_tensor:
+        writer.add_tensor(extra_tensor, np.zeros(4, np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    return dst
+
+
+V = gguf.GGUFValueType
+
+
+@pytest.mark.parametrize("changes, extra, message", [
+    ({"general.architecture": ("mamba", V.STRING)}, None, "general.architecture='mamba' is not supported"),
+    ({"llama.rope.scaling.type": ("su", V.STRING)}, None, "llama.rope.scaling.type='su'"),
+    ({"llama.attention.head_count_kv": ([2, 4], V.ARRAY)}, None, r"llama.attention.head_count_kv=\[2, 4\]"),
+    ({"tokenizer.ggml.pre": ("deepseek-llm", V.STRING)}, None, "tokenizer.ggml.pre='deepseek-llm'"),
+    ({"tokenizer.ggml.model": ("bert", V.STRING)}, None, "tokenizer.ggml.model='bert'"),
+    ({}, "blk.0.ffn_gate_exps.weight", "would ignore: .'blk.0.ffn_gate_exps.weight'"),
+])
+def test_what_is_not_implemented_is_refused_by_key(files, tmp_path, changes, extra, message):
+    src = files("smollm2")
+    if "general.architecture" in changes:  # a file of another architecture altogether
+        w = gguf.GGUFWriter(tmp_path / "bad.gguf", "mamba")
+        w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+        bad = tmp_path / "bad.gguf"
+    else:
+        bad = rewrite(src, tmp_path / "bad.gguf", changes, extra)
+    read(src)  # the unchanged file imports
+    with pytest.raises(LmforgeError, match=message):
+        read(bad)
+
+
+def test_a_file_that_is_not_gguf_is_refused_by_name(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
-    with pytest.raises(GGUFImportError, match="not a readable GGUF"):
+    with pytest.raises(GGUFImportError, match="junk.gguf is not a readable GGUF"):
         read(tmp_path / "junk.gguf")
 
 
