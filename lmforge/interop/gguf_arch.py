@@ -43,6 +43,7 @@ class Arch:
     local_base: float | None = None  # RoPE base of the windowed layers, fixed by llama.cpp (gemma3)
     gemma_scale: bool = False  # scores scaled by head_dim^-1/2 (llama.cpp's fixed query_pre_attn_scalar)
     uses_window: bool = False  # whether llama.cpp applies `.attention.sliding_window` (else it is ignored)
+    attn_softcap: bool = False  # whether it soft-caps scores by `.attn_logit_softcapping` (gemma2; not gemma3)
 
 
 _ROPE = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False)
@@ -52,7 +53,7 @@ ARCHS: dict[str, Arch] = {
     "qwen2": Arch("qwen2", dict(_ROPE, qkv_bias=True)),
     "qwen3": Arch("qwen3", dict(_ROPE, qk_norm="head")),
     "phi3": Arch("phi3", _ROPE, fused_qkv=True, fused_gate_up=True),
-    "gemma2": Arch("gemma2", _GEMMA, window_pattern=2, gemma_scale=True, uses_window=True),
+    "gemma2": Arch("gemma2", _GEMMA, window_pattern=2, gemma_scale=True, uses_window=True, attn_softcap=True),
     "gemma3": Arch("gemma3_text", dict(_GEMMA, qk_norm="head"), window_pattern=6, local_base=10000.0,
                    gemma_scale=True, uses_window=True),
     "olmo2": Arch("olmo2", dict(_ROPE, norm_placement="output", qk_norm="proj")),
@@ -161,13 +162,13 @@ def _attention_fields(meta: Metadata, a: Arch, n_layer: int, head_dim: int) -> d
         fields["rope_local_base"] = a.local_base
     if a.gemma_scale:
         fields["attn_scale"] = head_dim ** -0.5
-    for key, ours in (("{arch}.attn_logit_softcapping", "attn_softcap"),
-                      ("{arch}.final_logit_softcapping", "logit_softcap")):
+    keys = {"{arch}.final_logit_softcapping": "logit_softcap"}
+    if a.attn_softcap:
+        keys["{arch}.attn_logit_softcapping"] = "attn_softcap"
+    for key, ours in keys.items():
         value = meta.get(key)
         if value:
             fields[ours] = float(value)
-    if meta.arch == "gemma3":
-        fields.pop("attn_softcap", None)  # llama.cpp's (and transformers') Gemma 3 attention has no soft-cap
     return fields
 
 

@@ -88,6 +88,7 @@ class Weights:
         self.tensors, self.mode = tensors, mode
         self.used: set[str] = set()
         self.source: dict[str, list[str]] = {}  # our name -> GGUF type names it came from
+        self.widened: set[str] = set()  # our names whose Q4_0 parts were dequantized (fused with another type)
 
     def has(self, name: str) -> bool:
         return name in self.tensors
@@ -115,6 +116,7 @@ class Weights:
             parts = [interleaved_to_half_split(p, h) if h and p.dim() == 2 else p for p, h in zip(parts, heads)]
         if any(p.dtype == torch.uint8 for p in parts) and not all(p.dtype == torch.uint8 for p in parts):
             parts = [_dequantize_q4_0(p) if p.dtype == torch.uint8 else p for p in parts]
+            self.widened.add(ours)
         out[ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
         self.source[ours] = [self.tensors[n].tensor_type.name for n in names]
 
@@ -203,11 +205,12 @@ class GGUFImport:
         return f"GGUF {self.arch} as an lmforge {MODE_NAMES[self.mode]} model: " + "; ".join(parts)
 
 
-def _fate(kind: str, ours: str, module_dtype: torch.dtype | None) -> str:
+def _fate(kind: str, module_dtype: torch.dtype | None, blocks_kept: bool = True) -> str:
+    """What became of a `kind` tensor: a float one (module_dtype None) or a quantized module's weight."""
     if module_dtype is None:  # a float tensor: embeddings, norms, biases, or the weights of a float model
         return "float32" + (" (exact)" if kind in FLOAT_TYPES else " (dequantized)")
     target = "int4" if module_dtype == torch.uint8 else "int8"
-    if kind == "Q4_0" and target == "int4":
+    if kind == "Q4_0" and target == "int4" and blocks_kept:
         return "int4 (Q4_0 blocks unchanged)"
     return f"{target} (re-quantized)"
 
@@ -259,16 +262,17 @@ def read_gguf(path: str | os.PathLike) -> GGUFImport:
     for ours, kinds in weights.source.items():
         quantized = ours.endswith(".weight") and ours[:-len("weight")] + "scales" in own
         for kind in kinds:
-            result.fates[(kind, _fate(kind, ours, own[ours].dtype if quantized else None))] += 1
+            fate = _fate(kind, own[ours].dtype if quantized else None, ours not in weights.widened)
+            result.fates[(kind, fate)] += 1
     if mode is not None and config.tie_embeddings:  # the quantized head is a copy of the embedding's values
         kind = tensors["token_embd.weight"].tensor_type.name
-        result.fates[(kind, _fate(kind, "lm_head.weight", own["lm_head.weight"].dtype) + ", the tied head")] += 1
+        result.fates[(kind, _fate(kind, own["lm_head.weight"].dtype) + ", the tied head")] += 1
     scaling = config.rope_scaling or {}
     if scaling.get("type") == "longrope" and scaling["short_factor"] != scaling["long_factor"]:
         result.notes.append(f"LongRoPE: lmforge turns a sequence by the long factors once it passes "
                             f"{scaling['original_context']} tokens (as transformers does); llama.cpp does from the "
                             f"start whenever its context is longer than that")
-    if arch in ("llama", "qwen2", "phi3") and meta.get("{arch}.attention.sliding_window"):
+    if not ARCHS[arch].uses_window and meta.get("{arch}.attention.sliding_window"):
         result.notes.append(f"{arch}.attention.sliding_window is ignored, as llama.cpp's {arch} does")
     if mode == "int4" and any(c % Q4_BLOCK for c in (config.n_embd, config.intermediate_size)):
         result.notes.append("layers whose input width is not a multiple of 32 are int8")
