@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint import CONFIG_FILE, load_model, resolve_model_dir
+from lmforge.checkpoint import CONFIG_FILE, load_model, load_state, resolve_model_dir
 from lmforge.config import PRESETS, ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import read_json
 from lmforge.infer.fused import prepare_for_decoding
-from lmforge.infer.quantize import build_model, check_mode, quantize_model
+from lmforge.infer.quantize import build_model, check_mode, quantize_model, state_for
 from lmforge.interop.hf import KEPT_FILES, import_hf
 from lmforge.interop.llama2c import read_llama2c_model, tokenizer_beside
 from lmforge.lora import apply_adapter, resolve_adapter_dir
@@ -163,11 +163,13 @@ def _read_gguf(path: Path, tokenizer: str | os.PathLike | None) -> Loaded:
     from lmforge.interop.gguf_import import read_gguf  # the gguf package loads only for .gguf files
 
     done = read_gguf(path)
-    tok = load_tokenizer(tokenizer, done.model.config.vocab_size) if tokenizer is not None else done.tokenizer
+    model = build_model(done.config)  # quantized modules for an int8 / int4 file
+    load_state(model, state_for(model, done.tensors), path)
+    tok = load_tokenizer(tokenizer, done.config.vocab_size) if tokenizer is not None else done.tokenizer
     notes = [done.summary(), *done.notes]
     for note in notes:
         log.info("%s: %s", path, note)
-    return Loaded(done.model, tok, None, done.extras, notes)
+    return Loaded(model.eval(), tok, None, done.extras, notes)
 
 
 # Model files by suffix: reader(path, tokenizer override) -> Loaded.

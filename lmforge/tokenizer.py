@@ -533,7 +533,7 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = No
 
 def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer:
     """The tokenizer a folder holds (`lmforge_tokenizer.json`, `tokenizer.json` or `llama2c_tokenizer.bin`) or a
-    tokenizer file (a `tokenizer.json`, a llama2.c tokenizer .bin, or the one a llama.cpp .gguf embeds).
+    tokenizer file (a `tokenizer.json`, or a llama2.c tokenizer .bin).
 
     `vocab_size` is the model's: a llama2.c file, which does not record its size, is read to that many tokens
     and refused when it holds another number.
@@ -542,10 +542,6 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> To
     if path.is_file():
         if path.suffix == ".json":
             return BPETokenizer.from_file(path)
-        if path.suffix == ".gguf":  # the tokenizer a llama.cpp model file embeds
-            from lmforge.interop.gguf_import import read_gguf_tokenizer
-
-            return read_gguf_tokenizer(path)
         return Llama2cTokenizer.from_file(path, vocab_size)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer not found: {path}")

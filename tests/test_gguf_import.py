@@ -117,13 +117,13 @@ def our_logits(model, ids: list[int]) -> np.ndarray:
 def test_float_gguf_imports_with_llama_cpps_logits_and_greedy_tokens(files, name, kind):
     """F32 and F16 from lmforge's exporter, BF16 from llama.cpp's quantizer."""
     path = quantize(files(name), kind) if kind == "bf16" else files(name).with_name(f"{kind}.gguf")
-    done = read_gguf(path)
+    done, model = read_gguf(path), read(path).model
     assert done.mode is None and all(fate.startswith("float32 (exact)") for _, fate in done.fates)
     embd = {t.name: t for t in gguf.GGUFReader(path).tensors}["token_embd.weight"]
     assert embd.tensor_type.name == kind.upper()  # the weights themselves are read exactly
     values = gguf.quants.dequantize(embd.data, embd.tensor_type)
-    assert np.array_equal(done.model.tok_emb.weight.detach().numpy(), values)
-    theirs, ours = llama_logits(path, IDS), our_logits(done.model, IDS)
+    assert np.array_equal(model.tok_emb.weight.detach().numpy(), values)
+    theirs, ours = llama_logits(path, IDS), our_logits(model, IDS)
     # llama.cpp rounds activations to f16 / bf16 for F16 / BF16 weights (bf16 keeps 8 bits: logits move by 1-2.5%
     # of their range), and computes GELU from an f16 table (GPT-2, Gemma)
     gelu_table = name == "gpt2" or name.startswith("gemma")
@@ -161,15 +161,15 @@ def test_llama_quantized_gguf_runs_within_its_quantization_error(files, name, ki
     re-rounded to int8: 0.12-0.34. Q8_0 re-rounded to one scale per row moves the logits about as far again as
     Q8_0 did: 0.86-1.31 (the bound on each weight is test_q8_0_rows_re_round_to_int8_within_half_a_row_step)."""
     path = quantize(files(name), kind)
-    done = read_gguf(path)
-    assert done.mode == mode
+    done, model = read_gguf(path), read(path).model
+    assert done.mode == mode == model.config.quantization
     fates = {k: f for k, f in done.fates}
     if kind == "q4_0":
         assert fates["Q4_0"] == "int4 (Q4_0 blocks unchanged)"
     if kind.endswith("_k_m"):  # llama-quantize's mixes: Q4_K or Q5_K, Q6_K for some tensors
         main_type = kind[:2].upper() + "_K"
         assert {main_type, "Q6_K"} <= set(fates) and fates[main_type] == "int8 (re-quantized)"
-    theirs, ours = llama_logits(path, IDS), our_logits(done.model, IDS)
+    theirs, ours = llama_logits(path, IDS), our_logits(model, IDS)
     reference = llama_logits(files(name), IDS)
     error = np.abs(theirs - reference).max()
     assert error > 1e-3 * np.abs(reference).max()  # the quantization shows
@@ -185,7 +185,7 @@ def test_q8_0_rows_re_round_to_int8_within_half_a_row_step(files):
     t = {t.name: t for t in gguf.GGUFReader(path).tensors}["blk.0.attn_output.weight"]
     assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
     q8 = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
-    linear = read_gguf(path).model.blocks[0].attn.proj
+    linear = read(path).model.blocks[0].attn.proj
     ours = linear.dequantized().float()
     step = q8.abs().amax(dim=1, keepdim=True) / 127
     assert ((ours - q8).abs() <= step / 2 + 1e-6).all()
@@ -246,7 +246,7 @@ def test_import_prints_what_happened_to_each_tensor_type(files, tmp_path, capsys
     assert "as an lmforge int4 model" in printed and "Q4_0 x" in printed and "int4 (Q4_0 blocks unchanged)" in printed
     back = load(tmp_path / "out")
     assert back.model.config.quantization == "int4"
-    np.testing.assert_allclose(our_logits(back.model, IDS), our_logits(read_gguf(path).model, IDS), atol=1e-4)
+    np.testing.assert_allclose(our_logits(back.model, IDS), our_logits(read(path).model, IDS), atol=1e-4)
 
 
 def test_generate_verb_runs_a_gguf_path_as_llama_cpp_does(files, capsys):
@@ -317,22 +317,26 @@ def test_a_file_that_is_not_gguf_is_refused_by_name(tmp_path):
         read(tmp_path / "junk.gguf")
 
 
-def test_prepare_and_eval_take_a_gguf_path(files, tmp_path, capsys):
-    """`prepare --tokenizer-from model.gguf` tokenizes with the embedded tokenizer (llama.cpp's ids), and `eval`
-    scores the .gguf on that data, as an int4 model for a Q4_0 file."""
+def test_eval_scores_a_gguf_path_on_data_made_with_its_tokenizer(files, tmp_path, capsys):
+    """Data prepared with the tokenizer of the imported folder (llama.cpp's ids), scored by `eval` straight from the
+    .gguf (an int4 model for a Q4_0 file): the same tokenizer, so eval's tokenizer check passes."""
     path = quantize(files("qwen2"), "q4_0")
+    import_command(str(path), str(tmp_path / "imported"))
     text = "the quick brown fox jumps over the lazy dog. hello there, how are you today? 12345\n" * 40
     (tmp_path / "corpus.txt").write_text(text)
     data = tmp_path / "data"
-    assert main(["prepare", str(tmp_path / "corpus.txt"), "--out", str(data), "--tokenizer-from", str(path)]) == 0
+    assert main(["prepare", str(tmp_path / "corpus.txt"), "--out", str(data), "--tokenizer-from",
+                 str(tmp_path / "imported")]) == 0
     from lmforge.data import load_split
 
     ids = [int(i) for i in load_split(data, "train")[:20]]
     assert ids == llama(path).tokenize(text.encode(), add_bos=False)[:20]
     capsys.readouterr()
     assert main(["eval", str(path), str(data), "--block-size", "32"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
     assert result["quantization"] == "int4" and np.isfinite(result["loss"])
+    assert "cannot check" not in captured.err  # the tokenizers were compared
 
 
 @pytest.mark.slow

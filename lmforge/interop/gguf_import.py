@@ -22,7 +22,9 @@ llama.cpp's convert_hf_to_gguf.py, which writes the same names and layouts) does
   Embeddings stay float, as in every lmforge model. What happened to each source type is counted in
   `GGUFImport.summary()`.
 
-Anything this module does not implement is refused with a GGUFImportError naming the metadata key (or tensor) and
+This module stops at our tensors (float, or Q4_0 rows for int4 weights) and the config: lmforge.loader builds the
+model (lmforge.infer.quantize.build_model and state_for, a layer above interop). Anything this module does not
+implement is refused with a GGUFImportError naming the metadata key (or tensor) and
 its value. The tokenizer and chat template are lmforge.interop.gguf_vocab's job.
 """
 
@@ -37,13 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.checkpoint import load_state
 from lmforge.config import ModelConfig
-from lmforge.infer.quantize import Q4_BLOCK, build_model, quantize_int4, quantize_int8
-from lmforge.interop.gguf import int4_from_q4_0_rows
+from lmforge.interop.gguf import Q4_0_BLOCK_BYTES
 from lmforge.interop.gguf_arch import ARCHS, ROPE_FACTORS, Arch, GGUFImportError, Metadata, config_from_gguf
 from lmforge.interop.llama2c import interleaved_to_half_split
-from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
 
@@ -55,6 +54,9 @@ def _gguf():
                               param="model") from None
     return gguf
 
+
+EMBEDDINGS = ("tok_emb.weight", "pos_emb.weight")  # float in every lmforge model
+Q4_0_BLOCK = 32  # values in a Q4_0 block
 
 # Per-layer tensors that map one to one (GGUF blk.{i}.<name> -> blocks.{i}.<ours>), weight and bias alike.
 LAYER_TENSORS = {"attn_norm": "norm1", "ffn_norm": "norm2", "post_attention_norm": "post_norm1",
@@ -122,9 +124,8 @@ class Weights:
 
 
 def _dequantize_q4_0(rows: torch.Tensor) -> torch.Tensor:
-    from lmforge.infer.quantize import dequantize_int4
-
-    return dequantize_int4(*int4_from_q4_0_rows(rows))
+    gguf = _gguf()
+    return torch.from_numpy(gguf.quants.dequantize(rows.numpy(), gguf.GGMLQuantizationType.Q4_0).copy())
 
 
 def lmforge_tensors(w: Weights, c: ModelConfig, arch: Arch) -> dict[str, torch.Tensor]:
@@ -164,40 +165,26 @@ def lmforge_tensors(w: Weights, c: ModelConfig, arch: Arch) -> dict[str, torch.T
     return out
 
 
-def quantized_state(model: Transformer, sd: dict[str, torch.Tensor], mode: str | None) -> dict[str, torch.Tensor]:
-    """`sd` in the layouts of `model`'s (possibly quantized) modules: Q4_0 rows into Int4Linear bytes unchanged,
-    float weights rounded by the module's own quantizer, a tied head's weight copied from the embedding."""
-    if mode is not None and model.config.tie_embeddings and "lm_head.weight" not in sd:
-        sd["lm_head.weight"] = sd["tok_emb.weight"]  # a quantized model's head is its own copy
-    out = {}
-    own = model.state_dict()
-    for name, t in sd.items():
-        scales = name[:-len("weight")] + "scales"
-        if name.endswith(".weight") and scales in own:
-            if own[name].dtype == torch.uint8:
-                out[name], out[scales] = int4_from_q4_0_rows(t) if t.dtype == torch.uint8 else quantize_int4(t)
-            else:
-                out[name], out[scales] = quantize_int8(_dequantize_q4_0(t) if t.dtype == torch.uint8 else t)
-                out[scales] = out[scales].to(own[scales].dtype)
-        else:
-            out[name] = _dequantize_q4_0(t) if t.dtype == torch.uint8 else t
-    return out
-
-
 # ------------------------------------------------------------------------------------------------- import
 
 
 @dataclass
 class GGUFImport:
-    """What `read_gguf` did: the model and what travels with it, and the fate of each source tensor type."""
+    """What `read_gguf` read: the config (its `quantization` the file's precision), our tensors before
+    quantization (float, or Q4_0 rows for int4 weights: lmforge.infer.quantize.state_for builds the model's state
+    from them), what travels with the model, and the fate of each source tensor type."""
 
-    model: Transformer
-    tokenizer: Tokenizer | None
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]
+    tokenizer: Tokenizer | None = None
     extras: dict[str, bytes] = field(default_factory=dict)
     arch: str = ""
-    mode: str | None = None
     fates: Counter = field(default_factory=Counter)  # (GGUF type, what lmforge did) -> tensors
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def mode(self) -> str | None:
+        return self.config.quantization
 
     def summary(self) -> str:
         """One line: per GGUF tensor type, how many tensors became what."""
@@ -205,14 +192,22 @@ class GGUFImport:
         return f"GGUF {self.arch} as an lmforge {MODE_NAMES[self.mode]} model: " + "; ".join(parts)
 
 
-def _fate(kind: str, module_dtype: torch.dtype | None, blocks_kept: bool = True) -> str:
-    """What became of a `kind` tensor: a float one (module_dtype None) or a quantized module's weight."""
-    if module_dtype is None:  # a float tensor: embeddings, norms, biases, or the weights of a float model
+def _fate(kind: str, target: str | None, blocks_kept: bool = True) -> str:
+    """What became of a `kind` tensor: a float one (target None) or a quantized Linear's weight (int8, int4)."""
+    if target is None:  # embeddings, norms, biases, or the weights of a float model
         return "float32" + (" (exact)" if kind in FLOAT_TYPES else " (dequantized)")
-    target = "int4" if module_dtype == torch.uint8 else "int8"
     if kind == "Q4_0" and target == "int4" and blocks_kept:
         return "int4 (Q4_0 blocks unchanged)"
     return f"{target} (re-quantized)"
+
+
+def _target(name: str, t: torch.Tensor, mode: str | None) -> str | None:
+    """The precision lmforge.infer.quantize gives our tensor `name` in a `mode` model: Linear weights are quantized
+    (int4 where their rows split into 32-value blocks, else int8), embeddings, norms and biases stay float."""
+    if mode is None or not name.endswith(".weight") or t.dim() != 2 or name in EMBEDDINGS:
+        return None
+    inputs = t.shape[1] // Q4_0_BLOCK_BYTES * Q4_0_BLOCK if t.dtype == torch.uint8 else t.shape[1]
+    return "int4" if mode == "int4" and inputs % Q4_0_BLOCK == 0 else "int8"
 
 
 def _open(path: Path):
@@ -230,20 +225,8 @@ def _open(path: Path):
     return reader, Metadata(reader, arch), {t.name: t for t in reader.tensors}
 
 
-def read_gguf_tokenizer(path: str | os.PathLike):
-    """Only the tokenizer a GGUF file embeds (no weights are read): for `prepare --tokenizer-from model.gguf`."""
-    from lmforge.interop.gguf_vocab import read_vocab
-
-    _, meta, tensors = _open(Path(path))
-    tok, _ = read_vocab(meta, int(tensors["token_embd.weight"].shape[1]))
-    if tok is None:
-        raise GGUFImportError(f"{path} embeds no tokenizer (tokenizer.ggml.model is 'none')",
-                              param="tokenizer.ggml.model")
-    return tok
-
-
 def read_gguf(path: str | os.PathLike) -> GGUFImport:
-    """Read a GGUF file into an lmforge model (CPU, eval mode), its tokenizer and chat template (as extras)."""
+    """Read a GGUF file: its config, our tensors, tokenizer and chat template (as extras), and a report."""
     from lmforge.interop.gguf_vocab import read_vocab
 
     path = Path(path)
@@ -254,19 +237,14 @@ def read_gguf(path: str | os.PathLike) -> GGUFImport:
     weights = Weights(tensors, mode)
     sd = lmforge_tensors(weights, config, ARCHS[arch])
     config = dataclasses.replace(config, quantization=mode)
-    model = build_model(config)
-    state = quantized_state(model, sd, mode)
-    load_state(model, state, path)
-    result = GGUFImport(model.eval(), None, arch=arch, mode=mode)
-    own = model.state_dict()
+    result = GGUFImport(config, sd, arch=arch)
     for ours, kinds in weights.source.items():
-        quantized = ours.endswith(".weight") and ours[:-len("weight")] + "scales" in own
         for kind in kinds:
-            fate = _fate(kind, own[ours].dtype if quantized else None, ours not in weights.widened)
-            result.fates[(kind, fate)] += 1
+            result.fates[(kind, _fate(kind, _target(ours, sd[ours], mode), ours not in weights.widened))] += 1
     if mode is not None and config.tie_embeddings:  # the quantized head is a copy of the embedding's values
         kind = tensors["token_embd.weight"].tensor_type.name
-        result.fates[(kind, _fate(kind, own["lm_head.weight"].dtype) + ", the tied head")] += 1
+        head = _target("lm_head.weight", sd["tok_emb.weight"], mode)
+        result.fates[(kind, _fate(kind, head) + ", the tied head")] += 1
     scaling = config.rope_scaling or {}
     if scaling.get("type") == "longrope" and scaling["short_factor"] != scaling["long_factor"]:
         result.notes.append(f"LongRoPE: lmforge turns a sequence by the long factors once it passes "
@@ -274,11 +252,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFImport:
                             f"start whenever its context is longer than that")
     if not ARCHS[arch].uses_window and meta.get("{arch}.attention.sliding_window"):
         result.notes.append(f"{arch}.attention.sliding_window is ignored, as llama.cpp's {arch} does")
-    if mode == "int4" and any(c % Q4_BLOCK for c in (config.n_embd, config.intermediate_size)):
-        result.notes.append("layers whose input width is not a multiple of 32 are int8")
     result.tokenizer, result.extras = read_vocab(meta, config.vocab_size)
     return result
 
 
-__all__ = ["ARCHS", "Arch", "GGUFImport", "GGUFImportError", "config_from_gguf", "plan_mode", "read_gguf",
-           "read_gguf_tokenizer"]
+__all__ = ["ARCHS", "Arch", "GGUFImport", "GGUFImportError", "config_from_gguf", "plan_mode", "read_gguf"]
