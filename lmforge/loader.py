@@ -5,7 +5,8 @@ What a path holds is decided by what is on disk, never by a flag:
 - an lmforge model folder (config.json without "model_type", model.safetensors, a tokenizer file), or a training
   run folder (its best/ checkpoint, else last/): lmforge.checkpoint
 - a Hugging Face folder (config.json with a "model_type"): converted as it is read, lmforge.interop.hf
-- a model file, by its suffix (`FILE_READERS`): a llama2.c .bin, with the tokenizer llama2.c keeps beside it
+- a model file, by its suffix (`FILE_READERS`): a llama2.c .bin, with the tokenizer llama2.c keeps beside it; a
+  llama.cpp .gguf, with its embedded tokenizer and chat template (lmforge.interop.gguf_import)
 - a preset name (lmforge.config.PRESETS) that is no path: random weights (seed 0), for benchmarks
 
 Then, each step optional, in this order:
@@ -27,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint import CONFIG_FILE, load_model, resolve_model_dir
+from lmforge.checkpoint import CONFIG_FILE, load_model, load_state, resolve_model_dir
 from lmforge.config import PRESETS, ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import read_json
 from lmforge.infer.fused import prepare_for_decoding
-from lmforge.infer.quantize import build_model, check_mode, quantize_model
+from lmforge.infer.quantize import build_model, check_mode, quantize_model, state_for
 from lmforge.interop.hf import KEPT_FILES, import_hf
 from lmforge.interop.llama2c import read_llama2c_model, tokenizer_beside
 from lmforge.lora import apply_adapter, resolve_adapter_dir
@@ -52,6 +53,7 @@ class Loaded:
     tokenizer: Tokenizer | None  # None: the model came without one and none was given
     template_folder: Path | None = None  # where the chat template (tokenizer_config.json) is read; None: no folder
     extras: dict[str, bytes] = field(default_factory=dict)  # files to keep beside the model when it is saved again
+    notes: list[str] = field(default_factory=list)  # what the reader did to the weights (GGUF: each tensor type)
 
     @property
     def eos_id(self) -> int | None:
@@ -59,7 +61,11 @@ class Loaded:
         return getattr(self.tokenizer, "eos_id", None)
 
     def chat_template(self) -> ChatTemplate:
-        """The model's chat template (from tokenizer_config.json), else the default for its tokenizer."""
+        """The model's chat template (from its folder, else the one a model file embeds: `extras`), else the
+        default for its tokenizer."""
+        embedded = self.extras.get(JINJA_FILE) if self.template_folder is None else None
+        if embedded:
+            return ChatTemplate(embedded.decode("utf-8"), self.tokenizer)
         return ChatTemplate.for_model(self.template_folder, self.tokenizer)
 
 
@@ -153,8 +159,22 @@ def _read_llama2c(path: Path, tokenizer: str | os.PathLike | None) -> Loaded:
     return Loaded(model, tok)
 
 
-# Model files by suffix: reader(path, tokenizer override) -> Loaded. A GGUF reader (lmforge.interop.gguf) goes here.
-FILE_READERS: dict[str, Callable[[Path, str | os.PathLike | None], Loaded]] = {".bin": _read_llama2c}
+def _read_gguf(path: Path, tokenizer: str | os.PathLike | None) -> Loaded:
+    from lmforge.interop.gguf_import import read_gguf  # the gguf package loads only for .gguf files
+
+    done = read_gguf(path)
+    model = build_model(done.config)  # quantized modules for an int8 / int4 file
+    load_state(model, state_for(model, done.tensors), path)
+    tok = load_tokenizer(tokenizer, done.config.vocab_size) if tokenizer is not None else done.tokenizer
+    notes = [done.summary(), *done.notes]
+    for note in notes:
+        log.info("%s: %s", path, note)
+    return Loaded(model.eval(), tok, None, done.extras, notes)
+
+
+# Model files by suffix: reader(path, tokenizer override) -> Loaded.
+FILE_READERS: dict[str, Callable[[Path, str | os.PathLike | None], Loaded]] = {".bin": _read_llama2c,
+                                                                               ".gguf": _read_gguf}
 
 
 def _random_preset(name: str, tokenizer: str | os.PathLike | None) -> Loaded:

@@ -20,16 +20,22 @@ log = logging.getLogger(__name__)
 
 
 def import_command(source: str, out: str, tokenizer: str | None = None) -> None:
-    """Import a Hugging Face folder or a llama2.c model file into an lmforge model folder.
+    """Import a Hugging Face folder, a llama2.c model file or a llama.cpp GGUF file into an lmforge model folder.
+
+    A GGUF file's quantized weights become lmforge int4 or int8 (Q4_0 unchanged, other block types re-quantized);
+    what happened to each tensor type is printed.
 
     Args:
-        source: a Hugging Face model folder (config.json + weights + tokenizer.json) or a llama2.c model .bin.
+        source: a Hugging Face model folder (config.json + weights + tokenizer.json), a llama2.c model .bin, or a
+            .gguf file (tokenizer and chat template embedded).
         out: the lmforge model folder to write (replaced atomically if it exists).
         tokenizer: the tokenizer to use instead of the one found with the model (for llama2.c: its tokenizer .bin).
     """
     loaded = load(source, tokenizer=tokenizer, prepare=False)
     model, tok = loaded.model, loaded.tokenizer
     save_model(out, model, tok, extra_files=loaded.extras)
+    for note in loaded.notes:
+        print(note)
     c = model.config
     print(f"imported {source} -> {out}: {c.n_layer} layers, {c.n_embd} dims, vocab {c.vocab_size}, "
           f"{model.num_params() / 1e6:.2f}M parameters, tokenizer {getattr(tok, 'kind', None)}")

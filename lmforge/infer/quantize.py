@@ -311,6 +311,33 @@ def build_model(config: ModelConfig) -> Transformer:
     return model
 
 
+def state_for(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` (our names; float, or GGUF Q4_0 rows (out, blocks * 18) uint8, as lmforge.interop.gguf_import
+    reads them) in the layouts of `model`'s modules: Q4_0 rows into an Int4Linear's bytes unchanged, other weights
+    of a quantized Linear rounded by its own quantizer, Q4_0 rows anywhere else dequantized. A quantized model's
+    tied head gets its own copy of the embedding's values, as `quantize_model` gives it."""
+    from lmforge.interop.gguf import int4_from_q4_0_rows
+
+    def widened(t: torch.Tensor) -> torch.Tensor:
+        return dequantize_int4(*int4_from_q4_0_rows(t)) if t.dtype == torch.uint8 else t
+
+    own = model.state_dict()
+    tensors = dict(tensors)
+    if "lm_head.scales" in own and "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = tensors["tok_emb.weight"]
+    out = {}
+    for name, t in tensors.items():
+        scales = name.removesuffix("weight") + "scales"
+        if not name.endswith(".weight") or scales not in own:
+            out[name] = widened(t)
+        elif own[name].dtype == torch.uint8:
+            out[name], out[scales] = int4_from_q4_0_rows(t) if t.dtype == torch.uint8 else quantize_int4(t)
+        else:
+            out[name], out[scales] = quantize_int8(widened(t))
+            out[scales] = out[scales].to(own[scales].dtype)
+    return out
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers, each storage counted once (tied weights are shared)."""
     seen, total = set(), 0

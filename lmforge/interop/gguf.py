@@ -1,4 +1,5 @@
 """GGUF export: an lmforge model and its tokenizer as one llama.cpp GGUF file, for every family llama.cpp has.
+(The way back, a GGUF file into lmforge, is lmforge.interop.gguf_import, which inverts each step below.)
 
 The file is written with llama.cpp's own `gguf` Python package (GGUFWriter, its tensor names and keys, its Q8_0
 quantizer), so names, metadata keys and block layouts are llama.cpp's by construction.

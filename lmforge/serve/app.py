@@ -22,6 +22,7 @@ from lmforge.serve import classify, errors, routes
 from lmforge.serve.edge import EdgeMiddleware
 from lmforge.serve.server import Server
 from lmforge.serve.settings import ServeSettings
+from lmforge.templates import JINJA_FILE, ChatTemplate
 
 __all__ = ["ServeSettings", "create_app", "serve_command"]
 
@@ -37,10 +38,10 @@ async def lifespan(app: FastAPI):
 
 
 def create_app(model, tokenizer, settings: ServeSettings | None = None,
-               model_folder: str | Path | None = None, draft=None) -> FastAPI:
+               model_folder: str | Path | ChatTemplate | None = None, draft=None) -> FastAPI:
     """The FastAPI app serving `model` (an lmforge Transformer) with `tokenizer`. `model_folder` is where the chat
-    template is looked for (tokenizer_config.json); `draft`, a smaller model sharing the tokenizer, turns on
-    speculative decoding in the engine."""
+    template is looked for (tokenizer_config.json), or the template itself (a model file's embedded one); `draft`,
+    a smaller model sharing the tokenizer, turns on speculative decoding in the engine."""
     settings = settings or ServeSettings(model="")
     app = FastAPI(title="lmforge", version="1", lifespan=lifespan)
     app.state.server = server = Server(model, tokenizer, settings, model_folder, draft)
@@ -76,6 +77,7 @@ def serve_command(settings: ServeSettings) -> int:
         settings.classifier = settings.model
     loaded = load_model(settings.model, settings, settings.adapter)
     draft = load_model(settings.draft, settings).model if settings.draft else None
-    app = create_app(loaded.model, loaded.tokenizer, settings, loaded.template_folder or path.parent, draft)
+    embedded = loaded.chat_template() if loaded.template_folder is None and JINJA_FILE in loaded.extras else None
+    app = create_app(loaded.model, loaded.tokenizer, settings, embedded or loaded.template_folder or path.parent, draft)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0

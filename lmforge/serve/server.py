@@ -63,8 +63,8 @@ class Slot:
 class Server:
     """One model served: engine loop, tokenizer, chat template, structured-output compiler, admission."""
 
-    def __init__(self, model, tokenizer, settings: ServeSettings, model_folder: str | Path | None = None,
-                 draft=None):
+    def __init__(self, model, tokenizer, settings: ServeSettings,
+                 model_folder: str | Path | ChatTemplate | None = None, draft=None):
         if tokenizer is None:
             raise LmforgeError("serving needs a tokenizer: the model folder has none; pass --tokenizer PATH",
                                "tokenizer")
@@ -77,7 +77,8 @@ class Server:
                              kv_dtype=None if settings.kv_dtype == "auto" else getattr(torch, settings.kv_dtype))
         self.vocab_size = model.config.vocab_size
         self.template = ChatTemplate(Path(settings.chat_template).read_text(encoding="utf-8"), tokenizer) \
-            if settings.chat_template else ChatTemplate.for_model(model_folder, tokenizer)
+            if settings.chat_template else model_folder if isinstance(model_folder, ChatTemplate) \
+            else ChatTemplate.for_model(model_folder, tokenizer)
         self.compiler = ConstraintCompiler(tokenizer, self.vocab_size)
         self.controls = Controls.from_file(settings.controls, tokenizer, self.vocab_size) if settings.controls \
             else None
