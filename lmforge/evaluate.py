@@ -213,8 +213,16 @@ def check_same_tokenizer(model_tok, data: str, model: str) -> None:
         raise TokenizerMismatch(
             f"the data in {data} was made with another tokenizer than the model's ({data_tok.vocab_size} vs "
             f"{model_tok.vocab_size} tokens, different pieces): its ids would be scored as other text. Prepare the "
-            f"data with the model's tokenizer (`lmforge prepare SOURCE --out DIR --tokenizer-from {model}`)",
+            f"data with the model's tokenizer ({prepare_hint(model)})",
             param="data")
+
+
+def prepare_hint(model) -> str:
+    """The commands that prepare data with `model`'s tokenizer (a .gguf file's is read from its imported folder)."""
+    if str(model).endswith(".gguf"):
+        return (f"`lmforge import {model} MODEL_DIR`, then `lmforge prepare SOURCE --out DIR --tokenizer-from "
+                f"MODEL_DIR`")
+    return f"`lmforge prepare SOURCE --out DIR --tokenizer-from {model}`"
 
 
 # ---------------------------------------------------------------------------------- the CLI
@@ -250,7 +258,7 @@ def eval_command(model: str, data: str, split: str = "val", block_size: int | No
     if meta["vocab_size"] > net.config.vocab_size:
         raise ValueError(f"data in {data} has a vocabulary of {meta['vocab_size']} tokens but the model knows "
                          f"{net.config.vocab_size}: prepare the data with the model's tokenizer "
-                         f"(`lmforge prepare ... --tokenizer-from {model}`)")
+                         f"({prepare_hint(model)})")
     tokens = load_split(data, split)
     t0 = time.perf_counter()
     result = evaluate(net, tokens, block_size=block_size, stride=stride, batch_size=batch_size)
