@@ -200,9 +200,9 @@ class Engine:
 
     def _execute(self, out: SchedulerOutput) -> tuple[dict[int, list[int]], dict]:
         """Run the model over the scheduled rows; choose the next token(s) of each row that caught up."""
-        speculative = [(s, n) for s, n in out.scheduled if s.seq_id in out.lookahead]
-        decodes = [(s, n) for s, n in out.scheduled if n == 1 and s.seq_id not in out.lookahead]
-        prefills = [(s, n) for s, n in out.scheduled if n > 1]
+        speculative, decodes, prefills = [], [], []
+        for s, n in out.scheduled:
+            (speculative if s.seq_id in out.lookahead else decodes if n == 1 else prefills).append((s, n))
         if self.drafter is not None:
             self.drafter.mirror(decodes + prefills)
         groups = [g for g in (decodes, prefills) if g]
@@ -236,11 +236,12 @@ class Engine:
         return [s.cache_salt == "long" for s in seqs]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[dict[int, list[int]], dict]:
-        """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG."""
+        """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG, all
+        rows in one pass (greedy and sampled alike)."""
         params = [s.params for s in seqs]
         tokens = sample_next(logits, params, [s.token_ids for s in seqs], [s.prompt_len for s in seqs],
                              [s.generator for s in seqs])
-        lps = {}
+        lps: dict = {}
         if any(p.logprobs is not None for p in params):
             lps = {s.seq_id: [lp] for s, lp in zip(seqs, token_logprobs(logits, tokens, [p.logprobs for p in params]))
                    if lp is not None}
@@ -288,9 +289,9 @@ class Engine:
 
     def _output(self, seq: Sequence, now: float, lp: list | None) -> RequestOutput:
         """One advanced sequence's RequestOutput: its new tokens and the text now safe to show."""
-        new = seq.output_ids[seq.num_emitted:]
+        new = seq.token_ids[seq.prompt_len + seq.num_emitted:]
         seq.num_emitted += len(new)
-        seq.token_times += [now] * len(new)
+        seq.token_times.extend([now] * len(new))
         self.counters["generated_tokens"] += len(new)
         text = ""
         if seq.stops is not None:
