@@ -90,6 +90,9 @@ class Engine:
                                    window=self.config.sliding_window if self.config.all_windowed and draft is None
                                    else None)  # a draft reads the same blocks without a window
         self.eos_ids = end_tokens(tokenizer, eos_id)
+        # Whether step() decodes text and finds stop strings itself; a consumer that does both off the engine's
+        # thread (lmforge.engine.loop's streams) turns it off and ends sequences by their stop strings with `stop`.
+        self.detokenize = True
         self.requests: dict[str, list[Sequence]] = {}  # live requests -> their sequences
         self.counters = dict(prompt_tokens=0, generated_tokens=0, computed_tokens=0, steps=0,
                              draft_proposed=0, draft_accepted=0)
@@ -139,6 +142,20 @@ class Engine:
                 outs.append(RequestOutput(seq.request_id, seq.index, finish_reason="abort",
                                           num_cached_tokens=seq.num_cached_tokens, metrics=self._metrics(seq)))
         return outs
+
+    def stop(self, request_id: str, index: int) -> bool:
+        """End one sequence of a request because its consumer found a stop string in its text (the engine does
+        not decode when `detokenize` is off); frees its blocks. True when that ended the whole request. Its
+        metrics go into the engine's latency figures; no output is made (the consumer already ended it)."""
+        seqs = self.requests.get(request_id, [])
+        for seq in seqs:
+            if seq.index == index and not seq.finished:
+                self.scheduler.finish(seq, "stop")
+                self._metrics(seq)
+        if seqs and all(s.finished for s in seqs):
+            del self.requests[request_id]
+            return True
+        return False
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -223,7 +240,8 @@ class Engine:
             seqs += [group[b][0] for b in pick]
         sampled, lps = self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), seqs) if seqs else ({}, {})
         if speculative:
-            more, more_lps = self._speculate([s for s, _ in speculative], [out.lookahead[s.seq_id] for s, _ in speculative])
+            more, more_lps = self._speculate([s for s, _ in speculative],
+                                             [out.lookahead[s.seq_id] for s, _ in speculative])
             sampled.update(more)
             lps.update(more_lps)
         return sampled, lps
@@ -294,7 +312,7 @@ class Engine:
         seq.token_times.extend([now] * len(new))
         self.counters["generated_tokens"] += len(new)
         text = ""
-        if seq.stops is not None:
+        if seq.stops is not None and self.detokenize:
             text = seq.stops.update(self.tokenizer.decode(seq.output_ids), final=seq.finished)
             if seq.stops.stopped and not seq.finished:
                 self.scheduler.finish(seq, "stop")
