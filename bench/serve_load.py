@@ -197,7 +197,8 @@ def engine_tok_s(model_path: str, jobs: list[Job], results: list[Result], args) 
     from lmforge.serve.server import Server
     from lmforge.serve.settings import ServeSettings
 
-    settings = ServeSettings(model=model_path, max_batch=args.max_batch, max_model_len=args.max_model_len)
+    settings = ServeSettings(model=model_path, max_batch=args.max_batch, max_model_len=args.max_model_len,
+                             dtype=args.dtype)
     loaded = load_model(model_path, settings)
     server = Server(loaded.model, loaded.tokenizer, settings, loaded.template_folder or Path(model_path).parent)
     engine, tok = server.engine, loaded.tokenizer
@@ -239,6 +240,8 @@ def main() -> None:
     ap.add_argument("--sequential-requests", type=int, default=32, help="subset sent one at a time for the baseline")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=256)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the served weights' dtype (`lmforge serve --dtype`), the engine-alone run's too")
     ap.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -249,6 +252,7 @@ def main() -> None:
         model = args.model or default_model(Path(tmp) / "gpt-14m-stdlib", corpus)
         proc, url = start_server(model, "--max-batch", str(args.max_batch), "--max-queue",
                                  str(max(256, args.concurrency * 2)), "--max-model-len", str(args.max_model_len),
+                                 "--dtype", args.dtype,
                                  "--log-level", "warning", timeout=120.0)
         try:
             model_id = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
@@ -279,7 +283,7 @@ def main() -> None:
     for r in results:
         statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
     print(json.dumps({
-        "bench": "serve_load", "requests": len(results), "concurrency": args.concurrency,
+        "bench": "serve_load", "requests": len(results), "concurrency": args.concurrency, "dtype": args.dtype,
         "dropped_mid_stream": sum(j.kind == "drop" for j in jobs), "statuses": statuses,
         "errors_5xx": sum(r.status >= 500 for r in results), "connection_errors": statuses.get("0", 0),
         "leaked_blocks": leaked, "generated_tokens": sum(r.tokens for r in results), "wall_s": round(wall, 2),
