@@ -156,7 +156,8 @@ def test_the_server_answers_503_when_its_engine_thread_dies():
 
 def test_a_client_that_disconnects_frees_its_blocks_at_once(tmp_path):
     """A real server (its own process, real HTTP): a long streamed answer whose client hangs up after one chunk
-    gives its KV blocks back within a second, with no other request to push the engine along."""
+    gives its KV blocks back at once (within 3 s on a loaded machine), with no other request to push the engine
+    along."""
     from lmforge.checkpoint import save_model
     from lmforge.serve.process import start_server, stop_server
 
@@ -171,7 +172,7 @@ def test_a_client_that_disconnects_frees_its_blocks_at_once(tmp_path):
                 assert next(lines).startswith("data: ")
                 assert httpx.get(base + "/health").json()["engine"]["kv_blocks_used"] > 0
         t0, stats = time.monotonic(), None
-        while time.monotonic() - t0 < 1.0:
+        while time.monotonic() - t0 < 3.0:
             stats = httpx.get(base + "/health").json()["engine"]
             if stats["kv_blocks_used"] == 0:
                 break

@@ -176,6 +176,9 @@ class EngineLoop:
         texts = [OutputText(tokenizer, seq) for seq in seqs] if tokenizer is not None else None
         stream = RequestStream(seqs[0].request_id, loop, texts, self.stop)
         self._command("add", seqs, stream)
+        if self.error is not None:  # it died meanwhile, perhaps before it could take the command (a second
+            # EngineStopped for a stream it did take is never read: the first ends the stream)
+            self._hand_over([(stream, EngineStopped(f"the engine stopped: {type(self.error).__name__}"))])
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -249,24 +252,29 @@ class EngineLoop:
                 pass
 
     def _run(self) -> None:
-        while not self._closed:
-            self._apply_commands()
-            if not self.engine.has_unfinished():
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            try:
+        try:
+            while not self._closed:
+                self._apply_commands()
+                if not self.engine.has_unfinished():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
                 try:
                     outs = self.engine.step()
                 except Exception as e:  # not one request's fault (Engine.step isolates those): end all in flight
                     log.exception("an engine step failed; every request in flight ends with the error")
                     outs = self.engine.fail_all(e)
                 self._deliver(outs)
-            except BaseException as e:  # the engine cannot even end its requests (or the thread is being torn
-                # down): stop, ending every open stream with the error, so no reader waits for outputs forever
-                self.error = e
-                self._hand_over([(stream, EngineStopped(f"the engine stopped: {type(e).__name__}: {e}"))
-                                 for stream in self._streams.values()])
-                self._streams.clear()
-                raise
-            self.last_stats = self.engine.stats()
+                self.last_stats = self.engine.stats()
+        except BaseException as e:  # the engine cannot even end its requests (or the thread is being torn down):
+            # stop, ending every open stream and every one still queued with the error, so no reader waits forever
+            self.error = e
+            stopped = EngineStopped(f"the engine stopped: {type(e).__name__}: {e}")
+            queued = []
+            while not self._commands.empty():
+                kind, *args = self._commands.get()
+                if kind == "add":
+                    queued.append(args[1])
+            self._hand_over([(stream, stopped) for stream in [*self._streams.values(), *queued]])
+            self._streams.clear()
+            raise
