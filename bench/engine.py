@@ -40,7 +40,7 @@ from lmforge.config import ModelConfig
 from lmforge.engine.engine import Engine
 from lmforge.infer.generate import generate
 from lmforge.infer.fused import decode_path, prepare_for_decoding
-from lmforge.infer.packed import PackedLinear, pack_linears
+from lmforge.infer.packed import GemmLinear, PackedLinear, pack_linears
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
 
@@ -76,7 +76,7 @@ def gemm_seconds(model, rows: int, repeats: int = 15) -> float:
     """Median seconds of one decode step's matrix products alone for `rows` rows: every linear layer and the head,
     in model order, through the kernel the decode path uses (the fused one, else the layers themselves)."""
     fused = getattr(model, "fused_decoder", None)
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, GemmLinear, PackedLinear))]  # float32: Gemm...
     none = torch.Tensor()
     dtype = torch.float32 if fused is not None else next(model.parameters()).dtype  # the step's activations
     xs = [torch.randn(rows, m.in_features, dtype=dtype) for m in layers]

@@ -15,8 +15,17 @@ temporary directory with a byte-level BPE tokenizer trained on a slice of the Py
     python bench/serve_load.py                      # the full claim (minutes on a laptop CPU)
     python bench/serve_load.py --requests 200       # a quick check
 
+The engine's own rate on the same requests (`engine_tok_s`) is measured after the server has stopped, in this
+process, with no HTTP: the same model folder and settings, the same prompts (chat ones through the chat template,
+with its turn stops), the same max_tokens (a dropped request's as many tokens as the client read before hanging
+up), temperature 0.8, at most --concurrency in flight, each finished request replaced by the next. The summary's
+`http_efficiency` is tok_s / engine_tok_s: what the HTTP layer keeps of the engine's rate. The load generator
+runs in this process and the server in its own; `loadgen_cpu_share` and `server_cpu_share` are each process's
+CPU seconds over the load phase's wall time x the machine's CPUs, so a load generator that competes with the
+server for the cores shows.
+
 Prints one JSON line per phase and ends with the summary line: requests, errors_5xx, leaked_blocks, tok_s,
-sequential_tok_s, ttft_p50_ms, ttft_p99_ms (and more).
+sequential_tok_s, speedup, engine_tok_s, http_efficiency, ttft_p50_ms, ttft_p99_ms (and more).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sysconfig
@@ -81,6 +91,7 @@ class Result:
     status: int  # HTTP status; 0 when the connection failed
     tokens: int = 0  # generated tokens the client received
     ttft_s: float | None = None
+    job: Job | None = None
 
 
 def make_jobs(n: int, corpus: str, drop_fraction: float, max_tokens: int, rng: random.Random) -> list[Job]:
@@ -138,9 +149,11 @@ async def run_all(url: str, model: str, jobs: list[Job], concurrency: int, timeo
         while queue:
             job = queue.pop()
             try:
-                results.append(await run_job(client, model, job))
+                result = await run_job(client, model, job)
             except httpx.HTTPError:
-                results.append(Result(0))
+                result = Result(0)
+            result.job = job
+            results.append(result)
 
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(timeout)) as client:
         t0 = time.perf_counter()
@@ -167,6 +180,49 @@ def settled_blocks_used(url: str, wait_s: float = 10.0) -> float | None:
         time.sleep(0.25)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux's /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_tok_s(model_path: str, jobs: list[Job], results: list[Result], args) -> tuple[float, int]:
+    """(generated tokens/s, tokens) of the serving engine alone on the load phase's requests: the server's model
+    and engine settings, no HTTP (see the module docstring)."""
+    import torch
+
+    from lmforge.infer.generate import prompt_tokens
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.serve.app import load_model
+    from lmforge.serve.server import Server
+    from lmforge.serve.settings import ServeSettings
+
+    settings = ServeSettings(model=model_path, max_batch=args.max_batch, max_model_len=args.max_model_len,
+                             dtype=args.dtype)
+    loaded = load_model(model_path, settings)
+    server = Server(loaded.model, loaded.tokenizer, settings, loaded.template_folder or Path(model_path).parent)
+    engine, tok = server.engine, loaded.tokenizer
+    requests = []
+    for job, result in zip(jobs, results):
+        chat = job.kind != "completion"
+        text = server.template.render([{"role": "user", "content": job.prompt}]) if chat else job.prompt
+        prompt = prompt_tokens(tok, text)
+        max_tokens = max(1, result.tokens) if job.kind == "drop" else job.max_tokens
+        max_tokens = min(max_tokens, server.max_model_len - len(prompt))
+        stop = list(server.template.turn_stops) if chat else []
+        requests.append((prompt, dict(max_tokens=max_tokens, temperature=0.8, stop=stop)))
+
+    pending, tokens = list(reversed(requests)), 0
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        while pending or engine.has_unfinished():
+            while pending and len(engine.requests) < args.concurrency:
+                prompt, params = pending.pop()
+                engine.add_request(prompt, SamplingParams(**params))
+            tokens += sum(len(out.new_token_ids) for out in engine.step())
+        return tokens / (time.perf_counter() - t0), tokens
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -184,6 +240,8 @@ def main() -> None:
     ap.add_argument("--sequential-requests", type=int, default=32, help="subset sent one at a time for the baseline")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=256)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the served weights' dtype (`lmforge serve --dtype`), the engine-alone run's too")
     ap.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -194,6 +252,7 @@ def main() -> None:
         model = args.model or default_model(Path(tmp) / "gpt-14m-stdlib", corpus)
         proc, url = start_server(model, "--max-batch", str(args.max_batch), "--max-queue",
                                  str(max(256, args.concurrency * 2)), "--max-model-len", str(args.max_model_len),
+                                 "--dtype", args.dtype,
                                  "--log-level", "warning", timeout=120.0)
         try:
             model_id = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
@@ -206,10 +265,17 @@ def main() -> None:
             print(json.dumps({"phase": "sequential", "requests": len(baseline), "wall_s": round(seq_wall, 2),
                               "tok_s": round(seq_tok_s, 1)}), flush=True)
 
+            cpu0, server_cpu0 = time.process_time(), process_cpu_seconds(proc.pid)
             results, wall = asyncio.run(run_all(url, model_id, jobs, args.concurrency, args.timeout))
+            cpus = wall * (os.cpu_count() or 1)
+            loadgen_cpu = (time.process_time() - cpu0) / cpus
+            server_cpu = (process_cpu_seconds(proc.pid) - server_cpu0) / cpus
             leaked = settled_blocks_used(url)
         finally:
             stop_server(proc)
+        engine_rate, engine_tokens = engine_tok_s(model, [r.job for r in results], results, args)
+        print(json.dumps({"phase": "engine_alone", "tokens": engine_tokens, "tok_s": round(engine_rate, 1)}),
+              flush=True)
 
     ttfts = [r.ttft_s * 1000 for r in results if r.ttft_s is not None]
     tok_s = sum(r.tokens for r in results) / wall
@@ -217,12 +283,15 @@ def main() -> None:
     for r in results:
         statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
     print(json.dumps({
-        "bench": "serve_load", "requests": len(results), "concurrency": args.concurrency,
+        "bench": "serve_load", "requests": len(results), "concurrency": args.concurrency, "dtype": args.dtype,
         "dropped_mid_stream": sum(j.kind == "drop" for j in jobs), "statuses": statuses,
         "errors_5xx": sum(r.status >= 500 for r in results), "connection_errors": statuses.get("0", 0),
         "leaked_blocks": leaked, "generated_tokens": sum(r.tokens for r in results), "wall_s": round(wall, 2),
         "tok_s": round(tok_s, 1), "sequential_tok_s": round(seq_tok_s, 1),
         "sequential_requests": len(baseline), "speedup": round(tok_s / seq_tok_s, 2),
+        "engine_tok_s": round(engine_rate, 1), "http_efficiency": round(tok_s / engine_rate, 3),
+        "loadgen_cpu_share": round(loadgen_cpu, 3), "server_cpu_share": round(server_cpu, 3),
+        "cpus": os.cpu_count(),
         "ttft_p50_ms": round(statistics.median(ttfts), 1) if ttfts else None,
         "ttft_p99_ms": round(percentile(ttfts, 0.99), 1) if ttfts else None,
     }), flush=True)

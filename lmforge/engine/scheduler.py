@@ -93,7 +93,8 @@ class Scheduler:
                 self._release(seq)
                 continue
             n = min(seq.num_to_compute, budget)
-            ahead = self._lookahead(seq, budget - n) if n == seq.num_to_compute == 1 else 0
+            ahead = self._lookahead(seq, budget - n) if self.num_lookahead_tokens and n == seq.num_to_compute == 1 \
+                else 0
             while not bm.allocate_slots(seq, n + ahead):
                 victim = self._pick_victim(seq, out)
                 self._preempt(victim, out)
@@ -172,7 +173,7 @@ class Scheduler:
                 continue  # a prefill chunk: nothing to sample yet
             tokens = sampled[seq.seq_id]
             advanced.append(seq)
-            stop = next((i for i, t in enumerate(tokens) if t in seq.stop_ids), None)
+            stop = next((i for i, t in enumerate(tokens) if t in seq.stop_ids), None) if seq.stop_ids else None
             keep = tokens[:stop][:seq.params.max_tokens - (seq.num_tokens - seq.prompt_len)]
             seq.token_ids += keep
             seq.num_computed_tokens += min(len(keep), len(tokens) - 1)  # the accepted draft tokens
@@ -186,7 +187,8 @@ class Scheduler:
     def _computed(self, seq: Sequence) -> None:
         """After a step computed some of seq's tokens: name its full blocks for the prefix cache and, with a
         window on every layer, give back the blocks behind it (the next query sits at num_computed_tokens)."""
-        self.block_manager.cache_blocks(seq)
+        if seq.num_computed_tokens // self.block_manager.block_size > seq.num_hashed_blocks:  # a block filled
+            self.block_manager.cache_blocks(seq)
         if self.window is not None:
             self.block_manager.release_before(seq, seq.num_computed_tokens - self.window + 1)
 

@@ -112,7 +112,7 @@ async def detokenize(req: DetokenizeRequest, server: ServerDep):
 @router.get("/health")
 async def health(server: ServerDep):
     loop = server.loop
-    ok = loop is not None and loop.error is None
+    ok = loop is not None and loop.alive
     body = {"status": "ok" if ok else "error", "model": server.settings.model_name,
             "active_requests": server.active, "active_sequences": server.sequences,
             "max_sequences": server.max_sequences, "speculative": server.settings.draft is not None,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lmforge.engine.engine import Engine
-from lmforge.engine.loop import EngineLoop, RequestStream
+from lmforge.engine.loop import EngineLoop, EngineStopped, RequestStream
 from lmforge.errors import LmforgeError
 from lmforge.infer.controls import Controls, ControlSpec
 from lmforge.infer.generate import prompt_tokens
@@ -36,6 +36,12 @@ from lmforge.serve.structured import (
     token_bytes,
 )
 from lmforge.templates import ChatTemplate
+
+
+def engine_unavailable(error: BaseException) -> ApiError:
+    """503 for a request the engine cannot serve because the engine loop has stopped."""
+    return ApiError(503, f"the engine has stopped ({error}); the server cannot generate until it is restarted",
+                    type="server_error", code="engine_unavailable")
 
 
 class Slot:
@@ -249,6 +255,9 @@ class Server:
         except LmforgeError as e:
             slot.release()
             raise ApiError.of(e) from e
+        except EngineStopped as e:  # the engine's thread died: say so at once (/health says 503 too)
+            slot.release()
+            raise engine_unavailable(e) from e
         self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
         return streams
 

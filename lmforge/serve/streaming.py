@@ -23,6 +23,7 @@ from fastapi.responses import StreamingResponse
 from lmforge.engine.loop import RequestStream
 from lmforge.engine.sequence import RequestOutput
 from lmforge.serve.errors import ApiError
+from lmforge.serve.server import engine_unavailable
 
 
 def sse(obj) -> str:
@@ -53,42 +54,64 @@ class SSEResponse(StreamingResponse):
 async def engine_outputs(server, streams: list[RequestStream], http: Request
                          ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, RequestOutput) as the engine produces them; ends early when the client disconnects. An
-    output carrying the engine's error for this request raises it as an ApiError (streaming sends it as an event)."""
-    merged: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, stream: RequestStream) -> None:
-        try:
-            async for out in stream:
-                await merged.put((i, out))
-        except Exception as e:  # the engine failed: surface it to the request
-            await merged.put((i, e))
-        await merged.put((i, None))
+    output carrying the engine's error for this request raises it as an ApiError (streaming sends it as an event).
+    One prompt's stream is read as it is; several are merged by one task each."""
 
     async def watch() -> None:  # a client that goes away stops its request (its slot's release aborts it)
         while not await http.is_disconnected():
             await asyncio.sleep(0.25)
-        await merged.put((-1, None))
+        for stream in streams:
+            stream.interrupt()
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)] + [asyncio.create_task(watch())]
-    open_streams = len(streams)
+    def check(out: RequestOutput) -> RequestOutput:
+        if out.error is not None:  # this request failed in the engine, alone: a 400 if its input is at fault
+            server.metrics.request_errors.inc()
+            raise ApiError.of(out.error)
+        server.metrics.observe(out)
+        return out
+
+    async def merged_outputs() -> AsyncIterator[tuple[int, RequestOutput]]:
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    merged.put_nowait((i, out))
+            except Exception as e:  # the engine failed: surface it to the request
+                merged.put_nowait((i, e))
+            merged.put_nowait((i, None))
+
+        pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        open_streams = len(streams)
+        try:
+            while open_streams:
+                i, out = await merged.get()
+                if out is None:
+                    open_streams -= 1
+                elif isinstance(out, Exception):
+                    raise out
+                else:
+                    yield i, out
+        finally:
+            for t in pumps:
+                t.cancel()
+
+    async def single_output() -> AsyncIterator[tuple[int, RequestOutput]]:
+        async for out in streams[0]:
+            yield 0, out
+
+    watcher = asyncio.create_task(watch())
     try:
-        while open_streams:
-            i, out = await merged.get()
-            if i < 0:
-                return
-            if out is None:
-                open_streams -= 1
-                continue
-            if isinstance(out, Exception):  # the engine loop itself stopped
-                raise ApiError(500, f"the engine failed: {type(out).__name__}", type="server_error")
-            if out.error is not None:  # this request failed in the engine, alone: a 400 if its input is at fault
-                server.metrics.request_errors.inc()
-                raise ApiError.of(out.error)
-            server.metrics.observe(out)
-            yield i, out
+        async with contextlib.aclosing(single_output() if len(streams) == 1 else merged_outputs()) as outs:
+            try:
+                async for i, out in outs:
+                    yield i, check(out)
+            except ApiError:
+                raise
+            except Exception as e:  # the engine loop itself stopped
+                raise engine_unavailable(e) from e
     finally:
-        for t in tasks:
-            t.cancel()
+        watcher.cancel()
 
 
 def finish_reason(reason: str | None) -> str | None:
