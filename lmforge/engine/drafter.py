@@ -1,4 +1,10 @@
-"""The draft model of speculative decoding inside the engine: it proposes tokens for many sequences at once.
+"""The proposers of speculative decoding inside the engine: a draft model, or prompt lookup (n-grams).
+
+Both have `mirror(rows)` (keep up with what the target computes without speculating) and `propose(seqs, ks)` (up
+to ks[b] tokens for seqs[b], and the distributions q they were drawn from, None where the row is greedy). A
+proposal may be shorter than asked, or empty: the engine decodes a row without a proposal as a plain row.
+
+The draft model (`Drafter`):
 
 The draft keeps its own paged KV pool with the target's block size and block count, indexed by the target's
 block tables: a token's draft keys and values sit in the same block and slot as its target keys and values, so
@@ -14,11 +20,13 @@ the target has accepted or rejected the proposals (lmforge.infer.speculative.acc
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from lmforge.engine import forward
 from lmforge.engine.paged_cache import PagedKVCache
-from lmforge.infer.speculative import SpeculativeError, draw, processed, token_probs
+from lmforge.infer.speculative import NgramIndex, SpeculativeError, draw, one_hot, processed, token_probs
 
 
 class Drafter:
@@ -78,3 +86,32 @@ class Drafter:
                 feeds[b] = [token]
             active = [b for b in active if ks[b] > i + 1]
         return drafted, [torch.stack(q) if s.generator is not None else None for s, q in zip(seqs, q_rows)]
+
+
+class NgramProposer:
+    """Prompt lookup (lmforge.infer.speculative.NgramIndex) for every decoding row: no model, no KV cache.
+
+    Each sequence gets its own index the first time it is asked for a proposal; the index lives as long as the
+    sequence (a weak reference), so finished requests leave nothing behind. A sampled row's proposal comes with
+    one-hot distributions, so the engine's one accept/reject rule checks it (and keeps the target's distribution).
+    """
+
+    def __init__(self, vocab_size: int, k: int, n_min: int = 2, n_max: int = 4):
+        if k < 1:
+            raise SpeculativeError(f"num_speculative_tokens={k} is out of range: prompt lookup proposes >= 1 "
+                                   f"token per step")
+        NgramIndex(n_min, n_max)  # checks the sizes now, not at the first request
+        self.vocab_size, self.k, self.n_min, self.n_max = vocab_size, k, n_min, n_max
+        self._index: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def mirror(self, rows) -> None:
+        """Nothing to keep up with: the index reads each sequence's tokens when it proposes."""
+
+    def propose(self, seqs, ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        drafted = []
+        for s, k in zip(seqs, ks):
+            index = self._index.get(s)
+            if index is None:
+                index = self._index[s] = NgramIndex(self.n_min, self.n_max)
+            drafted.append(index.propose(s.token_ids, k))
+        return drafted, [None if s.generator is None else one_hot(d, self.vocab_size) for s, d in zip(seqs, drafted)]

@@ -12,11 +12,13 @@ chunk x rows of compute; one forward per chunk instead was 5.6x slower than one 
 lmforge.engine.forward: decoding rows, draft steps and speculative checks take the fused step where the model has
 one.
 
-Speculative decoding (a `draft` model): the draft (lmforge.engine.drafter) proposes up to k tokens for every
-decoding row, the target checks all of them in one forward over [last token, drafts] per row, and
-lmforge.infer.speculative's accept/reject rule keeps a prefix and adds one token of the target's, so each row
-gains 1 to k + 1 tokens per step with the target's distribution (greedy: exactly plain greedy's tokens). Rows
-whose request asks for logprobs get them from the target's logits at each kept token.
+Speculative decoding (a `draft` model, or `speculative="ngram"`: prompt lookup): the proposer
+(lmforge.engine.drafter) proposes up to k tokens for every decoding row, the target checks all of them in one
+forward over [last token, drafts] per row, and lmforge.infer.speculative's accept/reject rule keeps a prefix and
+adds one token of the target's, so each row gains 1 to k + 1 tokens per step with the target's distribution
+(greedy: exactly plain greedy's tokens). A row with no proposal (prompt lookup found no match) joins the plain
+decoding rows: it costs what an ordinary decode costs. Rows whose request asks for logprobs get them from the
+target's logits at each kept token.
 """
 
 from __future__ import annotations
@@ -32,14 +34,14 @@ import torch
 
 from lmforge.engine import forward
 from lmforge.engine.block_manager import BlockManager
-from lmforge.engine.drafter import Drafter
+from lmforge.engine.drafter import Drafter, NgramProposer
 from lmforge.engine.paged_cache import PagedKVCache
 from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.engine.sequence import RequestOutput, Sequence
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import Completion, check_prompt, end_tokens, per_prompt_params
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
-from lmforge.infer.speculative import accept_greedy, accept_reject, processed, token_probs
+from lmforge.infer.speculative import SpeculativeError, accept_greedy, accept_reject, processed, token_probs
 from lmforge.rope import long_rope_switch
 
 log = logging.getLogger("lmforge.engine")
@@ -64,7 +66,9 @@ class Engine:
         max_num_batched_tokens: the per-step token budget (decodes take 1, prompts are chunked to fit).
         eos_id: the end-of-sequence token (or tokens) without a tokenizer (or to override its).
         draft: a smaller model sharing the tokenizer: speculative decoding of every decoding row.
-        num_speculative_tokens: tokens the draft proposes per row and step.
+        speculative: "ngram" drafts by prompt lookup (no draft model); None: speculate with `draft` if given.
+        num_speculative_tokens: tokens the draft (or prompt lookup, at most) proposes per row and step.
+        prompt_lookup_min, prompt_lookup_max: the n-gram sizes prompt lookup matches, longest first.
         kv_dtype: the KV pool's dtype (default: the model's). float16 under a float32 model holds twice the tokens
             in the same memory and halves what attention reads (lmforge.engine.paged_cache); the fused step
             reads it too.
@@ -72,7 +76,8 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, num_blocks: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 256, eos_id: int | Seq[int] | None = None,
-                 draft=None, num_speculative_tokens: int = 4, kv_dtype: torch.dtype | None = None):
+                 draft=None, speculative: str | None = None, num_speculative_tokens: int = 4,
+                 prompt_lookup_min: int = 2, prompt_lookup_max: int = 4, kv_dtype: torch.dtype | None = None):
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
         p = next(model.parameters())
         self.device = p.device
@@ -82,13 +87,18 @@ class Engine:
         fused = getattr(model, "fused_decoder", None)  # lmforge.infer.fused: what short feeds take (engine.forward)
         self.fused = fused if fused is not None and fused.accepts(self.cache) else None
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.drafter = None if draft is None else Drafter(draft, self.config, num_blocks, block_size,
-                                                          num_speculative_tokens)
+        if speculative not in (None, "ngram") or (speculative == "ngram" and draft is not None):
+            raise SpeculativeError(f"speculative={speculative!r}: choose 'ngram' (prompt lookup, no draft model) or "
+                                   f"None (speculate with the draft model, when one is given)")
+        self.drafter = (NgramProposer(self.config.vocab_size, num_speculative_tokens, prompt_lookup_min,
+                                      prompt_lookup_max) if speculative == "ngram"
+                        else Drafter(draft, self.config, num_blocks, block_size, num_speculative_tokens)
+                        if draft is not None else None)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
-                                   num_speculative_tokens if draft is not None else 0,
+                                   num_speculative_tokens if self.drafter is not None else 0,
                                    recompute_at=long_rope_switch(self.config),
                                    window=self.config.sliding_window if self.config.all_windowed and draft is None
-                                   else None)  # a draft reads the same blocks without a window
+                                   else None)  # a draft model reads the same blocks without a window
         self.eos_ids = end_tokens(tokenizer, eos_id)
         self.requests: dict[str, list[Sequence]] = {}  # live requests -> their sequences
         self.counters = dict(prompt_tokens=0, generated_tokens=0, computed_tokens=0, steps=0,
@@ -201,6 +211,7 @@ class Engine:
     def _execute(self, out: SchedulerOutput) -> tuple[dict[int, list[int]], dict]:
         """Run the model over the scheduled rows; choose the next token(s) of each row that caught up."""
         speculative = [(s, n) for s, n in out.scheduled if s.seq_id in out.lookahead]
+        proposals = self._propose([s for s, _ in speculative], out.lookahead) if speculative else {}
         decodes = [(s, n) for s, n in out.scheduled if n == 1 and s.seq_id not in out.lookahead]
         prefills = [(s, n) for s, n in out.scheduled if n > 1]
         if self.drafter is not None:
@@ -222,11 +233,12 @@ class Engine:
                 logits += [self.model.logits(last[pick])] if pick else []  # last: (B, C)
             seqs += [group[b][0] for b in pick]
         sampled, lps = self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), seqs) if seqs else ({}, {})
-        if speculative:
-            more, more_lps = self._speculate([s for s, _ in speculative], [out.lookahead[s.seq_id] for s, _ in speculative])
+        if proposals:
+            more, more_lps = self._speculate(list(proposals), *zip(*proposals.values()))
             sampled.update(more)
             lps.update(more_lps)
         return sampled, lps
+
 
     def _long_rope(self, seqs: list[Sequence]) -> list[bool] | None:
         """LongRoPE models: which rows turn by the long factors (their sequences are past the original context,
@@ -234,6 +246,18 @@ class Engine:
         if self.scheduler.recompute_at is None:
             return None
         return [s.cache_salt == "long" for s in seqs]
+
+    def _propose(self, seqs: list[Sequence], lookahead: dict[int, int]) -> dict[Sequence, tuple[list[int], object]]:
+        """Proposals (tokens, q) of the speculating rows; a row proposed nothing loses its lookahead and decodes
+        as a plain row in this step (no verification work for it)."""
+        assert self.drafter is not None  # the scheduler looks ahead only for an engine with a proposer
+        drafted, q = self.drafter.propose(seqs, [lookahead[s.seq_id] for s in seqs])
+        for s, d in zip(seqs, drafted):
+            if d:
+                lookahead[s.seq_id] = len(d)
+            else:
+                del lookahead[s.seq_id]
+        return {s: (d, qs) for s, d, qs in zip(seqs, drafted, q) if d}
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[dict[int, list[int]], dict]:
         """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG."""
@@ -246,10 +270,9 @@ class Engine:
                    if lp is not None}
         return {s.seq_id: [t] for s, t in zip(seqs, tokens.tolist())}, lps
 
-    def _speculate(self, seqs: list[Sequence], ks: list[int]) -> tuple[dict[int, list[int]], dict]:
-        """Draft ks[b] tokens for each decoding row, check them in one target forward, keep what the rule keeps."""
-        assert self.drafter is not None  # the scheduler looks ahead only for an engine with a draft model
-        drafted, q = self.drafter.propose(seqs, ks)
+    def _speculate(self, seqs: list[Sequence], drafted: list[list[int]], q: list) -> tuple[dict[int, list[int]], dict]:
+        """Check each row's proposal drafted[b] (drawn from q[b]) in one target forward, keep what the rule keeps."""
+        ks = [len(d) for d in drafted]
         all_logits = forward.logits(self.model, self.cache, [s.block_table for s in seqs],  # (B, T, V)
                                     [s.token_ids[-1:] + d for s, d in zip(seqs, drafted)],
                                     [s.num_computed_tokens for s in seqs], every_position=True,
