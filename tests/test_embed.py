@@ -78,7 +78,8 @@ def test_embed_verb_prints_the_python_functions_vectors(tmp_path, capsys):
                  "--pooling", "last"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     texts = ["hello there", "b", "a third line", "and a fourth"]
-    assert [(r["index"], r["tokens"], r["pooling"]) for r in lines] == [(i, len(t), "last") for i, t in enumerate(texts)]
+    assert [(r["index"], r["tokens"], r["pooling"]) for r in lines] == [(i, len(t), "last")
+                                                                         for i, t in enumerate(texts)]
     expected = embed_texts(model, tok, texts, "last")
     torch.testing.assert_close(torch.tensor([r["embedding"] for r in lines]), expected, atol=1e-6, rtol=1e-5)
     assert main(["embed", str(tmp_path / "m")]) == 1

@@ -29,7 +29,7 @@ def embed_texts(model, tokenizer, texts: list[str], pooling: str = DEFAULT_POOLI
     return embed(model, encode_texts(tokenizer, texts), pooling)
 
 
-def embed_command(model: str, input: list[str] = [], file: str | None = None,
+def embed_command(model: str, input: list[str] = [], file: str | None = None,  # noqa: B006
                   pooling: Literal["mean", "last"] = DEFAULT_POOLING, tokenizer: str | None = None,
                   dtype: Literal["float32", "bfloat16"] = "float32", quantize: Literal["int8"] | None = None,
                   adapter: str | None = None) -> int:

@@ -120,7 +120,8 @@ def generate_command(model: str, prompt: str = "", max_tokens: int = 200, temper
         from lmforge.infer.speculative import NgramIndex, SpeculativeError, speculative_generate
 
         if draft is not None and speculative is not None:
-            raise SpeculativeError("--draft and --speculative ngram are two ways to draft: give one", param="speculative")
+            raise SpeculativeError("--draft and --speculative ngram are two ways to draft: give one",
+                                   param="speculative")
         draft_net = load(draft, dtype=dtype, quantize=quantize, tokenizer=tokenizer).model if draft else None
         for prompt_ids in prompts:
             proposer = draft_net if draft_net is not None else NgramIndex()

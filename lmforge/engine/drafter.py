@@ -10,12 +10,12 @@ The draft keeps its own paged KV pool with the target's block size and block cou
 block tables: a token's draft keys and values sit in the same block and slot as its target keys and values, so
 the block manager (allocation, prefix caching, freeing) serves both models with one bookkeeping.
 
-`mirror` runs the draft over the same prompt chunks (and plain decodes) as the target, so a sequence's draft cache holds its prompt
-when it starts decoding (and prefix-cache hits hold the draft's keys too). `propose` drafts k tokens per
-sequence, batched: the first forward feeds each sequence what its draft cache lacks (the last token, and the
-token the target added after the draft's last accepted proposal), then one token per forward. A sequence's
-`num_draft_computed` counts the leading tokens whose draft keys and values are valid; the engine sets it after
-the target has accepted or rejected the proposals (lmforge.infer.speculative.accept_reject).
+`mirror` runs the draft over the same prompt chunks (and plain decodes) as the target, so a sequence's draft
+cache holds its prompt when it starts decoding (and prefix-cache hits hold the draft's keys too). `propose`
+drafts k tokens per sequence, batched: the first forward feeds each sequence what its draft cache lacks (the last
+token, and the token the target added after the draft's last accepted proposal), then one token per forward. A
+sequence's `num_draft_computed` counts the leading tokens whose draft keys and values are valid; the engine sets
+it after the target has accepted or rejected the proposals (lmforge.infer.speculative.accept_reject).
 """
 
 from __future__ import annotations

@@ -234,7 +234,8 @@ class Engine:
             seqs += [group[b][0] for b in pick]
         sampled, lps = self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), seqs) if seqs else ({}, {})
         if proposals:
-            more, more_lps = self._speculate(list(proposals), *zip(*proposals.values()))
+            seqs = list(proposals)
+            more, more_lps = self._speculate(seqs, [proposals[s][0] for s in seqs], [proposals[s][1] for s in seqs])
             sampled.update(more)
             lps.update(more_lps)
         return sampled, lps

@@ -18,7 +18,7 @@ matrix products of other shapes (float32: ~1e-6). The vectors are float32 whatev
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -29,13 +29,13 @@ y != x comes out with probability (1 - p(x)) * p(y) / (1 - p(x)) = p(y).
 
 from __future__ import annotations
 
-from typing import Collection, Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
 from lmforge.infer.generate import end_tokens
-from lmforge.infer.sampling import SamplingParams, make_generator, process_logits
 from lmforge.errors import LmforgeError
+from lmforge.infer.sampling import SamplingParams, make_generator, process_logits
 
 
 class SpeculativeError(LmforgeError):
@@ -118,9 +118,9 @@ class NgramIndex:
                 self._end[tuple(tokens[end - n + 1:end + 1])] = end
         self._indexed = max(self._indexed, L - 1)
         for n in range(min(self.n_max, L), self.n_min - 1, -1):
-            end = self._end.get(tuple(tokens[L - n:]))
-            if end is not None:
-                return list(tokens[end + 1:end + 1 + k])
+            last = self._end.get(tuple(tokens[L - n:]))
+            if last is not None:
+                return list(tokens[last + 1:last + 1 + k])
         return []
 
 

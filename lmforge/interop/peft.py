@@ -208,7 +208,7 @@ def _peft_parts(folder: Path, settings: dict, tensors: dict, config: ModelConfig
                                   f"(embedding LoRA and saved modules are not supported)")
         found.setdefault(m.group(1), {})[m.group(2)] = t
     parts: dict[str, list] = {}
-    r, alpha, rslora = settings.get("r", 8), settings.get("lora_alpha", 8), bool(settings.get("use_rslora"))
+    alpha, rslora = settings.get("lora_alpha", 8), bool(settings.get("use_rslora"))
     for module, ab in sorted(found.items()):
         if module not in where:
             raise CheckpointError(f"adapter {folder} adapts {module}, which a {config.n_layer}-layer "
