@@ -144,8 +144,9 @@ class LoRAWeights:
         return self.A.shape[0]
 
     def delta(self) -> torch.Tensor:
-        """scale * B @ A (out, in), in float32."""
-        return (self.B.float() @ self.A.float()) * self.scale
+        """scale * B @ A (out, in), in float32 at least."""
+        dtype = torch.promote_types(self.A.dtype, torch.float32)
+        return (self.B.to(dtype) @ self.A.to(dtype)) * self.scale
 
 
 @dataclass

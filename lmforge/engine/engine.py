@@ -40,6 +40,7 @@ from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.engine.sequence import RequestOutput, Sequence
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import Completion, check_prompt, end_tokens, per_prompt_params
+from lmforge.infer.multi_lora import AdapterBank, AdapterError, LoRABatch
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
 from lmforge.infer.speculative import SpeculativeError, accept_greedy, accept_reject, processed, token_probs
 from lmforge.rope import long_rope_switch
@@ -72,13 +73,19 @@ class Engine:
         kv_dtype: the KV pool's dtype (default: the model's). float16 under a float32 model holds twice the tokens
             in the same memory and halves what attention reads (lmforge.engine.paged_cache); the fused step
             reads it too.
+        adapters: LoRA adapters served beside the unmerged model (lmforge.infer.multi_lora.AdapterBank on this
+            model): a request names one (`adapter=`), and rows of different adapters share every step.
     """
 
     def __init__(self, model, tokenizer=None, *, num_blocks: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 256, eos_id: int | Seq[int] | None = None,
                  draft=None, speculative: str | None = None, num_speculative_tokens: int = 4,
-                 prompt_lookup_min: int = 2, prompt_lookup_max: int = 4, kv_dtype: torch.dtype | None = None):
+                 prompt_lookup_min: int = 2, prompt_lookup_max: int = 4, kv_dtype: torch.dtype | None = None,
+                 adapters: AdapterBank | None = None):
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
+        if adapters is not None and adapters.model is not model:
+            raise AdapterError("the adapter bank was made for another model: make it with AdapterBank(model)")
+        self.adapters = adapters
         p = next(model.parameters())
         self.device = p.device
         if num_blocks is None:
@@ -108,10 +115,12 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------------------
     def make_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
-                     request_id: str | None = None) -> list[Sequence]:
-        """Check a request and build its sequences (n per prompt), without queueing them."""
+                     request_id: str | None = None, adapter: str | None = None) -> list[Sequence]:
+        """Check a request and build its sequences (n per prompt), without queueing them. `adapter` names a LoRA
+        adapter of `self.adapters` (None: the base model)."""
         params = params if params is not None else SamplingParams()
         prompt = check_prompt(prompt_ids, params, self.config, has_tokenizer=self.tokenizer is not None)
+        salt = self._check_adapter(adapter)
         need = len(prompt) + params.max_tokens - 1  # positions fed to the model
         if self.block_manager.blocks_needed(need) > self.block_manager.num_blocks:
             raise RequestError(f"the request needs {self.block_manager.blocks_needed(need)} KV blocks but the pool "
@@ -122,13 +131,40 @@ class Engine:
             raise RequestError(f"request id {request_id!r} is already in use")
         seqs = []
         for i in range(params.n):
-            seq = Sequence(request_id, prompt, params, i, self.eos_ids)
+            seq = Sequence(request_id, prompt, params, i, self.eos_ids, adapter, salt)
             seq.generator = None if params.greedy else make_generator(params.seed, i, self.device)
             seq.stops = StopStrings(params.stop) if self.tokenizer is not None else None
             seqs.append(seq)
         return seqs
 
+    def _check_adapter(self, name: str | None) -> int | None:
+        """The prefix-cache salt of a loaded adapter (None for the base); AdapterError names an unknown one."""
+        if name is None:
+            return None
+        if self.adapters is None or name not in self.adapters.adapters:
+            loaded = ", ".join(self.adapters.adapters) if self.adapters is not None else ""
+            raise AdapterError(f"no LoRA adapter named {name!r} is loaded" + (f" (loaded: {loaded})" if loaded else ""),
+                               param="adapter")
+        return self.adapters.ids[name]
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving an adapter; refused while a request uses it (between steps: the engine loop's thread)."""
+        users = sum(1 for seqs in self.requests.values() for s in seqs if s.adapter == name and not s.finished)
+        if users:
+            raise AdapterError(f"adapter {name!r} is in use by {users} running request(s); unload it when they end",
+                               param="name")
+        if self.adapters is None:
+            raise AdapterError(f"no LoRA adapter named {name!r} is loaded", param="name")
+        self.adapters.remove(name)
+
+    def _lora(self, seqs) -> LoRABatch | None:
+        """Each row's adapter for a forward over `seqs` (None when all are the base)."""
+        return self.adapters.batch([s.adapter for s in seqs]) if self.adapters is not None else None
+
     def enqueue(self, seqs: list[Sequence]) -> str:
+        if seqs[0].adapter_salt != self._check_adapter(seqs[0].adapter):  # unloaded (and maybe reloaded) meanwhile
+            raise AdapterError(f"adapter {seqs[0].adapter!r} was unloaded after the request was made",
+                               param="adapter")
         self.requests[seqs[0].request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -136,9 +172,9 @@ class Engine:
         return seqs[0].request_id
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, adapter: str | None = None) -> str:
         """Queue a prompt; it joins the running batch at the next step with room. Returns its request id."""
-        return self.enqueue(self.make_request(prompt_ids, params, request_id))
+        return self.enqueue(self.make_request(prompt_ids, params, request_id, adapter))
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Stop a request now and free its KV blocks; returns the final output of each of its live sequences."""
@@ -224,13 +260,15 @@ class Engine:
             starts = [s.num_computed_tokens for s, _ in group]
             feeds = [s.token_ids[a:a + n] for (s, n), a in zip(group, starts)]
             long = self._long_rope([s for s, _ in group])
+            lora = self._lora([s for s, _ in group])
             if group is decodes:  # one token a row: the fused step where the model has one
-                rows = forward.logits(self.model, self.cache, tables, feeds, starts, long_rope=long)
+                rows = forward.logits(self.model, self.cache, tables, feeds, starts, long_rope=long, lora=lora)
                 logits += [rows if len(pick) == len(group) else rows[pick]] if pick else []
             else:  # prompt chunks: the head only where a row samples
-                last = forward.hidden(self.model, self.cache, tables, feeds, starts, long)[
+                last = forward.hidden(self.model, self.cache, tables, feeds, starts, long, lora)[
                     torch.arange(len(group)), torch.tensor([n for _, n in group]) - 1]
-                logits += [self.model.logits(last[pick])] if pick else []  # last: (B, C)
+                if pick:  # last: (B, C)
+                    logits.append(forward.head(self.model, last[pick], lora.select(pick) if lora else None))
             seqs += [group[b][0] for b in pick]
         sampled, lps = self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), seqs) if seqs else ({}, {})
         if proposals:
@@ -277,7 +315,7 @@ class Engine:
         all_logits = forward.logits(self.model, self.cache, [s.block_table for s in seqs],  # (B, T, V)
                                     [s.token_ids[-1:] + d for s, d in zip(seqs, drafted)],
                                     [s.num_computed_tokens for s in seqs], every_position=True,
-                                    long_rope=self._long_rope(seqs))
+                                    long_rope=self._long_rope(seqs), lora=self._lora(seqs))
         sampled, lps = {}, {}
         for b, s in enumerate(seqs):
             logits = all_logits[b, :ks[b] + 1]  # (k + 1, V): the target after each fed token
@@ -355,13 +393,15 @@ class Engine:
                     preemptions=sched.num_preemptions, ttft_s_median=median(list(self.ttft_s)),
                     itl_s_median=median(list(self.itl_s)), **self.counters)
 
-    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
-                 ) -> list[Completion]:
-        """Run prompts to the end: one `Completion` per output (prompt-major, n each), as infer.generate does."""
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 adapters: Seq[str | None] | None = None) -> list[Completion]:
+        """Run prompts to the end: one `Completion` per output (prompt-major, n each), as infer.generate does;
+        adapters[i] names prompt i's LoRA adapter (None: the base)."""
         plist = per_prompt_params(params if params is not None else SamplingParams(), len(prompts))
+        names = list(adapters) if adapters is not None else [None] * len(prompts)
         keys = []
         for i, (prompt, sp) in enumerate(zip(prompts, plist)):
-            rid = self.add_request(prompt, sp)
+            rid = self.add_request(prompt, sp, adapter=names[i])
             keys += [(rid, j, i) for j in range(len(self.requests[rid]))]
         text = "" if self.tokenizer is not None else None
         done = {(rid, j): Completion(i, j, text=text) for rid, j, i in keys}

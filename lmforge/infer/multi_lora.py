@@ -1,0 +1,173 @@
+"""Many LoRA adapters beside one unmerged base model, each row of a batch with its own (S-LoRA, Punica).
+
+Sheng et al. 2023, "S-LoRA: Serving Thousands of Concurrent LoRA Adapters"; Chen et al. 2023, "Punica:
+Multi-Tenant LoRA Serving". Merging an adapter into the weights (lmforge.lora.merge_adapter) serves one adapter
+per model copy. Kept apart, every adapted layer computes, for the rows b of a batch that use adapter g,
+
+    y_b = x_b W^T + bias + (x_b A_g^T) (scale_g B_g)^T          A_g (r, in), B_g (out, r)
+
+so requests for different adapters, and for the base, share one forward: the base product is one matrix product
+over all rows, and each adapter adds a product of rank r over its own rows. On a CPU that is a grouped low-rank
+product per adapter present in the batch (Punica's SGMV, one group per adapter).
+
+`AdapterBank(model)` holds the adapters by name and hooks the model's linear layers (forward hooks: the model's
+code and modules stay as they are, quantized or packed alike). The hooks add nothing except inside a `LoRABatch`
+(`with bank.batch(names):`), which names each row's adapter for the forwards it wraps; the serving engine passes
+one to each forward it runs (lmforge.engine.forward). The fused decode step (lmforge.infer.fused) takes the same
+rows (`LoRABatch.slots`, -1 for the base) and the bank's stacked tensors (`stacks`): per layer A (N, r, in) and
+B (N, out, r), scale folded into B and ranks padded with zeros to the largest, N = the number of adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from lmforge.errors import LmforgeError
+from lmforge.lora import Adapter
+
+
+class AdapterError(LmforgeError):
+    """An adapter that cannot be served: an unknown or duplicate name, one still in use, one that does not fit."""
+
+
+class AdapterBank:
+    """Named adapters for one base model, applied per row inside `rows(...)`.
+
+    Args:
+        model: the base model (an lmforge Transformer, prepared for decoding or not); its linear layers get hooks.
+        base_digest: the digest of the base's weights as stored (lmforge.lora.base_digest of the float model),
+            against which adapters that record one are checked; None skips the check.
+    """
+
+    def __init__(self, model: nn.Module, base_digest: str | None = None):
+        self.model, self.base_digest = model, base_digest
+        self.adapters: dict[str, Adapter] = {}
+        self.ids: dict[str, int] = {}  # name -> a number unique to this load of it (a prefix-cache key)
+        self._ids = itertools.count(1)
+        self._slot: dict[str, int] = {}
+        self._scaled: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []  # by slot: path -> (A, scale * B)
+        self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._groups: list[tuple[int, torch.Tensor | None]] = []  # inside a batch: (slot, its rows or None: all)
+        linears = {name: m for name, m in model.named_modules() if hasattr(m, "in_features")}
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+
+    # ---- adapters ------------------------------------------------------------------------------
+    def add(self, name: str, adapter: Adapter) -> None:
+        """Serve `adapter` under `name` (checked against the model and, when both are known, the base digest)."""
+        if not name or name in self.adapters:
+            raise AdapterError(f"an adapter named {name!r} is already loaded" if name else "an adapter needs a name",
+                               param="name")
+        if self.base_digest is not None and adapter.base_digest not in (None, self.base_digest):
+            raise AdapterError(f"adapter {name!r} ({adapter.source}) was trained on a different base model "
+                               f"({adapter.base}): its recorded weight digest does not match this model's")
+        adapter.check(self.model, check_base=False)
+        self.adapters[name] = adapter
+        self.ids[name] = next(self._ids)
+        self._restack()
+
+    def remove(self, name: str) -> None:
+        if name not in self.adapters:
+            raise AdapterError(f"no adapter named {name!r} is loaded", param="name")
+        del self.adapters[name], self.ids[name]
+        self._restack()
+
+    def slot(self, name: str | None) -> int:
+        """The row slot of an adapter (-1: the base)."""
+        return -1 if name is None else self._slot[name]
+
+    @property
+    def stacks(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per adapted layer path: A (N, r, in) and scale * B (N, out, r), float32, one slice per adapter slot
+        (zeros where an adapter leaves the layer alone, and past an adapter's rank)."""
+        return self._stacks
+
+    def _restack(self) -> None:
+        names = list(self.adapters)
+        self._slot = {n: i for i, n in enumerate(names)}
+        self._scaled = [{p: (_wide(w.A), _wide(w.B) * w.scale) for p, w in self.adapters[n].layers.items()}
+                        for n in names]
+        paths = sorted({p for a in self.adapters.values() for p in a.layers})
+        modules = dict(self.model.named_modules())
+        self._stacks = {}
+        for path in paths:
+            weights = [self.adapters[n].layers.get(path) for n in names]
+            r = max(w.rank for w in weights if w is not None)
+            m = modules[path]
+            A = torch.zeros(len(names), r, m.in_features)
+            B = torch.zeros(len(names), m.out_features, r)
+            for i, w in enumerate(weights):
+                if w is not None:
+                    A[i, :w.rank] = w.A.float()
+                    B[i, :, :w.rank] = w.B.float() * w.scale
+            self._stacks[path] = (A, B)
+
+    # ---- rows ----------------------------------------------------------------------------------
+    def batch(self, names: list[str | None]) -> LoRABatch | None:
+        """The LoRABatch for rows whose adapters are `names` (None: the base); None when every row is the base."""
+        if all(n is None for n in names):
+            return None
+        return LoRABatch(self, torch.tensor([self.slot(n) for n in names], dtype=torch.long))
+
+    @contextlib.contextmanager
+    def _applied(self, slots: torch.Tensor) -> Iterator[None]:
+        present = [g for g in slots.unique().tolist() if g >= 0]
+        if len(present) == 1 and bool((slots == present[0]).all()):
+            self._groups = [(present[0], None)]  # every row the same adapter: no gathering
+        else:
+            self._groups = [(g, (slots == g).nonzero().flatten()) for g in present]
+        try:
+            yield
+        finally:
+            self._groups = []
+
+    def _hook(self, path: str):
+        def hook(module, args, y):
+            if not self._groups:
+                return None
+            x = args[0]  # (B, T, in) or (B, in): rows are dim 0
+            for slot, idx in self._groups:
+                ab = self._scaled[slot].get(path)
+                if ab is None:
+                    continue
+                A, B = ab
+                if idx is None:
+                    y += ((x.to(A.dtype) @ A.T) @ B.T).to(y.dtype)
+                else:
+                    y.index_add_(0, idx, ((x.index_select(0, idx).to(A.dtype) @ A.T) @ B.T).to(y.dtype))
+            return y
+        return hook
+
+    def close(self) -> None:
+        """Remove the hooks: the model is the plain base again."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: the low-rank products of a bfloat16 model run in float32 (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class LoRABatch:
+    """Which adapter each row of a forward uses: `with batch:` applies them (the model's hooks read it)."""
+
+    def __init__(self, bank: AdapterBank, slots: torch.Tensor):
+        self.bank, self.slots = bank, slots  # slots (B,) int64, -1: the base
+
+    def select(self, rows) -> LoRABatch:
+        """The same for a subset of the rows (a list or tensor of indices)."""
+        return LoRABatch(self.bank, self.slots[torch.as_tensor(rows, dtype=torch.long)])
+
+    def __enter__(self) -> LoRABatch:
+        self._cm = self.bank._applied(self.slots)
+        self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cm.__exit__(*exc)
