@@ -2,7 +2,7 @@
 input and where it does not.
 
 The model: an lmforge-trained code model. By default it is trained here (kept under --cache, so reruns only measure):
-4 layers x 192, a 2048-token BPE, a 384-token context (small enough to learn to copy in tens of minutes on two
+3 layers x 128, a 1024-token BPE, a 320-token context (small enough to learn to copy in tens of minutes on two
 cores), on python-stdlib functions (the library's files minus data.STDLIB_HOLDOUT) each followed by an edit of it,
 a document per function:
 
@@ -45,12 +45,12 @@ from pathlib import Path
 
 import torch
 
-SHAPE = dict(n_layer=4, n_head=4, n_embd=192, block_size=384)
+SHAPE = dict(n_layer=3, n_head=4, n_embd=128, block_size=320)
 NAMES = ("value", "item", "result", "count", "data", "node", "key", "text", "entry", "total", "buf", "obj", "size",
          "name", "index", "parts", "token", "state", "limit", "target")
 
 
-def functions(source: str, lo: int = 120, hi: int = 500) -> list[str]:
+def functions(source: str, lo: int = 120, hi: int = 400) -> list[str]:
     """The function definitions of a module (methods too), dedented, of lo..hi characters."""
     try:
         tree = ast.parse(source)
@@ -119,7 +119,7 @@ def train_model(cache: Path, iters: int, threads: int) -> Path:
         corpus.mkdir(parents=True, exist_ok=True)
         (corpus / "val.txt").write_text("\n\n".join(docs[:n_val]) + "\n", encoding="utf-8")
         (corpus / "train.txt").write_text("\n\n".join(docs[n_val:]) + "\n", encoding="utf-8")
-        meta = prepare(corpus, data, tokenizer="bpe", vocab_size=2048)
+        meta = prepare(corpus, data, tokenizer="bpe", vocab_size=1024)
         print(json.dumps({"stage": "prepare", "documents": len(docs), "splits": meta["splits"]}), flush=True)
     summary = train(TrainConfig(data=str(data), out=str(run), preset="gpt-mini", **SHAPE, batch_size=8, lr=3e-3,
                                 min_lr=3e-4, warmup_iters=50, dropout=0.0, eval_interval=250, eval_iters=10,
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="an lmforge code model folder or run (default: train one)")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "lmforge" / "bench-ngram"),
                         help="where the trained model and its data are kept between runs")
-    parser.add_argument("--iters", type=int, default=2000, help="training steps of the default model (8 x 384 "
+    parser.add_argument("--iters", type=int, default=2000, help="training steps of the default model (8 x 320 "
                         "tokens each)")
     parser.add_argument("--functions", type=int, default=16, help="held-out functions per workload")
     parser.add_argument("--requests", type=int, default=4, help="concurrent requests in the engine")

@@ -132,6 +132,23 @@ def test_the_engine_with_prompt_lookup_gives_plain_greedy_tokens_and_only_reject
     assert spec.block_manager.num_used_blocks == 0
 
 
+def test_through_the_fused_step_padded_proposals_give_plain_greedy_tokens():
+    """float32, prepared for decoding: checks of different proposal lengths share one fused call, the shorter
+    ones padded; a token's logits there do not depend on the batch or the padding."""
+    from lmforge.infer.fused import decode_path, prepare_for_decoding
+
+    torch.manual_seed(0)
+    model = prepare_for_decoding(Transformer(ModelConfig.from_name("llama-nano", vocab_size=31, block_size=128)).eval())
+    prompts = [repetitive(31, n, seed) for seed, n in enumerate([30, 45, 19, 60, 22, 33])]
+    params = SamplingParams(max_tokens=30, temperature=0)
+    plain = Engine(model, block_size=8, num_blocks=120, max_num_seqs=6)
+    spec = Engine(model, block_size=8, num_blocks=120, max_num_seqs=6, speculative="ngram", num_speculative_tokens=6,
+                  prompt_lookup_min=1)
+    assert run(spec, prompts, params) == run(plain, prompts, params)
+    assert spec.stats()["draft_accepted"] > 0 and spec.stats()["steps"] < plain.stats()["steps"]
+    assert decode_path(model) in ("fused", "packed")
+
+
 def test_the_engine_with_prompt_lookup_keeps_the_sampled_distribution():
     model = tiny(vocab_size=8)
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]

@@ -273,11 +273,10 @@ class Engine:
         sampled, lps = self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), seqs) if seqs else ({}, {})
         if proposals:
             seqs = list(proposals)
-            more, more_lps = self._speculate(seqs, [proposals[s][0] for s in seqs], [proposals[s][1] for s in seqs])
+            more, more_lps = self._speculate(seqs, *([proposals[s][i] for s in seqs] for i in range(3)))
             sampled.update(more)
             lps.update(more_lps)
         return sampled, lps
-
 
     def _long_rope(self, seqs: list[Sequence]) -> list[bool] | None:
         """LongRoPE models: which rows turn by the long factors (their sequences are past the original context,
@@ -286,17 +285,18 @@ class Engine:
             return None
         return [s.cache_salt == "long" for s in seqs]
 
-    def _propose(self, seqs: list[Sequence], lookahead: dict[int, int]) -> dict[Sequence, tuple[list[int], object]]:
-        """Proposals (tokens, q) of the speculating rows; a row proposed nothing loses its lookahead and decodes
-        as a plain row in this step (no verification work for it)."""
+    def _propose(self, seqs: list[Sequence], lookahead: dict[int, int]) -> dict[Sequence, tuple[list[int], object, int]]:
+        """Proposals (tokens, q, the KV slots reserved for them) of the speculating rows; a row that proposed
+        nothing loses its lookahead and decodes as a plain row in this step (no verification work for it)."""
         assert self.drafter is not None  # the scheduler looks ahead only for an engine with a proposer
-        drafted, q = self.drafter.propose(seqs, [lookahead[s.seq_id] for s in seqs])
+        room = [lookahead[s.seq_id] for s in seqs]
+        drafted, q = self.drafter.propose(seqs, room)
         for s, d in zip(seqs, drafted):
             if d:
                 lookahead[s.seq_id] = len(d)
             else:
                 del lookahead[s.seq_id]
-        return {s: (d, qs) for s, d, qs in zip(seqs, drafted, q) if d}
+        return {s: (d, qs, r) for s, d, qs, r in zip(seqs, drafted, q, room) if d}
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[dict[int, list[int]], dict]:
         """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG."""
@@ -309,11 +309,19 @@ class Engine:
                    if lp is not None}
         return {s.seq_id: [t] for s, t in zip(seqs, tokens.tolist())}, lps
 
-    def _speculate(self, seqs: list[Sequence], drafted: list[list[int]], q: list) -> tuple[dict[int, list[int]], dict]:
-        """Check each row's proposal drafted[b] (drawn from q[b]) in one target forward, keep what the rule keeps."""
+    def _speculate(self, seqs: list[Sequence], drafted: list[list[int]], q: list,
+                   room: list[int]) -> tuple[dict[int, list[int]], dict]:
+        """Check each row's proposal drafted[b] (drawn from q[b]) in one target forward, keep what the rule keeps.
+
+        Shorter proposals are padded (with their last token) up to the longest, as far as their reserved slots
+        room[b] allow, so that rows of different proposal lengths share one call of the fused step (which feeds
+        every row the same number of tokens). A padding token's keys and values land in a slot past everything
+        its row attends to, which the row's next tokens overwrite, and its logits are never read.
+        """
         ks = [len(d) for d in drafted]
-        all_logits = forward.logits(self.model, self.cache, [s.block_table for s in seqs],  # (B, T, V)
-                                    [s.token_ids[-1:] + d for s, d in zip(seqs, drafted)],
+        longest = max(ks)
+        feeds = [s.token_ids[-1:] + d + d[-1:] * (min(longest, r) - len(d)) for s, d, r in zip(seqs, drafted, room)]
+        all_logits = forward.logits(self.model, self.cache, [s.block_table for s in seqs], feeds,  # (B, T, V)
                                     [s.num_computed_tokens for s in seqs], every_position=True,
                                     long_rope=self._long_rope(seqs), lora=self._lora(seqs))
         sampled, lps = {}, {}
