@@ -285,7 +285,8 @@ class Engine:
             return None
         return [s.cache_salt == "long" for s in seqs]
 
-    def _propose(self, seqs: list[Sequence], lookahead: dict[int, int]) -> dict[Sequence, tuple[list[int], object, int]]:
+    def _propose(self, seqs: list[Sequence], lookahead: dict[int, int]
+                 ) -> dict[Sequence, tuple[list[int], object, int]]:
         """Proposals (tokens, q, the KV slots reserved for them) of the speculating rows; a row that proposed
         nothing loses its lookahead and decodes as a plain row in this step (no verification work for it)."""
         assert self.drafter is not None  # the scheduler looks ahead only for an engine with a proposer
