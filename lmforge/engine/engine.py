@@ -221,7 +221,6 @@ class Engine:
         failure (request id -> exception), the others' tokens stand. Their RNG is first rewound to where the
         step began, so a seeded request draws the same tokens as if it had not shared a step with the failure."""
         rngs = [(s.generator, s.generator.get_state()) for s, _ in out.scheduled if s.generator is not None]
-        self.counters["computed_tokens"] += out.num_batched_tokens
         self.counters["steps"] += 1
         try:
             return *self._execute(out), {}
@@ -248,6 +247,7 @@ class Engine:
         """Run the model over the scheduled rows; choose the next token(s) of each row that caught up."""
         speculative = [(s, n) for s, n in out.scheduled if s.seq_id in out.lookahead]
         proposals = self._propose([s for s, _ in speculative], out.lookahead) if speculative else {}
+        self.counters["computed_tokens"] += out.num_batched_tokens  # lookahead now: the tokens proposed
         decodes = [(s, n) for s, n in out.scheduled if n == 1 and s.seq_id not in out.lookahead]
         prefills = [(s, n) for s, n in out.scheduled if n > 1]
         if self.drafter is not None:
