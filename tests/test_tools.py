@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from lmforge.serve.tools import FORMATS, ToolError, ToolStream, template_messages, tool_format, tool_request
+from lmforge.serve.tool_reply import ToolStream
+from lmforge.serve.tools import FORMATS, ToolError, template_messages, tool_format, tool_request
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",

@@ -273,7 +273,8 @@ class Engine:
         sampled, lps = self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), seqs) if seqs else ({}, {})
         if proposals:
             seqs = list(proposals)
-            more, more_lps = self._speculate(seqs, *([proposals[s][i] for s in seqs] for i in range(3)))
+            more, more_lps = self._speculate(seqs, [proposals[s][0] for s in seqs], [proposals[s][1] for s in seqs],
+                                             [proposals[s][2] for s in seqs])
             sampled.update(more)
             lps.update(more_lps)
         return sampled, lps

@@ -4,6 +4,9 @@
 (iterate it, or `async for` it); `abort` frees the request's blocks at the next step boundary. Adds and aborts
 are queued and applied between steps, so a server thread never waits for a step to finish.
 
+Other work on the engine's thread (`call`: loading a LoRA adapter, embedding a batch of texts) is queued the same
+way and runs between steps, one call per step at most, so it never holds up decoding for longer than it takes.
+
 Failures: a request that fails inside a step fails alone (`Engine.step` gives its sequences a final output with
 finish_reason "error" and the exception; its stream ends there). Should a step fail as a whole (a fault no single
 request can be blamed for), every request in flight ends that way and the loop takes new requests; only when even
@@ -13,14 +16,18 @@ that fails does the loop stop (`error` set, every open stream ends with the exce
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import uuid
+from collections import deque
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from lmforge.engine.engine import Engine
 from lmforge.engine.sequence import RequestOutput
+from lmforge.errors import LmforgeError
 from lmforge.infer.sampling import SamplingParams
 
 log = logging.getLogger("lmforge.engine")
@@ -87,6 +94,7 @@ class EngineLoop:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}
+        self._calls: deque[tuple[Callable[[Engine], object], concurrent.futures.Future]] = deque()
         self._closed = False
         self.error: BaseException | None = None  # what stopped the loop thread, if it failed
         self.last_stats = engine.stats()  # refreshed after every step, safe to read from any thread
@@ -94,11 +102,12 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
-               request_id: str | None = None) -> RequestStream:
-        """Queue a request (checked here, so bad input raises in the caller) and return its output stream."""
+               request_id: str | None = None, adapter: str | None = None) -> RequestStream:
+        """Queue a request (checked here, so bad input raises in the caller) and return its output stream;
+        `adapter` names a LoRA adapter of the engine's (None: the base model)."""
         if self.error is not None or self._closed:
             raise RuntimeError(f"the engine loop has stopped ({self.error or 'closed'}); start a new one")
-        seqs = self.engine.make_request(prompt_ids, params, request_id or uuid.uuid4().hex)
+        seqs = self.engine.make_request(prompt_ids, params, request_id or uuid.uuid4().hex, adapter)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -111,10 +120,25 @@ class EngineLoop:
         """Cancel a request: its stream ends with finish_reason "abort" and its blocks are freed."""
         self._command("abort", request_id)
 
+    def call(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
+        """Run fn(engine) on the engine's thread between two steps; its result or exception comes in the future
+        (`asyncio.wrap_future` awaits it)."""
+        if self.error is not None or self._closed:
+            raise RuntimeError(f"the engine loop has stopped ({self.error or 'closed'}); start a new one")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._command("call", fn, future)
+        return future
+
     def close(self) -> None:
         self._closed = True
         self._wake.set()
         self._thread.join()
+        while not self._commands.empty():  # calls nobody will run: their callers stop waiting
+            kind, *args = self._commands.get()
+            if kind == "call":
+                args[1].cancel()
+        for _, future in self._calls:
+            future.cancel()
 
     def __enter__(self) -> EngineLoop:
         return self
@@ -133,8 +157,15 @@ class EngineLoop:
             applied = True
             if kind == "add":
                 seqs, stream = args
+                try:
+                    self.engine.enqueue(seqs)
+                except LmforgeError as e:  # its adapter was unloaded after the request was checked
+                    stream.put(RequestOutput(stream.request_id, 0, finish_reason="error", error=e))
+                    stream.put(None)
+                    continue
                 self._streams[stream.request_id] = stream
-                self.engine.enqueue(seqs)
+            elif kind == "call":
+                self._calls.append((args[0], args[1]))
             else:
                 self._deliver(self.engine.abort(args[0]))
         if applied:  # an abort frees blocks even when no step follows
@@ -150,12 +181,27 @@ class EngineLoop:
             if request_id not in self.engine.requests and request_id in self._streams:
                 self._streams.pop(request_id).put(None)
 
+    def _run_call(self) -> None:
+        """The oldest queued call, if any (one between two steps: decoding goes on between them)."""
+        if not self._calls:
+            return
+        fn, future = self._calls.popleft()
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(self.engine))
+        except Exception as e:  # the caller's failure, not the engine's
+            future.set_exception(e)
+        self.last_stats = self.engine.stats()
+
     def _run(self) -> None:
         while not self._closed:
             self._apply_commands()
+            self._run_call()
             if not self.engine.has_unfinished():
-                self._wake.wait()
-                self._wake.clear()
+                if not self._calls:
+                    self._wake.wait()
+                    self._wake.clear()
                 continue
             try:
                 try:
@@ -169,5 +215,7 @@ class EngineLoop:
                 for stream in self._streams.values():
                     stream.put(e)
                 self._streams.clear()
+                for _, future in self._calls:
+                    future.set_exception(e)
                 raise
             self.last_stats = self.engine.stats()

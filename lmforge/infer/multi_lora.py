@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import LmforgeError
-from lmforge.lora import Adapter
+from lmforge.lora import Adapter, base_digest
 
 
 class AdapterError(LmforgeError):
@@ -40,12 +40,14 @@ class AdapterBank:
 
     Args:
         model: the base model (an lmforge Transformer, prepared for decoding or not); its linear layers get hooks.
-        base_digest: the digest of the base's weights as stored (lmforge.lora.base_digest of the float model),
-            against which adapters that record one are checked; None skips the check.
+        check_base: check adapters that record their base's weight digest (lmforge-trained ones) against this
+            model's. Only a model whose linear layers hold their float32 weights as stored can be checked (a
+            quantized, bfloat16 or oneDNN-packed one is not; those adapters load unchecked).
     """
 
-    def __init__(self, model: nn.Module, base_digest: str | None = None):
-        self.model, self.base_digest = model, base_digest
+    def __init__(self, model: nn.Module, check_base: bool = True):
+        self.model, self.check_base = model, check_base
+        self._digest: str | None = None
         self.adapters: dict[str, Adapter] = {}
         self.ids: dict[str, int] = {}  # name -> a number unique to this load of it (a prefix-cache key)
         self._ids = itertools.count(1)
@@ -62,13 +64,21 @@ class AdapterBank:
         if not name or name in self.adapters:
             raise AdapterError(f"an adapter named {name!r} is already loaded" if name else "an adapter needs a name",
                                param="name")
-        if self.base_digest is not None and adapter.base_digest not in (None, self.base_digest):
+        digest = self.base_digest() if self.check_base and adapter.base_digest is not None else None
+        if digest is not None and adapter.base_digest != digest:
             raise AdapterError(f"adapter {name!r} ({adapter.source}) was trained on a different base model "
                                f"({adapter.base}): its recorded weight digest does not match this model's")
         adapter.check(self.model, check_base=False)
         self.adapters[name] = adapter
         self.ids[name] = next(self._ids)
         self._restack()
+
+    def base_digest(self) -> str | None:
+        """The served weights' digest (lmforge.lora.base_digest), when they are the float32 weights as stored."""
+        if self._digest is None and all(type(m) is nn.Linear and m.weight.dtype == torch.float32
+                                        for m in self.model.modules() if hasattr(m, "in_features")):
+            self._digest = base_digest(self.model)
+        return self._digest
 
     def remove(self, name: str) -> None:
         if name not in self.adapters:

@@ -18,8 +18,7 @@ message may carry `tool_calls` and a "tool" message answers one by `tool_call_id
   {"name", "arguments"} objects, one per call (exactly one unless parallel_tool_calls), each arguments object of
   its own function's schema. So the arguments always parse and validate.
 
-Streaming follows OpenAI: a tool call's first delta carries its index, id, type and name with empty arguments, the
-next ones fragments of its arguments. Text that may be the start of a call is held back until it is one or is not.
+lmforge.serve.tool_reply turns answers into OpenAI's `tool_calls`, whole or streamed.
 """
 
 from __future__ import annotations
@@ -44,15 +43,8 @@ class ToolError(LmforgeError):
 @dataclass
 class Tool:
     name: str
-    description: str | None
     parameters: dict  # a JSON schema (an object schema by OpenAI's convention)
-
-    def as_template_tool(self) -> dict:
-        """The tool as chat templates take it: OpenAI's {"type": "function", "function": {...}}."""
-        function = {"name": self.name, "parameters": self.parameters}
-        if self.description is not None:
-            function["description"] = self.description
-        return {"type": "function", "function": function}
+    given: dict  # the tool as the request gave it, which chat templates take as it is
 
 
 @dataclass
@@ -87,7 +79,7 @@ class ToolRequest:
     @property
     def template_tools(self) -> list[dict] | None:
         """The tools to give the chat template (None with tool_choice "none": the model is not told of them)."""
-        return None if self.choice == "none" else [t.as_template_tool() for t in self.tools]
+        return None if self.choice == "none" else [t.given for t in self.tools]
 
     def schema(self) -> dict:
         """The JSON schema a constrained answer follows (see the module docstring)."""
@@ -157,7 +149,7 @@ def tool_request(tools: list[dict] | None, tool_choice, parallel_tool_calls: boo
         except jsonschema.SchemaError as e:
             raise ToolError(f"tools[{i}].function.parameters is not a valid JSON schema: {e.message}",
                             param=f"tools[{i}].function.parameters") from None
-        parsed.append(Tool(name, fn.get("description"), params))
+        parsed.append(Tool(name, params, {"type": "function", **t}))
     choice = "auto" if tool_choice is None else tool_choice
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
@@ -176,11 +168,17 @@ def tool_request(tools: list[dict] | None, tool_choice, parallel_tool_calls: boo
 
 def template_messages(messages: list[dict]) -> list[dict]:
     """Messages as chat templates expect them: a tool call's `arguments` as an object (OpenAI sends a JSON
-    string; Hugging Face templates write `arguments | tojson`), content "" rather than null."""
-    out = []
+    string; Hugging Face templates write `arguments | tojson`), content "" rather than null. A "tool" message must
+    answer a call an earlier assistant message made (its `tool_call_id`), as OpenAI requires."""
+    out: list[dict] = []
+    call_ids: set[str] = set()
     for i, m in enumerate(messages):
         m = {k: v for k, v in m.items() if v is not None}
         m.setdefault("content", "")
+        if m["role"] == "tool" and m.get("tool_call_id") not in call_ids:
+            raise ToolError(f"messages[{i}] is a tool message answering tool_call_id={m.get('tool_call_id')!r}, "
+                            f"which no earlier assistant message called", param=f"messages[{i}].tool_call_id")
+        call_ids |= {c.get("id") for c in m.get("tool_calls") or []}
         if m.get("tool_calls"):
             calls = []
             for j, call in enumerate(m["tool_calls"]):
@@ -280,49 +278,3 @@ def _parse_mistral(text: str) -> tuple[str, list[ToolCall]]:
         return text, []
     value, _ = json.JSONDecoder().raw_decode(body.strip())
     return head.strip(), [_call(c) for c in (value if isinstance(value, list) else [value])]
-
-
-# ---------------------------------------------------------------------------------------------- streaming
-
-class ToolStream:
-    """Streams an "auto" answer: text is passed on as it comes except what may begin a tool call, which is held
-    until the answer ends; `finish` then says whether the answer was calls (see `ToolFormat.parse`)."""
-
-    def __init__(self, request: ToolRequest, fmt: ToolFormat):
-        self.request, self.format = request, fmt
-        self.text = ""  # the whole answer so far
-        self.sent = 0  # characters of it passed on as content
-        self.holding = False  # a call may have begun at self.sent
-
-    def feed(self, delta: str) -> str:
-        """The content to send now for a new piece of the answer."""
-        self.text += delta
-        if self.holding:
-            return ""
-        pending = self.text[self.sent:]
-        for start in self.format.starts:
-            at = pending.find(start)
-            if at >= 0 and (start != "{" or not pending[:at].strip()):  # Llama's "{" only opens an answer
-                self.holding = True
-                out, self.sent = pending[:at], self.sent + at
-                return out
-        keep = max((k for start in self.format.starts for k in range(1, len(start))
-                    if pending.endswith(start[:k]) and (start != "{" or not pending[:-k].strip())), default=0)
-        out = pending[:len(pending) - keep]
-        self.sent += len(out)
-        return out
-
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """(content not sent yet, the calls): the calls when the held part of the answer parses as calls that are
-        valid for the request (`ToolRequest.answer`), else no calls and the held text as content."""
-        return self.request.answer(self.format, self.text[self.sent:])
-
-
-def call_deltas(calls: list[ToolCall], first_index: int = 0) -> list[dict]:
-    """OpenAI's streamed form of whole calls: per call, its id, type and name with empty arguments, then the
-    arguments."""
-    out = []
-    for i, call in enumerate(calls, first_index):
-        out.append({"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}})
-        out.append({"index": i, "function": {"arguments": call.arguments}})
-    return out
