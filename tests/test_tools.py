@@ -103,3 +103,27 @@ def test_openai_tool_messages_become_what_templates_expect():
     with pytest.raises(ToolError) as e:
         template_messages([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}])
     assert e.value.param == "messages[0].tool_calls[0].function.arguments"
+
+
+def test_an_auto_answer_with_a_call_streams_content_then_call_deltas_then_tool_calls_and_closes_the_same():
+    from lmforge.serve.tool_reply import ToolChatShape
+
+    req = tool_request([WEATHER], "auto", True)
+    answer = 'Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}</tool_call>'
+    pieces = [answer[i:i + 7] for i in range(0, len(answer), 7)]
+    shape = ToolChatShape(None, req, FORMATS["hermes"])
+    chunks = [c for i, p in enumerate(pieces) for c in shape.chunks(0, p, None, "stop" if i == len(pieces) - 1
+                                                                      else None)]
+    deltas = [c[0]["delta"] for c in chunks]
+    assert "".join(d.get("content", "") for d in deltas) == "Checking. "
+    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": ""} and calls[0]["id"].startswith("call_")
+    assert json.loads(calls[1]["function"]["arguments"]) == {"city": "Oslo", "unit": "c"}
+    assert [c[0]["finish_reason"] for c in chunks][-1] == "tool_calls"
+    choice = {"message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+    ToolChatShape(None, req, FORMATS["hermes"]).close(choice)
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Checking."
+    assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    cut = {"message": {"role": "assistant", "content": answer}, "finish_reason": "length"}
+    ToolChatShape(None, req, FORMATS["hermes"]).close(cut)  # cut short: never calls
+    assert cut["finish_reason"] == "length" and "tool_calls" not in cut["message"]
