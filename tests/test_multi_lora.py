@@ -9,6 +9,8 @@ import torch
 from lmforge.checkpoint import CheckpointError
 from lmforge.config import ModelConfig
 from lmforge.engine.engine import Engine
+from lmforge.engine.paged_cache import PagedKVCache, block_table_tensor
+from lmforge.infer.fused import decode_path, prepare_for_decoding
 from lmforge.infer.multi_lora import AdapterBank, AdapterError
 from lmforge.infer.sampling import SamplingParams
 from lmforge.lora import Adapter, LoRAWeights, merge_adapter
@@ -92,6 +94,54 @@ def test_the_engine_serves_base_and_three_adapters_in_the_same_steps_as_merged_m
     torch.testing.assert_close(torch.tensor([lp.logprob for lp in got[2].logprobs]),
                                torch.tensor([lp.logprob for lp in plain.logprobs]), atol=1e-9, rtol=0)
     assert engine.stats()["steps"] < 8 * 10  # the rows shared steps
+
+
+@pytest.mark.parametrize("preset", ["gpt-nano", "llama-nano"])
+def test_the_fused_step_gives_each_row_of_a_mixed_batch_its_merged_models_logits(preset):
+    """Prompts (every position) and then one decoding token a row through the C++ step, base and three adapters in
+    the same call, against each merged model's own float32 forward."""
+    model = tiny(preset, torch.float32)
+    served = prepare_for_decoding(copy.deepcopy(model))
+    assert decode_path(served) != "python"
+    bank, adapters = bank_of(served)
+    names = [None, "a", "b", "c", "b", None, "a"]
+    B, T = len(names), 7
+    tokens = torch.tensor(prompts_of([T] * B, 48, seed=5))
+    nxt = torch.tensor(prompts_of([1] * B, 48, seed=6))
+    tables = [[2 * b, 2 * b + 1] for b in range(B)]  # blocks of 4 slots
+    cache = PagedKVCache(model.config, 2 * B, 4)
+    fused, table = served.fused_decoder, block_table_tensor(tables)
+    prompt_logits = fused.paged(tokens.tolist(), cache, table, [0] * B, T, lora=bank.batch(names))  # (B, T, V)
+    step_logits = fused.paged(nxt.tolist(), cache, table, [T] * B, 1, lora=bank.batch(names))[:, 0]
+    plain = fused.paged(nxt.tolist(), cache, table, [T] * B, 1)[:, 0]  # no batch: nothing added
+    for b, name in enumerate(names):
+        with torch.no_grad():
+            expected = merged(model, adapters.get(name))(torch.cat([tokens[b], nxt[b]])[None])[0]
+        torch.testing.assert_close(prompt_logits[b], expected[:T], rtol=0, atol=2e-4)
+        torch.testing.assert_close(step_logits[b], expected[T], rtol=0, atol=2e-4)
+        if name is None:
+            torch.testing.assert_close(plain[b], step_logits[b], rtol=0, atol=0)
+        else:
+            assert not torch.allclose(plain[b], step_logits[b], atol=1e-3), name
+
+
+def test_the_engine_on_the_fused_step_serves_adapters_as_merged_models_would():
+    model = tiny("llama-nano", torch.float32)
+    served = prepare_for_decoding(copy.deepcopy(model))
+    bank, adapters = bank_of(served)
+    names = [None, "a", "b", "c", "a", "c", None, "b"]
+    prompts = prompts_of([5, 12, 3, 20, 7, 9, 14, 6], 48, seed=2)
+    engine = Engine(served, block_size=4, num_blocks=120, max_num_batched_tokens=24, max_num_seqs=8, adapters=bank)
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=1)
+    got = engine.generate(prompts, params, adapters=names)
+    for prompt, name, c in zip(prompts, names, got):
+        reference = merged(model, adapters.get(name))
+        assert c.tokens == greedy_alone(reference, prompt, 10), name
+        with torch.no_grad():  # each token's logprob under the merged model, given the same tokens
+            logp = reference(torch.tensor([prompt + c.tokens[:-1]]))[0, len(prompt) - 1:].log_softmax(-1)
+        torch.testing.assert_close(torch.tensor([lp.logprob for lp in c.logprobs]),
+                                   logp[torch.arange(10), torch.tensor(c.tokens)], atol=2e-4, rtol=0)
+    assert engine.stats()["steps"] < 8 * 10
 
 
 def test_prefix_cache_blocks_are_never_shared_across_adapters():

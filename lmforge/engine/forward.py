@@ -52,7 +52,7 @@ def logits(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], fe
     lengths = [len(f) for f in feeds]
     T = max(lengths)
     fused = getattr(model, "fused_decoder", None)
-    if fused is None or not fused.accepts(cache, T) or lora is not None:
+    if fused is None or not fused.accepts(cache, T):
         h = hidden(model, cache, block_tables, feeds, starts, long_rope, lora)
         if not every_position:
             h = h[torch.arange(len(feeds)), torch.tensor(lengths) - 1]
@@ -62,13 +62,14 @@ def logits(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], fe
         groups.setdefault(n, []).append(b)
     if len(groups) == 1:  # the usual case: one call, no reassembly
         out = fused.paged(feeds, cache, block_table_tensor(block_tables), starts, T if every_position else 1,
-                          long_rope)
+                          long_rope, lora=lora)
         return out if every_position else out[:, 0]
     out = None
     for n, rows in groups.items():
         part = fused.paged([feeds[b] for b in rows], cache, block_table_tensor([block_tables[b] for b in rows]),
                            [starts[b] for b in rows], n if every_position else 1,
-                           None if long_rope is None else [long_rope[b] for b in rows])
+                           None if long_rope is None else [long_rope[b] for b in rows],
+                           lora=lora.select(rows) if lora is not None else None)
         if out is None:
             out = part.new_zeros((len(feeds), T if every_position else 1, part.shape[-1]))
         out[rows, :part.shape[1]] = part

@@ -63,11 +63,9 @@ class Sequence:
 
     @property
     def prefix_salt(self) -> Hashable | None:
-        """What starts its prefix-cache hash chain (BlockManager.root): None when its keys and values are the
-        base model's, computed the one way; else its LongRoPE salt and its adapter's, together."""
-        if self.cache_salt is None and self.adapter_salt is None:
-            return None
-        return self.cache_salt, self.adapter_salt
+        """What starts its prefix-cache hash chain (BlockManager.root): its LongRoPE salt (None: the base model's
+        keys, computed the one way), paired with its adapter's load where it has one."""
+        return self.cache_salt if self.adapter_salt is None else (self.cache_salt, self.adapter_salt)
 
     @property
     def num_tokens(self) -> int:

@@ -14,8 +14,9 @@ product per adapter present in the batch (Punica's SGMV, one group per adapter).
 code and modules stay as they are, quantized or packed alike). The hooks add nothing except inside a `LoRABatch`
 (`with bank.batch(names):`), which names each row's adapter for the forwards it wraps; the serving engine passes
 one to each forward it runs (lmforge.engine.forward). The fused decode step (lmforge.infer.fused) takes the same
-rows (`LoRABatch.slots`, -1 for the base) and the bank's stacked tensors (`stacks`): per layer A (N, r, in) and
-B (N, out, r), scale folded into B and ranks padded with zeros to the largest, N = the number of adapters.
+rows (`LoRABatch.slots`, -1 for the base) and the bank's stacked tensors (`fused_stacks`): per adapted product A
+(N, r, in) and B^T (N, r, out), scale folded into B and ranks padded with zeros to the largest, N = the number of
+adapters; it adds each row's product right after the base product, in the step's one C++ call.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import LmforgeError
-from lmforge.lora import Adapter, base_digest
+from lmforge.lora import BLOCK_TARGETS, Adapter, base_digest
 
 
 class AdapterError(LmforgeError):
@@ -53,7 +54,7 @@ class AdapterBank:
         self._ids = itertools.count(1)
         self._slot: dict[str, int] = {}
         self._scaled: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []  # by slot: path -> (A, scale * B)
-        self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fused_stacks: list[torch.Tensor] = []  # what the fused step reads (see the module docstring)
         self._groups: list[tuple[int, torch.Tensor | None]] = []  # inside a batch: (slot, its rows or None: all)
         linears = {name: m for name, m in model.named_modules() if hasattr(m, "in_features")}
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
@@ -90,31 +91,33 @@ class AdapterBank:
         """The row slot of an adapter (-1: the base)."""
         return -1 if name is None else self._slot[name]
 
-    @property
-    def stacks(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per adapted layer path: A (N, r, in) and scale * B (N, out, r), float32, one slice per adapter slot
-        (zeros where an adapter leaves the layer alone, and past an adapter's rank)."""
-        return self._stacks
-
     def _restack(self) -> None:
         names = list(self.adapters)
         self._slot = {n: i for i, n in enumerate(names)}
         self._scaled = [{p: (_wide(w.A), _wide(w.B) * w.scale) for p, w in self.adapters[n].layers.items()}
                         for n in names]
-        paths = sorted({p for a in self.adapters.values() for p in a.layers})
-        modules = dict(self.model.named_modules())
-        self._stacks = {}
-        for path in paths:
-            weights = [self.adapters[n].layers.get(path) for n in names]
-            r = max(w.rank for w in weights if w is not None)
-            m = modules[path]
-            A = torch.zeros(len(names), r, m.in_features)
-            B = torch.zeros(len(names), m.out_features, r)
-            for i, w in enumerate(weights):
-                if w is not None:
-                    A[i, :w.rank] = w.A.float()
-                    B[i, :, :w.rank] = w.B.float() * w.scale
-            self._stacks[path] = (A, B)
+        self.fused_stacks = [t for path in self._fused_paths() for t in self._stack(path, names)]
+
+    def _fused_paths(self) -> list[str]:
+        """The fused step's products in its order: each block's qkv, proj, fc, mlp proj, then the head."""
+        n_layer = getattr(getattr(self.model, "config", None), "n_layer", 0)
+        return [f"blocks.{i}.{t}" for i in range(n_layer) for t in BLOCK_TARGETS] + ["lm_head"]
+
+    def _stack(self, path: str, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (N, r, in) and scale * B^T (N, r, out), float32, one slice per adapter slot (zeros where an adapter
+        leaves the product alone, and past an adapter's rank); two empty tensors when none adapts it."""
+        weights = [self.adapters[n].layers.get(path) for n in names]
+        if all(w is None for w in weights):
+            return torch.Tensor(), torch.Tensor()
+        r = max(w.rank for w in weights if w is not None)
+        m = dict(self.model.named_modules())[path]
+        A = torch.zeros(len(names), r, m.in_features)
+        Bt = torch.zeros(len(names), r, m.out_features)
+        for i, w in enumerate(weights):
+            if w is not None:
+                A[i, :w.rank] = w.A.float()
+                Bt[i, :w.rank] = (w.B.float() * w.scale).T
+        return A, Bt
 
     # ---- rows ----------------------------------------------------------------------------------
     def batch(self, names: list[str | None]) -> LoRABatch | None:
