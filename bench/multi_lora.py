@@ -37,8 +37,8 @@ def random_adapter(model, seed: int, rank: int):
     for i in range(model.config.n_layer):
         for t in BLOCK_TARGETS:
             m = modules[f"blocks.{i}.{t}"]
-            layers[f"blocks.{i}.{t}"] = LoRAWeights(torch.randn(rank, m.in_features, generator=g) / m.in_features ** 0.5,
-                                                    torch.randn(m.out_features, rank, generator=g) * 0.05, 2.0)
+            A = torch.randn(rank, m.in_features, generator=g) / m.in_features ** 0.5
+            layers[f"blocks.{i}.{t}"] = LoRAWeights(A, torch.randn(m.out_features, rank, generator=g) * 0.05, 2.0)
     return Adapter(layers, source=f"random-{seed}")
 
 

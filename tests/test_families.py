@@ -570,7 +570,8 @@ def test_lora_and_full_fine_tuning_learn_a_chat_in_the_familys_template(built, t
     """Both methods lower the held-out loss of a small chat set rendered with the family's own template; the LoRA
     adapter applied to the base gives the merged model's logits."""
     from lmforge.apps.finetune import FinetuneConfig, finetune_command
-    from lmforge.lora import apply_adapter
+    from lmforge.interop.peft import read_adapter
+    from lmforge.lora import merge_adapter
 
     turns = [
         ("hello there", "hi, how are you?"),
@@ -611,7 +612,8 @@ def test_lora_and_full_fine_tuning_learn_a_chat_in_the_familys_template(built, t
         assert losses[-1] < losses[0], (method, losses)
         runs[method] = out
     merged, _ = load_any(runs["lora"] / "best")
-    adapted = apply_adapter(load_any(built.folder)[0], runs["lora"] / "adapter")
+    base = load_any(built.folder)[0]
+    adapted = merge_adapter(base, read_adapter(runs["lora"] / "adapter", base.config))
     with torch.no_grad():
         torch.testing.assert_close(adapted(TOKENS), merged(TOKENS), rtol=1e-4, atol=1e-4)
 

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.apps.finetune import collate, evaluate_examples, masked_loss
-from lmforge.loader import load
 from lmforge.apps.sft import DataError, Example, chat_example, read_examples
 from lmforge.checkpoint import load_model, save_model
 from lmforge.cli import main
 from lmforge.config import ModelConfig
+from lmforge.loader import load
 from lmforge.model import Transformer
 from lmforge.templates import CHATML_TEMPLATE, PLAIN_TEMPLATE, ChatTemplate
 from lmforge.tokenizer import train_tokenizer

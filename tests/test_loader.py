@@ -8,7 +8,6 @@ import torch
 from test_llama2c import write_llama2c
 
 from lmforge import lora
-from lmforge.interop.peft import save_adapter
 from lmforge.apps.convert import quantize_command
 from lmforge.checkpoint import save_model
 from lmforge.config import ModelConfig
@@ -18,6 +17,7 @@ from lmforge.infer.generate import generate
 from lmforge.infer.quantize import Int8Linear
 from lmforge.infer.sampling import SamplingParams
 from lmforge.interop.llama2c import read_llama2c_model
+from lmforge.interop.peft import save_adapter
 from lmforge.loader import load, read
 from lmforge.model import Transformer
 from lmforge.tokenizer import BPETokenizer

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from lmforge import lora
-from lmforge.interop import peft
 from lmforge.apps.finetune import FinetuneConfig, collate, finetune, masked_loss
 from lmforge.apps.sft import Example
 from lmforge.checkpoint import CheckpointError, load_model, save_model
 from lmforge.config import ModelConfig
+from lmforge.interop import peft
 from lmforge.loader import load
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer

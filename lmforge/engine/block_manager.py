@@ -21,7 +21,7 @@ Sequences are any objects with `token_ids`, `block_table`, `num_computed_tokens`
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 RELEASED = -1  # a block table entry whose block went back to the pool: its slots are behind every layer's window
 

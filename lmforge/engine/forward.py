@@ -12,7 +12,7 @@ the fused step and the model's own forward alike.
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

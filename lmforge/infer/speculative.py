@@ -33,8 +33,8 @@ from collections.abc import Collection, Sequence
 
 import torch
 
-from lmforge.infer.generate import end_tokens
 from lmforge.errors import LmforgeError
+from lmforge.infer.generate import end_tokens
 from lmforge.infer.sampling import SamplingParams, make_generator, process_logits
 
 
