@@ -181,3 +181,35 @@ def test_prompt_lookup_settings_are_checked():
         Engine(model, speculative="ngram", prompt_lookup_min=3, prompt_lookup_max=2)
     with pytest.raises(SpeculativeError, match="num_speculative_tokens=0"):
         Engine(model, speculative="ngram", num_speculative_tokens=0)
+
+
+def test_proposals_shrink_and_pause_where_the_target_rejects_them_and_grow_where_it_keeps_them():
+    from lmforge.engine.drafter import NgramProposer
+    from lmforge.engine.sequence import Sequence
+
+    proposer = NgramProposer(vocab_size=64, k=6)
+    seq = Sequence("r", list(range(1, 41)) + [1, 2], SamplingParams(max_tokens=60, temperature=0))
+
+    def propose():
+        drafted, q = proposer.propose([seq], [6])
+        assert q == [None]  # greedy: no distributions
+        return drafted[0]
+
+    def answer(proposal, kept, restore):
+        """The target keeps `kept` tokens and chooses another (0) after them; then two plain steps give the
+        tokens `restore`, whose earlier occurrence in the prompt has plenty after it to propose."""
+        seq.token_ids += proposal[:kept] + [0] + list(restore)
+
+    assert propose() == [3, 4, 5, 6, 7, 8]  # the first proposal is as long as allowed
+    answer([3, 4, 5, 6, 7, 8], 0, (5, 6))
+    assert propose() == [7]  # none kept: one token next
+    answer([7], 0, (9, 10))
+    assert [propose(), propose()] == [[], [11]]  # the shortest rejected: sit out one step
+    answer([11], 0, (13, 14))
+    assert [propose(), propose(), propose()] == [[], [], [15]]  # rejected again: two steps
+    answer([15], 1, (17, 18))
+    assert propose() == [19, 20, 21]  # kept whole: two longer
+    answer([19, 20, 21], 3, (25, 26))
+    assert propose() == [27, 28, 29, 30, 31]
+    answer([27, 28, 29, 30, 31], 2, (33, 34))
+    assert propose() == [35, 36, 37]  # cut short: one longer than what was kept

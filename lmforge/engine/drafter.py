@@ -88,13 +88,33 @@ class Drafter:
         return drafted, [torch.stack(q) if s.generator is not None else None for s, q in zip(seqs, q_rows)]
 
 
+class _Lookup:
+    """One sequence's prompt lookup: its n-gram index, how long its proposals may be now, and its last proposal
+    (the position it was proposed at and the tokens), to see next time how much of it the target kept."""
+
+    def __init__(self, index: NgramIndex, length: int):
+        self.index, self.length = index, length
+        self.last: tuple[int, list[int]] | None = None
+        self.wait, self.backoff = 0, 1  # steps to sit out, and the next pause's length
+
+
 class NgramProposer:
     """Prompt lookup (lmforge.infer.speculative.NgramIndex) for every decoding row: no model, no KV cache.
 
     Each sequence gets its own index the first time it is asked for a proposal; the index lives as long as the
     sequence (a weak reference), so finished requests leave nothing behind. A sampled row's proposal comes with
     one-hot distributions, so the engine's one accept/reject rule checks it (and keeps the target's distribution).
+
+    Proposal lengths adapt per sequence, since every rejected token is a position computed for nothing: after a
+    proposal the target kept whole, the next may be 2 tokens longer (up to k); after one it cut short, the next is
+    one longer than what it kept. A sequence whose 1-token proposal is rejected stops proposing for 1, 2, 4 .. 16
+    steps (reset by the next kept token), so text that does not repeat itself decodes as plain rows do. How much the
+    target kept is read off the sequence's tokens at the next call (an accepted token equals the proposed one, the
+    token after them does not: accept_greedy and accept_reject give the target's own choice there), so nothing
+    else has to report back. Which tokens are proposed never changes the output, only the work.
     """
+
+    MAX_BACKOFF = 16
 
     def __init__(self, vocab_size: int, k: int, n_min: int = 2, n_max: int = 4):
         if k < 1:
@@ -102,16 +122,40 @@ class NgramProposer:
                                    f"token per step")
         NgramIndex(n_min, n_max)  # checks the sizes now, not at the first request
         self.vocab_size, self.k, self.n_min, self.n_max = vocab_size, k, n_min, n_max
-        self._index: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lookups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def mirror(self, rows) -> None:
         """Nothing to keep up with: the index reads each sequence's tokens when it proposes."""
 
     def propose(self, seqs, ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
-        drafted = []
-        for s, k in zip(seqs, ks):
-            index = self._index.get(s)
-            if index is None:
-                index = self._index[s] = NgramIndex(self.n_min, self.n_max)
-            drafted.append(index.propose(s.token_ids, k))
+        drafted = [self._propose_one(s, k) for s, k in zip(seqs, ks)]
         return drafted, [None if s.generator is None else one_hot(d, self.vocab_size) for s, d in zip(seqs, drafted)]
+
+    def _propose_one(self, seq, room: int) -> list[int]:
+        look = self._lookups.get(seq)
+        if look is None:
+            look = self._lookups[seq] = _Lookup(NgramIndex(self.n_min, self.n_max), self.k)
+        tokens = seq.token_ids
+        if look.last is not None and len(tokens) > look.last[0]:  # the target has checked the last proposal
+            at, proposed = look.last
+            kept = next((i for i, t in enumerate(proposed) if at + i >= len(tokens) or tokens[at + i] != t),
+                        len(proposed))
+            self._adapt(look, len(proposed), kept)
+        look.last = None
+        if look.wait > 0:
+            look.wait -= 1
+            return []
+        drafted = look.index.propose(tokens, min(room, look.length))
+        if drafted:
+            look.last = (len(tokens), drafted)
+        return drafted
+
+    def _adapt(self, look: _Lookup, proposed: int, kept: int) -> None:
+        if kept == proposed:
+            look.length = min(self.k, look.length + 2)
+        else:
+            look.length = kept + 1
+        if kept:
+            look.backoff = 1
+        elif proposed == 1:  # nothing kept of the shortest proposal: sit out a while, longer each time
+            look.wait, look.backoff = look.backoff, min(self.MAX_BACKOFF, 2 * look.backoff)
