@@ -681,21 +681,35 @@ void embed_row(const at::Tensor& table, int64_t i, int64_t C, float* out, bool a
 // scale folded into Bt, ranks padded with zeros: lmforge.infer.multi_lora stacks them). Rows come in groups of
 // `per` sharing one slot (a request's T new tokens in the layers, its `last` ones at the head); slot -1 is the base,
 // to which nothing is added. Each row's sums run in one fixed order, so a row's result does not depend on the batch.
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
+inline float dot_f32(const float* a, const float* b, int64_t n) {  // four chains: not bound by the FMA latency
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t k = 0;
-  for (; k + 8 <= n; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
-  float v = hsum(acc);
+  for (; k + 32 <= n; k += 32)
+    for (int u = 0; u < 4; ++u)
+      acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8 * u), _mm256_loadu_ps(b + k + 8 * u), acc[u]);
+  for (; k + 8 <= n; k += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc[0]);
+  float v = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
   for (; k < n; ++k) v += a[k] * b[k];
   return v;
 }
 
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {  // y += alpha * x
-  const __m256 av = _mm256_set1_ps(alpha);
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    _mm256_storeu_ps(y + k, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + k), _mm256_loadu_ps(y + k)));
-  for (; k < n; ++k) y[k] += alpha * x[k];
+// y[c] += sum_j t[j] * bt[j * out + c] for c < out: y read and written once, four column blocks at a time.
+inline void add_low_rank(const float* t, int64_t rank, const float* bt, int64_t out, float* y) {
+  int64_t c = 0;
+  for (; c + 32 <= out; c += 32) {
+    __m256 acc[4];
+    for (int u = 0; u < 4; ++u) acc[u] = _mm256_loadu_ps(y + c + 8 * u);
+    for (int64_t j = 0; j < rank; ++j) {
+      const __m256 tj = _mm256_set1_ps(t[j]);
+      for (int u = 0; u < 4; ++u) acc[u] = _mm256_fmadd_ps(tj, _mm256_loadu_ps(bt + j * out + c + 8 * u), acc[u]);
+    }
+    for (int u = 0; u < 4; ++u) _mm256_storeu_ps(y + c + 8 * u, acc[u]);
+  }
+  for (; c < out; ++c) {
+    float v = y[c];
+    for (int64_t j = 0; j < rank; ++j) v += t[j] * bt[j * out + c];
+    y[c] = v;
+  }
 }
 
 struct Lora {
@@ -704,26 +718,36 @@ struct Lora {
 
   bool on(int64_t i) const { return slots != nullptr && present((*stacks)[2 * i]); }
 
-  // y[r, :] += (x[r, :] . A_s^T) Bt_s for the rows r of layer product i whose slot s = slots[r / per] >= 0.
+  // y[r, :] += (x[r, :] . A_s^T) Bt_s for the rows r of layer product i whose slot s = slots[r / per] >= 0,
+  // grouped by adapter (Punica's SGMV): each rank-row of A_s and of Bt_s is read once for all of s's rows.
   void add(int64_t i, const float* x, int64_t R, int64_t per, int64_t K, float* y, int64_t ldy) const {
     if (!on(i)) return;
     const at::Tensor& A = (*stacks)[2 * i];
     const at::Tensor& Bt = (*stacks)[2 * i + 1];
-    const int64_t rank = A.size(1), out = Bt.size(2);
-    TORCH_CHECK(A.size(2) == K && Bt.size(1) == rank && A.is_contiguous() && Bt.is_contiguous() &&
-                A.scalar_type() == at::kFloat && Bt.scalar_type() == at::kFloat,
+    const int64_t N = A.size(0), rank = A.size(1), out = Bt.size(2);
+    TORCH_CHECK(A.size(2) == K && Bt.size(0) == N && Bt.size(1) == rank && A.is_contiguous() &&
+                Bt.is_contiguous() && A.scalar_type() == at::kFloat && Bt.scalar_type() == at::kFloat,
                 "LoRA stacks do not fit layer product ", i, ": A ", A.sizes(), ", Bt ", Bt.sizes(), ", K ", K);
+    std::vector<std::vector<int64_t>> rows(N);  // each adapter's rows, in order
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t s = slots[r / per];
+      TORCH_CHECK(s < N, "LoRA slot ", s, " of row ", r / per, " is past the ", N, " adapters stacked");
+      if (s >= 0) rows[s].push_back(r);
+    }
     const float* a = A.data_ptr<float>();
     const float* bt = Bt.data_ptr<float>();
-    at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {  // rows in chunks of 8: a few rows stay on one thread
-      std::vector<float> t(rank);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t s = slots[r / per];
-        if (s < 0) continue;
+    at::parallel_for(0, N, 1, [&](int64_t s0, int64_t s1) {
+      std::vector<float> t;
+      for (int64_t s = s0; s < s1; ++s) {
+        const std::vector<int64_t>& g = rows[s];
+        const int64_t n = static_cast<int64_t>(g.size());
+        if (n == 0) continue;
+        t.resize(n * rank);
         const float* as = a + s * rank * K;
-        for (int64_t j = 0; j < rank; ++j) t[j] = dot_f32(x + r * K, as + j * K, K);
+        for (int64_t j = 0; j < rank; ++j)
+          for (int64_t m = 0; m < n; ++m) t[m * rank + j] = dot_f32(x + g[m] * K, as + j * K, K);
         const float* bs = bt + s * rank * out;
-        for (int64_t j = 0; j < rank; ++j) axpy(t[j], bs + j * out, y + r * ldy, out);
+        for (int64_t m = 0; m < n; ++m) add_low_rank(t.data() + m * rank, rank, bs, out, y + g[m] * ldy);
       }
     });
   }

@@ -7,16 +7,17 @@ per model copy. Kept apart, every adapted layer computes, for the rows b of a ba
     y_b = x_b W^T + bias + (x_b A_g^T) (scale_g B_g)^T          A_g (r, in), B_g (out, r)
 
 so requests for different adapters, and for the base, share one forward: the base product is one matrix product
-over all rows, and each adapter adds a product of rank r over its own rows. On a CPU that is a grouped low-rank
-product per adapter present in the batch (Punica's SGMV, one group per adapter).
+over all rows, and each adapter adds a product of rank r over its own rows (Punica's SGMV). In the model's own
+forward (prompt chunks) each row's A and B are gathered from the stacks below and the low-rank products of all
+rows are two batched products (torch.bmm), whatever the mix of adapters; the base's rows gather a zero slice.
 
 `AdapterBank(model)` holds the adapters by name and hooks the model's linear layers (forward hooks: the model's
 code and modules stay as they are, quantized or packed alike). The hooks add nothing except inside a `LoRABatch`
 (`with bank.batch(names):`), which names each row's adapter for the forwards it wraps; the serving engine passes
 one to each forward it runs (lmforge.engine.forward). The fused decode step (lmforge.infer.fused) takes the same
 rows (`LoRABatch.slots`, -1 for the base) and the bank's stacked tensors (`fused_stacks`): per adapted product A
-(N, r, in) and B^T (N, r, out), scale folded into B and ranks padded with zeros to the largest, N = the number of
-adapters; it adds each row's product right after the base product, in the step's one C++ call.
+(N, r, in) and B^T (N, r, out), float32, scale folded into B and ranks padded with zeros to the largest, N = the
+number of adapters; it adds each row's product right after the base product, in the step's one C++ call.
 """
 
 from __future__ import annotations
@@ -53,9 +54,13 @@ class AdapterBank:
         self.ids: dict[str, int] = {}  # name -> a number unique to this load of it (a prefix-cache key)
         self._ids = itertools.count(1)
         self._slot: dict[str, int] = {}
-        self._scaled: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []  # by slot: path -> (A, scale * B)
+        # path -> A (N + 1, r, in), scale * B^T (N + 1, r, out) by slot, the last slice (slot -1, the base) zeros;
+        # in the adapters' dtype, at least float32 (a float64 test model's stay float64)
+        self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._adapts: dict[str, set[int]] = {}  # path -> the slots whose adapter adapts it
         self.fused_stacks: list[torch.Tensor] = []  # what the fused step reads (see the module docstring)
-        self._groups: list[tuple[int, torch.Tensor | None]] = []  # inside a batch: (slot, its rows or None: all)
+        self._rows: torch.Tensor | None = None  # inside a batch: each row's slot
+        self._single: int | None = None  # inside a batch whose rows all use one adapter: its slot
         linears = {name: m for name, m in model.named_modules() if hasattr(m, "in_features")}
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
 
@@ -94,9 +99,13 @@ class AdapterBank:
     def _restack(self) -> None:
         names = list(self.adapters)
         self._slot = {n: i for i, n in enumerate(names)}
-        self._scaled = [{p: (_wide(w.A), _wide(w.B) * w.scale) for p, w in self.adapters[n].layers.items()}
-                        for n in names]
-        self.fused_stacks = [t for path in self._fused_paths() for t in self._stack(path, names)]
+        paths = {p for a in self.adapters.values() for p in a.layers}
+        self._stacks = {p: self._stack(p, names) for p in paths}
+        self._adapts = {p: {i for i, n in enumerate(names) if p in self.adapters[n].layers} for p in paths}
+        self.fused_stacks = []
+        for path in self._fused_paths():
+            A, Bt = self._stacks.get(path, (torch.Tensor(), torch.Tensor()))
+            self.fused_stacks += [t[:-1].float().contiguous() if t.numel() else t for t in (A, Bt)]
 
     def _fused_paths(self) -> list[str]:
         """The fused step's products in its order: each block's qkv, proj, fc, mlp proj, then the head."""
@@ -104,19 +113,19 @@ class AdapterBank:
         return [f"blocks.{i}.{t}" for i in range(n_layer) for t in BLOCK_TARGETS] + ["lm_head"]
 
     def _stack(self, path: str, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (N, r, in) and scale * B^T (N, r, out), float32, one slice per adapter slot (zeros where an adapter
-        leaves the product alone, and past an adapter's rank); two empty tensors when none adapts it."""
+        """A (N + 1, r, in) and scale * B^T (N + 1, r, out), one slice per adapter slot (zeros where an adapter
+        leaves the product alone, past an adapter's rank, and in the last slice: the base's rows)."""
         weights = [self.adapters[n].layers.get(path) for n in names]
-        if all(w is None for w in weights):
-            return torch.Tensor(), torch.Tensor()
-        r = max(w.rank for w in weights if w is not None)
+        present = [w for w in weights if w is not None]
+        r = max(w.rank for w in present)
+        dtype = _wide(torch.cat([w.A.flatten()[:1] for w in present])).dtype
         m = dict(self.model.named_modules())[path]
-        A = torch.zeros(len(names), r, m.in_features)
-        Bt = torch.zeros(len(names), r, m.out_features)
+        A = torch.zeros(len(names) + 1, r, m.in_features, dtype=dtype)
+        Bt = torch.zeros(len(names) + 1, r, m.out_features, dtype=dtype)
         for i, w in enumerate(weights):
             if w is not None:
-                A[i, :w.rank] = w.A.float()
-                Bt[i, :w.rank] = (w.B.float() * w.scale).T
+                A[i, :w.rank] = w.A.to(dtype)
+                Bt[i, :w.rank] = (w.B.to(dtype) * w.scale).T
         return A, Bt
 
     # ---- rows ----------------------------------------------------------------------------------
@@ -128,30 +137,27 @@ class AdapterBank:
 
     @contextlib.contextmanager
     def _applied(self, slots: torch.Tensor) -> Iterator[None]:
-        present = [g for g in slots.unique().tolist() if g >= 0]
-        if len(present) == 1 and bool((slots == present[0]).all()):
-            self._groups = [(present[0], None)]  # every row the same adapter: no gathering
-        else:
-            self._groups = [(g, (slots == g).nonzero().flatten()) for g in present]
+        first = int(slots[0])
+        self._rows, self._single = slots, first if bool((slots == first).all()) else None
         try:
             yield
         finally:
-            self._groups = []
+            self._rows = self._single = None
 
     def _hook(self, path: str):
         def hook(module, args, y):
-            if not self._groups:
+            stack = self._stacks.get(path) if self._rows is not None else None
+            if stack is None:
                 return None
-            x = args[0]  # (B, T, in) or (B, in): rows are dim 0
-            for slot, idx in self._groups:
-                ab = self._scaled[slot].get(path)
-                if ab is None:
-                    continue
-                A, B = ab
-                if idx is None:
-                    y += ((x.to(A.dtype) @ A.T) @ B.T).to(y.dtype)
-                else:
-                    y.index_add_(0, idx, ((x.index_select(0, idx).to(A.dtype) @ A.T) @ B.T).to(y.dtype))
+            A, Bt = stack
+            x = args[0]  # (B, ..., in): rows are dim 0
+            if self._single is not None:  # every row the same adapter: no gathering
+                if self._single in self._adapts[path]:
+                    y += ((x.to(A.dtype) @ A[self._single].T) @ Bt[self._single]).to(y.dtype)
+                return y
+            xs = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (B, T, in)
+            low = torch.bmm(xs, A[self._rows].transpose(1, 2))  # (B, T, r): each row by its own adapter's A
+            y += torch.bmm(low, Bt[self._rows]).reshape(y.shape).to(y.dtype)
             return y
         return hook
 
