@@ -22,8 +22,10 @@ temperature 1, so little of the output repeats anything.
 Both workloads run through `lmforge.engine.Engine` as `lmforge serve` runs it (the model prepared for decoding, so
 decoding and verification take the fused step), with and without `speculative="ngram"`, --requests at a time,
 interleaved, --repeats times; tok/s = generated tokens / wall time (prefill included), medians. `identical` says
-whether the greedy tokens of the repetitive workload equal plain decoding's (they must). The last line is JSON with
-speedup_repetitive, speedup_plain, identical, the tok/s figures, and the acceptance rates.
+whether the greedy tokens of the repetitive workload equal plain decoding's (they must); edits_first_line and
+edits_whole count the held-out functions whose greedy output begins with the edited function's first line, or with
+all of it: whether the model copies its input, or its speed-up comes from repeating itself. The last line is JSON
+with speedup_repetitive, speedup_plain, identical, the tok/s figures, the acceptance rates and those counts.
 
     python bench/ngram_spec.py --train-only           # 2000 steps of training once (cached; ~20 minutes on two
                                                       # idle cores), outside the bench lock
@@ -142,7 +144,9 @@ def run_engine(model, prompts, params, requests: int, speculative: str | None, k
     return time.perf_counter() - t0, outs, engine.stats()
 
 
-def compare(model, prompts, params, requests: int, k: int, repeats: int) -> dict:
+def compare(model, prompts, params, requests: int, k: int, repeats: int) -> tuple[dict, list[list[int]]]:
+    """Plain vs prompt lookup, interleaved: (figures, plain decoding's outputs)."""
+    run_engine(model, prompts[:requests], params[:requests], requests, "ngram", k)  # warm-up, not timed
     times = {"plain": [], "ngram": []}
     outs, stats = {}, {}
     for _ in range(repeats):
@@ -157,7 +161,7 @@ def compare(model, prompts, params, requests: int, k: int, repeats: int) -> dict
             "identical": outs["plain"] == outs["ngram"], "tokens": tokens,
             "acceptance_rate": round(s["draft_accepted"] / max(s["draft_proposed"], 1), 3),
             "tokens_per_step": round(s["generated_tokens"] / max(s["steps"], 1), 2),
-            "plain_steps": stats["plain"]["steps"], "ngram_steps": s["steps"]}
+            "plain_steps": stats["plain"]["steps"], "ngram_steps": s["steps"]}, outs["plain"]
 
 
 def main() -> None:
@@ -200,13 +204,17 @@ def main() -> None:
 
     prompts = [tok.encode(p) for p, _ in tasks]
     greedy = [SamplingParams(temperature=0, max_tokens=len(tok.encode(edit)) + 4, ignore_eos=True) for _, edit in tasks]
-    repetitive = compare(model, prompts, greedy, args.requests, args.k, args.repeats)
+    repetitive, outs = compare(model, prompts, greedy, args.requests, args.k, args.repeats)
+    # Whether the model really copies: its greedy output begins with the edited function's first line, or all of it.
+    texts = [tok.decode(o) for o in outs]
+    repetitive["edits_first_line"] = sum(t.startswith(e.split("\n", 1)[0]) for t, (_, e) in zip(texts, tasks))
+    repetitive["edits_whole"] = sum(t.startswith(e) for t, (_, e) in zip(texts, tasks))
     print(json.dumps({"workload": "repetitive", **repetitive}), flush=True)
 
     starts = [tok.encode(edit.split("\n", 1)[0] + "\n") for _, edit in tasks]
     sampled = [SamplingParams(temperature=1.0, max_tokens=min(128, context - len(s)), ignore_eos=True, seed=i)
                for i, s in enumerate(starts)]
-    plain = compare(model, starts, sampled, args.requests, args.k, args.repeats)
+    plain, _ = compare(model, starts, sampled, args.requests, args.k, args.repeats)
     print(json.dumps({"workload": "plain", **plain}), flush=True)
 
     print(json.dumps({"speedup_repetitive": repetitive["speedup"], "speedup_plain": plain["speedup"],
@@ -215,7 +223,8 @@ def main() -> None:
                       "plain_ngram_tok_s": plain["ngram_tok_s"],
                       "acceptance_rate_repetitive": repetitive["acceptance_rate"],
                       "acceptance_rate_plain": plain["acceptance_rate"], "requests": args.requests, "k": args.k,
-                      "functions": len(tasks)}), flush=True)
+                      "functions": len(tasks), "edits_first_line": repetitive["edits_first_line"],
+                      "edits_whole": repetitive["edits_whole"]}), flush=True)
 
 
 if __name__ == "__main__":
