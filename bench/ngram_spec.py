@@ -21,7 +21,8 @@ temperature 1, so little of the output repeats anything.
 
 Both workloads run through `lmforge.engine.Engine` as `lmforge serve` runs it (the model prepared for decoding, so
 decoding and verification take the fused step), with and without `speculative="ngram"`, --requests at a time,
-interleaved, --repeats times; tok/s = generated tokens / wall time (prefill included), medians. `identical` says
+interleaved, --repeats times, after an untimed warm-up; tok/s = generated tokens / wall time (prefill included),
+medians; speedup_*_cpu compare the process's CPU time instead (a check on a shared machine, not the figure). `identical` says
 whether the greedy tokens of the repetitive workload equal plain decoding's (they must); edits_first_line and
 edits_whole count the held-out functions whose greedy output begins with the edited function's first line, or with
 all of it: whether the model copies its input, or its speed-up comes from repeating itself. The last line is JSON
@@ -131,33 +132,37 @@ def train_model(cache: Path, iters: int, threads: int) -> Path:
     return run
 
 
-def run_engine(model, prompts, params, requests: int, speculative: str | None, k: int) -> tuple[float, list, dict]:
-    """Every prompt through one engine, `requests` at a time; (seconds, outputs, engine stats)."""
+def run_engine(model, prompts, params, requests: int, speculative: str | None, k: int
+               ) -> tuple[float, list, dict, float]:
+    """Every prompt through one engine, `requests` at a time; (seconds, outputs, engine stats, CPU seconds of this
+    process: less swayed than wall time by other work on a shared machine)."""
     from lmforge.engine.engine import Engine
 
     engine = Engine(model, max_num_seqs=requests, max_num_batched_tokens=1024, speculative=speculative,
                     num_speculative_tokens=k)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     outs = []
     for i in range(0, len(prompts), requests):
         outs += [c.tokens for c in engine.generate(prompts[i:i + requests], params[i:i + requests])]
-    return time.perf_counter() - t0, outs, engine.stats()
+    return time.perf_counter() - t0, outs, engine.stats(), time.process_time() - c0
 
 
 def compare(model, prompts, params, requests: int, k: int, repeats: int) -> tuple[dict, list[list[int]]]:
     """Plain vs prompt lookup, interleaved: (figures, plain decoding's outputs)."""
     run_engine(model, prompts[:requests], params[:requests], requests, "ngram", k)  # warm-up, not timed
-    times = {"plain": [], "ngram": []}
+    times, cpu = {"plain": [], "ngram": []}, {"plain": [], "ngram": []}
     outs, stats = {}, {}
     for _ in range(repeats):
         for name, method in (("plain", None), ("ngram", "ngram")):
-            t, outs[name], stats[name] = run_engine(model, prompts, params, requests, method, k)
+            t, outs[name], stats[name], c = run_engine(model, prompts, params, requests, method, k)
             times[name].append(t)
+            cpu[name].append(c)
     tokens = sum(len(o) for o in outs["plain"])
     plain = tokens / statistics.median(times["plain"])
     ngram = sum(len(o) for o in outs["ngram"]) / statistics.median(times["ngram"])
     s = stats["ngram"]
     return {"plain_tok_s": round(plain, 1), "ngram_tok_s": round(ngram, 1), "speedup": round(ngram / plain, 3),
+            "speedup_cpu": round(statistics.median(cpu["plain"]) / statistics.median(cpu["ngram"]), 3),
             "identical": outs["plain"] == outs["ngram"], "tokens": tokens,
             "acceptance_rate": round(s["draft_accepted"] / max(s["draft_proposed"], 1), 3),
             "tokens_per_step": round(s["generated_tokens"] / max(s["steps"], 1), 2),
@@ -218,6 +223,7 @@ def main() -> None:
     print(json.dumps({"workload": "plain", **plain}), flush=True)
 
     print(json.dumps({"speedup_repetitive": repetitive["speedup"], "speedup_plain": plain["speedup"],
+                      "speedup_repetitive_cpu": repetitive["speedup_cpu"], "speedup_plain_cpu": plain["speedup_cpu"],
                       "identical": repetitive["identical"], "repetitive_plain_tok_s": repetitive["plain_tok_s"],
                       "repetitive_ngram_tok_s": repetitive["ngram_tok_s"], "plain_plain_tok_s": plain["plain_tok_s"],
                       "plain_ngram_tok_s": plain["ngram_tok_s"],

@@ -213,3 +213,21 @@ def test_proposals_shrink_and_pause_where_the_target_rejects_them_and_grow_where
     assert propose() == [27, 28, 29, 30, 31]
     answer([27, 28, 29, 30, 31], 2, (33, 34))
     assert propose() == [35, 36, 37]  # cut short: one longer than what was kept
+
+
+def test_rows_without_a_proposal_share_the_proposals_check_instead_of_a_second_forward(monkeypatch):
+    from lmforge.engine import forward
+
+    model = tiny("llama-nano", vocab_size=31, block_size=128)
+    prompts = [repetitive(31, 40, 3), list(range(25)), repetitive(31, 30, 5)]
+    params = SamplingParams(max_tokens=20, temperature=0)
+    calls = []
+    real = forward.logits
+    monkeypatch.setattr(forward, "logits", lambda *a, **kw: calls.append(len(a[3])) or real(*a, **kw))
+    spec = Engine(model, block_size=4, num_blocks=120, max_num_batched_tokens=128, max_num_seqs=3,
+                  speculative="ngram", num_speculative_tokens=4)
+    got = run(spec, prompts, params)
+    assert got == [greedy_alone(model, p, 20) for p in prompts]
+    steps = spec.stats()["steps"]
+    assert spec.stats()["draft_proposed"] > 0
+    assert len(calls) == steps - 1  # the prompts' step runs none; each decoding step one, whoever proposed

@@ -246,14 +246,22 @@ class Engine:
     def _execute(self, out: SchedulerOutput) -> tuple[dict[int, list[int]], dict]:
         """Run the model over the scheduled rows; choose the next token(s) of each row that caught up."""
         speculative = [(s, n) for s, n in out.scheduled if s.seq_id in out.lookahead]
-        proposals = self._propose([s for s, _ in speculative], out.lookahead) if speculative else {}
+        proposals, spare = self._propose([s for s, _ in speculative], out.lookahead) if speculative else ({}, {})
         self.counters["computed_tokens"] += out.num_batched_tokens  # lookahead now: the tokens proposed
         decodes = [(s, n) for s, n in out.scheduled if n == 1 and s.seq_id not in out.lookahead]
         prefills = [(s, n) for s, n in out.scheduled if n > 1]
         if self.drafter is not None:
             self.drafter.mirror(decodes + prefills)
+        logits, seqs, sampled, lps = [], [], {}, {}
+        if proposals:  # decoding rows with slots to spare ride along in the proposals' check: one call, not two
+            riders = [s for s, _ in decodes if s in spare]
+            decodes = [(s, n) for s, n in decodes if s not in spare]
+            checked = list(proposals)
+            sampled, lps, rider_logits = self._speculate(
+                checked, [proposals[s][0] for s in checked], [proposals[s][1] for s in checked],
+                [proposals[s][2] for s in checked], riders, [spare[s] for s in riders])
+            logits, seqs = ([rider_logits], riders) if riders else ([], [])
         groups = [g for g in (decodes, prefills) if g]
-        logits, seqs = [], []
         for group in groups:
             pick = [b for b, (s, n) in enumerate(group) if out.samples(s, n)]
             tables = [s.block_table for s, _ in group]
@@ -270,11 +278,8 @@ class Engine:
                 if pick:  # last: (B, C)
                     logits.append(forward.head(self.model, last[pick], lora.select(pick) if lora else None))
             seqs += [group[b][0] for b in pick]
-        sampled, lps = self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), seqs) if seqs else ({}, {})
-        if proposals:
-            seqs = list(proposals)
-            more, more_lps = self._speculate(seqs, [proposals[s][0] for s in seqs], [proposals[s][1] for s in seqs],
-                                             [proposals[s][2] for s in seqs])
+        if seqs:
+            more, more_lps = self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), seqs)
             sampled.update(more)
             lps.update(more_lps)
         return sampled, lps
@@ -287,9 +292,10 @@ class Engine:
         return [s.cache_salt == "long" for s in seqs]
 
     def _propose(self, seqs: list[Sequence], lookahead: dict[int, int]
-                 ) -> dict[Sequence, tuple[list[int], object, int]]:
-        """Proposals (tokens, q, the KV slots reserved for them) of the speculating rows; a row that proposed
-        nothing loses its lookahead and decodes as a plain row in this step (no verification work for it)."""
+                 ) -> tuple[dict[Sequence, tuple[list[int], object, int]], dict[Sequence, int]]:
+        """Proposals (tokens, q, the KV slots reserved for them) of the speculating rows, and the slots reserved
+        for the rows that proposed nothing: those lose their lookahead and decode as plain rows in this step (no
+        verification work for them)."""
         assert self.drafter is not None  # the scheduler looks ahead only for an engine with a proposer
         room = [lookahead[s.seq_id] for s in seqs]
         drafted, q = self.drafter.propose(seqs, room)
@@ -298,7 +304,8 @@ class Engine:
                 lookahead[s.seq_id] = len(d)
             else:
                 del lookahead[s.seq_id]
-        return {s: (d, qs, r) for s, d, qs, r in zip(seqs, drafted, q, room) if d}
+        return ({s: (d, qs, r) for s, d, qs, r in zip(seqs, drafted, q, room) if d},
+                {s: r for s, d, r in zip(seqs, drafted, room) if not d})
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[dict[int, list[int]], dict]:
         """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG."""
@@ -311,21 +318,25 @@ class Engine:
                    if lp is not None}
         return {s.seq_id: [t] for s, t in zip(seqs, tokens.tolist())}, lps
 
-    def _speculate(self, seqs: list[Sequence], drafted: list[list[int]], q: list,
-                   room: list[int]) -> tuple[dict[int, list[int]], dict]:
-        """Check each row's proposal drafted[b] (drawn from q[b]) in one target forward, keep what the rule keeps.
+    def _speculate(self, seqs: list[Sequence], drafted: list[list[int]], q: list, room: list[int],
+                   riders: list[Sequence], rider_room: list[int]) -> tuple[dict[int, list[int]], dict, torch.Tensor]:
+        """Check each row's proposal drafted[b] (drawn from q[b]) in one target forward, keep what the rule keeps;
+        the same forward gives the plain decoding rows `riders` their next-token logits (returned, (J, V)).
 
         Shorter proposals are padded (with their last token) up to the longest, as far as their reserved slots
         room[b] allow, so that rows of different proposal lengths share one call of the fused step (which feeds
-        every row the same number of tokens). A padding token's keys and values land in a slot past everything
-        its row attends to, which the row's next tokens overwrite, and its logits are never read.
+        every row the same number of tokens); a rider is its last token, padded the same way. A padding token's
+        keys and values land in a slot past everything its row attends to, which the row's next tokens overwrite,
+        and its logits are never read.
         """
         ks = [len(d) for d in drafted]
         longest = max(ks)
         feeds = [s.token_ids[-1:] + d + d[-1:] * (min(longest, r) - len(d)) for s, d, r in zip(seqs, drafted, room)]
-        all_logits = forward.logits(self.model, self.cache, [s.block_table for s in seqs], feeds,  # (B, T, V)
-                                    [s.num_computed_tokens for s in seqs], every_position=True,
-                                    long_rope=self._long_rope(seqs), lora=self._lora(seqs))
+        feeds += [s.token_ids[-1:] * (1 + min(longest, r)) for s, r in zip(riders, rider_room)]
+        rows = seqs + riders
+        all_logits = forward.logits(self.model, self.cache, [s.block_table for s in rows], feeds,  # (B, T, V)
+                                    [s.num_computed_tokens for s in rows], every_position=True,
+                                    long_rope=self._long_rope(rows), lora=self._lora(rows))
         sampled, lps = {}, {}
         for b, s in enumerate(seqs):
             logits = all_logits[b, :ks[b] + 1]  # (k + 1, V): the target after each fed token
@@ -341,7 +352,7 @@ class Engine:
             sampled[s.seq_id] = new
             if s.params.logprobs is not None:
                 lps[s.seq_id] = token_logprobs(logits[:len(new)], torch.tensor(new), [s.params.logprobs] * len(new))
-        return sampled, lps
+        return sampled, lps, all_logits[len(seqs):, 0]
 
     def _outputs(self, advanced: list[Sequence], logprobs: dict) -> list[RequestOutput]:
         """Turn each advanced sequence's new tokens into a RequestOutput; stop strings end sequences here. A
