@@ -88,7 +88,7 @@ def rename_task(func: str, rng: random.Random) -> tuple[str, str] | None:
 
 
 def stdlib_functions(holdout: bool) -> list[str]:
-    from lmforge.data import STDLIB_HOLDOUT, python_stdlib_files
+    from lmforge.corpus import STDLIB_HOLDOUT, python_stdlib_files
 
     root, names = python_stdlib_files()
     chosen = [n for n in names if (n in STDLIB_HOLDOUT) == holdout]
