@@ -37,6 +37,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "tune": "lmforge.train.tune:tune_command",
     "eval": "lmforge.evaluate:eval_command",
     "generate": "lmforge.apps.generate:generate_command",
+    "embed": "lmforge.apps.embed:embed_command",
     "import": "lmforge.apps.convert:import_command",
     "export": "lmforge.apps.convert:export_command",
     "bench": "lmforge.apps.bench:bench_command",

@@ -36,7 +36,8 @@ from lmforge.infer.fused import prepare_for_decoding
 from lmforge.infer.quantize import build_model, check_mode, quantize_model, state_for
 from lmforge.interop.hf import KEPT_FILES, import_hf
 from lmforge.interop.llama2c import read_llama2c_model, tokenizer_beside
-from lmforge.lora import apply_adapter, resolve_adapter_dir
+from lmforge.interop.peft import read_adapter, resolve_adapter_dir
+from lmforge.lora import merge_adapter
 from lmforge.model import Transformer
 from lmforge.templates import JINJA_FILE, TEMPLATE_FILE, ChatTemplate, read_chat_template
 from lmforge.tokenizer import Tokenizer, load_tokenizer
@@ -79,8 +80,8 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, qua
         dtype: "float32", "bfloat16", "float16" (or a torch dtype); None keeps the stored one.
         quantize: "int8" (weight-only, per output channel) or "int4" (GGUF Q4_0's blocks) quantizes float weights
             on load; a model that is already quantized is left as it is.
-        adapter: a LoRA adapter folder (or the fine-tuning run holding one) merged into the weights; its chat
-            template, when it has one, replaces the model's.
+        adapter: a LoRA adapter folder (PEFT's format or lmforge's earlier one, or the fine-tuning run holding
+            one) merged into the weights; its chat template, when it has one, replaces the model's.
         prepare: make decoding fast (lmforge.infer.fused.prepare_for_decoding); False keeps the plain modules
             for code that saves, converts or trains the weights.
         tokenizer: a tokenizer file or folder to use instead of the one found with the model.
@@ -92,7 +93,7 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, qua
     loaded = read(path, tokenizer)
     if adapter is not None:
         log.debug("merging the LoRA adapter %s", adapter)
-        apply_adapter(loaded.model, adapter)
+        merge_adapter(loaded.model, read_adapter(adapter, loaded.model.config))
         folder = resolve_adapter_dir(adapter)
         if read_chat_template(folder) is not None:  # the template the adapter was trained with
             loaded.template_folder = folder

@@ -9,33 +9,26 @@ A starts random (Kaiming uniform, as the paper's reference code) and B at zero, 
 exactly the base model. Only A and B train: r * (in + out) numbers per adapted layer instead of in * out.
 
 Targets are module names relative to a block ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj") or "lm_head"; the
-fused qkv and SwiGLU fc layers are adapted as one matrix each. An adapter folder holds
+fused qkv and SwiGLU fc layers are adapted as one matrix each.
 
-    adapter_model.safetensors   the A and B tensors, named "<module path>.lora_A" / ".lora_B"
-    adapter_config.json         rank, alpha, dropout, targets, and the base it was trained on (path + digest)
-
-and is applied for inference by merging (`lmforge.loader.load(..., adapter=...)`): W += scale * B @ A, after which
-the model is a plain Transformer again (quantization and oneDNN packing then apply as to any model). A base whose
-weights differ from the digest recorded at training time is refused.
+An adapter outside a model is an `Adapter`: per adapted layer (its full module path) the matrices A, B and the
+scale, whatever rank each layer has. lmforge.interop.peft reads and writes adapter folders (PEFT's format, and
+lmforge's earlier one); `merge_adapter` folds an adapter into a model's weights (W += scale * B @ A, after which
+the model is a plain Transformer again: quantization and oneDNN packing then apply as to any model), and
+lmforge.infer.multi_lora serves many adapters beside one unmerged base.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from lmforge.checkpoint import CheckpointError, model_tensors, tensors_digest, write_folder
-from lmforge.fsutil import read_json
+from lmforge.checkpoint import CheckpointError, model_tensors, tensors_digest
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 BLOCK_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 TARGETS = (*BLOCK_TARGETS, "lm_head")
 DEFAULT_TARGETS = list(BLOCK_TARGETS)
@@ -108,15 +101,6 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors: {"<path>.lora_A": A, "<path>.lora_B": B} for every LoRALinear."""
-    out = {}
-    for path, layer in lora_layers(model).items():
-        out[f"{path}.lora_A"] = layer.lora_A.detach().contiguous().cpu()
-        out[f"{path}.lora_B"] = layer.lora_B.detach().contiguous().cpu()
-    return out
-
-
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRALinear into its base weight (W += scale * B @ A) and put the plain nn.Linear back."""
@@ -147,88 +131,92 @@ def base_digest(model: nn.Module) -> str:
     return tensors_digest(model_tensors(model))
 
 
-def save_adapter(folder: str | os.PathLike, model: nn.Module, *, base: str, digest: str,
-                 extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write an adapter folder atomically: the LoRA tensors, adapter_config.json and any extra files."""
-    layers = lora_layers(model)
+@dataclass
+class LoRAWeights:
+    """One adapted layer: y += scale * (x A^T) B^T, A (r, in), B (out, r)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """scale * B @ A (out, in), in float32 at least."""
+        dtype = torch.promote_types(self.A.dtype, torch.float32)
+        return (self.B.to(dtype) @ self.A.to(dtype)) * self.scale
+
+
+@dataclass
+class Adapter:
+    """An adapter apart from any model: its layers by full module path ("blocks.0.attn.qkv", "lm_head")."""
+
+    layers: dict[str, LoRAWeights]
+    base: str | None = None  # the base it was trained on, as its folder recorded it
+    base_digest: str | None = None  # that base's weight digest (lmforge-trained adapters), checked on load
+    source: str = ""  # the folder it was read from, for messages
+
+    def check(self, model: nn.Module, check_base: bool = True) -> None:
+        """CheckpointError unless every layer fits `model` (and, when recorded, the base's digest matches)."""
+        if check_base and self.base_digest is not None and base_digest(model) != self.base_digest:
+            raise CheckpointError(f"adapter {self.source} was trained on a different base model ({self.base}); "
+                                  f"its weights do not match the digest the adapter recorded: load it on that base")
+        modules = dict(model.named_modules())
+        for path, w in self.layers.items():
+            linear = modules.get(path)
+            if linear is None or not hasattr(linear, "in_features"):
+                raise CheckpointError(f"adapter {self.source} adapts {path}, which this model (a "
+                                      f"{len(model.blocks)}-layer {model.config.name}) does not have")
+            if w.A.shape != (w.rank, linear.in_features) or w.B.shape != (linear.out_features, w.rank):
+                raise CheckpointError(f"adapter {self.source}: {path} has A {tuple(w.A.shape)}, B {tuple(w.B.shape)}; "
+                                      f"the model's layer is {linear.out_features} x {linear.in_features}")
+
+
+def adapter_of(model: nn.Module) -> Adapter:
+    """The LoRALinear layers of a model being trained, as an Adapter (tensors copied to the CPU)."""
+    layers = {path: LoRAWeights(m.lora_A.detach().cpu().clone(), m.lora_B.detach().cpu().clone(), m.scale)
+              for path, m in lora_layers(model).items()}
     if not layers:
-        raise ValueError("the model has no LoRA layers to save")
-    first = next(iter(layers.values()))
-    targets = sorted({p.split(".", 2)[-1] if p.startswith("blocks.") else p for p in layers})
-    config = {"method": "lora", "base": str(base), "base_digest": digest, "rank": first.rank,
-              "alpha": first.alpha, "dropout": getattr(first.dropout, "p", 0.0), "targets": targets}
-    tensors = lora_tensors(model)
-
-    def write(tmp: Path) -> None:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt", "lmforge_sha256": tensors_digest(tensors)})
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-
-    return write_folder(folder, write)
+        raise ValueError("the model has no LoRA layers")
+    return Adapter(layers)
 
 
-def resolve_adapter_dir(path: str | os.PathLike) -> Path:
-    """An adapter folder, or a fine-tuning run folder holding one in adapter/."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"adapter not found: {path}")
-    for folder in (path, path / "adapter"):
-        if (folder / ADAPTER_CONFIG).is_file():
-            return folder
-    raise CheckpointError(f"{path} holds no {ADAPTER_CONFIG}: not a LoRA adapter folder (make one with "
-                          f"`lmforge finetune BASE --method lora --out DIR`)")
+def attach_adapter(model: nn.Module, adapter: Adapter, *, check_base: bool = True) -> list[str]:
+    """Wrap the adapter's layers of `model` in LoRALinear holding its weights (unmerged); return their paths."""
+    adapter.check(model, check_base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path, w in adapter.layers.items():
+        parent, name = _parent(model, path)
+        linear = getattr(parent, name)
+        if type(linear) is not nn.Linear:
+            raise CheckpointError(f"{path} is a {type(linear).__name__}, not a float nn.Linear: load the float model")
+        if path == "lm_head" and linear.weight is model.tok_emb.weight:
+            linear.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        layer = LoRALinear(linear, w.rank, w.scale * w.rank)
+        with torch.no_grad():
+            layer.lora_A.copy_(w.A)
+            layer.lora_B.copy_(w.B)
+        setattr(parent, name, layer)
+    return list(adapter.layers)
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config, tensors) of an adapter folder, checked for completeness and integrity."""
-    folder = resolve_adapter_dir(path)
-    config = read_json(folder / ADAPTER_CONFIG, "adapter config", CheckpointError)
-    missing = [k for k in ("rank", "alpha", "targets", "base_digest") if k not in config]
-    if missing:
-        raise CheckpointError(f"{folder / ADAPTER_CONFIG} lacks {', '.join(missing)}")
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"adapter weights missing: {weights}")
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{weights} is not a readable safetensors file ({e}); it may be truncated") from None
-    return config, tensors
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> list[str]:
-    """Wrap `model`'s target layers in LoRALinear and load the adapter at `path` into them; return the paths.
-
-    The model must be the base the adapter was trained on: its weight digest is compared with the one recorded.
-    """
-    config, tensors = read_adapter(path)
-    if check_base and base_digest(model) != config["base_digest"]:
-        raise CheckpointError(f"adapter {path} was trained on a different base model ({config.get('base')}); "
-                              f"its weights do not match the digest recorded in {ADAPTER_CONFIG}: load it on "
-                              f"that base")
-    paths = add_lora(model, int(config["rank"]), float(config["alpha"]), 0.0, list(config["targets"]))
-    layers = lora_layers(model)
-    expected = {f"{p}.lora_{m}" for p in paths for m in "AB"}
-    if set(tensors) != expected:
-        raise CheckpointError(f"adapter {path}: tensors {sorted(set(tensors) ^ expected)[:4]} do not match its "
-                              f"config (targets {config['targets']}, {len(model.blocks)} layers)")
-    with torch.no_grad():
-        for p in paths:
-            for m in "AB":
-                param = getattr(layers[p], f"lora_{m}")
-                t = tensors[f"{p}.lora_{m}"]
-                if t.shape != param.shape:
-                    raise CheckpointError(f"adapter {path}: {p}.lora_{m} has shape {tuple(t.shape)}, the model "
-                                          f"expects {tuple(param.shape)}")
-                param.copy_(t)
-    return paths
-
-
-def apply_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load the adapter onto its base model and merge it into the weights (the inference path); returns model."""
-    load_adapter(model, path)
-    merge_lora(model)
+@torch.no_grad()
+def merge_adapter(model: nn.Module, adapter: Adapter, *, check_base: bool = True) -> nn.Module:
+    """Fold the adapter into `model`'s weights (W += scale * B @ A) in place: the inference path; returns model."""
+    adapter.check(model, check_base)
+    for path, w in adapter.layers.items():
+        parent, name = _parent(model, path)
+        linear = getattr(parent, name)
+        if type(linear) is not nn.Linear:
+            raise CheckpointError(f"{path} is a {type(linear).__name__}, not a float nn.Linear: merge the adapter "
+                                  f"into the float model, then quantize")
+        if path == "lm_head" and linear.weight is model.tok_emb.weight:
+            linear.weight = nn.Parameter(linear.weight.detach().clone())
+        linear.weight += w.delta().to(linear.weight.dtype)
+    untie_config(model)
     return model.eval()
 
 

@@ -11,6 +11,14 @@ here as there. Rendering always asks for the assistant's turn (`add_generation_p
 Models without a template get one of two defaults: ChatML (`<|im_start|>role\\ncontent<|im_end|>\\n`) when the
 tokenizer has `<|im_start|>`/`<|im_end|>` as tokens, else plain text ("User: ...\\nAssistant:"), which a small
 model trained on prose continues sensibly and which needs no special tokens.
+
+Tools (OpenAI's function tools, `render(messages, tools)`) reach a model's own template as `tools=`, the way
+Hugging Face templates take them, with assistant `tool_calls` and "tool" messages as they come. The defaults
+have no place for tools, so they get lmforge's tool format, written into the messages (`lmforge_tool_messages`):
+the system message lists the tools, one JSON object a line inside <tools></tools>, and says to answer a call as
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the Hermes / Qwen syntax, which
+lmforge.serve.tools parses); an assistant turn's calls are written that way after its text, and a tool's result
+is a "tool" turn holding it.
 """
 
 from __future__ import annotations
@@ -129,12 +137,49 @@ class ChatTemplate:
         source = read_chat_template(folder) if folder is not None else None
         return cls(source if source is not None else default_template(tokenizer), tokenizer)
 
-    def render(self, messages: list[dict]) -> str:
-        """Prompt text for `messages` ([{"role", "content"}, ...]) ending where the assistant's reply starts."""
+    @property
+    def is_default(self) -> bool:
+        """Whether this is one of lmforge's defaults (which write tools in lmforge's format)."""
+        return self.source in (CHATML_TEMPLATE, PLAIN_TEMPLATE)
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """Prompt text for `messages` ([{"role", "content"}, ...]; assistant messages may carry "tool_calls",
+        "tool" messages answer one) ending where the assistant's reply starts; `tools` as OpenAI gives them."""
+        if self.is_default and (tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)):
+            messages, tools = lmforge_tool_messages(messages, tools), None
+        extra = {"tools": tools} if tools else {}
         try:
             return self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
-                                        eos_token=self.eos_token)
+                                        eos_token=self.eos_token, **extra)
         except ChatTemplateError:
             raise
         except TemplateError as e:
             raise ChatTemplateError(f"the model's chat template failed on these messages: {e}") from e
+
+
+TOOLS_PROMPT = ("# Tools\n\nYou may call one or more of these functions to help with the user's request:\n"
+                "<tools>\n{tools}\n</tools>\n\nTo call a function, answer with one line per call:\n"
+                '<tool_call>{{"name": <function name>, "arguments": <arguments as a JSON object>}}</tool_call>')
+
+
+def tool_call_text(name: str, arguments) -> str:
+    """One call in lmforge's tool format."""
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "</tool_call>"
+
+
+def lmforge_tool_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """Messages with the tools, the calls and their results written as text in lmforge's tool format (see the
+    module docstring), for templates that have no place for them."""
+    out = [dict(m) for m in messages]
+    if tools:
+        listing = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if out and out[0].get("role") == "system":
+            out[0]["content"] = f"{out[0].get('content') or ''}\n\n{listing}".lstrip()
+        else:
+            out.insert(0, {"role": "system", "content": listing})
+    for m in out:
+        calls = m.pop("tool_calls", None) or []
+        lines = [tool_call_text(c["function"]["name"], c["function"].get("arguments", {})) for c in calls]
+        if lines:
+            m["content"] = "\n".join(([m["content"]] if m.get("content") else []) + lines)
+    return out

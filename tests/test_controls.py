@@ -339,7 +339,7 @@ def test_unsupported_combinations_are_refused(tmp_path):
 
     controls = tmp_path / "c.txt"
     controls.write_text("ban: cat\n")
-    with pytest.raises(ControlsError, match="not with --draft or --beam-width"):
+    with pytest.raises(ControlsError, match="not with --draft, --speculative or --beam-width"):
         generate_command("gpt2", prompt="x", beam_width=2, controls=str(controls))
     with pytest.raises(ChatError, match="lmforge serve --controls FILE"):
         chat_command(url="http://127.0.0.1:9", controls=str(controls))

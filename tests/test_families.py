@@ -481,6 +481,36 @@ def test_engine_serves_concurrent_requests_as_transformers_generates(built):
     assert engine.block_manager.num_used_blocks == 0
 
 
+def test_engine_serves_base_and_three_lora_adapters_in_one_batch_as_their_merged_models(built):
+    """Rows of the base and of three adapters (different ranks and targets, one on the output head) decode together
+    through the fused step, around each family's q/k norms, sandwich norms, windows and soft-caps; each row gives
+    the tokens and logprobs of the model with its own adapter merged, run through the model's own forward."""
+    from lmforge.engine.engine import Engine
+    from lmforge.infer.multi_lora import AdapterBank
+    from lmforge.lora import merge_adapter
+    from tests.test_multi_lora import ADAPTERS, random_adapter
+
+    model, _ = load_any(built.folder)
+    served = prepare_for_decoding(copy.deepcopy(model))
+    bank = AdapterBank(served)
+    adapters = {n: random_adapter(model, seed, rank, targets, scale=0.2)
+                for n, (seed, rank, targets) in ADAPTERS.items()}
+    for n, adapter in adapters.items():
+        bank.add(n, adapter)
+    names = [None, "a", "b", "c", "b"]
+    prompts = PROMPTS + [TOKENS[0, 3:19].tolist(), TOKENS[1, 2:9].tolist()]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=1)
+    engine = Engine(served, block_size=4, max_num_batched_tokens=16, max_num_seqs=5, adapters=bank)
+    assert engine.fused is not None
+    got = engine.generate(prompts, params, adapters=names)
+    for prompt, n, c in zip(prompts, names, got):
+        merged = merge_adapter(copy.deepcopy(model), adapters[n], check_base=False) if n else model
+        want = Engine(merged, block_size=4).generate([prompt], params)[0]
+        assert c.tokens == want.tokens, n
+        torch.testing.assert_close(torch.tensor([lp.logprob for lp in c.logprobs]),
+                                   torch.tensor([lp.logprob for lp in want.logprobs]), atol=1e-4, rtol=0)
+
+
 def test_export_loads_in_transformers_with_equal_logits(built, tmp_path):
     model, tok = load_any(built.folder)
     export_command(str(built.folder), str(tmp_path / "back"))
@@ -570,7 +600,8 @@ def test_lora_and_full_fine_tuning_learn_a_chat_in_the_familys_template(built, t
     """Both methods lower the held-out loss of a small chat set rendered with the family's own template; the LoRA
     adapter applied to the base gives the merged model's logits."""
     from lmforge.apps.finetune import FinetuneConfig, finetune_command
-    from lmforge.lora import apply_adapter
+    from lmforge.interop.peft import read_adapter
+    from lmforge.lora import merge_adapter
 
     turns = [
         ("hello there", "hi, how are you?"),
@@ -611,7 +642,8 @@ def test_lora_and_full_fine_tuning_learn_a_chat_in_the_familys_template(built, t
         assert losses[-1] < losses[0], (method, losses)
         runs[method] = out
     merged, _ = load_any(runs["lora"] / "best")
-    adapted = apply_adapter(load_any(built.folder)[0], runs["lora"] / "adapter")
+    base = load_any(built.folder)[0]
+    adapted = merge_adapter(base, read_adapter(runs["lora"] / "adapter", base.config))
     with torch.no_grad():
         torch.testing.assert_close(adapted(TOKENS), merged(TOKENS), rtol=1e-4, atol=1e-4)
 

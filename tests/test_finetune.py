@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.apps.finetune import collate, evaluate_examples, masked_loss
-from lmforge.loader import load
 from lmforge.apps.sft import DataError, Example, chat_example, read_examples
 from lmforge.checkpoint import load_model, save_model
 from lmforge.cli import main
 from lmforge.config import ModelConfig
+from lmforge.loader import load
 from lmforge.model import Transformer
 from lmforge.templates import CHATML_TEMPLATE, PLAIN_TEMPLATE, ChatTemplate
 from lmforge.tokenizer import train_tokenizer
@@ -142,7 +142,8 @@ def test_finetune_cli_full_and_lora_end_to_end(base, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["method"] == "lora" and summary["model_dir"] is None and summary["trainable_fraction"] < 0.1
     adapter = json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())
-    assert adapter["rank"] == 2 and adapter["targets"] == ["attn.qkv", "mlp.fc"] and adapter["base"] == str(base)
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 2 and adapter["base_model_name_or_path"] == str(base)
+    assert adapter["target_modules"] == ["attn.c_attn", "mlp.c_fc"]  # PEFT's names in the exported GPT-2
     assert load(base, adapter=tmp_path / "lora", prepare=False).template_folder == tmp_path / "lora" / "adapter"
     from lmforge.serve.chat import LocalBackend
 
@@ -200,4 +201,4 @@ def test_an_earlier_run_is_kept_unless_overwritten_and_the_settings_are_saved(ba
     assert main(["finetune", "--config", str(tmp_path / "run" / "finetune.yaml"), "--lora-rank", "4",
                  "--overwrite"]) == 0  # the saved settings, one changed
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
-    assert saved["rank"] == 4 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iters"] == 2
+    assert saved["r"] == 4 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iters"] == 2

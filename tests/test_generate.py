@@ -269,6 +269,11 @@ def test_generate_command_draft_and_quantize(model, tok, tmp_path, capsys):
     assert main(argv + ["--draft", str(tmp_path / "m")]) == 0
     captured = capsys.readouterr()
     assert captured.out == plain and "acceptance_rate" in captured.err
+    assert main(argv + ["--speculative", "ngram", "--num-speculative-tokens", "3"]) == 0  # prompt lookup
+    captured = capsys.readouterr()
+    assert captured.out == plain and "acceptance_rate" in captured.err
+    assert main(argv + ["--speculative", "ngram", "--draft", str(tmp_path / "m")]) == 1
+    assert "--speculative" in capsys.readouterr().err
     for mode in ("int8", "int4"):
         assert main(argv + ["--quantize", mode]) == 0
         assert capsys.readouterr().out.strip()

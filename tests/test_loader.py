@@ -17,6 +17,7 @@ from lmforge.infer.generate import generate
 from lmforge.infer.quantize import Int8Linear
 from lmforge.infer.sampling import SamplingParams
 from lmforge.interop.llama2c import read_llama2c_model
+from lmforge.interop.peft import save_adapter
 from lmforge.loader import load, read
 from lmforge.model import Transformer
 from lmforge.tokenizer import BPETokenizer
@@ -131,7 +132,7 @@ def test_an_adapter_merges_and_brings_its_chat_template(folder, tmp_path):
         for layer in lora.lora_layers(adapted).values():
             layer.lora_B.normal_(0, 0.1)
     own = {"chat_template": "{% for m in messages %}[{{ m.content }}]{% endfor %}"}
-    lora.save_adapter(tmp_path / "adapter", adapted, base=str(path), digest=digest,
+    save_adapter(tmp_path / "adapter", adapted, base=str(path), digest=digest,
                       extra_files={"tokenizer_config.json": json.dumps(own).encode()})
     loaded = load(path, adapter=tmp_path / "adapter", prepare=False)
     torch.testing.assert_close(logits(loaded.model), logits(adapted), atol=1e-5, rtol=1e-5)  # merged == unmerged

@@ -11,6 +11,7 @@ from lmforge.apps.finetune import FinetuneConfig, collate, finetune, masked_loss
 from lmforge.apps.sft import Example
 from lmforge.checkpoint import CheckpointError, load_model, save_model
 from lmforge.config import ModelConfig
+from lmforge.interop import peft
 from lmforge.loader import load
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
@@ -127,12 +128,12 @@ def test_adapter_round_trips_through_the_loader(base_folder, tmp_path):
     folder, tok = base_folder
     summary = train_adapter(base_folder, tmp_path / "run", merge=True)
     adapter = tmp_path / "run" / "adapter"
-    assert (adapter / lora.ADAPTER_WEIGHTS).is_file() and (adapter / lora.ADAPTER_CONFIG).is_file()
+    assert (adapter / peft.ADAPTER_WEIGHTS).is_file() and (adapter / peft.ADAPTER_CONFIG).is_file()
     assert summary["trainable_fraction"] < 0.2 and summary["adapter_dir"] == str(adapter)
 
     # independent path: the base in memory, adapter read back from disk and kept unmerged
     reference, _ = load_model(folder)
-    lora.load_adapter(reference, tmp_path / "run")  # a run folder resolves to its adapter/
+    lora.attach_adapter(reference, peft.read_adapter(tmp_path / "run", reference.config))  # a run: its adapter/
     assert float(sum(layer.lora_B.detach().abs().sum() for layer in lora.lora_layers(reference).values())) > 0
     x = torch.as_tensor([tok.encode("the cat sat on the mat")])
     with torch.no_grad():

@@ -4,7 +4,7 @@
 token ids + a mask of the tokens whose prediction is trained), trains, and writes a run folder:
 
     OUT/best/              full fine-tuning, or LoRA with merge: the model folder with the best validation loss
-    OUT/adapter/           LoRA: the adapter folder (lmforge.lora) with the best validation loss
+    OUT/adapter/           LoRA: the adapter folder (PEFT's format, lmforge.interop.peft) with the best validation loss
     OUT/metrics.jsonl      one line per logged iteration (iter, loss, lr) and per evaluation (iter, val_loss)
     OUT/loss.png, OUT/finetune.yaml (the settings, which `--config` reads back), OUT/summary.json
 
@@ -37,6 +37,7 @@ from lmforge.apps.sft import Example, read_examples
 from lmforge.checkpoint import save_model
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_write_text
+from lmforge.interop.peft import save_adapter
 from lmforge.settings import check_choices, write_config
 from lmforge.templates import JINJA_FILE
 from lmforge.train.loop import Loop, budget_steps, claim_run_folder, prepare_run_folder, stop_on_signals
@@ -341,8 +342,8 @@ def finetune(config: FinetuneConfig, train_examples: list[Example] | None = None
     adapter_dir = model_dir = None
     tok_config = {TOKENIZER_CONFIG: tokenizer_config(extras, template)}
     if config.method == "lora":
-        adapter_dir = lora.save_adapter(out / "adapter", model, base=str(config.base), digest=digest,
-                                        extra_files=tok_config)
+        adapter_dir = save_adapter(out / "adapter", model, base=str(config.base), digest=digest,
+                                   extra_files=tok_config)
         if config.merge:
             lora.merge_lora(model)
             model_dir = save_model(out / "best", model, tok, extra_files={**extras, **tok_config})

@@ -1,7 +1,7 @@
 """The `lmforge generate` verb: prompts from the command line or a file, outputs printed as they come.
 
 The decoding itself is lmforge.infer.generate (sampling, streaming, beam search) and lmforge.infer.speculative
-(with --draft); the model comes from lmforge.loader.
+(with --draft, or --speculative ngram); the model comes from lmforge.loader.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def generate_command(model: str, prompt: str = "", max_tokens: int = 200, temper
                      logprobs: int | None = None, batch_file: str | None = None, stream: bool = True,
                      beam_width: int = 0, length_penalty: float = 1.0, tokenizer: str | None = None,
                      dtype: Literal["float32", "bfloat16"] = "float32", quantize: Literal["int8", "int4"] | None = None,
-                     draft: str | None = None, num_speculative_tokens: int = 4, adapter: str | None = None,
+                     draft: str | None = None, speculative: Literal["ngram"] | None = None,
+                     num_speculative_tokens: int = 4, adapter: str | None = None,
                      controls: str | None = None) -> int:
     """Generate text from a model folder, a Hugging Face folder or a llama2.c file, streaming it as it comes.
 
@@ -83,7 +84,9 @@ def generate_command(model: str, prompt: str = "", max_tokens: int = 200, temper
         dtype: weights and activations dtype.
         quantize: quantize the weights on load: int8 (per-channel scales) or int4 (GGUF Q4_0's 32-value blocks).
         draft: a smaller model sharing the tokenizer: speculative decoding (one prompt, one sample at a time).
-        num_speculative_tokens: tokens the draft proposes per target forward.
+        speculative: "ngram": speculative decoding by prompt lookup, no draft model (proposals copy what followed
+            the last few tokens earlier in the prompt or output; fast where the output repeats the input).
+        num_speculative_tokens: tokens the draft proposes per target forward (prompt lookup: at most).
         adapter: a LoRA adapter folder (from `lmforge finetune --method lora`) merged into the model on load.
         controls: banned phrases and word logit biases (JSON or text file, see lmforge.infer.controls); how often
             each fired is printed to stderr as a JSON line.
@@ -92,8 +95,9 @@ def generate_command(model: str, prompt: str = "", max_tokens: int = 200, temper
     if controls is not None:
         from lmforge.infer.controls import Controls, ControlsError, load_controls
 
-        if draft is not None or beam_width > 0:
-            raise ControlsError("--controls works with sampling and greedy decoding, not with --draft or --beam-width")
+        if draft is not None or speculative is not None or beam_width > 0:
+            raise ControlsError("--controls works with sampling and greedy decoding, not with --draft, --speculative "
+                                "or --beam-width")
         spec = load_controls(controls)
     loaded = load(model, dtype=dtype, quantize=quantize, adapter=adapter, tokenizer=tokenizer)
     net, tok = loaded.model, loaded.tokenizer
@@ -112,12 +116,16 @@ def generate_command(model: str, prompt: str = "", max_tokens: int = 200, temper
     else:
         texts = [prompt]
     prompts = [prompt_tokens(tok, t) for t in texts]
-    if draft is not None:
-        from lmforge.infer.speculative import speculative_generate
+    if draft is not None or speculative is not None:
+        from lmforge.infer.speculative import NgramIndex, SpeculativeError, speculative_generate
 
-        draft_net = load(draft, dtype=dtype, quantize=quantize, tokenizer=tokenizer).model
+        if draft is not None and speculative is not None:
+            raise SpeculativeError("--draft and --speculative ngram are two ways to draft: give one",
+                                   param="speculative")
+        draft_net = load(draft, dtype=dtype, quantize=quantize, tokenizer=tokenizer).model if draft else None
         for prompt_ids in prompts:
-            tokens, stats = speculative_generate(net, draft_net, prompt_ids, params, k=num_speculative_tokens,
+            proposer = draft_net if draft_net is not None else NgramIndex()
+            tokens, stats = speculative_generate(net, proposer, prompt_ids, params, k=num_speculative_tokens,
                                                  eos_id=None if params.ignore_eos else end_tokens(tok))
             print(continuation_text(tok, prompt_ids, tokens) if tok is not None else tokens, flush=True)
             print(json.dumps({"acceptance_rate": round(stats["acceptance_rate"], 3),

@@ -21,7 +21,7 @@ Sequences are any objects with `token_ids`, `block_table`, `num_computed_tokens`
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Hashable, Sequence
 
 RELEASED = -1  # a block table entry whose block went back to the pool: its slots are behind every layer's window
 
@@ -77,19 +77,20 @@ class BlockManager:
 
     # ---- prefix cache --------------------------------------------------------------------------
     @staticmethod
-    def root(salt: str | None) -> int | None:
-        """The parent of a sequence's first block: none, or its salt's hash (its keys computed another way)."""
+    def root(salt: Hashable | None) -> int | None:
+        """The parent of a sequence's first block: none, or its salt's hash (its keys computed another way:
+        LongRoPE's long factors, a LoRA adapter's products; `Sequence.prefix_salt`)."""
         return None if salt is None else hash(salt)
 
     @staticmethod
     def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
         return hash((parent, token_ids))
 
-    def match_prefix(self, token_ids: Sequence[int], salt: str | None = None) -> list[int]:
-        """Block ids of the longest cached prefix of `token_ids`, in full blocks.
+    def match_prefix(self, token_ids: Sequence[int], salt: Hashable | None = None) -> list[int]:
+        """Block ids of the longest cached prefix of `token_ids` (computed under `salt`), in full blocks.
 
         At least one token is always left uncovered: its logits are what the next step samples from. `salt`
-        starts the hash chain: blocks computed another way (LongRoPE's long factors) are other blocks.
+        starts the hash chain: blocks computed another way (LongRoPE's long factors, an adapter) are other blocks.
         """
         bs, parent, hits = self.block_size, self.root(salt), []
         for i in range((len(token_ids) - 1) // bs):
@@ -105,7 +106,7 @@ class BlockManager:
         """Name every block of `seq` that is now full and computed, so later requests can find it."""
         bs, table = self.block_size, seq.block_table
         for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // bs):
-            parent = self.blocks[table[i - 1]].hash if i else self.root(getattr(seq, "cache_salt", None))
+            parent = self.blocks[table[i - 1]].hash if i else self.root(getattr(seq, "prefix_salt", None))
             chunk = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             block = self.blocks[table[i]]
             block.hash, block.token_ids = self.chain_hash(parent, chunk), chunk

@@ -12,11 +12,13 @@ chunk x rows of compute; one forward per chunk instead was 5.6x slower than one 
 lmforge.engine.forward: decoding rows, draft steps and speculative checks take the fused step where the model has
 one.
 
-Speculative decoding (a `draft` model): the draft (lmforge.engine.drafter) proposes up to k tokens for every
-decoding row, the target checks all of them in one forward over [last token, drafts] per row, and
-lmforge.infer.speculative's accept/reject rule keeps a prefix and adds one token of the target's, so each row
-gains 1 to k + 1 tokens per step with the target's distribution (greedy: exactly plain greedy's tokens). Rows
-whose request asks for logprobs get them from the target's logits at each kept token.
+Speculative decoding (a `draft` model, or `speculative="ngram"`: prompt lookup): the proposer
+(lmforge.engine.drafter) proposes up to k tokens for every decoding row, the target checks all of them in one
+forward over [last token, drafts] per row, and lmforge.infer.speculative's accept/reject rule keeps a prefix and
+adds one token of the target's, so each row gains 1 to k + 1 tokens per step with the target's distribution
+(greedy: exactly plain greedy's tokens). A row with no proposal (prompt lookup found no match) joins the plain
+decoding rows: it costs what an ordinary decode costs. Rows whose request asks for logprobs get them from the
+target's logits at each kept token.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ import torch
 
 from lmforge.engine import forward
 from lmforge.engine.block_manager import BlockManager
-from lmforge.engine.drafter import Drafter
+from lmforge.engine.drafter import Drafter, NgramProposer
 from lmforge.engine.paged_cache import PagedKVCache
 from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.engine.sequence import RequestOutput, Sequence
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import Completion, check_prompt, end_tokens, per_prompt_params
+from lmforge.infer.multi_lora import AdapterBank, AdapterError, LoRABatch
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
-from lmforge.infer.speculative import accept_greedy, accept_reject, processed, token_probs
+from lmforge.infer.speculative import SpeculativeError, accept_greedy, accept_reject, processed, token_probs
 from lmforge.rope import long_rope_switch
 
 log = logging.getLogger("lmforge.engine")
@@ -64,16 +67,25 @@ class Engine:
         max_num_batched_tokens: the per-step token budget (decodes take 1, prompts are chunked to fit).
         eos_id: the end-of-sequence token (or tokens) without a tokenizer (or to override its).
         draft: a smaller model sharing the tokenizer: speculative decoding of every decoding row.
-        num_speculative_tokens: tokens the draft proposes per row and step.
+        speculative: "ngram" drafts by prompt lookup (no draft model); None: speculate with `draft` if given.
+        num_speculative_tokens: tokens the draft (or prompt lookup, at most) proposes per row and step.
+        prompt_lookup_min, prompt_lookup_max: the n-gram sizes prompt lookup matches, longest first.
         kv_dtype: the KV pool's dtype (default: the model's). float16 under a float32 model holds twice the tokens
             in the same memory and halves what attention reads (lmforge.engine.paged_cache); the fused step
             reads it too.
+        adapters: LoRA adapters served beside the unmerged model (lmforge.infer.multi_lora.AdapterBank on this
+            model): a request names one (`adapter=`), and rows of different adapters share every step.
     """
 
     def __init__(self, model, tokenizer=None, *, num_blocks: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 256, eos_id: int | Seq[int] | None = None,
-                 draft=None, num_speculative_tokens: int = 4, kv_dtype: torch.dtype | None = None):
+                 draft=None, speculative: str | None = None, num_speculative_tokens: int = 4,
+                 prompt_lookup_min: int = 2, prompt_lookup_max: int = 4, kv_dtype: torch.dtype | None = None,
+                 adapters: AdapterBank | None = None):
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
+        if adapters is not None and adapters.model is not model:
+            raise AdapterError("the adapter bank was made for another model: make it with AdapterBank(model)")
+        self.adapters = adapters
         p = next(model.parameters())
         self.device = p.device
         if num_blocks is None:
@@ -82,13 +94,18 @@ class Engine:
         fused = getattr(model, "fused_decoder", None)  # lmforge.infer.fused: what short feeds take (engine.forward)
         self.fused = fused if fused is not None and fused.accepts(self.cache) else None
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.drafter = None if draft is None else Drafter(draft, self.config, num_blocks, block_size,
-                                                          num_speculative_tokens)
+        if speculative not in (None, "ngram") or (speculative == "ngram" and draft is not None):
+            raise SpeculativeError(f"speculative={speculative!r}: choose 'ngram' (prompt lookup, no draft model) or "
+                                   f"None (speculate with the draft model, when one is given)")
+        self.drafter = (NgramProposer(self.config.vocab_size, num_speculative_tokens, prompt_lookup_min,
+                                      prompt_lookup_max) if speculative == "ngram"
+                        else Drafter(draft, self.config, num_blocks, block_size, num_speculative_tokens)
+                        if draft is not None else None)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
-                                   num_speculative_tokens if draft is not None else 0,
+                                   num_speculative_tokens if self.drafter is not None else 0,
                                    recompute_at=long_rope_switch(self.config),
                                    window=self.config.sliding_window if self.config.all_windowed and draft is None
-                                   else None)  # a draft reads the same blocks without a window
+                                   else None)  # a draft model reads the same blocks without a window
         self.eos_ids = end_tokens(tokenizer, eos_id)
         # Whether step() decodes text and finds stop strings itself; a consumer that does both off the engine's
         # thread (lmforge.engine.loop's streams) turns it off and ends sequences by their stop strings with `stop`.
@@ -101,10 +118,12 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------------------
     def make_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
-                     request_id: str | None = None) -> list[Sequence]:
-        """Check a request and build its sequences (n per prompt), without queueing them."""
+                     request_id: str | None = None, adapter: str | None = None) -> list[Sequence]:
+        """Check a request and build its sequences (n per prompt), without queueing them. `adapter` names a LoRA
+        adapter of `self.adapters` (None: the base model)."""
         params = params if params is not None else SamplingParams()
         prompt = check_prompt(prompt_ids, params, self.config, has_tokenizer=self.tokenizer is not None)
+        salt = self._check_adapter(adapter)
         need = len(prompt) + params.max_tokens - 1  # positions fed to the model
         if self.block_manager.blocks_needed(need) > self.block_manager.num_blocks:
             raise RequestError(f"the request needs {self.block_manager.blocks_needed(need)} KV blocks but the pool "
@@ -115,13 +134,40 @@ class Engine:
             raise RequestError(f"request id {request_id!r} is already in use")
         seqs = []
         for i in range(params.n):
-            seq = Sequence(request_id, prompt, params, i, self.eos_ids)
+            seq = Sequence(request_id, prompt, params, i, self.eos_ids, adapter, salt)
             seq.generator = None if params.greedy else make_generator(params.seed, i, self.device)
             seq.stops = StopStrings(params.stop) if self.tokenizer is not None else None
             seqs.append(seq)
         return seqs
 
+    def _check_adapter(self, name: str | None) -> int | None:
+        """The prefix-cache salt of a loaded adapter (None for the base); AdapterError names an unknown one."""
+        if name is None:
+            return None
+        if self.adapters is None or name not in self.adapters.adapters:
+            loaded = ", ".join(self.adapters.adapters) if self.adapters is not None else ""
+            raise AdapterError(f"no LoRA adapter named {name!r} is loaded" + (f" (loaded: {loaded})" if loaded else ""),
+                               param="adapter")
+        return self.adapters.ids[name]
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving an adapter; refused while a request uses it (between steps: the engine loop's thread)."""
+        users = sum(1 for seqs in self.requests.values() for s in seqs if s.adapter == name and not s.finished)
+        if users:
+            raise AdapterError(f"adapter {name!r} is in use by {users} running request(s); unload it when they end",
+                               param="name")
+        if self.adapters is None:
+            raise AdapterError(f"no LoRA adapter named {name!r} is loaded", param="name")
+        self.adapters.remove(name)
+
+    def _lora(self, seqs) -> LoRABatch | None:
+        """Each row's adapter for a forward over `seqs` (None when all are the base)."""
+        return self.adapters.batch([s.adapter for s in seqs]) if self.adapters is not None else None
+
     def enqueue(self, seqs: list[Sequence]) -> str:
+        if seqs[0].adapter_salt != self._check_adapter(seqs[0].adapter):  # unloaded (and maybe reloaded) meanwhile
+            raise AdapterError(f"adapter {seqs[0].adapter!r} was unloaded after the request was made",
+                               param="adapter")
         self.requests[seqs[0].request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -129,9 +175,9 @@ class Engine:
         return seqs[0].request_id
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, adapter: str | None = None) -> str:
         """Queue a prompt; it joins the running batch at the next step with room. Returns its request id."""
-        return self.enqueue(self.make_request(prompt_ids, params, request_id))
+        return self.enqueue(self.make_request(prompt_ids, params, request_id, adapter))
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Stop a request now and free its KV blocks; returns the final output of each of its live sequences."""
@@ -192,7 +238,6 @@ class Engine:
         failure (request id -> exception), the others' tokens stand. Their RNG is first rewound to where the
         step began, so a seeded request draws the same tokens as if it had not shared a step with the failure."""
         rngs = [(s.generator, s.generator.get_state()) for s, _ in out.scheduled if s.generator is not None]
-        self.counters["computed_tokens"] += out.num_batched_tokens
         self.counters["steps"] += 1
         try:
             return *self._execute(out), {}
@@ -217,31 +262,41 @@ class Engine:
 
     def _execute(self, out: SchedulerOutput) -> tuple[dict[int, list[int]], dict]:
         """Run the model over the scheduled rows; choose the next token(s) of each row that caught up."""
-        speculative, decodes, prefills = [], [], []
-        for s, n in out.scheduled:
-            (speculative if s.seq_id in out.lookahead else decodes if n == 1 else prefills).append((s, n))
+        speculative = [(s, n) for s, n in out.scheduled if s.seq_id in out.lookahead]
+        proposals, spare = self._propose([s for s, _ in speculative], out.lookahead) if speculative else ({}, {})
+        self.counters["computed_tokens"] += out.num_batched_tokens  # lookahead now: the tokens proposed
+        decodes = [(s, n) for s, n in out.scheduled if n == 1 and s.seq_id not in out.lookahead]
+        prefills = [(s, n) for s, n in out.scheduled if n > 1]
         if self.drafter is not None:
             self.drafter.mirror(decodes + prefills)
+        logits, seqs, sampled, lps = [], [], {}, {}
+        if proposals:  # decoding rows with slots to spare ride along in the proposals' check: one call, not two
+            riders = [s for s, _ in decodes if s in spare]
+            decodes = [(s, n) for s, n in decodes if s not in spare]
+            checked = list(proposals)
+            sampled, lps, rider_logits = self._speculate(
+                checked, [proposals[s][0] for s in checked], [proposals[s][1] for s in checked],
+                [proposals[s][2] for s in checked], riders, [spare[s] for s in riders])
+            logits, seqs = ([rider_logits], riders) if riders else ([], [])
         groups = [g for g in (decodes, prefills) if g]
-        logits, seqs = [], []
         for group in groups:
             pick = [b for b, (s, n) in enumerate(group) if out.samples(s, n)]
             tables = [s.block_table for s, _ in group]
             starts = [s.num_computed_tokens for s, _ in group]
             feeds = [s.token_ids[a:a + n] for (s, n), a in zip(group, starts)]
             long = self._long_rope([s for s, _ in group])
+            lora = self._lora([s for s, _ in group])
             if group is decodes:  # one token a row: the fused step where the model has one
-                rows = forward.logits(self.model, self.cache, tables, feeds, starts, long_rope=long)
+                rows = forward.logits(self.model, self.cache, tables, feeds, starts, long_rope=long, lora=lora)
                 logits += [rows if len(pick) == len(group) else rows[pick]] if pick else []
             else:  # prompt chunks: the head only where a row samples
-                last = forward.hidden(self.model, self.cache, tables, feeds, starts, long)[
+                last = forward.hidden(self.model, self.cache, tables, feeds, starts, long, lora)[
                     torch.arange(len(group)), torch.tensor([n for _, n in group]) - 1]
-                logits += [self.model.logits(last[pick])] if pick else []  # last: (B, C)
+                if pick:  # last: (B, C)
+                    logits.append(forward.head(self.model, last[pick], lora.select(pick) if lora else None))
             seqs += [group[b][0] for b in pick]
-        sampled, lps = self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), seqs) if seqs else ({}, {})
-        if speculative:
-            more, more_lps = self._speculate([s for s, _ in speculative],
-                                             [out.lookahead[s.seq_id] for s, _ in speculative])
+        if seqs:
+            more, more_lps = self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), seqs)
             sampled.update(more)
             lps.update(more_lps)
         return sampled, lps
@@ -252,6 +307,22 @@ class Engine:
         if self.scheduler.recompute_at is None:
             return None
         return [s.cache_salt == "long" for s in seqs]
+
+    def _propose(self, seqs: list[Sequence], lookahead: dict[int, int]
+                 ) -> tuple[dict[Sequence, tuple[list[int], object, int]], dict[Sequence, int]]:
+        """Proposals (tokens, q, the KV slots reserved for them) of the speculating rows, and the slots reserved
+        for the rows that proposed nothing: those lose their lookahead and decode as plain rows in this step (no
+        verification work for them)."""
+        assert self.drafter is not None  # the scheduler looks ahead only for an engine with a proposer
+        room = [lookahead[s.seq_id] for s in seqs]
+        drafted, q = self.drafter.propose(seqs, room)
+        for s, d in zip(seqs, drafted):
+            if d:
+                lookahead[s.seq_id] = len(d)
+            else:
+                del lookahead[s.seq_id]
+        return ({s: (d, qs, r) for s, d, qs, r in zip(seqs, drafted, q, room) if d},
+                {s: r for s, d, r in zip(seqs, drafted, room) if not d})
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[dict[int, list[int]], dict]:
         """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG, all
@@ -265,14 +336,25 @@ class Engine:
                    if lp is not None}
         return {s.seq_id: [t] for s, t in zip(seqs, tokens.tolist())}, lps
 
-    def _speculate(self, seqs: list[Sequence], ks: list[int]) -> tuple[dict[int, list[int]], dict]:
-        """Draft ks[b] tokens for each decoding row, check them in one target forward, keep what the rule keeps."""
-        assert self.drafter is not None  # the scheduler looks ahead only for an engine with a draft model
-        drafted, q = self.drafter.propose(seqs, ks)
-        all_logits = forward.logits(self.model, self.cache, [s.block_table for s in seqs],  # (B, T, V)
-                                    [s.token_ids[-1:] + d for s, d in zip(seqs, drafted)],
-                                    [s.num_computed_tokens for s in seqs], every_position=True,
-                                    long_rope=self._long_rope(seqs))
+    def _speculate(self, seqs: list[Sequence], drafted: list[list[int]], q: list, room: list[int],
+                   riders: list[Sequence], rider_room: list[int]) -> tuple[dict[int, list[int]], dict, torch.Tensor]:
+        """Check each row's proposal drafted[b] (drawn from q[b]) in one target forward, keep what the rule keeps;
+        the same forward gives the plain decoding rows `riders` their next-token logits (returned, (J, V)).
+
+        Shorter proposals are padded (with their last token) up to the longest, as far as their reserved slots
+        room[b] allow, so that rows of different proposal lengths share one call of the fused step (which feeds
+        every row the same number of tokens); a rider is its last token, padded the same way. A padding token's
+        keys and values land in a slot past everything its row attends to, which the row's next tokens overwrite,
+        and its logits are never read.
+        """
+        ks = [len(d) for d in drafted]
+        longest = max(ks)
+        feeds = [s.token_ids[-1:] + d + d[-1:] * (min(longest, r) - len(d)) for s, d, r in zip(seqs, drafted, room)]
+        feeds += [s.token_ids[-1:] * (1 + min(longest, r)) for s, r in zip(riders, rider_room)]
+        rows = seqs + riders
+        all_logits = forward.logits(self.model, self.cache, [s.block_table for s in rows], feeds,  # (B, T, V)
+                                    [s.num_computed_tokens for s in rows], every_position=True,
+                                    long_rope=self._long_rope(rows), lora=self._lora(rows))
         sampled, lps = {}, {}
         for b, s in enumerate(seqs):
             logits = all_logits[b, :ks[b] + 1]  # (k + 1, V): the target after each fed token
@@ -288,7 +370,7 @@ class Engine:
             sampled[s.seq_id] = new
             if s.params.logprobs is not None:
                 lps[s.seq_id] = token_logprobs(logits[:len(new)], torch.tensor(new), [s.params.logprobs] * len(new))
-        return sampled, lps
+        return sampled, lps, all_logits[len(seqs):, 0]
 
     def _outputs(self, advanced: list[Sequence], logprobs: dict) -> list[RequestOutput]:
         """Turn each advanced sequence's new tokens into a RequestOutput; stop strings end sequences here. A
@@ -350,13 +432,15 @@ class Engine:
                     preemptions=sched.num_preemptions, ttft_s_median=median(list(self.ttft_s)),
                     itl_s_median=median(list(self.itl_s)), **self.counters)
 
-    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
-                 ) -> list[Completion]:
-        """Run prompts to the end: one `Completion` per output (prompt-major, n each), as infer.generate does."""
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 adapters: Seq[str | None] | None = None) -> list[Completion]:
+        """Run prompts to the end: one `Completion` per output (prompt-major, n each), as infer.generate does;
+        adapters[i] names prompt i's LoRA adapter (None: the base)."""
         plist = per_prompt_params(params if params is not None else SamplingParams(), len(prompts))
+        names = list(adapters) if adapters is not None else [None] * len(prompts)
         keys = []
         for i, (prompt, sp) in enumerate(zip(prompts, plist)):
-            rid = self.add_request(prompt, sp)
+            rid = self.add_request(prompt, sp, adapter=names[i])
             keys += [(rid, j, i) for j in range(len(self.requests[rid]))]
         text = "" if self.tokenizer is not None else None
         done = {(rid, j): Completion(i, j, text=text) for rid, j, i in keys}

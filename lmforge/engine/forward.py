@@ -4,19 +4,25 @@ The engine and its drafter run every forward through here. Rows whose feeds are 
 a speculative check of k + 1 tokens) take the model's fused decode step (lmforge.infer.fused) when it has one,
 grouped by feed length since one call feeds every row the same number of tokens; anything else (prompt chunks,
 models without the fused step) is one forward of the model over the rows right-padded to the longest.
+
+`lora` (lmforge.infer.multi_lora.LoRABatch, None when every row is the base) gives each row its LoRA adapter, in
+the fused step and the model's own forward alike.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from collections.abc import Sequence
 
 import torch
 
 from lmforge.engine.paged_cache import PagedKVCache, block_table_tensor
+from lmforge.infer.multi_lora import LoRABatch
 
 
 def hidden(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], feeds: Sequence[Sequence[int]],
-           starts: Sequence[int], long_rope: Sequence[bool] | None = None) -> torch.Tensor:
+           starts: Sequence[int], long_rope: Sequence[bool] | None = None, lora: LoRABatch | None = None
+           ) -> torch.Tensor:
     """Hidden states (B, T, C) of the model's forward over the rows, right-padded to the longest feed T.
 
     long_rope: which rows' sequences are past LongRoPE's original context (lmforge.rope.long_rope_rows); None
@@ -27,34 +33,43 @@ def hidden(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], fe
         tokens[b, :len(f)] = torch.as_tensor(f)
     long = None if long_rope is None else list(long_rope)
     cache.prepare([list(t) for t in block_tables], list(starts), lengths, long)
-    return model.hidden(tokens.to(next(model.parameters()).device), kv_cache=cache)
+    with lora or contextlib.nullcontext():
+        return model.hidden(tokens.to(next(model.parameters()).device), kv_cache=cache)
+
+
+def head(model, hidden_states: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+    """The output head (soft-capped where the model's is) over hidden states (B, ..., C) of rows with adapters
+    `lora`."""
+    with lora or contextlib.nullcontext():
+        return model.logits(hidden_states)
 
 
 def logits(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], feeds: Sequence[Sequence[int]],
-           starts: Sequence[int], every_position: bool = False, long_rope: Sequence[bool] | None = None
-           ) -> torch.Tensor:
+           starts: Sequence[int], every_position: bool = False, long_rope: Sequence[bool] | None = None,
+           lora: LoRABatch | None = None) -> torch.Tensor:
     """Logits at each row's last fed token (B, V), or with every_position at each fed token (B, T, V), rows
     shorter than the longest feed T padded with zeros."""
     lengths = [len(f) for f in feeds]
     T = max(lengths)
     fused = getattr(model, "fused_decoder", None)
     if fused is None or not fused.accepts(cache, T):
-        h = hidden(model, cache, block_tables, feeds, starts, long_rope)
+        h = hidden(model, cache, block_tables, feeds, starts, long_rope, lora)
         if not every_position:
             h = h[torch.arange(len(feeds)), torch.tensor(lengths) - 1]
-        return model.logits(h)
+        return head(model, h, lora)
     groups: dict[int, list[int]] = {}
     for b, n in enumerate(lengths):
         groups.setdefault(n, []).append(b)
     if len(groups) == 1:  # the usual case: one call, no reassembly
         out = fused.paged(feeds, cache, block_table_tensor(block_tables), starts, T if every_position else 1,
-                          long_rope)
+                          long_rope, lora=lora)
         return out if every_position else out[:, 0]
     out = None
     for n, rows in groups.items():
         part = fused.paged([feeds[b] for b in rows], cache, block_table_tensor([block_tables[b] for b in rows]),
                            [starts[b] for b in rows], n if every_position else 1,
-                           None if long_rope is None else [long_rope[b] for b in rows])
+                           None if long_rope is None else [long_rope[b] for b in rows],
+                           lora=lora.select(rows) if lora is not None else None)
         if out is None:
             out = part.new_zeros((len(feeds), T if every_position else 1, part.shape[-1]))
         out[rows, :part.shape[1]] = part

@@ -10,6 +10,9 @@ there ends the sequence in the engine through a command (`Engine.stop`); the tex
 own detokenization gives. Outputs reach an event loop in one hand-off per step (one call_soon_threadsafe for all
 of that loop's streams), not one per token per stream: a step of 64 rows wakes the server once.
 
+Other work on the engine's thread (`call`: loading a LoRA adapter, embedding a batch of texts) is queued the same
+way and runs between steps, one call per step at most, so it never holds up decoding for longer than it takes.
+
 Failures: a request that fails inside a step fails alone (`Engine.step` gives its sequences a final output with
 finish_reason "error" and the exception; its stream ends there). Should a step fail as a whole (a fault no single
 request can be blamed for), every request in flight ends that way and the loop takes new requests; only when even
@@ -19,15 +22,18 @@ that fails does the loop stop (`error` set, every open stream ends with the exce
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from lmforge.engine.engine import Engine
 from lmforge.engine.sequence import RequestOutput, Sequence
+from lmforge.errors import LmforgeError
 from lmforge.infer.sampling import SamplingParams, StopStrings
 
 log = logging.getLogger("lmforge.engine")
@@ -156,6 +162,7 @@ class EngineLoop:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}
+        self._calls: deque[tuple[Callable[[Engine], object], concurrent.futures.Future]] = deque()
         self._closed = False
         self.error: BaseException | None = None  # what stopped the loop thread, if it failed
         self.last_stats = engine.stats()  # refreshed after every step, safe to read from any thread
@@ -163,11 +170,12 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
-               request_id: str | None = None) -> RequestStream:
-        """Queue a request (checked here, so bad input raises in the caller) and return its output stream."""
+               request_id: str | None = None, adapter: str | None = None) -> RequestStream:
+        """Queue a request (checked here, so bad input raises in the caller) and return its output stream;
+        `adapter` names a LoRA adapter of the engine's (None: the base model)."""
         if not self.alive:
             raise EngineStopped(f"the engine loop has stopped ({self.error or 'closed'}); start a new one")
-        seqs = self.engine.make_request(prompt_ids, params, request_id or uuid.uuid4().hex)
+        seqs = self.engine.make_request(prompt_ids, params, request_id or uuid.uuid4().hex, adapter)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -195,10 +203,25 @@ class EngineLoop:
         step)."""
         self._command("stop", request_id, index)
 
+    def call(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
+        """Run fn(engine) on the engine's thread between two steps; its result or exception comes in the future
+        (`asyncio.wrap_future` awaits it)."""
+        if not self.alive:
+            raise EngineStopped(f"the engine loop has stopped ({self.error or 'closed'}); start a new one")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._command("call", fn, future)
+        return future
+
     def close(self) -> None:
         self._closed = True
         self._wake.set()
         self._thread.join()
+        while not self._commands.empty():  # calls nobody will run: their callers stop waiting
+            kind, *args = self._commands.get()
+            if kind == "call":
+                args[1].cancel()
+        for _, future in self._calls:
+            future.cancel()
 
     def __enter__(self) -> EngineLoop:
         return self
@@ -217,11 +240,18 @@ class EngineLoop:
             applied = True
             if kind == "add":
                 seqs, stream = args
+                try:
+                    self.engine.enqueue(seqs)
+                except LmforgeError as e:  # its adapter was unloaded after the request was checked
+                    stream.put(RequestOutput(stream.request_id, 0, finish_reason="error", error=e))
+                    stream.put(None)
+                    continue
                 self._streams[stream.request_id] = stream
-                self.engine.enqueue(seqs)
             elif kind == "stop":
                 if self.engine.stop(*args) and args[0] in self._streams:
                     self._hand_over([(self._streams.pop(args[0]), None)])
+            elif kind == "call":
+                self._calls.append((args[0], args[1]))
             else:
                 self._deliver(self.engine.abort(args[0]))
         if applied:  # an abort frees blocks even when no step follows
@@ -251,13 +281,28 @@ class EngineLoop:
             except RuntimeError:  # that event loop is closed: nobody is listening any more
                 pass
 
+    def _run_call(self) -> None:
+        """The oldest queued call, if any (one between two steps: decoding goes on between them)."""
+        if not self._calls:
+            return
+        fn, future = self._calls.popleft()
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(self.engine))
+        except Exception as e:  # the caller's failure, not the engine's
+            future.set_exception(e)
+        self.last_stats = self.engine.stats()
+
     def _run(self) -> None:
         try:
             while not self._closed:
                 self._apply_commands()
+                self._run_call()
                 if not self.engine.has_unfinished():
-                    self._wake.wait()
-                    self._wake.clear()
+                    if not self._calls:
+                        self._wake.wait()
+                        self._wake.clear()
                     continue
                 try:
                     outs = self.engine.step()
@@ -275,6 +320,10 @@ class EngineLoop:
                 kind, *args = self._commands.get()
                 if kind == "add":
                     queued.append(args[1])
+                elif kind == "call":
+                    self._calls.append((args[0], args[1]))
             self._hand_over([(stream, stopped) for stream in [*self._streams.values(), *queued]])
             self._streams.clear()
+            for _, future in self._calls:
+                future.set_exception(stopped)
             raise

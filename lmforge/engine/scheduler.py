@@ -110,7 +110,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
             seq.cache_salt = self.salt(seq)
-            hits = bm.match_prefix(seq.token_ids, seq.cache_salt)
+            hits = bm.match_prefix(seq.token_ids, seq.prefix_salt)
             n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
             if not bm.allocate_slots(seq, n, hits):
                 break  # no room for its first chunk: it waits for blocks to be freed

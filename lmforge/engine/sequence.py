@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +36,8 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, index: int = 0,
-                 eos_id: int | Collection[int] | None = None):
+                 eos_id: int | Collection[int] | None = None, adapter: str | None = None,
+                 adapter_salt: int | None = None):
         self.seq_id = next(_seq_ids)  # also the arrival order: lower ids are older
         self.request_id, self.index, self.params = request_id, index, params
         self.token_ids = list(prompt_ids)
@@ -44,6 +45,8 @@ class Sequence:
         # Tokens that end the output (not part of it): the stop_token_ids, and the EOS token(s) unless ignore_eos.
         ends = frozenset() if eos_id is None else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else ends)
+        self.adapter = adapter  # the LoRA adapter its forwards use (lmforge.infer.multi_lora), None: the base
+        self.adapter_salt = adapter_salt  # the adapter's load: keeps prefix-cache blocks of adapters apart
         self.status = Status.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.num_computed_tokens = 0
@@ -57,6 +60,12 @@ class Sequence:
         self.num_emitted = 0  # output tokens already reported in a RequestOutput
         self.arrival_time = time.perf_counter()
         self.token_times: list[float] = []  # when each output token was chosen (TTFT, inter-token latency)
+
+    @property
+    def prefix_salt(self) -> Hashable | None:
+        """What starts its prefix-cache hash chain (BlockManager.root): its LongRoPE salt (None: the base model's
+        keys, computed the one way), paired with its adapter's load where it has one."""
+        return self.cache_salt if self.adapter_salt is None else (self.cache_salt, self.adapter_salt)
 
     @property
     def num_tokens(self) -> int:

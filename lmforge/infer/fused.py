@@ -173,13 +173,14 @@ class FusedDecoder:
                 and cache.v.dtype == cache.k.dtype
                 and cache.k.is_contiguous() and cache.v.is_contiguous() and new_tokens <= self.MAX_TOKENS)
 
-    def _run(self, tokens, lo, start, last, cache, block_table, long_rows=None):
+    def _run(self, tokens, lo, start, last, cache, block_table, long_rows=None, lora=None):
         if long_rows is None and self.long_from is not None:  # rows whose last new position is past the switch
             long_rows = start + tokens.shape[1] - 1 - lo >= self.long_from
         long_rows = torch.Tensor() if long_rows is None else torch.as_tensor(long_rows, dtype=torch.bool)
+        stacks, slots = (lora.bank.fused_stacks, lora.slots) if lora is not None else ([], torch.Tensor())
         return self.extension.forward_step(tokens, lo, start, last, cache.k, cache.v, block_table, self.params,
                                            self.norms, self.n_head, self.eps, self.act, self.rms, self.ropes,
-                                           long_rows.contiguous(), self.windows, self.scalars)
+                                           long_rows.contiguous(), self.windows, self.scalars, stacks, slots)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, last: int = 1) -> torch.Tensor:
@@ -194,15 +195,17 @@ class FusedDecoder:
 
     @torch.no_grad()
     def paged(self, feeds: Sequence[Sequence[int]], cache, block_table: torch.Tensor, starts: Sequence[int],
-              last: int = 1, long_rope: Sequence[bool] | None = None) -> torch.Tensor:
+              last: int = 1, long_rope: Sequence[bool] | None = None, *, lora=None) -> torch.Tensor:
         """Rows of the serving engine's pool (lmforge.engine.forward): row b feeds the tokens feeds[b] (every row
         the same number) at positions starts[b].. (its cached tokens), its blocks block_table[b] ((B, blocks)
         int64, as lmforge.engine.paged_cache.block_table_tensor lays them out). Logits (B, last, V) of each row's
         last `last` tokens. long_rope: the rows that turn by LongRoPE's long factors (default: those whose last
-        new position is past the original context)."""
+        new position is past the original context). `lora` (lmforge.infer.multi_lora.LoRABatch): row b's LoRA
+        adapter, added after each of its products in the step."""
         tokens = torch.tensor(feeds, dtype=torch.long)
         lo = torch.zeros(len(feeds), dtype=torch.long)
-        return self._run(tokens, lo, torch.tensor(starts, dtype=torch.long), last, cache, block_table, long_rope)
+        return self._run(tokens, lo, torch.tensor(starts, dtype=torch.long), last, cache, block_table, long_rope,
+                         lora=lora)
 
 
 def prepare_for_decoding(model: nn.Module) -> nn.Module:

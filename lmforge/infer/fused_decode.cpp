@@ -756,6 +756,84 @@ struct Scratch {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------- many LoRA adapters at once
+// S-LoRA / Punica on a CPU: after a linear layer's base product, each row whose request uses adapter s adds that
+// adapter's low-rank product, y_r += (x_r . A_s^T) Bt_s, with A (N, rank, K) and Bt (N, rank, out) float32 (the
+// scale folded into Bt, ranks padded with zeros: lmforge.infer.multi_lora stacks them). Rows come in groups of
+// `per` sharing one slot (a request's T new tokens in the layers, its `last` ones at the head); slot -1 is the base,
+// to which nothing is added. Each row's sums run in one fixed order, so a row's result does not depend on the batch.
+inline float dot_f32(const float* a, const float* b, int64_t n) {  // four chains: not bound by the FMA latency
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32)
+    for (int u = 0; u < 4; ++u)
+      acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8 * u), _mm256_loadu_ps(b + k + 8 * u), acc[u]);
+  for (; k + 8 <= n; k += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc[0]);
+  float v = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  for (; k < n; ++k) v += a[k] * b[k];
+  return v;
+}
+
+// y[c] += sum_j t[j] * bt[j * out + c] for c < out: y read and written once, four column blocks at a time.
+inline void add_low_rank(const float* t, int64_t rank, const float* bt, int64_t out, float* y) {
+  int64_t c = 0;
+  for (; c + 32 <= out; c += 32) {
+    __m256 acc[4];
+    for (int u = 0; u < 4; ++u) acc[u] = _mm256_loadu_ps(y + c + 8 * u);
+    for (int64_t j = 0; j < rank; ++j) {
+      const __m256 tj = _mm256_set1_ps(t[j]);
+      for (int u = 0; u < 4; ++u) acc[u] = _mm256_fmadd_ps(tj, _mm256_loadu_ps(bt + j * out + c + 8 * u), acc[u]);
+    }
+    for (int u = 0; u < 4; ++u) _mm256_storeu_ps(y + c + 8 * u, acc[u]);
+  }
+  for (; c < out; ++c) {
+    float v = y[c];
+    for (int64_t j = 0; j < rank; ++j) v += t[j] * bt[j * out + c];
+    y[c] = v;
+  }
+}
+
+struct Lora {
+  const std::vector<at::Tensor>* stacks = nullptr;  // per layer (A, Bt) of qkv, proj, fc, mlp_proj; then the head's
+  const int64_t* slots = nullptr;                   // each request's adapter slot (B,), or none: all the base
+
+  bool on(int64_t i) const { return slots != nullptr && present((*stacks)[2 * i]); }
+
+  // y[r, :] += (x[r, :] . A_s^T) Bt_s for the rows r of layer product i whose slot s = slots[r / per] >= 0,
+  // grouped by adapter (Punica's SGMV): each rank-row of A_s and of Bt_s is read once for all of s's rows.
+  void add(int64_t i, const float* x, int64_t R, int64_t per, int64_t K, float* y, int64_t ldy) const {
+    if (!on(i)) return;
+    const at::Tensor& A = (*stacks)[2 * i];
+    const at::Tensor& Bt = (*stacks)[2 * i + 1];
+    const int64_t N = A.size(0), rank = A.size(1), out = Bt.size(2);
+    TORCH_CHECK(A.size(2) == K && Bt.size(0) == N && Bt.size(1) == rank && A.is_contiguous() &&
+                Bt.is_contiguous() && A.scalar_type() == at::kFloat && Bt.scalar_type() == at::kFloat,
+                "LoRA stacks do not fit layer product ", i, ": A ", A.sizes(), ", Bt ", Bt.sizes(), ", K ", K);
+    std::vector<std::vector<int64_t>> rows(N);  // each adapter's rows, in order
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t s = slots[r / per];
+      TORCH_CHECK(s < N, "LoRA slot ", s, " of row ", r / per, " is past the ", N, " adapters stacked");
+      if (s >= 0) rows[s].push_back(r);
+    }
+    const float* a = A.data_ptr<float>();
+    const float* bt = Bt.data_ptr<float>();
+    at::parallel_for(0, N, 1, [&](int64_t s0, int64_t s1) {
+      std::vector<float> t;
+      for (int64_t s = s0; s < s1; ++s) {
+        const std::vector<int64_t>& g = rows[s];
+        const int64_t n = static_cast<int64_t>(g.size());
+        if (n == 0) continue;
+        t.resize(n * rank);
+        const float* as = a + s * rank * K;
+        for (int64_t j = 0; j < rank; ++j)
+          for (int64_t m = 0; m < n; ++m) t[m * rank + j] = dot_f32(x + g[m] * K, as + j * K, K);
+        const float* bs = bt + s * rank * out;
+        for (int64_t m = 0; m < n; ++m) add_low_rank(t.data() + m * rank, rank, bs, out, y + g[m] * ldy);
+      }
+    });
+  }
+};
+
 // params: per layer [ln1 w, b; qkv w, s, b; proj w, s, b; ln2 w, b; fc w, s, b; mlp_proj w, s, b] (16), then
 // [tok_emb, pos_emb (empty with rotary positions), lnf w, b; head w, s, b]; a linear's w is float32 (its s
 // undefined), int8 with float32 per-row scales s, 4-bit (uint8 (N, K/2)) with float16 block scales s (N, K/32),
@@ -776,14 +854,14 @@ struct Scratch {
 // The KV cache is lmforge's contiguous one, kcache/vcache (n_layer, B, n_kv_head, max_len, head_dim), with an empty
 // block_table; or the serving engine's paged pool, (n_layer, num_blocks, block_size, n_kv_head, head_dim), where
 // block_table (B, blocks) lists each row's blocks in order. Returns the logits of each row's last `last` tokens,
-// (B, last, vocab).
+// (B, last, vocab). `lora`: LoRA adapters added per row (struct Lora), or none.
 template <typename KV>
 at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const at::Tensor& start, int64_t last,
                         at::Tensor kcache, at::Tensor vcache, const at::Tensor& block_table,
                         const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& norms, int64_t n_head,
                         double eps, int64_t act, bool rms, const std::vector<at::Tensor>& ropes,
                         const at::Tensor& long_rows, const std::vector<int64_t>& windows,
-                        const std::vector<double>& scalars) {
+                        const std::vector<double>& scalars, const Lora& lora) {
   const int64_t B = tokens.size(0), T = tokens.size(1), R = B * T;  // R rows: (b, t), b-major
   const bool paged = present(block_table);
   const int64_t L = kcache.size(0), nkv = kcache.size(paged ? 3 : 2), hs = kcache.size(4);
@@ -865,6 +943,7 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
     const int64_t window = windows[l];
     norm(x, R, C, P[0], P[1], eps, rms, h);
     linear(h, R, C, P[2], P[3], P[4], qkv);
+    lora.add(4 * l, h, R, T, C, qkv, qkv_dim);
     if (present(N[0])) {  // q and k normed per head (a weight of hs) or over each projection
       const bool per_head = N[0].numel() == hs;
       for (int64_t r = 0; r < R; ++r) {
@@ -910,20 +989,30 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
     });
     if (present(N[2])) {  // the attention output normed before its residual add
       linear(att, R, A, P[5], P[6], P[7], out);
+      lora.add(4 * l + 1, att, R, T, A, out, C);
       norm(out, R, C, N[2], N[3], eps, rms, out);
       for (int64_t i = 0; i < R * C; ++i) x[i] += out[i];
     } else {
       linear(att, R, A, P[5], P[6], P[7], x, /*accumulate=*/true);
+      lora.add(4 * l + 1, att, R, T, A, x, C);
     }
     norm(x, R, C, P[8], P[9], eps, rms, h);
     float* mlp_out = present(N[4]) ? out : x;
     if (gate) {
       linear(h, R, C, P[10], P[11], P[12], ff);
+      lora.add(4 * l + 2, h, R, T, C, ff, ffn);
       gated(ff, R, inner, gated_ff, static_cast<int>(act));
       linear(gated_ff, R, inner, P[13], P[14], P[15], mlp_out, /*accumulate=*/!present(N[4]));
+      lora.add(4 * l + 3, gated_ff, R, T, inner, mlp_out, C);
     } else {
-      linear(h, R, C, P[10], P[11], P[12], ff, false, static_cast<int>(act));
+      const bool fc_lora = lora.on(4 * l + 2);  // the adapter's product goes in before the activation
+      linear(h, R, C, P[10], P[11], P[12], ff, false, fc_lora ? kNone : static_cast<int>(act));
+      if (fc_lora) {
+        lora.add(4 * l + 2, h, R, T, C, ff, ffn);
+        activate(ff, R * ffn, static_cast<int>(act));
+      }
       linear(ff, R, ffn, P[13], P[14], P[15], mlp_out, /*accumulate=*/!present(N[4]));
+      lora.add(4 * l + 3, ff, R, T, ffn, mlp_out, C);
     }
     if (present(N[4])) {  // the MLP output normed before its residual add
       norm(out, R, C, N[4], N[5], eps, rms, out);
@@ -936,6 +1025,7 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
   norm(tail, B * last, C, top[2], top[3], eps, rms, h);
   at::Tensor logits = at::empty({B, last, top[4].size(0)}, tokens.options().dtype(at::kFloat));
   linear(h, B * last, C, top[4], top[5], top[6], logits.data_ptr<float>());
+  lora.add(4 * L, h, B * last, last, C, logits.data_ptr<float>(), logits.size(2));  // before the soft-cap
   if (logit_softcap > 0) {
     float* lg = logits.data_ptr<float>();
     for (int64_t i = 0; i < logits.numel(); ++i) lg[i] = std::tanh(lg[i] / logit_softcap) * logit_softcap;
@@ -943,19 +1033,30 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
   return logits;
 }
 
+// lora_stacks: empty, or per layer [A, Bt] of qkv, proj, fc, mlp_proj (an empty A where no adapter adapts that
+// product), then the head's [A, Bt] (struct Lora); lora_slots (B,) int64, each row's adapter slot (-1: none).
 at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at::Tensor& start, int64_t last,
                         at::Tensor kcache, at::Tensor vcache, const at::Tensor& block_table,
                         const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& norms, int64_t n_head,
                         double eps, int64_t act, bool rms, const std::vector<at::Tensor>& ropes,
                         const at::Tensor& long_rows, const std::vector<int64_t>& windows,
-                        const std::vector<double>& scalars) {
+                        const std::vector<double>& scalars, const std::vector<at::Tensor>& lora_stacks,
+                        const at::Tensor& lora_slots) {
   const auto kv = kcache.scalar_type();
   TORCH_CHECK(vcache.scalar_type() == kv && (kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16),
               "forward_step wants a float32, float16 or bfloat16 KV cache");
   auto step = kv == at::kHalf ? forward_step_kv<at::Half>
               : kv == at::kBFloat16 ? forward_step_kv<at::BFloat16> : forward_step_kv<float>;
+  Lora lora;
+  if (!lora_stacks.empty() && present(lora_slots)) {
+    TORCH_CHECK(static_cast<int64_t>(lora_stacks.size()) == 8 * kcache.size(0) + 2 &&
+                lora_slots.scalar_type() == at::kLong && lora_slots.is_contiguous() &&
+                lora_slots.numel() == tokens.size(0), "LoRA: 8 stacks a layer and 2 for the head, one slot a row");
+    lora.stacks = &lora_stacks;
+    lora.slots = lora_slots.data_ptr<int64_t>();
+  }
   return step(tokens, lo, start, last, kcache, vcache, block_table, params, norms, n_head, eps, act, rms, ropes,
-              long_rows, windows, scalars);
+              long_rows, windows, scalars, lora);
 }
 
 // act(x @ (w * scale[:, None]).T + bias) for x (B, K): the step's matrix product on its own, for tests and benchmarks.

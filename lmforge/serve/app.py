@@ -3,7 +3,9 @@
 The rooms: settings.py (every setting, once), server.py (the served model's state and how a request becomes
 engine inputs), routes.py (the handlers), streaming.py (engine outputs -> whole answers or server-sent events),
 edge.py (Host check, body limit, API keys, rate limit, metrics, security headers), errors.py (OpenAI's error
-JSON), protocol.py (request models), structured.py (output formats -> token masks), classify.py (/v1/classify).
+JSON), protocol.py (request models), structured.py (output formats -> token masks), tools.py and tool_reply.py
+(tool calling), embeddings.py (/v1/embeddings), adapters.py (loading LoRA adapters at run time), classify.py
+(/v1/classify).
 `create_app` only puts them together; the engine loop runs while the app's lifespan does.
 """
 
@@ -18,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from lmforge.apps.classifier import CLASSIFY_FILE
 from lmforge.engine.loop import EngineLoop
 from lmforge.infer.controls import load_controls
-from lmforge.serve import classify, errors, routes
+from lmforge.serve import adapters, classify, embeddings, errors, routes
 from lmforge.serve.edge import EdgeMiddleware
 from lmforge.serve.server import Server
 from lmforge.serve.settings import ServeSettings
@@ -35,6 +37,7 @@ async def lifespan(app: FastAPI):
         yield
     finally:  # uvicorn runs this on SIGTERM/SIGINT after open responses end
         server.loop.close()
+        server.adapters.close()  # the model's LoRA hooks go with the server
 
 
 def create_app(model, tokenizer, settings: ServeSettings | None = None,
@@ -51,6 +54,8 @@ def create_app(model, tokenizer, settings: ServeSettings | None = None,
     errors.install(app)
     app.add_middleware(EdgeMiddleware, server=server)
     app.include_router(routes.router)
+    app.include_router(embeddings.router)
+    app.include_router(adapters.router)
     app.include_router(classify.router)
     app.mount("/static", StaticFiles(directory=routes.STATIC_DIR, check_dir=False), name="static")
     return app

@@ -20,7 +20,7 @@ from lmforge.serve.errors import ApiError
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 METRIC_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
-                 "/metrics", "/", "/v1/classify"}
+                 "/metrics", "/", "/v1/classify", "/v1/embeddings", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
 # The web chat (/ and /static/) is served under a Content-Security-Policy. The page loads its script and
 # stylesheet from /static, talks to this origin only, sets styles through the CSSOM (allowed by
 # style-src 'self'), and its favicon is an empty data: URL.

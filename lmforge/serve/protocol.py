@@ -149,11 +149,36 @@ class CompletionRequest(_Extras):
         return self._params(max_tokens, self.logprobs)
 
 
+class FunctionCall(CheckedModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(CheckedModel):
+    """A call an assistant message made (OpenAI's `tool_calls` entries)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(CheckedModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages: the calls it made
+    tool_call_id: str | None = None  # tool messages: the call they answer
+
+    def template_dict(self) -> dict:
+        """The message as chat templates take it (lmforge.serve.tools.template_messages finishes the job)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
     def text(self) -> str:
         """The content as text; content parts must be text parts (this server has no image input)."""
@@ -180,6 +205,7 @@ class ChatCompletionRequest(_Extras):
     max_tokens: int | None = Field(default=None, ge=1)  # deprecated by OpenAI for max_completion_tokens
     max_completion_tokens: int | None = Field(default=None, ge=1)
     n: int | None = Field(default=1, ge=1, le=16)
+    parallel_tool_calls: bool | None = None
     presence_penalty: float | None = 0.0
     response_format: ResponseFormat | None = None
     seed: int | None = None
@@ -187,8 +213,12 @@ class ChatCompletionRequest(_Extras):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = TEMPERATURE
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # checked by lmforge.serve.tools.tool_request
     top_p: float | None = 1.0
     user: str | None = None
+    functions: list[dict[str, Any]] | None = None  # deprecated by OpenAI for tools: refused, never dropped
+    function_call: str | dict[str, Any] | None = None
     # ---- lmforge extras (not in the OpenAI API) ----
     top_k: int | None = TOP_K
     min_p: float | None = None
@@ -201,6 +231,9 @@ class ChatCompletionRequest(_Extras):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        if self.functions is not None or self.function_call is not None:
+            raise ApiError(400, "functions and function_call are OpenAI's deprecated form of tools; send tools and "
+                                "tool_choice", "functions" if self.functions is not None else "function_call")
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
@@ -215,3 +248,24 @@ class TokenizeRequest(CheckedModel):
 class DetokenizeRequest(CheckedModel):
     model: str | None = None
     tokens: list[int]
+
+
+class EmbeddingRequest(CheckedModel):
+    """POST /v1/embeddings (https://platform.openai.com/docs/api-reference/embeddings/create)."""
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str
+    dimensions: int | None = Field(default=None, ge=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+
+class LoadAdapterRequest(CheckedModel):
+    """POST /v1/load_lora_adapter (vLLM's admin route): serve the adapter folder at lora_path as lora_name."""
+
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_path: str
+
+
+class UnloadAdapterRequest(CheckedModel):
+    lora_name: str

@@ -19,6 +19,8 @@ from lmforge.serve.errors import ApiError
 from lmforge.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from lmforge.serve.server import Server
 from lmforge.serve.streaming import ChatShape, CompletionShape, Reply
+from lmforge.serve.tool_reply import ToolChatShape
+from lmforge.serve.tools import tool_format, tool_request
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -35,17 +37,17 @@ router = APIRouter()
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, http: Request, server: ServerDep):
-    server.check_model(req.model)
+    adapter = server.check_model(req.model)
     prompts = await server.prompts(req.prompt, req.n or 1)
     params = req.to_sampling_params(server.max_tokens(req.max_tokens, max(map(len, prompts)), 16, "max_tokens",
                                                       "prompt"))
     constraint = await server.attach_constraint(req, params)
     guard = server.attach_controls(params, req.banned_phrases)
     slot = server.admit(http.scope["lmforge.api_key"], prompts, params)
-    streams = server.submit(prompts, params, slot)
+    streams = server.submit(prompts, params, slot, adapter)
     echo = [server.tokenizer.decode(p) for p in prompts] if req.echo else None
     reply = Reply(server, http, CompletionShape(server, echo), streams, slot, params.n, sum(map(len, prompts)), guard,
-                  constraint)
+                  constraint, adapter)
     if req.stream:
         return reply.stream(bool(req.stream_options and req.stream_options.include_usage))
     return await reply.whole()
@@ -53,20 +55,24 @@ async def completions(req: CompletionRequest, http: Request, server: ServerDep):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, http: Request, server: ServerDep):
-    server.check_model(req.model)
+    adapter = server.check_model(req.model)
     server.check_size(1, req.n or 1)
-    prompt = await server.chat_prompt(req.messages)
+    tools = tool_request(req.tools, req.tool_choice, req.parallel_tool_calls)
+    answers_calls = tools is not None and tools.choice != "none"  # the answer may be tool calls
+    fmt = tool_format(server.template.source, server.template.is_default) if answers_calls else None
+    prompt = await server.chat_prompt(req.messages, tools)
     params = req.to_sampling_params(
         server.max_tokens(req.requested_max_tokens(), len(prompt), None,
                           "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
                           "messages"))
-    constraint = await server.attach_constraint(req, params)
+    constraint = await server.attach_constraint(req, params, tools)
     if constraint is None:  # a constrained output ends by its format, not by a turn marker
         params.stop += [s for s in server.template.turn_stops if s not in params.stop]
     guard = server.attach_controls(params, req.banned_phrases)
     slot = server.admit(http.scope["lmforge.api_key"], [prompt], params)
-    streams = server.submit([prompt], params, slot)
-    reply = Reply(server, http, ChatShape(server), streams, slot, params.n, len(prompt), guard, constraint)
+    streams = server.submit([prompt], params, slot, adapter)
+    shape = ToolChatShape(server, tools, fmt) if tools is not None and fmt is not None else ChatShape(server)
+    reply = Reply(server, http, shape, streams, slot, params.n, len(prompt), guard, constraint, adapter)
     if req.stream:
         return reply.stream(bool(req.stream_options and req.stream_options.include_usage))
     return await reply.whole()
@@ -76,13 +82,12 @@ async def chat_completions(req: ChatCompletionRequest, http: Request, server: Se
 
 @router.get("/v1/models")
 async def models(server: ServerDep):
-    return {"object": "list", "data": [server.model_card()]}
+    return {"object": "list", "data": server.model_cards()}
 
 
 @router.get("/v1/models/{model}")
 async def retrieve_model(model: str, server: ServerDep):
-    server.check_model(model)
-    return server.model_card()
+    return server.model_card(server.check_model(model))
 
 
 @router.post("/tokenize")

@@ -1,10 +1,11 @@
 """The server's state: one model served by one engine loop, and how a request becomes engine inputs.
 
-`Server` holds the engine loop, tokenizer, chat template, structured-output compiler, --controls, metrics and
-admission. Routes (routes.py) reach it through `request.app.state.server`; they turn a request into prompts and
-`SamplingParams` with the methods here, take a `Slot` (admission), submit, and hand the engine's streams to
-streaming.py. A `Slot` is released whichever way the request ends, which aborts its engine requests (freeing
-their KV blocks) and gives its place back.
+`Server` holds the engine loop, tokenizer, chat template, structured-output compiler, --controls, metrics,
+admission and the LoRA adapters served beside the model (a request names one as its `model`). Routes (routes.py)
+reach it through `request.app.state.server`; they turn a request into prompts and `SamplingParams` with the
+methods here, take a `Slot` (admission), submit, and hand the engine's streams to streaming.py. A `Slot` is
+released whichever way the request ends, which aborts its engine requests (freeing their KV blocks) and gives its
+place back.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from lmforge.engine.loop import EngineLoop, EngineStopped, RequestStream
 from lmforge.errors import LmforgeError
 from lmforge.infer.controls import Controls, ControlSpec
 from lmforge.infer.generate import prompt_tokens
+from lmforge.infer.multi_lora import AdapterBank
 from lmforge.infer.sampling import SamplingParams
+from lmforge.interop.peft import read_adapter
 from lmforge.serve.edge import Metrics, RateLimiter
 from lmforge.serve.errors import ApiError
 from lmforge.serve.settings import ServeSettings
@@ -35,6 +38,7 @@ from lmforge.serve.structured import (
     regex_for_json_schema,
     token_bytes,
 )
+from lmforge.serve.tools import ToolRequest, template_messages
 from lmforge.templates import ChatTemplate
 
 
@@ -77,10 +81,16 @@ class Server:
         self.settings, self.tokenizer = settings, tokenizer
         ctx = model.config.block_size
         self.max_model_len = min(ctx, settings.max_model_len or ctx)
+        self.adapters = AdapterBank(model)  # --lora's, and those loaded at run time
+        for name, path in settings.lora.items():
+            self.adapters.add(name, read_adapter(path, model.config))
+        self.adapter_paths = dict(settings.lora)
         self.engine = Engine(model, tokenizer, max_num_seqs=settings.max_batch,
                              max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_batch),
-                             draft=draft, num_speculative_tokens=settings.num_speculative_tokens,
-                             kv_dtype=None if settings.kv_dtype == "auto" else getattr(torch, settings.kv_dtype))
+                             draft=draft, speculative=settings.speculative,
+                             num_speculative_tokens=settings.num_speculative_tokens,
+                             kv_dtype=None if settings.kv_dtype == "auto" else getattr(torch, settings.kv_dtype),
+                             adapters=self.adapters)
         self.vocab_size = model.config.vocab_size
         self.template = ChatTemplate(Path(settings.chat_template).read_text(encoding="utf-8"), tokenizer) \
             if settings.chat_template else model_folder if isinstance(model_folder, ChatTemplate) \
@@ -129,14 +139,37 @@ class Server:
         self.sequences += wanted
         return Slot(self, wanted, reservation)
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.settings.model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
-                                f"{self.settings.model_name!r}", "model", code="model_not_found")
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the served model itself); 404 for any other name."""
+        if name is None or name == self.settings.model_name:
+            return None
+        if name in self.adapters.adapters:
+            return name
+        served = ", ".join(repr(n) for n in [self.settings.model_name, *self.adapters.adapters])
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves {served}", "model",
+                       code="model_not_found")
 
-    def model_card(self) -> dict:
-        return {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "lmforge",
-                "max_model_len": self.max_model_len}
+    def model_card(self, name: str | None = None) -> dict:
+        """/v1/models' entry for the model, or for one of its adapters (whose `parent` is the model)."""
+        card = {"id": name or self.settings.model_name, "object": "model", "created": self.created,
+                "owned_by": "lmforge", "max_model_len": self.max_model_len}
+        return card | ({"parent": self.settings.model_name, "root": self.adapter_paths.get(name)} if name else {})
+
+    def model_cards(self) -> list[dict]:
+        return [self.model_card()] + [self.model_card(name) for name in self.adapters.adapters]
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve the adapter folder at `path` as `name` (read in a worker thread, added between engine steps)."""
+        if name == self.settings.model_name or name in self.adapters.adapters:
+            raise ApiError(400, f"the name {name!r} is taken; unload it first or choose another", "lora_name")
+        adapter = await asyncio.to_thread(read_adapter, path, self.engine.config)
+        await asyncio.wrap_future(self.loop.call(lambda engine: engine.adapters.add(name, adapter)))
+        self.adapter_paths[name] = path
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving an adapter (between engine steps); 400 while requests use it."""
+        await asyncio.wrap_future(self.loop.call(lambda engine: engine.remove_adapter(name)))
+        self.adapter_paths.pop(name, None)
 
     # -- requests -> engine inputs
     async def encode(self, text: str, param: str) -> list[int]:
@@ -168,14 +201,14 @@ class Server:
             out.append(ids)
         return out
 
-    async def render(self, messages) -> str:
-        """Chat messages (protocol.ChatMessage) as the prompt text the chat template makes of them (in a worker
-        thread: a template runs over the whole conversation)."""
-        return await asyncio.to_thread(self.template.render, [{"role": m.role, "content": m.text()}
-                                                              for m in messages])
+    async def render(self, messages, tools: ToolRequest | None = None) -> str:
+        """Chat messages (protocol.ChatMessage) as the prompt text the chat template makes of them, with the
+        request's tools (in a worker thread: a template runs over the whole conversation)."""
+        dicts = template_messages([m.template_dict() for m in messages])
+        return await asyncio.to_thread(self.template.render, dicts, tools.template_tools if tools else None)
 
-    async def chat_prompt(self, messages) -> list[int]:
-        return await self.encode(await self.render(messages), "messages") or prompt_tokens(self.tokenizer, "")
+    async def chat_prompt(self, messages, tools: ToolRequest | None = None) -> list[int]:
+        return await self.encode(await self.render(messages, tools), "messages") or prompt_tokens(self.tokenizer, "")
 
     def max_tokens(self, requested: int | None, prompt_len: int, default: int | None, param: str,
                    prompt_param: str) -> int:
@@ -191,12 +224,15 @@ class Server:
                            code="context_length_exceeded")
         return wanted
 
-    def constraint_regex(self, req) -> tuple[str, str] | None:
-        """(regex, param) of the request's structured-output format, or None for free text."""
+    def constraint_regex(self, req, tools: ToolRequest | None = None) -> tuple[str, str] | None:
+        """(regex, param) of the request's structured-output format (tool_choice "required" or a named function
+        is one), or None for free text."""
         fmt = getattr(req, "response_format", None)
         chosen = [p for p, v in (("regex", req.regex), ("choice", req.choice)) if v is not None]
         if fmt is not None and fmt.type != "text":
             chosen.append("response_format")
+        if tools is not None and tools.constrained:
+            chosen.append("tool_choice")
         if len(chosen) > 1:
             raise ApiError(400, f"give at most one output format; got {', '.join(chosen)}", chosen[1])
         if chosen and req.stop:  # the answer must run to the end of its format
@@ -205,6 +241,8 @@ class Server:
         if chosen and getattr(req, "echo", False):
             raise ApiError(400, f"echo cannot be combined with {chosen[0]}: the prompt before the answer would not "
                                 f"match the format", "echo")
+        if tools is not None and tools.constrained:
+            return regex_for_json_schema(tools.schema(), "tools"), "tool_choice"
         if req.regex is not None:
             return check_regex(req.regex), "regex"
         if req.choice is not None:
@@ -218,9 +256,10 @@ class Server:
             return regex_for_json_schema(fmt.json_schema.schema_), "response_format"
         return None
 
-    async def attach_constraint(self, req, params: SamplingParams) -> TokenConstraint | None:
+    async def attach_constraint(self, req, params: SamplingParams,
+                                tools: ToolRequest | None = None) -> TokenConstraint | None:
         """The request's output format as a token mask on its params (compiled in a worker thread), or None."""
-        spec = self.constraint_regex(req)
+        spec = self.constraint_regex(req, tools)
         if spec is not None:
             params.allowed_tokens = await asyncio.to_thread(self.compiler.constraint, *spec)
         return params.allowed_tokens
@@ -244,14 +283,16 @@ class Server:
         return Controls(spec, self.tokenizer, self.vocab_size).attach(params, on_fire)
 
     # -- running
-    def submit(self, prompts: list[list[int]], params: SamplingParams, slot: Slot) -> list[RequestStream]:
-        """Queue one engine request per prompt (all or none: a bad one aborts the others, 400 naming the cause)."""
+    def submit(self, prompts: list[list[int]], params: SamplingParams, slot: Slot,
+               adapter: str | None = None) -> list[RequestStream]:
+        """Queue one engine request per prompt (all or none: a bad one aborts the others, 400 naming the cause),
+        with the LoRA adapter `adapter` (None: the model itself)."""
         base = uuid.uuid4().hex
         streams = []
         try:
             for i, prompt in enumerate(prompts):
                 slot.request_ids.append(f"{base}-{i}")
-                streams.append(self.loop.submit(prompt, params, slot.request_ids[-1]))
+                streams.append(self.loop.submit(prompt, params, slot.request_ids[-1], adapter))
         except LmforgeError as e:
             slot.release()
             raise ApiError.of(e) from e

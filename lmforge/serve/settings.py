@@ -53,8 +53,12 @@ class ServeSettings:
     draft: str | None = None
     """a smaller model sharing the tokenizer: speculative decoding of every running request (the output keeps
     the model's distribution; greedy output is unchanged)."""
+    speculative: Literal["ngram"] | None = None
+    """ngram: speculative decoding by prompt lookup, no draft model: the tokens that followed the last few tokens
+    earlier in the prompt or output are proposed and checked in one forward (fast where answers repeat their
+    input: editing code, extracting fields; greedy output is unchanged, sampled output keeps the distribution)."""
     num_speculative_tokens: int = 4
-    """tokens the draft proposes per request and step."""
+    """tokens the draft (or prompt lookup, at most) proposes per request and step."""
     tokenizer: str | None = None
     """tokenizer.json or folder to use instead of the model folder's own."""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -77,6 +81,15 @@ class ServeSettings:
     """uvicorn's log level."""
     adapter: str | None = None
     """a LoRA adapter folder merged into the model on load (its saved chat template is used)."""
+    lora: dict[str, str] = field(default_factory=dict)
+    """LoRA adapters served beside the unmerged model, NAME=PATH each (PEFT's format or lmforge's): a request
+    picks one by sending its NAME as `model`; requests for different adapters and for the base share every
+    decoding step. More are loaded and unloaded at run time through POST /v1/load_lora_adapter and
+    /v1/unload_lora_adapter (which need --api-key)."""
+    embedding_pooling: Literal["mean", "last"] = "mean"
+    """how /v1/embeddings pools the final hidden states over an input's tokens: mean (every token; the better
+    choice for models trained only to predict the next token) or last (the last token's state, for models
+    fine-tuned as embedders)."""
     classifier: str | None = None
     """a classifier folder (`lmforge classify train`) served at POST /v1/classify (default: MODEL itself when
     it is one)."""
@@ -90,6 +103,11 @@ class ServeSettings:
                           ("max_num_batched_tokens", 1), ("rate_limit_tpm", 0), ("max_body_bytes", 1)):
             if getattr(self, name) < low:
                 raise ServeSettingsError(f"{{param}}={getattr(self, name)} is out of range: it must be >= {low}", name)
+        if self.speculative is not None and self.draft is not None:
+            raise ServeSettingsError("{param} ngram and --draft are two ways to draft: give one", "speculative")
+        if self.model_name in self.lora:
+            raise ServeSettingsError(f"{{param}}: an adapter may not be named {self.model_name!r}, the served "
+                                     f"model's own name", "lora")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ServeSettingsError(f"{{param}}={self.max_model_len} is too small; it must be >= 2", "max_model_len")
 

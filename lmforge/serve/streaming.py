@@ -229,11 +229,13 @@ class Reply:
         constraint: the request's output format (structured.TokenConstraint), or None. An answer that stops
             before its format is complete (banned phrases left the format no way on, so the end token was forced)
             finishes with "content_filter" rather than "stop", so "stop" always means a complete, valid answer.
+        model: the name the answer reports (a LoRA adapter's, when the request named one); default: the model's.
     """
 
     def __init__(self, server, http: Request, shape, streams: list[RequestStream], slot, n: int,
-                 prompt_tokens: int, guard=None, constraint=None):
+                 prompt_tokens: int, guard=None, constraint=None, model: str | None = None):
         self.server, self.http, self.shape, self.streams, self.slot = server, http, shape, streams, slot
+        self.model = model or server.settings.model_name
         self.n, self.prompt_tokens, self.guard, self.constraint = n, prompt_tokens, guard, constraint
         self.outputs: dict[int, list[int]] = {}  # choice -> its tokens, to check a constrained answer ended whole
         self.id = f"{'chatcmpl' if isinstance(shape, ChatShape) else 'cmpl'}-{uuid.uuid4().hex}"
@@ -243,7 +245,7 @@ class Reply:
 
     def chunk(self, choices: list[dict], usage: dict | None = None, whole: bool = False) -> dict:
         return {"id": self.id, "object": self.shape.whole_object if whole else self.shape.chunk_object,
-                "created": self.created, "model": self.server.settings.model_name, "choices": choices,
+                "created": self.created, "model": self.model, "choices": choices,
                 "usage": usage, "system_fingerprint": None}
 
     def usage(self) -> dict:
