@@ -40,12 +40,15 @@ CHAT = SHARED / "data" / "chat"
 
 
 def hh_dialogues(path: Path) -> list[list[dict]]:
-    """HH-RLHF `chosen` dialogues ("\\n\\nHuman: ...\\n\\nAssistant: ...") as message lists ending with the assistant."""
+    """HH-RLHF `chosen` dialogues ("\\n\\nHuman: ...\\n\\nAssistant: ...") as message lists ending with the
+    assistant."""
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         parts = re.split(r"\n\n(Human|Assistant): ", json.loads(line)["chosen"])[1:]
-        messages = [{"role": "user" if role == "Human" else "assistant", "content": text.strip()}
-                    for role, text in zip(parts[::2], parts[1::2])]
+        messages = [
+            {"role": "user" if role == "Human" else "assistant", "content": text.strip()}
+            for role, text in zip(parts[::2], parts[1::2])
+        ]
         while messages and messages[-1]["role"] != "assistant":
             messages.pop()
         if messages and all(m["content"] for m in messages):
@@ -115,37 +118,71 @@ def main() -> None:
         return [chat_example(tok, template, d) for d in dialogues]
 
     train = examples(hh_train + seed_train)
-    eval_sets = {"hh_rlhf_heldout": examples(hh_test), "self_instruct_seed_heldout": examples(seed_test),
-                 "self_instruct_user_oriented": examples(user_oriented)}
+    eval_sets = {
+        "hh_rlhf_heldout": examples(hh_test),
+        "self_instruct_seed_heldout": examples(seed_test),
+        "self_instruct_user_oriented": examples(user_oriented),
+    }
     eval_sets = {k: fit_context(v, model.config.block_size + 1)[0] for k, v in eval_sets.items()}
     sizes = {"train": len(train), "val": len(hh_val), **{k: len(v) for k, v in eval_sets.items()}}
-    print(json.dumps({"template": "plain" if template == PLAIN_TEMPLATE else template[:60], "examples": sizes}),
-          flush=True)
+    print(
+        json.dumps({"template": "plain" if template == PLAIN_TEMPLATE else template[:60], "examples": sizes}),
+        flush=True,
+    )
     t0 = time.time()
     before = {k: evaluate_examples(model, v) for k, v in eval_sets.items()}
-    print(json.dumps({"base_losses": {k: round(v, 4) for k, v in before.items()},
-                      "seconds": round(time.time() - t0, 1)}), flush=True)
+    print(
+        json.dumps({"base_losses": {k: round(v, 4) for k, v in before.items()}, "seconds": round(time.time() - t0, 1)}),
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = FinetuneConfig(base=str(BASE), out=f"{tmp}/sft", method="full", lr=args.lr,
-                                epochs=None if args.smoke else args.epochs, max_iters=30 if args.smoke else None,
-                                max_minutes=args.minutes, batch_size=args.batch_size,
-                                eval_interval=10 if args.smoke else 100, warmup_iters=20, seed=0)
-        summary = finetune(config, train, examples(hh_val),
-                           on_eval=lambda it, v: print(json.dumps({"iter": it, "val_loss": round(v, 4)}), flush=True))
-        print(json.dumps({k: summary[k] for k in ("iters", "epochs", "base_val_loss", "best_val_loss", "seconds")}),
-              flush=True)
+        config = FinetuneConfig(
+            base=str(BASE),
+            out=f"{tmp}/sft",
+            method="full",
+            lr=args.lr,
+            epochs=None if args.smoke else args.epochs,
+            max_iters=30 if args.smoke else None,
+            max_minutes=args.minutes,
+            batch_size=args.batch_size,
+            eval_interval=10 if args.smoke else 100,
+            warmup_iters=20,
+            seed=0,
+        )
+        summary = finetune(
+            config,
+            train,
+            examples(hh_val),
+            on_eval=lambda it, v: print(json.dumps({"iter": it, "val_loss": round(v, 4)}), flush=True),
+        )
+        print(
+            json.dumps({k: summary[k] for k in ("iters", "epochs", "base_val_loss", "best_val_loss", "seconds")}),
+            flush=True,
+        )
         tuned, _, _ = load_base(summary["model_dir"])
         after = {k: evaluate_examples(tuned, v) for k, v in eval_sets.items()}
-        prompts = ["Can you tell me a story about a cat?", "What should I cook for dinner tonight?",
-                   user_oriented[3][0]["content"]]
+        prompts = [
+            "Can you tell me a story about a cat?",
+            "What should I cook for dinner tonight?",
+            user_oriented[3][0]["content"],
+        ]
         for turn in transcript(summary["model_dir"], prompts, max_tokens=60):
             print(json.dumps(turn), flush=True)
-    print(json.dumps({"base_assistant_loss": round(before["hh_rlhf_heldout"], 4),
-                      "sft_assistant_loss": round(after["hh_rlhf_heldout"], 4),
-                      "eval_sets": {k: {"base": round(before[k], 4), "sft": round(after[k], 4), "examples": sizes[k]}
-                                    for k in eval_sets},
-                      "train_examples": sizes["train"], "iters": summary["iters"], "epochs": summary["epochs"]}))
+    print(
+        json.dumps(
+            {
+                "base_assistant_loss": round(before["hh_rlhf_heldout"], 4),
+                "sft_assistant_loss": round(after["hh_rlhf_heldout"], 4),
+                "eval_sets": {
+                    k: {"base": round(before[k], 4), "sft": round(after[k], 4), "examples": sizes[k]} for k in eval_sets
+                },
+                "train_examples": sizes["train"],
+                "iters": summary["iters"],
+                "epochs": summary["epochs"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

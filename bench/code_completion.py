@@ -20,8 +20,18 @@ import tempfile
 import time
 from pathlib import Path
 
-RECIPE = {"preset": "gpt-mini", "block_size": 256, "batch_size": 8, "lr": 2e-3, "min_lr": 2e-4, "warmup_iters": 40,
-          "weight_decay": 0.1, "grad_clip": 1.0, "eval_interval": 200, "eval_iters": 10}
+RECIPE = {
+    "preset": "gpt-mini",
+    "block_size": 256,
+    "batch_size": 8,
+    "lr": 2e-3,
+    "min_lr": 2e-4,
+    "warmup_iters": 40,
+    "weight_decay": 0.1,
+    "grad_clip": 1.0,
+    "eval_interval": 200,
+    "eval_iters": 10,
+}
 
 
 def emit(record: dict) -> None:
@@ -62,51 +72,120 @@ def main() -> None:
     recipe = {**RECIPE, "preset": args.preset}
 
     t0 = time.perf_counter()
-    meta = prepare("python-stdlib", data, tokenizer="bpe", vocab_size=args.vocab_size, max_chars=args.max_chars,
-                   holdout_files=args.holdout_files)
-    emit({"stage": "prepare", "seconds": round(time.perf_counter() - t0, 1), "splits": meta["splits"],
-          "documents": meta["documents"], "holdout_files": meta["holdout_files"]})
+    meta = prepare(
+        "python-stdlib",
+        data,
+        tokenizer="bpe",
+        vocab_size=args.vocab_size,
+        max_chars=args.max_chars,
+        holdout_files=args.holdout_files,
+    )
+    emit(
+        {
+            "stage": "prepare",
+            "seconds": round(time.perf_counter() - t0, 1),
+            "splits": meta["splits"],
+            "documents": meta["documents"],
+            "holdout_files": meta["holdout_files"],
+        }
+    )
 
     # Calibrate: 20 steps of the recipe (constant lr, no evaluation) give the seconds per iteration.
-    probe = train(TrainConfig(data=str(data), out=str(work / "probe"), **{**recipe, "eval_interval": 10**6},
-                  schedule="constant", max_iters=20, log_interval=20, progress=False, num_threads=args.threads,
-                  seed=args.seed))
+    probe = train(
+        TrainConfig(
+            data=str(data),
+            out=str(work / "probe"),
+            **{**recipe, "eval_interval": 10**6},
+            schedule="constant",
+            max_iters=20,
+            log_interval=20,
+            progress=False,
+            num_threads=args.threads,
+            seed=args.seed,
+        )
+    )
     step_s = probe["tokens_per_iter"] / probe["train_tokens_per_s"]
     iters = max(20, int(60 * args.minutes / (step_s * 1.08)))  # ~8 % goes to the periodic evaluations
     t_train = time.perf_counter()
-    summary = train(TrainConfig(data=str(data), out=str(run), **recipe, max_iters=iters, max_minutes=args.minutes,
-                                log_interval=50, progress=False, num_threads=args.threads, seed=args.seed))
+    summary = train(
+        TrainConfig(
+            data=str(data),
+            out=str(run),
+            **recipe,
+            max_iters=iters,
+            max_minutes=args.minutes,
+            log_interval=50,
+            progress=False,
+            num_threads=args.threads,
+            seed=args.seed,
+        )
+    )
     train_minutes = (time.perf_counter() - t_train) / 60
-    emit({"stage": "train", "iters": summary["iters"], "planned_iters": iters, "stop_reason": summary["stop_reason"],
-          "best_val_loss": round(summary["best_val_loss"], 4) if summary["best_val_loss"] < float("inf") else None,
-          "train_minutes": round(train_minutes, 2),
-          "train_tokens_per_s": round(summary["train_tokens_per_s"]), "params": summary["params"]})
+    emit(
+        {
+            "stage": "train",
+            "iters": summary["iters"],
+            "planned_iters": iters,
+            "stop_reason": summary["stop_reason"],
+            "best_val_loss": round(summary["best_val_loss"], 4) if summary["best_val_loss"] < float("inf") else None,
+            "train_minutes": round(train_minutes, 2),
+            "train_tokens_per_s": round(summary["train_tokens_per_s"]),
+            "params": summary["params"],
+        }
+    )
 
     model, tok = load_model(run / "best")
     t1 = time.perf_counter()
     held = evaluate(model, load_split(data, "test"))
     val = evaluate(model, load_split(data, "val"), max_windows=200)
-    emit({"stage": "perplexity", "heldout_ppl": round(held["ppl"], 3), "heldout_tokens": held["tokens"],
-          "val_ppl": round(val["ppl"], 3), "seconds": round(time.perf_counter() - t1, 1)})
+    emit(
+        {
+            "stage": "perplexity",
+            "heldout_ppl": round(held["ppl"], 3),
+            "heldout_tokens": held["tokens"],
+            "val_ppl": round(val["ppl"], 3),
+            "seconds": round(time.perf_counter() - t1, 1),
+        }
+    )
 
     documents = [tok.decode(d.tolist()) for d in split_documents(load_split(data, "test"), tok.eos_id)]
     t2 = time.perf_counter()
     score = next_line_exact_match(model, tok, documents, args.next_line, max_line_tokens=args.max_line_tokens)
     targets = sample_line_targets(documents, args.next_line)  # the same lines (same seed)
-    repeat = sum(documents[d][:cut].rsplit("\n", 1)[-1].rstrip() == documents[d][s:e].rstrip()
-                 for d, cut, s, e in targets) / max(len(targets), 1)
-    emit({"stage": "next_line", **score, "baseline_repeat_previous_line": round(repeat, 4),
-          "seconds": round(time.perf_counter() - t2, 1)})
-    for (d, cut, s, e), line in zip(targets[:8], complete_lines(model, tok, documents, targets[:8],
-                                                                 max_line_tokens=args.max_line_tokens)):
+    repeat = sum(
+        documents[d][:cut].rsplit("\n", 1)[-1].rstrip() == documents[d][s:e].rstrip() for d, cut, s, e in targets
+    ) / max(len(targets), 1)
+    emit(
+        {
+            "stage": "next_line",
+            **score,
+            "baseline_repeat_previous_line": round(repeat, 4),
+            "seconds": round(time.perf_counter() - t2, 1),
+        }
+    )
+    for (d, cut, s, e), line in zip(
+        targets[:8], complete_lines(model, tok, documents, targets[:8], max_line_tokens=args.max_line_tokens)
+    ):
         emit({"example": documents[d][:cut].rsplit("\n", 1)[-1], "truth": documents[d][s:e], "predicted": line})
 
-    emit({"heldout_ppl": round(held["ppl"], 3), "next_line_exact_match": round(score["next_line_exact_match"], 4),
-          "lines": score["next_line_count"], "heldout_files": meta["holdout_files"],
-          "train_minutes": round(train_minutes, 2), "iters": summary["iters"], "val_ppl": round(val["ppl"], 3),
-          "baseline_repeat_previous_line": round(repeat, 4), "preset": args.preset,
-          "vocab_size": meta["vocab_size"], "max_chars": args.max_chars, "threads": args.threads,
-          "wall_s": round(time.perf_counter() - t0, 1), "run_dir": str(run)})
+    emit(
+        {
+            "heldout_ppl": round(held["ppl"], 3),
+            "next_line_exact_match": round(score["next_line_exact_match"], 4),
+            "lines": score["next_line_count"],
+            "heldout_files": meta["holdout_files"],
+            "train_minutes": round(train_minutes, 2),
+            "iters": summary["iters"],
+            "val_ppl": round(val["ppl"], 3),
+            "baseline_repeat_previous_line": round(repeat, 4),
+            "preset": args.preset,
+            "vocab_size": meta["vocab_size"],
+            "max_chars": args.max_chars,
+            "threads": args.threads,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "run_dir": str(run),
+        }
+    )
 
 
 if __name__ == "__main__":

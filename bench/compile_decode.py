@@ -104,11 +104,16 @@ def bench_preset(preset: str, steps: int, repeats: int, mode: str | None) -> lis
         graphs = dynamo_graphs() - graphs0
         per_run = [first_times] + [run(model, step, cache_cls, prompt, steps)[0] for _ in range(repeats)]
         steady = statistics.median(statistics.median(t) for t in per_run[1:])
-        row = {"preset": preset, "variant": name, "steps": steps,
-               "compile_s": round(first_times[0] - statistics.median(ref_times), 2) if name != "eager" else 0.0,
-               "recompile_s": round(sum(t - steady for t in first_times[1:] if t > 10 * steady), 2),
-               "graphs": graphs, "tok_s": round(1 / steady, 2),
-               "max_logit_diff_vs_eager": float((logits - ref_logits).abs().max())}
+        row = {
+            "preset": preset,
+            "variant": name,
+            "steps": steps,
+            "compile_s": round(first_times[0] - statistics.median(ref_times), 2) if name != "eager" else 0.0,
+            "recompile_s": round(sum(t - steady for t in first_times[1:] if t > 10 * steady), 2),
+            "graphs": graphs,
+            "tok_s": round(1 / steady, 2),
+            "max_logit_diff_vs_eager": float((logits - ref_logits).abs().max()),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -127,8 +132,15 @@ def main() -> None:
     summary = {}
     for preset in args.presets:
         rows = {r["variant"]: r for r in bench_preset(preset, args.steps, args.repeats, args.mode)}
-        summary[preset] = {v: {"speedup": round(r["tok_s"] / rows["eager"]["tok_s"], 3), "compile_s": r["compile_s"],
-                               "graphs": r["graphs"]} for v, r in rows.items() if v != "eager"}
+        summary[preset] = {
+            v: {
+                "speedup": round(r["tok_s"] / rows["eager"]["tok_s"], 3),
+                "compile_s": r["compile_s"],
+                "graphs": r["graphs"],
+            }
+            for v, r in rows.items()
+            if v != "eager"
+        }
     print(json.dumps({"speedup_vs_eager": summary, "threads": torch.get_num_threads()}))
 
 

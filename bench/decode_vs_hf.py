@@ -66,8 +66,9 @@ def interleaved(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, ob
     return {k: statistics.median(v) for k, v in times.items()}, outs
 
 
-def run_case(name: str, dtype: str, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-             paths: tuple[str, ...] = PATHS) -> dict:
+def run_case(
+    name: str, dtype: str, batch: int, prompt_len: int, new_tokens: int, repeats: int, paths: tuple[str, ...] = PATHS
+) -> dict:
     torch.manual_seed(0)
     torch_dtype = getattr(torch, dtype)
     model = Transformer(ModelConfig.from_name(name)).eval().to(torch_dtype)
@@ -83,8 +84,13 @@ def run_case(name: str, dtype: str, batch: int, prompt_len: int, new_tokens: int
 
     def theirs():
         with torch.inference_mode():
-            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False)
+            out = hf.generate(
+                prompts,
+                attention_mask=torch.ones_like(prompts),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+            )
         return out[:, prompt_len:].tolist()
 
     fns = {"ours": ours, "packed": lambda: ours(packed), "plain": lambda: ours(model), "hf": theirs}
@@ -94,13 +100,23 @@ def run_case(name: str, dtype: str, batch: int, prompt_len: int, new_tokens: int
     t, outs = interleaved(fns, repeats)
     agree = sum(a == b for a, b in zip(outs["ours"], outs["hf"])) / batch
     n = batch * new_tokens
-    case = {"model": name, "dtype": dtype, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "lmforge_tok_s": round(n / t["ours"], 1), "hf_tok_s": round(n / t["hf"], 1),
-            "ratio": round(t["hf"] / t["ours"], 2), "decode_path": decode_path(served),
-            "packed_tok_s": round(n / t["packed"], 1) if "packed" in t else None,
-            "plain_tok_s": round(n / t["plain"], 1) if "plain" in t else None, "same_tokens_fraction": agree,
-            "same_tokens_as_plain": (outs["plain"] == outs["ours"] == outs["packed"]) if len(t) == 4 else None,
-            "params_m": round(model.num_params() / 1e6, 1), "threads": torch.get_num_threads()}
+    case = {
+        "model": name,
+        "dtype": dtype,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "lmforge_tok_s": round(n / t["ours"], 1),
+        "hf_tok_s": round(n / t["hf"], 1),
+        "ratio": round(t["hf"] / t["ours"], 2),
+        "decode_path": decode_path(served),
+        "packed_tok_s": round(n / t["packed"], 1) if "packed" in t else None,
+        "plain_tok_s": round(n / t["plain"], 1) if "plain" in t else None,
+        "same_tokens_fraction": agree,
+        "same_tokens_as_plain": (outs["plain"] == outs["ours"] == outs["packed"]) if len(t) == 4 else None,
+        "params_m": round(model.num_params() / 1e6, 1),
+        "threads": torch.get_num_threads(),
+    }
     return case
 
 
@@ -114,8 +130,13 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    ap.add_argument("--paths", nargs="*", default=list(PATHS), choices=PATHS,
-                    help="what to time (lmforge and hf at least): packed and plain each hold a copy of the weights")
+    ap.add_argument(
+        "--paths",
+        nargs="*",
+        default=list(PATHS),
+        choices=PATHS,
+        help="what to time (lmforge and hf at least): packed and plain each hold a copy of the weights",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,8 +145,12 @@ def main(argv=None) -> None:
     for name in args.models:
         for dtype in args.dtypes:
             for batch in args.batches:
-                print(json.dumps(run_case(name, dtype, batch, args.prompt_len, args.new_tokens, args.repeats,
-                                          tuple(args.paths))), flush=True)
+                print(
+                    json.dumps(
+                        run_case(name, dtype, batch, args.prompt_len, args.new_tokens, args.repeats, tuple(args.paths))
+                    ),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -56,11 +56,22 @@ from lmforge.model import Transformer
 
 _LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, block_size=1024)
 SHAPES = {
-    "llama-100m": dict(_LLAMA, n_layer=12, n_head=12, n_embd=768, intermediate_size=2048, vocab_size=32000,
-                       tie_embeddings=False),
+    "llama-100m": dict(
+        _LLAMA, n_layer=12, n_head=12, n_embd=768, intermediate_size=2048, vocab_size=32000, tie_embeddings=False
+    ),
     # https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json (less the q/k/v biases)
-    "qwen-0.5b": dict(_LLAMA, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, intermediate_size=4864,
-                      vocab_size=151936, tie_embeddings=True, rope_base=1000000.0, norm_eps=1e-6),
+    "qwen-0.5b": dict(
+        _LLAMA,
+        n_layer=24,
+        n_head=14,
+        n_kv_head=2,
+        n_embd=896,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_embeddings=True,
+        rope_base=1000000.0,
+        norm_eps=1e-6,
+    ),
 }
 PRECISIONS = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}  # lmforge -> llama.cpp
 PROMPT, NEW_TOKENS, PREFILL = 32, 128, 512
@@ -131,8 +142,12 @@ def lmforge_variant(model: Transformer, precision: str) -> Transformer:
 def decode_weight_bytes(net: Transformer) -> int:
     """Bytes of weights one decode step reads: every linear layer's weights, scales and biases (the head included;
     an embedding lookup reads one row and is left out)."""
-    return sum(t.numel() * t.element_size() for m in net.modules() if hasattr(m, "in_features")
-               for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
+    return sum(
+        t.numel() * t.element_size()
+        for m in net.modules()
+        if hasattr(m, "in_features")
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+    )
 
 
 def prefill_flops(c: ModelConfig, n: int) -> float:
@@ -164,8 +179,15 @@ def run_case(shape: str, precision: str, model: Transformer, gguf_file: Path, re
 
     net = lmforge_variant(model, precision)
     with quiet():
-        llm = llama_cpp.Llama(str(gguf_file), n_ctx=PREFILL + 8, n_batch=PREFILL, n_ubatch=PREFILL, n_threads=2,
-                              n_threads_batch=2, verbose=False)
+        llm = llama_cpp.Llama(
+            str(gguf_file),
+            n_ctx=PREFILL + 8,
+            n_batch=PREFILL,
+            n_ubatch=PREFILL,
+            n_threads=2,
+            n_threads_batch=2,
+            verbose=False,
+        )
     g = torch.Generator().manual_seed(1)
     long = torch.randint(0, model.config.vocab_size, (PREFILL,), generator=g).tolist()
     short = long[:PROMPT]
@@ -192,8 +214,12 @@ def run_case(shape: str, precision: str, model: Transformer, gguf_file: Path, re
         llm.reset()
         llm.eval(long)
 
-    fns = {"ours_decode": ours_decode, "theirs_decode": theirs_decode, "ours_prefill": ours_prefill,
-           "theirs_prefill": theirs_prefill}
+    fns = {
+        "ours_decode": ours_decode,
+        "theirs_decode": theirs_decode,
+        "ours_prefill": ours_prefill,
+        "theirs_prefill": theirs_prefill,
+    }
     ours_decode(), theirs_decode(), ours_prefill(), theirs_prefill()  # warm-up: allocators, caches, kernels
     times: dict[str, list[float]] = {k: [] for k in fns}
     outs = {}
@@ -207,23 +233,27 @@ def run_case(shape: str, precision: str, model: Transformer, gguf_file: Path, re
     weight_bytes = decode_weight_bytes(net)
     flops = prefill_flops(model.config, PREFILL)
     case = {
-        "shape": shape, "precision": precision, "llamacpp_type": gguf_file.stem.split("-")[-1],
+        "shape": shape,
+        "precision": precision,
+        "llamacpp_type": gguf_file.stem.split("-")[-1],
         "lmforge_decode_tok_s": round(NEW_TOKENS / t["ours_decode"], 1),
         "llamacpp_decode_tok_s": round(NEW_TOKENS / t["theirs_decode"], 1),
         "decode_ratio": round(t["theirs_decode"] / t["ours_decode"], 3),
         "lmforge_prefill_tok_s": round(PREFILL / t["ours_prefill"], 1),
         "llamacpp_prefill_tok_s": round(PREFILL / t["theirs_prefill"], 1),
         "prefill_ratio": round(t["theirs_prefill"] / t["ours_prefill"], 3),
-        "decode_path": decode_path(net), "lmforge_weight_mb_per_token": round(weight_bytes / 1e6, 1),
+        "decode_path": decode_path(net),
+        "lmforge_weight_mb_per_token": round(weight_bytes / 1e6, 1),
         "lmforge_decode_gb_s": round(weight_bytes * NEW_TOKENS / t["ours_decode"] / 1e9, 1),
         "llamacpp_file_mb": round(os.path.getsize(gguf_file) / 1e6, 1),
-        "lmforge_step_ms": step_ms, "lmforge_ms_per_token": round(1e3 * t["ours_decode"] / NEW_TOKENS, 2),
+        "lmforge_step_ms": step_ms,
+        "lmforge_ms_per_token": round(1e3 * t["ours_decode"] / NEW_TOKENS, 2),
         "lmforge_prefill_gflop_s": round(flops / t["ours_prefill"] / 1e9, 1),
         "llamacpp_prefill_gflop_s": round(flops / t["theirs_prefill"] / 1e9, 1),
         "same_greedy_tokens": sum(a == b for a, b in zip(outs["ours_decode"], outs["theirs_decode"])),
         "repeats": repeats,
     }
-    del llm, net
+    llm.close()  # its context and weights now, before the next case's
     gc.collect()
     return case
 
@@ -246,14 +276,37 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--precisions", nargs="*", default=list(PRECISIONS), choices=list(PRECISIONS))
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per case and side (median)")
-    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "lmforge" / "bench-llamacpp"),
-                    help="where the GGUF files are kept between runs")
+    ap.add_argument(
+        "--cache",
+        default=str(Path.home() / ".cache" / "lmforge" / "bench-llamacpp"),
+        help="where the GGUF files are kept between runs",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    print(json.dumps({"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(), "threads": 2,
-                      "torch": torch.__version__, "gemm_gflop_s": gemm_rate()}), flush=True)
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
+    print(
+        json.dumps(
+            {
+                "cpu": cpu,
+                "capability": torch.backends.cpu.get_cpu_capability(),
+                "threads": 2,
+                "torch": torch.__version__,
+                "gemm_gflop_s": gemm_rate(),
+            }
+        ),
+        flush=True,
+    )
     cases = []
     for shape in args.shapes:
         model = build(shape)
@@ -264,12 +317,19 @@ def main(argv=None) -> None:
             print(json.dumps(case), flush=True)
         del model
         gc.collect()
-    print(json.dumps({"summary": True, "cases": len(cases),
-                      "min_decode_ratio": min(c["decode_ratio"] for c in cases),
-                      "min_prefill_ratio": min(c["prefill_ratio"] for c in cases),
-                      "decode_ratio": {f"{c['shape']}/{c['precision']}": c["decode_ratio"] for c in cases},
-                      "prefill_ratio": {f"{c['shape']}/{c['precision']}": c["prefill_ratio"] for c in cases}}),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "cases": len(cases),
+                "min_decode_ratio": min(c["decode_ratio"] for c in cases),
+                "min_prefill_ratio": min(c["prefill_ratio"] for c in cases),
+                "decode_ratio": {f"{c['shape']}/{c['precision']}": c["decode_ratio"] for c in cases},
+                "prefill_ratio": {f"{c['shape']}/{c['precision']}": c["prefill_ratio"] for c in cases},
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

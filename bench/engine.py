@@ -38,8 +38,8 @@ import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.engine.engine import Engine
-from lmforge.infer.generate import generate
 from lmforge.infer.fused import decode_path, prepare_for_decoding
+from lmforge.infer.generate import generate
 from lmforge.infer.packed import GemmLinear, PackedLinear, pack_linears
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
@@ -47,12 +47,18 @@ from lmforge.model import Transformer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def run_engine(model, prompts, params, block_size: int, budget: int, kv_dtype: str = "auto"
-               ) -> tuple[float, dict, dict]:
+def run_engine(
+    model, prompts, params, block_size: int, budget: int, kv_dtype: str = "auto"
+) -> tuple[float, dict, dict]:
     """(tokens/s, stats at the step with the most live tokens, timing) for one batch of requests through the engine;
     timing: tokens, seconds, and the seconds of each step that decoded every request and nothing else."""
-    engine = Engine(model, block_size=block_size, max_num_seqs=len(prompts), max_num_batched_tokens=budget,
-                    kv_dtype=None if kv_dtype == "auto" else DTYPES[kv_dtype])
+    engine = Engine(
+        model,
+        block_size=block_size,
+        max_num_seqs=len(prompts),
+        max_num_batched_tokens=budget,
+        kv_dtype=None if kv_dtype == "auto" else DTYPES[kv_dtype],
+    )
     for p in prompts:
         engine.add_request(p, params)
     peak, tokens, full_steps, watching = {"live_tokens": 0}, 0, [], 0.0
@@ -106,11 +112,21 @@ def run_plain(model, prompts, params) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="gpt-14m")
-    ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=["float32", "bfloat16"],
-                    help="weight dtype(s), each model measured in every repeat; the first gives the headline")
-    ap.add_argument("--kv-dtype", nargs="+", default=["float16", "auto"], choices=["auto", "float16"],
-                    help="the engine's KV pool dtype(s), each measured in every repeat (auto: the model's); the "
-                         "first gives the headline")
+    ap.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["bfloat16", "float32"],
+        choices=["float32", "bfloat16"],
+        help="weight dtype(s), each model measured in every repeat; the first gives the headline",
+    )
+    ap.add_argument(
+        "--kv-dtype",
+        nargs="+",
+        default=["float16", "auto"],
+        choices=["auto", "float16"],
+        help="the engine's KV pool dtype(s), each measured in every repeat (auto: the model's); the "
+        "first gives the headline",
+    )
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -118,8 +134,12 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens per step")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--decode", default="fused", choices=["fused", "packed"],
-                    help="fused: the model as `lmforge serve` prepares it; packed: oneDNN-packed linear layers")
+    ap.add_argument(
+        "--decode",
+        default="fused",
+        choices=["fused", "packed"],
+        help="fused: the model as `lmforge serve` prepares it; packed: oneDNN-packed linear layers",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,8 +152,10 @@ def main() -> None:
         # fused: as `lmforge serve` runs it (decoding rows through lmforge.infer.fused); packed: oneDNN linear layers
         models[dtype] = prepare_for_decoding(model) if args.decode == "fused" else pack_linears(model)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, base.config.vocab_size, (args.prompt_len,), generator=g).tolist()
-               for _ in range(args.concurrency)]
+    prompts = [
+        torch.randint(0, base.config.vocab_size, (args.prompt_len,), generator=g).tolist()
+        for _ in range(args.concurrency)
+    ]
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     cases = [(dtype, kv) for dtype in args.dtype for kv in args.kv_dtype]
 
@@ -163,9 +185,19 @@ def main() -> None:
             best = max(m["single"][-1] for m in m_of.values())
             for m in m_of.values():
                 m.setdefault("best_single", []).append(best)
-            print(json.dumps({**{k: round(v[-1], 1) for k, v in runs.items()},
-                              **{f"engine_{n}_{dtype}_kv_{kv}": round(m[n][-1], 1) for (dtype, kv), m in m_of.items()
-                                 for n in ("single", "concurrent")}}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        **{k: round(v[-1], 1) for k, v in runs.items()},
+                        **{
+                            f"engine_{n}_{dtype}_kv_{kv}": round(m[n][-1], 1)
+                            for (dtype, kv), m in m_of.items()
+                            for n in ("single", "concurrent")
+                        },
+                    }
+                ),
+                flush=True,
+            )
 
     def ratio(xs, ys) -> float:
         """Median over repeats of x/y measured in the same repeat: steadier than a ratio of medians on a busy
@@ -175,26 +207,37 @@ def main() -> None:
     def case(dtype, kv) -> dict:
         m, peak = m_of[dtype, kv], peaks[dtype, kv]
         return dict(
-            dtype=dtype, kv_dtype=kv, decode_path=decode_path(models[dtype]),
+            dtype=dtype,
+            kv_dtype=kv,
+            decode_path=decode_path(models[dtype]),
             engine_single_tok_s=round(statistics.median(m["single"]), 1),
             engine_concurrent_tok_s=round(statistics.median(m["concurrent"]), 1),
             concurrency_speedup=ratio(m["concurrent"], m["single"]),
             speedup_vs_best_single=ratio(m["concurrent"], m["best_single"]),
             speedup_vs_plain_single=ratio(m["concurrent"], runs[f"plain_single_{dtype}"]),
             engine_vs_plain_batched=ratio(m["concurrent"], runs[f"plain_batched_{dtype}"]),
-            gemm_ms=round(statistics.median(gemm_ms[dtype]), 2), decode_step_ms=round(statistics.median(m["step_ms"]), 2),
+            gemm_ms=round(statistics.median(gemm_ms[dtype]), 2),
+            decode_step_ms=round(statistics.median(m["step_ms"]), 2),
             concurrency_ceiling=round(statistics.median(m["ceiling"]), 2),
             kv_bytes_per_token=round(peak["kv_bytes_per_live_token"], 1),
-            kv_bytes_per_token_ideal=peak["kv_bytes_per_token_ideal"], kv_blocks_used_at_peak=peak["kv_blocks_used"],
-            live_tokens_at_peak=peak["live_tokens"])
+            kv_bytes_per_token_ideal=peak["kv_bytes_per_token_ideal"],
+            kv_blocks_used_at_peak=peak["kv_blocks_used"],
+            live_tokens_at_peak=peak["live_tokens"],
+        )
 
     by_case = {f"{dtype}/kv_{kv}": case(dtype, kv) for dtype, kv in cases}
     result = dict(
-        preset=args.preset, concurrency=args.concurrency, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-        block_size=args.block_size, threads=torch.get_num_threads(), repeats=args.repeats,
+        preset=args.preset,
+        concurrency=args.concurrency,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        block_size=args.block_size,
+        threads=torch.get_num_threads(),
+        repeats=args.repeats,
         **{f"{k}_tok_s": round(statistics.median(v), 1) for k, v in runs.items()},
-        **case(*cases[0]), by_case={k: {n: v for n, v in r.items() if n not in ("dtype", "kv_dtype")}
-                                    for k, r in by_case.items()})
+        **case(*cases[0]),
+        by_case={k: {n: v for n, v in r.items() if n not in ("dtype", "kv_dtype")} for k, r in by_case.items()},
+    )
     print(json.dumps(result))
 
 

@@ -47,12 +47,31 @@ def pretrained_base(cache: Path, minutes: float, threads: int) -> Path:
     root = cache / f"wikitext-4x256-{minutes:g}min"
     if not (root / "run" / "best" / "config.json").is_file():
         prepare(WIKITEXT, root / "data", tokenizer="bpe", vocab_size=4096)  # its given splits; BPE on train
-        train(TrainConfig(data=str(root / "data"), out=str(root / "run"), preset="gpt-mini", block_size=128,
-                          dropout=0.0, batch_size=16, lr=1e-3, warmup_iters=100, max_minutes=minutes,
-                          eval_interval=250, eval_iters=10, num_threads=threads, seed=0, progress=False))
+        train(
+            TrainConfig(
+                data=str(root / "data"),
+                out=str(root / "run"),
+                preset="gpt-mini",
+                block_size=128,
+                dropout=0.0,
+                batch_size=16,
+                lr=1e-3,
+                warmup_iters=100,
+                max_minutes=minutes,
+                eval_interval=250,
+                eval_iters=10,
+                num_threads=threads,
+                seed=0,
+                progress=False,
+            )
+        )
     return root / "run" / "best"
-CORPORA = {"shakespeare": [SHARED / "data" / "tinyshakespeare" / "input.txt"],
-           "reviews": [SHARED / "data" / "sentiment" / f"{name}_labelled.txt" for name in ("amazon_cells", "imdb", "yelp")]}
+
+
+CORPORA = {
+    "shakespeare": [SHARED / "data" / "tinyshakespeare" / "input.txt"],
+    "reviews": [SHARED / "data" / "sentiment" / f"{name}_labelled.txt" for name in ("amazon_cells", "imdb", "yelp")],
+}
 
 
 def corpus_text(name: str) -> tuple[str, str]:
@@ -62,22 +81,29 @@ def corpus_text(name: str) -> tuple[str, str]:
         text = CORPORA[name][0].read_text(encoding="utf-8")
         cut = int(0.9 * len(text))
         return text[:cut], text[cut:]
-    lines = [line.split("\t")[0].strip() for path in CORPORA[name]
-             for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [
+        line.split("\t")[0].strip()
+        for path in CORPORA[name]
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     random.Random(0).shuffle(lines)
     cut = int(0.8 * len(lines))
     return "\n".join(lines[:cut]) + "\n", "\n".join(lines[cut:]) + "\n"
 
 
 def windows(ids: list[int], length: int) -> list[Example]:
-    return [Example(ids[i:i + length + 1], [True] * (length + 1)) for i in range(0, len(ids) - length, length)]
+    return [Example(ids[i : i + length + 1], [True] * (length + 1)) for i in range(0, len(ids) - length, length)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", default="wikitext",
-                    help="wikitext: a 4x256 GPT pretrained here on WikiText-2 (cached); stories260K: Karpathy's "
-                         "llama2.c model; or a path to any base lmforge can load")
+    ap.add_argument(
+        "--base",
+        default="wikitext",
+        help="wikitext: a 4x256 GPT pretrained here on WikiText-2 (cached); stories260K: Karpathy's "
+        "llama2.c model; or a path to any base lmforge can load",
+    )
     ap.add_argument("--base-minutes", type=float, default=15.0, help="pretraining budget of the wikitext base")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "lmforge" / "bench-lora"))
     ap.add_argument("--corpus", choices=sorted(CORPORA), default="reviews", help="the new domain")
@@ -87,8 +113,12 @@ def main() -> None:
     ap.add_argument("--val-windows", type=int, default=200, help="held-out windows evaluated")
     ap.add_argument("--rank", type=int, default=10)
     ap.add_argument("--alpha", type=float, default=20.0)
-    ap.add_argument("--targets", nargs="+", default=["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "lm_head"],
-                    help="LoRA target modules")
+    ap.add_argument(
+        "--targets",
+        nargs="+",
+        default=["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "lm_head"],
+        help="LoRA target modules",
+    )
     ap.add_argument("--full-lr", type=float, default=3e-4)
     ap.add_argument("--lora-lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
@@ -102,8 +132,10 @@ def main() -> None:
         if not path.exists():
             raise SystemExit(f"needs {path} (the shared models/data folder)")
     torch.set_num_threads(args.threads)
-    base = {"wikitext": lambda: pretrained_base(Path(args.cache), args.base_minutes, args.threads),
-            "stories260K": lambda: STORIES}.get(args.base, lambda: Path(args.base))()
+    base = {
+        "wikitext": lambda: pretrained_base(Path(args.cache), args.base_minutes, args.threads),
+        "stories260K": lambda: STORIES,
+    }.get(args.base, lambda: Path(args.base))()
 
     _, tok, _ = load_base(str(base))
     train_text, val_text = corpus_text(args.corpus)
@@ -117,26 +149,59 @@ def main() -> None:
         for method, lr in (("lora", args.lora_lr), ("full", args.full_lr)):
             if method not in args.methods:
                 continue
-            config = FinetuneConfig(base=str(base), out=f"{tmp}/{method}", method=method, lr=lr,
-                                    max_iters=args.iters, batch_size=args.batch_size,
-                                    eval_interval=max(args.iters // 12, 1), warmup_iters=20, lora_rank=args.rank,
-                                    lora_alpha=args.alpha, lora_targets=args.targets, seed=0)
+            config = FinetuneConfig(
+                base=str(base),
+                out=f"{tmp}/{method}",
+                method=method,
+                lr=lr,
+                max_iters=args.iters,
+                batch_size=args.batch_size,
+                eval_interval=max(args.iters // 12, 1),
+                warmup_iters=20,
+                lora_rank=args.rank,
+                lora_alpha=args.alpha,
+                lora_targets=args.targets,
+                seed=0,
+            )
             t0 = time.time()
-            summary = finetune(config, train, val, on_eval=lambda it, v: print(
-                json.dumps({"method": method, "iter": it, "val_loss": round(v, 4)}), flush=True))
+            summary = finetune(
+                config,
+                train,
+                val,
+                on_eval=lambda it, v: print(
+                    json.dumps({"method": method, "iter": it, "val_loss": round(v, 4)}), flush=True
+                ),
+            )
             results[method] = summary
-            print(json.dumps({"method": method, "lr": lr, "iters": summary["iters"],
-                              "base_val_loss": round(summary["base_val_loss"], 4),
-                              "val_loss": round(summary["best_val_loss"], 4),
-                              "trainable_params": summary["trainable_params"],
-                              "trainable_fraction": round(summary["trainable_fraction"], 4),
-                              "seconds": round(time.time() - t0, 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "method": method,
+                        "lr": lr,
+                        "iters": summary["iters"],
+                        "base_val_loss": round(summary["base_val_loss"], 4),
+                        "val_loss": round(summary["best_val_loss"], 4),
+                        "trainable_params": summary["trainable_params"],
+                        "trainable_fraction": round(summary["trainable_fraction"], 4),
+                        "seconds": round(time.time() - t0, 1),
+                    }
+                ),
+                flush=True,
+            )
     if len(results) < 2:
         return
     full, lo = results["full"]["best_val_loss"], results["lora"]["best_val_loss"]
-    print(json.dumps({"full_val_loss": round(full, 4), "lora_val_loss": round(lo, 4), "ratio": round(lo / full, 4),
-                      "trainable_fraction": round(results["lora"]["trainable_fraction"], 4),
-                      "base_val_loss": round(results["full"]["base_val_loss"], 4)}))
+    print(
+        json.dumps(
+            {
+                "full_val_loss": round(full, 4),
+                "lora_val_loss": round(lo, 4),
+                "ratio": round(lo / full, 4),
+                "trainable_fraction": round(results["lora"]["trainable_fraction"], 4),
+                "base_val_loss": round(results["full"]["base_val_loss"], 4),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

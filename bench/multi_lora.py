@@ -37,7 +37,7 @@ def random_adapter(model, seed: int, rank: int):
     for i in range(model.config.n_layer):
         for t in BLOCK_TARGETS:
             m = modules[f"blocks.{i}.{t}"]
-            A = torch.randn(rank, m.in_features, generator=g) / m.in_features ** 0.5
+            A = torch.randn(rank, m.in_features, generator=g) / m.in_features**0.5
             layers[f"blocks.{i}.{t}"] = LoRAWeights(A, torch.randn(m.out_features, rank, generator=g) * 0.05, 2.0)
     return Adapter(layers, source=f"random-{seed}")
 
@@ -72,8 +72,9 @@ def main() -> None:
     adapters = {f"lora{i}": random_adapter(base, i, args.rank) for i in range(args.adapters)}
     names = [f"lora{i % args.adapters}" for i in range(args.requests)]
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, base.config.vocab_size, (args.prompt_len,), generator=g).tolist()
-               for _ in range(args.requests)]
+    prompts = [
+        torch.randint(0, base.config.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(args.requests)
+    ]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
 
     def merged(name):
@@ -85,10 +86,22 @@ def main() -> None:
         bank.add(name, adapter)
     single = merged(names[0])
     kw = dict(max_num_seqs=args.requests, max_num_batched_tokens=max(256, args.requests * 8))
-    print(json.dumps({"model": args.model, "params": base.num_params(), "decode_path": decode_path(served),
-                      "adapters": args.adapters, "rank": args.rank, "requests": args.requests,
-                      "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
-                      "threads": torch.get_num_threads()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "params": base.num_params(),
+                "decode_path": decode_path(served),
+                "adapters": args.adapters,
+                "rank": args.rank,
+                "requests": args.requests,
+                "prompt_len": args.prompt_len,
+                "max_tokens": args.max_tokens,
+                "threads": torch.get_num_threads(),
+            }
+        ),
+        flush=True,
+    )
 
     times = {"multi": [], "merged": []}
     for _ in range(args.repeats):
@@ -104,10 +117,23 @@ def main() -> None:
         rows = [i for i, n in enumerate(names) if n == name]
         _, expected = run(Engine(merged(name), **kw), [prompts[i] for i in rows], params, None)
         mismatches += sum(multi_out[i] != e for i, e in zip(rows, expected))
-    print(json.dumps({"adapters": args.adapters, "requests": args.requests, "tok_s": round(tok_s, 1),
-                      "merged_tok_s": round(merged_tok_s, 1), "ratio": round(tok_s / merged_tok_s, 3),
-                      "mismatches": mismatches, "rank": args.rank, "model": args.model,
-                      "decode_path": decode_path(served), "max_tokens": args.max_tokens}), flush=True)
+    print(
+        json.dumps(
+            {
+                "adapters": args.adapters,
+                "requests": args.requests,
+                "tok_s": round(tok_s, 1),
+                "merged_tok_s": round(merged_tok_s, 1),
+                "ratio": round(tok_s / merged_tok_s, 3),
+                "mismatches": mismatches,
+                "rank": args.rank,
+                "model": args.model,
+                "decode_path": decode_path(served),
+                "max_tokens": args.max_tokens,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

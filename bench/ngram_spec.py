@@ -22,11 +22,12 @@ temperature 1, so little of the output repeats anything.
 Both workloads run through `lmforge.engine.Engine` as `lmforge serve` runs it (the model prepared for decoding, so
 decoding and verification take the fused step), with and without `speculative="ngram"`, --requests at a time,
 interleaved, --repeats times, after an untimed warm-up; tok/s = generated tokens / wall time (prefill included),
-medians; speedup_*_cpu compare the process's CPU time instead (a check on a shared machine, not the figure). `identical` says
-whether the greedy tokens of the repetitive workload equal plain decoding's (they must); edits_first_line and
-edits_whole count the held-out functions whose greedy output begins with the edited function's first line, or with
-all of it: whether the model copies its input, or its speed-up comes from repeating itself. The last line is JSON
-with speedup_repetitive, speedup_plain, identical, the tok/s figures, the acceptance rates and those counts.
+medians; speedup_*_cpu compare the process's CPU time instead (a check on a shared machine, not the figure).
+`identical` says whether the greedy tokens of the repetitive workload equal plain decoding's (they must);
+edits_first_line and edits_whole count the held-out functions whose greedy output begins with the edited function's
+first line, or with all of it: whether the model copies its input, or its speed-up comes from repeating itself. The
+last line is JSON with speedup_repetitive, speedup_plain, identical, the tok/s figures, the acceptance rates and
+those counts.
 
     python bench/ngram_spec.py --train-only           # 2000 steps of training once (cached; ~20 minutes on two
                                                       # idle cores), outside the bench lock
@@ -49,8 +50,28 @@ from pathlib import Path
 import torch
 
 SHAPE = dict(n_layer=3, n_head=4, n_embd=128, block_size=320)
-NAMES = ("value", "item", "result", "count", "data", "node", "key", "text", "entry", "total", "buf", "obj", "size",
-         "name", "index", "parts", "token", "state", "limit", "target")
+NAMES = (
+    "value",
+    "item",
+    "result",
+    "count",
+    "data",
+    "node",
+    "key",
+    "text",
+    "entry",
+    "total",
+    "buf",
+    "obj",
+    "size",
+    "name",
+    "index",
+    "parts",
+    "token",
+    "state",
+    "limit",
+    "target",
+)
 
 
 def functions(source: str, lo: int = 120, hi: int = 400) -> list[str]:
@@ -62,7 +83,7 @@ def functions(source: str, lo: int = 120, hi: int = 400) -> list[str]:
     lines, out = source.splitlines(), []
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.decorator_list:
-            text = textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno])) + "\n"
+            text = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno])) + "\n"
             if lo <= len(text) <= hi and "\t" not in text:
                 out.append(text)
     return out
@@ -76,8 +97,10 @@ def rename_task(func: str, rng: random.Random) -> tuple[str, str] | None:
         tree = ast.parse(func)
     except SyntaxError:
         return None
-    names = sorted({n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
-                   | {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)})
+    names = sorted(
+        {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
+        | {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    )
     names = [n for n in names if n not in ("self", "cls") and len(re.findall(rf"(?<![.\w]){n}\b", func)) >= 2]
     fresh = [n for n in NAMES if n not in used]
     if not names or not fresh:
@@ -124,26 +147,54 @@ def train_model(cache: Path, iters: int, threads: int) -> Path:
         (corpus / "train.txt").write_text("\n\n".join(docs[n_val:]) + "\n", encoding="utf-8")
         meta = prepare(corpus, data, tokenizer="bpe", vocab_size=1024)
         print(json.dumps({"stage": "prepare", "documents": len(docs), "splits": meta["splits"]}), flush=True)
-    summary = train(TrainConfig(data=str(data), out=str(run), preset="gpt-mini", **SHAPE, batch_size=8, lr=3e-3,
-                                min_lr=3e-4, warmup_iters=50, dropout=0.0, eval_interval=250, eval_iters=10,
-                                max_iters=iters, log_interval=50, progress=False, num_threads=threads, seed=0))
-    print(json.dumps({"stage": "train", "iters": summary["iters"], "best_val_loss": summary["best_val_loss"],
-                      "params": summary["params"]}), flush=True)
+    summary = train(
+        TrainConfig(
+            data=str(data),
+            out=str(run),
+            preset="gpt-mini",
+            **SHAPE,
+            batch_size=8,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_iters=50,
+            dropout=0.0,
+            eval_interval=250,
+            eval_iters=10,
+            max_iters=iters,
+            log_interval=50,
+            progress=False,
+            num_threads=threads,
+            seed=0,
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "stage": "train",
+                "iters": summary["iters"],
+                "best_val_loss": summary["best_val_loss"],
+                "params": summary["params"],
+            }
+        ),
+        flush=True,
+    )
     return run
 
 
-def run_engine(model, prompts, params, requests: int, speculative: str | None, k: int
-               ) -> tuple[float, list, dict, float]:
+def run_engine(
+    model, prompts, params, requests: int, speculative: str | None, k: int
+) -> tuple[float, list, dict, float]:
     """Every prompt through one engine, `requests` at a time; (seconds, outputs, engine stats, CPU seconds of this
     process: less swayed than wall time by other work on a shared machine)."""
     from lmforge.engine.engine import Engine
 
-    engine = Engine(model, max_num_seqs=requests, max_num_batched_tokens=1024, speculative=speculative,
-                    num_speculative_tokens=k)
+    engine = Engine(
+        model, max_num_seqs=requests, max_num_batched_tokens=1024, speculative=speculative, num_speculative_tokens=k
+    )
     t0, c0 = time.perf_counter(), time.process_time()
     outs = []
     for i in range(0, len(prompts), requests):
-        outs += [c.tokens for c in engine.generate(prompts[i:i + requests], params[i:i + requests])]
+        outs += [c.tokens for c in engine.generate(prompts[i : i + requests], params[i : i + requests])]
     return time.perf_counter() - t0, outs, engine.stats(), time.process_time() - c0
 
 
@@ -161,21 +212,31 @@ def compare(model, prompts, params, requests: int, k: int, repeats: int) -> tupl
     plain = tokens / statistics.median(times["plain"])
     ngram = sum(len(o) for o in outs["ngram"]) / statistics.median(times["ngram"])
     s = stats["ngram"]
-    return {"plain_tok_s": round(plain, 1), "ngram_tok_s": round(ngram, 1), "speedup": round(ngram / plain, 3),
-            "speedup_cpu": round(statistics.median(cpu["plain"]) / statistics.median(cpu["ngram"]), 3),
-            "identical": outs["plain"] == outs["ngram"], "tokens": tokens,
-            "acceptance_rate": round(s["draft_accepted"] / max(s["draft_proposed"], 1), 3),
-            "tokens_per_step": round(s["generated_tokens"] / max(s["steps"], 1), 2),
-            "plain_steps": stats["plain"]["steps"], "ngram_steps": s["steps"]}, outs["plain"]
+    return {
+        "plain_tok_s": round(plain, 1),
+        "ngram_tok_s": round(ngram, 1),
+        "speedup": round(ngram / plain, 3),
+        "speedup_cpu": round(statistics.median(cpu["plain"]) / statistics.median(cpu["ngram"]), 3),
+        "identical": outs["plain"] == outs["ngram"],
+        "tokens": tokens,
+        "acceptance_rate": round(s["draft_accepted"] / max(s["draft_proposed"], 1), 3),
+        "tokens_per_step": round(s["generated_tokens"] / max(s["steps"], 1), 2),
+        "plain_steps": stats["plain"]["steps"],
+        "ngram_steps": s["steps"],
+    }, outs["plain"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="an lmforge code model folder or run (default: train one)")
-    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "lmforge" / "bench-ngram"),
-                        help="where the trained model and its data are kept between runs")
-    parser.add_argument("--iters", type=int, default=2000, help="training steps of the default model (8 x 320 "
-                        "tokens each)")
+    parser.add_argument(
+        "--cache",
+        default=str(Path.home() / ".cache" / "lmforge" / "bench-ngram"),
+        help="where the trained model and its data are kept between runs",
+    )
+    parser.add_argument(
+        "--iters", type=int, default=2000, help="training steps of the default model (8 x 320 tokens each)"
+    )
     parser.add_argument("--functions", type=int, default=16, help="held-out functions per workload")
     parser.add_argument("--requests", type=int, default=4, help="concurrent requests in the engine")
     parser.add_argument("--k", type=int, default=8, help="tokens prompt lookup proposes at most per step")
@@ -202,10 +263,21 @@ def main() -> None:
         if task is not None and len(tok.encode(task[0])) + len(tok.encode(task[1])) + 8 <= context:
             tasks.append(task)
     rng.shuffle(tasks)
-    tasks = tasks[:args.functions]
-    print(json.dumps({"model": str(path), "params": model.num_params(), "decode_path": decode_path(model),
-                      "functions": len(tasks), "requests": args.requests, "k": args.k,
-                      "threads": torch.get_num_threads()}), flush=True)
+    tasks = tasks[: args.functions]
+    print(
+        json.dumps(
+            {
+                "model": str(path),
+                "params": model.num_params(),
+                "decode_path": decode_path(model),
+                "functions": len(tasks),
+                "requests": args.requests,
+                "k": args.k,
+                "threads": torch.get_num_threads(),
+            }
+        ),
+        flush=True,
+    )
 
     prompts = [tok.encode(p) for p, _ in tasks]
     greedy = [SamplingParams(temperature=0, max_tokens=len(tok.encode(edit)) + 4, ignore_eos=True) for _, edit in tasks]
@@ -217,20 +289,36 @@ def main() -> None:
     print(json.dumps({"workload": "repetitive", **repetitive}), flush=True)
 
     starts = [tok.encode(edit.split("\n", 1)[0] + "\n") for _, edit in tasks]
-    sampled = [SamplingParams(temperature=1.0, max_tokens=min(128, context - len(s)), ignore_eos=True, seed=i)
-               for i, s in enumerate(starts)]
+    sampled = [
+        SamplingParams(temperature=1.0, max_tokens=min(128, context - len(s)), ignore_eos=True, seed=i)
+        for i, s in enumerate(starts)
+    ]
     plain, _ = compare(model, starts, sampled, args.requests, args.k, args.repeats)
     print(json.dumps({"workload": "plain", **plain}), flush=True)
 
-    print(json.dumps({"speedup_repetitive": repetitive["speedup"], "speedup_plain": plain["speedup"],
-                      "speedup_repetitive_cpu": repetitive["speedup_cpu"], "speedup_plain_cpu": plain["speedup_cpu"],
-                      "identical": repetitive["identical"], "repetitive_plain_tok_s": repetitive["plain_tok_s"],
-                      "repetitive_ngram_tok_s": repetitive["ngram_tok_s"], "plain_plain_tok_s": plain["plain_tok_s"],
-                      "plain_ngram_tok_s": plain["ngram_tok_s"],
-                      "acceptance_rate_repetitive": repetitive["acceptance_rate"],
-                      "acceptance_rate_plain": plain["acceptance_rate"], "requests": args.requests, "k": args.k,
-                      "functions": len(tasks), "edits_first_line": repetitive["edits_first_line"],
-                      "edits_whole": repetitive["edits_whole"]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "speedup_repetitive": repetitive["speedup"],
+                "speedup_plain": plain["speedup"],
+                "speedup_repetitive_cpu": repetitive["speedup_cpu"],
+                "speedup_plain_cpu": plain["speedup_cpu"],
+                "identical": repetitive["identical"],
+                "repetitive_plain_tok_s": repetitive["plain_tok_s"],
+                "repetitive_ngram_tok_s": repetitive["ngram_tok_s"],
+                "plain_plain_tok_s": plain["plain_tok_s"],
+                "plain_ngram_tok_s": plain["ngram_tok_s"],
+                "acceptance_rate_repetitive": repetitive["acceptance_rate"],
+                "acceptance_rate_plain": plain["acceptance_rate"],
+                "requests": args.requests,
+                "k": args.k,
+                "functions": len(tasks),
+                "edits_first_line": repetitive["edits_first_line"],
+                "edits_whole": repetitive["edits_whole"],
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

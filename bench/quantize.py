@@ -42,9 +42,8 @@ import torch.nn.functional as F
 from lmforge.checkpoint import load_model
 from lmforge.config import ModelConfig
 from lmforge.evaluate import evaluate
-from lmforge.infer.fused import decode_path, prepare_for_decoding
+from lmforge.infer.fused import _load_extension, decode_path, prepare_for_decoding
 from lmforge.infer.generate import generate
-from lmforge.infer.fused import _load_extension
 from lmforge.infer.quantize import model_bytes, quantize_int4, quantize_int8, quantize_model
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
@@ -98,9 +97,15 @@ def kernels(repeats: int) -> None:
         ext, none = _load_extension(), torch.Tensor()
         cases = {
             "fp32": lambda: F.linear(x, w),
-            **({"fp32_fused": lambda: ext.linear_act(x, w, none, none, 0),
-                "int8_fused": lambda: ext.linear_act(x, wq, s, none, 0),
-                "int4_fused": lambda: ext.linear_act(x, q4, s4, none, 0)} if ext is not None else {}),
+            **(
+                {
+                    "fp32_fused": lambda: ext.linear_act(x, w, none, none, 0),
+                    "int8_fused": lambda: ext.linear_act(x, wq, s, none, 0),
+                    "int4_fused": lambda: ext.linear_act(x, q4, s4, none, 0),
+                }
+                if ext is not None
+                else {}
+            ),
             "int8pack_bf16_act": lambda: torch._weight_int8pack_mm(x.bfloat16(), wq, sb).float(),
             "int8pack_fp32_act": lambda: torch._weight_int8pack_mm(x, wq, s),
             "dequant_then_fp32": lambda: F.linear(x, wq.float() * s[:, None]),
@@ -116,19 +121,32 @@ def kernels(repeats: int) -> None:
             cases["peer_torch_ao_dynamic_int8"] = lambda: peer(x)
         n = max(3, repeats // 10) if N > 10000 else repeats
         times = {case: median_us(fn, n) for case, fn in cases.items()}
-        print(json.dumps({"kernel": name, "shape": [N, K], "batch": 1, "median_us": times,
-                          "speedup_vs_fp32": {c: round(times["fp32"] / t, 2) for c, t in times.items()}}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "kernel": name,
+                    "shape": [N, K],
+                    "batch": 1,
+                    "median_us": times,
+                    "speedup_vs_fp32": {c: round(times["fp32"] / t, 2) for c, t in times.items()},
+                }
+            ),
+            flush=True,
+        )
 
 
 def decode(repeats: int, new_tokens: int, concurrency: int) -> dict:
     torch.manual_seed(0)
     fp32 = Transformer(ModelConfig.from_name("gpt2")).eval()
-    variants = {"fp32": prepare_for_decoding(copy.deepcopy(fp32)),  # what `lmforge generate` runs
-                "int8": prepare_for_decoding(quantize_model(copy.deepcopy(fp32), "int8")),
-                "int4": prepare_for_decoding(quantize_model(copy.deepcopy(fp32), "int4")),
-                "fp32_plain": fp32, "int8_eager": quantize_model(copy.deepcopy(fp32), "int8"),
-                "int4_eager": quantize_model(copy.deepcopy(fp32), "int4"),
-                "bf16": prepare_for_decoding(copy.deepcopy(fp32).to(torch.bfloat16))}
+    variants = {
+        "fp32": prepare_for_decoding(copy.deepcopy(fp32)),  # what `lmforge generate` runs
+        "int8": prepare_for_decoding(quantize_model(copy.deepcopy(fp32), "int8")),
+        "int4": prepare_for_decoding(quantize_model(copy.deepcopy(fp32), "int4")),
+        "fp32_plain": fp32,
+        "int8_eager": quantize_model(copy.deepcopy(fp32), "int8"),
+        "int4_eager": quantize_model(copy.deepcopy(fp32), "int4"),
+        "bf16": prepare_for_decoding(copy.deepcopy(fp32).to(torch.bfloat16)),
+    }
     paths = {name: decode_path(model) for name, model in variants.items()}
     peer = dynamic_int8_peer(fp32)
     if peer is not None:
@@ -143,13 +161,21 @@ def decode(repeats: int, new_tokens: int, concurrency: int) -> dict:
             outputs[name] = generate(model, [prompt], params)[0].tokens
             times[name].append(time.perf_counter() - t0)
     tok_s = {name: round(new_tokens / statistics.median(t), 2) for name, t in times.items()}
-    result = {"model": "gpt2", "batch": 1, "prompt": 32, "new_tokens": new_tokens, "repeats": repeats,
-              "tok_s": tok_s, "decode_path": paths,
-              "mbytes": {n: round(model_bytes(m) / 2**20, 1) for n, m in variants.items()
-                         if n in ("fp32", "int8", "int4", "bf16")},
-              "int8_same_tokens_as_fp32": outputs["int8"] == outputs["fp32"],
-              "int4_same_tokens_as_int4_eager": outputs["int4"] == outputs["int4_eager"],
-              "engine": engine(variants, prompt, params, repeats, concurrency)}
+    result = {
+        "model": "gpt2",
+        "batch": 1,
+        "prompt": 32,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "tok_s": tok_s,
+        "decode_path": paths,
+        "mbytes": {
+            n: round(model_bytes(m) / 2**20, 1) for n, m in variants.items() if n in ("fp32", "int8", "int4", "bf16")
+        },
+        "int8_same_tokens_as_fp32": outputs["int8"] == outputs["fp32"],
+        "int4_same_tokens_as_int4_eager": outputs["int4"] == outputs["int4_eager"],
+        "engine": engine(variants, prompt, params, repeats, concurrency),
+    }
     print(json.dumps(result), flush=True)
     return result
 
@@ -186,8 +212,20 @@ def trained_model(cache: Path, name: str, minutes: float, shared_data: Path = SH
         prepare(shared_data / corpus, data, tokenizer=tokenizer, vocab_size=vocab, val_fraction=0.1)
     if not (run / "best" / "config.json").exists():
         overrides = {"block_size": 128} if preset == "llama-nano" else {}
-        train(TrainConfig(data=str(data), out=str(run), preset=preset, max_iters=2000, max_minutes=minutes,
-                          eval_interval=250, lr_decay_iters=2000, progress=False, log_interval=100, **overrides))
+        train(
+            TrainConfig(
+                data=str(data),
+                out=str(run),
+                preset=preset,
+                max_iters=2000,
+                max_minutes=minutes,
+                eval_interval=250,
+                lr_decay_iters=2000,
+                progress=False,
+                log_interval=100,
+                **overrides,
+            )
+        )
     return run, data
 
 
@@ -196,17 +234,24 @@ def perplexity(run: Path, data: Path) -> dict:
 
     fp32, _ = load_model(run, with_tokenizer=False)
     val = load_split(data, "val")
-    variants = {"fp32": fp32, "int8": quantize_model(copy.deepcopy(fp32), "int8"),
-                "int4": quantize_model(copy.deepcopy(fp32), "int4")}
+    variants = {
+        "fp32": fp32,
+        "int8": quantize_model(copy.deepcopy(fp32), "int8"),
+        "int4": quantize_model(copy.deepcopy(fp32), "int4"),
+    }
     peer = dynamic_int8_peer(fp32)
     if peer is not None:
         peer.config = fp32.config
         variants["peer_torch_ao_dynamic_int8"] = peer
     with torch.inference_mode():
         ppl = {name: evaluate(m, val, batch_size=16)["ppl"] for name, m in variants.items()}
-    result = {"model": str(run), "preset": fp32.config.name, "val_tokens": int(len(val)),
-              "ppl": {n: round(p, 4) for n, p in ppl.items()},
-              "ppl_delta_pct": {n: round(100 * (p / ppl["fp32"] - 1), 3) for n, p in ppl.items() if n != "fp32"}}
+    result = {
+        "model": str(run),
+        "preset": fp32.config.name,
+        "val_tokens": int(len(val)),
+        "ppl": {n: round(p, 4) for n, p in ppl.items()},
+        "ppl_delta_pct": {n: round(100 * (p / ppl["fp32"] - 1), 3) for n, p in ppl.items() if n != "fp32"},
+    }
     print(json.dumps(result), flush=True)
     return result
 
@@ -220,11 +265,17 @@ def main() -> None:
     parser.add_argument("--kernel-repeats", type=int, default=200, help="timed calls per kernel")
     parser.add_argument("--model", default=None, help="a trained run or model folder for the perplexity part")
     parser.add_argument("--data", default=None, help="the data folder the --model was trained on")
-    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "lmforge" / "bench-quantize"),
-                        help="where the trained models and their data are kept between runs")
+    parser.add_argument(
+        "--cache",
+        default=str(Path.home() / ".cache" / "lmforge" / "bench-quantize"),
+        help="where the trained models and their data are kept between runs",
+    )
     parser.add_argument("--train-minutes", type=float, default=3.0, help="training budget per model not cached")
-    parser.add_argument("--shared-data", default=str(SHARED_DATA), help="the corpora folder (tinyshakespeare/, "
-                        "wikitext-2/), /work/shared/data on the development machines")
+    parser.add_argument(
+        "--shared-data",
+        default=str(SHARED_DATA),
+        help="the corpora folder (tinyshakespeare/, wikitext-2/), /work/shared/data on the development machines",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,21 +284,34 @@ def main() -> None:
 
     kernels(args.kernel_repeats)
     speed = decode(args.repeats, args.new_tokens, args.concurrency)
-    runs = ({args.model: (Path(args.model), Path(args.data))} if args.model else
-            {name: trained_model(Path(args.cache), name, args.train_minutes, Path(args.shared_data))
-             for name in MODELS})
+    runs = (
+        {args.model: (Path(args.model), Path(args.data))}
+        if args.model
+        else {
+            name: trained_model(Path(args.cache), name, args.train_minutes, Path(args.shared_data)) for name in MODELS
+        }
+    )
     ppl = {name: perplexity(run, data) for name, (run, data) in runs.items()}
     tok_s = speed["tok_s"]
-    print(json.dumps({"speedup": round(tok_s["int8"] / tok_s["fp32"], 3),
-                      "int4_speedup": round(tok_s["int4"] / tok_s["fp32"], 3),
-                      "int4_vs_int8": round(tok_s["int4"] / tok_s["int8"], 3),
-                      "speedup_vs_plain_fp32": round(tok_s["int8"] / tok_s["fp32_plain"], 3),
-                      "fp32_tok_s": tok_s["fp32"], "int8_tok_s": tok_s["int8"], "int4_tok_s": tok_s["int4"],
-                      "bf16_tok_s": tok_s["bf16"], "engine_tok_s": speed["engine"],
-                      "ppl": {name: r["ppl"] for name, r in ppl.items()},
-                      "ppl_delta_pct": {name: r["ppl_delta_pct"] for name, r in ppl.items()},
-                      "int4_within_5pct": all(r["ppl_delta_pct"]["int4"] <= 5 for r in ppl.values()),
-                      "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "speedup": round(tok_s["int8"] / tok_s["fp32"], 3),
+                "int4_speedup": round(tok_s["int4"] / tok_s["fp32"], 3),
+                "int4_vs_int8": round(tok_s["int4"] / tok_s["int8"], 3),
+                "speedup_vs_plain_fp32": round(tok_s["int8"] / tok_s["fp32_plain"], 3),
+                "fp32_tok_s": tok_s["fp32"],
+                "int8_tok_s": tok_s["int8"],
+                "int4_tok_s": tok_s["int4"],
+                "bf16_tok_s": tok_s["bf16"],
+                "engine_tok_s": speed["engine"],
+                "ppl": {name: r["ppl"] for name, r in ppl.items()},
+                "ppl_delta_pct": {name: r["ppl_delta_pct"] for name, r in ppl.items()},
+                "int4_within_5pct": all(r["ppl_delta_pct"]["int4"] <= 5 for r in ppl.values()),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

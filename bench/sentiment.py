@@ -51,8 +51,16 @@ from pathlib import Path
 import torch
 
 from lmforge.apps.classifier import new_classifier
-from lmforge.apps.classify import (DEFAULT_LABELS, ClassifyConfig, accuracy, macro_f1, read_labelled, report,
-                                   split_labelled, train_ensemble)
+from lmforge.apps.classify import (
+    DEFAULT_LABELS,
+    ClassifyConfig,
+    accuracy,
+    macro_f1,
+    read_labelled,
+    report,
+    split_labelled,
+    train_ensemble,
+)
 from lmforge.fsutil import atomic_write_text
 from lmforge.tokenizer import BPE_EOS
 
@@ -72,15 +80,19 @@ def baseline(train, test, seed: int) -> dict:
     from sklearn.pipeline import make_pipeline
 
     t0 = time.perf_counter()
-    pipe = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-                         LogisticRegression(max_iter=2000, random_state=seed))
+    pipe = make_pipeline(
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LogisticRegression(max_iter=2000, random_state=seed)
+    )
     search = GridSearchCV(pipe, {"logisticregression__C": [0.3, 1, 3, 10, 30, 100]}, cv=5, n_jobs=1)
     search.fit([e.text for e in train], [e.label for e in train])
     pred = search.predict([e.text for e in test]).tolist()
     truth = [e.label for e in test]
-    return {"baseline_acc": round(accuracy(truth, pred), 4), "baseline_f1": round(macro_f1(truth, pred, 2), 4),
-            "baseline_C": search.best_params_["logisticregression__C"],
-            "baseline_seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "baseline_acc": round(accuracy(truth, pred), 4),
+        "baseline_f1": round(macro_f1(truth, pred, 2), 4),
+        "baseline_C": search.best_params_["logisticregression__C"],
+        "baseline_seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def chat_text(path: Path, max_chars: int) -> str:
@@ -130,9 +142,25 @@ def pretrain(args, train_sentences: list[str], test_sentences: list[str]) -> tup
     from lmforge.data import prepare
     from lmforge.train.trainer import TrainConfig, train
 
-    settings = {k: getattr(args, k) for k in ("preset", "n_layer", "n_embd", "n_head", "block_size", "vocab_size",
-                                              "pretrain_minutes", "wikitext_chars", "repeat", "seed", "lr",
-                                              "pretrain_batch_size", "chat_chars", "label_words")}
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "preset",
+            "n_layer",
+            "n_embd",
+            "n_head",
+            "block_size",
+            "vocab_size",
+            "pretrain_minutes",
+            "wikitext_chars",
+            "repeat",
+            "seed",
+            "lr",
+            "pretrain_batch_size",
+            "chat_chars",
+            "label_words",
+        )
+    }
     # settings added later enter the key only away from their old behaviour, so older caches stay valid
     if args.tatoeba_chars != 0:  # -1 (all) keys as None, as the measured runs did
         settings["tatoeba_chars"] = None if args.tatoeba_chars < 0 else args.tatoeba_chars
@@ -150,32 +178,57 @@ def pretrain(args, train_sentences: list[str], test_sentences: list[str]) -> tup
     wiki = args.wikitext
     corpus = root / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
-    wiki_train = (wiki / "train.txt").read_text(encoding="utf-8")[:args.wikitext_chars]
+    wiki_train = (wiki / "train.txt").read_text(encoding="utf-8")[: args.wikitext_chars]
     chat = chat_text(args.chat, args.chat_chars) if args.chat_chars else ""
-    tatoeba, skipped = ("", 0) if args.tatoeba_chars == 0 else \
-        tatoeba_text(args.tatoeba, None if args.tatoeba_chars < 0 else args.tatoeba_chars,
-                     {t.casefold() for t in test_sentences})
+    tatoeba, skipped = (
+        ("", 0)
+        if args.tatoeba_chars == 0
+        else tatoeba_text(
+            args.tatoeba, None if args.tatoeba_chars < 0 else args.tatoeba_chars, {t.casefold() for t in test_sentences}
+        )
+    )
     sentences = "\n".join(train_sentences) + "\n"
-    (corpus / "train.txt").write_text(wiki_train + "\n" + chat + tatoeba + sentences * args.repeat,
-                                      encoding="utf-8")
-    (corpus / "valid.txt").write_text((wiki / "valid.txt").read_text(encoding="utf-8")[:200_000],
-                                      encoding="utf-8")
+    (corpus / "train.txt").write_text(wiki_train + "\n" + chat + tatoeba + sentences * args.repeat, encoding="utf-8")
+    (corpus / "valid.txt").write_text((wiki / "valid.txt").read_text(encoding="utf-8")[:200_000], encoding="utf-8")
     meta = prepare(corpus, root / "data", tokenizer="bpe", vocab_size=args.vocab_size)
     prep_s = time.perf_counter() - t0
-    cfg = TrainConfig(data=str(root / "data"), out=str(root / "run"), preset=args.preset, n_layer=args.n_layer,
-                      n_embd=args.n_embd, n_head=args.n_head, block_size=args.block_size, dropout=0.0,
-                      batch_size=args.pretrain_batch_size, lr=args.lr, schedule=args.pretrain_schedule,
-                      warmup_iters=100, max_minutes=args.pretrain_minutes,
-                      # no step budget with cosine: it then decays over the minutes, reaching min_lr as time runs out
-                      max_iters=None if args.pretrain_schedule == "cosine" else 10_000_000,
-                      eval_interval=200, eval_iters=5,
-                      num_threads=args.num_threads, seed=args.seed, progress=False)
+    cfg = TrainConfig(
+        data=str(root / "data"),
+        out=str(root / "run"),
+        preset=args.preset,
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        n_head=args.n_head,
+        block_size=args.block_size,
+        dropout=0.0,
+        batch_size=args.pretrain_batch_size,
+        lr=args.lr,
+        schedule=args.pretrain_schedule,
+        warmup_iters=100,
+        max_minutes=args.pretrain_minutes,
+        # no step budget with cosine: it then decays over the minutes, reaching min_lr as time runs out
+        max_iters=None if args.pretrain_schedule == "cosine" else 10_000_000,
+        eval_interval=200,
+        eval_iters=5,
+        num_threads=args.num_threads,
+        seed=args.seed,
+        progress=False,
+    )
     summary = train(cfg)
-    record = {"settings": settings, "tokens": meta["splits"], "prepare_seconds": round(prep_s, 1),
-              "corpus_chars": {"wikitext": len(wiki_train), "chat": len(chat), "tatoeba": len(tatoeba),
-                               "tatoeba_test_skipped": skipped, "sentences": len(sentences) * args.repeat},
-              "pretrain_minutes": round((time.perf_counter() - t0 - prep_s) / 60, 2),
-              "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}}
+    record = {
+        "settings": settings,
+        "tokens": meta["splits"],
+        "prepare_seconds": round(prep_s, 1),
+        "corpus_chars": {
+            "wikitext": len(wiki_train),
+            "chat": len(chat),
+            "tatoeba": len(tatoeba),
+            "tatoeba_test_skipped": skipped,
+            "sentences": len(sentences) * args.repeat,
+        },
+        "pretrain_minutes": round((time.perf_counter() - t0 - prep_s) / 60, 2),
+        "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
+    }
     atomic_write_text(record_path, json.dumps(record, indent=2))  # written last: its presence means done
     return root / "run", dict(record, cached=False)
 
@@ -200,17 +253,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wikitext-chars", type=int, default=4_000_000, help="cap on WikiText-2 training characters")
     p.add_argument("--repeat", type=int, default=20, help="times the training sentences are repeated in pretraining")
     p.add_argument("--chat", type=Path, default=SHARED / "data" / "chat" / "hh_rlhf_helpful_base_test.jsonl")
-    p.add_argument("--chat-chars", type=int, default=2_000_000,
-                   help="HH-RLHF dialogue characters added to pretraining (the file holds 1.86M)")
-    p.add_argument("--tatoeba", type=Path, default=SHARED / "data" / "translation" / "cmn.txt",
-                   help="a Tatoeba English<TAB>other<TAB>attribution file: its English side is added to pretraining")
-    p.add_argument("--tatoeba-chars", type=int, default=0,
-                   help="cap on the Tatoeba English characters added to pretraining (distinct sentences, 0.89M in "
-                        "all; -1: all; default 0: none, it did not help); test-split sentences are always left out")
-    p.add_argument("--pretrain-schedule", choices=("constant", "cosine"), default="constant",
-                   help="pretraining learning rate: flat after warmup, or cosine-decayed over --pretrain-minutes")
-    p.add_argument("--label-words", action="store_true",
-                   help="pretraining reads each fitting sentence followed by <|endoftext|> and its label's name")
+    p.add_argument(
+        "--chat-chars",
+        type=int,
+        default=2_000_000,
+        help="HH-RLHF dialogue characters added to pretraining (the file holds 1.86M)",
+    )
+    p.add_argument(
+        "--tatoeba",
+        type=Path,
+        default=SHARED / "data" / "translation" / "cmn.txt",
+        help="a Tatoeba English<TAB>other<TAB>attribution file: its English side is added to pretraining",
+    )
+    p.add_argument(
+        "--tatoeba-chars",
+        type=int,
+        default=0,
+        help="cap on the Tatoeba English characters added to pretraining (distinct sentences, 0.89M in "
+        "all; -1: all; default 0: none, it did not help); test-split sentences are always left out",
+    )
+    p.add_argument(
+        "--pretrain-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="pretraining learning rate: flat after warmup, or cosine-decayed over --pretrain-minutes",
+    )
+    p.add_argument(
+        "--label-words",
+        action="store_true",
+        help="pretraining reads each fitting sentence followed by <|endoftext|> and its label's name",
+    )
     p.add_argument("--epochs", type=int, default=10, help="full fine-tuning epochs")
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--dropout", type=float, default=0.1, help="dropout while fine-tuning")
@@ -219,10 +291,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ensemble", type=int, default=5, help="classifiers (seeds) averaged per full variant")
-    p.add_argument("--cross-fit", action=argparse.BooleanOptionalAction, default=True,
-                   help="the ensemble's members each hold out their own fold of train + val (chosen out-of-fold)")
-    p.add_argument("--variants", nargs="*", default=["last:full", "mean:full", "concat:full"],
-                   help="pooling:mode pairs (pooling last, mean, max or concat; mode full or head)")
+    p.add_argument(
+        "--cross-fit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the ensemble's members each hold out their own fold of train + val (chosen out-of-fold)",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        default=["last:full", "mean:full", "concat:full"],
+        help="pooling:mode pairs (pooling last, mean, max or concat; mode full or head)",
+    )
     p.add_argument("--num-threads", type=int, default=1)
     p.add_argument("--pretrain-only", action="store_true")
     p.add_argument("--base", default=None, help="an lmforge model or run to fine-tune instead of pretraining one")
@@ -234,8 +314,10 @@ def main(argv: list[str] | None = None) -> None:
         args.tatoeba_chars = 20_000
         args.cache_dir = str(Path(args.cache_dir) / "smoke")
     if args.cross_fit and args.label_words:
-        raise SystemExit("--cross-fit scores each fold out of fold, but --label-words pretraining has read the "
-                         "fitting part's labels: its folds would not be unseen")
+        raise SystemExit(
+            "--cross-fit scores each fold out of fold, but --label-words pretraining has read the "
+            "fitting part's labels: its folds would not be unseen"
+        )
     torch.set_num_threads(args.num_threads)
     for name in ("data_dir", "wikitext"):
         if not getattr(args, name).is_dir():
@@ -256,8 +338,16 @@ def main(argv: list[str] | None = None) -> None:
         run, record = Path(args.base), {"pretrain_minutes": None, "cached": True, "tokens": None, "summary": None}
     else:
         run, record = pretrain(args, pretraining_lines(train, val, args.label_words), [e.text for e in test])
-    emit({"stage": "pretrain", "pretrain_minutes": record["pretrain_minutes"], "cached": record["cached"],
-          "tokens": record["tokens"], "corpus_chars": record.get("corpus_chars"), "summary": record["summary"]})
+    emit(
+        {
+            "stage": "pretrain",
+            "pretrain_minutes": record["pretrain_minutes"],
+            "cached": record["cached"],
+            "tokens": record["tokens"],
+            "corpus_chars": record.get("corpus_chars"),
+            "summary": record["summary"],
+        }
+    )
     if args.pretrain_only:
         return
 
@@ -265,34 +355,74 @@ def main(argv: list[str] | None = None) -> None:
     for variant in args.variants:
         pooling, mode = variant.split(":")
         clf, encoder = new_classifier(run, DEFAULT_LABELS, pooling, mode == "head", args.dropout)
-        cfg = ClassifyConfig(pooling=pooling, head_only=mode == "head", epochs=args.epochs, lr=args.finetune_lr,
-                             patience=args.patience, layer_decay=args.layer_decay,
-                             label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
-                             ensemble=1 if mode == "head" else args.ensemble, cross_fit=args.cross_fit,
-                             seed=args.seed)
+        cfg = ClassifyConfig(
+            pooling=pooling,
+            head_only=mode == "head",
+            epochs=args.epochs,
+            lr=args.finetune_lr,
+            patience=args.patience,
+            layer_decay=args.layer_decay,
+            label_smoothing=args.label_smoothing,
+            weight_decay=args.weight_decay,
+            ensemble=1 if mode == "head" else args.ensemble,
+            cross_fit=args.cross_fit,
+            seed=args.seed,
+        )
         clf, summary = train_ensemble(clf, encoder, train, val, cfg, log=lambda s: None)
         scores = report(clf, encoder, test)
         members = summary.get("members", [summary])
-        results.append({"pooling": pooling, "mode": mode, "val_acc": summary["best_val_acc"],
-                        "test_acc": scores["accuracy"], "test_f1": scores["macro_f1"],
-                        "finetune_minutes": summary["minutes"],
-                        "val_curves": [[round(h["val_acc"], 3) for h in m["history"]] for m in members],
-                        "member_val_acc": [m["best_val_acc"] for m in members], "kept": summary.get("kept")})
+        results.append(
+            {
+                "pooling": pooling,
+                "mode": mode,
+                "val_acc": summary["best_val_acc"],
+                "test_acc": scores["accuracy"],
+                "test_f1": scores["macro_f1"],
+                "finetune_minutes": summary["minutes"],
+                "val_curves": [[round(h["val_acc"], 3) for h in m["history"]] for m in members],
+                "member_val_acc": [m["best_val_acc"] for m in members],
+                "kept": summary.get("kept"),
+            }
+        )
         emit({"stage": "finetune", **results[-1]})
 
     best = max(results, key=lambda r: r["val_acc"])  # chosen on validation, never on test
-    emit({"lmforge_acc": best["test_acc"], "lmforge_f1": best["test_f1"], "lmforge_val_acc": round(best["val_acc"], 4),
-          "baseline_acc": base["baseline_acc"],
-          "baseline_f1": base["baseline_f1"], "beats_baseline": best["test_acc"] > base["baseline_acc"],
-          "pretrain_minutes": record["pretrain_minutes"], "finetune_minutes": best["finetune_minutes"],
-          "pooling": best["pooling"], "mode": best["mode"], "split": split,
-          "variants": {f"{r['pooling']}:{r['mode']}": r["test_acc"] for r in results},
-          "all_finetune_minutes": round(sum(r["finetune_minutes"] for r in results), 2),
-          "model": {k: getattr(args, k) for k in ("preset", "n_layer", "n_embd", "block_size", "vocab_size")},
-          "recipe": {k: getattr(args, k) for k in ("wikitext_chars", "chat_chars", "tatoeba_chars", "pretrain_schedule",
-                                                   "repeat", "label_words", "epochs", "finetune_lr", "ensemble",
-                                                   "cross_fit", "layer_decay", "label_smoothing")},
-          "num_threads": args.num_threads})
+    emit(
+        {
+            "lmforge_acc": best["test_acc"],
+            "lmforge_f1": best["test_f1"],
+            "lmforge_val_acc": round(best["val_acc"], 4),
+            "baseline_acc": base["baseline_acc"],
+            "baseline_f1": base["baseline_f1"],
+            "beats_baseline": best["test_acc"] > base["baseline_acc"],
+            "pretrain_minutes": record["pretrain_minutes"],
+            "finetune_minutes": best["finetune_minutes"],
+            "pooling": best["pooling"],
+            "mode": best["mode"],
+            "split": split,
+            "variants": {f"{r['pooling']}:{r['mode']}": r["test_acc"] for r in results},
+            "all_finetune_minutes": round(sum(r["finetune_minutes"] for r in results), 2),
+            "model": {k: getattr(args, k) for k in ("preset", "n_layer", "n_embd", "block_size", "vocab_size")},
+            "recipe": {
+                k: getattr(args, k)
+                for k in (
+                    "wikitext_chars",
+                    "chat_chars",
+                    "tatoeba_chars",
+                    "pretrain_schedule",
+                    "repeat",
+                    "label_words",
+                    "epochs",
+                    "finetune_lr",
+                    "ensemble",
+                    "cross_fit",
+                    "layer_decay",
+                    "label_smoothing",
+                )
+            },
+            "num_threads": args.num_threads,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ import httpx
 from lmforge.serve.process import start_server, stop_server
 
 
-
 def stdlib_text(max_chars: int = 400_000) -> str:
     """Source of the Python standard library, the corpus for the default tokenizer and the prompts."""
     parts, size = [], 0
@@ -69,7 +68,7 @@ def default_model(folder: Path, corpus: str) -> str:
     from lmforge.model import Transformer
     from lmforge.tokenizer import train_tokenizer
 
-    tok = train_tokenizer("bpe", [corpus[i:i + 10_000] for i in range(0, len(corpus), 10_000)], vocab_size=8192)
+    tok = train_tokenizer("bpe", [corpus[i : i + 10_000] for i in range(0, len(corpus), 10_000)], vocab_size=8192)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("gpt-14m", vocab_size=tok.vocab_size))
     save_model(folder, model, tok)
@@ -77,6 +76,7 @@ def default_model(folder: Path, corpus: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- requests
+
 
 @dataclass
 class Job:
@@ -98,7 +98,7 @@ def make_jobs(n: int, corpus: str, drop_fraction: float, max_tokens: int, rng: r
     jobs = []
     for i in range(n):
         start = rng.randrange(0, len(corpus) - 400)
-        prompt = corpus[start:start + rng.randint(40, 300)]
+        prompt = corpus[start : start + rng.randint(40, 300)]
         tokens = rng.randint(max_tokens // 2, max_tokens)
         if rng.random() < drop_fraction:
             jobs.append(Job("drop", prompt, tokens, drop_after=rng.randint(1, 5)))
@@ -113,8 +113,14 @@ async def run_job(client: httpx.AsyncClient, model: str, job: Job) -> Result:
         r = await client.post("/v1/completions", json=body)
         tokens = r.json().get("usage", {}).get("completion_tokens", 0) if r.status_code == 200 else 0
         return Result(r.status_code, tokens)
-    body = {"model": model, "messages": [{"role": "user", "content": job.prompt}], "max_tokens": job.max_tokens,
-            "temperature": 0.8, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": job.prompt}],
+        "max_tokens": job.max_tokens,
+        "temperature": 0.8,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     result = Result(0)
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -139,7 +145,9 @@ async def run_job(client: httpx.AsyncClient, model: str, job: Job) -> Result:
     return result
 
 
-async def run_all(url: str, model: str, jobs: list[Job], concurrency: int, timeout: float) -> tuple[list[Result], float]:
+async def run_all(
+    url: str, model: str, jobs: list[Job], concurrency: int, timeout: float
+) -> tuple[list[Result], float]:
     """Send `jobs` with at most `concurrency` in flight; returns the results and the wall time."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     results: list[Result] = []
@@ -197,8 +205,9 @@ def engine_tok_s(model_path: str, jobs: list[Job], results: list[Result], args) 
     from lmforge.serve.server import Server
     from lmforge.serve.settings import ServeSettings
 
-    settings = ServeSettings(model=model_path, max_batch=args.max_batch, max_model_len=args.max_model_len,
-                             dtype=args.dtype)
+    settings = ServeSettings(
+        model=model_path, max_batch=args.max_batch, max_model_len=args.max_model_len, dtype=args.dtype
+    )
     loaded = load_model(model_path, settings)
     server = Server(loaded.model, loaded.tokenizer, settings, loaded.template_folder or Path(model_path).parent)
     engine, tok = server.engine, loaded.tokenizer
@@ -240,8 +249,12 @@ def main() -> None:
     ap.add_argument("--sequential-requests", type=int, default=32, help="subset sent one at a time for the baseline")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=256)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="the served weights' dtype (`lmforge serve --dtype`), the engine-alone run's too")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the served weights' dtype (`lmforge serve --dtype`), the engine-alone run's too",
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -250,20 +263,39 @@ def main() -> None:
     corpus = stdlib_text()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or default_model(Path(tmp) / "gpt-14m-stdlib", corpus)
-        proc, url = start_server(model, "--max-batch", str(args.max_batch), "--max-queue",
-                                 str(max(256, args.concurrency * 2)), "--max-model-len", str(args.max_model_len),
-                                 "--dtype", args.dtype,
-                                 "--log-level", "warning", timeout=120.0)
+        proc, url = start_server(
+            model,
+            "--max-batch",
+            str(args.max_batch),
+            "--max-queue",
+            str(max(256, args.concurrency * 2)),
+            "--max-model-len",
+            str(args.max_model_len),
+            "--dtype",
+            args.dtype,
+            "--log-level",
+            "warning",
+            timeout=120.0,
+        )
         try:
             model_id = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
             jobs = make_jobs(args.requests, corpus, args.drop_fraction, args.max_tokens, rng)
             asyncio.run(run_all(url, model_id, jobs[:4], 4, args.timeout))  # warm-up: first-call costs
 
-            baseline = [j for j in jobs if j.kind != "drop"][:args.sequential_requests]
+            baseline = [j for j in jobs if j.kind != "drop"][: args.sequential_requests]
             seq_results, seq_wall = asyncio.run(run_all(url, model_id, baseline, 1, args.timeout))
             seq_tok_s = sum(r.tokens for r in seq_results) / seq_wall
-            print(json.dumps({"phase": "sequential", "requests": len(baseline), "wall_s": round(seq_wall, 2),
-                              "tok_s": round(seq_tok_s, 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "phase": "sequential",
+                        "requests": len(baseline),
+                        "wall_s": round(seq_wall, 2),
+                        "tok_s": round(seq_tok_s, 1),
+                    }
+                ),
+                flush=True,
+            )
 
             cpu0, server_cpu0 = time.process_time(), process_cpu_seconds(proc.pid)
             results, wall = asyncio.run(run_all(url, model_id, jobs, args.concurrency, args.timeout))
@@ -274,27 +306,44 @@ def main() -> None:
         finally:
             stop_server(proc)
         engine_rate, engine_tokens = engine_tok_s(model, [r.job for r in results], results, args)
-        print(json.dumps({"phase": "engine_alone", "tokens": engine_tokens, "tok_s": round(engine_rate, 1)}),
-              flush=True)
+        print(
+            json.dumps({"phase": "engine_alone", "tokens": engine_tokens, "tok_s": round(engine_rate, 1)}), flush=True
+        )
 
     ttfts = [r.ttft_s * 1000 for r in results if r.ttft_s is not None]
     tok_s = sum(r.tokens for r in results) / wall
     statuses: dict[str, int] = {}
     for r in results:
         statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
-    print(json.dumps({
-        "bench": "serve_load", "requests": len(results), "concurrency": args.concurrency, "dtype": args.dtype,
-        "dropped_mid_stream": sum(j.kind == "drop" for j in jobs), "statuses": statuses,
-        "errors_5xx": sum(r.status >= 500 for r in results), "connection_errors": statuses.get("0", 0),
-        "leaked_blocks": leaked, "generated_tokens": sum(r.tokens for r in results), "wall_s": round(wall, 2),
-        "tok_s": round(tok_s, 1), "sequential_tok_s": round(seq_tok_s, 1),
-        "sequential_requests": len(baseline), "speedup": round(tok_s / seq_tok_s, 2),
-        "engine_tok_s": round(engine_rate, 1), "http_efficiency": round(tok_s / engine_rate, 3),
-        "loadgen_cpu_share": round(loadgen_cpu, 3), "server_cpu_share": round(server_cpu, 3),
-        "cpus": os.cpu_count(),
-        "ttft_p50_ms": round(statistics.median(ttfts), 1) if ttfts else None,
-        "ttft_p99_ms": round(percentile(ttfts, 0.99), 1) if ttfts else None,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "serve_load",
+                "requests": len(results),
+                "concurrency": args.concurrency,
+                "dtype": args.dtype,
+                "dropped_mid_stream": sum(j.kind == "drop" for j in jobs),
+                "statuses": statuses,
+                "errors_5xx": sum(r.status >= 500 for r in results),
+                "connection_errors": statuses.get("0", 0),
+                "leaked_blocks": leaked,
+                "generated_tokens": sum(r.tokens for r in results),
+                "wall_s": round(wall, 2),
+                "tok_s": round(tok_s, 1),
+                "sequential_tok_s": round(seq_tok_s, 1),
+                "sequential_requests": len(baseline),
+                "speedup": round(tok_s / seq_tok_s, 2),
+                "engine_tok_s": round(engine_rate, 1),
+                "http_efficiency": round(tok_s / engine_rate, 3),
+                "loadgen_cpu_share": round(loadgen_cpu, 3),
+                "server_cpu_share": round(server_cpu, 3),
+                "cpus": os.cpu_count(),
+                "ttft_p50_ms": round(statistics.median(ttfts), 1) if ttfts else None,
+                "ttft_p99_ms": round(percentile(ttfts, 0.99), 1) if ttfts else None,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -23,9 +23,24 @@ import torch
 from lmforge.data import prepare
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-RECIPE = dict(preset="gpt-micro", n_layer=2, n_head=4, n_embd=192, block_size=128, batch_size=16, dropout=0.0,
-              bias=False, lr=3e-3, warmup_iters=50, min_lr=1e-4, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
-              eval_interval=250, eval_iters=20)
+RECIPE = dict(
+    preset="gpt-micro",
+    n_layer=2,
+    n_head=4,
+    n_embd=192,
+    block_size=128,
+    batch_size=16,
+    dropout=0.0,
+    bias=False,
+    lr=3e-3,
+    warmup_iters=50,
+    min_lr=1e-4,
+    beta2=0.99,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    eval_interval=250,
+    eval_iters=20,
+)
 
 
 def main() -> None:
@@ -44,12 +59,32 @@ def main() -> None:
     out = args.out or str(work / "run")
 
     left = 60 * args.minutes - (time.perf_counter() - t0) - 20  # 20 s for the last evaluation and checkpoints
-    summary = train(TrainConfig(data=str(work / "data"), out=out, **RECIPE, max_minutes=left / 60, log_interval=50,
-                                progress=False, num_threads=args.threads))
-    print(json.dumps({"best_val_loss": round(summary["best_val_loss"], 4), "wall_s": round(time.perf_counter() - t0, 1),
-                      "iters": summary["iters"], "stop_reason": summary["stop_reason"],
-                      "train_tokens_per_s": round(summary["train_tokens_per_s"]), "params": summary["params"],
-                      "threads": torch.get_num_threads(), "recipe": RECIPE, "run_dir": out}))
+    summary = train(
+        TrainConfig(
+            data=str(work / "data"),
+            out=out,
+            **RECIPE,
+            max_minutes=left / 60,
+            log_interval=50,
+            progress=False,
+            num_threads=args.threads,
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "best_val_loss": round(summary["best_val_loss"], 4),
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "iters": summary["iters"],
+                "stop_reason": summary["stop_reason"],
+                "train_tokens_per_s": round(summary["train_tokens_per_s"]),
+                "params": summary["params"],
+                "threads": torch.get_num_threads(),
+                "recipe": RECIPE,
+                "run_dir": out,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

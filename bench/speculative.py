@@ -51,12 +51,18 @@ from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.speculative import speculative_generate
 
-SPEAKERS = ["ROMEO:\\n", "JULIET:\\n", "KING RICHARD III:\\n", "First Citizen:\\n", "MENENIUS:\\n", "DUKE VINCENTIO:\\n"]
+SPEAKERS = [
+    "ROMEO:\\n",
+    "JULIET:\\n",
+    "KING RICHARD III:\\n",
+    "First Citizen:\\n",
+    "MENENIUS:\\n",
+    "DUKE VINCENTIO:\\n",
+]
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-def train_pair(cache: Path, target_minutes: float, draft_minutes: float,
-               distill_minutes: float) -> tuple[Path, Path]:
+def train_pair(cache: Path, target_minutes: float, draft_minutes: float, distill_minutes: float) -> tuple[Path, Path]:
     """Target and draft runs trained by lmforge on the same char-level data, reused from `cache` if there."""
     from lmforge.data import prepare
     from lmforge.train.trainer import TrainConfig, train
@@ -65,15 +71,29 @@ def train_pair(cache: Path, target_minutes: float, draft_minutes: float,
     if not (data / "meta.json").exists():
         prepare(SHAKESPEARE, data, tokenizer="char", val_fraction=0.1)
     runs = {  # the minutes are the budget, so the cosine decays over them and each model ends annealed
-        f"target-8x512-{target_minutes:g}min": dict(n_layer=8, n_head=8, n_embd=512, lr=1e-3,
-                                                     max_minutes=target_minutes),
+        f"target-8x512-{target_minutes:g}min": dict(
+            n_layer=8, n_head=8, n_embd=512, lr=1e-3, max_minutes=target_minutes
+        ),
         f"draft-1x128-{draft_minutes:g}min": dict(n_layer=1, n_head=4, n_embd=128, lr=3e-3, max_minutes=draft_minutes),
     }
     for name, settings in runs.items():
         if not (cache / name / "best" / "config.json").exists():
-            train(TrainConfig(data=str(data), out=str(cache / name), preset="gpt-nano", block_size=128,
-                              batch_size=16, dropout=0.0, warmup_iters=50, eval_interval=250, eval_iters=10,
-                              progress=False, log_interval=100, **settings))
+            train(
+                TrainConfig(
+                    data=str(data),
+                    out=str(cache / name),
+                    preset="gpt-nano",
+                    block_size=128,
+                    batch_size=16,
+                    dropout=0.0,
+                    warmup_iters=50,
+                    eval_interval=250,
+                    eval_iters=10,
+                    progress=False,
+                    log_interval=100,
+                    **settings,
+                )
+            )
     target, draft = (cache / name for name in runs)
     if distill_minutes <= 0:
         return target, draft
@@ -149,52 +169,95 @@ def engine_row(target, draft, prompts, params, k: int, requests: int, repeats: i
             outs[name] = [[c.tokens for c in batch] for batch in done]
     tokens = len(prompts) * requests * params.max_tokens
     plain, spec = (tokens / statistics.median(times[n]) for n in ("plain", "speculative"))
-    return {"engine_requests": requests, "k": k, "plain_tok_s": round(plain, 2),
-            "speculative_tok_s": round(spec, 2), "speedup": round(spec / plain, 3),
-            "identical": outs["plain"] == outs["speculative"]}
+    return {
+        "engine_requests": requests,
+        "k": k,
+        "plain_tok_s": round(plain, 2),
+        "speculative_tok_s": round(spec, 2),
+        "speedup": round(spec / plain, 3),
+        "identical": outs["plain"] == outs["speculative"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", default=None, help="target run or model folder (default: train one)")
     parser.add_argument("--draft", default=None, help="draft run or model folder sharing the target's tokenizer")
-    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "lmforge" / "bench-speculative"),
-                        help="where the trained pair and its data are kept between runs")
+    parser.add_argument(
+        "--cache",
+        default=str(Path.home() / ".cache" / "lmforge" / "bench-speculative"),
+        help="where the trained pair and its data are kept between runs",
+    )
     parser.add_argument("--target-minutes", type=float, default=60.0, help="target training budget (minutes)")
     parser.add_argument("--draft-minutes", type=float, default=4.0, help="draft training budget (minutes)")
-    parser.add_argument("--distill-minutes", type=float, default=4.0,
-                        help="then distil the draft towards the target for this long (0: use the draft as trained)")
-    parser.add_argument("--prompt", nargs="+", default=SPEAKERS,
-                        help="prompt texts (\\n for a newline); each run decodes all of them in turn")
-    parser.add_argument("--new-tokens", type=int, default=100,
-                        help="tokens generated per run (the prompt and these must fit the context)")
+    parser.add_argument(
+        "--distill-minutes",
+        type=float,
+        default=4.0,
+        help="then distil the draft towards the target for this long (0: use the draft as trained)",
+    )
+    parser.add_argument(
+        "--prompt",
+        nargs="+",
+        default=SPEAKERS,
+        help="prompt texts (\\n for a newline); each run decodes all of them in turn",
+    )
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=100,
+        help="tokens generated per run (the prompt and these must fit the context)",
+    )
     parser.add_argument("--k", type=int, nargs="+", default=[3, 4, 6], help="draft tokens per round to try")
-    parser.add_argument("--engine-batch", type=int, nargs="*", default=[1, 8],
-                        help="concurrent requests for the engine rows (none: skip the engine)")
+    parser.add_argument(
+        "--engine-batch",
+        type=int,
+        nargs="*",
+        default=[1, 8],
+        help="concurrent requests for the engine rows (none: skip the engine)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant (median)")
-    parser.add_argument("--paths", nargs="+", choices=["fused", "eager"], default=["fused", "eager"],
-                        help="fused: both models as `lmforge generate --draft` runs them (lmforge.infer.fused); "
-                             "eager: the models' own forward; the first one gives the headline")
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=["fused", "eager"],
+        default=["fused", "eager"],
+        help="fused: both models as `lmforge generate --draft` runs them (lmforge.infer.fused); "
+        "eager: the models' own forward; the first one gives the headline",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if (args.target is None) != (args.draft is None):
         parser.error("--target and --draft go together")
-    target_dir, draft_dir = ((Path(args.target), Path(args.draft)) if args.target
-                             else train_pair(Path(args.cache), args.target_minutes, args.draft_minutes,
-                                             args.distill_minutes))
+    target_dir, draft_dir = (
+        (Path(args.target), Path(args.draft))
+        if args.target
+        else train_pair(Path(args.cache), args.target_minutes, args.draft_minutes, args.distill_minutes)
+    )
 
     target, tokenizer = load_model(target_dir)
     draft, _ = load_model(draft_dir, with_tokenizer=False)
     prompts = [tokenizer.encode(text.replace("\\n", "\n")) for text in args.prompt]
     greedy = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     sampled = SamplingParams(temperature=0.8, max_tokens=args.new_tokens, ignore_eos=True, seed=0)
-    print(json.dumps({"target": str(target_dir), "draft": str(draft_dir),
-                      "target_params": target.num_params(), "draft_params": draft.num_params(),
-                      "target_iters": trained_iters(target_dir), "draft_iters": trained_iters(draft_dir),
-                      "prompts": len(prompts), "new_tokens": args.new_tokens,
-                      "threads": torch.get_num_threads()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "target": str(target_dir),
+                "draft": str(draft_dir),
+                "target_params": target.num_params(),
+                "draft_params": draft.num_params(),
+                "target_iters": trained_iters(target_dir),
+                "draft_iters": trained_iters(draft_dir),
+                "prompts": len(prompts),
+                "new_tokens": args.new_tokens,
+                "threads": torch.get_num_threads(),
+            }
+        ),
+        flush=True,
+    )
 
     def run_all(fn) -> tuple[float, list]:
         """Seconds for every prompt in turn, and each one's output."""
@@ -202,8 +265,10 @@ def main() -> None:
         outs = [fn(p) for p in prompts]
         return time.perf_counter() - t0, outs
 
-    models = {"fused": (prepare_for_decoding(copy.deepcopy(target)), prepare_for_decoding(copy.deepcopy(draft))),
-              "eager": (target, draft)}
+    models = {
+        "fused": (prepare_for_decoding(copy.deepcopy(target)), prepare_for_decoding(copy.deepcopy(draft))),
+        "eager": (target, draft),
+    }
     results = []
     for path in args.paths:
         fast_target, fast_draft = models[path]
@@ -221,38 +286,49 @@ def main() -> None:
             stats = [st for _, st in spec_runs]
             sampled_stats = [st for _, st in sampled_runs]
             tokens = len(prompts) * args.new_tokens
-            row = {"path": path, "decode_path": decode_path(fast_target), "k": k,
-                   "plain_tok_s": round(tokens / statistics.median(plain_t), 2),
-                   "speculative_tok_s": round(tokens / statistics.median(spec_t), 2),
-                   "identical": spec == plain,
-                   "acceptance_rate": round(statistics.mean(s["acceptance_rate"] for s in stats), 3),
-                   "tokens_per_round": round(statistics.mean(s["tokens_per_round"] for s in stats), 2),
-                   "sampled_acceptance_rate": round(statistics.mean(s["acceptance_rate"] for s in sampled_stats),
-                                                    3),
-                   "sampled_plain_tok_s": round(tokens / statistics.median(plain_sampled_t), 2),
-                   "sampled_speculative_tok_s": round(tokens / statistics.median(spec_sampled_t), 2)}
+            row = {
+                "path": path,
+                "decode_path": decode_path(fast_target),
+                "k": k,
+                "plain_tok_s": round(tokens / statistics.median(plain_t), 2),
+                "speculative_tok_s": round(tokens / statistics.median(spec_t), 2),
+                "identical": spec == plain,
+                "acceptance_rate": round(statistics.mean(s["acceptance_rate"] for s in stats), 3),
+                "tokens_per_round": round(statistics.mean(s["tokens_per_round"] for s in stats), 2),
+                "sampled_acceptance_rate": round(statistics.mean(s["acceptance_rate"] for s in sampled_stats), 3),
+                "sampled_plain_tok_s": round(tokens / statistics.median(plain_sampled_t), 2),
+                "sampled_speculative_tok_s": round(tokens / statistics.median(spec_sampled_t), 2),
+            }
             row["speedup"] = round(row["speculative_tok_s"] / row["plain_tok_s"], 3)
             row["sampled_speedup"] = round(row["sampled_speculative_tok_s"] / row["sampled_plain_tok_s"], 3)
             print(json.dumps(row), flush=True)
             results.append(row)
 
-    best_of = {path: max((r for r in results if r["path"] == path), key=lambda r: r["speedup"])
-               for path in args.paths}
+    best_of = {path: max((r for r in results if r["path"] == path), key=lambda r: r["speedup"]) for path in args.paths}
     best = best_of[args.paths[0]]
     engine_rows = [engine_row(*models["fused"], prompts, greedy, best["k"], n, args.repeats) for n in args.engine_batch]
     for row in engine_rows:
         print(json.dumps(row), flush=True)
     print("sample:", json.dumps(tokenizer.decode(prompts[0] + spec[0])[:300]), flush=True)
-    print(json.dumps({"speedup": best["speedup"], "path": best["path"],
-                      "speedup_by_path": {path: r["speedup"] for path, r in best_of.items()},
-                      "identical": all(r["identical"] for r in results),
-                      "acceptance_rate": best["acceptance_rate"], "k": best["k"],
-                      "plain_tok_s": best["plain_tok_s"], "speculative_tok_s": best["speculative_tok_s"],
-                      "sampled_acceptance_rate": best["sampled_acceptance_rate"],
-                      "sampled_speedup": best["sampled_speedup"],
-                      "engine_speedup": {r["engine_requests"]: r["speedup"] for r in engine_rows},
-                      "engine_identical": all(r["identical"] for r in engine_rows),
-                      "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "speedup": best["speedup"],
+                "path": best["path"],
+                "speedup_by_path": {path: r["speedup"] for path, r in best_of.items()},
+                "identical": all(r["identical"] for r in results),
+                "acceptance_rate": best["acceptance_rate"],
+                "k": best["k"],
+                "plain_tok_s": best["plain_tok_s"],
+                "speculative_tok_s": best["speculative_tok_s"],
+                "sampled_acceptance_rate": best["sampled_acceptance_rate"],
+                "sampled_speedup": best["sampled_speedup"],
+                "engine_speedup": {r["engine_requests"]: r["speedup"] for r in engine_rows},
+                "engine_identical": all(r["identical"] for r in engine_rows),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -4,13 +4,13 @@ The recipe (nanoGPT README, "I only have a macbook"): 4 layers x 4 heads x 128 d
 2000 iterations, AdamW lr 1e-3 (100 warmup iterations, cosine to 1e-4), beta2 0.99, weight decay 0.1, grad clip
 1.0, no dropout, bias=False (nanoGPT's default), evaluation every 250 iterations on 20 batches.
 
-First a short timing of the same model and batches in the plain way (nanoGPT's loop: foreach AdamW,
-`loss.item()` every step) against lmforge's step, in this process one after the other, with the time the
-step's matrix multiplies alone take (profiled: `matmul_ms`, a floor under any float32 implementation on a CPU
-without fast bfloat16), then the full lmforge run. The last line is JSON: val_loss_at_2000 (nanoGPT-style: mean over 20 random val batches, the same fixed-seed
-batches at every evaluation), full_val_loss_at_2000 (every validation token, in non-overlapping 64-token windows:
-the same quantity without the sampling noise of 20 batches, which is about +-0.02 here), train_tokens_per_s,
-wall_s, and the speed ratio to the plain loop.
+First a short timing of the same model and batches in the plain way (nanoGPT's loop: foreach AdamW, `loss.item()`
+every step) against lmforge's step, in this process one after the other, with the time the step's matrix multiplies
+alone take (profiled: `matmul_ms`, a floor under any float32 implementation on a CPU without fast bfloat16), then
+the full lmforge run. The last line is JSON: val_loss_at_2000 (nanoGPT-style: mean over 20 random val batches, the
+same fixed-seed batches at every evaluation), full_val_loss_at_2000 (every validation token, in non-overlapping
+64-token windows: the same quantity without the sampling noise of 20 batches, which is about +-0.02 here),
+train_tokens_per_s, wall_s, and the speed ratio to the plain loop.
 """
 
 from __future__ import annotations
@@ -28,19 +28,40 @@ import torch.nn.functional as F
 from lmforge.checkpoint import load_model
 from lmforge.data import load_split, prepare, random_batch
 from lmforge.evaluate import evaluate
+from lmforge.model import Transformer
 from lmforge.train.optim import make_optimizer
 from lmforge.train.trainer import TrainConfig, build_model_config, train
-from lmforge.model import Transformer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def recipe(data: str, out: str, args) -> TrainConfig:
-    return TrainConfig(data=data, out=out, preset="gpt-nano", bias=args.bias, dropout=0.0, block_size=64,
-                       batch_size=12, max_iters=2000, lr=1e-3, warmup_iters=100, lr_decay_iters=2000, min_lr=1e-4,
-                       beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_iters=20,
-                       log_interval=50, dtype=args.dtype, compile=args.compile, num_threads=args.threads,
-                       seed=args.seed, progress=not args.quiet)
+    return TrainConfig(
+        data=data,
+        out=out,
+        preset="gpt-nano",
+        bias=args.bias,
+        dropout=0.0,
+        block_size=64,
+        batch_size=12,
+        max_iters=2000,
+        lr=1e-3,
+        warmup_iters=100,
+        lr_decay_iters=2000,
+        min_lr=1e-4,
+        beta1=0.9,
+        beta2=0.99,
+        weight_decay=0.1,
+        grad_clip=1.0,
+        eval_interval=250,
+        eval_iters=20,
+        log_interval=50,
+        dtype=args.dtype,
+        compile=args.compile,
+        num_threads=args.threads,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
 
 
 def make_step(cfg: TrainConfig, plain: bool):
@@ -105,8 +126,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder holding tinyshakespeare/input.txt")
     parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
-    parser.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False,
-                        help="biases in linear layers and norms (nanoGPT's default: no)")
+    parser.add_argument(
+        "--bias",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="biases in linear layers and norms (nanoGPT's default: no)",
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (compile time counts)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
@@ -126,9 +151,13 @@ def main() -> None:
     if args.compare_iters:
         plain, ours = time_steps(cfg, True, args.compare_iters), time_steps(cfg, False, args.compare_iters)
         mm = matmul_time(cfg)
-        compare = {"plain_step_ms": round(1000 * plain, 2), "lmforge_step_ms": round(1000 * ours, 2),
-                   "step_speedup_vs_plain": round(plain / ours, 3), **mm,
-                   "speedup_if_only_matmuls_ran": round(1000 * plain / mm["matmul_ms"], 3)}
+        compare = {
+            "plain_step_ms": round(1000 * plain, 2),
+            "lmforge_step_ms": round(1000 * ours, 2),
+            "step_speedup_vs_plain": round(plain / ours, 3),
+            **mm,
+            "speedup_if_only_matmuls_ran": round(1000 * plain / mm["matmul_ms"], 3),
+        }
         print(json.dumps({"side_by_side": compare}), flush=True)
 
     summary = train(cfg)
@@ -137,11 +166,26 @@ def main() -> None:
     with torch.no_grad():  # the model after 2,000 steps on every validation token: no sampling noise
         model, _ = load_model(Path(cfg.out) / "last")
         full = evaluate(model, load_split(cfg.data, "val"), block_size=64)["loss"]
-    print(json.dumps({"val_loss_at_2000": round(at_2000, 4), "full_val_loss_at_2000": round(full, 4), "train_tokens_per_s": round(summary["train_tokens_per_s"]),
-                      "wall_s": round(summary["wall_s"], 1), "iters": summary["iters"], "preset": "gpt-nano",
-                      "bias": args.bias, "dtype": args.dtype, "seed": args.seed, "compile": args.compile,
-                      "threads": torch.get_num_threads(), "run_dir": cfg.out, **compare,
-                      "nanogpt_reference": {"val_loss_at_2000": 1.886, "train_tokens_per_s": 15500, "wall_s": 114}}))
+    print(
+        json.dumps(
+            {
+                "val_loss_at_2000": round(at_2000, 4),
+                "full_val_loss_at_2000": round(full, 4),
+                "train_tokens_per_s": round(summary["train_tokens_per_s"]),
+                "wall_s": round(summary["wall_s"], 1),
+                "iters": summary["iters"],
+                "preset": "gpt-nano",
+                "bias": args.bias,
+                "dtype": args.dtype,
+                "seed": args.seed,
+                "compile": args.compile,
+                "threads": torch.get_num_threads(),
+                "run_dir": cfg.out,
+                **compare,
+                "nanogpt_reference": {"val_loss_at_2000": 1.886, "train_tokens_per_s": 15500, "wall_s": 114},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,25 +35,57 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lmforge-wikitext2-"))
     meta = prepare(args.data, work / "data", tokenizer="word")
     out = args.out or str(work / "run")
-    cfg = TrainConfig(data=str(work / "data"), out=out, preset="seed", block_size=35, dropout=0.2, batch_size=20,
-                      batch_mode="sequential", optimizer="sgd", lr=5.0, momentum=0.0, weight_decay=0.0,
-                      schedule="plateau", warmup_iters=0, grad_clip=0.25, epochs=args.epochs,
-                      max_iters=args.max_iters, eval_interval=0, eval_mode="streams", eval_batch_size=10,
-                      log_interval=200, seed=1111, num_threads=args.threads, progress=False)
+    cfg = TrainConfig(
+        data=str(work / "data"),
+        out=out,
+        preset="seed",
+        block_size=35,
+        dropout=0.2,
+        batch_size=20,
+        batch_mode="sequential",
+        optimizer="sgd",
+        lr=5.0,
+        momentum=0.0,
+        weight_decay=0.0,
+        schedule="plateau",
+        warmup_iters=0,
+        grad_clip=0.25,
+        epochs=args.epochs,
+        max_iters=args.max_iters,
+        eval_interval=0,
+        eval_mode="streams",
+        eval_batch_size=10,
+        log_interval=200,
+        seed=1111,
+        num_threads=args.threads,
+        progress=False,
+    )
     summary = train(cfg)
     records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_loss" in r]
     previous = 0.0
     for epoch, r in enumerate(evals, 1):
-        print(f"| end of epoch {epoch:3d} | time: {r['elapsed_s'] - previous:7.1f}s | valid loss {r['val_loss']:5.2f} "
-              f"| valid ppl {r['val_ppl']:8.2f}", flush=True)
+        print(
+            f"| end of epoch {epoch:3d} | time: {r['elapsed_s'] - previous:7.1f}s | valid loss {r['val_loss']:5.2f} "
+            f"| valid ppl {r['val_ppl']:8.2f}",
+            flush=True,
+        )
         previous = r["elapsed_s"]
     epochs_done = summary["iters"] / summary["iters_per_epoch"]
-    print(json.dumps({"val_ppl": round(math.exp(evals[-1]["val_loss"]), 2), "epochs": round(epochs_done, 3),
-                      "epoch_s": round(evals[-1]["elapsed_s"] / max(epochs_done, 1e-9), 1),
-                      "vocab_size": meta["vocab_size"], "iters": summary["iters"],
-                      "train_tokens_per_s": round(summary["train_tokens_per_s"]),
-                      "threads": torch.get_num_threads(), "run_dir": out}))
+    print(
+        json.dumps(
+            {
+                "val_ppl": round(math.exp(evals[-1]["val_loss"]), 2),
+                "epochs": round(epochs_done, 3),
+                "epoch_s": round(evals[-1]["elapsed_s"] / max(epochs_done, 1e-9), 1),
+                "vocab_size": meta["vocab_size"],
+                "iters": summary["iters"],
+                "train_tokens_per_s": round(summary["train_tokens_per_s"]),
+                "threads": torch.get_num_threads(),
+                "run_dir": out,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -23,13 +23,29 @@ from pathlib import Path
 
 import torch
 
-from lmforge.apps.translate import (PromptFormat, load_translator, read_pairs, score, split_pairs, train_translator,
-                                    translate)
+from lmforge.apps.translate import (
+    PromptFormat,
+    load_translator,
+    read_pairs,
+    score,
+    split_pairs,
+    train_translator,
+    translate,
+)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "translation" / "cmn.txt"
-RECIPE = dict(template="{src}\n", tokenizer="bpe", vocab_size=4096, preset="gpt-nano",
-              model_overrides=dict(block_size=128), lr=3e-3, batch_size=32, warmup_iters=100, weight_decay=0.0,
-              eval_interval=200)
+RECIPE = dict(
+    template="{src}\n",
+    tokenizer="bpe",
+    vocab_size=4096,
+    preset="gpt-nano",
+    model_overrides=dict(block_size=128),
+    lr=3e-3,
+    batch_size=32,
+    warmup_iters=100,
+    weight_decay=0.0,
+    eval_interval=200,
+)
 
 
 def main() -> None:
@@ -50,9 +66,10 @@ def main() -> None:
         raise SystemExit(f"translation pairs not found at {args.data}; pass --data")
 
     split = split_pairs(read_pairs(args.data))
-    test = split.test[:args.limit]
-    print(json.dumps({"train_pairs": len(split.train), "val_pairs": len(split.val), "test_pairs": len(test)}),
-          flush=True)
+    test = split.test[: args.limit]
+    print(
+        json.dumps({"train_pairs": len(split.train), "val_pairs": len(split.val), "test_pairs": len(test)}), flush=True
+    )
     out = args.out or str(Path(tempfile.mkdtemp(prefix="lmforge-translate-")) / "run")
     recipe = dict(RECIPE, model_overrides=dict(RECIPE["model_overrides"]))
     for key in ("n_layer", "n_embd"):
@@ -67,11 +84,26 @@ def main() -> None:
         print(json.dumps({"iter": it, "val_loss": round(val, 4)}), flush=True)
 
     print(json.dumps({"recipe": {**recipe, "template": fmt.template}, "threads": args.threads}), flush=True)
-    summary = train_translator(split.train, split.val, out, fmt, max_minutes=args.minutes, on_eval=progress,
-                               **recipe)
-    print(json.dumps({k: summary[k] for k in ("iters", "epochs", "best_val_loss", "final_train_loss", "params",
-                                              "vocab_size", "tokens_per_pair", "train_minutes", "model_dir")}),
-          flush=True)
+    summary = train_translator(split.train, split.val, out, fmt, max_minutes=args.minutes, on_eval=progress, **recipe)
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "iters",
+                    "epochs",
+                    "best_val_loss",
+                    "final_train_loss",
+                    "params",
+                    "vocab_size",
+                    "tokens_per_pair",
+                    "train_minutes",
+                    "model_dir",
+                )
+            }
+        ),
+        flush=True,
+    )
 
     model, tok, fmt = load_translator(out)
     sources, refs = [p.src for p in test], [p.tgt for p in test]
@@ -79,24 +111,56 @@ def main() -> None:
     greedy = translate(model, tok, fmt, sources)
     greedy_s = time.perf_counter() - t
     g = score(greedy, refs)
-    print(json.dumps({"decode": "greedy", "bleu": round(g["bleu"], 2), "chrf": round(g["chrf"], 2),
-                      "seconds": round(greedy_s, 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "decode": "greedy",
+                "bleu": round(g["bleu"], 2),
+                "chrf": round(g["chrf"], 2),
+                "seconds": round(greedy_s, 1),
+            }
+        ),
+        flush=True,
+    )
     t = time.perf_counter()
     beam = translate(model, tok, fmt, sources, beam=args.beam)
     beam_s = time.perf_counter() - t
     b = score(beam, refs)
-    print(json.dumps({"decode": f"beam{args.beam}", "bleu": round(b["bleu"], 2), "chrf": round(b["chrf"], 2),
-                      "seconds": round(beam_s, 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "decode": f"beam{args.beam}",
+                "bleu": round(b["bleu"], 2),
+                "chrf": round(b["chrf"], 2),
+                "seconds": round(beam_s, 1),
+            }
+        ),
+        flush=True,
+    )
     for p, gh, bh in list(zip(test, greedy, beam))[:10]:
         print(json.dumps({"src": p.src, "ref": p.tgt, "greedy": gh, "beam": bh}, ensure_ascii=False), flush=True)
-    print(json.dumps({"bleu_greedy": round(g["bleu"], 2), "bleu_beam": round(b["bleu"], 2),
-                      "chrf_greedy": round(g["chrf"], 2), "chrf_beam": round(b["chrf"], 2),
-                      "train_minutes": round(summary["train_minutes"], 2), "beam": args.beam,
-                      "params": summary["params"], "train_pairs": len(split.train), "test_pairs": len(test),
-                      "iters": summary["iters"], "epochs": summary["epochs"],
-                      "decode_seconds_greedy": round(greedy_s, 1), "decode_seconds_beam": round(beam_s, 1),
-                      "threads": torch.get_num_threads(), "recipe": {**recipe, "template": fmt.template},
-                      "run_dir": out}))
+    print(
+        json.dumps(
+            {
+                "bleu_greedy": round(g["bleu"], 2),
+                "bleu_beam": round(b["bleu"], 2),
+                "chrf_greedy": round(g["chrf"], 2),
+                "chrf_beam": round(b["chrf"], 2),
+                "train_minutes": round(summary["train_minutes"], 2),
+                "beam": args.beam,
+                "params": summary["params"],
+                "train_pairs": len(split.train),
+                "test_pairs": len(test),
+                "iters": summary["iters"],
+                "epochs": summary["epochs"],
+                "decode_seconds_greedy": round(greedy_s, 1),
+                "decode_seconds_beam": round(beam_s, 1),
+                "threads": torch.get_num_threads(),
+                "recipe": {**recipe, "template": fmt.template},
+                "run_dir": out,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

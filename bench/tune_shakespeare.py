@@ -18,13 +18,20 @@ import time
 from pathlib import Path
 
 from lmforge.data import prepare
-from lmforge.train.trainer import TrainConfig, train
 from lmforge.train.space import parse_spec
+from lmforge.train.trainer import TrainConfig, train
 from lmforge.train.tune import tune
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SPACE = ["lr=3e-4:3e-2:log", "warmup_iters=0:100", "weight_decay=0:0.3", "dropout=0:0.2", "beta2=0.9:0.999",
-         "label_smoothing=0:0.1", "n_layer=1,2,3"]
+SPACE = [
+    "lr=3e-4:3e-2:log",
+    "warmup_iters=0:100",
+    "weight_decay=0:0.3",
+    "dropout=0:0.2",
+    "beta2=0.9:0.999",
+    "label_smoothing=0:0.1",
+    "n_layer=1,2,3",
+]
 
 
 def main() -> None:
@@ -47,32 +54,73 @@ def main() -> None:
     data = work / "data"
     if not (data / "meta.json").exists():
         prepare(Path(args.data) / "tinyshakespeare" / "input.txt", data, tokenizer="char", val_fraction=0.1)
-    fixed = dict(preset="gpt-nano", n_embd=args.n_embd, n_head=4, block_size=64, batch_size=12,
-                 max_iters=args.iters, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-                 log_interval=50, num_threads=1)
+    fixed = dict(
+        preset="gpt-nano",
+        n_embd=args.n_embd,
+        n_head=4,
+        block_size=64,
+        batch_size=12,
+        max_iters=args.iters,
+        eval_interval=args.eval_interval,
+        eval_iters=args.eval_iters,
+        log_interval=50,
+        num_threads=1,
+    )
 
     t0 = time.perf_counter()
-    default = train(TrainConfig(data=str(data), out=str(work / "default"), n_layer=args.n_layer, progress=False,
-                                **fixed))
-    print(json.dumps({"default": {"best_val_loss": round(default["best_val_loss"], 4),
-                                  "wall_s": round(default["wall_s"], 1), "params": default["params"]}}), flush=True)
+    default = train(
+        TrainConfig(data=str(data), out=str(work / "default"), n_layer=args.n_layer, progress=False, **fixed)
+    )
+    print(
+        json.dumps(
+            {
+                "default": {
+                    "best_val_loss": round(default["best_val_loss"], 4),
+                    "wall_s": round(default["wall_s"], 1),
+                    "params": default["params"],
+                }
+            }
+        ),
+        flush=True,
+    )
 
     space = dict(parse_spec(spec) for spec in SPACE)
-    result = tune(str(data), str(work / "search"), space, fixed, trials=args.trials, sampler="tpe", seed=args.seed,
-                  startup_trials=args.startup_trials, pruner_startup_trials=args.pruner_startup_trials,
-                  pruner_warmup_steps=args.pruner_warmup_steps)
-    print(json.dumps({"search": {k: result[k] for k in ("complete", "pruned", "failed", "wall_s", "best_trial")}}),
-          flush=True)
-    print(json.dumps({"trials": result["trials"], "pruned": result["pruned"],
-                      "pruned_fraction": round(result["pruned"] / result["trials"], 3),
-                      "best_val_loss": round(result["best_val_loss"], 4),
-                      "default_val_loss": round(default["best_val_loss"], 4),
-                      "improvement": round(default["best_val_loss"] - result["best_val_loss"], 4),
-                      "beats_default": result["best_val_loss"] < default["best_val_loss"],
-                      "best_params": {k: round(v, 6) if isinstance(v, float) else v
-                                      for k, v in result["best_params"].items()},
-                      "iters_per_trial": args.iters, "search_wall_s": result["wall_s"],
-                      "wall_s": round(time.perf_counter() - t0, 1), "out": str(work)}))
+    result = tune(
+        str(data),
+        str(work / "search"),
+        space,
+        fixed,
+        trials=args.trials,
+        sampler="tpe",
+        seed=args.seed,
+        startup_trials=args.startup_trials,
+        pruner_startup_trials=args.pruner_startup_trials,
+        pruner_warmup_steps=args.pruner_warmup_steps,
+    )
+    print(
+        json.dumps({"search": {k: result[k] for k in ("complete", "pruned", "failed", "wall_s", "best_trial")}}),
+        flush=True,
+    )
+    print(
+        json.dumps(
+            {
+                "trials": result["trials"],
+                "pruned": result["pruned"],
+                "pruned_fraction": round(result["pruned"] / result["trials"], 3),
+                "best_val_loss": round(result["best_val_loss"], 4),
+                "default_val_loss": round(default["best_val_loss"], 4),
+                "improvement": round(default["best_val_loss"] - result["best_val_loss"], 4),
+                "beats_default": result["best_val_loss"] < default["best_val_loss"],
+                "best_params": {
+                    k: round(v, 6) if isinstance(v, float) else v for k, v in result["best_params"].items()
+                },
+                "iters_per_trial": args.iters,
+                "search_wall_s": result["wall_s"],
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "out": str(work),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

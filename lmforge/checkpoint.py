@@ -142,8 +142,13 @@ def save_model_files(tmp: Path, model: torch.nn.Module, config: ModelConfig, tok
         tokenizer.save(tmp)
 
 
-def save_model(folder: str | os.PathLike, model: Transformer, tokenizer=None, train_state: dict | None = None,
-               extra_files: dict[str, bytes] | None = None) -> Path:
+def save_model(
+    folder: str | os.PathLike,
+    model: Transformer,
+    tokenizer=None,
+    train_state: dict | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
     """Save a model folder atomically; `train_state` (optimizer, scheduler, RNG, step) goes to train_state.pt."""
 
     def write(tmp: Path) -> None:
@@ -168,8 +173,10 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         recover_folder(path / sub)
         if (path / sub / CONFIG_FILE).exists():
             return path / sub
-    raise CheckpointError(f"{path} holds no {CONFIG_FILE}: not an lmforge model folder or training run "
-                          f"(make one with `lmforge train`, or import one with `lmforge import`)")
+    raise CheckpointError(
+        f"{path} holds no {CONFIG_FILE}: not an lmforge model folder or training run "
+        f"(make one with `lmforge train`, or import one with `lmforge import`)"
+    )
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -182,12 +189,16 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             metadata = f.metadata() or {}
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
-                              f"corrupt: re-save or re-download it") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+            f"corrupt: re-save or re-download it"
+        ) from None
     expected = metadata.get("lmforge_sha256")
     if expected and tensors_digest(tensors) != expected:
-        raise CheckpointError(f"{path}: weights do not match the checksum recorded when they were saved; "
-                              f"the file was altered or corrupted after saving")
+        raise CheckpointError(
+            f"{path}: weights do not match the checksum recorded when they were saved; "
+            f"the file was altered or corrupted after saving"
+        )
     return tensors, metadata
 
 
@@ -198,18 +209,28 @@ def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: P
     missing = [n for n in kept if n not in tensors]
     unexpected = [n for n in tensors if n not in own]
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit this model: missing {missing[:5]}"
-                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                              f"{'...' if len(unexpected) > 5 else ''}; is it a checkpoint of another architecture?")
+        raise CheckpointError(
+            f"{path} does not fit this model: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}; is it a checkpoint of another architecture?"
+        )
     for name, t in tensors.items():
         if own[name].shape != t.shape:
-            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, the config in "
-                                  f"{path.parent / CONFIG_FILE} expects {tuple(own[name].shape)}")
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(t.shape)}, the config in "
+                f"{path.parent / CONFIG_FILE} expects {tuple(own[name].shape)}"
+            )
     model.load_state_dict(tensors, strict=False, assign=False)
 
 
-def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               with_tokenizer: bool = True, build: Callable[[ModelConfig], torch.nn.Module] | None = None):
+def load_model(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    with_tokenizer: bool = True,
+    build: Callable[[ModelConfig], torch.nn.Module] | None = None,
+):
     """Load (model, tokenizer) from a model folder or training run; the tokenizer is None when absent.
 
     `build(config)` makes the empty model the weights go into: a plain Transformer by default. Quantized weights
@@ -223,13 +244,17 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
         raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from None
     if build is None:
         if config.quantization:
-            raise CheckpointError(f"{folder} holds {config.quantization}-quantized weights: load it with "
-                                  f"lmforge.loader.load, which builds the quantized layers")
+            raise CheckpointError(
+                f"{folder} holds {config.quantization}-quantized weights: load it with "
+                f"lmforge.loader.load, which builds the quantized layers"
+            )
         build = Transformer
     if not (folder / WEIGHTS_FILE).exists() and (folder / "sharded").is_dir():
-        raise CheckpointError(f"{folder} is a sharded FSDP checkpoint (its weights are split across "
-                              f"{folder / 'sharded'}); resume it under torchrun with --fsdp, or make a normal model "
-                              f"folder from it with lmforge.train.distributed.consolidate")
+        raise CheckpointError(
+            f"{folder} is a sharded FSDP checkpoint (its weights are split across "
+            f"{folder / 'sharded'}); resume it under torchrun with --fsdp, or make a normal model "
+            f"folder from it with lmforge.train.distributed.consolidate"
+        )
     tensors, _ = read_weights(folder / WEIGHTS_FILE)
     model = build(config)
     load_state(model, tensors, folder / WEIGHTS_FILE)
@@ -246,10 +271,11 @@ def load_train_state(path: str | os.PathLike) -> dict:
     recover_folder(Path(path))
     path = Path(path) / TRAIN_STATE_FILE
     if not path.exists():
-        raise CheckpointError(f"no training state in {path.parent} ({TRAIN_STATE_FILE} missing): "
-                              f"it is a model folder, not a resumable training checkpoint")
+        raise CheckpointError(
+            f"no training state in {path.parent} ({TRAIN_STATE_FILE} missing): "
+            f"it is a model folder, not a resumable training checkpoint"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many kinds for a damaged pickle/zip
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}); it may be truncated") from None
-

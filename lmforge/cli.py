@@ -25,8 +25,16 @@ import sys
 import typing
 
 from lmforge.errors import LmforgeError
-from lmforge.settings import (SettingsError, default_of, field_docs, field_types, has_default, is_positional,
-                              read_config, unwrap_optional)
+from lmforge.settings import (
+    SettingsError,
+    default_of,
+    field_docs,
+    field_types,
+    has_default,
+    is_positional,
+    read_config,
+    unwrap_optional,
+)
 
 # verb -> "module:function" (or {action: "module:function"}); the module is imported only when its verb runs, so
 # `lmforge --help` stays fast.
@@ -45,9 +53,11 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "serve": "lmforge.serve.app:serve_command",
     "chat": "lmforge.serve.chat:chat_command",
     "finetune": "lmforge.apps.finetune:finetune_command",
-    "classify": {"train": "lmforge.apps.classify:train_command",
-                 "predict": "lmforge.apps.classify:predict_command",
-                 "eval": "lmforge.apps.classify:eval_command"},
+    "classify": {
+        "train": "lmforge.apps.classify:train_command",
+        "predict": "lmforge.apps.classify:predict_command",
+        "eval": "lmforge.apps.classify:eval_command",
+    },
     "translate": "lmforge.apps.translate:translate_command",
     "explain": "lmforge.apps.explain:explain_command",
 }
@@ -55,8 +65,11 @@ COMMANDS: dict[str, str | dict[str, str]] = {
 # Flags renamed to one name per concept (OpenAI's where there is one), verb -> {old: new}. The old spelling still
 # works for one release, with a line on stderr; delete an entry when its release is out.
 RENAMED: dict[str, dict[str, str]] = {
-    "generate": {"--max-new-tokens": "--max-tokens", "--num-samples": "--n",
-                 "--speculative-k": "--num-speculative-tokens"},
+    "generate": {
+        "--max-new-tokens": "--max-tokens",
+        "--num-samples": "--n",
+        "--speculative-k": "--num-speculative-tokens",
+    },
     "translate": {"--max-new-tokens": "--max-tokens"},
 }
 
@@ -120,8 +133,17 @@ class Switch(argparse.Action):
         return " | ".join(self.option_strings)
 
 
-def add_argument(parser: argparse.ArgumentParser, name: str, tp, default, help_text: str, *,
-                 positional: bool = False, optional_positional: bool = False, suppress: bool = False) -> None:
+def add_argument(
+    parser: argparse.ArgumentParser,
+    name: str,
+    tp,
+    default,
+    help_text: str,
+    *,
+    positional: bool = False,
+    optional_positional: bool = False,
+    suppress: bool = False,
+) -> None:
     """One flag (or positional) `name` of type `tp`. `suppress`: an option not given stays out of the namespace
     (so a config file's value is not overridden by a default); `default` is then only shown in the help."""
     tp = unwrap_optional(tp)
@@ -139,21 +161,22 @@ def add_argument(parser: argparse.ArgumentParser, name: str, tp, default, help_t
     if positional or optional_positional:
         if optional_positional:
             kwargs["nargs"] = "?"
-        parser.add_argument(name, default=argparse.SUPPRESS if suppress else default, help=help_text,
-                            metavar=name.upper(), **kwargs)
+        parser.add_argument(
+            name, default=argparse.SUPPRESS if suppress else default, help=help_text, metavar=name.upper(), **kwargs
+        )
         return
     shown = {True: "on", False: "off"}.get(default, default) if tp is bool else default
     if tp is bool:
         off = f"--no-{flag[2:]}"
         if default is not None:
             help_text = f"{help_text} (default: {shown}{f'; {off} turns it off' if default else ''})".strip()
-        parser.add_argument(flag, off, dest=name, action=Switch, help=help_text,
-                            default=argparse.SUPPRESS if suppress else default)
+        parser.add_argument(
+            flag, off, dest=name, action=Switch, help=help_text, default=argparse.SUPPRESS if suppress else default
+        )
         return
     if default is not None and default != [] and default != {}:
         help_text = f"{help_text} (default: {shown})".strip()
-    parser.add_argument(flag, dest=name, default=argparse.SUPPRESS if suppress else default, help=help_text,
-                        **kwargs)
+    parser.add_argument(flag, dest=name, default=argparse.SUPPRESS if suppress else default, help=help_text, **kwargs)
 
 
 def settings_parameter(fn) -> tuple[str, type] | None:
@@ -172,18 +195,36 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn) -> None:
         docs, types_ = field_docs(cls), field_types(cls)
         for f in dataclasses.fields(cls):
             default = default_of(f) if has_default(f) else None
-            add_argument(parser, f.name, types_[f.name], default, docs.get(f.name, ""),
-                         optional_positional=is_positional(f), suppress=True)
-        parser.add_argument("--config", metavar="FILE.yaml", help="read settings from a YAML file (a run's "
-                            "saved config, `lmforge tune`'s best.yaml, ...); flags given as well override it")
+            add_argument(
+                parser,
+                f.name,
+                types_[f.name],
+                default,
+                docs.get(f.name, ""),
+                optional_positional=is_positional(f),
+                suppress=True,
+            )
+        parser.add_argument(
+            "--config",
+            metavar="FILE.yaml",
+            help="read settings from a YAML file (a run's "
+            "saved config, `lmforge tune`'s best.yaml, ...); flags given as well override it",
+        )
         return
     _, helps = parse_docstring(fn.__doc__)
     hints = typing.get_type_hints(fn)
     for name, param in inspect.signature(fn).parameters.items():
         required = param.default is inspect.Parameter.empty
         positional_only = param.kind is inspect.Parameter.POSITIONAL_ONLY
-        add_argument(parser, name, hints.get(name, str), None if required else param.default, helps.get(name, ""),
-                     positional=required, optional_positional=positional_only and not required)
+        add_argument(
+            parser,
+            name,
+            hints.get(name, str),
+            None if required else param.default,
+            helps.get(name, ""),
+            positional=required,
+            optional_positional=positional_only and not required,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the parser
@@ -200,16 +241,18 @@ def load(verb: str, action: str | None = None):
 def _add_verb(sub, name: str, fn) -> None:
     summary, _ = parse_docstring(fn.__doc__)
     description = inspect.cleandoc(fn.__doc__ or "").split("Args:")[0].strip()
-    p = sub.add_parser(name, help=summary, description=description,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_function_arguments(p, fn)
 
 
 def build_parser(verbs: list[str] | None = None) -> argparse.ArgumentParser:
     import lmforge
 
-    parser = argparse.ArgumentParser(prog="lmforge", description=f"lmforge {lmforge.__version__}: "
-                                     f"{lmforge.__doc__.split(': ', 1)[1]}")
+    parser = argparse.ArgumentParser(
+        prog="lmforge", description=f"lmforge {lmforge.__version__}: {lmforge.__doc__.split(': ', 1)[1]}"
+    )
     parser.add_argument("--version", action="version", version=f"lmforge {lmforge.__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
     for verb, target in COMMANDS.items():
@@ -231,8 +274,11 @@ def spell(fn, name: str) -> str:
     if settings is not None:
         positional = {f.name for f in dataclasses.fields(settings[1]) if is_positional(f)}
     else:
-        positional = {n for n, p in inspect.signature(fn).parameters.items()
-                      if p.default is inspect.Parameter.empty or p.kind is inspect.Parameter.POSITIONAL_ONLY}
+        positional = {
+            n
+            for n, p in inspect.signature(fn).parameters.items()
+            if p.default is inspect.Parameter.empty or p.kind is inspect.Parameter.POSITIONAL_ONLY
+        }
     return name.upper() if name in positional else "--" + name.replace("_", "-")
 
 
@@ -243,8 +289,9 @@ def rename_old_flags(verb: str, argv: list[str]) -> list[str]:
     for arg in argv:
         old, eq, value = arg.partition("=")
         if old in renamed:
-            print(f"lmforge {verb}: {old} is deprecated and goes in the next release; use {renamed[old]}",
-                  file=sys.stderr)
+            print(
+                f"lmforge {verb}: {old} is deprecated and goes in the next release; use {renamed[old]}", file=sys.stderr
+            )
             arg = renamed[old] + eq + value
         out.append(arg)
     return out
@@ -287,15 +334,30 @@ def call_arguments(fn, args: dict) -> tuple[list, dict]:
         name, cls = settings
         config_file = args.pop("config", None)
         return [], {name: build_settings(cls, args, config_file)}
-    positional = [args.pop(name) for name, p in inspect.signature(fn).parameters.items()
-                  if p.kind is inspect.Parameter.POSITIONAL_ONLY]
+    positional = [
+        args.pop(name)
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is inspect.Parameter.POSITIONAL_ONLY
+    ]
     return positional, args
 
 
 # A third-party module a verb needs -> the extra of pyproject.toml that installs it (`pip install lmforge[serve]`).
-EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "pydantic": "serve", "prometheus_client": "serve",
-          "outlines_core": "serve", "httpx": "serve", "jinja2": "serve", "sacrebleu": "apps", "rich": "apps",
-          "optuna": "apps", "gguf": "gguf", "tensorboard": "tensorboard", "transformers": "dev"}
+EXTRAS = {
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "pydantic": "serve",
+    "prometheus_client": "serve",
+    "outlines_core": "serve",
+    "httpx": "serve",
+    "jinja2": "serve",
+    "sacrebleu": "apps",
+    "rich": "apps",
+    "optuna": "apps",
+    "gguf": "gguf",
+    "tensorboard": "tensorboard",
+    "transformers": "dev",
+}
 
 
 def missing_extra(name: str, e: ModuleNotFoundError) -> int:
@@ -303,8 +365,11 @@ def missing_extra(name: str, e: ModuleNotFoundError) -> int:
     extra = EXTRAS.get((e.name or "").split(".")[0])
     if extra is None:
         raise e
-    print(f"{name}: error: this command needs the '{e.name}' package, which lmforge's [{extra}] extra installs: "
-          f"pip install 'lmforge[{extra}]'", file=sys.stderr)
+    print(
+        f"{name}: error: this command needs the '{e.name}' package, which lmforge's [{extra}] extra installs: "
+        f"pip install 'lmforge[{extra}]'",
+        file=sys.stderr,
+    )
     return 1
 
 

@@ -105,19 +105,26 @@ class ModelConfig:
         self._check()
 
     def _check(self) -> None:
-        choices = {"norm": ("layernorm", "rmsnorm"), "norm_placement": ("pre", "post", "sandwich", "output"),
-                   "mlp": ("gelu", "gelu_tanh", "relu", "swiglu", "geglu_tanh"),
-                   "pos": ("learned", "rope", "sinusoidal"), "init": ("gpt2", "seed"),
-                   "quantization": (None, "int8", "int4"), "qk_norm": (None, "head", "proj")}
+        choices = {
+            "norm": ("layernorm", "rmsnorm"),
+            "norm_placement": ("pre", "post", "sandwich", "output"),
+            "mlp": ("gelu", "gelu_tanh", "relu", "swiglu", "geglu_tanh"),
+            "pos": ("learned", "rope", "sinusoidal"),
+            "init": ("gpt2", "seed"),
+            "quantization": (None, "int8", "int4"),
+            "qk_norm": (None, "head", "proj"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise LmforgeError(f"config {key}={getattr(self, key)!r} is not one of {allowed}", param=key)
         if self.head_size is None and self.n_embd % self.n_head:
-            raise LmforgeError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set head_size)",
-                               param="n_head")
+            raise LmforgeError(
+                f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set head_size)", param="n_head"
+            )
         if self.n_head % self.n_kv_head:
-            raise LmforgeError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}",
-                               param="n_kv_head")
+            raise LmforgeError(
+                f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}", param="n_kv_head"
+            )
         for key in ("vocab_size", "block_size", "n_layer", "head_size", "rope_dim", "sliding_window"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -128,17 +135,24 @@ class ModelConfig:
                 raise LmforgeError(f"config {key} must be > 0 (or null), got {value}", param=key)
         if self.pos == "rope":
             if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
-                raise LmforgeError(f"rotary positions turn an even number of dims, at most the head size "
-                                   f"{self.head_dim}; got {self.rotary_dim}", param="rope_dim")
+                raise LmforgeError(
+                    f"rotary positions turn an even number of dims, at most the head size "
+                    f"{self.head_dim}; got {self.rotary_dim}",
+                    param="rope_dim",
+                )
             self._check_rope_scaling()
         elif self.rope_scaling or self.rope_dim or self.rope_local_base:
-            raise LmforgeError(f"rope_scaling, rope_dim and rope_local_base need pos='rope', not {self.pos!r}",
-                               param="pos")
+            raise LmforgeError(
+                f"rope_scaling, rope_dim and rope_local_base need pos='rope', not {self.pos!r}", param="pos"
+            )
         if self.window_layers is not None:
             bad = [i for i in self.window_layers if not 0 <= i < self.n_layer]
             if self.sliding_window is None or bad:
-                raise LmforgeError(f"window_layers={self.window_layers} needs sliding_window and layer indices in "
-                                   f"0..{self.n_layer - 1}", param="window_layers")
+                raise LmforgeError(
+                    f"window_layers={self.window_layers} needs sliding_window and layer indices in "
+                    f"0..{self.n_layer - 1}",
+                    param="window_layers",
+                )
 
     def _check_rope_scaling(self) -> None:
         spec = self.rope_scaling
@@ -146,18 +160,25 @@ class ModelConfig:
             return
         kind = spec.get("type") if isinstance(spec, dict) else None
         if kind not in ROPE_SCALING_KEYS:
-            raise LmforgeError(f"rope_scaling type {kind!r} is not one of {sorted(ROPE_SCALING_KEYS)}",
-                               param="rope_scaling")
+            raise LmforgeError(
+                f"rope_scaling type {kind!r} is not one of {sorted(ROPE_SCALING_KEYS)}", param="rope_scaling"
+            )
         missing = [k for k in ROPE_SCALING_KEYS[kind] if spec.get(k) is None]
         unknown = set(spec) - {"type", *ROPE_SCALING_KEYS[kind], *ROPE_SCALING_OPTIONAL}
         if missing or unknown:
-            raise LmforgeError(f"rope_scaling {kind!r} needs {list(ROPE_SCALING_KEYS[kind])}; missing {missing}, "
-                               f"unknown {sorted(unknown)}", param="rope_scaling")
+            raise LmforgeError(
+                f"rope_scaling {kind!r} needs {list(ROPE_SCALING_KEYS[kind])}; missing {missing}, "
+                f"unknown {sorted(unknown)}",
+                param="rope_scaling",
+            )
         if kind == "longrope":
             for key in ("short_factor", "long_factor"):
                 if len(spec[key]) != self.rotary_dim // 2:
-                    raise LmforgeError(f"rope_scaling {key} has {len(spec[key])} values; the {self.rotary_dim} "
-                                       f"rotary dims need {self.rotary_dim // 2}", param="rope_scaling")
+                    raise LmforgeError(
+                        f"rope_scaling {key} has {len(spec[key])} values; the {self.rotary_dim} "
+                        f"rotary dims need {self.rotary_dim // 2}",
+                        param="rope_scaling",
+                    )
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -205,7 +226,7 @@ class ModelConfig:
 
     # ---- construction and (de)serialisation --------------------------------------------------
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+    def from_name(cls, name: str, **overrides) -> ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
         return cls(**{"name": name, **PRESETS[name], **overrides})
@@ -214,7 +235,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -225,7 +246,7 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         return cls.from_dict(read_json(path, "model config"))
 
 
@@ -235,9 +256,24 @@ _LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddin
 PRESETS: dict[str, dict] = {
     # pytorch/examples word_language_model: `python main.py --model Transformer` defaults
     # (emsize 200, nhead 2, nhid 200, nlayers 2, dropout 0.2, bptt 35).
-    "seed": dict(n_layer=2, n_head=2, n_embd=200, intermediate_size=200, block_size=35, vocab_size=33278,
-                 norm="layernorm", norm_placement="post", mlp="relu", pos="sinusoidal", bias=True,
-                 tie_embeddings=False, embed_scale=True, final_norm=False, dropout=0.2, init="seed"),
+    "seed": dict(
+        n_layer=2,
+        n_head=2,
+        n_embd=200,
+        intermediate_size=200,
+        block_size=35,
+        vocab_size=33278,
+        norm="layernorm",
+        norm_placement="post",
+        mlp="relu",
+        pos="sinusoidal",
+        bias=True,
+        tie_embeddings=False,
+        embed_scale=True,
+        final_norm=False,
+        dropout=0.2,
+        init="seed",
+    ),
     # GPT-2, https://huggingface.co/openai-community/gpt2/blob/main/config.json
     "gpt2": dict(_GPT2, mlp="gelu_tanh", n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
     # https://huggingface.co/openai-community/gpt2-medium/blob/main/config.json
@@ -251,35 +287,100 @@ PRESETS: dict[str, dict] = {
     # A 14M GPT-2 for CPU serving benchmarks: 6 layers, 384 dims, 6 heads, 8192-token BPE.
     "gpt-14m": dict(_GPT2, n_layer=6, n_head=6, n_embd=384, block_size=512, vocab_size=8192),
     # Small Llama-style models for CPU work.
-    "llama-nano": dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=64, vocab_size=65,
-                       multiple_of=32),
-    "llama-micro": dict(_LLAMA, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, vocab_size=8192,
-                        multiple_of=64),
+    "llama-nano": dict(
+        _LLAMA, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=64, vocab_size=65, multiple_of=32
+    ),
+    "llama-micro": dict(
+        _LLAMA, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, vocab_size=8192, multiple_of=64
+    ),
     # llama2.c stories260K (doc/stories260K.md): dim 64, 5 layers, 8 heads, 4 KV heads, hidden 172.
-    "stories260K": dict(_LLAMA, n_layer=5, n_head=8, n_kv_head=4, n_embd=64, intermediate_size=172,
-                        block_size=512, vocab_size=512, tie_embeddings=True),
+    "stories260K": dict(
+        _LLAMA,
+        n_layer=5,
+        n_head=8,
+        n_kv_head=4,
+        n_embd=64,
+        intermediate_size=172,
+        block_size=512,
+        vocab_size=512,
+        tie_embeddings=True,
+    ),
     # llama2.c stories15M: dim 288, 6 layers, 6 heads, 32000-token Llama 2 vocabulary.
-    "stories15M": dict(_LLAMA, n_layer=6, n_head=6, n_embd=288, intermediate_size=768, block_size=256,
-                       vocab_size=32000, tie_embeddings=True),
+    "stories15M": dict(
+        _LLAMA,
+        n_layer=6,
+        n_head=6,
+        n_embd=288,
+        intermediate_size=768,
+        block_size=256,
+        vocab_size=32000,
+        tie_embeddings=True,
+    ),
     # Reference shapes: https://huggingface.co/TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T/blob/main/config.json
-    "tinyllama-1.1b": dict(_LLAMA, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048, intermediate_size=5632,
-                           block_size=2048, vocab_size=32000),
+    "tinyllama-1.1b": dict(
+        _LLAMA,
+        n_layer=22,
+        n_head=32,
+        n_kv_head=4,
+        n_embd=2048,
+        intermediate_size=5632,
+        block_size=2048,
+        vocab_size=32000,
+    ),
     # https://huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json
-    "llama2-7b": dict(_LLAMA, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, block_size=4096,
-                      vocab_size=32000),
+    "llama2-7b": dict(
+        _LLAMA, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, block_size=4096, vocab_size=32000
+    ),
     # https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json
-    "llama3-8b": dict(_LLAMA, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336,
-                      block_size=8192, vocab_size=128256, rope_base=500000.0),
+    "llama3-8b": dict(
+        _LLAMA,
+        n_layer=32,
+        n_head=32,
+        n_kv_head=8,
+        n_embd=4096,
+        intermediate_size=14336,
+        block_size=8192,
+        vocab_size=128256,
+        rope_base=500000.0,
+    ),
     # Shapes of imported families, for benchmarks with random weights (import the real ones: lmforge import).
     # https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json: q/k/v biases, tied.
-    "qwen2.5-0.5b": dict(_LLAMA, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, intermediate_size=4864,
-                         block_size=32768, vocab_size=151936, rope_base=1000000.0, qkv_bias=True,
-                         tie_embeddings=True, norm_eps=1e-6),
+    "qwen2.5-0.5b": dict(
+        _LLAMA,
+        n_layer=24,
+        n_head=14,
+        n_kv_head=2,
+        n_embd=896,
+        intermediate_size=4864,
+        block_size=32768,
+        vocab_size=151936,
+        rope_base=1000000.0,
+        qkv_bias=True,
+        tie_embeddings=True,
+        norm_eps=1e-6,
+    ),
     # https://huggingface.co/google/gemma-3-270m/blob/main/config.json: 256-wide heads, per-head q/k norms, sandwich
     # norms, GeGLU, scaled embeddings, five 512-token windows (RoPE base 10000) to one global layer.
-    "gemma3-270m": dict(_LLAMA, mlp="geglu_tanh", n_layer=18, n_head=4, n_kv_head=1, n_embd=640, head_size=256,
-                        intermediate_size=2048, block_size=32768, vocab_size=262144, rope_base=1000000.0,
-                        rope_local_base=10000.0, norm_placement="sandwich", qk_norm="head", embed_scale=True,
-                        attn_scale=256 ** -0.5, sliding_window=512, window_layers=[i for i in range(18) if (i + 1) % 6],
-                        tie_embeddings=True, norm_eps=1e-6),
+    "gemma3-270m": dict(
+        _LLAMA,
+        mlp="geglu_tanh",
+        n_layer=18,
+        n_head=4,
+        n_kv_head=1,
+        n_embd=640,
+        head_size=256,
+        intermediate_size=2048,
+        block_size=32768,
+        vocab_size=262144,
+        rope_base=1000000.0,
+        rope_local_base=10000.0,
+        norm_placement="sandwich",
+        qk_norm="head",
+        embed_scale=True,
+        attn_scale=256**-0.5,
+        sliding_window=512,
+        window_layers=[i for i in range(18) if (i + 1) % 6],
+        tie_embeddings=True,
+        norm_eps=1e-6,
+    ),
 }

@@ -26,13 +26,12 @@ import os
 import sysconfig
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-
-from lmforge.fsutil import atomic_path, sha256_file
 from lmforge.errors import LmforgeError
+from lmforge.fsutil import atomic_path, sha256_file
 
 
 class DataError(LmforgeError):
@@ -90,7 +89,8 @@ def download(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60
         reason = getattr(e, "reason", e)
         raise DataError(
             f"download of {url} failed ({reason}); check the network, or download it yourself and pass {{param}}",
-            param="from_file") from None
+            param="from_file",
+        ) from None
     return dest
 
 
@@ -106,8 +106,18 @@ STDLIB_SKIP_DIRS = ("site-packages", "dist-packages", "test", "tests", "idlelib/
 SPLITS = ("train", "val", "test")
 # The python-stdlib files `holdout_files=["default"]` holds out: ordinary, self-contained modules of every kind of
 # code (text processing, parsing, data structures, scheduling), present from Python 3.9 on; 112k characters in 3.11.
-STDLIB_HOLDOUT = ("fnmatch.py", "getopt.py", "glob.py", "graphlib.py", "html/parser.py", "json/decoder.py",
-                  "queue.py", "sched.py", "shlex.py", "textwrap.py")
+STDLIB_HOLDOUT = (
+    "fnmatch.py",
+    "getopt.py",
+    "glob.py",
+    "graphlib.py",
+    "html/parser.py",
+    "json/decoder.py",
+    "queue.py",
+    "sched.py",
+    "shlex.py",
+    "textwrap.py",
+)
 DEFAULT_HOLDOUT = "default"
 
 
@@ -178,8 +188,9 @@ def python_stdlib_files() -> tuple[Path, list[str]]:
     return root, sorted(names, key=lambda name: hashlib.sha256(b"order:" + name.encode()).hexdigest())
 
 
-def fetch_tinyshakespeare(cache_dir: str | os.PathLike, from_file: str | os.PathLike | None = None,
-                          timeout: float = 60.0) -> Path:
+def fetch_tinyshakespeare(
+    cache_dir: str | os.PathLike, from_file: str | os.PathLike | None = None, timeout: float = 60.0
+) -> Path:
     """Path of a verified tiny Shakespeare `input.txt`: `from_file` if given, else cached or downloaded."""
     if from_file is not None:
         from_file = Path(from_file)
@@ -190,7 +201,8 @@ def fetch_tinyshakespeare(cache_dir: str | os.PathLike, from_file: str | os.Path
             raise DataError(
                 f"{{param}} {from_file} has sha256 {actual}, but tiny Shakespeare's input.txt has "
                 f"{TINYSHAKESPEARE_SHA256}; point {{param}} at an unmodified copy of {TINYSHAKESPEARE_URL}",
-                param="from_file")
+                param="from_file",
+            )
         return from_file
     cached = Path(cache_dir) / "tinyshakespeare" / "input.txt"
     if cached.is_file() and sha256_file(cached) == TINYSHAKESPEARE_SHA256:
@@ -258,8 +270,10 @@ def match_holdout(names: Sequence[str], patterns: Sequence[str], source: str) ->
     for pattern in patterns:
         if pattern == DEFAULT_HOLDOUT:
             if source != "python-stdlib":
-                raise DataError(f"holdout_files {DEFAULT_HOLDOUT!r} is the default held-out set of python-stdlib; "
-                                f"for {source} name the files or glob patterns to hold out")
+                raise DataError(
+                    f"holdout_files {DEFAULT_HOLDOUT!r} is the default held-out set of python-stdlib; "
+                    f"for {source} name the files or glob patterns to hold out"
+                )
             expanded.extend(STDLIB_HOLDOUT)
         else:
             expanded.append(pattern)
@@ -268,8 +282,11 @@ def match_holdout(names: Sequence[str], patterns: Sequence[str], source: str) ->
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)] if pattern not in known else [pattern]
         if not hits:
             close = difflib.get_close_matches(pattern, names, n=3)
-            hint = (f"; did you mean {', '.join(close)}?" if close else
-                    " (names are paths relative to the corpus root, such as json/decoder.py, or glob patterns)")
+            hint = (
+                f"; did you mean {', '.join(close)}?"
+                if close
+                else " (names are paths relative to the corpus root, such as json/decoder.py, or glob patterns)"
+            )
             raise DataError(f"held-out file {pattern!r} matches no file of {source}{hint}")
         held.update(hits)
     if held >= known:
@@ -277,9 +294,16 @@ def match_holdout(names: Sequence[str], patterns: Sequence[str], source: str) ->
     return sorted(held)
 
 
-def load_corpus(source: str | os.PathLike, *, val_fraction: float = 0.1, errors: str = "strict",
-                cache_dir: str | os.PathLike | None = None, from_file: str | os.PathLike | None = None,
-                max_chars: int | None = None, holdout_files: Sequence[str] | None = None) -> Corpus:
+def load_corpus(
+    source: str | os.PathLike,
+    *,
+    val_fraction: float = 0.1,
+    errors: str = "strict",
+    cache_dir: str | os.PathLike | None = None,
+    from_file: str | os.PathLike | None = None,
+    max_chars: int | None = None,
+    holdout_files: Sequence[str] | None = None,
+) -> Corpus:
     """Read `source` (file, folder, folder of given splits, or built-in name) and split it.
 
     `max_chars` keeps the first that many characters, in reading order (for given splits: of each split).
@@ -313,8 +337,10 @@ def load_corpus(source: str | os.PathLike, *, val_fraction: float = 0.1, errors:
 
     one_text = path.is_file() or (name == "tinyshakespeare" and not path.exists())
     if holdout_files and (one_text or (path.is_dir() and _given_split_files(path) is not None)):
-        raise DataError(f"holdout_files holds out whole files, so it needs a folder of files or python-stdlib; "
-                        f"{name} is a single text, or a folder of given splits (use its test.txt instead)")
+        raise DataError(
+            f"holdout_files holds out whole files, so it needs a folder of files or python-stdlib; "
+            f"{name} is a single text, or a folder of given splits (use its test.txt instead)"
+        )
 
     if path.is_file():
         train, val = _tail_split([Document(path.name, cap(read_text(path, errors)))], val_fraction)
@@ -331,6 +357,4 @@ def load_corpus(source: str | os.PathLike, *, val_fraction: float = 0.1, errors:
         file = fetch_tinyshakespeare(default_cache_dir() if cache_dir is None else cache_dir, from_file)
         train, val = _tail_split([Document("input.txt", cap(read_text(file, errors)))], val_fraction)
         return Corpus(name, {"train": train, "val": val}, "tail")
-    raise DataError(
-        f"{name!r} is not an existing file or folder, nor a built-in corpus ({', '.join(BUILTIN_CORPORA)})"
-    )
+    raise DataError(f"{name!r} is not an existing file or folder, nor a built-in corpus ({', '.join(BUILTIN_CORPORA)})")

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,7 +24,6 @@ import torch
 from lmforge.corpus import SPLITS, DataError, Document, load_corpus
 from lmforge.fsutil import atomic_path, atomic_write_text, read_json
 from lmforge.tokenizer import KINDS, Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
-
 
 # ------------------------------------------------------------------------------------------ prepare
 
@@ -86,11 +86,20 @@ def encode_documents(tok: Tokenizer, docs: Sequence[Document]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer: str = "char",
-            vocab_size: int | None = None, val_fraction: float = 0.1, errors: str = "strict",
-            cache_dir: str | os.PathLike | None = None, from_file: str | os.PathLike | None = None,
-            max_chars: int | None = None, tokenizer_from: str | os.PathLike | None = None,
-            holdout_files: Sequence[str] | None = None) -> dict:
+def prepare(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: str = "char",
+    vocab_size: int | None = None,
+    val_fraction: float = 0.1,
+    errors: str = "strict",
+    cache_dir: str | os.PathLike | None = None,
+    from_file: str | os.PathLike | None = None,
+    max_chars: int | None = None,
+    tokenizer_from: str | os.PathLike | None = None,
+    holdout_files: Sequence[str] | None = None,
+) -> dict:
     """Turn a corpus into `train.bin`, `val.bin` (and `test.bin`), the tokenizer files and `meta.json`.
 
     Args:
@@ -116,8 +125,15 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
     """
     if tokenizer_from is None and tokenizer not in KINDS:  # fail before reading or downloading anything
         raise DataError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(KINDS)}")
-    corpus = load_corpus(source, val_fraction=val_fraction, errors=errors, cache_dir=cache_dir,
-                         from_file=from_file, max_chars=max_chars, holdout_files=holdout_files)
+    corpus = load_corpus(
+        source,
+        val_fraction=val_fraction,
+        errors=errors,
+        cache_dir=cache_dir,
+        from_file=from_file,
+        max_chars=max_chars,
+        holdout_files=holdout_files,
+    )
     if not any(d.text for docs in corpus.splits.values() for d in docs):
         raise DataError(f"corpus {corpus.source} is empty: there is no text to prepare")
 
@@ -128,8 +144,9 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
     else:
         training = corpus.splits["train"]
         if tokenizer == "char":  # held-out files stay unseen: a character only they use cannot be encoded
-            training = [d for split, docs in corpus.splits.items() if not (corpus.holdout and split == "test")
-                        for d in docs]
+            training = [
+                d for split, docs in corpus.splits.items() if not (corpus.holdout and split == "test") for d in docs
+            ]
         tok = train_tokenizer(tokenizer, (d.text for d in training if d.text), vocab_size)
 
     arrays = {}
@@ -140,8 +157,7 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
             raise DataError(f"cannot encode the {split} split of {corpus.source}: {e}") from e
         if split in ("train", "val") and len(arrays[split]) == 0:
             raise DataError(
-                f"the {split} split of {corpus.source} has no tokens; give the corpus more text "
-                "or change val_fraction"
+                f"the {split} split of {corpus.source} has no tokens; give the corpus more text or change val_fraction"
             )
 
     out_dir = Path(out_dir)
@@ -195,30 +211,35 @@ def load_split(data_dir: str | os.PathLike, split: str) -> np.memmap:
         )
     data = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
     if len(data) != meta["splits"][split]:
-        raise DataError(f"{path} holds {len(data)} tokens but meta.json says {meta['splits'][split]}; "
-                        "re-run `lmforge prepare`")
+        raise DataError(
+            f"{path} holds {len(data)} tokens but meta.json says {meta['splits'][split]}; re-run `lmforge prepare`"
+        )
     return data
 
 
 # ------------------------------------------------------------------------------------------ batches
 
 
-def random_batch(data: np.ndarray, batch_size: int, block_size: int,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def random_batch(
+    data: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`batch_size` random windows, as nanoGPT's `get_batch`: x = data[i:i+T], y = data[i+1:i+T+1].
 
     Returns int64 tensors of shape (B, T). One fancy-indexed read of the memmap fetches all rows.
     """
     if len(data) <= block_size:
-        raise DataError(f"a split of {len(data)} tokens cannot fill a window of block_size+1 = {block_size + 1}; "
-                        "use a smaller block_size or more data")
+        raise DataError(
+            f"a split of {len(data)} tokens cannot fill a window of block_size+1 = {block_size + 1}; "
+            "use a smaller block_size or more data"
+        )
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
     rows = torch.from_numpy(np.asarray(data[ix.numpy()[:, None] + np.arange(block_size + 1)], dtype=np.int64))
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T), (B, T)
 
 
-def sequential_batches(data: np.ndarray, batch_size: int,
-                       block_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def sequential_batches(
+    data: np.ndarray, batch_size: int, block_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """PyTorch `word_language_model`'s `batchify` + `get_batch`, in (B, T) layout.
 
     The data is trimmed to a multiple of `batch_size` and cut into `batch_size` contiguous streams
@@ -227,8 +248,9 @@ def sequential_batches(data: np.ndarray, batch_size: int,
     """
     n = len(data) // batch_size
     if n < 2:
-        raise DataError(f"{len(data)} tokens make streams of {n} tokens for batch_size={batch_size}; "
-                        "need at least 2 each")
+        raise DataError(
+            f"{len(data)} tokens make streams of {n} tokens for batch_size={batch_size}; need at least 2 each"
+        )
     streams = data[: n * batch_size].reshape(batch_size, n)  # (B, n), still a memmap view
     for i in range(0, n - 1, block_size):
         seq_len = min(block_size, n - 1 - i)
@@ -236,8 +258,9 @@ def sequential_batches(data: np.ndarray, batch_size: int,
         yield window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (B, seq_len), (B, seq_len)
 
 
-def eval_windows(data: np.ndarray, block_size: int, stride: int | None = None,
-                 batch_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def eval_windows(
+    data: np.ndarray, block_size: int, stride: int | None = None, batch_size: int = 1
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Windows over `data` that score every target token (data[1:]) exactly once.
 
     stride=None: non-overlapping windows. stride < block_size: sliding windows, each scoring only its last
@@ -270,11 +293,19 @@ def eval_windows(data: np.ndarray, block_size: int, stride: int | None = None,
         yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), mask
 
 
-def prepare_command(source: str, out: str | None = None, tokenizer: Literal["char", "word", "bpe"] = "char",
-                    vocab_size: int | None = None, val_fraction: float = 0.1,
-                    errors: Literal["strict", "replace"] = "strict", cache_dir: str | None = None, from_file: str | None = None,
-                    max_chars: int | None = None, tokenizer_from: str | None = None,
-                    holdout_files: list[str] | None = None) -> int:
+def prepare_command(
+    source: str,
+    out: str | None = None,
+    tokenizer: Literal["char", "word", "bpe"] = "char",
+    vocab_size: int | None = None,
+    val_fraction: float = 0.1,
+    errors: Literal["strict", "replace"] = "strict",
+    cache_dir: str | None = None,
+    from_file: str | None = None,
+    max_chars: int | None = None,
+    tokenizer_from: str | None = None,
+    holdout_files: list[str] | None = None,
+) -> int:
     """Tokenize a corpus into train/validation token files (numpy memmaps) plus meta.json and the tokenizer.
 
     Args:
@@ -296,12 +327,24 @@ def prepare_command(source: str, out: str | None = None, tokenizer: Literal["cha
             sched.py shlex.py textwrap.py). For code completion: see docs/code-completion.md.
     """
     out = out or str(Path("data") / Path(source).stem)
-    meta = prepare(source, out, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
-                   errors=errors, cache_dir=cache_dir, from_file=from_file, max_chars=max_chars,
-                   tokenizer_from=tokenizer_from, holdout_files=holdout_files)
+    meta = prepare(
+        source,
+        out,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        val_fraction=val_fraction,
+        errors=errors,
+        cache_dir=cache_dir,
+        from_file=from_file,
+        max_chars=max_chars,
+        tokenizer_from=tokenizer_from,
+        holdout_files=holdout_files,
+    )
     splits = ", ".join(f"{name} {n:,} tokens" for name, n in meta["splits"].items())
-    print(f"prepared {meta['source']} -> {out}: {meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']:,}; "
-          f"{splits} ({meta['dtype']})")
+    print(
+        f"prepared {meta['source']} -> {out}: {meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']:,}; "
+        f"{splits} ({meta['dtype']})"
+    )
     if meta["holdout_files"]:
         print(f"held out as the test split ({len(meta['holdout_files'])} files): {' '.join(meta['holdout_files'])}")
     return 0

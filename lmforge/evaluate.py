@@ -32,8 +32,15 @@ from lmforge.errors import LmforgeError
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, data, *, block_size: int | None = None, stride: int | None = None,
-             batch_size: int = 16, max_windows: int | None = None) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    data,
+    *,
+    block_size: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 16,
+    max_windows: int | None = None,
+) -> dict:
     """Mean next-token loss over `data` (a 1-D token array), with perplexity. Returns loss, ppl, tokens."""
     block_size = block_size or model.config.block_size
     device = next(model.parameters()).device
@@ -117,8 +124,15 @@ def line_prompt(tokenizer, text: str, cut: int, context: int) -> list[int]:
 
 
 @torch.inference_mode()
-def complete_lines(model, tokenizer, documents: Sequence[str], targets: Sequence[tuple[int, int, int, int]], *,
-                   max_line_tokens: int = 48, batch_size: int = 16) -> list[str | None]:
+def complete_lines(
+    model,
+    tokenizer,
+    documents: Sequence[str],
+    targets: Sequence[tuple[int, int, int, int]],
+    *,
+    max_line_tokens: int = 48,
+    batch_size: int = 16,
+) -> list[str | None]:
     """The line the model writes at each target: greedy decoding by `lmforge.infer.generate`, batched.
 
     The context is the last `block_size - max_line_tokens` tokens before the cut, so that it and the completion fit
@@ -130,16 +144,19 @@ def complete_lines(model, tokenizer, documents: Sequence[str], targets: Sequence
 
     context = model.config.block_size - max_line_tokens
     if context < 1:
-        raise ValueError(f"max_line_tokens={max_line_tokens} leaves no room for context in the model's "
-                         f"block_size={model.config.block_size}; lower it")
+        raise ValueError(
+            f"max_line_tokens={max_line_tokens} leaves no room for context in the model's "
+            f"block_size={model.config.block_size}; lower it"
+        )
     eos = getattr(tokenizer, "eos_id", None)
 
     def params(prompt: list[int]) -> SamplingParams:
         def allowed(out: Sequence[int]):
             return [eos] if out and predicted_line(continuation_text(tokenizer, prompt, out))[1] else None
 
-        return SamplingParams(max_tokens=max_line_tokens, temperature=0.0,
-                              allowed_tokens=allowed if eos is not None else None)
+        return SamplingParams(
+            max_tokens=max_line_tokens, temperature=0.0, allowed_tokens=allowed if eos is not None else None
+        )
 
     was_training = model.training
     model.eval()
@@ -152,23 +169,39 @@ def complete_lines(model, tokenizer, documents: Sequence[str], targets: Sequence
     return lines
 
 
-def next_line_exact_match(model, tokenizer, documents: Sequence[str], lines: int = 200, *, seed: int = 0,
-                          max_line_tokens: int = 48, batch_size: int = 16) -> dict:
+def next_line_exact_match(
+    model,
+    tokenizer,
+    documents: Sequence[str],
+    lines: int = 200,
+    *,
+    seed: int = 0,
+    max_line_tokens: int = 48,
+    batch_size: int = 16,
+) -> dict:
     """Share of `lines` sampled code lines of `documents` the model writes exactly (see `complete_lines`).
 
     Lines compare after stripping trailing whitespace; indentation counts. Returns next_line_exact_match,
     next_line_count (lines scored) and next_line_candidates (lines there were to sample from).
     """
     if getattr(tokenizer, "kind", None) == "word":
-        raise ValueError("next-line evaluation needs a tokenizer that decodes text exactly (char or bpe); "
-                         "a word tokenizer loses spacing and line structure")
+        raise ValueError(
+            "next-line evaluation needs a tokenizer that decodes text exactly (char or bpe); "
+            "a word tokenizer loses spacing and line structure"
+        )
     targets = sample_line_targets(documents, lines, seed)
-    predicted = complete_lines(model, tokenizer, documents, targets, max_line_tokens=max_line_tokens,
-                               batch_size=batch_size)
-    hits = sum(p is not None and p.rstrip() == documents[d][start:end].rstrip()
-               for p, (d, _, start, end) in zip(predicted, targets))
-    return {"next_line_exact_match": hits / max(len(targets), 1), "next_line_count": len(targets),
-            "next_line_candidates": sum(len(line_targets(text)) for text in documents)}
+    predicted = complete_lines(
+        model, tokenizer, documents, targets, max_line_tokens=max_line_tokens, batch_size=batch_size
+    )
+    hits = sum(
+        p is not None and p.rstrip() == documents[d][start:end].rstrip()
+        for p, (d, _, start, end) in zip(predicted, targets)
+    )
+    return {
+        "next_line_exact_match": hits / max(len(targets), 1),
+        "next_line_count": len(targets),
+        "next_line_candidates": sum(len(line_targets(text)) for text in documents),
+    }
 
 
 # ---------------------------------------------------------------------------------- same tokens?
@@ -206,31 +239,41 @@ def check_same_tokenizer(model_tok, data: str, model: str) -> None:
         data_tok = None
     if model_tok is None or data_tok is None:
         which = "the model" if model_tok is None else f"the data folder {data}"
-        print(f"lmforge eval: {which} keeps no tokenizer: cannot check that the data was made with the model's",
-              file=sys.stderr)
+        print(
+            f"lmforge eval: {which} keeps no tokenizer: cannot check that the data was made with the model's",
+            file=sys.stderr,
+        )
         return
     if tokenizer_digest(model_tok) != tokenizer_digest(data_tok):
         raise TokenizerMismatch(
             f"the data in {data} was made with another tokenizer than the model's ({data_tok.vocab_size} vs "
             f"{model_tok.vocab_size} tokens, different pieces): its ids would be scored as other text. Prepare the "
             f"data with the model's tokenizer ({prepare_hint(model)})",
-            param="data")
+            param="data",
+        )
 
 
 def prepare_hint(model) -> str:
     """The commands that prepare data with `model`'s tokenizer (a .gguf file's is read from its imported folder)."""
     if str(model).endswith(".gguf"):
-        return (f"`lmforge import {model} MODEL_DIR`, then `lmforge prepare SOURCE --out DIR --tokenizer-from "
-                f"MODEL_DIR`")
+        return f"`lmforge import {model} MODEL_DIR`, then `lmforge prepare SOURCE --out DIR --tokenizer-from MODEL_DIR`"
     return f"`lmforge prepare SOURCE --out DIR --tokenizer-from {model}`"
 
 
 # ---------------------------------------------------------------------------------- the CLI
 
 
-def eval_command(model: str, data: str, split: str = "val", block_size: int | None = None,
-                 stride: int | None = None, batch_size: int = 16, next_line: int = 0, seed: int = 0,
-                 max_line_tokens: int = 48) -> int:
+def eval_command(
+    model: str,
+    data: str,
+    split: str = "val",
+    block_size: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 16,
+    next_line: int = 0,
+    seed: int = 0,
+    max_line_tokens: int = 48,
+) -> int:
     """Report loss, perplexity and, for character data, bits per character of a model on a prepared split;
     with --next-line N, also next-line exact match on N sampled code lines of the split's files.
 
@@ -256,14 +299,17 @@ def eval_command(model: str, data: str, split: str = "val", block_size: int | No
     meta = load_meta(data)
     check_same_tokenizer(model_tok, data, model)
     if meta["vocab_size"] > net.config.vocab_size:
-        raise ValueError(f"data in {data} has a vocabulary of {meta['vocab_size']} tokens but the model knows "
-                         f"{net.config.vocab_size}: prepare the data with the model's tokenizer "
-                         f"({prepare_hint(model)})")
+        raise ValueError(
+            f"data in {data} has a vocabulary of {meta['vocab_size']} tokens but the model knows "
+            f"{net.config.vocab_size}: prepare the data with the model's tokenizer "
+            f"({prepare_hint(model)})"
+        )
     tokens = load_split(data, split)
     t0 = time.perf_counter()
     result = evaluate(net, tokens, block_size=block_size, stride=stride, batch_size=batch_size)
-    result.update(model=model, split=split, quantization=net.config.quantization,
-                  seconds=round(time.perf_counter() - t0, 2))
+    result.update(
+        model=model, split=split, quantization=net.config.quantization, seconds=round(time.perf_counter() - t0, 2)
+    )
     if meta.get("tokenizer") == "char":
         result["bpc"] = result["loss"] / math.log(2)
     if next_line > 0:
@@ -272,8 +318,11 @@ def eval_command(model: str, data: str, split: str = "val", block_size: int | No
         tok = load_tokenizer(data)  # the ids of the split are this tokenizer's
         documents = [tok.decode(doc.tolist()) for doc in split_documents(tokens, tok.eos_id)]
         t0 = time.perf_counter()
-        result.update(next_line_exact_match(net, tok, documents, next_line, seed=seed,
-                                            max_line_tokens=max_line_tokens, batch_size=batch_size))
+        result.update(
+            next_line_exact_match(
+                net, tok, documents, next_line, seed=seed, max_line_tokens=max_line_tokens, batch_size=batch_size
+            )
+        )
         result["next_line_seconds"] = round(time.perf_counter() - t0, 2)
         if meta.get("holdout_files") and split == "test":
             result["holdout_files"] = meta["holdout_files"]

@@ -62,8 +62,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def read_json(path: str | os.PathLike, what: str, error: type[Exception] = LmforgeError,
-              fix: str | None = None) -> dict[str, Any]:
+def read_json(
+    path: str | os.PathLike, what: str, error: type[Exception] = LmforgeError, fix: str | None = None
+) -> dict[str, Any]:
     """The JSON object in `path`, a `what` ("model config", "adapter config", ...).
 
     A missing file raises FileNotFoundError; a file that is not UTF-8 JSON holding an object raises `error`
@@ -104,6 +105,8 @@ def published_digest_mismatch(path: Path, published: dict[str, str]) -> str | No
     actual = sha256_file(path)
     if actual == expected:
         return None
-    return (f"{path}: sha256 {actual} differs from the published {path.name} ({expected}); the file was altered "
-            f"or its elements may have been shuffled (a same-size copy with the right header but wrong weights "
-            f"runs and writes garbage). Use the original file, or pass verify=False to load it anyway")
+    return (
+        f"{path}: sha256 {actual} differs from the published {path.name} ({expected}); the file was altered "
+        f"or its elements may have been shuffled (a same-size copy with the right header but wrong weights "
+        f"runs and writes garbage). Use the original file, or pass verify=False to load it anyway"
+    )

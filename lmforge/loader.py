@@ -70,9 +70,16 @@ class Loaded:
         return ChatTemplate.for_model(self.template_folder, self.tokenizer)
 
 
-def load(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, quantize: str | None = None,
-         adapter: str | os.PathLike | None = None, prepare: bool = True, tokenizer: str | os.PathLike | None = None,
-         device: str | torch.device = "cpu") -> Loaded:
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    quantize: str | None = None,
+    adapter: str | os.PathLike | None = None,
+    prepare: bool = True,
+    tokenizer: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+) -> Loaded:
     """Load whatever `path` holds (see the module docstring), in eval mode on `device`.
 
     Args:
@@ -116,13 +123,18 @@ def read(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) ->
         if name in PRESETS:
             log.debug("%s: a preset name, random weights", name)
             return _random_preset(name, tokenizer)
-        raise FileNotFoundError(f"model not found: {path} (a model folder, training run, Hugging Face folder, "
-                                f"{', '.join(FILE_READERS)} file, or one of the presets {', '.join(PRESETS)})")
+        raise FileNotFoundError(
+            f"model not found: {path} (a model folder, training run, Hugging Face folder, "
+            f"{', '.join(FILE_READERS)} file, or one of the presets {', '.join(PRESETS)})"
+        )
     if path.is_file():
         reader = FILE_READERS.get(path.suffix)
         if reader is None:
-            raise LmforgeError(f"cannot load {path}: a model is an lmforge or Hugging Face folder, or a "
-                               f"{' / '.join(FILE_READERS)} file", param="model")
+            raise LmforgeError(
+                f"cannot load {path}: a model is an lmforge or Hugging Face folder, or a "
+                f"{' / '.join(FILE_READERS)} file",
+                param="model",
+            )
         log.debug("%s: a %s model file", path, path.suffix)
         return reader(path, tokenizer)
     hf = is_hf_folder(path)
@@ -142,6 +154,7 @@ def is_hf_folder(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ readers
+
 
 def _read_lmforge(path: Path, with_tokenizer: bool) -> Loaded:
     folder = resolve_model_dir(path)
@@ -174,8 +187,10 @@ def _read_gguf(path: Path, tokenizer: str | os.PathLike | None) -> Loaded:
 
 
 # Model files by suffix: reader(path, tokenizer override) -> Loaded.
-FILE_READERS: dict[str, Callable[[Path, str | os.PathLike | None], Loaded]] = {".bin": _read_llama2c,
-                                                                               ".gguf": _read_gguf}
+FILE_READERS: dict[str, Callable[[Path, str | os.PathLike | None], Loaded]] = {
+    ".bin": _read_llama2c,
+    ".gguf": _read_gguf,
+}
 
 
 def _random_preset(name: str, tokenizer: str | os.PathLike | None) -> Loaded:

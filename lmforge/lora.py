@@ -72,8 +72,9 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return module, name
 
 
-def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-             targets: list[str] | None = None) -> list[str]:
+def add_lora(
+    model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets: list[str] | None = None
+) -> list[str]:
     """Freeze every parameter of `model` and wrap the target linears in LoRALinear, in place; return their paths.
 
     An adapted lm_head tied to the token embedding is untied first (the embedding stays frozen and unchanged).
@@ -89,8 +90,10 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: floa
         parent, name = _parent(model, path)
         linear = getattr(parent, name)
         if type(linear) is not nn.Linear:
-            raise ValueError(f"LoRA target {path} is a {type(linear).__name__}, not a float nn.Linear "
-                             f"(quantized or packed models cannot be adapted; load the float model)")
+            raise ValueError(
+                f"LoRA target {path} is a {type(linear).__name__}, not a float nn.Linear "
+                f"(quantized or packed models cannot be adapted; load the float model)"
+            )
         if path == "lm_head" and linear.weight is model.tok_emb.weight:
             linear.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
         setattr(parent, name, LoRALinear(linear, rank, alpha, dropout))
@@ -161,23 +164,31 @@ class Adapter:
     def check(self, model: nn.Module, check_base: bool = True) -> None:
         """CheckpointError unless every layer fits `model` (and, when recorded, the base's digest matches)."""
         if check_base and self.base_digest is not None and base_digest(model) != self.base_digest:
-            raise CheckpointError(f"adapter {self.source} was trained on a different base model ({self.base}); "
-                                  f"its weights do not match the digest the adapter recorded: load it on that base")
+            raise CheckpointError(
+                f"adapter {self.source} was trained on a different base model ({self.base}); "
+                f"its weights do not match the digest the adapter recorded: load it on that base"
+            )
         modules = dict(model.named_modules())
         for path, w in self.layers.items():
             linear = modules.get(path)
             if linear is None or not hasattr(linear, "in_features"):
-                raise CheckpointError(f"adapter {self.source} adapts {path}, which this model (a "
-                                      f"{len(model.blocks)}-layer {model.config.name}) does not have")
+                raise CheckpointError(
+                    f"adapter {self.source} adapts {path}, which this model (a "
+                    f"{len(model.blocks)}-layer {model.config.name}) does not have"
+                )
             if w.A.shape != (w.rank, linear.in_features) or w.B.shape != (linear.out_features, w.rank):
-                raise CheckpointError(f"adapter {self.source}: {path} has A {tuple(w.A.shape)}, B {tuple(w.B.shape)}; "
-                                      f"the model's layer is {linear.out_features} x {linear.in_features}")
+                raise CheckpointError(
+                    f"adapter {self.source}: {path} has A {tuple(w.A.shape)}, B {tuple(w.B.shape)}; "
+                    f"the model's layer is {linear.out_features} x {linear.in_features}"
+                )
 
 
 def adapter_of(model: nn.Module) -> Adapter:
     """The LoRALinear layers of a model being trained, as an Adapter (tensors copied to the CPU)."""
-    layers = {path: LoRAWeights(m.lora_A.detach().cpu().clone(), m.lora_B.detach().cpu().clone(), m.scale)
-              for path, m in lora_layers(model).items()}
+    layers = {
+        path: LoRAWeights(m.lora_A.detach().cpu().clone(), m.lora_B.detach().cpu().clone(), m.scale)
+        for path, m in lora_layers(model).items()
+    }
     if not layers:
         raise ValueError("the model has no LoRA layers")
     return Adapter(layers)
@@ -211,8 +222,10 @@ def merge_adapter(model: nn.Module, adapter: Adapter, *, check_base: bool = True
         parent, name = _parent(model, path)
         linear = getattr(parent, name)
         if type(linear) is not nn.Linear:
-            raise CheckpointError(f"{path} is a {type(linear).__name__}, not a float nn.Linear: merge the adapter "
-                                  f"into the float model, then quantize")
+            raise CheckpointError(
+                f"{path} is a {type(linear).__name__}, not a float nn.Linear: merge the adapter "
+                f"into the float model, then quantize"
+            )
         if path == "lm_head" and linear.weight is model.tok_emb.weight:
             linear.weight = nn.Parameter(linear.weight.detach().clone())
         linear.weight += w.delta().to(linear.weight.dtype)

@@ -44,11 +44,21 @@ class KVCache:
     them and the row's positions start after them. `length` is the number of slots written so far.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *, dtype=torch.float32,
-                 device="cpu", pad: torch.Tensor | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype=torch.float32,
+        device="cpu",
+        pad: torch.Tensor | None = None,
+    ):
         if config.pos in ("learned", "rope") and max_len > config.block_size:
-            raise ValueError(f"KV cache length {max_len} exceeds the model's context of {config.block_size} "
-                             f"tokens; shorten the prompt or max new tokens")
+            raise ValueError(
+                f"KV cache length {max_len} exceeds the model's context of {config.block_size} "
+                f"tokens; shorten the prompt or max new tokens"
+            )
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -96,8 +106,8 @@ class KVCache:
         """Write k, v (B, nkv, T, hs) at the next slots; return all S slots of this layer."""
         T = k.shape[2]
         end = self.length + T
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def advance(self, T: int) -> None:
@@ -182,8 +192,15 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs)
         if self.softcap is None:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
-                scale=self.scale, enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                scale=self.scale,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )  # (B, nh, T, hs)
         else:  # scaled_dot_product_attention cannot soft-cap: the scores, written out
             y = F.dropout(self.weights(q, k, mask, is_causal), self.dropout, self.training) @ self._heads(v)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.q_dim))
@@ -200,7 +217,7 @@ class Attention(nn.Module):
         scores = softcap((q @ self._heads(k).transpose(-2, -1)) * scale, self.softcap)  # (B, nh, T, S)
         if is_causal:
             pos = torch.arange(S, device=q.device)
-            mask = causal_mask(pos[S - T:, None], pos[None, :], self.window)  # queries are the last T slots
+            mask = causal_mask(pos[S - T :, None], pos[None, :], self.window)  # queries are the last T slots
         if mask is not None:
             scores = scores.masked_fill(~mask, -math.inf)
         return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
@@ -319,8 +336,9 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
         p = next(self.parameters())
         dtype = p.dtype if p.is_floating_point() else torch.float32
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, dtype=dtype,
-                       device=p.device, pad=pad)
+        return KVCache(
+            self.config, batch_size, max_len or self.config.block_size, dtype=dtype, device=p.device, pad=pad
+        )
 
     def uses_local_rope(self, layer: int) -> bool:
         """Whether `layer` turns by the local RoPE tables (a sliding-window layer of a model with rope_local_base)."""
@@ -336,8 +354,10 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence of {T} tokens is longer than the model's context of {c.block_size}")
             positions = torch.arange(T, device=tokens.device) if positions is None else positions
             pos = torch.arange(T, device=tokens.device)
-            masks = {w: (None, True) if w is None or T <= w else (causal_mask(pos[:, None], pos[None, :], w), False)
-                     for w in windows}
+            masks = {
+                w: (None, True) if w is None or T <= w else (causal_mask(pos[:, None], pos[None, :], w), False)
+                for w in windows
+            }
         else:
             positions = kv_cache.positions(T) if positions is None else positions
             masks = {w: kv_cache.attention(T, w) if w is not None else kv_cache.attention(T) for w in windows}

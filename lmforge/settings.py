@@ -51,8 +51,13 @@ def field_docs(cls) -> dict[str, str]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         body = tree.body[0].body
         for stmt, after in zip(body, body[1:]):
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr)
-                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 docs[stmt.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
     return docs
 
@@ -76,6 +81,7 @@ def is_positional(f: dataclasses.Field) -> bool:
 def coerce(name: str, tp, value, where: str):
     """`value` (from YAML or JSON) as field `name`'s type `tp`; SettingsError naming `where` and the key if it
     cannot be. YAML reads `1e-3` as a string: a number in a string is taken for a float or int field."""
+
     def bad(expected: str) -> SettingsError:  # the key as the file spells it, not as a flag
         return SettingsError(f"{where}: {name} takes {expected}, not {value!r}", param="config")
 
@@ -146,8 +152,10 @@ def read_config(cls, path: str | Path) -> dict:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SettingsError(f"config file {path}: unknown setting {key!r}{hint}; the settings are: "
-                                f"{', '.join(fields)}", param="config")
+            raise SettingsError(
+                f"config file {path}: unknown setting {key!r}{hint}; the settings are: {', '.join(fields)}",
+                param="config",
+            )
         out[key] = coerce(key, types_[key], value, f"config file {path}")
     return out
 
@@ -165,7 +173,6 @@ def write_config(path: str | Path, config, exclude: tuple[str, ...] = (), header
     """Write `config` as YAML, atomically."""
     atomic_write_text(Path(path), to_yaml(config, exclude, header))
     return Path(path)
-
 
 
 def check_choices(config, error: type[LmforgeError] = SettingsError) -> None:

@@ -132,7 +132,7 @@ class ChatTemplate:
         return []
 
     @classmethod
-    def for_model(cls, folder: str | Path | None, tokenizer) -> "ChatTemplate":
+    def for_model(cls, folder: str | Path | None, tokenizer) -> ChatTemplate:
         """The template in the model folder's tokenizer_config.json, else the default for this tokenizer."""
         source = read_chat_template(folder) if folder is not None else None
         return cls(source if source is not None else default_template(tokenizer), tokenizer)
@@ -149,17 +149,24 @@ class ChatTemplate:
             messages, tools = lmforge_tool_messages(messages, tools), None
         extra = {"tools": tools} if tools else {}
         try:
-            return self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
-                                        eos_token=self.eos_token, **extra)
+            return self.template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                **extra,
+            )
         except ChatTemplateError:
             raise
         except TemplateError as e:
             raise ChatTemplateError(f"the model's chat template failed on these messages: {e}") from e
 
 
-TOOLS_PROMPT = ("# Tools\n\nYou may call one or more of these functions to help with the user's request:\n"
-                "<tools>\n{tools}\n</tools>\n\nTo call a function, answer with one line per call:\n"
-                '<tool_call>{{"name": <function name>, "arguments": <arguments as a JSON object>}}</tool_call>')
+TOOLS_PROMPT = (
+    "# Tools\n\nYou may call one or more of these functions to help with the user's request:\n"
+    "<tools>\n{tools}\n</tools>\n\nTo call a function, answer with one line per call:\n"
+    '<tool_call>{{"name": <function name>, "arguments": <arguments as a JSON object>}}</tool_call>'
+)
 
 
 def tool_call_text(name: str, arguments) -> str:

@@ -267,8 +267,9 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, tok, eos_token: str | None = None, bos_token: str | None = None,
-                 more_eos_ids: Sequence[int] = ()):
+    def __init__(
+        self, tok, eos_token: str | None = None, bos_token: str | None = None, more_eos_ids: Sequence[int] = ()
+    ):
         self.tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = _special_token_id(tok, eos_token, EOS_CANDIDATES)
@@ -319,10 +320,17 @@ class BPETokenizer:
         except Exception as e:  # the Rust side raises a bare Exception on bad JSON or an unknown model
             raise TokenizerError(f"{path} is not a valid Hugging Face tokenizer.json ({e})") from e
         config_path = path.parent / "tokenizer_config.json"
-        config = read_json(config_path, "tokenizer config", TokenizerError, "fix or remove it") \
-            if config_path.is_file() else {}
-        return cls(tok, _configured_token(config, "eos_token"), _configured_token(config, "bos_token"),
-                   _generation_eos_ids(path.parent / "generation_config.json"))
+        config = (
+            read_json(config_path, "tokenizer config", TokenizerError, "fix or remove it")
+            if config_path.is_file()
+            else {}
+        )
+        return cls(
+            tok,
+            _configured_token(config, "eos_token"),
+            _configured_token(config, "bos_token"),
+            _generation_eos_ids(path.parent / "generation_config.json"),
+        )
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -337,8 +345,9 @@ class BPETokenizer:
         # vocabulary (a model's padded embedding rows: Qwen2.5 has 151936 for 151665 tokens) decode to nothing, as
         # in transformers; a negative id is an error.
         ids = [int(i) for i in ids]
-        return self.tok.decode(_check_ids([i for i in ids if i < self.vocab_size or i < 0], self.vocab_size),
-                               skip_special_tokens=False)
+        return self.tok.decode(
+            _check_ids([i for i in ids if i < self.vocab_size or i < 0], self.vocab_size), skip_special_tokens=False
+        )
 
     def save(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
@@ -376,8 +385,10 @@ class Llama2cTokenizer:
 
     def __init__(self, pieces: Sequence[bytes], scores: Sequence[float], max_token_length: int):
         if len(pieces) != len(scores) or len(pieces) < LLAMA2C_BYTE_OFFSET + 256:
-            raise TokenizerError(f"a llama2.c vocabulary needs <unk>, BOS, EOS and 256 byte tokens and one score per "
-                                 f"piece; got {len(pieces)} pieces and {len(scores)} scores")
+            raise TokenizerError(
+                f"a llama2.c vocabulary needs <unk>, BOS, EOS and 256 byte tokens and one score per "
+                f"piece; got {len(pieces)} pieces and {len(scores)} scores"
+            )
         self.pieces = [bytes(p) for p in pieces]
         self.scores = [float(np.float32(s)) for s in scores]
         self.max_token_length = int(max_token_length)
@@ -391,8 +402,7 @@ class Llama2cTokenizer:
 
     # -- files
     @classmethod
-    def from_file(cls, path: str | os.PathLike, vocab_size: int | None = None,
-                  verify: bool = True) -> Llama2cTokenizer:
+    def from_file(cls, path: str | os.PathLike, vocab_size: int | None = None, verify: bool = True) -> Llama2cTokenizer:
         """Read a llama2.c tokenizer.bin; `vocab_size` (the model's) is checked, or taken from the file's length."""
         path = Path(path)
         if not path.is_file():
@@ -411,12 +421,14 @@ class Llama2cTokenizer:
             if not 0 <= n <= max(max_len, 64) or offset + 8 + n > len(data):
                 break
             scores.append(score)
-            pieces.append(data[offset + 8:offset + 8 + n])
+            pieces.append(data[offset + 8 : offset + 8 + n])
             offset += 8 + n
         if offset != len(data) or (vocab_size is not None and len(pieces) != vocab_size):
             want = f"{vocab_size} tokens (the model's vocab_size)" if vocab_size else "whole token records"
-            raise TokenizerError(f"{path} does not hold {want}: read {len(pieces)} tokens ending at byte "
-                                 f"{offset} of {len(data)}; is it the tokenizer that belongs to this model?")
+            raise TokenizerError(
+                f"{path} does not hold {want}: read {len(pieces)} tokens ending at byte "
+                f"{offset} of {len(data)}; is it the tokenizer that belongs to this model?"
+            )
         return cls(pieces, scores, max_len)
 
     def to_bytes(self) -> bytes:
@@ -554,8 +566,7 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> To
         return BPETokenizer.from_file(hf)
     if not own.is_file():
         raise TokenizerError(
-            f"no tokenizer in {path}: expected {own.name} (char/word) or {hf.name} (BPE); "
-            "`lmforge prepare` writes one"
+            f"no tokenizer in {path}: expected {own.name} (char/word) or {hf.name} (BPE); `lmforge prepare` writes one"
         )
     fix = "re-run `lmforge prepare` to rewrite it"
     spec = read_json(own, "tokenizer file", TokenizerError, fix)

@@ -27,8 +27,11 @@ def one_thread():
 
 
 def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true",
-                     help="also run the tests marked slow (minutes in all); `make test` and CI pass it")
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        help="also run the tests marked slow (minutes in all); `make test` and CI pass it",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,12 +10,14 @@ import torch
 from lmforge.checkpoint import save_model
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
-from lmforge.serve.process import start_server, stop_server
 from lmforge.serve.chat import ChatError, ChatSettings, sse_text_deltas
+from lmforge.serve.process import start_server, stop_server
 from lmforge.tokenizer import train_tokenizer
 
-TEXT = ("the cat sat on the mat. the dog ran to the park and the bird sang in the tree. "
-        "User: hello there. Assistant: hello, how are you? ") * 20
+TEXT = (
+    "the cat sat on the mat. the dog ran to the park and the bird sang in the tree. "
+    "User: hello there. Assistant: hello, how are you? "
+) * 20
 
 LMFORGE = [sys.executable, "-m", "lmforge"]
 
@@ -24,8 +26,7 @@ def tiny_model_folder(folder, block_size=256):
     """A random 2-layer model with a byte-level BPE tokenizer: enough to chat with (nonsense) in milliseconds."""
     tok = train_tokenizer("bpe", [TEXT], vocab_size=300)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=tok.vocab_size, n_layer=2,
-                                              block_size=block_size))
+    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=tok.vocab_size, n_layer=2, block_size=block_size))
     save_model(folder, model, tok)
     return str(folder)
 
@@ -37,8 +38,14 @@ def model_folder(tmp_path_factory):
 
 def run_chat(args, lines, timeout=120):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*LMFORGE, "chat", *args], input="".join(line + "\n" for line in lines),
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    done = subprocess.run(
+        [*LMFORGE, "chat", *args],
+        input="".join(line + "\n" for line in lines),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -46,12 +53,27 @@ def run_chat(args, lines, timeout=120):
 def answers(output: str) -> list[str]:
     """The text after each `assistant> ` prompt up to the next `you> ` prompt (a sampled answer may hold or start
     with a line break), one per answered message."""
-    return [part.split("assistant> ", 1)[1].split("\nyou> ", 1)[0] for part in output.split("\nyou> ")[1:]
-            if "assistant> " in part]
+    return [
+        part.split("assistant> ", 1)[1].split("\nyou> ", 1)[0]
+        for part in output.split("\nyou> ")[1:]
+        if "assistant> " in part
+    ]
 
 
-SCRIPT = ["the cat sat", "/set temperature 0", "/settings", "the dog ran", "/reset", "the dog ran",
-          "/system be brief", "/set top_p 2", "/set nonsense 1", "/help", "/quit", "never read"]
+SCRIPT = [
+    "the cat sat",
+    "/set temperature 0",
+    "/settings",
+    "the dog ran",
+    "/reset",
+    "the dog ran",
+    "/system be brief",
+    "/set top_p 2",
+    "/set nonsense 1",
+    "/help",
+    "/quit",
+    "never read",
+]
 
 
 def check_session(out: str) -> None:
@@ -92,10 +114,18 @@ def test_settings_are_checked():
 
 
 def test_sse_parsing_reads_deltas_until_done():
-    lines = [": keep-alive", 'data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}', "",
-             'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}', "",
-             'data: {"choices":[{"index":0,"delta":{"content":"lo"}}]}', "", "data: [DONE]", "",
-             'data: {"choices":[{"index":0,"delta":{"content":"after done"}}]}']
+    lines = [
+        ": keep-alive",
+        'data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}',
+        "",
+        'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}',
+        "",
+        'data: {"choices":[{"index":0,"delta":{"content":"lo"}}]}',
+        "",
+        "data: [DONE]",
+        "",
+        'data: {"choices":[{"index":0,"delta":{"content":"after done"}}]}',
+    ]
     assert list(sse_text_deltas(lines)) == ["Hel", "lo"]
     with pytest.raises(ChatError, match="boom"):
         list(sse_text_deltas(['data: {"error": {"message": "boom"}}']))
@@ -110,8 +140,13 @@ def test_chat_against_a_running_server(model_folder):
         local = run_chat([model_folder, "--max-tokens", "12", "--temperature", "0"], ["the dog ran", "/quit"])
         assert answers(out)[2] == answers(local)[0]
         # A wrong key is refused with a message that names the fix.
-        bad = subprocess.run([*LMFORGE, "chat", "--url", url, "--api-key", "wrong"], input="hi\n/quit\n",
-                             capture_output=True, text=True, timeout=60)
+        bad = subprocess.run(
+            [*LMFORGE, "chat", "--url", url, "--api-key", "wrong"],
+            input="hi\n/quit\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert bad.returncode == 1 and "--api-key" in bad.stderr
     finally:
         stop_server(proc)

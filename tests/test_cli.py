@@ -12,12 +12,22 @@ import sys
 import pytest
 import yaml
 
-from lmforge.cli import COMMANDS, Switch, add_function_arguments, call_arguments, load, main, parse_command, \
-    parse_docstring, settings_parameter
+from lmforge.cli import (
+    COMMANDS,
+    Switch,
+    add_function_arguments,
+    call_arguments,
+    load,
+    main,
+    parse_command,
+    parse_docstring,
+    settings_parameter,
+)
 from lmforge.settings import field_docs
 
 VERBS = [(verb, None) for verb, target in COMMANDS.items() if isinstance(target, str)] + [
-    (verb, action) for verb, target in COMMANDS.items() if isinstance(target, dict) for action in target]
+    (verb, action) for verb, target in COMMANDS.items() if isinstance(target, dict) for action in target
+]
 IDS = [f"{verb} {action}" if action else verb for verb, action in VERBS]
 
 
@@ -73,7 +83,7 @@ def test_every_no_flag_is_the_off_side_of_a_switch_whose_help_says_what_it_turns
         offs = [o for o in act.option_strings if o.startswith("--no-")]
         if not offs:
             continue
-        on = "--" + offs[0][len("--no-"):]
+        on = "--" + offs[0][len("--no-") :]
         assert isinstance(act, Switch) and on in act.option_strings, f"{offs[0]} is not paired with {on}"
         text = act.help.lower()
         assert not text.startswith(NEGATIVE), f"lmforge {verb} {on}: help describes turning it off: {act.help!r}"
@@ -99,29 +109,166 @@ def settings_of(argv: list[str]):
 # Per long-running verb: the command line alone; a config file that sets the same settings, some differently;
 # and the command line that, with --config FILE, sets the differing ones back by flags.
 CONFIG_CASES = {
-    "train": (["train", "DATA", "RUN", "--n-layer", "1", "--lr", "3e-3", "--max-iters", "50", "--no-progress",
-               "--no-bias", "--logger", "tensorboard", "--batch-mode", "sequential"],
-              {"data": "DATA", "out": "RUN", "n_layer": 2, "lr": "1e-3", "max_iters": 50, "progress": True,
-               "bias": True, "logger": None, "batch_mode": "sequential"},
-              ["train", "--config", "FILE", "--n-layer", "1", "--lr", "3e-3", "--no-progress", "--no-bias",
-               "--logger", "tensorboard"]),
-    "finetune": (["finetune", "BASE", "--data", "d.jsonl", "--out", "OUT", "--method", "full", "--lora-targets",
-                  "attn.qkv", "mlp.fc", "--max-iters", "8", "--merge", "--val-fraction", "0.2"],
-                 {"base": "BASE", "data": "d.jsonl", "out": "elsewhere", "method": "lora", "lora_targets": ["lm_head"],
-                  "max_iters": 8, "merge": False, "val_fraction": 0.2},
-                 ["finetune", "--config", "FILE", "--out", "OUT", "--method", "full", "--lora-targets", "attn.qkv",
-                  "mlp.fc", "--merge"]),
-    "tune": (["tune", "DATA", "OUT", "--space", "lr=1e-4:1e-2:log", "n_layer=1,2", "--fixed", "max_iters=20",
-              "num_threads=1", "--trials", "3", "--no-prune", "--sampler", "random"],
-             {"data": "DATA", "out": "OUT", "space": {"lr": "1e-4:1e-2:log", "n_layer": "1,2"},
-              "fixed": {"max_iters": 20, "num_threads": 1}, "trials": 10, "prune": True, "sampler": "random"},
-             ["tune", "--config", "FILE", "--trials", "3", "--no-prune"]),
-    "classify train": (["classify", "train", "BASE", "--data", "a.txt", "b.txt", "--out", "OUT", "--epochs", "2",
-                        "--pooling", "mean", "--head-only", "--labels", "neg", "pos", "--no-select"],
-                       {"base": "BASE", "data": ["a.txt"], "out": "OUT", "epochs": 5, "pooling": "last",
-                        "head_only": False, "labels": ["neg", "pos"], "select": True},
-                       ["classify", "train", "--config", "FILE", "--data", "a.txt", "b.txt", "--epochs", "2",
-                        "--pooling", "mean", "--head-only", "--no-select"]),
+    "train": (
+        [
+            "train",
+            "DATA",
+            "RUN",
+            "--n-layer",
+            "1",
+            "--lr",
+            "3e-3",
+            "--max-iters",
+            "50",
+            "--no-progress",
+            "--no-bias",
+            "--logger",
+            "tensorboard",
+            "--batch-mode",
+            "sequential",
+        ],
+        {
+            "data": "DATA",
+            "out": "RUN",
+            "n_layer": 2,
+            "lr": "1e-3",
+            "max_iters": 50,
+            "progress": True,
+            "bias": True,
+            "logger": None,
+            "batch_mode": "sequential",
+        },
+        [
+            "train",
+            "--config",
+            "FILE",
+            "--n-layer",
+            "1",
+            "--lr",
+            "3e-3",
+            "--no-progress",
+            "--no-bias",
+            "--logger",
+            "tensorboard",
+        ],
+    ),
+    "finetune": (
+        [
+            "finetune",
+            "BASE",
+            "--data",
+            "d.jsonl",
+            "--out",
+            "OUT",
+            "--method",
+            "full",
+            "--lora-targets",
+            "attn.qkv",
+            "mlp.fc",
+            "--max-iters",
+            "8",
+            "--merge",
+            "--val-fraction",
+            "0.2",
+        ],
+        {
+            "base": "BASE",
+            "data": "d.jsonl",
+            "out": "elsewhere",
+            "method": "lora",
+            "lora_targets": ["lm_head"],
+            "max_iters": 8,
+            "merge": False,
+            "val_fraction": 0.2,
+        },
+        [
+            "finetune",
+            "--config",
+            "FILE",
+            "--out",
+            "OUT",
+            "--method",
+            "full",
+            "--lora-targets",
+            "attn.qkv",
+            "mlp.fc",
+            "--merge",
+        ],
+    ),
+    "tune": (
+        [
+            "tune",
+            "DATA",
+            "OUT",
+            "--space",
+            "lr=1e-4:1e-2:log",
+            "n_layer=1,2",
+            "--fixed",
+            "max_iters=20",
+            "num_threads=1",
+            "--trials",
+            "3",
+            "--no-prune",
+            "--sampler",
+            "random",
+        ],
+        {
+            "data": "DATA",
+            "out": "OUT",
+            "space": {"lr": "1e-4:1e-2:log", "n_layer": "1,2"},
+            "fixed": {"max_iters": 20, "num_threads": 1},
+            "trials": 10,
+            "prune": True,
+            "sampler": "random",
+        },
+        ["tune", "--config", "FILE", "--trials", "3", "--no-prune"],
+    ),
+    "classify train": (
+        [
+            "classify",
+            "train",
+            "BASE",
+            "--data",
+            "a.txt",
+            "b.txt",
+            "--out",
+            "OUT",
+            "--epochs",
+            "2",
+            "--pooling",
+            "mean",
+            "--head-only",
+            "--labels",
+            "neg",
+            "pos",
+            "--no-select",
+        ],
+        {
+            "base": "BASE",
+            "data": ["a.txt"],
+            "out": "OUT",
+            "epochs": 5,
+            "pooling": "last",
+            "head_only": False,
+            "labels": ["neg", "pos"],
+            "select": True,
+        },
+        [
+            "classify",
+            "train",
+            "--config",
+            "FILE",
+            "--data",
+            "a.txt",
+            "b.txt",
+            "--epochs",
+            "2",
+            "--pooling",
+            "mean",
+            "--head-only",
+            "--no-select",
+        ],
+    ),
 }
 
 
@@ -133,7 +280,7 @@ def test_config_file_plus_flags_equals_the_same_flags_alone(verb, tmp_path):
     with_file = [str(config) if a == "FILE" else a for a in with_file]
     expected = settings_of(alone)
     assert settings_of(with_file) == expected
-    assert settings_of(with_file[:with_file.index("--config") + 2]) != expected  # the flags did override it
+    assert settings_of(with_file[: with_file.index("--config") + 2]) != expected  # the flags did override it
     # and a run folder's saved settings (the same YAML) read back to the same settings
     from lmforge.settings import to_yaml
 
@@ -177,8 +324,10 @@ def test_errors_spell_settings_as_flags(data_dir, tmp_path, capsys):
     assert "classify eval needs --data FILE" in capsys.readouterr().err
     assert main(["finetune", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
     assert "needs --data FILE" in capsys.readouterr().err
-    assert main(["prepare", "tinyshakespeare", "--from-file", str(tmp_path / "none.txt"), "--out",
-                 str(tmp_path / "d")]) == 1
+    assert (
+        main(["prepare", "tinyshakespeare", "--from-file", str(tmp_path / "none.txt"), "--out", str(tmp_path / "d")])
+        == 1
+    )
     assert f"--from-file {tmp_path / 'none.txt'} does not exist" in capsys.readouterr().err
     from lmforge.corpus import fetch_tinyshakespeare
 
@@ -189,11 +338,11 @@ def test_errors_spell_settings_as_flags(data_dir, tmp_path, capsys):
 def test_version_and_top_level_help_as_a_real_process():
     import lmforge
 
-    version = subprocess.run([sys.executable, "-m", "lmforge", "--version"], capture_output=True, text=True,
-                             check=True).stdout
+    version = subprocess.run(
+        [sys.executable, "-m", "lmforge", "--version"], capture_output=True, text=True, check=True
+    ).stdout
     assert version.strip() == f"lmforge {lmforge.__version__}"
-    out = subprocess.run([sys.executable, "-m", "lmforge", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "lmforge", "--help"], capture_output=True, text=True, check=True).stdout
     for verb in COMMANDS:
         assert verb in out
 
@@ -211,8 +360,11 @@ def test_renamed_flags_still_work_for_a_release_with_a_line_on_stderr(capsys):
     old = settings_or_args(["generate", "gpt-nano", "--max-new-tokens", "7", "--num-samples=2", "--speculative-k", "3"])
     assert old == new and (new["max_tokens"], new["n"], new["num_speculative_tokens"]) == (7, 2, 3)
     err = capsys.readouterr().err
-    for old_flag, new_flag in (("--max-new-tokens", "--max-tokens"), ("--num-samples", "--n"),
-                               ("--speculative-k", "--num-speculative-tokens")):
+    for old_flag, new_flag in (
+        ("--max-new-tokens", "--max-tokens"),
+        ("--num-samples", "--n"),
+        ("--speculative-k", "--num-speculative-tokens"),
+    ):
         assert f"{old_flag} is deprecated" in err and f"use {new_flag}" in err
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
@@ -227,8 +379,8 @@ def settings_or_args(argv: list[str]) -> dict:
 def test_a_list_flag_given_twice_keeps_every_value_and_replaces_its_default():
     def fn(space: list[str] = ["x=1"], sizes: list[int] = [1, 8]) -> int:  # noqa: B006
         """Args:
-            space: specs.
-            sizes: sizes.
+        space: specs.
+        sizes: sizes.
         """
         return 0
 
@@ -241,8 +393,10 @@ def test_a_list_flag_given_twice_keeps_every_value_and_replaces_its_default():
 
 def test_a_verb_whose_extra_is_not_installed_names_the_extra_instead_of_a_traceback():
     """`pip install lmforge` without [serve]: `lmforge serve` says which extra installs what is missing."""
-    code = ("import sys; sys.modules['fastapi'] = None\n"  # `import fastapi` now raises ModuleNotFoundError
-            "from lmforge.cli import main; raise SystemExit(main(['serve', 'gpt-nano']))")
+    code = (
+        "import sys; sys.modules['fastapi'] = None\n"  # `import fastapi` now raises ModuleNotFoundError
+        "from lmforge.cli import main; raise SystemExit(main(['serve', 'gpt-nano']))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr

@@ -21,8 +21,8 @@ from lmforge.evaluate import (
     split_documents,
 )
 from lmforge.infer.generate import generate
-from lmforge.loader import load
 from lmforge.infer.sampling import SamplingParams
+from lmforge.loader import load
 from lmforge.model import Transformer
 from lmforge.serve.process import start_server, stop_server
 from lmforge.tokenizer import load_tokenizer
@@ -55,8 +55,9 @@ def test_held_out_files_never_reach_training_or_the_tokenizer(tmp_path):
     assert control["holdout_files"] is None and "test" not in control["splits"]
     assert any("quokka" in t for t in load_tokenizer(tmp_path / "control").tok.get_vocab())  # learnt when seen
 
-    meta = prepare(tmp_path / "corpus", tmp_path / "out", tokenizer="bpe", vocab_size=400,
-                   holdout_files=["secret.py", "pkg/*"])
+    meta = prepare(
+        tmp_path / "corpus", tmp_path / "out", tokenizer="bpe", vocab_size=400, holdout_files=["secret.py", "pkg/*"]
+    )
     held = ["pkg/alpha.py", "pkg/beta.py", "secret.py"]
     assert meta["holdout_files"] == held and meta["holdout_patterns"] == ["secret.py", "pkg/*"]
     assert meta["documents"]["test"] == 3
@@ -69,8 +70,9 @@ def test_held_out_files_never_reach_training_or_the_tokenizer(tmp_path):
 
     # Deterministic: a second prepare, after files are added, holds out the same files, to the byte.
     write_files(tmp_path / "corpus", {f"new{i}.py": f"x_{i} = {i}\n" * 5 for i in range(5)})
-    again = prepare(tmp_path / "corpus", tmp_path / "again", tokenizer_from=tmp_path / "out",
-                    holdout_files=["secret.py", "pkg/*"])
+    again = prepare(
+        tmp_path / "corpus", tmp_path / "again", tokenizer_from=tmp_path / "out", holdout_files=["secret.py", "pkg/*"]
+    )
     assert again["holdout_files"] == held
     assert (tmp_path / "again" / "test.bin").read_bytes() == (tmp_path / "out" / "test.bin").read_bytes()
 
@@ -84,8 +86,14 @@ def test_char_vocabulary_excludes_held_out_files(tmp_path):
 
 
 def test_stdlib_default_holdout_is_fixed_and_read_whole(tmp_path):
-    meta = prepare("python-stdlib", tmp_path / "out", tokenizer="bpe", vocab_size=300, max_chars=20_000,
-                   holdout_files=["default", "json/encoder.py"])
+    meta = prepare(
+        "python-stdlib",
+        tmp_path / "out",
+        tokenizer="bpe",
+        vocab_size=300,
+        max_chars=20_000,
+        holdout_files=["default", "json/encoder.py"],
+    )
     assert meta["holdout_files"] == sorted([*STDLIB_HOLDOUT, "json/encoder.py"])
     root, _ = python_stdlib_files()
     texts = decoded_splits(tmp_path / "out")
@@ -121,8 +129,20 @@ def test_holdout_errors_name_the_problem(tmp_path, capsys):
         prepare("python-stdlib", tmp_path / "out", holdout_files=["textwarp.py"])
     assert not (tmp_path / "out").exists()
     # the same through the CLI flag
-    assert cli.main(["prepare", str(tmp_path / "corpus"), "--out", str(tmp_path / "out"),
-                     "--holdout-files", "beta.py", "gamma.py"]) == 1
+    assert (
+        cli.main(
+            [
+                "prepare",
+                str(tmp_path / "corpus"),
+                "--out",
+                str(tmp_path / "out"),
+                "--holdout-files",
+                "beta.py",
+                "gamma.py",
+            ]
+        )
+        == 1
+    )
     assert "'gamma.py' matches no file" in capsys.readouterr().err
 
 
@@ -133,8 +153,12 @@ def test_line_targets_skip_blank_and_comment_lines():
     text = "import os\n\n\ndef f(x):  \n    # why\n    return x\n\n# end\nclass A:\n    pass"
     # (the context's last line, what lies between it and the target, the target line)
     got = [(text[:cut].rsplit("\n", 1)[-1], text[cut:start], text[start:end]) for cut, start, end in line_targets(text)]
-    assert got == [("import os", "\n\n\n", "def f(x):  "), ("    # why", "\n", "    return x"),
-                   ("# end", "\n", "class A:"), ("class A:", "\n", "    pass")]
+    assert got == [
+        ("import os", "\n\n\n", "def f(x):  "),
+        ("    # why", "\n", "    return x"),
+        ("# end", "\n", "class A:"),
+        ("class A:", "\n", "    pass"),
+    ]
     assert predicted_line("\n    return x\n    y") == ("    return x", True)
     assert predicted_line("\n\n    ret") == ("    ret", False)  # blank lines first are fine; not finished yet
     assert predicted_line(" + 1\n") == (None, True)  # code on the context's own line: a miss
@@ -173,9 +197,24 @@ def memorized(tmp_path_factory):
     root = tmp_path_factory.mktemp("memo")
     (root / "memo.py").write_text(MEMO_TEXT)
     prepare(root / "memo.py", root / "data", tokenizer="bpe", vocab_size=320)
-    train(TrainConfig(data=str(root / "data"), out=str(root / "run"), n_layer=2, n_head=2, n_embd=64,
-                      block_size=64, batch_size=16, lr=3e-3, warmup_iters=10, max_iters=120, eval_interval=120,
-                      eval_iters=2, progress=False, seed=0))
+    train(
+        TrainConfig(
+            data=str(root / "data"),
+            out=str(root / "run"),
+            n_layer=2,
+            n_head=2,
+            n_embd=64,
+            block_size=64,
+            batch_size=16,
+            lr=3e-3,
+            warmup_iters=10,
+            max_iters=120,
+            eval_interval=120,
+            eval_iters=2,
+            progress=False,
+            seed=0,
+        )
+    )
     model, tok = load_model(root / "run" / "best")
     return model, tok
 
@@ -231,14 +270,48 @@ def test_exact_match_equals_naive_argmax_loop(memorized):
 @pytest.mark.slow  # trains a model for tens of seconds
 def test_stdlib_model_evaluates_and_serves_greedy_completions(tmp_path, capsys):
     data, run = tmp_path / "data", tmp_path / "run"
-    assert cli.main(["prepare", "python-stdlib", "--out", str(data), "--tokenizer", "bpe", "--vocab-size", "400",
-                     "--max-chars", "40000", "--holdout-files", "textwrap.py", "shlex.py"]) == 0
-    train(TrainConfig(data=str(data), out=str(run), n_layer=2, n_head=2, n_embd=64, block_size=128,
-                      batch_size=8, lr=3e-3, warmup_iters=5, max_iters=40, eval_interval=40, eval_iters=2,
-                      progress=False, seed=0))
+    assert (
+        cli.main(
+            [
+                "prepare",
+                "python-stdlib",
+                "--out",
+                str(data),
+                "--tokenizer",
+                "bpe",
+                "--vocab-size",
+                "400",
+                "--max-chars",
+                "40000",
+                "--holdout-files",
+                "textwrap.py",
+                "shlex.py",
+            ]
+        )
+        == 0
+    )
+    train(
+        TrainConfig(
+            data=str(data),
+            out=str(run),
+            n_layer=2,
+            n_head=2,
+            n_embd=64,
+            block_size=128,
+            batch_size=8,
+            lr=3e-3,
+            warmup_iters=5,
+            max_iters=40,
+            eval_interval=40,
+            eval_iters=2,
+            progress=False,
+            seed=0,
+        )
+    )
     capsys.readouterr()
-    assert cli.main(["eval", str(run), str(data), "--split", "test", "--next-line", "12",
-                     "--max-line-tokens", "32"]) == 0
+    assert (
+        cli.main(["eval", str(run), str(data), "--split", "test", "--next-line", "12", "--max-line-tokens", "32"]) == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["next_line_count"] == 12 and 0 <= result["next_line_exact_match"] <= 1
     assert result["holdout_files"] == ["shlex.py", "textwrap.py"] and result["ppl"] > 1
@@ -246,8 +319,7 @@ def test_stdlib_model_evaluates_and_serves_greedy_completions(tmp_path, capsys):
     prompt = "import os\n\n\ndef read_config(path):\n    with open(path) as f:\n"
     loaded = load(run / "best", dtype="float32")
     model, tok = loaded.model, loaded.tokenizer
-    [expected] = generate(model, [tok.encode(prompt)], SamplingParams(max_tokens=24, temperature=0.0),
-                          tokenizer=tok)
+    [expected] = generate(model, [tok.encode(prompt)], SamplingParams(max_tokens=24, temperature=0.0), tokenizer=tok)
     proc, base = start_server(str(run / "best"), "--log-level", "warning")
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)

@@ -40,8 +40,9 @@ def byte_id(tok, ch: str) -> int:
 def cycle_model(tok, cycle=CYCLE, margin: float = 1.0) -> Transformer:
     """A bigram model: any token -> cycle[0], cycle[i] -> cycle[i + 1] (wrapping), EOS never."""
     C = 16
-    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=1, n_head=2, n_embd=C, bias=True,
-                      tie_embeddings=False)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size, block_size=128, n_layer=1, n_head=2, n_embd=C, bias=True, tie_embeddings=False
+    )
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     ids = [byte_id(tok, ch) if len(ch) == 1 else tok.encode(ch)[0] for ch in cycle]
@@ -58,7 +59,7 @@ def cycle_model(tok, cycle=CYCLE, margin: float = 1.0) -> Transformer:
         model.tok_emb.weight.copy_(emb)
         ln = torch.nn.functional.layer_norm(torch.eye(C), (C,))  # what norm_f makes of each state
         model.lm_head.weight[ids[0]] = margin * ln[0]
-        for i, t in enumerate(ids):  # logit of the next token: ~16 x margin; of the others: 0 or ~-1 x margin
+        for i in range(len(ids)):  # logit of the next token: ~16 x margin; of the others: 0 or ~-1 x margin
             model.lm_head.weight[ids[(i + 1) % len(ids)]] += margin * ln[i + 1]
         model.lm_head.bias[tok.eos_id] = -50.0
     return model
@@ -75,6 +76,7 @@ def run(model, tok, prompt: str, params: SamplingParams, controls: Controls | No
 
 
 # ---------------------------------------------------------------------------------- the model prefers the phrase
+
 
 def test_the_model_prefers_the_phrase_and_a_token_ban_misses_it(tok):
     model = cycle_model(tok)
@@ -132,6 +134,7 @@ def test_phrase_inside_merged_tokens(tok):
 
 # ---------------------------------------------------------------------------------- fire counts
 
+
 def naive_greedy(model, tok, prompt: list[int], steps: int, phrases: list[str], bias: dict[int, float]):
     """Greedy decoding with a full forward per step: the first token in logit order whose text adds no banned
     phrase; returns (tokens, fires per phrase, steps where the bias changed the argmax)."""
@@ -154,8 +157,10 @@ def naive_greedy(model, tok, prompt: list[int], steps: int, phrases: list[str], 
     return out, fires, changed
 
 
-@pytest.mark.parametrize("last, banned, bias", [(None, ["cat", "t c"], {"hello": 3.0, "mat": -2.0}),
-                                                ("c", ["at ", "cat"], {"hello": 15.5, "cat": 1.0})])
+@pytest.mark.parametrize(
+    "last, banned, bias",
+    [(None, ["cat", "t c"], {"hello": 3.0, "mat": -2.0}), ("c", ["at ", "cat"], {"hello": 15.5, "cat": 1.0})],
+)
 def test_fire_counts_match_a_naive_loop(tok, last, banned, bias):
     """Bias 15.5 lies between the model's margins to 'c' (~14.9) and to 'a' and 't' (16): from a prompt ending in
     'c' the model writes 'at' unchanged by it, is refused ' ' and goes off the cycle, where the bias then changes
@@ -211,29 +216,36 @@ def test_dead_end_ends_the_output(tok):
 
 # ---------------------------------------------------------------------------------- files
 
+
 def test_json_and_text_files_say_the_same(tmp_path):
     j = tmp_path / "c.json"
-    j.write_text(json.dumps({"banned_phrases": ["darn", " heck"], "logit_bias": {"cat": 5, "big dog": -2.5},
-                             "ignore_case": True}))
+    j.write_text(
+        json.dumps(
+            {"banned_phrases": ["darn", " heck"], "logit_bias": {"cat": 5, "big dog": -2.5}, "ignore_case": True}
+        )
+    )
     t = tmp_path / "c.txt"
     t.write_text('# controls\n\nban: darn\nban: " heck"\nbias: 5 cat\nbias: -2.5 big dog\nignore_case: true\n')
     assert load_controls(j) == load_controls(t) == ControlSpec(["darn", " heck"], {"cat": 5, "big dog": -2.5}, True)
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("c.json", "{not json", "is not valid JSON"),
-    ("c.json", "[1, 2]", "must hold a JSON object"),
-    ("c.json", '{"banned": ["x"]}', "unknown keys ['banned']"),
-    ("c.json", '{"banned_phrases": "x"}', "banned_phrases must be a list"),
-    ("c.json", '{"banned_phrases": [""]}', "must be a non-empty string"),
-    ("c.json", '{"logit_bias": {"cat": 500}}', "it must be a number in [-100, 100]"),
-    ("c.json", '{"logit_bias": {"cat": "high"}}', "it must be a number"),
-    ("c.json", "{}", "holds no controls"),
-    ("c.txt", "ban: ok\nbanned: x\n", "line 2: expected 'ban: PHRASE'"),
-    ("c.txt", "bias: lots cat\n", "line 1: 'bias:' needs a number then a word"),
-    ("c.txt", "ban: \"open\n", "line 1: '\"open' starts with a quote but is not a JSON string"),
-    ("c.txt", "ignore_case: maybe\n", "ignore_case must be true or false"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("c.json", "{not json", "is not valid JSON"),
+        ("c.json", "[1, 2]", "must hold a JSON object"),
+        ("c.json", '{"banned": ["x"]}', "unknown keys ['banned']"),
+        ("c.json", '{"banned_phrases": "x"}', "banned_phrases must be a list"),
+        ("c.json", '{"banned_phrases": [""]}', "must be a non-empty string"),
+        ("c.json", '{"logit_bias": {"cat": 500}}', "it must be a number in [-100, 100]"),
+        ("c.json", '{"logit_bias": {"cat": "high"}}', "it must be a number"),
+        ("c.json", "{}", "holds no controls"),
+        ("c.txt", "ban: ok\nbanned: x\n", "line 2: expected 'ban: PHRASE'"),
+        ("c.txt", "bias: lots cat\n", "line 1: 'bias:' needs a number then a word"),
+        ("c.txt", 'ban: "open\n', "line 1: '\"open' starts with a quote but is not a JSON string"),
+        ("c.txt", "ignore_case: maybe\n", "ignore_case must be true or false"),
+    ],
+)
 def test_bad_files_give_clear_errors(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_text(content)
@@ -251,6 +263,7 @@ def test_missing_file_and_unknown_words(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- the CLI and the server
+
 
 def test_generate_command_reports_fires(tok, tmp_path, capsys):
     from lmforge.apps.generate import generate_command
@@ -281,7 +294,7 @@ def _fired(base: str) -> dict[tuple[str, str], float]:
     out = {}
     for line in metrics.splitlines():
         if line.startswith("lmforge_control_fired_total{"):
-            labels, value = line[len("lmforge_control_fired_total{"):].split("} ")
+            labels, value = line[len("lmforge_control_fired_total{") :].split("} ")
             d = dict(kv.split("=", 1) for kv in labels.split(","))
             out[(d["kind"].strip('"'), d["control"].strip('"'))] = float(value)
     return out
@@ -293,17 +306,20 @@ def test_server_applies_controls_and_counts_them(server, tok):
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
     key = [("banned_phrase", "at "), ("logit_bias", "hello")]
     before = [_fired(server).get(k, 0.0) for k in key]
-    r = client.completions.create(model="cyc", prompt=tok.encode("the") + [byte_id(tok, "c")], max_tokens=16,
-                                  temperature=0)
+    r = client.completions.create(
+        model="cyc", prompt=tok.encode("the") + [byte_id(tok, "c")], max_tokens=16, temperature=0
+    )
     assert r.choices[0].text.startswith("athello") and "at " not in r.choices[0].text
     fired = r.model_extra["lmforge"]["controls"]
     assert fired["banned_phrases"]["at "] == 1 and fired["logit_bias"]["hello"] > 0
-    chat = client.chat.completions.create(model="cyc", messages=[{"role": "user", "content": "the"}], max_tokens=16,
-                                          temperature=1.0, seed=3)
+    chat = client.chat.completions.create(
+        model="cyc", messages=[{"role": "user", "content": "the"}], max_tokens=16, temperature=1.0, seed=3
+    )
     chat_fired = chat.model_extra["lmforge"]["controls"]
     pieces, streamed = [], None
-    stream = client.chat.completions.create(model="cyc", messages=[{"role": "user", "content": "the"}],
-                                            max_tokens=16, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model="cyc", messages=[{"role": "user", "content": "the"}], max_tokens=16, temperature=0, stream=True
+    )
     for chunk in stream:
         pieces += [c.delta.content or "" for c in chunk.choices]
         if chunk.choices and chunk.choices[0].finish_reason:
@@ -326,7 +342,8 @@ def test_chat_repl_applies_controls_and_reports_them(tok, tmp_path):
     out = io.StringIO()
     backend = LocalBackend(str(folder), controls=str(controls))
     ChatSession(backend, settings=ChatSettings(temperature=0, max_tokens=12), out=out).run(
-        io.StringIO("the\n/controls\n"))
+        io.StringIO("the\n/controls\n")
+    )
     answer = next(line for line in out.getvalue().splitlines() if line.startswith("assistant> "))
     assert "cat" not in answer and "ca" in answer  # the model kept starting it
     report = json.loads(out.getvalue().splitlines()[-1])
@@ -353,8 +370,10 @@ def test_a_requests_own_banned_phrase_holds_on_the_text_and_stays_out_of_metrics
 
     prompt = tok.encode("the") + [byte_id(tok, "c")]
     before = _fired(server)
-    r = httpx.post(server + "/v1/completions", json={"model": "cyc", "prompt": prompt, "max_tokens": 16,
-                                                      "temperature": 0, "banned_phrases": ["hel"]}).json()
+    r = httpx.post(
+        server + "/v1/completions",
+        json={"model": "cyc", "prompt": prompt, "max_tokens": 16, "temperature": 0, "banned_phrases": ["hel"]},
+    ).json()
     text = r["choices"][0]["text"]
     assert "hel" not in text and r["lmforge"]["controls"]["banned_phrases"]["hel"] > 0
     assert not any(name == "hel" for _, name in _fired(server)) and _fired(server) != before  # operator's still count

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge import corpus, data as data_mod
+from lmforge import corpus
+from lmforge import data as data_mod
 from lmforge.corpus import DataError, Document, download, read_text
 from lmforge.data import (
     encode_documents,
@@ -65,7 +66,7 @@ def test_prepare_file_char_tail_split(tmp_path):
     assert load_meta(tmp_path / "out") == meta
     train = np.memmap(tmp_path / "out" / "train.bin", dtype=np.uint16, mode="r")
     assert len(train) == int(n * 0.9)
-    assert read_all(tmp_path / "out") == {"train": TEXT[: int(n * 0.9)], "val": TEXT[int(n * 0.9):]}
+    assert read_all(tmp_path / "out") == {"train": TEXT[: int(n * 0.9)], "val": TEXT[int(n * 0.9) :]}
 
 
 def test_prepare_bpe_separates_documents_with_eos(tmp_path):
@@ -153,7 +154,9 @@ def test_prepare_python_stdlib_with_max_chars(tmp_path):
     assert len(set(names)) == len(names) and all(n.endswith(".py") for n in names)
     assert names == corpus.python_stdlib_files()[1]  # a stable order
     assert names[:50] != sorted(names)[:50]  # not alphabetical: a capped corpus samples the whole library
-    assert not any(part in ("site-packages", "test", "tests", "idle_test", "encodings") for n in names for part in n.split("/"))
+    assert not any(
+        part in ("site-packages", "test", "tests", "idle_test", "encodings") for n in names for part in n.split("/")
+    )
 
 
 def test_prepare_invalid_utf8_and_replace(tmp_path):

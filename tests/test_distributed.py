@@ -18,8 +18,21 @@ from lmforge.train.distributed import consolidate, pick_device
 from lmforge.train.trainer import TrainConfig, TrainConfigError, estimate_loss, train
 
 # a one-layer 32-wide model, context 16, dropout 0 (so runs can agree); batch_size is per process
-SETTINGS = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, dropout=0.0, lr=3e-3, warmup_iters=5, min_lr=3e-4,
-                eval_interval=10, eval_iters=2, log_interval=1, grad_accum=2, progress=False)
+SETTINGS = dict(
+    n_layer=1,
+    n_head=2,
+    n_embd=32,
+    block_size=16,
+    dropout=0.0,
+    lr=3e-3,
+    warmup_iters=5,
+    min_lr=3e-4,
+    eval_interval=10,
+    eval_iters=2,
+    log_interval=1,
+    grad_accum=2,
+    progress=False,
+)
 ITERS = 60
 slow = pytest.mark.slow  # the tests that start torchrun (2 worker processes) once or twice
 
@@ -35,14 +48,33 @@ def torchrun_args(data_dir, out, nproc=2, **settings) -> list[str]:
             flags.append("--no-" + key.replace("_", "-"))
         else:
             flags += [flag, str(value)]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            "-m", "lmforge", "train", data_dir, str(out), *flags]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "lmforge",
+        "train",
+        data_dir,
+        str(out),
+        *flags,
+    ]
 
 
 def torchrun(data_dir, out, **settings) -> None:
-    proc = subprocess.run(torchrun_args(data_dir, out, **settings), env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        torchrun_args(data_dir, out, **settings),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -89,9 +121,13 @@ def test_two_processes_equal_one_with_the_global_batch(data_dir, ddp_run, tmp_pa
 @slow
 def test_killed_run_resumes_to_the_uninterrupted_result(data_dir, ddp_run, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(torchrun_args(data_dir, run, batch_size=4, max_iters=ITERS),
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        torchrun_args(data_dir, run, batch_size=4, max_iters=ITERS),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (run / "last" / "train_state.pt").exists():  # the first checkpoint (iteration 10)
@@ -115,8 +151,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data_dir, ddp_run, tmp_p
 @slow
 def test_fsdp_sharded_then_consolidated(data_dir, tmp_path):
     # sequential streams and full evaluation exercise the other shardings (streams, short last eval batch)
-    common = dict(batch_size=4, batch_mode="sequential", eval_mode="full", eval_batch_size=3, n_layer=2,
-                  max_iters=20, lr_decay_iters=20)
+    common = dict(
+        batch_size=4,
+        batch_mode="sequential",
+        eval_mode="full",
+        eval_batch_size=3,
+        n_layer=2,
+        max_iters=20,
+        lr_decay_iters=20,
+    )
     run = tmp_path / "fsdp"
     torchrun(data_dir, run, fsdp=True, fsdp_checkpoint="sharded", **{**common, "max_iters": 10})
     assert (run / "last" / "sharded" / ".metadata").exists() and not (run / "last" / "model.safetensors").exists()

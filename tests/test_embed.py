@@ -74,12 +74,27 @@ def test_embed_verb_prints_the_python_functions_vectors(tmp_path, capsys):
     model = tiny("gpt-nano")
     save_model(tmp_path / "m", model, tok)
     (tmp_path / "more.txt").write_text("a third line\n\nand a fourth\n", encoding="utf-8")
-    assert main(["embed", str(tmp_path / "m"), "--input", "hello there", "b", "--file", str(tmp_path / "more.txt"),
-                 "--pooling", "last"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                str(tmp_path / "m"),
+                "--input",
+                "hello there",
+                "b",
+                "--file",
+                str(tmp_path / "more.txt"),
+                "--pooling",
+                "last",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     texts = ["hello there", "b", "a third line", "and a fourth"]
-    assert [(r["index"], r["tokens"], r["pooling"]) for r in lines] == [(i, len(t), "last")
-                                                                         for i, t in enumerate(texts)]
+    assert [(r["index"], r["tokens"], r["pooling"]) for r in lines] == [
+        (i, len(t), "last") for i, t in enumerate(texts)
+    ]
     expected = embed_texts(model, tok, texts, "last")
     torch.testing.assert_close(torch.tensor([r["embedding"] for r in lines]), expected, atol=1e-6, rtol=1e-5)
     assert main(["embed", str(tmp_path / "m")]) == 1

@@ -93,9 +93,11 @@ def test_matches_infer_generate_with_sampling_penalties_stop_strings_logprobs_an
     tok = CharTokenizer(sorted(" abcdefghijklmnopqrstuvwxyz"))
     model = tiny(vocab_size=tok.vocab_size)
     prompts = [tok.encode(t) for t in ("hello there", "abc", "the quick brown fox")]
-    params = [SamplingParams(max_tokens=12, temperature=0.9, top_k=20, seed=7, logprobs=2),
-              SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.3, stop=["e", "ab"]),
-              SamplingParams(max_tokens=9, temperature=1.0, top_p=0.8, seed=3, n=2)]
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.9, top_k=20, seed=7, logprobs=2),
+        SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.3, stop=["e", "ab"]),
+        SamplingParams(max_tokens=9, temperature=1.0, top_p=0.8, seed=3, n=2),
+    ]
     want = plain_generate(model, prompts, params, tokenizer=tok)
     got = Engine(model, tok, block_size=4, num_blocks=64).generate(prompts, params)
     assert len(got) == len(want) == 4
@@ -115,8 +117,9 @@ def test_a_seeded_request_gives_the_same_output_whatever_shares_its_batch():
     params = SamplingParams(max_tokens=10, temperature=1.0, seed=123)
     alone = Engine(model, block_size=4).generate([prompt], params)[0].tokens
     crowd = prompts_of([3, 11, 5], model.config.vocab_size, seed=9)
-    mixed = Engine(model, block_size=4).generate(crowd + [prompt], [SamplingParams(max_tokens=10, seed=s) for s in
-                                                                  (1, 2, 3)] + [params])
+    mixed = Engine(model, block_size=4).generate(
+        crowd + [prompt], [SamplingParams(max_tokens=10, seed=s) for s in (1, 2, 3)] + [params]
+    )
     assert mixed[-1].tokens == alone
 
 
@@ -191,11 +194,16 @@ def test_a_request_that_fails_in_a_step_fails_alone():
     goes on serving."""
     model = tiny()
     prompts = prompts_of([7, 12, 30], model.config.vocab_size)
-    params = [SamplingParams(max_tokens=12, temperature=1.0, seed=5), SamplingParams(max_tokens=12, temperature=0),
-              SamplingParams(max_tokens=6, temperature=0.8, seed=9, top_k=5)]
+    params = [
+        SamplingParams(max_tokens=12, temperature=1.0, seed=5),
+        SamplingParams(max_tokens=12, temperature=0),
+        SamplingParams(max_tokens=6, temperature=0.8, seed=9, top_k=5),
+    ]
     alone = [Engine(model, block_size=4).generate([p], sp)[0].tokens for p, sp in zip(prompts, params)]
-    bad = [SamplingParams(max_tokens=12, seed=1, n=2, allowed_tokens=Exploding(3)),
-           SamplingParams(max_tokens=12, seed=2, guard=Exploding(2))]
+    bad = [
+        SamplingParams(max_tokens=12, seed=1, n=2, allowed_tokens=Exploding(3)),
+        SamplingParams(max_tokens=12, seed=2, guard=Exploding(2)),
+    ]
     engine = Engine(model, block_size=4, num_blocks=64, max_num_batched_tokens=16)
     good_ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     bad_ids = [engine.add_request(prompts[0], sp) for sp in bad]
@@ -258,12 +266,15 @@ def test_requests_that_cannot_fit_are_refused_with_the_reason():
         engine.add_request([], SamplingParams())
 
 
-@pytest.mark.parametrize("prompt, params, param", [
-    ([], SamplingParams(), "prompt"),
-    ([1, 10**6], SamplingParams(), "prompt"),
-    ([1], SamplingParams(stop=["x"]), "stop"),
-    ([1] * 60, SamplingParams(max_tokens=10), "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, param",
+    [
+        ([], SamplingParams(), "prompt"),
+        ([1, 10**6], SamplingParams(), "prompt"),
+        ([1], SamplingParams(stop=["x"]), "stop"),
+        ([1] * 60, SamplingParams(max_tokens=10), "max_tokens"),
+    ],
+)
 def test_engine_and_generate_refuse_the_same_prompts_naming_the_same_parameter(prompt, params, param):
     from lmforge.errors import LmforgeError
 

@@ -28,8 +28,7 @@ TEXT = "the cat sat on the mat and the dog ate the hat. "
 def char_model(block_size: int = 128):
     tok = CharTokenizer.train([TEXT])
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=1, n_head=2,
-                                    n_embd=32))
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=32))
     return model.eval(), tok
 
 
@@ -39,8 +38,11 @@ def test_streams_make_the_engines_text_and_stop_where_it_stops():
     stop strings that fire mid-output; the sequences a stop string ended free their blocks."""
     model, tok = char_model()
     prompts = [tok.encode(p) for p in ("the cat", "a dog ate", "on the")]
-    free = [SamplingParams(max_tokens=30, temperature=0), SamplingParams(max_tokens=30, seed=3, n=2),
-            SamplingParams(max_tokens=30, seed=4, temperature=0.7)]
+    free = [
+        SamplingParams(max_tokens=30, temperature=0),
+        SamplingParams(max_tokens=30, seed=3, n=2),
+        SamplingParams(max_tokens=30, seed=4, temperature=0.7),
+    ]
     outputs = Engine(model, tok, block_size=4).generate(prompts, free)
     # a stop cut from the middle of each prompt's first free output, so it is sure to fire there
     firsts = [next(c for c in outputs if c.prompt_index == i) for i in range(len(prompts))]

@@ -18,7 +18,9 @@ def draft_of(target, seed=5):
     from lmforge.config import ModelConfig
     from lmforge.model import Transformer
 
-    return Transformer(ModelConfig.from_name("gpt-nano", n_layer=1, vocab_size=target.config.vocab_size)).double().eval()
+    return (
+        Transformer(ModelConfig.from_name("gpt-nano", n_layer=1, vocab_size=target.config.vocab_size)).double().eval()
+    )
 
 
 def test_scheduler_reserves_lookahead_and_takes_several_tokens_per_step():
@@ -52,8 +54,15 @@ def run(engine, prompts, params):
 def test_greedy_equals_plain_greedy_with_a_poor_draft_and_chunked_prompts():
     model = tiny("llama-nano")
     prompts = prompts_of([5, 40, 1, 13, 9, 22], model.config.vocab_size)
-    engine = Engine(model, block_size=4, num_blocks=96, max_num_batched_tokens=16, max_num_seqs=4,
-                    draft=draft_of(model), num_speculative_tokens=3)
+    engine = Engine(
+        model,
+        block_size=4,
+        num_blocks=96,
+        max_num_batched_tokens=16,
+        max_num_seqs=4,
+        draft=draft_of(model),
+        num_speculative_tokens=3,
+    )
     got = run(engine, prompts, SamplingParams(max_tokens=12, temperature=0))
     for prompt, tokens in zip(prompts, got):
         assert tokens == greedy_alone(model, prompt, 12)
@@ -81,14 +90,16 @@ def test_prefix_cache_hits_preemption_stop_ids_and_logprobs_keep_plain_results()
     prompts = [shared + tail for tail in prompts_of([3, 5, 1, 2], V, seed=2)]
     params = SamplingParams(max_tokens=14, temperature=0, logprobs=2, stop_token_ids=[7])
     plain = Engine(model, block_size=4, num_blocks=64).generate(prompts, params)
-    spec_engine = Engine(model, block_size=4, num_blocks=20, max_num_seqs=4, draft=draft_of(model),
-                         num_speculative_tokens=2)
+    spec_engine = Engine(
+        model, block_size=4, num_blocks=20, max_num_seqs=4, draft=draft_of(model), num_speculative_tokens=2
+    )
     spec = spec_engine.generate(prompts, params)
     for a, b in zip(plain, spec):
         assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
         assert [lp.token for lp in a.logprobs] == [lp.token for lp in b.logprobs]
-        assert torch.allclose(torch.tensor([lp.logprob for lp in a.logprobs]),
-                              torch.tensor([lp.logprob for lp in b.logprobs]), atol=1e-9)
+        assert torch.allclose(
+            torch.tensor([lp.logprob for lp in a.logprobs]), torch.tensor([lp.logprob for lp in b.logprobs]), atol=1e-9
+        )
     assert spec_engine.stats()["prefix_hit_tokens"] > 0
     assert spec_engine.block_manager.num_used_blocks == 0
 

@@ -18,8 +18,20 @@ TEXT = "the quick brown fox jumps over the lazy dog.\nto be or not to be, that i
 @pytest.fixture(scope="module")
 def run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "run"
-    train(TrainConfig(data=data_dir, out=str(out), n_layer=1, n_head=2, n_embd=16, block_size=16, max_iters=2,
-                      eval_interval=2, eval_iters=1, progress=False))
+    train(
+        TrainConfig(
+            data=data_dir,
+            out=str(out),
+            n_layer=1,
+            n_head=2,
+            n_embd=16,
+            block_size=16,
+            max_iters=2,
+            eval_interval=2,
+            eval_iters=1,
+            progress=False,
+        )
+    )
     return out
 
 

@@ -28,17 +28,58 @@ TEXT = "the cat ate the mat, hello"
 
 FAMILIES = {
     "gpt2": dict(n_layer=2, n_head=2, n_embd=32, block_size=64),
-    "llama": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=64, norm="rmsnorm", mlp="swiglu",
-                  pos="rope", bias=False, tie_embeddings=False, multiple_of=16),
-    "seed": dict(n_layer=2, n_head=2, n_embd=32, intermediate_size=32, block_size=64, norm_placement="post",
-                 mlp="relu", pos="sinusoidal", tie_embeddings=False, embed_scale=True, final_norm=False,
-                 dropout=0.2, init="seed"),
+    "llama": dict(
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=32,
+        block_size=64,
+        norm="rmsnorm",
+        mlp="swiglu",
+        pos="rope",
+        bias=False,
+        tie_embeddings=False,
+        multiple_of=16,
+    ),
+    "seed": dict(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        intermediate_size=32,
+        block_size=64,
+        norm_placement="post",
+        mlp="relu",
+        pos="sinusoidal",
+        tie_embeddings=False,
+        embed_scale=True,
+        final_norm=False,
+        dropout=0.2,
+        init="seed",
+    ),
     # Gemma 2/3's pieces: a window of 4 on the first layer (with its own RoPE base), soft-capped scores at their own
     # scale, per-head q/k norms, heads wider than n_embd / n_head, sandwich norms, GeGLU.
-    "gemma": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_size=12, block_size=64, norm="rmsnorm",
-                  mlp="geglu_tanh", pos="rope", bias=False, norm_placement="sandwich", embed_scale=True,
-                  qk_norm="head", attn_scale=0.3, attn_softcap=3.0, logit_softcap=5.0, sliding_window=4,
-                  window_layers=[0], rope_local_base=100.0, multiple_of=16),
+    "gemma": dict(
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=32,
+        head_size=12,
+        block_size=64,
+        norm="rmsnorm",
+        mlp="geglu_tanh",
+        pos="rope",
+        bias=False,
+        norm_placement="sandwich",
+        embed_scale=True,
+        qk_norm="head",
+        attn_scale=0.3,
+        attn_softcap=3.0,
+        logit_softcap=5.0,
+        sliding_window=4,
+        window_layers=[0],
+        rope_local_base=100.0,
+        multiple_of=16,
+    ),
 }
 
 
@@ -91,8 +132,9 @@ def test_explain_writes_the_models_own_numbers(tmp_path, tok, family, capsys):
     assert result["tokens"][0]["prob"] is None
     got = [t["prob"] for t in result["tokens"][1:]]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose([t["surprisal_bits"] for t in result["tokens"][1:]],
-                               [-math.log2(p) for p in expected], rtol=1e-4)
+    np.testing.assert_allclose(
+        [t["surprisal_bits"] for t in result["tokens"][1:]], [-math.log2(p) for p in expected], rtol=1e-4
+    )
     for t, info in enumerate(result["tokens"][1:], 1):
         best = probs[t - 1].topk(3)
         assert [a["id"] for a in info["top"]] == best.indices.tolist()
@@ -144,15 +186,17 @@ def test_attention_times_v_is_the_models_attention_output(tmp_path, tok, family)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # (1, nh, T, hs)
             mixed = weights[layer][None] @ v  # (1, nh, T, hs)
             B, nh, T, hs = mixed.shape
-            torch.testing.assert_close(block.attn.proj(mixed.transpose(1, 2).reshape(B, T, nh * hs)), y,
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                block.attn.proj(mixed.transpose(1, 2).reshape(B, T, nh * hs)), y, rtol=1e-4, atol=1e-5
+            )
 
 
 def test_attention_weights_match_a_naive_loop():
     """Attention.weights, which explain reports: grouped-query heads, the layer's scale, soft-cap and window."""
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=10, n_layer=1, n_head=4, n_kv_head=2, n_embd=32, attn_scale=0.5,
-                         attn_softcap=2.0, sliding_window=3)
+    config = ModelConfig(
+        vocab_size=10, n_layer=1, n_head=4, n_kv_head=2, n_embd=32, attn_scale=0.5, attn_softcap=2.0, sliding_window=3
+    )
     attn = Transformer(config).blocks[0].attn
     q, k = torch.randn(1, 4, 6, 8) * 3, torch.randn(1, 2, 6, 8)
     w = attn.weights(q, k)

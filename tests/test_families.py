@@ -351,10 +351,12 @@ def tokenizer_for(family: Family):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if family.split is not None:  # as Llama 3's and Qwen2's tokenizer.json: a regex split, then bytes
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(family.split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(family.split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB - 20,
@@ -493,8 +495,9 @@ def test_engine_serves_base_and_three_lora_adapters_in_one_batch_as_their_merged
     model, _ = load_any(built.folder)
     served = prepare_for_decoding(copy.deepcopy(model))
     bank = AdapterBank(served)
-    adapters = {n: random_adapter(model, seed, rank, targets, scale=0.2)
-                for n, (seed, rank, targets) in ADAPTERS.items()}
+    adapters = {
+        n: random_adapter(model, seed, rank, targets, scale=0.2) for n, (seed, rank, targets) in ADAPTERS.items()
+    }
     for n, adapter in adapters.items():
         bank.add(n, adapter)
     names = [None, "a", "b", "c", "b"]
@@ -507,8 +510,12 @@ def test_engine_serves_base_and_three_lora_adapters_in_one_batch_as_their_merged
         merged = merge_adapter(copy.deepcopy(model), adapters[n], check_base=False) if n else model
         want = Engine(merged, block_size=4).generate([prompt], params)[0]
         assert c.tokens == want.tokens, n
-        torch.testing.assert_close(torch.tensor([lp.logprob for lp in c.logprobs]),
-                                   torch.tensor([lp.logprob for lp in want.logprobs]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor([lp.logprob for lp in c.logprobs]),
+            torch.tensor([lp.logprob for lp in want.logprobs]),
+            atol=1e-4,
+            rtol=0,
+        )
 
 
 def test_export_loads_in_transformers_with_equal_logits(built, tmp_path):

@@ -19,13 +19,17 @@ from lmforge.templates import CHATML_TEMPLATE, PLAIN_TEMPLATE, ChatTemplate
 from lmforge.tokenizer import train_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-TEXT = ("the cat sat on the mat. the dog ran to the park and the bird sang in the tree. "
-        "User: hello there. Assistant: hello, how are you? ") * 20
-CONVERSATION = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "hello there"},
-                {"role": "assistant", "content": "hello, how are you?"},
-                {"role": "user", "content": "the cat sat"},
-                {"role": "assistant", "content": "on the mat."}]
+TEXT = (
+    "the cat sat on the mat. the dog ran to the park and the bird sang in the tree. "
+    "User: hello there. Assistant: hello, how are you? "
+) * 20
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "hello there"},
+    {"role": "assistant", "content": "hello, how are you?"},
+    {"role": "user", "content": "the cat sat"},
+    {"role": "assistant", "content": "on the mat."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +41,9 @@ def tok():
 def base(tmp_path_factory, tok):
     folder = tmp_path_factory.mktemp("ft") / "base"
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=tok.vocab_size, n_layer=2, n_embd=32,
-                                              n_head=2, block_size=64))
+    model = Transformer(
+        ModelConfig.from_name("gpt-nano", vocab_size=tok.vocab_size, n_layer=2, n_embd=32, n_head=2, block_size=64)
+    )
     save_model(folder, model, tok)
     return folder
 
@@ -59,14 +64,16 @@ def test_plain_template_masks_exactly_the_assistant_replies(tok):
     ex = chat_example(tok, PLAIN_TEMPLATE, CONVERSATION)
     eos = tok.decode([tok.eos_id])
     rendered = ChatTemplate(PLAIN_TEMPLATE, tok).template.render(messages=CONVERSATION, add_generation_prompt=False)
-    assert rendered == "Be brief.\n\nUser: hello there\nAssistant: hello, how are you?\nUser: the cat sat\n" \
-                       "Assistant: on the mat.\n"
+    assert (
+        rendered == "Be brief.\n\nUser: hello there\nAssistant: hello, how are you?\nUser: the cat sat\n"
+        "Assistant: on the mat.\n"
+    )
     # the trained runs are each reply as the template renders it after "Assistant:", then EOS
     assert trained_text(tok, ex) == [" hello, how are you?\n" + eos, " on the mat.\n" + eos]
     assert tok.decode(ex.ids) == rendered.replace("you?\n", "you?\n" + eos).replace("mat.\n", "mat.\n" + eos)
     # the prompt of the first reply is what chat/serve feed the model: its tokens are the untrained prefix
     prompt = ChatTemplate(PLAIN_TEMPLATE, tok).render(CONVERSATION[:2])
-    assert ex.ids[:ex.mask.index(True)] == tok.encode(prompt)
+    assert ex.ids[: ex.mask.index(True)] == tok.encode(prompt)
 
 
 def test_chatml_template_trains_the_end_marker_not_the_role_header(tok):
@@ -85,16 +92,19 @@ def test_llama2c_pieces_decode_to_the_conversation():
     ex = chat_example(tok, template, CONVERSATION[1:3])
     assert ex.ids[0] == tok.bos_id and ex.ids[-1] == tok.eos_id
     assert trained_text(tok, ex) == [" hello, how are you?\n"]  # decode drops EOS
-    assert ex.ids[:ex.mask.index(True)] == tok.encode(ChatTemplate(template, tok).render(CONVERSATION[1:2]))
+    assert ex.ids[: ex.mask.index(True)] == tok.encode(ChatTemplate(template, tok).render(CONVERSATION[1:2]))
 
 
 def test_masked_loss_matches_a_per_token_loop():
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=30, n_layer=1, n_embd=16, n_head=2,
-                                              block_size=16)).eval()
-    examples = [Example([1, 2, 3, 4, 5, 6], [False, False, False, True, True, False]),
-                Example([7, 8, 9], [False, True, True]),
-                Example([3, 3, 3, 3, 3, 3, 3, 3], [True] * 8)]
+    model = Transformer(
+        ModelConfig.from_name("gpt-nano", vocab_size=30, n_layer=1, n_embd=16, n_head=2, block_size=16)
+    ).eval()
+    examples = [
+        Example([1, 2, 3, 4, 5, 6], [False, False, False, True, True, False]),
+        Example([7, 8, 9], [False, True, True]),
+        Example([3, 3, 3, 3, 3, 3, 3, 3], [True] * 8),
+    ]
     total, count = 0.0, 0
     with torch.no_grad():
         for e in examples:  # each example alone, unpadded: sum -log p(ids[t] | ids[:t]) over trained t >= 1
@@ -112,8 +122,10 @@ def test_masked_loss_matches_a_per_token_loop():
 
 
 def write_chat(path, n=24):
-    lines = [json.dumps({"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]})
-             for w in ["the cat", "the dog", "the bird", "the mat"] * (n // 4)]
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]})
+        for w in ["the cat", "the dog", "the bird", "the mat"] * (n // 4)
+    ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -122,9 +134,31 @@ def test_finetune_cli_full_and_lora_end_to_end(base, tmp_path, capsys):
     data = write_chat(tmp_path / "chat.jsonl")
     template = tmp_path / "template.jinja"
     template.write_text(CHATML_TEMPLATE.replace("<|im_start|>", "[").replace("<|im_end|>", "]"), encoding="utf-8")
-    assert main(["finetune", str(base), "--data", str(data), "--out", str(tmp_path / "full"), "--method", "full",
-                 "--max-iters", "8", "--batch-size", "4", "--eval-interval", "4", "--lr", "3e-3",
-                 "--chat-template", str(template)]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(base),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "full"),
+                "--method",
+                "full",
+                "--max-iters",
+                "8",
+                "--batch-size",
+                "4",
+                "--eval-interval",
+                "4",
+                "--lr",
+                "3e-3",
+                "--chat-template",
+                str(template),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["method"] == "full" and summary["iters"] == 8 and summary["trainable_fraction"] == 1.0
     assert summary["val_examples"] == 2 and summary["train_examples"] == 22  # a fixed 10% held out
@@ -136,9 +170,30 @@ def test_finetune_cli_full_and_lora_end_to_end(base, tmp_path, capsys):
     saved = load(tmp_path / "full", prepare=False).chat_template()
     assert saved.source == template.read_text()
 
-    assert main(["finetune", str(base), "--data", str(data), "--out", str(tmp_path / "lora"), "--max-iters", "6",
-                 "--batch-size", "4", "--lora-rank", "2", "--lora-targets", "attn.qkv", "mlp.fc",
-                 "--chat-template", str(template)]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(base),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "lora"),
+                "--max-iters",
+                "6",
+                "--batch-size",
+                "4",
+                "--lora-rank",
+                "2",
+                "--lora-targets",
+                "attn.qkv",
+                "mlp.fc",
+                "--chat-template",
+                str(template),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["method"] == "lora" and summary["model_dir"] is None and summary["trainable_fraction"] < 0.1
     adapter = json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())
@@ -150,8 +205,23 @@ def test_finetune_cli_full_and_lora_end_to_end(base, tmp_path, capsys):
     backend = LocalBackend(str(base), str(tmp_path / "lora"))  # what `lmforge chat BASE --adapter OUT` loads
     assert backend.template.source == template.read_text()
     assert load(base, prepare=False).chat_template().source == PLAIN_TEMPLATE  # the base's own
-    assert main(["generate", str(base), "--adapter", str(tmp_path / "lora"), "--prompt", "say the",
-                 "--max-tokens", "3", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(base),
+                "--adapter",
+                str(tmp_path / "lora"),
+                "--prompt",
+                "say the",
+                "--max-tokens",
+                "3",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
 
 
 def test_text_data_trains_every_token(tok, tmp_path):
@@ -183,22 +253,48 @@ def test_data_errors_name_the_file_and_line(tok, base, tmp_path, capsys):
     # through the CLI: exit status 1 and the message on stderr
     assert main(["finetune", str(base), "--data", str(bad), "--out", str(tmp_path / "x")]) == 1
     assert "bad.jsonl:5" in capsys.readouterr().err
-    assert main(["finetune", str(base), "--data", str(write_chat(tmp_path / "ok.jsonl", 4)), "--out",
-                 str(tmp_path / "y"), "--lora-targets", "attn.k"]) == 1
+    assert (
+        main(
+            [
+                "finetune",
+                str(base),
+                "--data",
+                str(write_chat(tmp_path / "ok.jsonl", 4)),
+                "--out",
+                str(tmp_path / "y"),
+                "--lora-targets",
+                "attn.k",
+            ]
+        )
+        == 1
+    )
     assert "unknown LoRA target" in capsys.readouterr().err
 
 
 def test_an_earlier_run_is_kept_unless_overwritten_and_the_settings_are_saved(base, tmp_path, capsys):
     data = write_chat(tmp_path / "chat.jsonl", 8)
-    argv = ["finetune", str(base), "--data", str(data), "--out", str(tmp_path / "run"), "--max-iters", "2",
-            "--batch-size", "4", "--lora-rank", "2"]
+    argv = [
+        "finetune",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--max-iters",
+        "2",
+        "--batch-size",
+        "4",
+        "--lora-rank",
+        "2",
+    ]
     assert main(argv) == 0
     adapter = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert main(argv + ["--lora-rank", "4"]) == 1
     err = capsys.readouterr().err
     assert "holds an earlier run" in err and "--overwrite" in err and "--resume" not in err
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
-    assert main(["finetune", "--config", str(tmp_path / "run" / "finetune.yaml"), "--lora-rank", "4",
-                 "--overwrite"]) == 0  # the saved settings, one changed
+    assert (
+        main(["finetune", "--config", str(tmp_path / "run" / "finetune.yaml"), "--lora-rank", "4", "--overwrite"]) == 0
+    )  # the saved settings, one changed
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["r"] == 4 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iters"] == 2

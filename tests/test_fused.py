@@ -13,16 +13,17 @@ from lmforge.config import ModelConfig
 from lmforge.infer.fused import _load_extension, decode_path, prepare_for_decoding, unsupported_reason
 from lmforge.infer.generate import decode_step, generate, prefill
 from lmforge.infer.packed import PackedLinear, bf16_gemm_available
-from lmforge.infer.quantize import (Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_int8,
-                                    quantize_model)
+from lmforge.infer.quantize import Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_int8, quantize_model
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.speculative import speculative_generate
 from lmforge.model import Transformer
 
-if (shutil.which("c++") is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
-        or not Path(sysconfig.get_paths()["include"], "Python.h").exists()):
-    pytest.skip("the fused decode step needs a C++ compiler, Python's headers and an AVX2 CPU",
-                allow_module_level=True)
+if (
+    shutil.which("c++") is None
+    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
+    or not Path(sysconfig.get_paths()["include"], "Python.h").exists()
+):
+    pytest.skip("the fused decode step needs a C++ compiler, Python's headers and an AVX2 CPU", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,12 @@ def ext():
 
 @pytest.mark.parametrize("B", [1, 2, 3, 5, 8, 13, 32])
 @pytest.mark.parametrize("K, N", [(96, 200), (100, 7), (384, 1152)])
-@pytest.mark.parametrize("act, ref", [(0, lambda y: y), (1, F.gelu), (2, lambda y: F.gelu(y, approximate="tanh")),
-                                      (3, F.relu)])
+@pytest.mark.parametrize(
+    "act, ref", [(0, lambda y: y), (1, F.gelu), (2, lambda y: F.gelu(y, approximate="tanh")), (3, F.relu)]
+)
 def test_linear_kernel_equals_f_linear(ext, B, K, N, act, ref):
     torch.manual_seed(B * K)
-    x, w, b = torch.randn(B, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    x, w, b = torch.randn(B, K), torch.randn(N, K) / K**0.5, torch.randn(N)
     none = torch.Tensor()
     torch.testing.assert_close(ext.linear_act(x, w, none, b, act), ref(F.linear(x, w, b)), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(ext.linear_act(x, w, none, none, act), ref(F.linear(x, w)), atol=2e-5, rtol=1e-5)
@@ -59,27 +61,71 @@ CONFIGS = {
     "llama-odd-head-size": ("llama-nano", dict(n_embd=120, n_head=4, n_kv_head=4, intermediate_size=100)),
     # The imported families' pieces (lmforge.interop.hf_families), each where the test's positions reach it: the
     # prompts run 2-7 tokens and 6 decode steps follow, past windows of 3-5 and original contexts of 8.
-    "llama3-rope-scaling": ("llama-nano", dict(rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                                 high_freq_factor=4.0, original_context=8))),
-    "qwen2-qkv-bias-yarn": ("llama-nano", dict(qkv_bias=True, rope_scaling=dict(type="yarn", factor=4.0,
-                                                                                 original_context=8))),
+    "llama3-rope-scaling": (
+        "llama-nano",
+        dict(
+            rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context=8)
+        ),
+    ),
+    "qwen2-qkv-bias-yarn": (
+        "llama-nano",
+        dict(qkv_bias=True, rope_scaling=dict(type="yarn", factor=4.0, original_context=8)),
+    ),
     "qwen3-qk-norm-wide-heads": ("llama-nano", dict(qk_norm="head", head_size=40)),
     "mistral-window": ("llama-nano", dict(sliding_window=4)),
-    "phi3-longrope-partial-window": ("llama-nano", dict(rope_dim=16, sliding_window=5, rope_scaling=dict(
-        type="longrope", short_factor=[1.0 + i / 8 for i in range(8)], long_factor=[2.0 + i for i in range(8)],
-        original_context=8, factor=8.0))),
-    "gemma2-sandwich-geglu-softcaps": ("llama-nano", dict(
-        norm_placement="sandwich", mlp="geglu_tanh", embed_scale=True, attn_scale=0.2, attn_softcap=2.0,
-        logit_softcap=1.5, sliding_window=3, window_layers=[0], head_size=24, tie_embeddings=True)),
-    "gemma3-local-rope-qk-norm": ("llama-nano", dict(
-        norm_placement="sandwich", mlp="geglu_tanh", qk_norm="head", sliding_window=3, window_layers=[0],
-        rope_local_base=100.0, rope_scaling=dict(type="linear", factor=4.0))),
+    "phi3-longrope-partial-window": (
+        "llama-nano",
+        dict(
+            rope_dim=16,
+            sliding_window=5,
+            rope_scaling=dict(
+                type="longrope",
+                short_factor=[1.0 + i / 8 for i in range(8)],
+                long_factor=[2.0 + i for i in range(8)],
+                original_context=8,
+                factor=8.0,
+            ),
+        ),
+    ),
+    "gemma2-sandwich-geglu-softcaps": (
+        "llama-nano",
+        dict(
+            norm_placement="sandwich",
+            mlp="geglu_tanh",
+            embed_scale=True,
+            attn_scale=0.2,
+            attn_softcap=2.0,
+            logit_softcap=1.5,
+            sliding_window=3,
+            window_layers=[0],
+            head_size=24,
+            tie_embeddings=True,
+        ),
+    ),
+    "gemma3-local-rope-qk-norm": (
+        "llama-nano",
+        dict(
+            norm_placement="sandwich",
+            mlp="geglu_tanh",
+            qk_norm="head",
+            sliding_window=3,
+            window_layers=[0],
+            rope_local_base=100.0,
+            rope_scaling=dict(type="linear", factor=4.0),
+        ),
+    ),
     "olmo2-output-norms-proj-qk-norm": ("llama-nano", dict(norm_placement="output", qk_norm="proj")),
 }
 
 
-BIT_IDENTICAL = ["gpt", "mistral-window", "gemma2-sandwich-geglu-softcaps", "gemma3-local-rope-qk-norm",
-                 "olmo2-output-norms-proj-qk-norm", "phi3-longrope-partial-window"]
+BIT_IDENTICAL = [
+    "gpt",
+    "mistral-window",
+    "gemma2-sandwich-geglu-softcaps",
+    "gemma3-local-rope-qk-norm",
+    "olmo2-output-norms-proj-qk-norm",
+    "phi3-longrope-partial-window",
+]
 
 
 @pytest.mark.parametrize("K, N", [(100, 7), (384, 1152), (96, 13)])
@@ -87,11 +133,11 @@ def test_linear_kernel_rows_do_not_depend_on_the_batch(ext, K, N):
     """Whatever tiles a batch is cut into (they differ with the row count and the CPU), each row's outputs are the
     bits it gets alone: float32, int8 and 4-bit weights."""
     torch.manual_seed(K)
-    x, w, b = torch.randn(32, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    x, w, b = torch.randn(32, K), torch.randn(N, K) / K**0.5, torch.randn(N)
     q, scales = quantize_int8(w)
     none = torch.Tensor()
     for weight, scale in ((w, none), (q, scales)) + ((quantize_int4(w),) if K % 32 == 0 else ()):
-        alone = torch.cat([ext.linear_act(x[i:i + 1], weight, scale, b, 0) for i in range(32)])
+        alone = torch.cat([ext.linear_act(x[i : i + 1], weight, scale, b, 0) for i in range(32)])
         for B in (2, 3, 4, 5, 6, 7, 8, 13, 32):
             assert torch.equal(ext.linear_act(x[:B], weight, scale, b, 0), alone[:B]), B
 
@@ -125,8 +171,11 @@ def test_fused_generation_equals_plain_generation(ext):
     model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=2)).eval()
     fused = prepare_for_decoding(copy.deepcopy(model))
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
-    params = [SamplingParams(max_tokens=12, temperature=0), SamplingParams(max_tokens=5, temperature=0),
-              SamplingParams(max_tokens=9, temperature=0.9, seed=7, n=2)]
+    params = [
+        SamplingParams(max_tokens=12, temperature=0),
+        SamplingParams(max_tokens=5, temperature=0),
+        SamplingParams(max_tokens=9, temperature=0.9, seed=7, n=2),
+    ]
     want = [c.tokens for c in generate(model, prompts, params)]
     assert [c.tokens for c in generate(fused, prompts, params)] == want
     assert [len(t) for t in want] == [12, 5, 9, 9]
@@ -139,13 +188,15 @@ def test_a_rows_logits_do_not_depend_on_the_batch_or_on_tokens_per_call(ext, pre
     q/k norms and output norms keep it (LongRoPE too while no row crosses its original context: a row's new
     tokens turn by the long factors once its last one is past it, as transformers does)."""
     torch.manual_seed(3)
-    model = prepare_for_decoding(Transformer(ModelConfig.from_name(preset, vocab_size=97, n_layer=2,
-                                                                   **overrides)).eval())
+    model = prepare_for_decoding(
+        Transformer(ModelConfig.from_name(preset, vocab_size=97, n_layer=2, **overrides)).eval()
+    )
     prompts = [[5, 6, 7, 8], [1, 2, 3, 4], [9, 10, 11, 12]]
     new = torch.tensor([[20, 21, 22], [30, 31, 32], [40, 41, 42]])
+
     def row_cache(batch_cache, b):  # row b of a prefilled cache on its own: the same prefix, bit for bit
         cache = model.new_cache(1, 10)  # (prefill's GEMMs may round differently at another batch size)
-        cache.k.copy_(batch_cache.k[:, b:b + 1]), cache.v.copy_(batch_cache.v[:, b:b + 1])
+        cache.k.copy_(batch_cache.k[:, b : b + 1]), cache.v.copy_(batch_cache.v[:, b : b + 1])
         cache.length = batch_cache.length
         return cache
 
@@ -196,9 +247,12 @@ def test_serving_engine_decodes_through_the_fused_step(ext, preset):
 
     half = Engine(fused, block_size=4, num_blocks=14, max_num_batched_tokens=12, max_num_seqs=4, kv_dtype=torch.float16)
     assert half.fused is fused.fused_decoder and half.cache.bytes_per_token * 2 == engine.cache.bytes_per_token
-    eager_half = Engine(model, block_size=4, num_blocks=14, max_num_batched_tokens=12, max_num_seqs=4,
-                        kv_dtype=torch.float16)
-    assert [c.tokens for c in half.generate(prompts, params)] == [c.tokens for c in eager_half.generate(prompts, params)]
+    eager_half = Engine(
+        model, block_size=4, num_blocks=14, max_num_batched_tokens=12, max_num_seqs=4, kv_dtype=torch.float16
+    )
+    assert [c.tokens for c in half.generate(prompts, params)] == [
+        c.tokens for c in eager_half.generate(prompts, params)
+    ]
 
 
 def test_engine_speculation_through_the_fused_step_keeps_plain_greedy(ext):
@@ -214,8 +268,15 @@ def test_engine_speculation_through_the_fused_step_keeps_plain_greedy(ext):
     prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (5, 30, 1, 13, 9)]
     params = SamplingParams(max_tokens=14, temperature=0)
     plain = [c.tokens for c in generate(model, prompts, params)]
-    engine = Engine(target, block_size=4, num_blocks=40, max_num_batched_tokens=16, max_num_seqs=4, draft=fast_draft,
-                    num_speculative_tokens=3)
+    engine = Engine(
+        target,
+        block_size=4,
+        num_blocks=40,
+        max_num_batched_tokens=16,
+        max_num_seqs=4,
+        draft=fast_draft,
+        num_speculative_tokens=3,
+    )
     assert [c.tokens for c in engine.generate(prompts, params)] == plain
     stats = engine.stats()
     assert 0 < stats["draft_accepted"] < stats["draft_proposed"]
@@ -237,7 +298,8 @@ def test_float16_kv_pool_is_read_and_written_as_torch_rounds_it(ext, preset):
     prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 21, 4)]
     tables = [[3, 0], [5, 1], [7]]  # blocks of 16 slots
     nxt = [int(t) for t in torch.randint(0, 97, (3,), generator=g)]
-    logits = {}
+    logits: dict = {}
+    pools32: dict = {}  # the float32 pass's pools, which the float16 pass compares against
     for dtype in (torch.float32, torch.float16):
         pools = {}
         for path in ("fused", "model"):
@@ -246,7 +308,7 @@ def test_float16_kv_pool_is_read_and_written_as_torch_rounds_it(ext, preset):
                 cache.prepare(tables, [0] * 3, [len(p) for p in prompts])  # prefill through the model
                 tokens = torch.zeros(3, max(map(len, prompts)), dtype=torch.long)
                 for b, p in enumerate(prompts):
-                    tokens[b, :len(p)] = torch.tensor(p)
+                    tokens[b, : len(p)] = torch.tensor(p)
                 model.hidden(tokens, kv_cache=cache)
                 if path == "fused":
                     table = block_table_tensor(tables)
@@ -263,15 +325,18 @@ def test_float16_kv_pool_is_read_and_written_as_torch_rounds_it(ext, preset):
                 for name in ("k", "v"):
                     wide, narrow = getattr(pools32["fused"], name), getattr(pools["fused"], name)
                     assert torch.equal(narrow[0, blk, off], wide[0, blk, off].half())
-                    assert torch.equal(narrow[0, tables[b][0], :min(len(p), 16)],
-                                       wide[0, tables[b][0], :min(len(p), 16)].half())  # prefill's, by torch
+                    assert torch.equal(
+                        narrow[0, tables[b][0], : min(len(p), 16)], wide[0, tables[b][0], : min(len(p), 16)].half()
+                    )  # prefill's, by torch
         pools32 = pools
     drift = (logits[torch.float16, "fused"] - logits[torch.float32, "fused"]).abs().max()
     assert 0 < drift < 2e-2  # float16 is in effect, and it only rounds
 
 
-bf16_packs = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-                                reason="oneDNN has no bfloat16 kernels for this CPU: bfloat16 models stay plain")
+bf16_packs = pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    reason="oneDNN has no bfloat16 kernels for this CPU: bfloat16 models stay plain",
+)
 
 
 @bf16_packs
@@ -327,7 +392,7 @@ def test_serving_engine_runs_bfloat16_models_through_the_fused_step(ext):
             cache.prepare(tables, [0] * 3, lengths)  # each prompt through the model, right-padded
             tokens = torch.zeros(3, max(lengths), dtype=torch.long)
             for b, p in enumerate(prompts):
-                tokens[b, :len(p)] = torch.tensor(p)
+                tokens[b, : len(p)] = torch.tensor(p)
             fused.hidden(tokens, kv_cache=cache)
             got = fused.fused_decoder.paged(nxt, cache, block_table_tensor(tables), lengths)[:, 0]
             assert (got - want).abs().max() < 0.02 * want.abs().max()

@@ -45,7 +45,7 @@ def uncached_greedy(model, prompt, n):
     with torch.no_grad():
         for _ in range(n):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_cached_greedy_equals_uncached(model):
@@ -58,15 +58,17 @@ def test_cached_greedy_equals_uncached(model):
 
 def test_batched_equals_each_alone_with_per_row_settings(model, tok):
     alone_outputs = [generate(model, [p], GREEDY, tokenizer=tok)[0] for p in PROMPTS]
-    params = [SamplingParams(max_tokens=12, temperature=0),
-              SamplingParams(max_tokens=3, temperature=0),  # finishes early and leaves the batch
-              SamplingParams(max_tokens=12, temperature=0, stop=[alone_outputs[2].text[4:6]]),
-              SamplingParams(max_tokens=7, temperature=0, stop_token_ids=[alone_outputs[3].tokens[5]])]
+    params = [
+        SamplingParams(max_tokens=12, temperature=0),
+        SamplingParams(max_tokens=3, temperature=0),  # finishes early and leaves the batch
+        SamplingParams(max_tokens=12, temperature=0, stop=[alone_outputs[2].text[4:6]]),
+        SamplingParams(max_tokens=7, temperature=0, stop_token_ids=[alone_outputs[3].tokens[5]]),
+    ]
     batched = generate(model, PROMPTS, params, tokenizer=tok)
     assert batched[0].tokens == alone_outputs[0].tokens
     assert batched[1].tokens == alone_outputs[1].tokens[:3] and batched[1].finish_reason == "length"
     stop = params[2].stop[0]
-    assert batched[2].text == alone_outputs[2].text[:alone_outputs[2].text.index(stop)]
+    assert batched[2].text == alone_outputs[2].text[: alone_outputs[2].text.index(stop)]
     assert batched[2].finish_reason == "stop"
     cut = alone_outputs[3].tokens.index(params[3].stop_token_ids[0])
     assert batched[3].tokens == alone_outputs[3].tokens[:cut] and batched[3].finish_reason == "stop"
@@ -119,8 +121,12 @@ def test_banned_sequence_never_appears_even_when_preferred(model):
     favourite = 17
     biased = SamplingParams(max_tokens=12, temperature=0, logit_bias={favourite: 100.0})
     assert generate(model, [PROMPTS[0]], biased)[0].tokens == [favourite] * 12  # the model now wants it always
-    banned = SamplingParams(max_tokens=12, temperature=0, logit_bias={favourite: 100.0},
-                            banned_sequences=[[favourite, favourite], [3, favourite]])
+    banned = SamplingParams(
+        max_tokens=12,
+        temperature=0,
+        logit_bias={favourite: 100.0},
+        banned_sequences=[[favourite, favourite], [3, favourite]],
+    )
     out = PROMPTS[0] + generate(model, [PROMPTS[0]], banned)[0].tokens
     pairs = list(zip(out, out[1:]))
     assert (favourite, favourite) not in pairs and (3, favourite) not in pairs
@@ -138,6 +144,7 @@ def test_stop_strings_need_a_tokenizer(model):
 
 
 # ------------------------------------------------------------------ beam search
+
 
 class TableModel(nn.Module):
     """A model whose next-token log-probabilities depend only on the last token: table[last] (V, V)."""
@@ -177,7 +184,7 @@ def test_beam_finds_a_better_sequence_than_greedy():
 
 def test_beam_width_one_is_greedy(model):
     for prompt in PROMPTS[:2]:
-        (tokens, _), = beam_search(model, prompt, beam_width=1, max_tokens=10)
+        ((tokens, _),) = beam_search(model, prompt, beam_width=1, max_tokens=10)
         assert tokens == generate(model, [prompt], SamplingParams(max_tokens=10, temperature=0))[0].tokens
 
 
@@ -212,6 +219,7 @@ def test_beam_stops_at_any_of_several_end_tokens(model):
 
 # ------------------------------------------------------------------ the command
 
+
 def test_generate_help_lists_the_settings(capsys):
     from lmforge.cli import main
 
@@ -228,13 +236,25 @@ def test_generate_command_end_to_end(model, tok, tmp_path, capsys):
     from lmforge.cli import main
 
     save_model(tmp_path / "m", model, tok)
-    assert main(["generate", str(tmp_path / "m"), "--prompt", "bcd", "--temperature", "0",
-                 "--max-tokens", "8"]) == 0
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "bcd", "--temperature", "0", "--max-tokens", "8"]) == 0
     expected = tok.decode(generate(model, [tok.encode("bcd")], SamplingParams(max_tokens=8, temperature=0))[0].tokens)
     assert capsys.readouterr().out == expected + "\n"
     (tmp_path / "prompts.txt").write_text("bcd\nefgh\n")
-    assert main(["generate", str(tmp_path / "m"), "--batch-file", str(tmp_path / "prompts.txt"),
-                 "--temperature", "0", "--max-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "m"),
+                "--batch-file",
+                str(tmp_path / "prompts.txt"),
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.index(expected) > out.index("prompt 0") and "prompt 1" in out
     assert main(["generate", str(tmp_path / "m"), "--top-p", "2"]) == 1
@@ -262,8 +282,17 @@ def test_generate_command_draft_and_quantize(model, tok, tmp_path, capsys):
     from lmforge.cli import main
 
     save_model(tmp_path / "m", model, tok)
-    argv = ["generate", str(tmp_path / "m"), "--prompt", "bcd", "--temperature", "0", "--max-tokens", "8",
-            "--no-stream"]
+    argv = [
+        "generate",
+        str(tmp_path / "m"),
+        "--prompt",
+        "bcd",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--no-stream",
+    ]
     assert main(argv) == 0
     plain = capsys.readouterr().out
     assert main(argv + ["--draft", str(tmp_path / "m")]) == 0

@@ -29,8 +29,10 @@ from lmforge.model import Transformer
 from lmforge.tokenizer import BPETokenizer, CharTokenizer
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
-needs_stories = pytest.mark.skipif(not (STORIES / "stories260K.bin").is_file(),
-                                   reason=f"stories260K not found at {STORIES} (shared models folder absent)")
+needs_stories = pytest.mark.skipif(
+    not (STORIES / "stories260K.bin").is_file(),
+    reason=f"stories260K not found at {STORIES} (shared models folder absent)",
+)
 Q = gguf.GGMLQuantizationType
 TEXT = ["the quick brown fox jumps over the lazy dog. ", "a stitch in time saves nine! ", "héllo wörld 123 "] * 20
 
@@ -57,9 +59,19 @@ def values(t) -> np.ndarray:
 
 def tiny_llama(vocab_size: int, tie: bool = False, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
-    config = ModelConfig.from_name("llama-nano", vocab_size=vocab_size, n_layer=2, n_embd=64, n_head=4,
-                                   n_kv_head=2, intermediate_size=96, block_size=32, rope_base=5000.0,
-                                   norm_eps=1e-6, tie_embeddings=tie)
+    config = ModelConfig.from_name(
+        "llama-nano",
+        vocab_size=vocab_size,
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_kv_head=2,
+        intermediate_size=96,
+        block_size=32,
+        rope_base=5000.0,
+        norm_eps=1e-6,
+        tie_embeddings=tie,
+    )
     model = Transformer(config).eval()
     with torch.no_grad():  # non-trivial norm weights, so a swapped norm would show
         for name, p in model.named_parameters():
@@ -70,8 +82,9 @@ def tiny_llama(vocab_size: int, tie: bool = False, seed: int = 0) -> Transformer
 
 def tiny_gpt2(vocab_size: int, seed: int = 1, mlp: str = "gelu_tanh") -> Transformer:
     torch.manual_seed(seed)
-    config = ModelConfig.from_name("gpt-nano", vocab_size=vocab_size, n_layer=2, n_embd=32, n_head=2,
-                                   block_size=16, mlp=mlp)
+    config = ModelConfig.from_name(
+        "gpt-nano", vocab_size=vocab_size, n_layer=2, n_embd=32, n_head=2, block_size=16, mlp=mlp
+    )
     return Transformer(config).eval()
 
 
@@ -103,8 +116,8 @@ def gguf_llama_logits(tensors, meta, tokens) -> np.ndarray:
 
     x = w["token_embd.weight"][tokens]
     mask = np.triu(np.full((T, T), -np.inf), 1)
-    for l in range(L):
-        lw = {k.split(".")[2]: v for k, v in w.items() if k.startswith(f"blk.{l}.")}  # "attn_q" -> weight
+    for layer in range(L):
+        lw = {k.split(".")[2]: v for k, v in w.items() if k.startswith(f"blk.{layer}.")}  # "attn_q" -> weight
         h = rms(x, lw["attn_norm"])
         q = rope((h @ lw["attn_q"].T).reshape(T, nh, hs))
         k = rope((h @ lw["attn_k"].T).reshape(T, nkv, hs))
@@ -128,13 +141,23 @@ def read_llama2c_raw(path):
     dim, hidden, L, nh, nkv, vocab, _ = np.fromfile(path, dtype="<i4", count=7).tolist()
     V, kv = abs(vocab), nkv * (dim // nh)
     f = np.fromfile(path, dtype="<f4", offset=28)
-    shapes = [("emb", (V, dim)), ("rms_att", (L, dim)), ("wq", (L, dim, dim)), ("wk", (L, kv, dim)),
-              ("wv", (L, kv, dim)), ("wo", (L, dim, dim)), ("rms_ffn", (L, dim)), ("w1", (L, hidden, dim)),
-              ("w2", (L, dim, hidden)), ("w3", (L, hidden, dim)), ("rms_final", (dim,))]
+    shapes = [
+        ("emb", (V, dim)),
+        ("rms_att", (L, dim)),
+        ("wq", (L, dim, dim)),
+        ("wk", (L, kv, dim)),
+        ("wv", (L, kv, dim)),
+        ("wo", (L, dim, dim)),
+        ("rms_ffn", (L, dim)),
+        ("w1", (L, hidden, dim)),
+        ("w2", (L, dim, hidden)),
+        ("w3", (L, hidden, dim)),
+        ("rms_final", (dim,)),
+    ]
     w, o = {}, 0
     for name, shape in shapes:
         n = int(np.prod(shape))
-        w[name] = f[o:o + n].reshape(shape)
+        w[name] = f[o : o + n].reshape(shape)
         o += n
     return w
 
@@ -150,21 +173,46 @@ def test_llama_f32_tensors_metadata_and_forward(tmp_path, bpe, tie):
     meta, tensors = read(out.path)
 
     assert meta["general.architecture"] == "llama" and meta["general.file_type"] == gguf.LlamaFileType.ALL_F32
-    hp = {"context_length": c.block_size, "embedding_length": c.n_embd, "block_count": c.n_layer,
-          "feed_forward_length": c.intermediate_size, "attention.head_count": c.n_head,
-          "attention.head_count_kv": c.n_kv_head, "rope.dimension_count": c.head_dim, "vocab_size": c.vocab_size}
+    hp = {
+        "context_length": c.block_size,
+        "embedding_length": c.n_embd,
+        "block_count": c.n_layer,
+        "feed_forward_length": c.intermediate_size,
+        "attention.head_count": c.n_head,
+        "attention.head_count_kv": c.n_kv_head,
+        "rope.dimension_count": c.head_dim,
+        "vocab_size": c.vocab_size,
+    }
     assert {k: meta[f"llama.{k}"] for k in hp} == hp
     assert meta["llama.rope.freq_base"] == np.float32(5000.0)
     assert meta["llama.attention.layer_norm_rms_epsilon"] == np.float32(1e-6)
 
     expected = {"token_embd.weight", "output_norm.weight"} | ({"output.weight"} if not tie else set())
-    expected |= {f"blk.{i}.{n}.weight" for i in range(c.n_layer) for n in
-                 ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
-                  "ffn_down")}
+    expected |= {
+        f"blk.{i}.{n}.weight"
+        for i in range(c.n_layer)
+        for n in (
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        )
+    }
     assert set(tensors) == expected
     assert all(t.tensor_type == Q.F32 for t in tensors.values())
-    shapes = {"attn_q": (c.n_embd, c.n_embd), "attn_k": (c.kv_dim, c.n_embd), "attn_v": (c.kv_dim, c.n_embd),
-              "ffn_gate": (96, c.n_embd), "ffn_up": (96, c.n_embd), "ffn_down": (c.n_embd, 96)}
+    shapes = {
+        "attn_q": (c.n_embd, c.n_embd),
+        "attn_k": (c.kv_dim, c.n_embd),
+        "attn_v": (c.kv_dim, c.n_embd),
+        "ffn_gate": (96, c.n_embd),
+        "ffn_up": (96, c.n_embd),
+        "ffn_down": (c.n_embd, 96),
+    }
     for n, shape in shapes.items():
         assert values(tensors[f"blk.1.{n}.weight"]).shape == shape
         assert tuple(tensors[f"blk.1.{n}.weight"].shape) == shape[::-1]  # GGUF stores ne (in, out)
@@ -172,15 +220,15 @@ def test_llama_f32_tensors_metadata_and_forward(tmp_path, bpe, tie):
     # values that need no permutation are bit-equal to the fused source rows
     sd = model.state_dict()
     qkv, fc = sd["blocks.1.attn.qkv.weight"].numpy(), sd["blocks.1.mlp.fc.weight"].numpy()
-    np.testing.assert_array_equal(values(tensors["blk.1.attn_v.weight"]), qkv[c.n_embd + c.kv_dim:])
+    np.testing.assert_array_equal(values(tensors["blk.1.attn_v.weight"]), qkv[c.n_embd + c.kv_dim :])
     np.testing.assert_array_equal(values(tensors["blk.1.ffn_gate.weight"]), fc[:96])
     np.testing.assert_array_equal(values(tensors["blk.1.ffn_up.weight"]), fc[96:])
     np.testing.assert_array_equal(values(tensors["blk.1.ffn_down.weight"]), sd["blocks.1.mlp.proj.weight"].numpy())
     np.testing.assert_array_equal(values(tensors["blk.0.ffn_norm.weight"]), sd["blocks.0.norm2.weight"].numpy())
     # q/k are a row permutation of the source rows, per head
     q = values(tensors["blk.0.attn_q.weight"])
-    assert not np.array_equal(q, qkv[:c.n_embd])  # reordered for llama.cpp's RoPE
-    source_q = sd["blocks.0.attn.qkv.weight"].numpy()[:c.n_embd]
+    assert not np.array_equal(q, qkv[: c.n_embd])  # reordered for llama.cpp's RoPE
+    source_q = sd["blocks.0.attn.qkv.weight"].numpy()[: c.n_embd]
     np.testing.assert_array_equal(np.sort(q, axis=0), np.sort(source_q, axis=0))
 
     # llama.cpp's computation on the file gives our logits: the RoPE layout, GQA and head are right
@@ -199,7 +247,7 @@ def test_llama_f16_and_q8_0_within_their_rounding(tmp_path, bpe):
         t = t16[name]
         assert t.tensor_type == (Q.F32 if ref.ndim == 1 else Q.F16), name  # norms stay f32
         np.testing.assert_array_equal(values(t), ref if ref.ndim == 1 else ref.astype(np.float16).astype(np.float32))
-        np.testing.assert_allclose(values(t), ref, rtol=2 ** -11, atol=6e-8)
+        np.testing.assert_allclose(values(t), ref, rtol=2**-11, atol=6e-8)
 
     export = export_gguf(model, bpe, tmp_path / "c.gguf", "q8_0")
     meta8, t8 = read(export.path)
@@ -216,7 +264,7 @@ def test_llama_f16_and_q8_0_within_their_rounding(tmp_path, bpe):
         # per block of 32: scale d = max|x| / 127 stored in fp16; error <= d/2 (rounding) + 127 |d - fp16(d)|
         blocks, err = ref.reshape(-1, 32), np.abs(got - ref).reshape(-1, 32)
         d = np.abs(blocks).max(axis=1, keepdims=True) / 127
-        assert (err <= d * (0.5 + 127 * 2 ** -11) + 1e-9).all(), name
+        assert (err <= d * (0.5 + 127 * 2**-11) + 1e-9).all(), name
         assert err.max() > 0  # really quantized
     # logits stay close to the float model's
     tokens = [5, 9, 200, 31]
@@ -261,7 +309,7 @@ def test_int8_model_exports_as_q8_0_within_a_rounding_step(tmp_path, bpe, capsys
     ours = values(read(export_gguf(q, bpe, tmp_path / "f.gguf", "f32").path)[1]["blk.0.ffn_down.weight"])
     got = values(tensors["blk.0.ffn_down.weight"])  # the int8 weights re-blocked: one Q8_0 step at most apart
     d = np.abs(ours).reshape(-1, 32).max(axis=1, keepdims=True) / 127
-    assert (np.abs(got - ours).reshape(-1, 32) <= d * (0.5 + 127 * 2 ** -11) + 1e-9).all()
+    assert (np.abs(got - ours).reshape(-1, 32) <= d * (0.5 + 127 * 2**-11) + 1e-9).all()
 
 
 def test_q4_0_rows_round_trip_to_lmforge_int4():
@@ -278,8 +326,9 @@ def test_q4_0_rows_round_trip_to_lmforge_int4():
 @pytest.mark.parametrize("quantized", [False, True])
 def test_q4_0_export_of_rows_not_in_blocks_of_32_falls_back_to_f16(tmp_path, bpe, quantized):
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name("llama-nano", vocab_size=bpe.vocab_size, n_layer=1, n_embd=64,
-                                              intermediate_size=72)).eval()  # ffn_down reads 72 inputs
+    model = Transformer(
+        ModelConfig.from_name("llama-nano", vocab_size=bpe.vocab_size, n_layer=1, n_embd=64, intermediate_size=72)
+    ).eval()  # ffn_down reads 72 inputs
     if quantized:  # int4 gives that layer int8; exported dequantized
         model = quantize_model(model, "int4")
     export = export_gguf(model, bpe, tmp_path / "q.gguf", "q4_0")
@@ -295,8 +344,12 @@ def test_bpe_tokenizer_metadata_rebuilds_the_same_tokenizer(tmp_path, bpe):
 
     model = tiny_llama(bpe.vocab_size + 3)  # three embedding rows beyond the vocabulary
     template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    save_model(tmp_path / "folder", model, bpe,
-               extra_files={"tokenizer_config.json": json.dumps({"chat_template": template}).encode()})
+    save_model(
+        tmp_path / "folder",
+        model,
+        bpe,
+        extra_files={"tokenizer_config.json": json.dumps({"chat_template": template}).encode()},
+    )
     export_command(str(tmp_path / "folder"), str(tmp_path / "m.gguf"), format="gguf")
     meta, tensors = read(tmp_path / "m.gguf")
     assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
@@ -319,8 +372,12 @@ def test_bpe_tokenizer_metadata_rebuilds_the_same_tokenizer(tmp_path, bpe):
     assert meta["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in merges]
 
     # a tokenizer built from nothing but the file's tokens and merges encodes as the source does
-    rebuilt = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens[:n])},
-                                   merges=[tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]))
+    rebuilt = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens[:n])},
+            merges=[tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]],
+        )
+    )
     rebuilt.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     rebuilt.decoder = decoders.ByteLevel()
     for text in ("the lazy fox saves time", "héllo wörld 123!", "unseen: qzx ✓"):
@@ -338,8 +395,15 @@ def test_stories260K_matches_the_llama2c_file(tmp_path):
     raw = read_llama2c_raw(STORIES / "stories260K.bin")
 
     assert meta["general.architecture"] == "llama"
-    hp = {"context_length": 512, "embedding_length": 64, "block_count": 5, "feed_forward_length": 172,
-          "attention.head_count": 8, "attention.head_count_kv": 4, "rope.dimension_count": 8}
+    hp = {
+        "context_length": 512,
+        "embedding_length": 64,
+        "block_count": 5,
+        "feed_forward_length": 172,
+        "attention.head_count": 8,
+        "attention.head_count_kv": 4,
+        "rope.dimension_count": 8,
+    }
     assert {k: meta[f"llama.{k}"] for k in hp} == hp
     assert meta["llama.rope.freq_base"] == 10000.0
     assert meta["llama.attention.layer_norm_rms_epsilon"] == np.float32(1e-5)
@@ -348,9 +412,17 @@ def test_stories260K_matches_the_llama2c_file(tmp_path):
     # llama.cpp's convert-llama2c-to-ggml copies llama2.c's matrices as they are: so must we
     pairs = {"token_embd.weight": raw["emb"], "output_norm.weight": raw["rms_final"]}
     for i in range(5):
-        for ours, theirs in (("attn_norm", "rms_att"), ("attn_q", "wq"), ("attn_k", "wk"), ("attn_v", "wv"),
-                             ("attn_output", "wo"), ("ffn_norm", "rms_ffn"), ("ffn_gate", "w1"),
-                             ("ffn_down", "w2"), ("ffn_up", "w3")):
+        for ours, theirs in (
+            ("attn_norm", "rms_att"),
+            ("attn_q", "wq"),
+            ("attn_k", "wk"),
+            ("attn_v", "wv"),
+            ("attn_output", "wo"),
+            ("ffn_norm", "rms_ffn"),
+            ("ffn_gate", "w1"),
+            ("ffn_down", "w2"),
+            ("ffn_up", "w3"),
+        ):
             pairs[f"blk.{i}.{ours}.weight"] = raw[theirs][i]
     assert set(tensors) == set(pairs)
     for name, ref in pairs.items():
@@ -395,12 +467,22 @@ def test_gpt2_fused_tensors_and_metadata(tmp_path, bpe):
     assert meta["gpt2.attention.head_count"] == 2 and meta["gpt2.feed_forward_length"] == 128
     assert meta["gpt2.attention.layer_norm_epsilon"] == np.float32(config.norm_eps)
     sd = model.state_dict()
-    pairs = {"token_embd.weight": "tok_emb.weight", "position_embd.weight": "pos_emb.weight",
-             "output.weight": "tok_emb.weight", "output_norm.weight": "norm_f.weight",
-             "output_norm.bias": "norm_f.bias"}
+    pairs = {
+        "token_embd.weight": "tok_emb.weight",
+        "position_embd.weight": "pos_emb.weight",
+        "output.weight": "tok_emb.weight",
+        "output_norm.weight": "norm_f.weight",
+        "output_norm.bias": "norm_f.bias",
+    }
     for i in range(2):
-        for theirs, ours in (("attn_norm", "norm1"), ("attn_qkv", "attn.qkv"), ("attn_output", "attn.proj"),
-                             ("ffn_norm", "norm2"), ("ffn_up", "mlp.fc"), ("ffn_down", "mlp.proj")):
+        for theirs, ours in (
+            ("attn_norm", "norm1"),
+            ("attn_qkv", "attn.qkv"),
+            ("attn_output", "attn.proj"),
+            ("ffn_norm", "norm2"),
+            ("ffn_up", "mlp.fc"),
+            ("ffn_down", "mlp.proj"),
+        ):
             for s in ("weight", "bias"):
                 pairs[f"blk.{i}.{theirs}.{s}"] = f"blocks.{i}.{ours}.{s}"
     assert set(tensors) == set(pairs)
@@ -468,8 +550,16 @@ def test_llama_cpp_generates_what_lmforge_generates(tmp_path):
     stories = read_model(STORIES / "stories260K.bin")
     m, tok = stories.model, stories.tokenizer
     export_gguf(m, tok, path, "f32")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=64, logits_all=True, verbose=False,
-                          type_k=F32_CACHE, type_v=F32_CACHE)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=256,
+        n_threads=1,
+        n_batch=64,
+        logits_all=True,
+        verbose=False,
+        type_k=F32_CACHE,
+        type_v=F32_CACHE,
+    )
     prompt = "Once upon a time, there was a little girl"
     ids = llm.tokenize(prompt.encode(), add_bos=True)
     assert ids == tok.encode(prompt)  # llama.cpp's SentencePiece tokenizer agrees with llama2.c's
@@ -486,7 +576,7 @@ def test_llama_cpp_generates_what_lmforge_generates(tmp_path):
         llm.eval([theirs[-1]])
     assert theirs == ours
     with torch.no_grad():
-        ref = m(torch.tensor([ids + ours[:-1]]))[0, len(ids) - 1:].double().numpy()
+        ref = m(torch.tensor([ids + ours[:-1]]))[0, len(ids) - 1 :].double().numpy()
     np.testing.assert_allclose(np.stack(logits), ref, atol=2e-3)
 
 
@@ -495,13 +585,20 @@ def test_llama_cpp_runs_bpe_exports(tmp_path, bpe, arch):
     llama_cpp = pytest.importorskip("llama_cpp", reason=NO_LLAMA_CPP)
     model = tiny_llama(bpe.vocab_size) if arch == "llama" else tiny_gpt2(bpe.vocab_size)
     path = export_gguf(model, bpe, tmp_path / f"{arch}.gguf", "f32").path
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.config.block_size, n_threads=1, logits_all=True,
-                          verbose=False, type_k=F32_CACHE, type_v=F32_CACHE)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=model.config.block_size,
+        n_threads=1,
+        logits_all=True,
+        verbose=False,
+        type_k=F32_CACHE,
+        type_v=F32_CACHE,
+    )
     for text in ("the lazy fox saves time", "héllo wörld 123!", "unseen: qzx"):
         assert llm.tokenize(text.encode(), add_bos=False) == bpe.encode(text)
     ids = bpe.encode("the quick brown fox jumps")
     llm.eval(ids)
-    theirs = np.array(llm.scores[:len(ids)], dtype=np.float64)
+    theirs = np.array(llm.scores[: len(ids)], dtype=np.float64)
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0].double().numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-2 * np.abs(ours).max())
@@ -517,11 +614,18 @@ def test_llama_cpp_runs_int4_exports_with_lmforges_weights(tmp_path, bpe):
             p.add_(torch.randn_like(p) * 0.05)
     q = quantize_model(copy.deepcopy(model), "int4")
     path = export_gguf(q, bpe, tmp_path / "q.gguf").path
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.config.block_size, n_threads=1, logits_all=True,
-                          verbose=False, type_k=F32_CACHE, type_v=F32_CACHE)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=model.config.block_size,
+        n_threads=1,
+        logits_all=True,
+        verbose=False,
+        type_k=F32_CACHE,
+        type_v=F32_CACHE,
+    )
     ids = bpe.encode("the quick brown fox jumps")
     llm.eval(ids)
-    theirs = np.array(llm.scores[:len(ids)], dtype=np.float64)
+    theirs = np.array(llm.scores[: len(ids)], dtype=np.float64)
     with torch.no_grad():
         ours, flt = (m(torch.tensor([ids]))[0].double().numpy() for m in (q, model))
     int4_error = np.abs(flt - ours).max()

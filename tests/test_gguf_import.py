@@ -40,11 +40,16 @@ from lmforge.loader import load, read  # noqa: E402
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 WIDE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2)  # rows of 256: K-quants apply
 # Phi-3's LongRoPE factors for the wider heads (64 wide, 3/4 of them rotary: 24 frequencies)
-PHI3_ROPE = dict(type="longrope", short_factor=[1.0 + i / 40 for i in range(24)],
-                 long_factor=[2.0 + i / 4 for i in range(24)])
-QUANT_TYPES = {"bf16": "LLAMA_FTYPE_MOSTLY_BF16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-               "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-               "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
+PHI3_ROPE = dict(
+    type="longrope", short_factor=[1.0 + i / 40 for i in range(24)], long_factor=[2.0 + i / 4 for i in range(24)]
+)
+QUANT_TYPES = {
+    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+}
 TEXT = "hello there, how are you today? 12345 apples <|im_start|>"
 IDS = torch.randint(3, VOCAB, (20,), generator=torch.Generator().manual_seed(3)).tolist()
 _built: dict[str, Path] = {}
@@ -53,8 +58,9 @@ _built: dict[str, Path] = {}
 def build(name: str, folder: Path) -> Path:
     """The F32 GGUF of family `name` (a random transformers model through lmforge's import and export)."""
     if name == "gpt2":
-        config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=256, n_layer=2, n_head=4,
-                                         initializer_range=0.1)
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB, n_positions=128, n_embd=256, n_layer=2, n_head=4, initializer_range=0.1
+        )
         torch.manual_seed(0)
         hf, tok = transformers.GPT2LMHeadModel(config).eval(), tokenizer_for(FAMILIES["smollm2"])
     else:
@@ -93,14 +99,15 @@ def quantize(src: Path, kind: str) -> Path:
 
 
 def llama(path: Path):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, logits_all=True, verbose=False,
-                           type_k=0, type_v=0)  # f32 keys and values, as lmforge's
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=128, n_threads=1, logits_all=True, verbose=False, type_k=0, type_v=0
+    )  # f32 keys and values, as lmforge's
 
 
 def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
     llm = llama(path)
     llm.eval(ids)
-    return np.array(llm.scores[:len(ids)], dtype=np.float64)
+    return np.array(llm.scores[: len(ids)], dtype=np.float64)
 
 
 def our_logits(model, ids: list[int]) -> np.ndarray:
@@ -152,8 +159,10 @@ def test_float_gguf_imports_with_llama_cpps_logits_and_greedy_tokens(files, name
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2", "qwen2", "gpt2"])
-@pytest.mark.parametrize("kind, mode, within", [("q8_0", "int8", 1.6), ("q4_0", "int4", 0.35),
-                                                ("q4_k_m", "int8", 0.5), ("q5_k_m", "int8", 0.5)])
+@pytest.mark.parametrize(
+    "kind, mode, within",
+    [("q8_0", "int8", 1.6), ("q4_0", "int4", 0.35), ("q4_k_m", "int8", 0.5), ("q5_k_m", "int8", 0.5)],
+)
 def test_llama_quantized_gguf_runs_within_its_quantization_error(files, name, kind, mode, within):
     """lmforge on llama.cpp's quantized file vs llama.cpp on it, against the file's own quantization error
     (llama.cpp on it vs on the F32 file). Q4_0 is lmforge's int4 byte for byte (what is left is llama.cpp rounding
@@ -252,8 +261,23 @@ def test_import_prints_what_happened_to_each_tensor_type(files, tmp_path, capsys
 def test_generate_verb_runs_a_gguf_path_as_llama_cpp_does(files, capsys):
     path = files("smollm2")
     prompt = "hello there"
-    assert main(["generate", str(path), "--prompt", prompt, "--max-tokens", "8", "--temperature", "0",
-                 "--ignore-eos", "--no-stream"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(path),
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                "8",
+                "--temperature",
+                "0",
+                "--ignore-eos",
+                "--no-stream",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     llm = llama(path)
     ids = llm.tokenize(prompt.encode(), add_bos=False)
@@ -289,14 +313,17 @@ def rewrite(src: Path, dst: Path, changes: dict | None = None, extra_tensor: str
 V = gguf.GGUFValueType
 
 
-@pytest.mark.parametrize("changes, extra, message", [
-    ({"general.architecture": ("mamba", V.STRING)}, None, "general.architecture='mamba' is not supported"),
-    ({"llama.rope.scaling.type": ("su", V.STRING)}, None, "llama.rope.scaling.type='su'"),
-    ({"llama.attention.head_count_kv": ([2, 4], V.ARRAY)}, None, r"llama.attention.head_count_kv=\[2, 4\]"),
-    ({"tokenizer.ggml.pre": ("deepseek-llm", V.STRING)}, None, "tokenizer.ggml.pre='deepseek-llm'"),
-    ({"tokenizer.ggml.model": ("bert", V.STRING)}, None, "tokenizer.ggml.model='bert'"),
-    ({}, "blk.0.ffn_gate_exps.weight", "would ignore: .'blk.0.ffn_gate_exps.weight'"),
-])
+@pytest.mark.parametrize(
+    "changes, extra, message",
+    [
+        ({"general.architecture": ("mamba", V.STRING)}, None, "general.architecture='mamba' is not supported"),
+        ({"llama.rope.scaling.type": ("su", V.STRING)}, None, "llama.rope.scaling.type='su'"),
+        ({"llama.attention.head_count_kv": ([2, 4], V.ARRAY)}, None, r"llama.attention.head_count_kv=\[2, 4\]"),
+        ({"tokenizer.ggml.pre": ("deepseek-llm", V.STRING)}, None, "tokenizer.ggml.pre='deepseek-llm'"),
+        ({"tokenizer.ggml.model": ("bert", V.STRING)}, None, "tokenizer.ggml.model='bert'"),
+        ({}, "blk.0.ffn_gate_exps.weight", "would ignore: .'blk.0.ffn_gate_exps.weight'"),
+    ],
+)
 def test_what_is_not_implemented_is_refused_by_key(files, tmp_path, changes, extra, message):
     src = files("smollm2")
     if "general.architecture" in changes:  # a file of another architecture altogether
@@ -325,8 +352,19 @@ def test_eval_scores_a_gguf_path_on_data_made_with_its_tokenizer(files, tmp_path
     text = "the quick brown fox jumps over the lazy dog. hello there, how are you today? 12345\n" * 40
     (tmp_path / "corpus.txt").write_text(text)
     data = tmp_path / "data"
-    assert main(["prepare", str(tmp_path / "corpus.txt"), "--out", str(data), "--tokenizer-from",
-                 str(tmp_path / "imported")]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                str(tmp_path / "corpus.txt"),
+                "--out",
+                str(data),
+                "--tokenizer-from",
+                str(tmp_path / "imported"),
+            ]
+        )
+        == 0
+    )
     from lmforge.data import load_split
 
     ids = [int(i) for i in load_split(data, "train")[:20]]

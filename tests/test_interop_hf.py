@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from lmforge.apps.convert import export_command, import_command
 from lmforge.checkpoint import CheckpointError, save_model
 from lmforge.config import ModelConfig
-from lmforge.apps.convert import export_command, import_command
 from lmforge.interop.hf import UnsupportedModelError, config_from_hf, export_hf, import_hf
 from lmforge.loader import load
 from lmforge.model import Transformer
@@ -19,16 +19,27 @@ VOCAB = 120
 
 def gpt2_hf(seed=0, vocab_size=VOCAB):
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab_size, n_positions=32,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=vocab_size, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
 def llama_hf(seed=0, tie=False):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # HF inits norms to ones; make them random so a swapped norm would show
         for name, p in model.named_parameters():
@@ -80,18 +91,20 @@ def test_llama_gqa_import_matches_transformers(tmp_path, storage, tie):
     # The cached path of the imported model agrees too (prefill 20, then 4 single steps).
     cache = model.new_cache(2, 24)
     with torch.no_grad():
-        steps = [model(TOKENS[:, :20], kv_cache=cache)] + [model(TOKENS[:, t:t + 1], kv_cache=cache)
-                                                           for t in range(20, 24)]
+        steps = [model(TOKENS[:, :20], kv_cache=cache)] + [
+            model(TOKENS[:, t : t + 1], kv_cache=cache) for t in range(20, 24)
+        ]
     torch.testing.assert_close(torch.cat(steps, 1), hf_logits(hf, TOKENS), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("preset,overrides", [("gpt-nano", {}), ("llama-nano", {}),
-                                              ("llama-nano", {"tie_embeddings": True})])
+@pytest.mark.parametrize(
+    "preset,overrides", [("gpt-nano", {}), ("llama-nano", {}), ("llama-nano", {"tie_embeddings": True})]
+)
 def test_export_loads_in_transformers(tmp_path, preset, overrides):
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name(preset, vocab_size=VOCAB, block_size=32, **overrides)).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:  # norms and biases away from their 1/0 init, so a misplaced one shows
                 p.uniform_(0.5, 1.5)
     export_hf(model, None, tmp_path / "hf")
@@ -111,8 +124,11 @@ def test_import_command_keeps_tokenizer_and_chat_template(tmp_path):
     hf = gpt2_hf(vocab_size=tok.vocab_size)
     hf.save_pretrained(tmp_path / "hf")
     tok.save(tmp_path / "hf")
-    template = {"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}", "eos_token": "<|endoftext|>",
-                "tokenizer_class": "PreTrainedTokenizerFast"}
+    template = {
+        "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}",
+        "eos_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(template))
 
     import_command(str(tmp_path / "hf"), str(tmp_path / "ours"))
@@ -130,12 +146,15 @@ def test_import_command_keeps_tokenizer_and_chat_template(tmp_path):
     torch.testing.assert_close(hf_logits(back, TOKENS), hf_logits(hf, TOKENS), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"model_type": "bert"}, "model_type 'bert'"),
-    ({"rope_scaling": {"rope_type": "mrope", "factor": 2.0}}, "rope type 'mrope'"),
-    ({"hidden_act": "relu"}, "hidden_act='relu'"),
-    ({"attention_bias": True}, "attention_bias"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"model_type": "bert"}, "model_type 'bert'"),
+        ({"rope_scaling": {"rope_type": "mrope", "factor": 2.0}}, "rope type 'mrope'"),
+        ({"hidden_act": "relu"}, "hidden_act='relu'"),
+        ({"attention_bias": True}, "attention_bias"),
+    ],
+)
 def test_unsupported_llama_configs_say_why(change, message):
     config = llama_hf().config.to_dict() | change
     with pytest.raises(UnsupportedModelError, match=message):

@@ -18,8 +18,14 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")  # import-linter, 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
     """`lint-imports` on the package in `root` with the project's contracts."""
     env = {"PATH": str(LINT_IMPORTS.parent), "PYTHONPATH": str(root)}  # the copy's lmforge, not the installed one
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache", "--no-logo", str(ROOT / "pyproject.toml")], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", "--no-logo", str(ROOT / "pyproject.toml")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -39,8 +45,10 @@ def test_the_tree_keeps_its_layers_and_has_no_import_cycle():
 
 
 def test_an_upward_import_inside_a_function_breaks_the_layers(copy):
-    append(copy / "lmforge" / "infer" / "generate.py", "def _load(path):\n    from lmforge.loader import load\n\n"
-                                                        "    return load(path)")
+    append(
+        copy / "lmforge" / "infer" / "generate.py",
+        "def _load(path):\n    from lmforge.loader import load\n\n    return load(path)",
+    )
     result = lint_imports(copy)
     assert result.returncode == 1, result.stdout
     assert "lmforge.infer.generate -> lmforge.loader" in result.stdout

@@ -17,8 +17,10 @@ from lmforge.tokenizer import Llama2cTokenizer, TokenizerError
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 STORIES = MODELS / "stories260K"
-needs_stories = pytest.mark.skipif(not (STORIES / "stories260K.bin").is_file(),
-                                   reason=f"stories260K not found in {STORIES} (shared models folder absent)")
+needs_stories = pytest.mark.skipif(
+    not (STORIES / "stories260K.bin").is_file(),
+    reason=f"stories260K not found in {STORIES} (shared models folder absent)",
+)
 
 
 # ------------------------------------------------------------------------------ independent reference
@@ -29,15 +31,26 @@ def read_raw(path):
     dim, hidden, L, nh, nkv, vocab, seq = np.fromfile(path, dtype="<i4", count=7).tolist()
     V, hs = abs(vocab), dim // nh
     f = np.fromfile(path, dtype="<f4", offset=28).astype(np.float64)
-    shapes = [("emb", (V, dim)), ("rms_att", (L, dim)), ("wq", (L, dim, dim)), ("wk", (L, nkv * hs, dim)),
-              ("wv", (L, nkv * hs, dim)), ("wo", (L, dim, dim)), ("rms_ffn", (L, dim)), ("w1", (L, hidden, dim)),
-              ("w2", (L, dim, hidden)), ("w3", (L, hidden, dim)), ("rms_final", (dim,)), ("rope", (seq * hs,))]
+    shapes = [
+        ("emb", (V, dim)),
+        ("rms_att", (L, dim)),
+        ("wq", (L, dim, dim)),
+        ("wk", (L, nkv * hs, dim)),
+        ("wv", (L, nkv * hs, dim)),
+        ("wo", (L, dim, dim)),
+        ("rms_ffn", (L, dim)),
+        ("w1", (L, hidden, dim)),
+        ("w2", (L, dim, hidden)),
+        ("w3", (L, hidden, dim)),
+        ("rms_final", (dim,)),
+        ("rope", (seq * hs,)),
+    ]
     w, o = {}, 0
     for name, shape in shapes:
         n = int(np.prod(shape))
-        w[name] = f[o:o + n].reshape(shape)
+        w[name] = f[o : o + n].reshape(shape)
         o += n
-    w["wcls"] = w["emb"] if vocab > 0 else f[o:o + V * dim].reshape(V, dim)
+    w["wcls"] = w["emb"] if vocab > 0 else f[o : o + V * dim].reshape(V, dim)
     return w, dict(dim=dim, L=L, nh=nh, nkv=nkv, hs=hs)
 
 
@@ -52,25 +65,25 @@ def llama2c_forward(w, h, tokens):
     out = []
     for pos, tok in enumerate(tokens):
         x = w["emb"][tok].copy()
-        for l in range(L):
-            xb = rmsnorm(x, w["rms_att"][l])
-            q, k, v = w["wq"][l] @ xb, w["wk"][l] @ xb, w["wv"][l] @ xb
+        for layer in range(L):
+            xb = rmsnorm(x, w["rms_att"][layer])
+            q, k, v = w["wq"][layer] @ xb, w["wk"][layer] @ xb, w["wv"][layer] @ xb
             for vec in (q, k):  # pairs (2i, 2i+1): frequency 10000^(-(2i mod hs)/hs)
                 i = np.arange(0, len(vec), 2)
                 angle = pos * 10000.0 ** (-(i % hs) / hs)
                 v0, v1 = vec[i].copy(), vec[i + 1].copy()
                 vec[i], vec[i + 1] = v0 * np.cos(angle) - v1 * np.sin(angle), v0 * np.sin(angle) + v1 * np.cos(angle)
-            kc[l, pos], vc[l, pos] = k.reshape(nkv, hs), v.reshape(nkv, hs)
+            kc[layer, pos], vc[layer, pos] = k.reshape(nkv, hs), v.reshape(nkv, hs)
             att_out = np.zeros(dim)
             for head in range(nh):
                 kv = head // (nh // nkv)
-                scores = kc[l, :pos + 1, kv] @ q[head * hs:(head + 1) * hs] / np.sqrt(hs)
+                scores = kc[layer, : pos + 1, kv] @ q[head * hs : (head + 1) * hs] / np.sqrt(hs)
                 p = np.exp(scores - scores.max())
-                att_out[head * hs:(head + 1) * hs] = (p / p.sum()) @ vc[l, :pos + 1, kv]
-            x = x + w["wo"][l] @ att_out
-            xb = rmsnorm(x, w["rms_ffn"][l])
-            gate = w["w1"][l] @ xb
-            x = x + w["w2"][l] @ (gate / (1 + np.exp(-gate)) * (w["w3"][l] @ xb))
+                att_out[head * hs : (head + 1) * hs] = (p / p.sum()) @ vc[layer, : pos + 1, kv]
+            x = x + w["wo"][layer] @ att_out
+            xb = rmsnorm(x, w["rms_ffn"][layer])
+            gate = w["w1"][layer] @ xb
+            x = x + w["w2"][layer] @ (gate / (1 + np.exp(-gate)) * (w["w3"][layer] @ xb))
         out.append(w["wcls"] @ rmsnorm(x, w["rms_final"]))
     return np.stack(out)
 
@@ -83,10 +96,21 @@ def write_llama2c(path, dim=32, hidden=48, L=2, nh=4, nkv=2, vocab=40, seq=16, s
     def t(*shape):
         return rng.normal(0, 0.3, shape).astype("<f4").tobytes()
 
-    parts = [struct.pack("<7i", dim, hidden, L, nh, nkv, vocab if shared else -vocab, seq),
-             t(vocab, dim), (1 + rng.random((L, dim))).astype("<f4").tobytes(), t(L, dim, dim),
-             t(L, nkv * hs, dim), t(L, nkv * hs, dim), t(L, dim, dim), (1 + rng.random((L, dim))).astype("<f4").tobytes(),
-             t(L, hidden, dim), t(L, dim, hidden), t(L, hidden, dim), t(dim), t(seq * hs)]
+    parts = [
+        struct.pack("<7i", dim, hidden, L, nh, nkv, vocab if shared else -vocab, seq),
+        t(vocab, dim),
+        (1 + rng.random((L, dim))).astype("<f4").tobytes(),
+        t(L, dim, dim),
+        t(L, nkv * hs, dim),
+        t(L, nkv * hs, dim),
+        t(L, dim, dim),
+        (1 + rng.random((L, dim))).astype("<f4").tobytes(),
+        t(L, hidden, dim),
+        t(L, dim, hidden),
+        t(L, hidden, dim),
+        t(dim),
+        t(seq * hs),
+    ]
     if not shared:
         parts.append(t(vocab, dim))
     path.write_bytes(b"".join(parts))
@@ -104,7 +128,7 @@ def naive_merge(tok, tokens):
                 best_score, best_id, best_idx = tok.scores[m], m, i
         if best_idx == -1:
             return tokens
-        tokens[best_idx:best_idx + 2] = [best_id]
+        tokens[best_idx : best_idx + 2] = [best_id]
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -128,11 +152,19 @@ def test_synthetic_file_matches_llama2c_forward(tmp_path, shared):
 def test_stories260k_matches_llama2c_forward():
     model = read_llama2c_model(STORIES / "stories260K.bin")
     c = model.config
-    assert (c.n_embd, c.intermediate_size, c.n_layer, c.n_head, c.n_kv_head, c.vocab_size, c.block_size) == \
-        (64, 172, 5, 8, 4, 512, 512) and c.tie_embeddings
+    assert (c.n_embd, c.intermediate_size, c.n_layer, c.n_head, c.n_kv_head, c.vocab_size, c.block_size) == (
+        64,
+        172,
+        5,
+        8,
+        4,
+        512,
+        512,
+    ) and c.tie_embeddings
     tokens = [1, 403, 407, 261, 378, 11, 300, 420]
-    np.testing.assert_allclose(logits(model, tokens), llama2c_forward(*read_raw(STORIES / "stories260K.bin"), tokens),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        logits(model, tokens), llama2c_forward(*read_raw(STORIES / "stories260K.bin"), tokens), atol=1e-4
+    )
 
 
 def greedy(model, prompt, steps, cached=True):
@@ -209,11 +241,15 @@ def test_truncated_and_overlong_files_name_sizes(tmp_path):
     path = write_llama2c(tmp_path / "tiny.bin")
     size = path.stat().st_size
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match=rf"tiny\.bin is truncated.*implies {size} bytes, the file has {size - 100}"):
+    with pytest.raises(
+        CheckpointError, match=rf"tiny\.bin is truncated.*implies {size} bytes, the file has {size - 100}"
+    ):
         read_llama2c_model(path)
     write_llama2c(path)
     path.write_bytes(path.read_bytes() + b"\0" * 8)
-    with pytest.raises(CheckpointError, match=rf"longer than its header implies.*{size} bytes, the file has {size + 8}"):
+    with pytest.raises(
+        CheckpointError, match=rf"longer than its header implies.*{size} bytes, the file has {size + 8}"
+    ):
         read_llama2c_model(path)
 
 
@@ -285,8 +321,17 @@ def test_decode_conventions(tok):
     assert tok.decode([1, 0xE4 + 3]) == "\ufffd"  # an incomplete character decodes to U+FFFD, not an error
 
 
-@pytest.mark.parametrize("text", ["Once upon a time, there was a little girl named Lily.", "Hello  world!\n\tTabs",
-                                  "naïve café — “quoted” 你好 🙂", "a", " leading space", "<0x41> and <s>"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Once upon a time, there was a little girl named Lily.",
+        "Hello  world!\n\tTabs",
+        "naïve café — “quoted” 你好 🙂",
+        "a",
+        " leading space",
+        "<0x41> and <s>",
+    ],
+)
 def test_round_trip(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
@@ -324,8 +369,9 @@ def test_stories260k_stops_at_bos_as_run_c_does(one_thread):
     reference = greedy(plain, [tok.bos_id], steps, cached=False)[1:]
     assert tok.bos_id in reference, "the model starts another story within 400 tokens"
     [c] = generate(model, [[tok.bos_id]], SamplingParams(max_tokens=steps, temperature=0), tokenizer=tok)
-    assert c.tokens == reference[:reference.index(tok.bos_id)] and c.finish_reason == "stop"
+    assert c.tokens == reference[: reference.index(tok.bos_id)] and c.finish_reason == "stop"
     assert c.text.startswith("Once upon a time") and c.text.count("Once upon a time") == 1
-    [c] = generate(model, [[tok.bos_id]], SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True),
-                   tokenizer=tok)
+    [c] = generate(
+        model, [[tok.bos_id]], SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True), tokenizer=tok
+    )
     assert c.tokens == reference

@@ -40,10 +40,15 @@ def tok():
 def folder(tmp_path_factory, tok):
     """An lmforge model folder with a chat template beside the weights, and the model it holds."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=tok.vocab_size, n_layer=2, n_embd=32,
-                                              n_head=2, block_size=32)).eval()
-    path = save_model(tmp_path_factory.mktemp("m") / "model", model, tok,
-                      extra_files={"tokenizer_config.json": json.dumps(TEMPLATE).encode()})
+    model = Transformer(
+        ModelConfig.from_name("gpt-nano", vocab_size=tok.vocab_size, n_layer=2, n_embd=32, n_head=2, block_size=32)
+    ).eval()
+    path = save_model(
+        tmp_path_factory.mktemp("m") / "model",
+        model,
+        tok,
+        extra_files={"tokenizer_config.json": json.dumps(TEMPLATE).encode()},
+    )
     return path, model
 
 
@@ -63,8 +68,15 @@ def test_an_lmforge_folder_and_its_run_folder_load_the_saved_weights(folder, tmp
 def test_a_hugging_face_folder_loads_to_the_logits_transformers_computes(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=40, max_position_embeddings=32)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=40,
+        max_position_embeddings=32,
+    )
     hf = transformers.LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path / "hf")
     loaded = load(tmp_path / "hf", prepare=False)
@@ -132,8 +144,13 @@ def test_an_adapter_merges_and_brings_its_chat_template(folder, tmp_path):
         for layer in lora.lora_layers(adapted).values():
             layer.lora_B.normal_(0, 0.1)
     own = {"chat_template": "{% for m in messages %}[{{ m.content }}]{% endfor %}"}
-    save_adapter(tmp_path / "adapter", adapted, base=str(path), digest=digest,
-                      extra_files={"tokenizer_config.json": json.dumps(own).encode()})
+    save_adapter(
+        tmp_path / "adapter",
+        adapted,
+        base=str(path),
+        digest=digest,
+        extra_files={"tokenizer_config.json": json.dumps(own).encode()},
+    )
     loaded = load(path, adapter=tmp_path / "adapter", prepare=False)
     torch.testing.assert_close(logits(loaded.model), logits(adapted), atol=1e-5, rtol=1e-5)  # merged == unmerged
     assert not torch.allclose(logits(loaded.model), logits(model), atol=1e-3)

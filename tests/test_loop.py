@@ -8,8 +8,9 @@ import pytest
 from lmforge.train.loop import Loop, RunFolderError, budget_steps, claim_run_folder, prepare_run_folder
 
 
-def drive(loop: Loop, values: dict[int, float] | None = None, stop_at: int | None = None,
-          stop: threading.Event | None = None) -> list[int]:
+def drive(
+    loop: Loop, values: dict[int, float] | None = None, stop_at: int | None = None, stop: threading.Event | None = None
+) -> list[int]:
     """Run `loop` as a caller does; evaluations read `values[step]`; returns the steps evaluated."""
     evaluated = []
     while loop.running():

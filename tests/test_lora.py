@@ -22,8 +22,9 @@ TARGETS = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
 
 def tiny(seed=0, **kw) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(ModelConfig.from_name("gpt-nano", vocab_size=40, n_layer=2, n_embd=32, n_head=2,
-                                             block_size=32, **kw)).eval()
+    return Transformer(
+        ModelConfig.from_name("gpt-nano", vocab_size=40, n_layer=2, n_embd=32, n_head=2, block_size=32, **kw)
+    ).eval()
 
 
 def randomize_lora(model, seed=1):
@@ -77,13 +78,15 @@ def test_only_lora_parameters_train_and_their_share():
     r = 4
     lora.add_lora(model, rank=r, alpha=8, targets=TARGETS)
     # per block: qkv (C -> qkv_dim), proj (C -> C), fc (C -> intermediate), proj (intermediate -> C)
-    per_block = r * ((c.n_embd + c.qkv_dim) + 2 * c.n_embd + (c.n_embd + c.intermediate_size)
-                     + (c.intermediate_size + c.n_embd))
+    per_block = r * (
+        (c.n_embd + c.qkv_dim) + 2 * c.n_embd + (c.n_embd + c.intermediate_size) + (c.intermediate_size + c.n_embd)
+    )
     trainable, total = lora.count_params(model)
     assert trainable == c.n_layer * per_block
     assert total == sum(p.numel() for p in base.values()) + trainable  # named_parameters lists tied ones once
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        f"blocks.{i}.{t}.lora_{m}" for i in range(c.n_layer) for t in TARGETS for m in "AB"}
+        f"blocks.{i}.{t}.lora_{m}" for i in range(c.n_layer) for t in TARGETS for m in "AB"
+    }
 
     from lmforge.train.optim import make_optimizer
 
@@ -109,8 +112,9 @@ def base_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora") / "base"
     tok = train_tokenizer("bpe", [TEXT], vocab_size=280)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=tok.vocab_size, n_layer=2, n_embd=32,
-                                              n_head=2, block_size=32))
+    model = Transformer(
+        ModelConfig.from_name("gpt-nano", vocab_size=tok.vocab_size, n_layer=2, n_embd=32, n_head=2, block_size=32)
+    )
     save_model(folder, model, tok)
     return folder, tok
 
@@ -118,10 +122,24 @@ def base_folder(tmp_path_factory):
 def train_adapter(base_folder, out, merge=False):
     folder, tok = base_folder
     ids = tok.encode(TEXT)
-    examples = [Example(ids[i:i + 17], [True] * 17) for i in range(0, 160, 16)]
-    return finetune(FinetuneConfig(base=str(folder), out=str(out), method="lora", lr=1e-2, max_iters=6,
-                                   batch_size=4, eval_interval=3, lora_rank=2, lora_alpha=4, merge=merge,
-                                   lora_targets=TARGETS + ["lm_head"]), examples, examples[:2])
+    examples = [Example(ids[i : i + 17], [True] * 17) for i in range(0, 160, 16)]
+    return finetune(
+        FinetuneConfig(
+            base=str(folder),
+            out=str(out),
+            method="lora",
+            lr=1e-2,
+            max_iters=6,
+            batch_size=4,
+            eval_interval=3,
+            lora_rank=2,
+            lora_alpha=4,
+            merge=merge,
+            lora_targets=TARGETS + ["lm_head"],
+        ),
+        examples,
+        examples[:2],
+    )
 
 
 def test_adapter_round_trips_through_the_loader(base_folder, tmp_path):
@@ -175,12 +193,16 @@ def test_serve_with_adapter_answers_as_the_merged_model(base_folder, tmp_path):
     train_adapter(base_folder, tmp_path / "run", merge=True)
     merged = load(tmp_path / "run").model
     prompt = "the cat sat on"
-    expected = generate(merged, [tok.encode(prompt)], SamplingParams(max_tokens=8, temperature=0),
-                        tokenizer=tok, eos_id=tok.eos_id)[0].text
+    expected = generate(
+        merged, [tok.encode(prompt)], SamplingParams(max_tokens=8, temperature=0), tokenizer=tok, eos_id=tok.eos_id
+    )[0].text
     proc, url = start_server(str(folder), "--adapter", str(tmp_path / "run" / "adapter"), timeout=120)
     try:
-        r = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": prompt, "max_tokens": 8,
-                                                      "temperature": 0}, timeout=60)
+        r = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "base", "prompt": prompt, "max_tokens": 8, "temperature": 0},
+            timeout=60,
+        )
     finally:
         stop_server(proc)
     assert r.status_code == 200, r.text

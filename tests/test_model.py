@@ -35,16 +35,25 @@ class ReferenceTransformerModel(nn.Module):
 
 
 def copy_seed_weights(ours: Transformer, ref: ReferenceTransformerModel) -> None:
-    sd = {"embed.weight": ours.tok_emb.weight, "decoder.weight": ours.lm_head.weight,
-          "decoder.bias": ours.lm_head.bias}
+    sd = {"embed.weight": ours.tok_emb.weight, "decoder.weight": ours.lm_head.weight, "decoder.bias": ours.lm_head.bias}
     for i, b in enumerate(ours.blocks):
         p = f"encoder.layers.{i}."
-        sd.update({p + "self_attn.in_proj_weight": b.attn.qkv.weight, p + "self_attn.in_proj_bias": b.attn.qkv.bias,
-                   p + "self_attn.out_proj.weight": b.attn.proj.weight, p + "self_attn.out_proj.bias": b.attn.proj.bias,
-                   p + "linear1.weight": b.mlp.fc.weight, p + "linear1.bias": b.mlp.fc.bias,
-                   p + "linear2.weight": b.mlp.proj.weight, p + "linear2.bias": b.mlp.proj.bias,
-                   p + "norm1.weight": b.norm1.weight, p + "norm1.bias": b.norm1.bias,
-                   p + "norm2.weight": b.norm2.weight, p + "norm2.bias": b.norm2.bias})
+        sd.update(
+            {
+                p + "self_attn.in_proj_weight": b.attn.qkv.weight,
+                p + "self_attn.in_proj_bias": b.attn.qkv.bias,
+                p + "self_attn.out_proj.weight": b.attn.proj.weight,
+                p + "self_attn.out_proj.bias": b.attn.proj.bias,
+                p + "linear1.weight": b.mlp.fc.weight,
+                p + "linear1.bias": b.mlp.fc.bias,
+                p + "linear2.weight": b.mlp.proj.weight,
+                p + "linear2.bias": b.mlp.proj.bias,
+                p + "norm1.weight": b.norm1.weight,
+                p + "norm1.bias": b.norm1.bias,
+                p + "norm2.weight": b.norm2.weight,
+                p + "norm2.bias": b.norm2.bias,
+            }
+        )
     ref.load_state_dict(sd, strict=False)
 
 
@@ -98,7 +107,7 @@ def test_cached_decoding_equals_uncached(name):
         cache = m.new_cache(2, 32)
         parts = [m(tokens[:, :7], kv_cache=cache)]
         parts.append(m(tokens[:, 7:12], kv_cache=cache))  # a chunk against a non-empty cache
-        parts += [m(tokens[:, t:t + 1], kv_cache=cache) for t in range(12, 20)]
+        parts += [m(tokens[:, t : t + 1], kv_cache=cache) for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 

@@ -35,8 +35,11 @@ def random_adapter(model, seed, rank, targets, scale=0.5):
     layers = {}
     for p in paths:
         m = modules[p]
-        layers[p] = LoRAWeights(torch.randn(rank, m.in_features, generator=g, dtype=torch.float64) * 0.3,
-                                torch.randn(m.out_features, rank, generator=g, dtype=torch.float64) * 0.3, scale)
+        layers[p] = LoRAWeights(
+            torch.randn(rank, m.in_features, generator=g, dtype=torch.float64) * 0.3,
+            torch.randn(m.out_features, rank, generator=g, dtype=torch.float64) * 0.3,
+            scale,
+        )
     return Adapter(layers, source=f"random-{seed}")
 
 
@@ -72,7 +75,7 @@ def test_every_row_of_a_mixed_batch_gives_its_merged_models_logits(preset):
         outside = model(tokens)
     for b, name in enumerate(names):
         with torch.no_grad():
-            expected = merged(reference, adapters.get(name))(tokens[b:b + 1])[0]
+            expected = merged(reference, adapters.get(name))(tokens[b : b + 1])[0]
         torch.testing.assert_close(mixed[b], expected, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(outside, reference(tokens))  # outside a batch the hooks add nothing
     assert not torch.allclose(mixed[1], outside[1])
@@ -91,8 +94,12 @@ def test_the_engine_serves_base_and_three_adapters_in_the_same_steps_as_merged_m
         assert c.tokens == greedy_alone(merged(reference, adapters.get(name)), prompt, 10), name
     # The merged model's own logprobs: the batch computed each row's distribution, not just its argmax.
     plain = Engine(merged(reference, adapters["b"]), block_size=4, num_blocks=120).generate([prompts[2]], params)[0]
-    torch.testing.assert_close(torch.tensor([lp.logprob for lp in got[2].logprobs]),
-                               torch.tensor([lp.logprob for lp in plain.logprobs]), atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor([lp.logprob for lp in got[2].logprobs]),
+        torch.tensor([lp.logprob for lp in plain.logprobs]),
+        atol=1e-9,
+        rtol=0,
+    )
     assert engine.stats()["steps"] < 8 * 10  # the rows shared steps
 
 
@@ -138,9 +145,13 @@ def test_the_engine_on_the_fused_step_serves_adapters_as_merged_models_would():
         reference = merged(model, adapters.get(name))
         assert c.tokens == greedy_alone(reference, prompt, 10), name
         with torch.no_grad():  # each token's logprob under the merged model, given the same tokens
-            logp = reference(torch.tensor([prompt + c.tokens[:-1]]))[0, len(prompt) - 1:].log_softmax(-1)
-        torch.testing.assert_close(torch.tensor([lp.logprob for lp in c.logprobs]),
-                                   logp[torch.arange(10), torch.tensor(c.tokens)], atol=2e-4, rtol=0)
+            logp = reference(torch.tensor([prompt + c.tokens[:-1]]))[0, len(prompt) - 1 :].log_softmax(-1)
+        torch.testing.assert_close(
+            torch.tensor([lp.logprob for lp in c.logprobs]),
+            logp[torch.arange(10), torch.tensor(c.tokens)],
+            atol=2e-4,
+            rtol=0,
+        )
     assert engine.stats()["steps"] < 8 * 10
 
 

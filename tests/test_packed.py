@@ -58,6 +58,7 @@ def test_packed_bfloat16_layers_compute_the_bfloat16_product():
 
 def test_model_bytes_counts_packed_weights_once_each():
     from lmforge.infer.quantize import model_bytes
+
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=64, n_layer=2)).eval()
     before = model_bytes(model)
@@ -91,7 +92,8 @@ def test_gemm_linears_share_the_weights_and_prefill_as_the_plain_model(name):
     swapped = gemm_linears(copy.deepcopy(model))
     assert isinstance(swapped.lm_head, GemmLinear) and swapped.lm_head.weight is swapped.tok_emb.weight
     assert isinstance(swapped.blocks[0].attn.qkv, GemmLinear) and not any(
-        type(m) is torch.nn.Linear for m in swapped.modules())
+        type(m) is torch.nn.Linear for m in swapped.modules()
+    )
     assert swapped.state_dict().keys() == model.state_dict().keys()
     tokens = torch.randint(0, 64, (3, 40))
     with torch.no_grad():

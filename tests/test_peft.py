@@ -41,12 +41,14 @@ def logits(model):
     return getattr(out, "logits", out)
 
 
-@pytest.mark.parametrize("preset, targets", [
-    ("gpt-nano", ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]),
-    ("llama-nano", ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "lm_head"]),
-])
-def test_an_adapter_lmforge_trains_loads_in_peft_onto_the_exported_base_with_the_same_logits(preset, targets,
-                                                                                               tmp_path):
+@pytest.mark.parametrize(
+    "preset, targets",
+    [
+        ("gpt-nano", ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]),
+        ("llama-nano", ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "lm_head"]),
+    ],
+)
+def test_an_adapter_lmforge_trains_loads_in_peft_onto_the_exported_base_with_the_same_logits(preset, targets, tmp_path):
     model = ours(preset, **({"tie_embeddings": False} if preset == "llama-nano" else {}))
     export_hf(model, out_dir=tmp_path / "hf")  # the base, before any adapter
     digest = lora.base_digest(model)
@@ -79,10 +81,17 @@ def no_peft_warning():
 
 PEFT_CASES = {
     "llama q,v only": (llama_hf, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
-    "llama every linear, patterns, rslora": (llama_hf, dict(
-        r=4, lora_alpha=8, use_rslora=True,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        rank_pattern={"k_proj": 2, "down_proj": 6}, alpha_pattern={"model.layers.1.self_attn.v_proj": 3})),
+    "llama every linear, patterns, rslora": (
+        llama_hf,
+        dict(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            rank_pattern={"k_proj": 2, "down_proj": 6},
+            alpha_pattern={"model.layers.1.self_attn.v_proj": 3},
+        ),
+    ),
     "gpt2 conv1d": (gpt2_hf, dict(r=3, lora_alpha=5, target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True)),
 }
 
@@ -93,8 +102,9 @@ def test_a_peft_adapter_for_an_imported_model_loads_in_lmforge_with_peft_s_logit
     base = make()
     base.save_pretrained(tmp_path / "hf")
     torch.manual_seed(3)
-    adapted = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False,
-                                                        **settings)).eval()
+    adapted = peft.get_peft_model(
+        base, peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **settings)
+    ).eval()
     adapted.save_pretrained(tmp_path / "adapter")
     expected = logits(adapted)
 
@@ -113,15 +123,29 @@ def test_lmforge_s_earlier_adapter_folders_still_load(tmp_path):
     digest = lora.base_digest(model)
     lora.add_lora(model, rank=2, alpha=4, targets=["attn.qkv", "mlp.proj"])
     randomize(model)
-    tensors = {f"{p}.lora_{m}": getattr(layer, f"lora_{m}").detach().contiguous()
-               for p, layer in lora.lora_layers(model).items() for m in "AB"}
+    tensors = {
+        f"{p}.lora_{m}": getattr(layer, f"lora_{m}").detach().contiguous()
+        for p, layer in lora.lora_layers(model).items()
+        for m in "AB"
+    }
     folder = tmp_path / "old"
     folder.mkdir()
     from safetensors.torch import save_file
 
     save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt", "lmforge_sha256": tensors_digest(tensors)})
-    (folder / ADAPTER_CONFIG).write_text(json.dumps({"method": "lora", "base": "x", "base_digest": digest, "rank": 2,
-                                                     "alpha": 4, "dropout": 0.0, "targets": ["attn.qkv", "mlp.proj"]}))
+    (folder / ADAPTER_CONFIG).write_text(
+        json.dumps(
+            {
+                "method": "lora",
+                "base": "x",
+                "base_digest": digest,
+                "rank": 2,
+                "alpha": 4,
+                "dropout": 0.0,
+                "targets": ["attn.qkv", "mlp.proj"],
+            }
+        )
+    )
     loaded = load(tmp_path / "base", adapter=folder, prepare=False).model
     torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)
 
@@ -129,15 +153,17 @@ def test_lmforge_s_earlier_adapter_folders_still_load(tmp_path):
 def test_adapters_lmforge_cannot_apply_exactly_are_refused_by_name(tmp_path):
     base = llama_hf()
     base.save_pretrained(tmp_path / "hf")
-    adapted = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"],
-                                                        use_dora=True))
+    adapted = peft.get_peft_model(
+        base, peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"], use_dora=True)
+    )
     adapted.save_pretrained(tmp_path / "dora")
     with pytest.raises(CheckpointError, match="use_dora=True"):
         load(tmp_path / "hf", adapter=tmp_path / "dora", prepare=False)
     other = gpt2_hf()
     other.save_pretrained(tmp_path / "gpt2")
-    gpt_adapter = peft.get_peft_model(other, peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"],
-                                                             fan_in_fan_out=True))
+    gpt_adapter = peft.get_peft_model(
+        other, peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
     gpt_adapter.save_pretrained(tmp_path / "gpt2-adapter")
     with pytest.raises(CheckpointError, match="transformer.h.0.attn.c_attn, which a 2-layer llama model does not have"):
         load(tmp_path / "hf", adapter=tmp_path / "gpt2-adapter", prepare=False)

@@ -28,8 +28,8 @@ def naive_lookup(tokens, k, n_min, n_max):
     L = len(tokens)
     for n in range(min(n_max, L), n_min - 1, -1):
         for end in range(L - 2, n - 2, -1):
-            if tokens[end - n + 1:end + 1] == tokens[L - n:]:
-                return tokens[end + 1:end + 1 + k]
+            if tokens[end - n + 1 : end + 1] == tokens[L - n :]:
+                return tokens[end + 1 : end + 1 + k]
     return []
 
 
@@ -71,8 +71,9 @@ def test_greedy_prompt_lookup_gives_plain_greedy_tokens_with_fewer_forwards(name
     model = Transformer(ModelConfig.from_name(name, vocab_size=31, block_size=128, n_layer=2)).eval()
     for seed in range(3):
         prompt = repetitive(31, 40, seed)
-        tokens, stats = speculative_generate(model, NgramIndex(), prompt, SamplingParams(temperature=0, max_tokens=40),
-                                             k=4)
+        tokens, stats = speculative_generate(
+            model, NgramIndex(), prompt, SamplingParams(temperature=0, max_tokens=40), k=4
+        )
         assert tokens == greedy_alone(model, prompt, 40)
         assert stats["proposed"] > 0 and stats["rounds"] < 40  # proposals happened, and some were accepted
 
@@ -118,8 +119,15 @@ def test_the_engine_with_prompt_lookup_gives_plain_greedy_tokens_and_only_reject
     prompts.append(list(range(20)))  # nothing repeats in the prompt
     params = SamplingParams(max_tokens=24, temperature=0)
     plain = Engine(model, block_size=4, num_blocks=160, max_num_batched_tokens=32, max_num_seqs=4)
-    spec = Engine(model, block_size=4, num_blocks=160, max_num_batched_tokens=32, max_num_seqs=4,
-                  speculative="ngram", num_speculative_tokens=3)
+    spec = Engine(
+        model,
+        block_size=4,
+        num_blocks=160,
+        max_num_batched_tokens=32,
+        max_num_seqs=4,
+        speculative="ngram",
+        num_speculative_tokens=3,
+    )
     got = run(spec, prompts, params)
     assert got == run(plain, prompts, params)
     for prompt, tokens in zip(prompts, got):
@@ -142,8 +150,15 @@ def test_through_the_fused_step_padded_proposals_give_plain_greedy_tokens():
     prompts = [repetitive(31, n, seed) for seed, n in enumerate([30, 45, 19, 60, 22, 33])]
     params = SamplingParams(max_tokens=30, temperature=0)
     plain = Engine(model, block_size=8, num_blocks=120, max_num_seqs=6)
-    spec = Engine(model, block_size=8, num_blocks=120, max_num_seqs=6, speculative="ngram", num_speculative_tokens=6,
-                  prompt_lookup_min=1)
+    spec = Engine(
+        model,
+        block_size=8,
+        num_blocks=120,
+        max_num_seqs=6,
+        speculative="ngram",
+        num_speculative_tokens=6,
+        prompt_lookup_min=1,
+    )
     assert run(spec, prompts, params) == run(plain, prompts, params)
     assert spec.stats()["draft_accepted"] > 0 and spec.stats()["steps"] < plain.stats()["steps"]
     assert decode_path(model) in ("fused", "packed")
@@ -163,8 +178,14 @@ def test_the_engine_with_prompt_lookup_keeps_the_sampled_distribution():
         return counts / n
 
     plain = freqs(Engine(model, max_num_seqs=64, max_num_batched_tokens=512))
-    spec_engine = Engine(model, max_num_seqs=64, max_num_batched_tokens=512, speculative="ngram",
-                         num_speculative_tokens=3, prompt_lookup_min=1)
+    spec_engine = Engine(
+        model,
+        max_num_seqs=64,
+        max_num_batched_tokens=512,
+        speculative="ngram",
+        num_speculative_tokens=3,
+        prompt_lookup_min=1,
+    )
     spec = freqs(spec_engine)
     assert spec_engine.stats()["draft_proposed"] > n  # the prompt's pattern was proposed
     assert (plain - spec).abs().max() < 0.06
@@ -224,8 +245,15 @@ def test_rows_without_a_proposal_share_the_proposals_check_instead_of_a_second_f
     calls = []
     real = forward.logits
     monkeypatch.setattr(forward, "logits", lambda *a, **kw: calls.append(len(a[3])) or real(*a, **kw))
-    spec = Engine(model, block_size=4, num_blocks=120, max_num_batched_tokens=128, max_num_seqs=3,
-                  speculative="ngram", num_speculative_tokens=4)
+    spec = Engine(
+        model,
+        block_size=4,
+        num_blocks=120,
+        max_num_batched_tokens=128,
+        max_num_seqs=3,
+        speculative="ngram",
+        num_speculative_tokens=4,
+    )
     got = run(spec, prompts, params)
     assert got == [greedy_alone(model, p, 20) for p in prompts]
     steps = spec.stats()["steps"]

@@ -11,17 +11,27 @@ from lmforge.apps.convert import quantize_command
 from lmforge.checkpoint import CheckpointError, load_model, save_model
 from lmforge.config import ModelConfig
 from lmforge.infer.packed import GEMM_ROWS, bf16_gemm_available
-from lmforge.infer.quantize import (Q4_GEMM_ROWS, Int4Linear, Int8Linear, QuantizationError, convert_for_runtime,
-                                    dequantize_int4, int4_linear, int8_linear, quantize_int4, quantize_int8,
-                                    quantize_model)
+from lmforge.infer.quantize import (
+    Q4_GEMM_ROWS,
+    Int4Linear,
+    Int8Linear,
+    QuantizationError,
+    convert_for_runtime,
+    dequantize_int4,
+    int8_linear,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+)
 from lmforge.loader import load
 from lmforge.model import Transformer
 
 
 def tiny(name="gpt-nano", **overrides) -> Transformer:
     torch.manual_seed(0)
-    config = ModelConfig.from_name(name, **{"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 97,
-                                            "block_size": 32, **overrides})
+    config = ModelConfig.from_name(
+        name, **{"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 97, "block_size": 32, **overrides}
+    )
     return Transformer(config).eval()
 
 
@@ -99,8 +109,9 @@ def test_save_load_round_trip_rebuilds_quantized_modules(tmp_path):
 def test_convert_for_runtime_shapes_match_quantize_model():
     q = quantize_model(tiny("llama-nano"), "int8")
     empty = convert_for_runtime(tiny("llama-nano"), "int8")
-    assert {k: (v.shape, v.dtype) for k, v in q.state_dict().items()} == \
-           {k: (v.shape, v.dtype) for k, v in empty.state_dict().items()}
+    assert {k: (v.shape, v.dtype) for k, v in q.state_dict().items()} == {
+        k: (v.shape, v.dtype) for k, v in empty.state_dict().items()
+    }
 
 
 def test_bad_mode_and_double_quantization_are_clear_errors():
@@ -194,7 +205,7 @@ def test_quantize_int4_is_gguf_q4_0_byte_for_byte():
     assert torch.equal(deq.double(), naive_int4_weight(q, s))
     err, d = (deq - w).abs().reshape(24, 3, 32), s.float().abs()[..., None]
     # half a step, a whole one at the far end (+8 * |d| is clamped to 7), float16's rounding of d on top
-    assert (err <= d + 2 ** -10 * w.abs().reshape(24, 3, 32)).all() and (err <= d / 2 + 1e-6).float().mean() > 0.9
+    assert (err <= d + 2**-10 * w.abs().reshape(24, 3, 32)).all() and (err <= d / 2 + 1e-6).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("rows", [1, 3, Q4_GEMM_ROWS // 2 - 1, Q4_GEMM_ROWS // 2 + 5])  # x 2
@@ -254,8 +265,9 @@ def test_int4_save_load_round_trip_and_runtime_shapes(tmp_path):
     assert stored["blocks.0.attn.qkv.weight"].dtype == torch.uint8 and stored["lm_head.scales"].dtype == torch.float16
     loaded = load(tmp_path / "q", prepare=False).model
     empty = convert_for_runtime(tiny("llama-nano", intermediate_size=72), "int4")
-    assert {k: (v.shape, v.dtype) for k, v in q.state_dict().items()} == \
-           {k: (v.shape, v.dtype) for k, v in empty.state_dict().items()}
+    assert {k: (v.shape, v.dtype) for k, v in q.state_dict().items()} == {
+        k: (v.shape, v.dtype) for k, v in empty.state_dict().items()
+    }
     tokens = torch.randint(0, 97, (1, 16))
     with torch.no_grad():
         assert torch.equal(loaded(tokens), q(tokens))

@@ -36,6 +36,7 @@ def logits():
 
 # ------------------------------------------------------------------ naive references, one row at a time
 
+
 def ref_top_p(row: list[float], p: float) -> list[float]:
     """Sort, walk down accumulating probability, keep tokens until the mass before a token reaches p."""
     probs = torch.tensor(row).softmax(-1).tolist()
@@ -77,6 +78,7 @@ def assert_rows(actual: torch.Tensor, expected: list[list[float]]):
 
 # ------------------------------------------------------------------ each filter vs its reference
 
+
 def test_top_p_matches_sorted_loop(logits):
     ps = [0.1, 0.5, 0.9, 1.0]
     out = top_p_filter(logits, torch.tensor(ps))
@@ -102,8 +104,14 @@ def test_penalties_match_loop_over_history(logits):
     prompt_lens = [2, 1, 1, 0]
     rep, pres, freq = [1.3, 1.0, 2.0, 0.7], [0.5, -0.5, 0.0, 1.0], [0.2, 1.5, 0.0, -0.3]
     V = logits.shape[1]
-    out = apply_penalties(logits, token_counts(contexts, [0] * 4, V), token_counts(contexts, prompt_lens, V),
-                          torch.tensor(rep), torch.tensor(pres), torch.tensor(freq))
+    out = apply_penalties(
+        logits,
+        token_counts(contexts, [0] * 4, V),
+        token_counts(contexts, prompt_lens, V),
+        torch.tensor(rep),
+        torch.tensor(pres),
+        torch.tensor(freq),
+    )
     expected = [ref_penalties(*a) for a in zip(logits.tolist(), contexts, prompt_lens, rep, pres, freq)]
     assert_rows(out, expected)
 
@@ -115,8 +123,10 @@ def test_logit_bias_temperature_and_bans(logits):
     expected[0, 4] -= 100
     expected[2, 0] += 1
     torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(apply_temperature(logits, torch.tensor([0.5, 1.0, 0.0, 2.0])),
-                               logits / torch.tensor([[0.5], [1.0], [1.0], [2.0]]))
+    torch.testing.assert_close(
+        apply_temperature(logits, torch.tensor([0.5, 1.0, 0.0, 2.0])),
+        logits / torch.tensor([[0.5], [1.0], [1.0], [2.0]]),
+    )
     banned = ban_sequences(logits, [[1, 2, 3], [1, 2], [], [5]], [[[2, 3, 7], [9]], [[2, 3, 7]], [[4]], [[6, 1]]])
     assert banned[0, 7] == NEG and banned[0, 9] == NEG  # context ends with [2, 3]; [9] is banned outright
     assert banned[1, 7] > NEG  # context ends with [1, 2], not [2, 3]
@@ -126,10 +136,14 @@ def test_logit_bias_temperature_and_bans(logits):
 
 # ------------------------------------------------------------------ the composed step
 
+
 def test_greedy_is_argmax_of_processed_logits(logits):
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, logit_bias={5: 100.0}),
-              SamplingParams(temperature=0, banned_sequences=[[int(logits[2].argmax())]]),
-              SamplingParams(temperature=0, top_k=3)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, logit_bias={5: 100.0}),
+        SamplingParams(temperature=0, banned_sequences=[[int(logits[2].argmax())]]),
+        SamplingParams(temperature=0, top_k=3),
+    ]
     tokens = sample_next(logits, params, [[0]] * 4, [1] * 4, [None] * 4)
     assert tokens[0] == logits[0].argmax() and tokens[1] == 5 and tokens[3] == logits[3].argmax()
     assert tokens[2] == logits[2].topk(2).indices[1]
@@ -156,8 +170,16 @@ def test_fast_argmax_equals_torchs(shape):
 
 
 def test_process_logits_composes_the_stages(logits):
-    p = SamplingParams(temperature=0.7, top_k=10, top_p=0.8, min_p=0.05, repetition_penalty=1.2,
-                       presence_penalty=0.3, frequency_penalty=0.1, logit_bias={2: 1.5})
+    p = SamplingParams(
+        temperature=0.7,
+        top_k=10,
+        top_p=0.8,
+        min_p=0.05,
+        repetition_penalty=1.2,
+        presence_penalty=0.3,
+        frequency_penalty=0.1,
+        logit_bias={2: 1.5},
+    )
     ctx = [[1, 2, 2, 9]] * 4
     out = process_logits(logits, [p] * 4, ctx, [2] * 4)
     row = ref_penalties(logits[0].tolist(), ctx[0], 2, 1.2, 0.3, 0.1)
@@ -180,11 +202,16 @@ def test_a_batch_draws_each_row_from_its_own_distribution_in_one_pass():
     """Sampled rows are drawn together (inverse transform, lmforge.infer.sampling.sample): each row's frequencies
     follow its own distribution, tokens of probability 0 never come, greedy rows in the same batch take their
     argmax."""
-    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0], [0.0, 0.0, 0.1, 0.0, 0.9], [0.1, 0.2, 0.3, 0.4, 0.0],
-                          [0.2, 0.2, 0.2, 0.2, 0.2]])
+    probs = torch.tensor(
+        [[0.5, 0.3, 0.2, 0.0, 0.0], [0.0, 0.0, 0.1, 0.0, 0.9], [0.1, 0.2, 0.3, 0.4, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]]
+    )
     logits = torch.log(probs)
-    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0), SamplingParams(temperature=1.0),
-              SamplingParams(temperature=1.0)]
+    params = [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=1.0),
+    ]
     gens = [make_generator(b) for b in range(4)]
     draws = torch.stack([sample_next(logits, params, [[0]] * 4, [1] * 4, gens) for _ in range(2000)])  # (N, 4)
     assert (draws[:, 1] == 4).all()  # greedy
@@ -209,9 +236,11 @@ def test_same_seed_same_samples_whatever_the_batch(logits):
 
     def run(batch_params, row):  # p's row always holds logits[0]; the other rows hold other logits
         gens = [make_generator(q.seed) for q in batch_params]
-        batch = torch.roll(logits[:len(batch_params)], row, dims=0)
-        return [int(sample_next(batch, batch_params, [[0]] * len(batch_params), [1] * len(batch_params),
-                                gens)[row]) for _ in range(20)]
+        batch = torch.roll(logits[: len(batch_params)], row, dims=0)
+        return [
+            int(sample_next(batch, batch_params, [[0]] * len(batch_params), [1] * len(batch_params), gens)[row])
+            for _ in range(20)
+        ]
 
     alone = run([p], 0)
     assert run([others[0], p, others[1]], 1) == alone
@@ -232,14 +261,36 @@ def test_logprobs_are_raw_log_softmax(logits):
 
 # ------------------------------------------------------------------ validation
 
-@pytest.mark.parametrize("setting, value", [
-    ("top_p", 0.0), ("top_p", 1.5), ("temperature", -0.1), ("top_k", -1), ("min_p", 1.1), ("max_tokens", 0),
-    ("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("n", 0),
-    ("logprobs", 21), ("logit_bias", {1: 200.0}), ("banned_sequences", [[]]), ("stop", [""]),
-    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", 1e300), ("top_p", float("nan")),
-    ("repetition_penalty", 1e-40), ("repetition_penalty", 1e40), ("repetition_penalty", float("nan")),
-    ("min_p", float("nan")), ("presence_penalty", float("nan")), ("logit_bias", {1: float("nan")}),
-])
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("temperature", -0.1),
+        ("top_k", -1),
+        ("min_p", 1.1),
+        ("max_tokens", 0),
+        ("repetition_penalty", 0.0),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3.0),
+        ("n", 0),
+        ("logprobs", 21),
+        ("logit_bias", {1: 200.0}),
+        ("banned_sequences", [[]]),
+        ("stop", [""]),
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("temperature", 1e300),
+        ("top_p", float("nan")),
+        ("repetition_penalty", 1e-40),
+        ("repetition_penalty", 1e40),
+        ("repetition_penalty", float("nan")),
+        ("min_p", float("nan")),
+        ("presence_penalty", float("nan")),
+        ("logit_bias", {1: float("nan")}),
+    ],
+)
 def test_bad_settings_name_the_setting(setting, value):
     with pytest.raises(SamplingError, match=setting) as err:
         SamplingParams(**{setting: value})
@@ -251,16 +302,19 @@ def test_extreme_settings_that_can_be_honoured_are_their_limits(logits):
     greedy; the range ends of the repetition penalty keep the logits finite."""
     contexts, lens = [[1, 2, 3]] * logits.shape[0], [1] * logits.shape[0]
     huge = process_logits(logits, [SamplingParams(top_k=2**64, temperature=0.7)] * len(contexts), contexts, lens)
-    torch.testing.assert_close(huge, process_logits(logits, [SamplingParams(temperature=0.7)] * len(contexts),
-                                                    contexts, lens))
+    torch.testing.assert_close(
+        huge, process_logits(logits, [SamplingParams(temperature=0.7)] * len(contexts), contexts, lens)
+    )
     tiny = SamplingParams(temperature=1e-40)
     assert tiny.greedy and not SamplingParams(temperature=1e-5).greedy
     generators = [torch.Generator().manual_seed(b) for b in range(len(contexts))]
-    assert sample_next(logits, [tiny] * len(contexts), contexts, lens, generators).tolist() == \
-        logits.argmax(-1).tolist()
+    assert (
+        sample_next(logits, [tiny] * len(contexts), contexts, lens, generators).tolist() == logits.argmax(-1).tolist()
+    )
     for r in REPETITION_PENALTY_RANGE:
-        out = process_logits(logits * 1e4, [SamplingParams(repetition_penalty=r, temperature=1e-5)] * len(contexts),
-                             contexts, lens)
+        out = process_logits(
+            logits * 1e4, [SamplingParams(repetition_penalty=r, temperature=1e-5)] * len(contexts), contexts, lens
+        )
         assert torch.isfinite(out).all()
 
 
@@ -273,6 +327,7 @@ def test_vocab_check_names_the_token():
 
 
 # ------------------------------------------------------------------ stop strings
+
 
 def feed(stop, pieces, final=True):
     s, full, deltas = StopStrings(stop), "", []

@@ -52,8 +52,13 @@ def test_long_prompt_is_chunked_under_the_budget_while_running_requests_decode_e
     long = request("long", 30, first_token=100)
     sched.add(long)
     plans = [step(sched)[0] for _ in range(5)]
-    assert plans == [{"a": 1, "long": 7}, {"a": 1, "long": 7}, {"a": 1, "long": 7}, {"a": 1, "long": 7},
-                     {"a": 1, "long": 2}]
+    assert plans == [
+        {"a": 1, "long": 7},
+        {"a": 1, "long": 7},
+        {"a": 1, "long": 7},
+        {"a": 1, "long": 7},
+        {"a": 1, "long": 2},
+    ]
     assert long.output_ids == [7] and long.num_computed_tokens == 30  # sampled only once the prompt was done
     assert step(sched)[0] == {"a": 1, "long": 1}
     assert all(sum(p.values()) <= 8 for p in plans)

@@ -24,8 +24,9 @@ KEY = "schema-key"
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
     folder = tiny_model_folder(tmp_path_factory.mktemp("schema") / "model", block_size=64)
-    proc, url = start_server(folder, "--api-key", KEY, "--max-model-len", "32", "--max-queue", "256",
-                             "--log-level", "warning")
+    proc, url = start_server(
+        folder, "--api-key", KEY, "--max-model-len", "32", "--max-queue", "256", "--log-level", "warning"
+    )
     yield url
     stop_server(proc)
 
@@ -40,19 +41,27 @@ def test_no_server_errors(server_url):
     errors: list[str] = []
 
     for operation in operations:
+
         @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case):
             # A random model name only ever meets the 404 for unknown models: every body names the served model,
             # so the rest of the request (prompts, messages, sampling settings, formats) reaches generation.
             if isinstance(case.body, dict) and "model" in case.body:
                 case.body["model"] = model_id
             response = case.call(base_url=server_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
-            sent.setdefault(operation.label, []).append(response.status_code)
+            sent.setdefault(case.operation.label, []).append(response.status_code)
             if response.status_code >= 500:
-                errors.append(f"{operation.label} answered {response.status_code}: {response.text[:300]}\n"
-                              f"reproduce with: {case.as_curl_command()}")
+                errors.append(
+                    f"{case.operation.label} answered {response.status_code}: {response.text[:300]}\n"
+                    f"reproduce with: {case.as_curl_command()}"
+                )
 
         check()
 
@@ -61,5 +70,6 @@ def test_no_server_errors(server_url):
     assert total >= MIN_REQUESTS, f"only {total} requests: { {k: len(v) for k, v in sent.items()} }"
     assert any("chat/completions" in label for label in sent), sent
     # The generated requests reach generation, not only validation errors.
-    assert any(200 <= status < 300 for label, statuses in sent.items() if "completions" in label
-               for status in statuses), sent
+    assert any(
+        200 <= status < 300 for label, statuses in sent.items() if "completions" in label for status in statuses
+    ), sent

@@ -20,7 +20,7 @@ from lmforge.model import Transformer
 from lmforge.serve.process import start_server, stop_server
 from lmforge.tokenizer import train_tokenizer
 
-CORPUS = ["the cat sat on the mat. {\"name\": \"tom\", \"ok\": true}\n"] * 50 + ["hello world, how are you?\n"] * 50
+CORPUS = ['the cat sat on the mat. {"name": "tom", "ok": true}\n'] * 50 + ["hello world, how are you?\n"] * 50
 
 
 def _model_folder(path, block_size: int):
@@ -54,8 +54,9 @@ def small_server(tmp_path_factory):
     """A server with an API key and room for one request: for 401, 429 and disconnects."""
     folder = tmp_path_factory.mktemp("serve_small") / "tiny"
     tok = _model_folder(folder, 1024)
-    proc, base = _start(folder, "--max-batch", "1", "--max-queue", "0", "--api-key", "sekret",
-                        "--max-body-bytes", "20000")
+    proc, base = _start(
+        folder, "--max-batch", "1", "--max-queue", "0", "--api-key", "sekret", "--max-body-bytes", "20000"
+    )
     yield base, tok
     _stop(proc)
 
@@ -100,8 +101,9 @@ def test_streaming_matches_non_streaming(client):
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
-        [whole.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        whole.choices[0].finish_reason
+    ]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
     stream = list(client.completions.create(model="tiny", prompt="the", max_tokens=6, temperature=0, stream=True))
@@ -117,8 +119,14 @@ def test_n_seed_and_logprobs(client):
     lp = a.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
     assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs)
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                          logprobs=True, top_logprobs=3, temperature=0)
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=3,
+        temperature=0,
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens
     # greedy: the chosen token is the most likely alternative
@@ -126,23 +134,45 @@ def test_n_seed_and_logprobs(client):
 
 
 def test_response_format_json_schema_always_validates(client):
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
-                                               "ok": {"type": "boolean"}, "pet": {"enum": ["cat", "dog"]}},
-              "required": ["name", "ok", "pet"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 6},
+            "ok": {"type": "boolean"},
+            "pet": {"enum": ["cat", "dog"]},
+        },
+        "required": ["name", "ok", "pet"],
+        "additionalProperties": False,
+    }
     for seed in range(4):  # a random model, yet every sample parses and validates
         r = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "json please"}], max_tokens=120, seed=seed,
-            temperature=1.0, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+            model="tiny",
+            messages=[{"role": "user", "content": "json please"}],
+            max_tokens=120,
+            seed=seed,
+            temperature=1.0,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        )
         assert r.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(r.choices[0].message.content), schema)
 
 
 NUMERIC_SCHEMAS = [  # enforced, or refused naming the keyword
-    ({"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
-                                       "score": {"type": "number", "exclusiveMinimum": -1, "maximum": 1}},
-      "required": ["age", "score"]}, None),
-    ({"type": "array", "items": {"type": "integer", "multipleOf": 5, "minimum": -20}, "minItems": 1, "maxItems": 3},
-     None),
+    (
+        {
+            "type": "object",
+            "properties": {
+                "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                "score": {"type": "number", "exclusiveMinimum": -1, "maximum": 1},
+            },
+            "required": ["age", "score"],
+        },
+        None,
+    ),
+    (
+        {"type": "array", "items": {"type": "integer", "multipleOf": 5, "minimum": -20}, "minItems": 1, "maxItems": 3},
+        None,
+    ),
     ({"type": "array", "items": {"enum": ["cat", "dog", "owl"]}, "uniqueItems": True, "minItems": 2}, None),
     ({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 7}}, "required": ["n"]}, "multipleOf"),
     ({"type": "number", "multipleOf": 0.01}, "multipleOf"),
@@ -153,8 +183,15 @@ NUMERIC_SCHEMAS = [  # enforced, or refused naming the keyword
 @pytest.mark.parametrize("schema, refused", NUMERIC_SCHEMAS, ids=lambda x: json.dumps(x)[:50])
 def test_numeric_multiple_and_unique_keywords_are_enforced_or_refused_by_name(client, schema, refused):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
-    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "json please"}], max_tokens=120, n=3, seed=1,
-                  temperature=1.0, response_format=fmt)
+    kwargs = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "json please"}],
+        max_tokens=120,
+        n=3,
+        seed=1,
+        temperature=1.0,
+        response_format=fmt,
+    )
     if refused:
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(**kwargs)
@@ -183,25 +220,32 @@ def test_a_format_is_not_cut_by_stop_strings_echo_or_banned_phrases(server):
 
 def test_choice_and_regex(server):
     base, _ = server
-    body = dict(model="tiny", prompt="pick", max_tokens=20, temperature=1.0, n=4, seed=3,
-                choice=["red", "green", "blue"])
+    body = dict(
+        model="tiny", prompt="pick", max_tokens=20, temperature=1.0, n=4, seed=3, choice=["red", "green", "blue"]
+    )
     r = httpx.post(base + "/v1/completions", json=body).json()
     assert {c["text"] for c in r["choices"]} <= {"red", "green", "blue"}
     body = dict(model="tiny", prompt="num", max_tokens=20, temperature=1.0, n=3, seed=3, regex=r"[0-9]{3}-[a-c]{2}")
     r = httpx.post(base + "/v1/completions", json=body).json()
     import re
+
     assert all(re.fullmatch(r"[0-9]{3}-[a-c]{2}", c["text"]) for c in r["choices"])
 
 
 def test_stop_echo_and_json_object(client):
     plain = client.completions.create(model="tiny", prompt="the", max_tokens=12, temperature=0).choices[0].text
-    stop = plain[len(plain) // 2:len(plain) // 2 + 2]  # a string the greedy output is known to contain
+    stop = plain[len(plain) // 2 : len(plain) // 2 + 2]  # a string the greedy output is known to contain
     cut = client.completions.create(model="tiny", prompt="the", max_tokens=12, temperature=0, stop=[stop])
-    assert cut.choices[0].text == plain[:plain.index(stop)] and cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == plain[: plain.index(stop)] and cut.choices[0].finish_reason == "stop"
     echoed = client.completions.create(model="tiny", prompt="the", max_tokens=12, temperature=0, echo=True)
     assert echoed.choices[0].text == "the" + plain
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=100,
-                                       seed=5, response_format={"type": "json_object"})
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=100,
+        seed=5,
+        response_format={"type": "json_object"},
+    )
     if r.choices[0].finish_reason == "stop":  # a random model may use all 100 tokens inside one string
         assert isinstance(json.loads(r.choices[0].message.content), dict)
     else:
@@ -210,8 +254,11 @@ def test_stop_echo_and_json_object(client):
 
 def test_streaming_chat_with_n(client):
     """Both samples stream to their finish chunk, even when they finish in the same engine step."""
-    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=5, n=2, seed=3, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, n=2, seed=3, stream=True
+        )
+    )
     texts, finished = {0: "", 1: ""}, {}
     for c in chunks:
         for choice in c.choices:
@@ -219,8 +266,9 @@ def test_streaming_chat_with_n(client):
             if choice.finish_reason:
                 finished[choice.index] = choice.finish_reason
     assert set(finished) == {0, 1}
-    whole = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                           max_tokens=5, n=2, seed=3)
+    whole = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, n=2, seed=3
+    )
     assert [texts[0], texts[1]] == [c.message.content for c in whole.choices]
 
 
@@ -241,7 +289,8 @@ def test_errors_use_openai_shape(server):
         assert set(err) == {"message", "type", "param", "code"} and err["param"] == param, err
     with pytest.raises(openai.BadRequestError):
         openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0).chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "x"}], top_p=0)
+            model="tiny", messages=[{"role": "user", "content": "x"}], top_p=0
+        )
 
 
 def test_tokenize_round_trip_and_metrics(server):
@@ -250,10 +299,17 @@ def test_tokenize_round_trip_and_metrics(server):
     assert t["tokens"] == tok.encode("the cat sat")
     assert httpx.post(base + "/detokenize", json={"tokens": t["tokens"]}).json()["prompt"] == "the cat sat"
     text = httpx.get(base + "/metrics").text
-    for name in ("lmforge_requests_total", "lmforge_prompt_tokens_total", "lmforge_generated_tokens_total",
-                 "lmforge_queue_length", "lmforge_running_batch_size", "lmforge_kv_blocks_used",
-                 "lmforge_kv_blocks_free", "lmforge_time_to_first_token_seconds_bucket",
-                 "lmforge_inter_token_latency_seconds_bucket"):
+    for name in (
+        "lmforge_requests_total",
+        "lmforge_prompt_tokens_total",
+        "lmforge_generated_tokens_total",
+        "lmforge_queue_length",
+        "lmforge_running_batch_size",
+        "lmforge_kv_blocks_used",
+        "lmforge_kv_blocks_free",
+        "lmforge_time_to_first_token_seconds_bucket",
+        "lmforge_inter_token_latency_seconds_bucket",
+    ):
         assert name in text
 
 
@@ -267,8 +323,7 @@ def test_auth_queue_body_limit_and_disconnect(small_server):
     assert r.status_code == 400 and "max_body_bytes" in r.json()["error"]["message"]
 
     # one long request fills the server (max_batch 1, max_queue 0); EOS banned so it cannot end early
-    long = {"model": "tiny", "prompt": "the", "max_tokens": 1000, "stream": True,
-            "logit_bias": {str(tok.eos_id): -100}}
+    long = {"model": "tiny", "prompt": "the", "max_tokens": 1000, "stream": True, "logit_bias": {str(tok.eos_id): -100}}
     with httpx.Client(timeout=30) as c:
         with c.stream("POST", base + "/v1/completions", headers=good, json=long) as stream:
             lines = stream.iter_lines()
@@ -293,6 +348,7 @@ def test_auth_queue_body_limit_and_disconnect(small_server):
 
 # ---------------------------------------------------------------------------------- in-process (no subprocess)
 
+
 @pytest.fixture(scope="module")
 def tiny_parts():
     tok = train_tokenizer("bpe", CORPUS, 300)
@@ -308,8 +364,7 @@ def test_rate_limit_chunked_body_and_prompt_length(tiny_parts, tmp_path):
 
     model, tok = tiny_parts
     (tmp_path / "keys").write_text("k1\nk2\n")
-    settings = ServeSettings(model="tiny", api_key_file=str(tmp_path / "keys"), rate_limit_tpm=20,
-                             max_body_bytes=5000)
+    settings = ServeSettings(model="tiny", api_key_file=str(tmp_path / "keys"), rate_limit_tpm=20, max_body_bytes=5000)
     with TestClient(create_app(model, tok, settings), base_url="http://localhost") as c:
         k1, k2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
         body = {"model": "tiny", "prompt": "the cat sat on the mat", "max_tokens": 8}
@@ -322,8 +377,9 @@ def test_rate_limit_chunked_body_and_prompt_length(tiny_parts, tmp_path):
         chunks = (b'{"model": "tiny", "prompt": "' + b"x" * 1000 for _ in range(8))
         big = c.post("/v1/completions", headers=k2, content=chunks)  # chunked: no content-length
         assert big.status_code == 400 and "max_body_bytes" in big.json()["error"]["message"]
-    with TestClient(create_app(model, tok, ServeSettings(model="tiny", kv_dtype="float16")),
-                    base_url="http://localhost") as c:
+    with TestClient(
+        create_app(model, tok, ServeSettings(model="tiny", kv_dtype="float16")), base_url="http://localhost"
+    ) as c:
         long = {"model": "tiny", "prompt": "the cat " * 100, "max_tokens": 8}
         err = c.post("/v1/completions", json=long).json()["error"]
         assert err["param"] == "prompt" and "max_model_len is 128" in err["message"]
@@ -344,8 +400,10 @@ def test_chat_template_from_model_folder(tiny_parts, tmp_path):
     plain = ChatTemplate.for_model(tmp_path, tok)  # no tokenizer_config.json: the plain default
     assert plain.source == PLAIN_TEMPLATE and plain.turn_stops == ["\nUser:"]
     assert plain.render(messages) == "S\n\nUser: U\nAssistant:"
-    template = "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}" \
-               "{% if add_generation_prompt %}[assistant]{% endif %}"
+    template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     own = ChatTemplate.for_model(tmp_path, tok)
     assert own.render(messages) == "[system]S[user]U[assistant]" and own.turn_stops == []
@@ -362,17 +420,25 @@ def test_a_draft_model_speculates_without_changing_greedy_output(tmp_path):
 
     tok = _model_folder(tmp_path / "target", 256)
     torch.manual_seed(1)
-    save_model(tmp_path / "draft", Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1,
-                                                           n_head=2, n_embd=16)), tok)
+    save_model(
+        tmp_path / "draft",
+        Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=16)),
+        tok,
+    )
     model = load(tmp_path / "target", dtype="float32").model
     prompts = ["the cat", "hello world, how"]
-    want = [c.text for c in generate(model, [tok.encode(p) for p in prompts],
-                                     SamplingParams(max_tokens=12, temperature=0), tokenizer=tok)]
+    want = [
+        c.text
+        for c in generate(
+            model, [tok.encode(p) for p in prompts], SamplingParams(max_tokens=12, temperature=0), tokenizer=tok
+        )
+    ]
     proc, base = _start(tmp_path / "target", "--draft", str(tmp_path / "draft"), "--num-speculative-tokens", "3")
     try:
         for prompt, text in zip(prompts, want):
-            r = httpx.post(base + "/v1/completions", json={"model": "target", "prompt": prompt, "max_tokens": 12,
-                                                           "temperature": 0})
+            r = httpx.post(
+                base + "/v1/completions", json={"model": "target", "prompt": prompt, "max_tokens": 12, "temperature": 0}
+            )
             assert r.json()["choices"][0]["text"] == text
         engine = httpx.get(base + "/health").json()["engine"]
         assert engine["draft_proposed"] > 0

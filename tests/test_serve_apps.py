@@ -33,17 +33,38 @@ from lmforge.tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-CORPUS = ["the cat sat on the mat. {\"city\": \"paris\", \"unit\": \"c\", \"days\": 3}\n"] * 50 + \
-         ["hello world, what is the weather like today?\n"] * 50
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
-                                                    "unit": {"enum": ["c", "f"]},
-                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}},
-                                       "required": ["zone"], "additionalProperties": False}}}
+CORPUS = ['the cat sat on the mat. {"city": "paris", "unit": "c", "days": 3}\n'] * 50 + [
+    "hello world, what is the weather like today?\n"
+] * 50
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 8},
+                "unit": {"enum": ["c", "f"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["utc", "cet"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
 
 
@@ -72,9 +93,20 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("apps")
     model, tok = model_folder(root / "base")
     adapters = {name: adapter_folder(root / name, root / "base", seed) for name, seed in (("alpha", 1), ("beta", 2))}
-    proc, url = start_server(str(root / "base"), "--log-level", "warning", "--max-batch", "8", "--api-key", "k",
-                             "--lora", *(f"{n}={p}" for n, p in adapters.items()), "--speculative", "ngram",
-                             timeout=120)
+    proc, url = start_server(
+        str(root / "base"),
+        "--log-level",
+        "warning",
+        "--max-batch",
+        "8",
+        "--api-key",
+        "k",
+        "--lora",
+        *(f"{n}={p}" for n, p in adapters.items()),
+        "--speculative",
+        "ngram",
+        timeout=120,
+    )
     client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
     yield client, url, root, tok
     assert stop_server(proc) in (0, -15)
@@ -93,21 +125,43 @@ def check_calls(message, finish_reason, names, parallel):
 
 # ---------------------------------------------------------------------------------------------- tool calling
 
+
 def test_required_and_named_tool_calls_always_parse_and_validate(served):
     client = served[0]
     messages = [{"role": "user", "content": "what is the weather like today?"}]
     for seed in range(12):  # a random model, sampled: only the constraint keeps the calls valid
-        r = client.chat.completions.create(model="base", messages=messages, tools=[WEATHER, TIME], seed=seed,
-                                           tool_choice="required", parallel_tool_calls=False, temperature=1.0,
-                                           max_tokens=120)
+        r = client.chat.completions.create(
+            model="base",
+            messages=messages,
+            tools=[WEATHER, TIME],
+            seed=seed,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            temperature=1.0,
+            max_tokens=120,
+        )
         check_calls(r.choices[0].message, r.choices[0].finish_reason, {"get_weather", "get_time"}, parallel=False)
-        r = client.chat.completions.create(model="base", messages=messages, tools=[WEATHER, TIME], seed=seed,
-                                           tool_choice={"type": "function", "function": {"name": "get_time"}},
-                                           temperature=1.0, max_tokens=120)
+        r = client.chat.completions.create(
+            model="base",
+            messages=messages,
+            tools=[WEATHER, TIME],
+            seed=seed,
+            tool_choice={"type": "function", "function": {"name": "get_time"}},
+            temperature=1.0,
+            max_tokens=120,
+        )
         [call] = check_calls(r.choices[0].message, r.choices[0].finish_reason, {"get_time"}, parallel=False)
         assert r.choices[0].message.content is None
-    r = client.chat.completions.create(model="base", messages=messages, tools=[WEATHER, TIME], seed=3, n=3,
-                                       tool_choice="required", temperature=1.0, max_tokens=300)
+    r = client.chat.completions.create(
+        model="base",
+        messages=messages,
+        tools=[WEATHER, TIME],
+        seed=3,
+        n=3,
+        tool_choice="required",
+        temperature=1.0,
+        max_tokens=300,
+    )
     for choice in r.choices:  # parallel calls allowed: one or more, each valid
         check_calls(choice.message, choice.finish_reason, {"get_weather", "get_time"}, parallel=True)
 
@@ -132,10 +186,21 @@ def stream_calls(stream):
 def test_streamed_tool_calls_arrive_as_openai_deltas_and_validate(served):
     client = served[0]
     messages = [{"role": "user", "content": "weather?"}]
-    for seed, choice in [(0, "required"), (1, {"type": "function", "function": {"name": "get_weather"}}),
-                         (2, "required")]:
-        stream = client.chat.completions.create(model="alpha", messages=messages, tools=[WEATHER, TIME], seed=seed,
-                                                tool_choice=choice, temperature=1.0, max_tokens=200, stream=True)
+    for seed, choice in [
+        (0, "required"),
+        (1, {"type": "function", "function": {"name": "get_weather"}}),
+        (2, "required"),
+    ]:
+        stream = client.chat.completions.create(
+            model="alpha",
+            messages=messages,
+            tools=[WEATHER, TIME],
+            seed=seed,
+            tool_choice=choice,
+            temperature=1.0,
+            max_tokens=200,
+            stream=True,
+        )
         calls, content, finish = stream_calls(stream)
         assert finish == "tool_calls" and calls and content == ""
         for call in calls:
@@ -146,17 +211,29 @@ def test_streamed_tool_calls_arrive_as_openai_deltas_and_validate(served):
 def test_auto_answers_text_or_well_formed_calls(served):
     client = served[0]
     for seed in range(6):
-        r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hello"}],
-                                           tools=[WEATHER], tool_choice="auto", seed=seed, temperature=1.0,
-                                           max_tokens=30)
+        r = client.chat.completions.create(
+            model="base",
+            messages=[{"role": "user", "content": "hello"}],
+            tools=[WEATHER],
+            tool_choice="auto",
+            seed=seed,
+            temperature=1.0,
+            max_tokens=30,
+        )
         choice = r.choices[0]
         if choice.message.tool_calls:
             check_calls(choice.message, choice.finish_reason, {"get_weather"}, parallel=True)
         else:
             assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
-        stream = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hello"}],
-                                                tools=[WEATHER], seed=seed, temperature=1.0, max_tokens=30,
-                                                stream=True)
+        stream = client.chat.completions.create(
+            model="base",
+            messages=[{"role": "user", "content": "hello"}],
+            tools=[WEATHER],
+            seed=seed,
+            temperature=1.0,
+            max_tokens=30,
+            stream=True,
+        )
         calls, content, finish = stream_calls(stream)
         # The stream is the same answer (seeded): its content and calls are the whole answer's.
         assert (content or None) == choice.message.content and len(calls) == len(choice.message.tool_calls or [])
@@ -164,11 +241,21 @@ def test_auto_answers_text_or_well_formed_calls(served):
 
 def test_a_conversation_with_tool_results_goes_on_and_tool_requests_that_cannot_be_honoured_are_400s(served):
     client = served[0]
-    history = [{"role": "user", "content": "weather in paris?"},
-               {"role": "assistant", "content": None, "tool_calls": [
-                   {"id": "call_1", "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "paris", "unit": "c"}'}}]},
-               {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"}]
+    history = [
+        {"role": "user", "content": "weather in paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "paris", "unit": "c"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"},
+    ]
     r = client.chat.completions.create(model="beta", messages=history, tools=[WEATHER], max_tokens=5)
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
     bad = [
@@ -177,13 +264,16 @@ def test_a_conversation_with_tool_results_goes_on_and_tool_requests_that_cannot_
         (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}), "tool_choice"),
         (dict(tools=[WEATHER], tool_choice="required", stop=["x"]), "stop"),
         (dict(functions=[WEATHER["function"]]), "functions"),
-        (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]),
-         "tools[0].function.parameters"),
+        (
+            dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]),
+            "tools[0].function.parameters",
+        ),
     ]
     for extra, param in bad:
         with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}],
-                                           max_tokens=5, **extra)
+            client.chat.completions.create(
+                model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=5, **extra
+            )
         assert e.value.body["param"] == param, (extra, e.value.body)
     orphan = [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_9", "content": "x"}]
     with pytest.raises(openai.BadRequestError) as e:
@@ -196,42 +286,51 @@ QWEN25_TEMPLATE = (
     "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
     "        {{- messages[0]['content'] }}\n    {%- else %}\n"
     "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n"
-    "    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are "
-    "provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
-    "    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
-    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
-    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
-    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n"
+    '    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are '
+    'provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n'
+    '    {%- for tool in tools %}\n        {{- "\\n" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n'
+    '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments '
+    'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": '
+    '<args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n{%- else %}\n'
     "    {%- if messages[0]['role'] == 'system' %}\n"
     "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n"
     "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
     "assistant.<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n"
     "{%- for message in messages %}\n"
-    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
-    "(message.role == \"assistant\" and not message.tool_calls) %}\n"
+    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or '
+    '(message.role == "assistant" and not message.tool_calls) %}\n'
     "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
     "    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n"
     "        {%- if message.content %}\n            {{- '\\n' + message.content }}\n        {%- endif %}\n"
     "        {%- for tool_call in message.tool_calls %}\n            {%- if tool_call.function is defined %}\n"
     "                {%- set tool_call = tool_call.function %}\n            {%- endif %}\n"
-    "            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n            {{- tool_call.name }}\n"
-    "            {{- '\", \"arguments\": ' }}\n            {{- tool_call.arguments | tojson }}\n"
+    '            {{- \'\\n<tool_call>\\n{"name": "\' }}\n            {{- tool_call.name }}\n'
+    '            {{- \'", "arguments": \' }}\n            {{- tool_call.arguments | tojson }}\n'
     "            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n"
-    "    {%- elif message.role == \"tool\" %}\n"
-    "        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    '    {%- elif message.role == "tool" %}\n'
+    '        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}\n'
     "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
     "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
-    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n'
     "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n")
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
+)
 
 OPENAI_CONVERSATION = [
     {"role": "system", "content": "You answer briefly. Ünïcode stays as it is."},
     {"role": "user", "content": "weather in paris and the time in CET?"},
-    {"role": "assistant", "content": "Let me look.", "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
-                                                          "arguments": '{"city": "paris", "unit": "c"}'}},
-        {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "cet"}'}}]},
+    {
+        "role": "assistant",
+        "content": "Let me look.",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "paris", "unit": "c"}'},
+            },
+            {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "cet"}'}},
+        ],
+    },
     {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, <sunny>"},
     {"role": "tool", "tool_call_id": "call_2", "content": "14:05"},
     {"role": "user", "content": "and tomorrow?"},
@@ -242,11 +341,21 @@ def test_a_tool_conversation_renders_through_a_hugging_face_template_as_transfor
     model, tok = model_folder(tmp_path / "qwen")
     (tmp_path / "qwen" / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN25_TEMPLATE}))
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "qwen" / "tokenizer.json"))
-    hf_messages = [dict(m, tool_calls=[dict(c, function=dict(c["function"], arguments=json.loads(
-        c["function"]["arguments"]))) for c in m["tool_calls"]]) if "tool_calls" in m else m
-        for m in OPENAI_CONVERSATION]  # arguments as objects, as transformers' docs ask
-    expected = hf.apply_chat_template(hf_messages, tools=[WEATHER, TIME], tokenize=False, add_generation_prompt=True,
-                                      chat_template=QWEN25_TEMPLATE)
+    hf_messages = [
+        dict(
+            m,
+            tool_calls=[
+                dict(c, function=dict(c["function"], arguments=json.loads(c["function"]["arguments"])))
+                for c in m["tool_calls"]
+            ],
+        )
+        if "tool_calls" in m
+        else m
+        for m in OPENAI_CONVERSATION
+    ]  # arguments as objects, as transformers' docs ask
+    expected = hf.apply_chat_template(
+        hf_messages, tools=[WEATHER, TIME], tokenize=False, add_generation_prompt=True, chat_template=QWEN25_TEMPLATE
+    )
     ours = ChatTemplate.for_model(tmp_path / "qwen", tok)
     assert ours.render(template_messages(OPENAI_CONVERSATION), [WEATHER, TIME]) == expected
     assert "<tool_response>\n18 degrees, <sunny>\n</tool_response>" in expected  # the template did use them
@@ -255,19 +364,24 @@ def test_a_tool_conversation_renders_through_a_hugging_face_template_as_transfor
     proc, url = start_server(str(tmp_path / "qwen"), "--log-level", "warning", timeout=120)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        r = client.chat.completions.create(model="qwen", messages=OPENAI_CONVERSATION, tools=[WEATHER, TIME],
-                                           max_tokens=3, temperature=0)
+        r = client.chat.completions.create(
+            model="qwen", messages=OPENAI_CONVERSATION, tools=[WEATHER, TIME], max_tokens=3, temperature=0
+        )
         assert r.usage.prompt_tokens == len(tok.encode(expected))
         plain = tmp_path / "plain"
         model_folder(plain)
-        (plain / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for m in messages %}"
-                                                                                  "{{ m.content }}{% endfor %}"}))
+        (plain / "tokenizer_config.json").write_text(
+            json.dumps({"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"})
+        )
     finally:
         stop_server(proc)
     proc, url = start_server(str(plain), "--log-level", "warning", timeout=120)
     try:  # a template with no place for tools: the request is refused, the tools never silently dropped
-        r = httpx.post(url + "/v1/chat/completions", json={"model": "plain", "tools": [WEATHER], "messages": [
-            {"role": "user", "content": "hi"}]}, timeout=30)
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            json={"model": "plain", "tools": [WEATHER], "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
         assert "does not show tools" in r.json()["error"]["message"]
         r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(plain)}, timeout=30)
@@ -277,6 +391,7 @@ def test_a_tool_conversation_renders_through_a_hugging_face_template_as_transfor
 
 
 # ---------------------------------------------------------------------------------------------- embeddings
+
 
 def test_embeddings_over_http_equal_the_python_function_float_and_base64(served):
     client, url, root, tok = served
@@ -288,10 +403,15 @@ def test_embeddings_over_http_equal_the_python_function_float_and_base64(served)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
     assert [d.index for d in r.data] == [0, 1, 2]
     assert r.usage.prompt_tokens == r.usage.total_tokens == sum(len(tok.encode(t)) for t in texts)
-    raw = httpx.post(url + "/v1/embeddings", headers={"Authorization": "Bearer k"}, timeout=60,
-                     json={"model": "base", "input": texts, "encoding_format": "base64"}).json()
-    decoded = torch.tensor(np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
-                                     for d in raw["data"]]))
+    raw = httpx.post(
+        url + "/v1/embeddings",
+        headers={"Authorization": "Bearer k"},
+        timeout=60,
+        json={"model": "base", "input": texts, "encoding_format": "base64"},
+    ).json()
+    decoded = torch.tensor(
+        np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in raw["data"]])
+    )
     torch.testing.assert_close(decoded, got, atol=0, rtol=0)  # the same float32 bits
 
 
@@ -309,9 +429,13 @@ def test_embedding_inputs_as_token_ids_dimensions_and_errors(served):
     torch.testing.assert_close(torch.tensor(short.data[0].embedding), v / v.norm(), atol=1e-6, rtol=1e-5)
     adapted = client.embeddings.create(model="alpha", input="hello world", encoding_format="float")
     assert (torch.tensor(adapted.data[0].embedding) - vectors[0]).abs().max() > 1e-3  # the adapter's model
-    for kwargs, param in [(dict(input=""), "input[0]"), (dict(input=[]), "input"), (dict(input=[[5, 10**6]]),
-                                                                                     "input[0]"),
-                          (dict(input="x", dimensions=33), "dimensions"), (dict(input="x" * 3000), "input[0]")]:
+    for kwargs, param in [
+        (dict(input=""), "input[0]"),
+        (dict(input=[]), "input"),
+        (dict(input=[[5, 10**6]]), "input[0]"),
+        (dict(input="x", dimensions=33), "dimensions"),
+        (dict(input="x" * 3000), "input[0]"),
+    ]:
         with pytest.raises(openai.BadRequestError) as e:
             client.embeddings.create(model="base", encoding_format="float", **kwargs)
         assert e.value.body["param"] == param
@@ -319,10 +443,14 @@ def test_embedding_inputs_as_token_ids_dimensions_and_errors(served):
 
 # ---------------------------------------------------------------------------------------------- adapters
 
+
 def test_requests_for_different_adapters_run_together_and_each_answers_as_its_merged_model(served):
     client, url, root, tok = served
     assert [(m.id, getattr(m, "parent", None)) for m in client.models.list().data] == [
-        ("base", None), ("alpha", "base"), ("beta", "base")]
+        ("base", None),
+        ("alpha", "base"),
+        ("beta", "base"),
+    ]
     prompt = "the cat sat on"
     params = SamplingParams(max_tokens=12, temperature=0)
     expected = {}
@@ -333,8 +461,7 @@ def test_requests_for_different_adapters_run_together_and_each_answers_as_its_me
     got = {}
 
     def ask(name):
-        got[name] = client.completions.create(model=name, prompt=prompt, max_tokens=12,
-                                              temperature=0).choices[0].text
+        got[name] = client.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
 
     threads = [threading.Thread(target=ask, args=(name,)) for name in ["alpha", "base", "beta"] * 2]
     for t in threads:
@@ -352,20 +479,36 @@ def test_adapters_load_and_unload_at_run_time_behind_the_api_key(served):
     gamma = adapter_folder(root / "gamma", root / "base", 3)
     r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(gamma)}, timeout=60)
     assert r.status_code == 401  # no key: the edge refuses it
-    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(gamma)},
-                   headers=auth, timeout=60)
+    r = httpx.post(
+        url + "/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(gamma)}, headers=auth, timeout=60
+    )
     assert r.status_code == 200, r.text
     merged = load(root / "base", adapter=gamma).model
-    expected = generate(merged, [tok.encode("hello")], SamplingParams(max_tokens=8, temperature=0),
-                        tokenizer=tok, eos_id=tok.eos_id)[0].text
-    assert client.completions.create(model="gamma", prompt="hello", max_tokens=8, temperature=0,
-                                     ).choices[0].text == expected
+    expected = generate(
+        merged, [tok.encode("hello")], SamplingParams(max_tokens=8, temperature=0), tokenizer=tok, eos_id=tok.eos_id
+    )[0].text
+    assert (
+        client.completions.create(
+            model="gamma",
+            prompt="hello",
+            max_tokens=8,
+            temperature=0,
+        )
+        .choices[0]
+        .text
+        == expected
+    )
     assert "gamma" in [m.id for m in client.models.list().data]
-    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(gamma)},
-                   headers=auth, timeout=60)
+    r = httpx.post(
+        url + "/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(gamma)}, headers=auth, timeout=60
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name"
-    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "delta", "lora_path": str(root / "nope")},
-                   headers=auth, timeout=60)
+    r = httpx.post(
+        url + "/v1/load_lora_adapter",
+        json={"lora_name": "delta", "lora_path": str(root / "nope")},
+        headers=auth,
+        timeout=60,
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
     r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "gamma"}, headers=auth, timeout=60)
     assert r.status_code == 200

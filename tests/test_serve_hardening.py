@@ -25,22 +25,35 @@ def _char_model(folder, block_size=1024):
     tok = train_tokenizer("char", ["abab ba\n" * 10])
     assert set(tok.vocab) == set(CHARS) and tok.eos_id is None
     torch.manual_seed(0)
-    save_model(folder, Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=1,
-                                               n_head=2, n_embd=32)), tok)
+    save_model(
+        folder,
+        Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=32)),
+        tok,
+    )
     return str(folder)
 
 
 @pytest.fixture(scope="module")
 def char_server(tmp_path_factory):
-    proc, url = start_server(_char_model(tmp_path_factory.mktemp("char") / "tiny"), "--log-level", "warning",
-                             "--max-batch", "4", "--max-queue", "4")
+    proc, url = start_server(
+        _char_model(tmp_path_factory.mktemp("char") / "tiny"),
+        "--log-level",
+        "warning",
+        "--max-batch",
+        "4",
+        "--max-queue",
+        "4",
+    )
     yield url
     stop_server(proc)
 
 
 def _sse(response) -> list[dict | str]:
-    return [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
-            for line in response.iter_lines() if line.startswith("data: ")]
+    return [
+        json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
+        for line in response.iter_lines()
+        if line.startswith("data: ")
+    ]
 
 
 def test_a_request_failing_in_the_engine_fails_alone_beside_healthy_streams(char_server):
@@ -58,8 +71,11 @@ def test_a_request_failing_in_the_engine_fails_alone_beside_healthy_streams(char
             lines = r.iter_lines()
             first = next(lines)
             started.wait()
-            results[i] = [json.loads(first[6:])] + [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
-                                                    for line in lines if line.startswith("data: ")]
+            results[i] = [json.loads(first[6:])] + [
+                json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
+                for line in lines
+                if line.startswith("data: ")
+            ]
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
     for t in threads:
@@ -100,8 +116,9 @@ def test_admission_counts_sequences_not_requests(char_server):
     assert too_wide["param"] == "n" and "9 sequences" in too_wide["message"]
     flood = httpx.post(url + "/v1/completions", json=base | {"prompt": [[1, 2]] * 4000, "n": 16}, timeout=30)
     assert flood.status_code == 400 and flood.json()["error"]["code"] == "request_too_large"
-    chat = httpx.post(url + "/v1/chat/completions", json=base | {"messages": [{"role": "user", "content": "a"}],
-                                                                  "n": 9})
+    chat = httpx.post(
+        url + "/v1/chat/completions", json=base | {"messages": [{"role": "user", "content": "a"}], "n": 9}
+    )
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "n"
     full = httpx.post(url + "/v1/completions", json=base | {"prompt": ["ab", "ba"], "n": 4}).json()
     assert sorted(c["index"] for c in full["choices"]) == list(range(8))
@@ -120,6 +137,7 @@ def test_admission_counts_sequences_not_requests(char_server):
 
 # ---------------------------------------------------------------------------------- the small ones (issue 17.5)
 
+
 @pytest.fixture(scope="module")
 def bpe_server(tmp_path_factory):
     """A BPE model (Hugging Face tokenizers) served with API keys, a token rate limit, a draft model and an extra
@@ -130,9 +148,23 @@ def bpe_server(tmp_path_factory):
     tok = _model_folder(folder, 256)
     keys = folder.parent / "keys.txt"
     keys.write_text("k1\nk2\nk3\n")
-    proc, url = start_server(str(folder), "--log-level", "warning", "--api-key-file", str(keys), "--rate-limit-tpm",
-                             "60", "--draft", str(folder), "--allowed-hosts", "lmforge.example",
-                             "--max-batch", "16", "--max-queue", "16")
+    proc, url = start_server(
+        str(folder),
+        "--log-level",
+        "warning",
+        "--api-key-file",
+        str(keys),
+        "--rate-limit-tpm",
+        "60",
+        "--draft",
+        str(folder),
+        "--allowed-hosts",
+        "lmforge.example",
+        "--max-batch",
+        "16",
+        "--max-queue",
+        "16",
+    )
     yield url, tok, folder
     stop_server(proc)
 
@@ -146,8 +178,13 @@ def test_the_rate_limit_reserves_at_admission_and_refunds_what_was_not_used(bpe_
     is charged (they reserve prompt + max_tokens when admitted); an answer that ends early is refunded; a request
     larger than the whole limit is a 400."""
     url, tok, _ = bpe_server
-    body = {"model": "tiny", "prompt": "the cat", "max_tokens": 20, "temperature": 0,
-            "logit_bias": {str(tok.eos_id): -100}}  # no early end: each admitted request uses all it reserved
+    body = {
+        "model": "tiny",
+        "prompt": "the cat",
+        "max_tokens": 20,
+        "temperature": 0,
+        "logit_bias": {str(tok.eos_id): -100},
+    }  # no early end: each admitted request uses all it reserved
     p = len(tok.encode("the cat"))
     statuses, used = [], []
     barrier = threading.Barrier(12)
@@ -199,31 +236,46 @@ def test_a_huge_prompt_is_tokenized_off_the_event_loop(bpe_server):
 SURROGATE = "a\ud800b"
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/completions", {"prompt": SURROGATE}, "prompt"),
-    ("/v1/completions", {"prompt": [SURROGATE, "ok"]}, "prompt"),
-    ("/v1/completions", {"prompt": "ok", "stop": [SURROGATE]}, "stop"),
-    ("/v1/completions", {"prompt": "ok", "banned_phrases": [SURROGATE]}, "banned_phrases"),
-    ("/v1/completions", {"prompt": "ok", "choice": ["x", SURROGATE]}, "choice"),
-    ("/v1/completions", {"prompt": "ok", "regex": SURROGATE}, "regex"),
-    ("/v1/completions", {"prompt": "ok", "logit_bias": {SURROGATE: 1}}, "logit_bias"),
-    ("/v1/completions", {"prompt": "ok", "user": SURROGATE}, "user"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": SURROGATE}]}, "messages.0.content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
-     "messages.0.content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
-        "type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": [SURROGATE]}}}},
-     "response_format.json_schema.schema"),
-    ("/tokenize", {"prompt": SURROGATE}, "prompt"),
-    ("/tokenize", {"messages": [{"role": "user", "content": SURROGATE}]}, "messages.0.content"),
-    ("/v1/classify", {"input": [SURROGATE]}, "input"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", {"prompt": SURROGATE}, "prompt"),
+        ("/v1/completions", {"prompt": [SURROGATE, "ok"]}, "prompt"),
+        ("/v1/completions", {"prompt": "ok", "stop": [SURROGATE]}, "stop"),
+        ("/v1/completions", {"prompt": "ok", "banned_phrases": [SURROGATE]}, "banned_phrases"),
+        ("/v1/completions", {"prompt": "ok", "choice": ["x", SURROGATE]}, "choice"),
+        ("/v1/completions", {"prompt": "ok", "regex": SURROGATE}, "regex"),
+        ("/v1/completions", {"prompt": "ok", "logit_bias": {SURROGATE: 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "ok", "user": SURROGATE}, "user"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": SURROGATE}]}, "messages.0.content"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
+            "messages.0.content",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"enum": [SURROGATE]}},
+                },
+            },
+            "response_format.json_schema.schema",
+        ),
+        ("/tokenize", {"prompt": SURROGATE}, "prompt"),
+        ("/tokenize", {"messages": [{"role": "user", "content": SURROGATE}]}, "messages.0.content"),
+        ("/v1/classify", {"input": [SURROGATE]}, "input"),
+    ],
+)
 def test_a_lone_surrogate_in_any_text_field_is_a_400_naming_it(bpe_server, path, body, param):
     url, _, _ = bpe_server
 
     def post(path, body):  # json.dumps writes the surrogate as the escape "\ud800", as a client's JSON would
-        return httpx.post(url + path, content=json.dumps(body), headers=_auth("k3") | {"content-type":
-                                                                                        "application/json"})
+        return httpx.post(
+            url + path, content=json.dumps(body), headers=_auth("k3") | {"content-type": "application/json"}
+        )
 
     r = post(path, {"model": "tiny"} | body)
     assert r.status_code == 400, r.text
@@ -238,12 +290,17 @@ def test_no_response_names_a_file_path(bpe_server):
     url, _, folder = bpe_server
     health = httpx.get(url + "/health").json()
     assert health["speculative"] is True
-    responses = [httpx.get(url + "/health"), httpx.get(url + "/v1/models", headers=_auth("k3")),
-                 httpx.get(url + "/metrics"), httpx.get(url + "/openapi.json"),
-                 httpx.post(url + "/v1/classify", json={"input": "x"}, headers=_auth("k3")),
-                 httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "x"}, headers=_auth("k3")),
-                 httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "regex": "(?<=a)b"},
-                            headers=_auth("k3"))]
+    responses = [
+        httpx.get(url + "/health"),
+        httpx.get(url + "/v1/models", headers=_auth("k3")),
+        httpx.get(url + "/metrics"),
+        httpx.get(url + "/openapi.json"),
+        httpx.post(url + "/v1/classify", json={"input": "x"}, headers=_auth("k3")),
+        httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "x"}, headers=_auth("k3")),
+        httpx.post(
+            url + "/v1/completions", json={"model": "tiny", "prompt": "x", "regex": "(?<=a)b"}, headers=_auth("k3")
+        ),
+    ]
     for r in responses:
         assert str(folder.parent) not in r.text and "/tmp" not in r.text, r.text[:300]
 

@@ -24,75 +24,144 @@ pytestmark = pytest.mark.slow
 
 EXAMPLES = 150
 
-EDGE_FLOATS = [0.0, -0.0, 1e-40, 5e-324, 1e-5, 1e-6, 0.01, 0.5, 1.0, 2.0, 2.0000001, 100.0, 100.5, 1e38, 1e308,
-               -1e308, -1.0, -2.0, -2.5, math.nan, math.inf, -math.inf]
-EDGE_INTS = [0, 1, -1, 2, 16, 17, 20, 21, 255, 2 ** 31, 2 ** 63 - 1, 2 ** 63, 2 ** 64, -2 ** 63, 10 ** 30]
-TEXT = st.one_of(st.text(max_size=12), st.sampled_from(["", " ", "\n", "a\ud800b", "\udfff", "\u0000", "}", '"',
-                                                        "\\", "the", "<|im_end|>", "x" * 300]))
+EDGE_FLOATS = [
+    0.0,
+    -0.0,
+    1e-40,
+    5e-324,
+    1e-5,
+    1e-6,
+    0.01,
+    0.5,
+    1.0,
+    2.0,
+    2.0000001,
+    100.0,
+    100.5,
+    1e38,
+    1e308,
+    -1e308,
+    -1.0,
+    -2.0,
+    -2.5,
+    math.nan,
+    math.inf,
+    -math.inf,
+]
+EDGE_INTS = [0, 1, -1, 2, 16, 17, 20, 21, 255, 2**31, 2**63 - 1, 2**63, 2**64, -(2**63), 10**30]
+TEXT = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["", " ", "\n", "a\ud800b", "\udfff", "\u0000", "}", '"', "\\", "the", "<|im_end|>", "x" * 300]),
+)
 NUMBER = st.one_of(st.sampled_from(EDGE_FLOATS), st.floats(), st.integers(-10, 10))
 INTEGER = st.one_of(st.sampled_from(EDGE_INTS), st.integers(-5, 40), st.integers())
 
 SCHEMA_KEYWORDS = {
-    "type": st.one_of(st.sampled_from(["object", "array", "string", "integer", "number", "boolean", "null", "nope"]),
-                      st.lists(st.sampled_from(["integer", "string", "null"]), max_size=3)),
-    "minimum": NUMBER, "maximum": NUMBER, "exclusiveMinimum": st.one_of(NUMBER, st.booleans()),
-    "exclusiveMaximum": NUMBER, "multipleOf": st.one_of(NUMBER, st.sampled_from([0.01, 3, 5, 7, 1000])),
-    "minLength": INTEGER, "maxLength": INTEGER, "pattern": st.one_of(TEXT, st.sampled_from(
-        ["^[a-z]+$", "\\d{2,3}", "(a|b)*c", "[^x]", ".", "\\b", "(?i)a", "a{2000}", "(?<=a)b"])),
+    "type": st.one_of(
+        st.sampled_from(["object", "array", "string", "integer", "number", "boolean", "null", "nope"]),
+        st.lists(st.sampled_from(["integer", "string", "null"]), max_size=3),
+    ),
+    "minimum": NUMBER,
+    "maximum": NUMBER,
+    "exclusiveMinimum": st.one_of(NUMBER, st.booleans()),
+    "exclusiveMaximum": NUMBER,
+    "multipleOf": st.one_of(NUMBER, st.sampled_from([0.01, 3, 5, 7, 1000])),
+    "minLength": INTEGER,
+    "maxLength": INTEGER,
+    "pattern": st.one_of(
+        TEXT, st.sampled_from(["^[a-z]+$", "\\d{2,3}", "(a|b)*c", "[^x]", ".", "\\b", "(?i)a", "a{2000}", "(?<=a)b"])
+    ),
     "format": st.sampled_from(["date-time", "date", "time", "email", "uuid", "ipv4", "nope"]),
-    "minItems": INTEGER, "maxItems": INTEGER, "uniqueItems": st.booleans(),
+    "minItems": INTEGER,
+    "maxItems": INTEGER,
+    "uniqueItems": st.booleans(),
     "enum": st.lists(st.one_of(TEXT, NUMBER, st.booleans(), st.none()), max_size=4),
     "const": st.one_of(TEXT, NUMBER, st.booleans(), st.none()),
-    "required": st.lists(TEXT, max_size=3), "minProperties": INTEGER, "maxProperties": INTEGER,
-    "additionalProperties": st.booleans(), "not": st.just({}), "contains": st.just({"type": "integer"}),
+    "required": st.lists(TEXT, max_size=3),
+    "minProperties": INTEGER,
+    "maxProperties": INTEGER,
+    "additionalProperties": st.booleans(),
+    "not": st.just({}),
+    "contains": st.just({"type": "integer"}),
     "$ref": st.sampled_from(["#", "#/$defs/x", "#/nowhere", "http://example.com/s.json"]),
 }
 LEAF = st.fixed_dictionaries({}, optional=SCHEMA_KEYWORDS)
-SCHEMA = st.recursive(LEAF, lambda inner: st.one_of(
-    st.fixed_dictionaries({"type": st.just("object"), "properties": st.dictionaries(TEXT, inner, max_size=3)},
-                          optional={"required": st.lists(TEXT, max_size=2), "maxProperties": INTEGER}),
-    st.fixed_dictionaries({"type": st.just("array"), "items": inner},
-                          optional={"maxItems": INTEGER, "uniqueItems": st.booleans(), "minItems": INTEGER}),
-    st.fixed_dictionaries({"prefixItems": st.lists(inner, max_size=3)}),
-    *[st.fixed_dictionaries({key: st.lists(inner, min_size=1, max_size=3)}) for key in ("anyOf", "oneOf", "allOf")],
-), max_leaves=6)
+SCHEMA = st.recursive(
+    LEAF,
+    lambda inner: st.one_of(
+        st.fixed_dictionaries(
+            {"type": st.just("object"), "properties": st.dictionaries(TEXT, inner, max_size=3)},
+            optional={"required": st.lists(TEXT, max_size=2), "maxProperties": INTEGER},
+        ),
+        st.fixed_dictionaries(
+            {"type": st.just("array"), "items": inner},
+            optional={"maxItems": INTEGER, "uniqueItems": st.booleans(), "minItems": INTEGER},
+        ),
+        st.fixed_dictionaries({"prefixItems": st.lists(inner, max_size=3)}),
+        *[st.fixed_dictionaries({key: st.lists(inner, min_size=1, max_size=3)}) for key in ("anyOf", "oneOf", "allOf")],
+    ),
+    max_leaves=6,
+)
 
 SAMPLING = {  # every sampling field of both endpoints (OpenAI's and lmforge's extras)
-    "temperature": NUMBER, "top_p": NUMBER, "top_k": INTEGER, "min_p": NUMBER, "repetition_penalty": NUMBER,
-    "presence_penalty": NUMBER, "frequency_penalty": NUMBER, "seed": INTEGER, "n": INTEGER,
-    "max_tokens": INTEGER, "logit_bias": st.dictionaries(st.one_of(st.sampled_from(["0", "1", "-1", "299", "300",
-                                                                                    "1e3", "x", "9" * 30]), TEXT),
-                                                          NUMBER, max_size=3),
-    "stop": st.one_of(TEXT, st.lists(TEXT, max_size=20)), "stream": st.booleans(),
+    "temperature": NUMBER,
+    "top_p": NUMBER,
+    "top_k": INTEGER,
+    "min_p": NUMBER,
+    "repetition_penalty": NUMBER,
+    "presence_penalty": NUMBER,
+    "frequency_penalty": NUMBER,
+    "seed": INTEGER,
+    "n": INTEGER,
+    "max_tokens": INTEGER,
+    "logit_bias": st.dictionaries(
+        st.one_of(st.sampled_from(["0", "1", "-1", "299", "300", "1e3", "x", "9" * 30]), TEXT), NUMBER, max_size=3
+    ),
+    "stop": st.one_of(TEXT, st.lists(TEXT, max_size=20)),
+    "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
-    "banned_phrases": st.lists(TEXT, max_size=4), "user": TEXT,
+    "banned_phrases": st.lists(TEXT, max_size=4),
+    "user": TEXT,
 }
 FORMAT = {  # every structured-output field
     "regex": st.one_of(TEXT, st.sampled_from(["[0-9]{3}", "(a|b)+", "a{0,5}b", "\\", "(", ".*"])),
     "choice": st.lists(TEXT, max_size=4),
     "response_format": st.one_of(
         st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "nope"])}),
-        st.fixed_dictionaries({"type": st.just("json_schema"),
-                               "json_schema": st.fixed_dictionaries({"name": st.just("x"), "schema": SCHEMA})})),
+        st.fixed_dictionaries(
+            {
+                "type": st.just("json_schema"),
+                "json_schema": st.fixed_dictionaries({"name": st.just("x"), "schema": SCHEMA}),
+            }
+        ),
+    ),
 }
 COMPLETIONS = st.fixed_dictionaries(
     {"prompt": st.one_of(TEXT, st.lists(TEXT, min_size=1, max_size=3), st.lists(INTEGER, min_size=1, max_size=3))},
-    optional=SAMPLING | FORMAT | {"echo": st.booleans(), "logprobs": INTEGER, "best_of": INTEGER, "suffix": TEXT})
+    optional=SAMPLING | FORMAT | {"echo": st.booleans(), "logprobs": INTEGER, "best_of": INTEGER, "suffix": TEXT},
+)
 CHAT = st.fixed_dictionaries(
-    {"messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
-                                                 "content": TEXT}), min_size=1, max_size=3)},
-    optional=SAMPLING | FORMAT | {"logprobs": st.booleans(), "top_logprobs": INTEGER,
-                                  "max_completion_tokens": INTEGER})
-REQUESTS = st.one_of(st.tuples(st.just("/v1/completions"), COMPLETIONS),
-                     st.tuples(st.just("/v1/chat/completions"), CHAT))
+    {
+        "messages": st.lists(
+            st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": TEXT}),
+            min_size=1,
+            max_size=3,
+        )
+    },
+    optional=SAMPLING | FORMAT | {"logprobs": st.booleans(), "top_logprobs": INTEGER, "max_completion_tokens": INTEGER},
+)
+REQUESTS = st.one_of(
+    st.tuples(st.just("/v1/completions"), COMPLETIONS), st.tuples(st.just("/v1/chat/completions"), CHAT)
+)
 
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hostile") / "tiny"
     _model_folder(folder, 64)
-    proc, url = start_server(str(folder), "--log-level", "warning", "--max-model-len", "40", "--max-batch", "8",
-                             "--max-queue", "56")
+    proc, url = start_server(
+        str(folder), "--log-level", "warning", "--max-model-len", "40", "--max-batch", "8", "--max-queue", "56"
+    )
     yield url
     stop_server(proc)
 
@@ -102,8 +171,9 @@ def test_hostile_values_in_every_field_never_break_the_server(server_url):
     client = httpx.Client(base_url=server_url, timeout=120)
 
     @given(request=REQUESTS)
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     def check(request):
         path, body = request
         body = {"model": "tiny"} | body

@@ -23,19 +23,35 @@ def test_every_setting_is_a_documented_flag(capsys):
         main(["serve", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(ServeSettings):
-        assert ("--" + f.name.replace("_", "-") in help_text or f.name == "model"), f.name
+        assert "--" + f.name.replace("_", "-") in help_text or f.name == "model", f.name
         assert docs[f.name][:40] in help_text, f.name
 
 
 def test_config_file_plus_flags_equals_the_same_flags_alone(tmp_path):
-    alone = ["serve", "runs/x", "--max-batch", "3", "--kv-dtype", "float16", "--allowed-hosts", "a.example",
-             "b.example", "--api-key", "k"]
+    alone = [
+        "serve",
+        "runs/x",
+        "--max-batch",
+        "3",
+        "--kv-dtype",
+        "float16",
+        "--allowed-hosts",
+        "a.example",
+        "b.example",
+        "--api-key",
+        "k",
+    ]
     config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump({"model": "runs/x", "max_batch": 8, "kv_dtype": "float16", "api_key": "k",
-                                      "allowed_hosts": ["c.example"]}), encoding="utf-8")
+    config.write_text(
+        yaml.safe_dump(
+            {"model": "runs/x", "max_batch": 8, "kv_dtype": "float16", "api_key": "k", "allowed_hosts": ["c.example"]}
+        ),
+        encoding="utf-8",
+    )
     expected = settings_of(alone)
-    assert expected == ServeSettings(model="runs/x", max_batch=3, kv_dtype="float16", api_key="k",
-                                     allowed_hosts=["a.example", "b.example"])
+    assert expected == ServeSettings(
+        model="runs/x", max_batch=3, kv_dtype="float16", api_key="k", allowed_hosts=["a.example", "b.example"]
+    )
     with_file = ["serve", "--config", str(config), "--max-batch", "3", "--allowed-hosts", "a.example", "b.example"]
     assert settings_of(with_file) == expected
     assert settings_of(with_file[:3]) != expected  # the flags did override the file
@@ -43,8 +59,9 @@ def test_config_file_plus_flags_equals_the_same_flags_alone(tmp_path):
     assert settings_of(["serve", "--config", str(tmp_path / "saved.yaml")]) == expected
 
 
-@pytest.mark.parametrize("name, value", [("max_batch", 0), ("max_queue", -1), ("max_model_len", 1),
-                                         ("rate_limit_tpm", -5)])
+@pytest.mark.parametrize(
+    "name, value", [("max_batch", 0), ("max_queue", -1), ("max_model_len", 1), ("rate_limit_tpm", -5)]
+)
 def test_settings_out_of_range_are_refused_by_name(name, value, capsys):
     with pytest.raises(ServeSettingsError) as e:
         ServeSettings(model="m", **{name: value})

@@ -34,6 +34,7 @@ def plain_greedy(model, prompt, max_tokens, eos_id=None):
 
 # ---------------------------------------------------------------------------------- real (random) models
 
+
 @pytest.mark.parametrize("name", ["gpt-nano", "llama-nano"])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_is_identical_to_plain_greedy(name, k):
@@ -68,9 +69,10 @@ def test_stop_token_ends_output_like_plain_greedy():
     prompt = [5, 6, 7]
     reference = plain_greedy(target, prompt, 30)
     eos = reference[7]  # a token the target produces: the output must end just before its first occurrence
-    tokens, stats = speculative_generate(target, draft, prompt, SamplingParams(temperature=0, max_tokens=30), k=3,
-                                         eos_id=eos)
-    assert tokens == reference[:reference.index(eos)] and stats["finish_reason"] == "stop"
+    tokens, stats = speculative_generate(
+        target, draft, prompt, SamplingParams(temperature=0, max_tokens=30), k=3, eos_id=eos
+    )
+    assert tokens == reference[: reference.index(eos)] and stats["finish_reason"] == "stop"
 
 
 def test_bad_requests_are_clear_errors():
@@ -84,6 +86,7 @@ def test_bad_requests_are_clear_errors():
 
 
 # ---------------------------------------------------------------------------------- stub models with fixed logits
+
 
 class StubCache:
     """Records the tokens fed, so the test can check that rollbacks leave exactly the accepted context."""
@@ -129,7 +132,7 @@ def test_stub_target_never_accepts():
     tokens, stats = speculative_generate(target, draft, [1], SamplingParams(max_tokens=30, seed=0), k=4)
     assert stats["acceptance_rate"] == 0 and stats["accepted"] == 0
     assert len(tokens) == 30 and stats["rounds"] == 30 and 0 not in tokens
-    assert target.caches[0].tokens == ([1] + tokens)[:len(target.caches[0].tokens)]
+    assert target.caches[0].tokens == ([1] + tokens)[: len(target.caches[0].tokens)]
 
 
 def test_stub_target_always_accepts():
@@ -141,7 +144,7 @@ def test_stub_target_always_accepts():
     context = [2, 2] + tokens
     for model in (target, draft):  # each cache holds a prefix of the final context: nothing rejected stays
         fed = model.caches[0].tokens
-        assert fed == context[:len(fed)]
+        assert fed == context[: len(fed)]
 
 
 def test_stub_target_sometimes_accepts_at_the_predicted_rate():
@@ -151,11 +154,11 @@ def test_stub_target_sometimes_accepts_at_the_predicted_rate():
     draft, target = FixedLM(q.log()), FixedLM(p.log())
     tokens, stats = speculative_generate(target, draft, [0], SamplingParams(max_tokens=2000, seed=2), k=k)
     alpha = float(torch.minimum(p, q).sum())  # chance that one draft token is accepted (Leviathan et al. eq. 1)
-    expected = sum(alpha ** i for i in range(1, k + 1)) / k  # accepted prefix length / k, over full rounds
+    expected = sum(alpha**i for i in range(1, k + 1)) / k  # accepted prefix length / k, over full rounds
     assert abs(stats["acceptance_rate"] - expected) < 0.03
     assert 0 < stats["accepted"] < stats["proposed"]
     fed = target.caches[0].tokens
-    assert fed == ([0] + tokens)[:len(fed)]
+    assert fed == ([0] + tokens)[: len(fed)]
 
 
 def test_stub_greedy_takes_the_target_argmax():
@@ -166,6 +169,7 @@ def test_stub_greedy_takes_the_target_argmax():
 
 
 # ---------------------------------------------------------------------------------- the sampled distribution
+
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     expected = probs * counts.sum()

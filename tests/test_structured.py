@@ -17,7 +17,7 @@ from lmforge.serve.structured import (
 )
 from lmforge.tokenizer import train_tokenizer
 
-TEXT = ["hello world, {\"a\": 1, \"b\": [true, false, null]} the cat sat 0123456789\n"] * 30
+TEXT = ['hello world, {"a": 1, "b": [true, false, null]} the cat sat 0123456789\n'] * 30
 
 
 def _walk(constraint, eos, generator, limit=300):
@@ -44,9 +44,15 @@ def test_bpe_bytes_decode_like_the_tokenizer(bpe):
 
 
 def test_json_schema_outputs_always_validate(bpe):
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5},
-                                               "ok": {"type": "boolean"}, "pet": {"enum": ["cat", "dog"]}},
-              "required": ["name", "ok", "pet"]}
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 5},
+            "ok": {"type": "boolean"},
+            "pet": {"enum": ["cat", "dog"]},
+        },
+        "required": ["name", "ok", "pet"],
+    }
     constraint = ConstraintCompiler(bpe, bpe.vocab_size).constraint(regex_for_json_schema(schema))
     g = torch.Generator().manual_seed(0)
     for _ in range(10):
@@ -79,7 +85,7 @@ ENFORCED = [
     {"type": "integer", "minimum": -5, "maximum": 12},
     {"type": "integer", "exclusiveMinimum": 3, "exclusiveMaximum": 9},
     {"type": "integer", "maximum": 5, "exclusiveMaximum": True, "$schema": "http://json-schema.org/draft-04/schema#"},
-    {"type": "integer", "maximum": 2 ** 60},  # far bounds are moved inward (a narrower range), never outward
+    {"type": "integer", "maximum": 2**60},  # far bounds are moved inward (a narrower range), never outward
     {"type": "number", "minimum": 0, "maximum": 1},
     {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 2},
     {"type": "number", "minimum": -2.5, "maximum": 3.25},
@@ -93,10 +99,20 @@ ENFORCED = [
     {"type": "array", "items": {"type": "boolean"}, "uniqueItems": True, "minItems": 1},
     {"type": "array", "items": {"enum": [1, 1.0, True, "1"]}, "uniqueItems": True},  # 1 == 1.0 in JSON Schema
     {"type": "array", "items": {"type": "integer"}, "uniqueItems": True, "maxItems": 1},
-    {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 130},
-                                      "name": {"type": "string", "maxLength": 5}}, "required": ["age", "name"]},
-    {"type": "object", "properties": {"a": {"type": "null"}, "b": {"type": "null"}}, "minProperties": 1,
-     "maxProperties": 1},
+    {
+        "type": "object",
+        "properties": {
+            "age": {"type": "integer", "minimum": 0, "maximum": 130},
+            "name": {"type": "string", "maxLength": 5},
+        },
+        "required": ["age", "name"],
+    },
+    {
+        "type": "object",
+        "properties": {"a": {"type": "null"}, "b": {"type": "null"}},
+        "minProperties": 1,
+        "maxProperties": 1,
+    },
     {"type": "object", "required": ["a", "b"]},
     {"type": "object", "additionalProperties": {"type": "integer", "minimum": 10, "maximum": 20}},
     {"type": "string", "pattern": "^[a-c]{2}-\\d+$"},
@@ -109,8 +125,12 @@ ENFORCED = [
     {"oneOf": [{"enum": [1, 2]}, {"enum": [3, "a"]}]},
     {"enum": [1, "a", None, [1, 2], {"x": 1}], "type": ["integer", "array"]},  # enum values the type rules out go
     {"const": {"k": [1, "two", None]}},
-    {"$defs": {"pos": {"type": "integer", "minimum": 1}}, "type": "object",
-     "properties": {"n": {"$ref": "#/$defs/pos"}}, "required": ["n"]},
+    {
+        "$defs": {"pos": {"type": "integer", "minimum": 1}},
+        "type": "object",
+        "properties": {"n": {"$ref": "#/$defs/pos"}},
+        "required": ["n"],
+    },
     {"type": "object"},
     {},
 ]
@@ -134,8 +154,14 @@ REFUSED = [
     ({"if": {"type": "string"}, "then": {"maxLength": 2}}, "if"),
     ({"type": "object", "patternProperties": {"^a": {"type": "null"}}}, "patternProperties"),
     ({"type": "object", "properties": {'q"uote': {"type": "null"}}}, "properties"),
-    ({"type": "array", "items": {"type": "array", "items": {"type": "string", "maxLength": 100}, "maxItems": 100},
-      "maxItems": 100}, "maxItems"),
+    (
+        {
+            "type": "array",
+            "items": {"type": "array", "items": {"type": "string", "maxLength": 100}, "maxItems": 100},
+            "maxItems": 100,
+        },
+        "maxItems",
+    ),
     ({"type": "integer", "minimum": "zero"}, "minimum"),  # not a valid schema at all
 ]
 
@@ -182,5 +208,6 @@ def test_an_automaton_too_slow_to_build_is_refused_and_the_compiler_goes_on(bpe)
     with pytest.raises(StructuredOutputError, match="did not build within 2 s") as err:
         compiler.constraint("(a|b)*a(a|b){20}", "regex")
     assert err.value.param == "regex"
-    assert re.fullmatch("[0-9]{2}", bpe.decode(_walk(compiler.constraint("[0-9]{2}"), bpe.eos_id,
-                                                     torch.Generator().manual_seed(0))))
+    assert re.fullmatch(
+        "[0-9]{2}", bpe.decode(_walk(compiler.constraint("[0-9]{2}"), bpe.eos_id, torch.Generator().manual_seed(0)))
+    )

@@ -3,7 +3,8 @@
 import json
 
 import pytest
-from tokenizers import Tokenizer as HFTokenizer, models
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
 
 from lmforge.tokenizer import (
     BPETokenizer,
@@ -30,14 +31,14 @@ WIKI_LIKE = (
 def pytorch_word_lm_reference(path):
     """pytorch/examples word_language_model/data.py: Dictionary + Corpus.tokenize, as written there."""
     word2idx, idx2word = {}, []
-    with open(path, "r", encoding="utf8") as f:
+    with open(path, encoding="utf8") as f:
         for line in f:
             for word in line.split() + ["<eos>"]:
                 if word not in word2idx:
                     idx2word.append(word)
                     word2idx[word] = len(idx2word) - 1
     ids = []
-    with open(path, "r", encoding="utf8") as f:
+    with open(path, encoding="utf8") as f:
         for line in f:
             ids.extend(word2idx[w] for w in line.split() + ["<eos>"])
     return idx2word, ids
@@ -162,7 +163,11 @@ def test_save_load_round_trip(tmp_path, kind):
     loaded = load_tokenizer(tmp_path)
     assert type(loaded) is type(tok)
     assert (loaded.kind, loaded.vocab_size, loaded.eos_id, loaded.bos_id) == (
-        tok.kind, tok.vocab_size, tok.eos_id, tok.bos_id)
+        tok.kind,
+        tok.vocab_size,
+        tok.eos_id,
+        tok.bos_id,
+    )
     assert loaded.encode(HARD_TEXT) == tok.encode(HARD_TEXT)
 
 

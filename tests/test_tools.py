@@ -8,26 +8,39 @@ import pytest
 from lmforge.serve.tool_reply import ToolStream
 from lmforge.serve.tools import FORMATS, ToolError, template_messages, tool_format, tool_request
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
-                                                    "unit": {"enum": ["c", "f"]}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city"],
+        },
+    },
+}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 
 
 def test_tool_fields_are_checked_and_errors_name_the_field():
     req = tool_request([WEATHER, TIME], None, None)
     assert req.choice == "auto" and req.parallel and [t.name for t in req.tools] == ["get_weather", "get_time"]
-    assert tool_request([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, False).forced.name \
+    assert (
+        tool_request([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, False).forced.name
         == "get_weather"
+    )
     assert tool_request(None, None, None) is None and tool_request([], "none", None) is None
     cases = [
         (([], "required", None), "tool_choice", "tools is empty"),
         (([WEATHER, WEATHER], None, None), "tools[1].function.name", "unique"),
         (([{"type": "code_interpreter"}], None, None), "tools[0]", "function tools only"),
         (([{"type": "function", "function": {"name": "a b"}}], None, None), "tools[0].function.name", "letters"),
-        (([{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}], None, None),
-         "tools[0].function.parameters", "not a valid JSON schema"),
+        (
+            ([{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}], None, None),
+            "tools[0].function.parameters",
+            "not a valid JSON schema",
+        ),
         (([WEATHER], {"type": "function", "function": {"name": "nope"}}, None), "tool_choice", "not among"),
         (([WEATHER], "sometimes", None), "tool_choice", "must be"),
     ]
@@ -41,28 +54,32 @@ def test_each_familys_call_syntax_parses_into_calls():
     req = tool_request([WEATHER, TIME], "auto", True)
     answers = {
         "hermes": 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
-                  '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+        '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
         "llama3": '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
-                  '{"name": "get_time", "parameters": {}}',
+        '{"name": "get_time", "parameters": {}}',
         "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
-                   '{"name": "get_time", "arguments": {}}]',
+        '{"name": "get_time", "arguments": {}}]',
     }
     for name, text in answers.items():
         content, calls = req.answer(FORMATS[name], text)
-        assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}),
-                                                                     ("get_time", {})], name
+        assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+            ("get_weather", {"city": "Paris"}),
+            ("get_time", {}),
+        ], name
         assert content == ("Let me check." if name == "hermes" else "")
         assert len({c.id for c in calls}) == 2 and calls[0].id.startswith("call_")
 
 
 def test_an_answer_with_an_unknown_tool_bad_json_or_invalid_arguments_stays_text():
     req = tool_request([WEATHER], "auto", False)
-    for text in ['<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>',
-                 '<tool_call>\n{"name": "get_weather", "arguments": {"city": 3}}\n</tool_call>',  # city: a string
-                 '<tool_call>\n{"name": "get_weather", "arguments": {"city": "a"\n</tool_call>',
-                 '<tool_call>{"name": "get_weather", "arguments": {"city": "a"}}</tool_call>'
-                 '<tool_call>{"name": "get_weather", "arguments": {"city": "b"}}</tool_call>',  # two: not parallel
-                 "It is sunny in Paris."]:
+    for text in [
+        '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>',
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": 3}}\n</tool_call>',  # city: a string
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "a"\n</tool_call>',
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "a"}}</tool_call>'
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "b"}}</tool_call>',  # two: not parallel
+        "It is sunny in Paris.",
+    ]:
         assert req.answer(FORMATS["hermes"], text) == (text, [])
 
 
@@ -75,12 +92,18 @@ def test_the_template_decides_the_format_and_a_template_without_tools_is_refused
         tool_format("{% for m in messages %}{{ m.content }}{% endfor %}", False)
 
 
-@pytest.mark.parametrize("text, content, calls", [
-    ('Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>', "Sure. ", 1),
-    ("a < b and <tool but not a call", "a < b and <tool but not a call", 0),
-    ('<tool_call>{"name": "get_weather", "arguments": {"city": ', '<tool_call>{"name": "get_weather", '
-                                                                 '"arguments": {"city": ', 0),  # cut off: text
-])
+@pytest.mark.parametrize(
+    "text, content, calls",
+    [
+        ('Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>', "Sure. ", 1),
+        ("a < b and <tool but not a call", "a < b and <tool but not a call", 0),
+        (
+            '<tool_call>{"name": "get_weather", "arguments": {"city": ',
+            '<tool_call>{"name": "get_weather", "arguments": {"city": ',
+            0,
+        ),  # cut off: text
+    ],
+)
 def test_streaming_holds_back_only_what_may_begin_a_call(text, content, calls):
     req = tool_request([WEATHER], "auto", True)
     stream = ToolStream(req, FORMATS["hermes"])
@@ -92,11 +115,21 @@ def test_streaming_holds_back_only_what_may_begin_a_call(text, content, calls):
 
 
 def test_openai_tool_messages_become_what_templates_expect():
-    messages = [{"role": "user", "content": "weather?"},
-                {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "call_1", "type": "function",
-                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-                {"role": "tool", "tool_call_id": "call_1", "content": "18C"}]
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+    ]
     out = template_messages(messages)
     assert out[1]["content"] == "" and out[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert out[2] == messages[2]
@@ -110,10 +143,11 @@ def test_an_auto_answer_with_a_call_streams_content_then_call_deltas_then_tool_c
 
     req = tool_request([WEATHER], "auto", True)
     answer = 'Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}</tool_call>'
-    pieces = [answer[i:i + 7] for i in range(0, len(answer), 7)]
+    pieces = [answer[i : i + 7] for i in range(0, len(answer), 7)]
     shape = ToolChatShape(None, req, FORMATS["hermes"])
-    chunks = [c for i, p in enumerate(pieces) for c in shape.chunks(0, p, None, "stop" if i == len(pieces) - 1
-                                                                      else None)]
+    chunks = [
+        c for i, p in enumerate(pieces) for c in shape.chunks(0, p, None, "stop" if i == len(pieces) - 1 else None)
+    ]
     deltas = [c[0]["delta"] for c in chunks]
     assert "".join(d.get("content", "") for d in deltas) == "Checking. "
     calls = [tc for d in deltas for tc in d.get("tool_calls", [])]

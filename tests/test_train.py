@@ -14,27 +14,41 @@ import pytest
 import torch
 
 from lmforge.checkpoint import load_model, load_train_state
+from lmforge.cli import main
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
 from lmforge.settings import read_config
 from lmforge.train.config import build_model_config
 from lmforge.train.optim import OptimConfigError, Schedule, make_optimizer, param_groups
-from lmforge.cli import main
 from lmforge.train.trainer import TrainConfig, TrainConfigError, train
-
 
 
 def tiny(data_dir, out, **kw) -> TrainConfig:
     """A one-layer 32-wide model with context 16: a few ms per iteration."""
-    settings = dict(data=data_dir, out=str(out), preset="gpt-nano", n_layer=1, n_head=2, n_embd=32, block_size=16,
-                    batch_size=8, lr=3e-3, warmup_iters=5, min_lr=3e-4, eval_interval=20, eval_iters=2,
-                    log_interval=1, progress=False, num_threads=1)
+    settings = dict(
+        data=data_dir,
+        out=str(out),
+        preset="gpt-nano",
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        batch_size=8,
+        lr=3e-3,
+        warmup_iters=5,
+        min_lr=3e-4,
+        eval_interval=20,
+        eval_iters=2,
+        log_interval=1,
+        progress=False,
+        num_threads=1,
+    )
     settings.update(kw)
     return TrainConfig(**settings)
 
 
 def losses(run) -> dict[int, float]:
-    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["iter"]: r["loss"] for r in lines if "loss" in r}
 
 
@@ -53,7 +67,8 @@ def test_loss_falls_and_run_folder_is_complete(data_dir, tmp_path):
     assert tok is not None and tok.decode(tok.encode("fox")) == "fox"
     state = load_train_state(tmp_path / "run" / "last")
     assert state["iter"] == 60 and set(state["rng"]) == {"torch", "numpy", "python", "data"}
-    evals = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(line) for line in metrics if "val_loss" in line]
     assert [e["iter"] for e in evals] == [20, 40, 60]
     assert evals[-1]["val_bpc"] == pytest.approx(evals[-1]["val_loss"] / math.log(2))
     best, _ = load_model(tmp_path / "run" / "best")
@@ -75,23 +90,49 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path, batch_mode, dropout):
 
 def test_early_stopping_stops(data_dir, tmp_path):
     # lr far too high: validation loss stops improving, and patience 2 ends the run long before its budget
-    summary = train(tiny(data_dir, tmp_path / "run", max_iters=1000, lr=5.0, min_lr=0.0, warmup_iters=0,
-                         grad_clip=0.0, eval_interval=5, patience=2, log_interval=5))
+    summary = train(
+        tiny(
+            data_dir,
+            tmp_path / "run",
+            max_iters=1000,
+            lr=5.0,
+            min_lr=0.0,
+            warmup_iters=0,
+            grad_clip=0.0,
+            eval_interval=5,
+            patience=2,
+            log_interval=5,
+        )
+    )
     assert summary["stop_reason"] in ("early_stop", "diverged")
     assert summary["iters"] < 1000
 
 
 def test_minutes_budget_stops(data_dir, tmp_path):
-    summary = train(tiny(data_dir, tmp_path / "run", max_minutes=0.02, schedule="constant", eval_interval=10_000, log_interval=50))
+    summary = train(
+        tiny(data_dir, tmp_path / "run", max_minutes=0.02, schedule="constant", eval_interval=10_000, log_interval=50)
+    )
     assert summary["stop_reason"] == "minutes"
     assert 0 < summary["iters"] and summary["wall_s"] < 10
 
 
 def test_epochs_budget_with_sequential_batches(data_dir, tmp_path):
-    summary = train(tiny(data_dir, tmp_path / "run", batch_mode="sequential", epochs=2, eval_interval=0,
-                         optimizer="sgd", lr=1.0, schedule="constant", warmup_iters=0))
+    summary = train(
+        tiny(
+            data_dir,
+            tmp_path / "run",
+            batch_mode="sequential",
+            epochs=2,
+            eval_interval=0,
+            optimizer="sgd",
+            lr=1.0,
+            schedule="constant",
+            warmup_iters=0,
+        )
+    )
     assert summary["iters"] == 2 * summary["iters_per_epoch"]
-    evals = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(line) for line in metrics if "val_loss" in line]
     assert [e["iter"] for e in evals] == [summary["iters_per_epoch"], 2 * summary["iters_per_epoch"]]
 
 
@@ -108,9 +149,21 @@ def test_plateau_divides_lr_by_four():
 
 def test_sgd_plateau_in_a_run(data_dir, tmp_path):
     # a large clipped SGD rate makes the validation loss bounce; each time it fails to improve, lr /= 4
-    train(tiny(data_dir, tmp_path / "run", optimizer="sgd", lr=20.0, schedule="plateau", warmup_iters=0,
-               grad_clip=0.25, max_iters=40, eval_interval=2, weight_decay=0.0))
-    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train(
+        tiny(
+            data_dir,
+            tmp_path / "run",
+            optimizer="sgd",
+            lr=20.0,
+            schedule="plateau",
+            warmup_iters=0,
+            grad_clip=0.25,
+            max_iters=40,
+            eval_interval=2,
+            weight_decay=0.0,
+        )
+    )
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["iter"]: r["lr"] for r in records if "lr" in r}
     reduced = [r for r in records if "lr_reduced_to" in r]
     assert reduced
@@ -141,8 +194,9 @@ def test_adamw_groups_decay_only_matrices():
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert decayed == {n for n, p in model.named_parameters()
-                       if p.dim() == 2 and not n.startswith(("tok_emb", "pos_emb"))}
+    assert decayed == {
+        n for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("tok_emb", "pos_emb"))
+    }
     assert "blocks.0.attn.qkv.weight" in decayed and "blocks.1.mlp.proj.weight" in decayed
     assert not any("norm" in n or n.endswith("bias") or "emb" in n for n in decayed)
     assert all(p is not model.lm_head.weight for p in decay["params"])  # tied to tok_emb: not decayed
@@ -166,9 +220,32 @@ def test_bad_options_name_the_setting(data_dir, tmp_path):
 
 
 def test_train_command_runs(data_dir, tmp_path, capsys):
-    assert main(["train", data_dir, str(tmp_path / "run"), "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-                 "--block-size", "8", "--max-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--no-bias",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                data_dir,
+                str(tmp_path / "run"),
+                "--n-layer",
+                "1",
+                "--n-head",
+                "2",
+                "--n-embd",
+                "16",
+                "--block-size",
+                "8",
+                "--max-iters",
+                "4",
+                "--eval-interval",
+                "2",
+                "--eval-iters",
+                "1",
+                "--no-bias",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["iters"] == 4
     model, _ = load_model(tmp_path / "run")
@@ -186,8 +263,18 @@ def test_a_minutes_only_budget_decays_the_cosine_over_the_time():
 
 
 def test_a_run_with_only_minutes_ends_its_cosine_when_the_time_ends(data_dir, tmp_path):
-    cfg = tiny(data_dir, tmp_path / "run", max_iters=None, epochs=None, max_minutes=0.05, warmup_iters=0,
-               lr=1e-2, min_lr=1e-3, log_interval=1, eval_interval=10**6)
+    cfg = tiny(
+        data_dir,
+        tmp_path / "run",
+        max_iters=None,
+        epochs=None,
+        max_minutes=0.05,
+        warmup_iters=0,
+        lr=1e-2,
+        min_lr=1e-3,
+        log_interval=1,
+        eval_interval=10**6,
+    )
     summary = train(cfg)
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
     assert summary["stop_reason"] == "minutes" and len(lrs) > 3
@@ -197,11 +284,20 @@ def test_a_run_with_only_minutes_ends_its_cosine_when_the_time_ends(data_dir, tm
 def test_a_timed_run_evaluates_its_final_model(data_dir, tmp_path):
     # the time runs out between evaluations: the last steps (the annealed end of the cosine) are still evaluated,
     # and best/ holds them when they are the best, not the model of the last periodic evaluation
-    cfg = tiny(data_dir, tmp_path / "run", max_iters=None, epochs=None, max_minutes=0.05, warmup_iters=0,
-               log_interval=10, eval_interval=25)
+    cfg = tiny(
+        data_dir,
+        tmp_path / "run",
+        max_iters=None,
+        epochs=None,
+        max_minutes=0.05,
+        warmup_iters=0,
+        log_interval=10,
+        eval_interval=25,
+    )
     summary = train(cfg)
-    evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-             if "val_loss" in r]
+    evals = [
+        r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r
+    ]
     assert summary["stop_reason"] == "minutes"
     assert evals[-1]["iter"] == summary["iters"] and summary["last_val_loss"] == evals[-1]["val_loss"]
     assert summary["best_val_loss"] == min(r["val_loss"] for r in evals)
@@ -215,8 +311,23 @@ def test_a_timed_run_evaluates_its_final_model(data_dir, tmp_path):
 
 def test_an_earlier_run_is_kept_unless_resumed_or_overwritten(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    flags = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--eval-interval", "5",
-             "--eval-iters", "1", "--no-progress", "--log-interval", "1"]
+    flags = [
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "16",
+        "--block-size",
+        "8",
+        "--eval-interval",
+        "5",
+        "--eval-iters",
+        "1",
+        "--no-progress",
+        "--log-interval",
+        "1",
+    ]
     assert main(["train", data_dir, str(run), *flags, "--max-iters", "10"]) == 0
     before = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "last/model.safetensors")}
     assert main(["train", data_dir, str(run), *flags, "--max-iters", "3"]) == 1
@@ -232,14 +343,20 @@ def test_an_earlier_run_is_kept_unless_resumed_or_overwritten(data_dir, tmp_path
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_saves_last_at_the_current_step_and_the_printed_command_resumes_it_exactly(data_dir, tmp_path,
-                                                                                           signum):
+def test_a_signal_saves_last_at_the_current_step_and_the_printed_command_resumes_it_exactly(data_dir, tmp_path, signum):
     run = tmp_path / "run"
     settings = dict(schedule="constant", eval_interval=10**6, log_interval=3, max_iters=10**5)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**tiny(data_dir, run).__dict__, **settings}.items()
-             if k not in ("data", "out") and v is not None and not isinstance(v, bool)]
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "train", data_dir, str(run), *flags, "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    flags = [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in {**tiny(data_dir, run).__dict__, **settings}.items()
+        if k not in ("data", "out") and v is not None and not isinstance(v, bool)
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge", "train", data_dir, str(run), *flags, "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 5:
@@ -253,11 +370,11 @@ def test_a_signal_saves_last_at_the_current_step_and_the_printed_command_resumes
     stopped = json.loads(out.strip().splitlines()[-1])
     at = load_train_state(run / "last")["iter"]
     assert stopped["stop_reason"] == "interrupted" and stopped["iters"] == at >= 15  # the step it stopped at
-    assert err.strip().splitlines()[-1].split() == ["lmforge", "train", "--config", str(run / "train.yaml"),
-                                                    "--resume"]
+    assert err.strip().splitlines()[-1].split() == ["lmforge", "train", "--config", str(run / "train.yaml"), "--resume"]
     command = err.strip().splitlines()[-1].split()[1:]
-    subprocess.run([sys.executable, "-m", "lmforge", *command, "--max-iters", str(at + 10)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "lmforge", *command, "--max-iters", str(at + 10)], check=True, capture_output=True
+    )
     reference = train(tiny(data_dir, tmp_path / "reference", **{**settings, "max_iters": at + 10}))
     a, b = losses(tmp_path / "reference"), losses(run)
     assert sorted(a) == sorted(b) and max(a) == at + 10  # the lines logged across the stop come back whole
@@ -269,8 +386,9 @@ def test_a_signal_saves_last_at_the_current_step_and_the_printed_command_resumes
 def test_a_run_clears_what_killed_checkpoint_writes_left_and_nothing_a_live_process_writes(data_dir, tmp_path):
     run = tmp_path / "run"
     train(tiny(data_dir, run, max_iters=10, eval_interval=5))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     stale = [run / f".last.tmp-{dead}-a1b2c3d4", run / f".best.old-{dead}", run / ".last.k2j4h5g6"]
     alive = [run / f".last.tmp-{os.getpid()}-e5f6g7h8", run / ".best.zzzzzzzz"]  # a live writer; a recent legacy one
     for folder in stale + alive:
@@ -294,10 +412,25 @@ def test_impossible_settings_are_refused_by_flag_before_anything_is_allocated(da
     one, two = (step_memory_lower_bound(model, tiny(data_dir, run, batch_size=b), 16) for b in (1, 2))
     batch = 2 * device_memory(torch.device("cpu")) // (two - one)  # twice the machine's memory, at the least
     # in a process that may not reserve more than 8 GiB: were the check gone, it would fail there, not swap here
-    proc = subprocess.run([sys.executable, "-c", "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, "
-                           "(8 << 30, 8 << 30)); from lmforge.cli import main; sys.exit(main(sys.argv[1:]))",
-                           "train", data_dir, run, *common, "--block-size", "16", "--batch-size", str(batch)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, "
+            "(8 << 30, 8 << 30)); from lmforge.cli import main; sys.exit(main(sys.argv[1:]))",
+            "train",
+            data_dir,
+            run,
+            *common,
+            "--block-size",
+            "16",
+            "--batch-size",
+            str(batch),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and f"--batch-size={batch} with block_size=16 needs at least" in proc.stderr
     assert not (tmp_path / "run").exists()
     train(tiny(data_dir, run, max_iters=2))  # context 16: a resumed run cannot train on longer windows
@@ -312,8 +445,10 @@ def test_tensorboard_logger_writes_every_metric_and_forgets_what_a_resume_redoes
     run = tmp_path / "run"
     settings = dict(max_iters=12, eval_interval=6, log_interval=3, logger="tensorboard", lr_decay_iters=12)
     checkpoints = []
-    train(tiny(data_dir, run, **settings),
-          on_eval=lambda it, val: checkpoints.append(shutil.copytree(run / "last", tmp_path / f"last{it}")))
+    train(
+        tiny(data_dir, run, **settings),
+        on_eval=lambda it, val: checkpoints.append(shutil.copytree(run / "last", tmp_path / f"last{it}")),
+    )
     shutil.rmtree(run / "last")
     shutil.copytree(checkpoints[0], run / "last")  # as if killed after iteration 6's checkpoint: 7..12 are redone
     train(tiny(data_dir, run, **settings, resume=True))

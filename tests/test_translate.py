@@ -10,9 +10,21 @@ import pytest
 import sacrebleu
 import torch
 
-from lmforge.apps.translate import (FORMAT_FILE, Pair, PromptFormat, TranslationDataError, clean_output,
-                                    format_texts, load_translator, pair_example, read_pairs, score, split_pairs,
-                                    train_translator, translate)
+from lmforge.apps.translate import (
+    FORMAT_FILE,
+    Pair,
+    PromptFormat,
+    TranslationDataError,
+    clean_output,
+    format_texts,
+    load_translator,
+    pair_example,
+    read_pairs,
+    score,
+    split_pairs,
+    train_translator,
+    translate,
+)
 from lmforge.checkpoint import save_model
 from lmforge.cli import main
 from lmforge.config import ModelConfig
@@ -29,6 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ data
+
 
 def synthetic_pairs(n_sources: int = 300) -> list[Pair]:
     rng = random.Random(0)
@@ -77,7 +90,7 @@ def test_bad_pairs_files_name_the_line(tmp_path):
     with pytest.raises(TranslationDataError, match=r"empty_target\.txt:2: .*an empty target"):
         read_pairs(empty_target)
     latin1 = tmp_path / "latin1.txt"
-    latin1.write_bytes("Hi.\t你好。\n".encode("utf-8") + "Café\tcafé\n".encode("latin-1"))
+    latin1.write_bytes("Hi.\t你好。\n".encode() + "Café\tcafé\n".encode("latin-1"))
     with pytest.raises(TranslationDataError, match=r"latin1\.txt:2: not valid UTF-8 \(byte 0xe9"):
         read_pairs(latin1)
     with pytest.raises(FileNotFoundError, match="pairs file not found"):
@@ -89,6 +102,7 @@ def test_bad_pairs_files_name_the_line(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ format
 
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random tiny model folder (weights scaled up so greedy paths vary) with a BPE tokenizer and a format."""
@@ -96,8 +110,9 @@ def tiny(tmp_path_factory):
     tok = train_tokenizer("bpe", format_texts(synthetic_pairs(50) + PAIRS, fmt), 300)
     fmt = fmt.with_end_for(tok)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name("gpt-nano", vocab_size=tok.vocab_size, n_layer=2, n_embd=32,
-                                              n_head=2)).eval()
+    model = Transformer(
+        ModelConfig.from_name("gpt-nano", vocab_size=tok.vocab_size, n_layer=2, n_embd=32, n_head=2)
+    ).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -131,6 +146,7 @@ def test_prompt_format_round_trips_through_the_model_folder(tiny, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ decoding
 
+
 def naive_greedy(model, tokenizer, fmt, source: str, max_new_tokens: int) -> str:
     """Token-by-token argmax over the whole sequence each step: no cache, no batch, no padding."""
     ids = tokenizer.encode(fmt.prompt(source))
@@ -159,6 +175,7 @@ def test_greedy_batch_equals_naive_argmax_and_beam_1(tiny):
 
 # ------------------------------------------------------------------------------------------------ scoring
 
+
 def test_scores_match_hand_computed_bleu_and_sacrebleu():
     # tokenize="zh" makes each CJK character a word: 5 vs 5 characters, one wrong at the end, so the 1..4-gram
     # precisions are 4/5, 3/4, 2/3, 1/2 and the brevity penalty is 1.
@@ -175,13 +192,24 @@ def test_scores_match_hand_computed_bleu_and_sacrebleu():
 
 # ------------------------------------------------------------------------------------------------ end to end
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained (through lmforge.apps.finetune) until it has memorised four pairs."""
     out = tmp_path_factory.mktemp("run") / "translator"
-    summary = train_translator(PAIRS, PAIRS[:2], out, vocab_size=300, preset="gpt-nano",
-                               model_overrides=dict(n_layer=1, n_embd=32, n_head=2, block_size=32), lr=1e-2,
-                               batch_size=4, epochs=80, warmup_iters=5, eval_interval=50)
+    summary = train_translator(
+        PAIRS,
+        PAIRS[:2],
+        out,
+        vocab_size=300,
+        preset="gpt-nano",
+        model_overrides=dict(n_layer=1, n_embd=32, n_head=2, block_size=32),
+        lr=1e-2,
+        batch_size=4,
+        epochs=80,
+        warmup_iters=5,
+        eval_interval=50,
+    )
     return out, summary
 
 
@@ -192,8 +220,12 @@ def test_lmforge_translate_end_to_end(trained, tmp_path, capsys):
     model, tok, fmt = load_translator(str(out))
     assert translate(model, tok, fmt, [p.src for p in PAIRS]) == [p.tgt for p in PAIRS]
     assert translate(model, tok, fmt, [p.src for p in PAIRS], beam=4) == [p.tgt for p in PAIRS]
-    run = subprocess.run([sys.executable, "-m", "lmforge", "translate", str(out), "--text", "I'm cold.", "--beam", "2"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "lmforge", "translate", str(out), "--text", "I'm cold.", "--beam", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout == "我冷。\n"
     sources = tmp_path / "sources.txt"

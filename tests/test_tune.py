@@ -19,14 +19,25 @@ import pytest
 from lmforge.checkpoint import load_model
 from lmforge.cli import main
 from lmforge.settings import read_config
-from lmforge.train.trainer import TrainConfig
 from lmforge.train.space import TuneError, grid_values, load_space_file, parse_fixed, parse_spec
+from lmforge.train.trainer import TrainConfig
 from lmforge.train.tune import tune
 
 # a one-layer 32-wide model, context 16, 20 iterations evaluated once at the end (or at 10 and 20, for pruning):
 # each evaluation also writes checkpoints and a loss plot, most of a trial's time
-FIXED = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=8, max_iters=20, eval_interval=20,
-             eval_iters=2, warmup_iters=2, log_interval=10, num_threads=1)
+FIXED = dict(
+    n_layer=1,
+    n_head=2,
+    n_embd=32,
+    block_size=16,
+    batch_size=8,
+    max_iters=20,
+    eval_interval=20,
+    eval_iters=2,
+    warmup_iters=2,
+    log_interval=10,
+    num_threads=1,
+)
 
 
 def fixed(*searched, **overrides) -> dict:
@@ -44,17 +55,26 @@ def finished(out, states=("COMPLETE", "PRUNED")):
 
 
 def evals(run: Path) -> dict[int, float]:
-    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["iter"]: r["val_loss"] for r in lines if "val_loss" in r}
 
 
 def test_grid_runs_every_combination_once(data_dir, tmp_path):
-    result = tune(data_dir, str(tmp_path), space("lr=3e-3,1e-4", "warmup_iters=0:4:4"), fixed("warmup_iters"),
-                  trials=10, sampler="grid", prune=False, verbose=False)
+    result = tune(
+        data_dir,
+        str(tmp_path),
+        space("lr=3e-3,1e-4", "warmup_iters=0:4:4"),
+        fixed("warmup_iters"),
+        trials=10,
+        sampler="grid",
+        prune=False,
+        verbose=False,
+    )
     trials = finished(tmp_path)
     assert result["trials"] == len(trials) == 4  # the grid's size, not --trials
     assert sorted((t.params["lr"], t.params["warmup_iters"]) for t in trials) == sorted(
-        itertools.product([3e-3, 1e-4], [0, 4]))
+        itertools.product([3e-3, 1e-4], [0, 4])
+    )
     for t in trials:  # the sampled values reached the run, and the objective is the run's best validation loss
         args = read_config(TrainConfig, tmp_path / "trials" / str(t.number) / "train.yaml")
         assert (args["lr"], args["warmup_iters"]) == (t.params["lr"], t.params["warmup_iters"])
@@ -65,8 +85,16 @@ def test_grid_runs_every_combination_once(data_dir, tmp_path):
 
 def test_median_pruner_stops_a_worse_trial(data_dir, tmp_path):
     # lr 1e-6 barely moves the loss: once a good trial has finished, a trial that far behind it is pruned
-    result = tune(data_dir, str(tmp_path), space("lr=1e-2,3e-3,1e-5,1e-6"), fixed(eval_interval=10), trials=4,
-                  sampler="grid", pruner_startup_trials=1, verbose=False)
+    result = tune(
+        data_dir,
+        str(tmp_path),
+        space("lr=1e-2,3e-3,1e-5,1e-6"),
+        fixed(eval_interval=10),
+        trials=4,
+        sampler="grid",
+        pruner_startup_trials=1,
+        verbose=False,
+    )
     trials = finished(tmp_path)
     pruned = [t for t in trials if t.state.name == "PRUNED"]
     assert result["pruned"] == len(pruned) >= 1
@@ -79,8 +107,17 @@ def test_median_pruner_stops_a_worse_trial(data_dir, tmp_path):
 
 
 def test_random_sampling_stays_in_the_space(data_dir, tmp_path):
-    tune(data_dir, str(tmp_path), space("lr=1e-4:1e-2:log", "warmup_iters=0:10:5", "dropout=0:0.2"),
-         fixed("warmup_iters"), trials=3, sampler="random", seed=3, prune=False, verbose=False)
+    tune(
+        data_dir,
+        str(tmp_path),
+        space("lr=1e-4:1e-2:log", "warmup_iters=0:10:5", "dropout=0:0.2"),
+        fixed("warmup_iters"),
+        trials=3,
+        sampler="random",
+        seed=3,
+        prune=False,
+        verbose=False,
+    )
     trials = finished(tmp_path)
     assert len(trials) == 3 and len({t.params["lr"] for t in trials}) == 3
     for t in trials:
@@ -92,9 +129,24 @@ def test_random_sampling_stays_in_the_space(data_dir, tmp_path):
 
 def test_tpe_command_writes_table_plot_and_best_config(data_dir, tmp_path, capsys):
     out = tmp_path / "search"
-    code = main(["tune", data_dir, str(out), "--space", "lr=1e-4:1e-2:log", "label_smoothing=0:0.1",
-                 "--fixed", *(f"{k}={v}" for k, v in fixed(eval_interval=10).items()), "--trials", "3",
-                 "--startup-trials", "2", "--pruner-startup-trials", "1"])
+    code = main(
+        [
+            "tune",
+            data_dir,
+            str(out),
+            "--space",
+            "lr=1e-4:1e-2:log",
+            "label_smoothing=0:0.1",
+            "--fixed",
+            *(f"{k}={v}" for k, v in fixed(eval_interval=10).items()),
+            "--trials",
+            "3",
+            "--startup-trials",
+            "2",
+            "--pruner-startup-trials",
+            "1",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed.strip().splitlines()[-1])
@@ -122,8 +174,12 @@ def wait_for_a_training_trial(out: Path, alive=lambda: True) -> None:
         if (out / "study.db").exists():
             try:
                 with sqlite3.connect(out / "study.db", timeout=5) as db:
-                    states = [row[0] for row in db.execute(
-                        "SELECT state FROM trials WHERE trial_id IN (SELECT trial_id FROM trial_params)")]
+                    states = [
+                        row[0]
+                        for row in db.execute(
+                            "SELECT state FROM trials WHERE trial_id IN (SELECT trial_id FROM trial_params)"
+                        )
+                    ]
             except sqlite3.OperationalError:  # tables not created yet
                 states = []
             if "COMPLETE" in states and "RUNNING" in states:
@@ -138,8 +194,7 @@ def check_resumed(data_dir, out: Path, cut_state: str) -> None:
     cut = finished(out, states=("RUNNING", "FAIL"))
     assert 1 <= len(before) < 3 and [t.state.name for t in cut] == [cut_state]
 
-    tune(data_dir, str(out), space("lr=1e-3:1e-2:log"), FIXED, trials=3, sampler="random", prune=False,
-         verbose=False)
+    tune(data_dir, str(out), space("lr=1e-3:1e-2:log"), FIXED, trials=3, sampler="random", prune=False, verbose=False)
     trials = finished(out, states=("COMPLETE", "PRUNED", "FAIL"))
     done = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(done) == 3  # only the remaining trials ran
@@ -156,8 +211,23 @@ def check_resumed(data_dir, out: Path, cut_state: str) -> None:
 @pytest.mark.slow  # kills and restarts a search in subprocesses
 def test_killed_search_resumes_and_keeps_earlier_trials(data_dir, tmp_path):
     out = tmp_path / "search"
-    cmd = [sys.executable, "-m", "lmforge", "tune", data_dir, str(out), "--space", "lr=1e-3:1e-2:log",
-           "--fixed", *(f"{k}={v}" for k, v in FIXED.items()), "--trials", "3", "--sampler", "random", "--no-prune"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge",
+        "tune",
+        data_dir,
+        str(out),
+        "--space",
+        "lr=1e-3:1e-2:log",
+        "--fixed",
+        *(f"{k}={v}" for k, v in FIXED.items()),
+        "--trials",
+        "3",
+        "--sampler",
+        "random",
+        "--no-prune",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_a_training_trial(out, alive=lambda: proc.poll() is None)
@@ -175,27 +245,38 @@ def test_ctrl_c_search_resumes_and_keeps_earlier_trials(data_dir, tmp_path):
     try:
         ctrl_c.start()
         with pytest.raises(KeyboardInterrupt):
-            tune(data_dir, str(out), space("lr=1e-3:1e-2:log"), FIXED, trials=3, sampler="random", prune=False,
-                 verbose=False)
+            tune(
+                data_dir,
+                str(out),
+                space("lr=1e-3:1e-2:log"),
+                FIXED,
+                trials=3,
+                sampler="random",
+                prune=False,
+                verbose=False,
+            )
         ctrl_c.join()
     finally:
         signal.signal(signal.SIGINT, previous)
     check_resumed(data_dir, out, cut_state="FAIL")  # optuna fails a trial that raised KeyboardInterrupt
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("lr", "expected NAME=LOW:HIGH"),
-    ("lrr=1e-4:1e-2", "unknown option 'lrr'; did you mean 'lr'?"),
-    ("lr=1e-2:1e-4", "LOW must be less than HIGH"),
-    ("lr=0:1e-2:log", "a log range needs LOW > 0"),
-    ("lr=1e-4:abc", "cannot read 'abc' as a float for lr"),
-    ("n_layer=1.5:4", "cannot read '1.5' as an int for n_layer"),
-    ("optimizer=1:2", "optimizer is a str option; give choices"),
-    ("n_layer=2,,4", "empty choice"),
-    ("n_layer=2,2", "repeated choices"),
-    ("lr=1e-4:1e-2:0", "STEP must be in"),
-    ("out=a,b", "'out' is set by the search itself"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("lr", "expected NAME=LOW:HIGH"),
+        ("lrr=1e-4:1e-2", "unknown option 'lrr'; did you mean 'lr'?"),
+        ("lr=1e-2:1e-4", "LOW must be less than HIGH"),
+        ("lr=0:1e-2:log", "a log range needs LOW > 0"),
+        ("lr=1e-4:abc", "cannot read 'abc' as a float for lr"),
+        ("n_layer=1.5:4", "cannot read '1.5' as an int for n_layer"),
+        ("optimizer=1:2", "optimizer is a str option; give choices"),
+        ("n_layer=2,,4", "empty choice"),
+        ("n_layer=2,2", "repeated choices"),
+        ("lr=1e-4:1e-2:0", "STEP must be in"),
+        ("out=a,b", "'out' is set by the search itself"),
+    ],
+)
 def test_bad_space_specs_are_named(spec, message):
     with pytest.raises(TuneError) as info:
         parse_spec(spec)
@@ -224,8 +305,10 @@ def test_bad_settings_fail_before_training(data_dir, tmp_path, capsys):
 
 
 def test_space_file_json_and_yaml(tmp_path):
-    (tmp_path / "s.yaml").write_text("space:\n  lr: 1e-4:1e-2:log\n  n_layer: [2, 4]\n  dropout: {low: 0, high: 0.3}\n"
-                                     "fixed:\n  max_iters: 100\n  bias: false\n")
+    (tmp_path / "s.yaml").write_text(
+        "space:\n  lr: 1e-4:1e-2:log\n  n_layer: [2, 4]\n  dropout: {low: 0, high: 0.3}\n"
+        "fixed:\n  max_iters: 100\n  bias: false\n"
+    )
     (tmp_path / "s.json").write_text(json.dumps({"lr": "1e-4:1e-2:log", "n_layer": "2,4", "dropout": "0:0.3"}))
     yaml_space, yaml_fixed = load_space_file(str(tmp_path / "s.yaml"))
     json_space, json_fixed = load_space_file(str(tmp_path / "s.json"))
@@ -241,9 +324,25 @@ def test_space_file_json_and_yaml(tmp_path):
 
 def test_tune_then_train_with_its_best_config_trains_the_best_trial_again(data_dir, tmp_path, capsys):
     out = tmp_path / "search"
-    assert main(["tune", data_dir, str(out), "--space", "lr=3e-3,1e-2", "--fixed",
-                 *(f"{k}={v}" for k, v in fixed(eval_interval=10).items()), "--trials", "2", "--sampler", "grid",
-                 "--no-prune"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                data_dir,
+                str(out),
+                "--space",
+                "lr=3e-3,1e-2",
+                "--fixed",
+                *(f"{k}={v}" for k, v in fixed(eval_interval=10).items()),
+                "--trials",
+                "2",
+                "--sampler",
+                "grid",
+                "--no-prune",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["train", "--config", str(out / "best.yaml"), "--no-progress"]) == 0  # as written, no other flag
     retrained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -251,4 +350,6 @@ def test_tune_then_train_with_its_best_config_trains_the_best_trial_again(data_d
     assert evals(out / "best-run") == evals(trial) and sorted(evals(trial)) == [10, 20]
     assert retrained["best_val_loss"] == summary["best_val_loss"]
     assert read_config(TrainConfig, out / "best-run" / "train.yaml") == {
-        **read_config(TrainConfig, out / "best.yaml"), "progress": False}
+        **read_config(TrainConfig, out / "best.yaml"),
+        "progress": False,
+    }

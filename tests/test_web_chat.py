@@ -13,12 +13,19 @@ from test_chat_repl import tiny_model_folder
 from lmforge.serve.process import start_server, stop_server
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason=f"{CHROMIUM} is absent (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +51,10 @@ def test_streamed_answer_with_token_probabilities(server, page):
     page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
     response = page.goto(server + "/")
     headers = response.headers
-    assert "script-src 'self'" in headers["content-security-policy"] and "frame-ancestors 'none'" in \
-        headers["content-security-policy"]
+    assert (
+        "script-src 'self'" in headers["content-security-policy"]
+        and "frame-ancestors 'none'" in headers["content-security-policy"]
+    )
     assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
     assert page.title() == "lmforge chat"
     # Accessible controls: every setting has a label.
@@ -80,8 +89,9 @@ def test_streamed_answer_with_token_probabilities(server, page):
     page.keyboard.press("Enter")
     answer = page.locator(".message.assistant .body").last
     # Predicates are functions, not expression strings: the page's Content-Security-Policy forbids eval.
-    page.wait_for_function("() => window.__counts.length > 0 && !document.querySelector('.body.streaming')",
-                           timeout=60_000)
+    page.wait_for_function(
+        "() => window.__counts.length > 0 && !document.querySelector('.body.streaming')", timeout=60_000
+    )
     seen = page.evaluate("window.__counts")
     final = answer.locator(".tok").count()
     assert final > 1 and answer.inner_text().strip()
@@ -104,8 +114,11 @@ def test_streamed_answer_with_token_probabilities(server, page):
     # A second turn sends the history: two answers on the page, "New conversation" clears them.
     page.get_by_label("Message").fill("and then?")
     page.keyboard.press("Enter")
-    page.wait_for_function("() => document.querySelectorAll('.message.assistant').length == 3 && "
-                           "!document.querySelector('.body.streaming')", timeout=60_000)
+    page.wait_for_function(
+        "() => document.querySelectorAll('.message.assistant').length == 3 && "
+        "!document.querySelector('.body.streaming')",
+        timeout=60_000,
+    )
     page.get_by_role("button", name="New conversation").click()
     assert page.locator(".message").count() == 0
     assert refused == [], refused  # the page did all of this under its policy

@@ -45,15 +45,25 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, repeats: int = 
     t_prefill = _median_time(run_prefill, repeats)
     t_total = _median_time(run_generate, repeats)
     t_decode = max(t_total - t_prefill, 1e-9)
-    return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "prefill_tok_s": round(batch * prompt_len / t_prefill, 1),
-            "decode_tok_s": round(batch * new_tokens / t_decode, 1),
-            "total_s": round(t_total, 3)}
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "prefill_tok_s": round(batch * prompt_len / t_prefill, 1),
+        "decode_tok_s": round(batch * new_tokens / t_decode, 1),
+        "total_s": round(t_total, 3),
+    }
 
 
 # The list defaults are what the CLI shows and passes (lmforge.cli); nothing mutates them.
-def bench_command(model: str, batch_sizes: list[int] = [1, 8], dtypes: list[str] = ["float32"],  # noqa: B006
-                  prompt_len: int = 32, new_tokens: int | None = None, repeats: int = 3) -> int:
+def bench_command(
+    model: str,
+    batch_sizes: list[int] = [1, 8],  # noqa: B006
+    dtypes: list[str] = ["float32"],  # noqa: B006
+    prompt_len: int = 32,
+    new_tokens: int | None = None,
+    repeats: int = 3,
+) -> int:
     """Measure prefill and decode tokens/s of a model, one JSON line per batch size and dtype.
 
     Args:
@@ -65,8 +75,12 @@ def bench_command(model: str, batch_sizes: list[int] = [1, 8], dtypes: list[str]
             the prompt when that is less.
         repeats: timed repeats per case (the median is reported).
     """
-    for name, values, low in (("batch_sizes", batch_sizes, 1), ("prompt_len", [prompt_len], 1),
-                              ("new_tokens", [1 if new_tokens is None else new_tokens], 1), ("repeats", [repeats], 1)):
+    for name, values, low in (
+        ("batch_sizes", batch_sizes, 1),
+        ("prompt_len", [prompt_len], 1),
+        ("new_tokens", [1 if new_tokens is None else new_tokens], 1),
+        ("repeats", [repeats], 1),
+    ):
         if not values or min(values) < low:
             raise ValueError(f"{name}={values} must hold values >= {low}")
     cases = []
@@ -75,13 +89,27 @@ def bench_command(model: str, batch_sizes: list[int] = [1, 8], dtypes: list[str]
         if new_tokens is None:  # the demo's 128-token model: 32 + 128 would not fit
             new_tokens = max(1, min(128, net.config.block_size - prompt_len))
         for batch in batch_sizes:
-            case = {"model": model, "dtype": dtype, **measure(net, batch, prompt_len, new_tokens, repeats),
-                    "decode_path": decode_path(net), "threads": torch.get_num_threads()}
+            case = {
+                "model": model,
+                "dtype": dtype,
+                **measure(net, batch, prompt_len, new_tokens, repeats),
+                "decode_path": decode_path(net),
+                "threads": torch.get_num_threads(),
+            }
             cases.append(case)
             print(json.dumps(case), flush=True)
     best = max(cases, key=lambda c: c["decode_tok_s"])
-    print(json.dumps({"summary": True, "model": model, "cases": len(cases),
-                      "decode_tok_s": {f"{c['dtype']}/b{c['batch']}": c["decode_tok_s"] for c in cases},
-                      "prefill_tok_s": {f"{c['dtype']}/b{c['batch']}": c["prefill_tok_s"] for c in cases},
-                      "best": f"{best['dtype']}/b{best['batch']}"}), flush=True)
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "model": model,
+                "cases": len(cases),
+                "decode_tok_s": {f"{c['dtype']}/b{c['batch']}": c["decode_tok_s"] for c in cases},
+                "prefill_tok_s": {f"{c['dtype']}/b{c['batch']}": c["prefill_tok_s"] for c in cases},
+                "best": f"{best['dtype']}/b{best['batch']}",
+            }
+        ),
+        flush=True,
+    )
     return 0

@@ -16,15 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from lmforge.checkpoint import (CheckpointError, load_model, read_weights, resolve_model_dir,
-                                save_model_files, tensors_digest, write_folder)
+from lmforge.checkpoint import (
+    CheckpointError,
+    load_model,
+    read_weights,
+    resolve_model_dir,
+    save_model_files,
+    tensors_digest,
+    write_folder,
+)
 from lmforge.fsutil import read_json
 from lmforge.model import Transformer
 
@@ -33,6 +40,7 @@ POOLINGS = ("last", "mean", "max", "concat")
 
 
 # ---------------------------------------------------------------------------------------------- the model
+
 
 def pool(h: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, C) from right-padded states h (B, T, C) whose rows have `lengths` (B,) real tokens ((B, 3C) for
@@ -99,7 +107,7 @@ class TextEncoder:
 
     def fit(self, ids: list[int]) -> list[int]:
         """Keep the first max_tokens - 1 tokens and the last one (the EOS that `last` pooling reads)."""
-        return ids if len(ids) <= self.max_tokens else ids[:self.max_tokens - 1] + ids[-1:]
+        return ids if len(ids) <= self.max_tokens else ids[: self.max_tokens - 1] + ids[-1:]
 
 
 def batch_tensors(seqs: Sequence[Sequence[int]], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,14 +115,14 @@ def batch_tensors(seqs: Sequence[Sequence[int]], device="cpu") -> tuple[torch.Te
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
     for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return tokens.to(device), lengths.to(device)
 
 
 def length_batches(seqs: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (less padding), in length order."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
@@ -136,6 +144,7 @@ def predict(clf: Classifier, encoder: TextEncoder, texts: Sequence[str], batch_s
 
 # ---------------------------------------------------------------------------------------------- the folder
 
+
 def _write_member(folder: Path, clf: Classifier, tokenizer, meta: dict) -> None:
     head = {k: v.detach().contiguous().cpu() for k, v in clf.head.state_dict().items()}
     save_model_files(folder, clf.body, clf.body.config, tokenizer)
@@ -143,8 +152,9 @@ def _write_member(folder: Path, clf: Classifier, tokenizer, meta: dict) -> None:
     (folder / CLASSIFY_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def save_classifier(folder: str | Path, clf: Classifier | Ensemble, tokenizer, info: dict,
-                    extra_files: dict[str, bytes] | None = None) -> Path:
+def save_classifier(
+    folder: str | Path, clf: Classifier | Ensemble, tokenizer, info: dict, extra_files: dict[str, bytes] | None = None
+) -> Path:
     """Write the classifier folder atomically: model files, head.safetensors and classify.json (labels, pooling
     and `info`: base, training summary, ...), and `extra_files`. An Ensemble's first member is the folder itself,
     the others are `member-1`, `member-2`, ... inside it, listed in classify.json's `members`."""
@@ -170,8 +180,10 @@ def _read_member(folder: Path, labels: list[str], pooling: str) -> tuple[Classif
     try:
         clf.head.load_state_dict(head)
     except RuntimeError as e:
-        raise CheckpointError(f"{folder / HEAD_FILE} does not fit {len(labels)} labels over {pooling} pooling of "
-                              f"width {body.config.n_embd}: {e}") from None
+        raise CheckpointError(
+            f"{folder / HEAD_FILE} does not fit {len(labels)} labels over {pooling} pooling of "
+            f"width {body.config.n_embd}: {e}"
+        ) from None
     return clf, tokenizer
 
 
@@ -182,8 +194,10 @@ def load_classifier(folder: str | Path, device: str = "cpu") -> tuple[Classifier
         raise FileNotFoundError(f"classifier folder not found: {folder}")
     meta_path = folder / CLASSIFY_FILE
     if not meta_path.is_file():
-        raise CheckpointError(f"{folder} holds no {CLASSIFY_FILE}: not a classifier folder (make one with "
-                              f"`lmforge classify train BASE --data FILE --out DIR`)")
+        raise CheckpointError(
+            f"{folder} holds no {CLASSIFY_FILE}: not a classifier folder (make one with "
+            f"`lmforge classify train BASE --data FILE --out DIR`)"
+        )
     meta = read_json(meta_path, "classifier description", CheckpointError)
     if "labels" not in meta or "pooling" not in meta:
         raise CheckpointError(f"{meta_path} is not a valid classifier description: it needs 'labels' and 'pooling'")
@@ -200,8 +214,9 @@ def load_classifier(folder: str | Path, device: str = "cpu") -> tuple[Classifier
     return clf, TextEncoder(tokenizer, max_tokens), meta
 
 
-def new_classifier(base: str | Path, labels: Sequence[str], pooling: str, head_only: bool,
-                   dropout: float | None = None) -> tuple[Classifier, TextEncoder]:
+def new_classifier(
+    base: str | Path, labels: Sequence[str], pooling: str, head_only: bool, dropout: float | None = None
+) -> tuple[Classifier, TextEncoder]:
     """A classifier on a pretrained model folder (or training run): the body's weights, a zero head."""
     body, tokenizer = load_model(resolve_model_dir(base))
     if dropout is not None:  # the body's dropout modules read the config's rate when built: rebuild

@@ -38,16 +38,27 @@ import math
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from lmforge.checkpoint import (clean_stale_folders)
-from lmforge.apps.classifier import (Classifier, Ensemble, TextEncoder, batch_tensors, length_batches,
-                                     load_classifier, new_classifier, predict, predict_ids, save_classifier)
+from lmforge.apps.classifier import (
+    Classifier,
+    Ensemble,
+    TextEncoder,
+    batch_tensors,
+    length_batches,
+    load_classifier,
+    new_classifier,
+    predict,
+    predict_ids,
+    save_classifier,
+)
+from lmforge.checkpoint import clean_stale_folders
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.settings import check_choices, to_yaml
@@ -73,6 +84,7 @@ class Labelled:
 
 
 # ---------------------------------------------------------------------------------------------- data
+
 
 def read_labelled(path: str | Path, labels: Sequence[str] = DEFAULT_LABELS) -> list[Labelled]:
     """Read `text<TAB>label` lines (label: an index 0..n-1 or one of `labels`); blank lines are skipped."""
@@ -108,6 +120,7 @@ def split_labelled(examples: list, fraction: float, seed: int) -> tuple[list, li
 
 # ---------------------------------------------------------------------------------------------- metrics
 
+
 def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     return sum(t == p for t, p in zip(y_true, y_pred, strict=True)) / max(1, len(y_true))
 
@@ -124,6 +137,7 @@ def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], n_labels: int) -> flo
 
 
 # ---------------------------------------------------------------------------------------------- training
+
 
 @dataclass(kw_only=True)
 class ClassifyConfig:
@@ -206,8 +220,13 @@ class ClassifyTrainConfig(ClassifyConfig):
                 raise ClassifyError(f"{{param}}={getattr(self, name)} must be in [0, 1)", param=name)
 
 
-def fit_head(clf: Classifier, feats: torch.Tensor, y: torch.Tensor, cfg: ClassifyConfig,
-             val: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+def fit_head(
+    clf: Classifier,
+    feats: torch.Tensor,
+    y: torch.Tensor,
+    cfg: ClassifyConfig,
+    val: tuple[torch.Tensor, torch.Tensor] | None,
+) -> None:
     """Train the head alone on fixed features (N, C): full-batch AdamW, the best validation epoch kept."""
     opt = torch.optim.AdamW(clf.head.parameters(), lr=cfg.head_lr, weight_decay=cfg.weight_decay)
     loop, best_state = Loop(max_iters=cfg.head_epochs, mode="max"), None
@@ -254,8 +273,15 @@ def body_param_groups(body: Transformer, lr: float, layer_decay: float = 1.0) ->
     return [{"params": ps, "lr": lr * layer_decay ** (n - 1 - d)} for d, ps in sorted(depth.items())]
 
 
-def train_classifier(clf: Classifier, encoder: TextEncoder, train: list[Labelled], val: list[Labelled] | None,
-                     cfg: ClassifyConfig, log=print, stop=None) -> dict:
+def train_classifier(
+    clf: Classifier,
+    encoder: TextEncoder,
+    train: list[Labelled],
+    val: list[Labelled] | None,
+    cfg: ClassifyConfig,
+    log=print,
+    stop=None,
+) -> dict:
     """Fit `clf` on `train` (in place), keeping the weights with the best accuracy on `val`; a summary. `stop`, an
     Event, ends fine-tuning after the current epoch when set."""
     torch.manual_seed(cfg.seed)
@@ -280,7 +306,8 @@ def train_classifier(clf: Classifier, encoder: TextEncoder, train: list[Labelled
     # 2. the whole model, body at lr (each layer down from the top at layer_decay times more), head at lr * 10
     device = next(clf.parameters()).device
     groups = body_param_groups(clf.body, cfg.lr, cfg.layer_decay) + [
-        {"params": list(clf.head.parameters()), "lr": cfg.lr * 10}]
+        {"params": list(clf.head.parameters()), "lr": cfg.lr * 10}
+    ]
     bases = [g["lr"] for g in groups]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(seqs) / cfg.batch_size)
@@ -312,8 +339,12 @@ def train_classifier(clf: Classifier, encoder: TextEncoder, train: list[Labelled
             best_state = copy.deepcopy(clf.state_dict())
     clf.load_state_dict(best_state)
     clf.eval()
-    return {"history": history, "best_val_acc": loop.best if val else None, "stop_reason": loop.stop_reason,
-            "minutes": round(loop.elapsed() / 60, 3)}
+    return {
+        "history": history,
+        "best_val_acc": loop.best if val else None,
+        "stop_reason": loop.stop_reason,
+        "minutes": round(loop.elapsed() / 60, 3),
+    }
 
 
 def cross_folds(examples: list, k: int, seed: int) -> list[tuple[list, list]]:
@@ -324,8 +355,15 @@ def cross_folds(examples: list, k: int, seed: int) -> list[tuple[list, list]]:
     return [([e for i, f in enumerate(folds) if i != j for e in f], folds[j]) for j in range(k)]
 
 
-def train_ensemble(clf: Classifier, encoder: TextEncoder, train: list[Labelled], val: list[Labelled] | None,
-                   cfg: ClassifyConfig, log=print, stop=None) -> tuple[Classifier | Ensemble, dict]:
+def train_ensemble(
+    clf: Classifier,
+    encoder: TextEncoder,
+    train: list[Labelled],
+    val: list[Labelled] | None,
+    cfg: ClassifyConfig,
+    log=print,
+    stop=None,
+) -> tuple[Classifier | Ensemble, dict]:
     """Train cfg.ensemble copies of the untrained `clf` (seeds cfg.seed, cfg.seed + 1, ...) and average them: all of
     them, or (cfg.select, with `val`) those a greedy pass keeps, starting from the best member and adding each next
     best while the average's validation accuracy does not drop. (The classifier, or an Ensemble; a summary.)
@@ -346,14 +384,18 @@ def train_ensemble(clf: Classifier, encoder: TextEncoder, train: list[Labelled],
     for k, (fit, held) in enumerate(splits):
         member = clf if k == 0 else copy.deepcopy(clf)
         member.load_state_dict(start)
-        summaries.append(train_classifier(member, encoder, fit, held, dataclasses.replace(cfg, seed=cfg.seed + k),
-                                          log, stop))
+        summaries.append(
+            train_classifier(member, encoder, fit, held, dataclasses.replace(cfg, seed=cfg.seed + k), log, stop)
+        )
         members.append(member)
         log(json.dumps({"stage": "member", "member": k, "val_acc": summaries[-1]["best_val_acc"]}))
     kept, best = list(range(len(members))), None
     if cfg.cross_fit:  # each fold scored by the member that held it out
-        right = sum(accuracy([e.label for e in held], predict(m, encoder, [e.text for e in held]).argmax(-1).tolist())
-                    * len(held) for m, (_, held) in zip(members, splits))
+        right = sum(
+            accuracy([e.label for e in held], predict(m, encoder, [e.text for e in held]).argmax(-1).tolist())
+            * len(held)
+            for m, (_, held) in zip(members, splits)
+        )
         best = right / sum(len(held) for _, held in splits)
     elif val and cfg.select:
         vseqs, vy = [encoder.fit(encoder.ids(e.text)) for e in val], [e.label for e in val]
@@ -370,20 +412,30 @@ def train_ensemble(clf: Classifier, encoder: TextEncoder, train: list[Labelled],
     model = Ensemble([members[i] for i in kept]) if len(kept) > 1 else members[kept[0]]
     if val and not cfg.cross_fit:
         best = accuracy([e.label for e in val], predict(model, encoder, [e.text for e in val]).argmax(-1).tolist())
-    return model, {"members": [{"seed": cfg.seed + i, "best_val_acc": m["best_val_acc"], "minutes": m["minutes"],
-                                "history": m["history"]} for i, m in enumerate(summaries)],
-                   "kept": kept, "best_val_acc": best, "out_of_fold": cfg.cross_fit,
-                   "minutes": round((time.perf_counter() - t0) / 60, 3)}
+    return model, {
+        "members": [
+            {"seed": cfg.seed + i, "best_val_acc": m["best_val_acc"], "minutes": m["minutes"], "history": m["history"]}
+            for i, m in enumerate(summaries)
+        ],
+        "kept": kept,
+        "best_val_acc": best,
+        "out_of_fold": cfg.cross_fit,
+        "minutes": round((time.perf_counter() - t0) / 60, 3),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the command
+
 
 def report(clf: Classifier, encoder: TextEncoder, examples: list[Labelled]) -> dict:
     """Accuracy and macro-F1 of the classifier on labelled examples."""
     pred = predict(clf, encoder, [e.text for e in examples]).argmax(-1).tolist()
     truth = [e.label for e in examples]
-    return {"n": len(examples), "accuracy": round(accuracy(truth, pred), 4),
-            "macro_f1": round(macro_f1(truth, pred, len(clf.labels)), 4)}
+    return {
+        "n": len(examples),
+        "accuracy": round(accuracy(truth, pred), 4),
+        "macro_f1": round(macro_f1(truth, pred, len(clf.labels)), 4),
+    }
 
 
 def train_command(config: ClassifyTrainConfig) -> int:
@@ -402,21 +454,48 @@ def train_command(config: ClassifyTrainConfig) -> int:
     rest, test = split_labelled(examples, config.test_fraction, config.seed)
     train, val = split_labelled(rest, config.val_fraction, config.seed + 1)
     if not train:
-        raise ClassifyError(f"no training examples left after holding out test ({len(test)}) and val "
-                            f"({len(val)}): lower {{param}} or give more data", param="test_fraction")
+        raise ClassifyError(
+            f"no training examples left after holding out test ({len(test)}) and val "
+            f"({len(val)}): lower {{param}} or give more data",
+            param="test_fraction",
+        )
     clf, encoder = new_classifier(config.base, names, config.pooling, config.head_only, config.dropout)
     with stop_on_signals("fine-tuning") as stop:
         clf, summary = train_ensemble(clf, encoder, train, val or None, config, stop=stop)
     scores = report(clf, encoder, test) if test else None
     clean_stale_folders(out.parent, (out.name,))  # what a killed save left half-written
-    save_classifier(out, clf, encoder.tokenizer, {
-        "base": str(config.base), "max_tokens": encoder.max_tokens, "data": [str(f) for f in config.data],
-        "split": {"train": len(train), "val": len(val), "test": len(test), "seed": config.seed},
-        "config": dataclasses.asdict(config), "training": summary, "test": scores},
-        {SETTINGS_FILE: to_yaml(config, exclude=("overwrite",), header="lmforge classify train: the settings of "
-                                "this classifier (`lmforge classify train --config` reads them)").encode()})
-    print(json.dumps({"out": str(out), "split": {"train": len(train), "val": len(val), "test": len(test)},
-                      "test": scores, "minutes": summary["minutes"]}))
+    save_classifier(
+        out,
+        clf,
+        encoder.tokenizer,
+        {
+            "base": str(config.base),
+            "max_tokens": encoder.max_tokens,
+            "data": [str(f) for f in config.data],
+            "split": {"train": len(train), "val": len(val), "test": len(test), "seed": config.seed},
+            "config": dataclasses.asdict(config),
+            "training": summary,
+            "test": scores,
+        },
+        {
+            SETTINGS_FILE: to_yaml(
+                config,
+                exclude=("overwrite",),
+                header="lmforge classify train: the settings of "
+                "this classifier (`lmforge classify train --config` reads them)",
+            ).encode()
+        },
+    )
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "split": {"train": len(train), "val": len(val), "test": len(test)},
+                "test": scores,
+                "minutes": summary["minutes"],
+            }
+        )
+    )
     if stop.is_set():
         print(f"interrupted: {out} holds the best classifier so far", file=sys.stderr)
         return 128 + (stop.signum or 2)

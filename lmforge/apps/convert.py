@@ -37,12 +37,18 @@ def import_command(source: str, out: str, tokenizer: str | None = None) -> None:
     for note in loaded.notes:
         print(note)
     c = model.config
-    print(f"imported {source} -> {out}: {c.n_layer} layers, {c.n_embd} dims, vocab {c.vocab_size}, "
-          f"{model.num_params() / 1e6:.2f}M parameters, tokenizer {getattr(tok, 'kind', None)}")
+    print(
+        f"imported {source} -> {out}: {c.n_layer} layers, {c.n_embd} dims, vocab {c.vocab_size}, "
+        f"{model.num_params() / 1e6:.2f}M parameters, tokenizer {getattr(tok, 'kind', None)}"
+    )
 
 
-def export_command(model: str, out: str, format: Literal["hf", "gguf"] = "hf",
-                   gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] | None = None) -> None:
+def export_command(
+    model: str,
+    out: str,
+    format: Literal["hf", "gguf"] = "hf",
+    gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] | None = None,
+) -> None:
     """Export a model (lmforge folder, or anything `import` reads) to a Hugging Face folder or a GGUF file.
 
     Args:
@@ -66,8 +72,10 @@ def export_command(model: str, out: str, format: Literal["hf", "gguf"] = "hf",
         for note in done.notes:
             log.warning("%s", note)
         kind = gguf_type or OWN_TYPE.get(net.config.quantization, "f16")
-        print(f"exported {model} -> {out} (GGUF {done.arch}, {kind}, tokenizer {done.tokenizer_model}, "
-              f"{len(done.tensor_types)} tensors)")
+        print(
+            f"exported {model} -> {out} (GGUF {done.arch}, {kind}, tokenizer {done.tokenizer_model}, "
+            f"{len(done.tensor_types)} tensors)"
+        )
         return
     from lmforge.interop.hf import export_hf
 

@@ -29,10 +29,16 @@ def embed_texts(model, tokenizer, texts: list[str], pooling: str = DEFAULT_POOLI
     return embed(model, encode_texts(tokenizer, texts), pooling)
 
 
-def embed_command(model: str, input: list[str] = [], file: str | None = None,  # noqa: B006
-                  pooling: Literal["mean", "last"] = DEFAULT_POOLING, tokenizer: str | None = None,
-                  dtype: Literal["float32", "bfloat16"] = "float32", quantize: Literal["int8"] | None = None,
-                  adapter: str | None = None) -> int:
+def embed_command(
+    model: str,
+    input: list[str] = [],  # noqa: B006  (the CLI's default; never mutated)
+    file: str | None = None,
+    pooling: Literal["mean", "last"] = DEFAULT_POOLING,
+    tokenizer: str | None = None,
+    dtype: Literal["float32", "bfloat16"] = "float32",
+    quantize: Literal["int8"] | None = None,
+    adapter: str | None = None,
+) -> int:
     """Embed texts with a model: one JSON line per text, {"index", "tokens", "pooling", "embedding"}.
 
     Args:
@@ -58,6 +64,9 @@ def embed_command(model: str, input: list[str] = [], file: str | None = None,  #
     loaded = load(model, dtype=dtype, quantize=quantize, adapter=adapter, tokenizer=tokenizer)
     ids = encode_texts(loaded.tokenizer, texts)
     for i, (tokens, vector) in enumerate(zip(ids, embed(loaded.model, ids, pooling))):
-        print(json.dumps({"index": i, "tokens": len(tokens), "pooling": pooling, "embedding": vector.tolist()}),
-              file=sys.stdout, flush=True)
+        print(
+            json.dumps({"index": i, "tokens": len(tokens), "pooling": pooling, "embedding": vector.tolist()}),
+            file=sys.stdout,
+            flush=True,
+        )
     return 0

@@ -52,6 +52,7 @@ class TokenInfo:
 
 # ---------------------------------------------------------------------------------- the forward pass
 
+
 @torch.inference_mode()
 def forward_with_attention(model, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (T, V) float32, attention (n_layer, n_head, T, T) float32) of one uncached pass over tokens."""
@@ -87,6 +88,7 @@ def token_infos(logits: torch.Tensor, tokens: Sequence[int], decode, top_k: int)
 
 # ---------------------------------------------------------------------------------- colours
 
+
 def heat(bits: float | None) -> tuple[int, int, int]:
     """Background colour for a surprisal: pale green (expected) through yellow to red (surprising)."""
     if bits is None:
@@ -109,6 +111,7 @@ def visible(text: str, token_id: int | None = None) -> str:
 
 # ---------------------------------------------------------------------------------- outputs
 
+
 def print_tokens(infos: list[TokenInfo], out=None) -> None:
     """The text in the terminal, each token on its surprisal colour, then a short summary."""
     try:
@@ -117,8 +120,12 @@ def print_tokens(infos: list[TokenInfo], out=None) -> None:
     except ImportError:
         Console = None
     scored = [i.surprisal_bits for i in infos if i.surprisal_bits is not None]
-    summary = (f"{len(infos)} tokens; mean surprisal {sum(scored) / len(scored):.2f} bits; perplexity "
-               f"{2 ** (sum(scored) / len(scored)):.2f}" if scored else f"{len(infos)} token(s); nothing scored")
+    summary = (
+        f"{len(infos)} tokens; mean surprisal {sum(scored) / len(scored):.2f} bits; perplexity "
+        f"{2 ** (sum(scored) / len(scored)):.2f}"
+        if scored
+        else f"{len(infos)} token(s); nothing scored"
+    )
     if Console is not None:
         text = Text()
         for info in infos:
@@ -245,23 +252,42 @@ def html_page(title: str, infos: list[TokenInfo], summary: str, attention: list 
     for info in infos:
         rgb = "rgb({},{},{})".format(*heat(info.surprisal_bits))
         p = "" if info.prob is None else f' data-p="{info.prob!r}" data-bits="{info.surprisal_bits!r}"'
-        spans.append(f'<span class="tok" data-i="{info.index}" data-id="{info.id}"{p} data-bg="{rgb}" '
-                     f'style="background:{rgb}">{html.escape(info.text or visible("", info.id))}</span>')
-    legend = "".join('<span style="background:rgb({},{},{})">{:g}</span>'.format(*heat(b), b)
-                     for b in (0, 2, 4, 6, 8, 10, 12, 14, 16))
+        spans.append(
+            f'<span class="tok" data-i="{info.index}" data-id="{info.id}"{p} data-bg="{rgb}" '
+            f'style="background:{rgb}">{html.escape(info.text or visible("", info.id))}</span>'
+        )
+    legend = "".join(
+        '<span style="background:rgb({},{},{})">{:g}</span>'.format(*heat(b), b)
+        for b in (0, 2, 4, 6, 8, 10, 12, 14, 16)
+    )
     data = json.dumps({"tokens": [asdict(i) for i in infos], "attention": attention}, ensure_ascii=False)
     page = HTML_PAGE
-    for key, value in (("__TITLE__", html.escape(title)), ("__SUMMARY__", html.escape(summary)),
-                       ("__LEGEND__", legend), ("__TOKENS__", "".join(spans)),
-                       ("__DATA__", data.replace("</", "<\\/"))):
+    for key, value in (
+        ("__TITLE__", html.escape(title)),
+        ("__SUMMARY__", html.escape(summary)),
+        ("__LEGEND__", legend),
+        ("__TOKENS__", "".join(spans)),
+        ("__DATA__", data.replace("</", "<\\/")),
+    ):
         page = page.replace(key, value)
     return page
 
 
 # ---------------------------------------------------------------------------------- the command
 
-def explain(model, tokenizer, text: str, out: str | Path, *, top_k: int = 5, bos: bool = True,
-            heatmaps: bool = True, title: str = "", terminal=None) -> dict:
+
+def explain(
+    model,
+    tokenizer,
+    text: str,
+    out: str | Path,
+    *,
+    top_k: int = 5,
+    bos: bool = True,
+    heatmaps: bool = True,
+    title: str = "",
+    terminal=None,
+) -> dict:
     """Run the model once over `text` and write the explanation files into `out`; returns explain.json's dict.
 
     Args:
@@ -299,16 +325,28 @@ def explain(model, tokenizer, text: str, out: str | Path, *, top_k: int = 5, bos
     scored = [i.surprisal_bits for i in infos if i.surprisal_bits is not None]
     mean = sum(scored) / len(scored) if scored else None
     inline = att.tolist() if att.size <= MAX_JSON_ATTENTION else None
-    result = {"text": text, "bos": bool(start is not None and tokens[0] == start), "n_layer": att.shape[0],
-              "n_head": att.shape[1], "tokens": [asdict(i) for i in infos], "mean_surprisal_bits": mean,
-              "perplexity": 2 ** mean if mean is not None else None, "attention_file": "attention.npy",
-              "attention_shape": list(att.shape), "attention": inline}
+    result = {
+        "text": text,
+        "bos": bool(start is not None and tokens[0] == start),
+        "n_layer": att.shape[0],
+        "n_head": att.shape[1],
+        "tokens": [asdict(i) for i in infos],
+        "mean_surprisal_bits": mean,
+        "perplexity": 2**mean if mean is not None else None,
+        "attention_file": "attention.npy",
+        "attention_shape": list(att.shape),
+        "attention": inline,
+    }
     buf = io.BytesIO()
     np.save(buf, att)
     atomic_write_bytes(out / "attention.npy", buf.getvalue())
     atomic_write_text(out / "explain.json", json.dumps(result, ensure_ascii=False, allow_nan=False, default=str))
-    summary = (f"{len(infos)} tokens, mean surprisal {mean:.2f} bits (perplexity {2 ** mean:.2f}); hover a token "
-               f"for its probability and the alternatives" if mean is not None else f"{len(infos)} token(s)")
+    summary = (
+        f"{len(infos)} tokens, mean surprisal {mean:.2f} bits (perplexity {2**mean:.2f}); hover a token "
+        f"for its probability and the alternatives"
+        if mean is not None
+        else f"{len(infos)} token(s)"
+    )
     title = title or (text[:60] + ("..." if len(text) > 60 else ""))
     atomic_write_text(out / "tokens.html", html_page(title, infos, summary, inline))
     if heatmaps:
@@ -320,8 +358,16 @@ def explain(model, tokenizer, text: str, out: str | Path, *, top_k: int = 5, bos
     return result
 
 
-def explain_command(model: str, text: str = "", file: str | None = None, out: str = "explain", top_k: int = 5,
-                    bos: bool = True, heatmaps: bool = True, tokenizer: str | None = None) -> int:
+def explain_command(
+    model: str,
+    text: str = "",
+    file: str | None = None,
+    out: str = "explain",
+    top_k: int = 5,
+    bos: bool = True,
+    heatmaps: bool = True,
+    tokenizer: str | None = None,
+) -> int:
     """Explain a model's reading of a text: attention heatmaps per layer and head, and per-token surprisal.
 
     Args:

@@ -46,8 +46,16 @@ from lmforge.train.optim import Schedule, make_optimizer, set_lr
 
 IGNORE = -100
 TOKENIZER_CONFIG = "tokenizer_config.json"
-OUTPUTS = ("best", "adapter", "metrics.jsonl", "loss.png", "summary.json", "finetune.yaml", "finetune_args.json",
-           "tensorboard")
+OUTPUTS = (
+    "best",
+    "adapter",
+    "metrics.jsonl",
+    "loss.png",
+    "summary.json",
+    "finetune.yaml",
+    "finetune_args.json",
+    "tensorboard",
+)
 
 
 class FinetuneError(LmforgeError):
@@ -131,6 +139,7 @@ class FinetuneConfig:
 
 # ------------------------------------------------------------------------------------------------ loading
 
+
 def load_base(base: str, tokenizer: str | None = None):
     """(model, tokenizer, chat template source) of a base model, as `finetune` loads it."""
     from lmforge.loader import load
@@ -158,6 +167,7 @@ def read_data(config: FinetuneConfig, tok, template: str, block_size: int) -> tu
 
 
 # ------------------------------------------------------------------------------------------------ batches
+
 
 def collate(examples: list[Example], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets), both (B, T), right-padded: targets[b, t] = ids[t + 1] where trained, else -100."""
@@ -190,7 +200,7 @@ def evaluate_examples(model, examples: list[Example], batch_size: int = 16) -> f
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     for i in range(0, len(order), batch_size):
-        batch = collate([examples[j] for j in order[i:i + batch_size]])
+        batch = collate([examples[j] for j in order[i : i + batch_size]])
         n = int((batch[1] != IGNORE).sum())
         if n:
             total += float(masked_loss(model, batch, reduction="sum"))
@@ -216,13 +226,14 @@ def epoch_batches(examples: list[Example], batch_size: int, rng: random.Random) 
     pool = batch_size * 32
     batches = []
     for i in range(0, len(order), pool):
-        chunk = sorted(order[i:i + pool], key=lambda j: len(examples[j].ids))
-        batches += [[examples[j] for j in chunk[k:k + batch_size]] for k in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[i : i + pool], key=lambda j: len(examples[j].ids))
+        batches += [[examples[j] for j in chunk[k : k + batch_size]] for k in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
 
 
 # ------------------------------------------------------------------------------------------------ saving
+
 
 def tokenizer_config(extras: dict[str, bytes], template: str) -> bytes:
     """The base's tokenizer_config.json (if any) with `chat_template` set to the template trained with."""
@@ -233,8 +244,14 @@ def tokenizer_config(extras: dict[str, bytes], template: str) -> bytes:
 
 # ------------------------------------------------------------------------------------------------ the loop
 
-def finetune(config: FinetuneConfig, train_examples: list[Example] | None = None,
-             val_examples: list[Example] | None = None, on_eval=None, stop=None) -> dict:
+
+def finetune(
+    config: FinetuneConfig,
+    train_examples: list[Example] | None = None,
+    val_examples: list[Example] | None = None,
+    on_eval=None,
+    stop=None,
+) -> dict:
     """Fine-tune config.base on config.data (or on the examples given) and write config.out; return a summary
     (see the module docstring).
 
@@ -258,8 +275,11 @@ def finetune(config: FinetuneConfig, train_examples: list[Example] | None = None
     max_ids = model.config.block_size + 1
     train_examples, dropped = fit_context(list(train_examples), max_ids)
     if not train_examples:
-        raise FinetuneError("no training examples with trained tokens (after fitting them to the model's context "
-                            f"of {model.config.block_size} tokens)", param="data")
+        raise FinetuneError(
+            "no training examples with trained tokens (after fitting them to the model's context "
+            f"of {model.config.block_size} tokens)",
+            param="data",
+        )
     val_examples, dropped_val = fit_context(list(val_examples or []), max_ids)
 
     torch.manual_seed(config.seed)
@@ -277,8 +297,12 @@ def finetune(config: FinetuneConfig, train_examples: list[Example] | None = None
     schedule = Schedule("cosine", lr, min(config.warmup_iters, max_iters or 10**9), max_iters or 1, lr / 10)
 
     prepare_run_folder(out, OUTPUTS, overwrite=config.overwrite)
-    write_config(out / "finetune.yaml", config, exclude=("overwrite",),
-                 header="lmforge finetune: the settings of this run (`lmforge finetune --config` reads them)")
+    write_config(
+        out / "finetune.yaml",
+        config,
+        exclude=("overwrite",),
+        header="lmforge finetune: the settings of this run (`lmforge finetune --config` reads them)",
+    )
     log = MetricsLog(out / "metrics.jsonl", keep_until=0, logger=config.logger)
     trained = [p for p in model.parameters() if p.requires_grad]
 
@@ -304,11 +328,17 @@ def finetune(config: FinetuneConfig, train_examples: list[Example] | None = None
         running.clear()
 
     rng = random.Random(config.seed)
-    stream = itertools.chain.from_iterable(epoch_batches(train_examples, config.batch_size, rng)
-                                           for _ in itertools.count())
+    stream = itertools.chain.from_iterable(
+        epoch_batches(train_examples, config.batch_size, rng) for _ in itertools.count()
+    )
     running: list[float] = []
-    loop = Loop(max_iters=max_iters, max_minutes=config.max_minutes,
-                eval_interval=config.eval_interval if val_examples else 0, patience=config.patience, stop=stop)
+    loop = Loop(
+        max_iters=max_iters,
+        max_minutes=config.max_minutes,
+        eval_interval=config.eval_interval if val_examples else 0,
+        patience=config.patience,
+        stop=stop,
+    )
     model.train()
     try:
         while loop.running():
@@ -342,23 +372,32 @@ def finetune(config: FinetuneConfig, train_examples: list[Example] | None = None
     adapter_dir = model_dir = None
     tok_config = {TOKENIZER_CONFIG: tokenizer_config(extras, template)}
     if config.method == "lora":
-        adapter_dir = save_adapter(out / "adapter", model, base=str(config.base), digest=digest,
-                                   extra_files=tok_config)
+        adapter_dir = save_adapter(out / "adapter", model, base=str(config.base), digest=digest, extra_files=tok_config)
         if config.merge:
             lora.merge_lora(model)
             model_dir = save_model(out / "best", model, tok, extra_files={**extras, **tok_config})
     else:
         model_dir = save_model(out / "best", model, tok, extra_files={**extras, **tok_config})
     plot_losses(log, out / "loss.png")
-    summary = {"method": config.method, "iters": loop.it, "epochs": round(loop.it / steps_per_epoch, 3),
-               "stop_reason": loop.stop_reason, "base_val_loss": base_val,
-               "best_val_loss": loop.best if val_examples else None,
-               "final_train_loss": train_loss, "trainable_params": trainable, "total_params": total,
-               "trainable_fraction": trainable / total, "train_examples": len(train_examples),
-               "val_examples": len(val_examples), "dropped": dropped + dropped_val,
-               "seconds": round(time.time() - t0, 2), "out": str(out),
-               "model_dir": str(model_dir) if model_dir else None,
-               "adapter_dir": str(adapter_dir) if adapter_dir else None}
+    summary = {
+        "method": config.method,
+        "iters": loop.it,
+        "epochs": round(loop.it / steps_per_epoch, 3),
+        "stop_reason": loop.stop_reason,
+        "base_val_loss": base_val,
+        "best_val_loss": loop.best if val_examples else None,
+        "final_train_loss": train_loss,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_fraction": trainable / total,
+        "train_examples": len(train_examples),
+        "val_examples": len(val_examples),
+        "dropped": dropped + dropped_val,
+        "seconds": round(time.time() - t0, 2),
+        "out": str(out),
+        "model_dir": str(model_dir) if model_dir else None,
+        "adapter_dir": str(adapter_dir) if adapter_dir else None,
+    }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -391,7 +430,8 @@ def finetune_command(config: FinetuneConfig) -> int:
         summary = finetune(config, on_eval=report, stop=stop)
     print(json.dumps(summary))
     if summary["stop_reason"] == "interrupted":
-        print(f"interrupted at iteration {summary['iters']}: {config.out} holds the best weights so far",
-              file=sys.stderr)
+        print(
+            f"interrupted at iteration {summary['iters']}: {config.out} holds the best weights so far", file=sys.stderr
+        )
         return 128 + (stop.signum or 2)
     return 0

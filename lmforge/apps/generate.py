@@ -16,8 +16,16 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.loader import load
 
 
-def print_outputs(model, tokenizer, prompts: list[list[int]], params: SamplingParams, streaming: bool,
-                  beam_width: int, length_penalty: float, out=None) -> None:
+def print_outputs(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    streaming: bool,
+    beam_width: int,
+    length_penalty: float,
+    out=None,
+) -> None:
     """Run generation and print it: text deltas as they come for one output, else each output in order."""
     out = sys.stdout if out is None else out
     decode = tokenizer.decode if tokenizer is not None else (lambda ids: " ".join(map(str, ids)))
@@ -25,7 +33,7 @@ def print_outputs(model, tokenizer, prompts: list[list[int]], params: SamplingPa
         eos = None if params.ignore_eos else end_tokens(tokenizer)
         for i, prompt in enumerate(prompts):
             beams = beam_search(model, prompt, beam_width, params.max_tokens, length_penalty, eos)
-            for j, (tokens, score) in enumerate(beams[:params.n]):
+            for j, (tokens, score) in enumerate(beams[: params.n]):
                 if len(prompts) > 1 or params.n > 1:
                     print(f"--- prompt {i} beam {j} (score {score:.4f}) ---", file=out)
                 print(decode(tokens), file=out, flush=True)
@@ -39,8 +47,20 @@ def print_outputs(model, tokenizer, prompts: list[list[int]], params: SamplingPa
         text = c.text if c.text is not None else decode(c.tokens)
         if params.logprobs is not None:
             lps = [{"token": lp.token, "logprob": lp.logprob, "top": lp.top} for lp in c.logprobs or []]
-            print(json.dumps({"prompt": c.prompt_index, "sample": c.sample_index, "text": text, "tokens": c.tokens,
-                              "finish_reason": c.finish_reason, "logprobs": lps}), file=out, flush=True)
+            print(
+                json.dumps(
+                    {
+                        "prompt": c.prompt_index,
+                        "sample": c.sample_index,
+                        "text": text,
+                        "tokens": c.tokens,
+                        "finish_reason": c.finish_reason,
+                        "logprobs": lps,
+                    }
+                ),
+                file=out,
+                flush=True,
+            )
             continue
         if len(prompts) > 1 or params.n > 1:
             print(f"--- prompt {c.prompt_index} sample {c.sample_index} ---", file=out)
@@ -48,16 +68,35 @@ def print_outputs(model, tokenizer, prompts: list[list[int]], params: SamplingPa
 
 
 # The list default is what the CLI shows and passes (lmforge.cli); nothing mutates it.
-def generate_command(model: str, prompt: str = "", max_tokens: int = 200, temperature: float = 0.8,
-                     top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0, stop: list[str] = [],  # noqa: B006
-                     ignore_eos: bool = False, seed: int | None = None, n: int = 1,
-                     logprobs: int | None = None, batch_file: str | None = None, stream: bool = True,
-                     beam_width: int = 0, length_penalty: float = 1.0, tokenizer: str | None = None,
-                     dtype: Literal["float32", "bfloat16"] = "float32", quantize: Literal["int8", "int4"] | None = None,
-                     draft: str | None = None, speculative: Literal["ngram"] | None = None,
-                     num_speculative_tokens: int = 4, adapter: str | None = None,
-                     controls: str | None = None) -> int:
+def generate_command(
+    model: str,
+    prompt: str = "",
+    max_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    stop: list[str] = [],  # noqa: B006
+    ignore_eos: bool = False,
+    seed: int | None = None,
+    n: int = 1,
+    logprobs: int | None = None,
+    batch_file: str | None = None,
+    stream: bool = True,
+    beam_width: int = 0,
+    length_penalty: float = 1.0,
+    tokenizer: str | None = None,
+    dtype: Literal["float32", "bfloat16"] = "float32",
+    quantize: Literal["int8", "int4"] | None = None,
+    draft: str | None = None,
+    speculative: Literal["ngram"] | None = None,
+    num_speculative_tokens: int = 4,
+    adapter: str | None = None,
+    controls: str | None = None,
+) -> int:
     """Generate text from a model folder, a Hugging Face folder or a llama2.c file, streaming it as it comes.
 
     Args:
@@ -96,15 +135,27 @@ def generate_command(model: str, prompt: str = "", max_tokens: int = 200, temper
         from lmforge.infer.controls import Controls, ControlsError, load_controls
 
         if draft is not None or speculative is not None or beam_width > 0:
-            raise ControlsError("--controls works with sampling and greedy decoding, not with --draft, --speculative "
-                                "or --beam-width")
+            raise ControlsError(
+                "--controls works with sampling and greedy decoding, not with --draft, --speculative or --beam-width"
+            )
         spec = load_controls(controls)
     loaded = load(model, dtype=dtype, quantize=quantize, adapter=adapter, tokenizer=tokenizer)
     net, tok = loaded.model, loaded.tokenizer
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                            frequency_penalty=frequency_penalty, stop=list(stop), ignore_eos=ignore_eos, seed=seed,
-                            n=n, logprobs=logprobs)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        stop=list(stop),
+        ignore_eos=ignore_eos,
+        seed=seed,
+        n=n,
+        logprobs=logprobs,
+    )
     guard = Controls(spec, tok, net.config.vocab_size).attach(params) if spec is not None else None
     if batch_file is not None:
         path = Path(batch_file)
@@ -120,16 +171,30 @@ def generate_command(model: str, prompt: str = "", max_tokens: int = 200, temper
         from lmforge.infer.speculative import NgramIndex, SpeculativeError, speculative_generate
 
         if draft is not None and speculative is not None:
-            raise SpeculativeError("--draft and --speculative ngram are two ways to draft: give one",
-                                   param="speculative")
+            raise SpeculativeError(
+                "--draft and --speculative ngram are two ways to draft: give one", param="speculative"
+            )
         draft_net = load(draft, dtype=dtype, quantize=quantize, tokenizer=tokenizer).model if draft else None
         for prompt_ids in prompts:
             proposer = draft_net if draft_net is not None else NgramIndex()
-            tokens, stats = speculative_generate(net, proposer, prompt_ids, params, k=num_speculative_tokens,
-                                                 eos_id=None if params.ignore_eos else end_tokens(tok))
+            tokens, stats = speculative_generate(
+                net,
+                proposer,
+                prompt_ids,
+                params,
+                k=num_speculative_tokens,
+                eos_id=None if params.ignore_eos else end_tokens(tok),
+            )
             print(continuation_text(tok, prompt_ids, tokens) if tok is not None else tokens, flush=True)
-            print(json.dumps({"acceptance_rate": round(stats["acceptance_rate"], 3),
-                              "tokens_per_round": round(stats["tokens_per_round"], 2)}), file=sys.stderr)
+            print(
+                json.dumps(
+                    {
+                        "acceptance_rate": round(stats["acceptance_rate"], 3),
+                        "tokens_per_round": round(stats["tokens_per_round"], 2),
+                    }
+                ),
+                file=sys.stderr,
+            )
         return 0
     print_outputs(net, tok, prompts, params, stream, beam_width, length_penalty)
     if guard is not None:

@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.templates import PLAIN_TEMPLATE, ChatTemplate
 from lmforge.errors import LmforgeError
+from lmforge.templates import PLAIN_TEMPLATE, ChatTemplate
 
 ROLES = ("system", "user", "assistant")
 
@@ -62,8 +62,12 @@ def encode_piece(tokenizer, text: str, first: bool) -> list[int]:
 
 
 def render(template: ChatTemplate, messages: list[dict], generation_prompt: bool) -> str:
-    return template.template.render(messages=messages, add_generation_prompt=generation_prompt,
-                                    bos_token=template.bos_token, eos_token=template.eos_token)
+    return template.template.render(
+        messages=messages,
+        add_generation_prompt=generation_prompt,
+        bos_token=template.bos_token,
+        eos_token=template.eos_token,
+    )
 
 
 def chat_segments(template: ChatTemplate, messages: list[dict]) -> list[tuple[str, bool]]:
@@ -76,13 +80,15 @@ def chat_segments(template: ChatTemplate, messages: list[dict]) -> list[tuple[st
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
             prompt = render(template, messages[:i], generation_prompt=True)
-            full = render(template, messages[:i + 1], generation_prompt=False)
+            full = render(template, messages[: i + 1], generation_prompt=False)
             if not (prompt.startswith(done) and full.startswith(prompt)):
-                raise ValueError("the chat template does not render a conversation's prefix as a prefix of its "
-                                 "text; it cannot be used to mask assistant turns")
-            pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+                raise ValueError(
+                    "the chat template does not render a conversation's prefix as a prefix of its "
+                    "text; it cannot be used to mask assistant turns"
+                )
+            pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
             done = full
-    tail = render(template, messages, generation_prompt=False)[len(done):]
+    tail = render(template, messages, generation_prompt=False)[len(done) :]
     return pieces + ([(tail, False)] if tail else [])
 
 
@@ -108,18 +114,23 @@ def text_examples(tokenizer, text: str, block_size: int) -> list[Example]:
     """Text cut into windows of block_size + 1 tokens (consecutive windows share one token), all trained."""
     ids = tokenizer.encode(text)
     step = block_size
-    return [Example(ids[i:i + step + 1], [True] * len(ids[i:i + step + 1]))
-            for i in range(0, max(len(ids) - 1, 1), step) if len(ids[i:i + step + 1]) >= 2]
+    return [
+        Example(ids[i : i + step + 1], [True] * len(ids[i : i + step + 1]))
+        for i in range(0, max(len(ids) - 1, 1), step)
+        if len(ids[i : i + step + 1]) >= 2
+    ]
 
 
 def check_messages(messages, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
+        raise DataError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
     out = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: message {j} must be {{\"role\": one of {', '.join(ROLES)}, \"content\": "
-                            f"string}}, got {json.dumps(m)[:80]}")
+            raise DataError(
+                f'{where}: message {j} must be {{"role": one of {", ".join(ROLES)}, "content": '
+                f"string}}, got {json.dumps(m)[:80]}"
+            )
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: the conversation has no assistant message to train on")
@@ -166,8 +177,7 @@ def read_examples(path: str | Path, tokenizer, template: ChatTemplate | str, blo
             elif isinstance(record.get("text"), str):
                 examples += text_examples(tokenizer, record["text"], block_size)
             else:
-                raise DataError(f"{where}: expected a \"messages\" list or a \"text\" string, got keys "
-                                f"{sorted(record)}")
+                raise DataError(f'{where}: expected a "messages" list or a "text" string, got keys {sorted(record)}')
     if not examples:
         raise DataError(f"{path} holds no training data (no conversations or text)")
     return examples

@@ -28,16 +28,16 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from lmforge.apps.sft import Example
+from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_write_text, read_json
 from lmforge.textfile import text_lines
-from lmforge.errors import LmforgeError
 
 FORMAT_FILE = "translate.json"
 
@@ -47,6 +47,7 @@ class TranslationDataError(LmforgeError):
 
 
 # ------------------------------------------------------------------------------------------------ data
+
 
 @dataclass
 class Pair:
@@ -66,8 +67,9 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
         cols = line.split("\t")
         if len(cols) < 2 or not cols[0].strip() or not cols[1].strip():
             found = "one column" if len(cols) < 2 else "an empty " + ("source" if not cols[0].strip() else "target")
-            raise TranslationDataError(f"{path}:{n}: expected 'source<TAB>target[<TAB>attribution]', found "
-                                       f"{found}: {line[:60]!r}")
+            raise TranslationDataError(
+                f"{path}:{n}: expected 'source<TAB>target[<TAB>attribution]', found {found}: {line[:60]!r}"
+            )
         pairs.append(Pair(cols[0].strip(), cols[1].strip(), "\t".join(cols[2:]).strip(), n))
     if not pairs:
         raise TranslationDataError(f"{path} holds no sentence pairs")
@@ -110,6 +112,7 @@ def split_pairs(pairs: Sequence[Pair], n_test: int = 1000, n_val: int = 500, see
 
 # ------------------------------------------------------------------------------------------------ format
 
+
 @dataclass
 class PromptFormat:
     """How a source sentence becomes a prompt, and which token ends a translation."""
@@ -125,7 +128,7 @@ class PromptFormat:
         if self.end == "":
             raise ValueError("the translation end marker must not be empty")
 
-    def with_end_for(self, tokenizer) -> "PromptFormat":
+    def with_end_for(self, tokenizer) -> PromptFormat:
         """This format with its end marker chosen for tokenizer when unset: its EOS token, else a newline."""
         if self.end is not None:
             return self
@@ -140,8 +143,10 @@ class PromptFormat:
             raise ValueError("the translation format has no end marker yet; call with_end_for(tokenizer)")
         ids = tokenizer.encode(self.end)
         if len(ids) != 1:
-            raise ValueError(f"the end marker {self.end!r} encodes to {len(ids)} tokens with this tokenizer; it must "
-                             f"be one token (the tokenizer's EOS, or a character in its vocabulary)")
+            raise ValueError(
+                f"the end marker {self.end!r} encodes to {len(ids)} tokens with this tokenizer; it must "
+                f"be one token (the tokenizer's EOS, or a character in its vocabulary)"
+            )
         return ids[0]
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -150,11 +155,13 @@ class PromptFormat:
         return path
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "PromptFormat":
+    def load(cls, folder: str | os.PathLike) -> PromptFormat:
         path = Path(folder) / FORMAT_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path.parent} holds no {FORMAT_FILE}: not a translation model (train one with "
-                                    f"lmforge.apps.translate.train_translator or bench/translate.py)")
+            raise FileNotFoundError(
+                f"{path.parent} holds no {FORMAT_FILE}: not a translation model (train one with "
+                f"lmforge.apps.translate.train_translator or bench/translate.py)"
+            )
         expected = f"expected keys {sorted(asdict(cls()))}"
         d = read_json(path, "translation format", fix=expected)
         try:
@@ -177,6 +184,7 @@ def format_texts(pairs: Sequence[Pair], fmt: PromptFormat) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ training
 
+
 def step_seconds(config, examples: list[Example], batch_size: int, lr: float, steps: int = 6) -> float:
     """Seconds one training step takes for this model on these examples (a throwaway copy, median of steps)."""
     import random
@@ -191,7 +199,7 @@ def step_seconds(config, examples: list[Example], batch_size: int, lr: float, st
     rng = random.Random(0)
     sample = rng.sample(examples, min(len(examples), batch_size * 32))  # files are often sorted by length
     times = []
-    for batch in epoch_batches(sample, batch_size, rng)[:steps + 1]:
+    for batch in epoch_batches(sample, batch_size, rng)[: steps + 1]:
         t = time.perf_counter()
         loss = masked_loss(model, collate(batch))
         optimizer.zero_grad(set_to_none=True)
@@ -201,12 +209,25 @@ def step_seconds(config, examples: list[Example], batch_size: int, lr: float, st
     return sorted(times[1:])[len(times[1:]) // 2]  # the first step pays one-off allocation
 
 
-def train_translator(train: Sequence[Pair], val: Sequence[Pair], out: str | os.PathLike,
-                     fmt: PromptFormat | None = None, tokenizer: str = "bpe", vocab_size: int | None = 4096,
-                     preset: str = "gpt-nano", model_overrides: dict | None = None, lr: float = 3e-3,
-                     batch_size: int = 32, max_minutes: float | None = None, epochs: float | None = None,
-                     warmup_iters: int = 100, weight_decay: float = 0.0, eval_interval: int = 200,
-                     seed: int = 0, on_eval=None) -> dict:
+def train_translator(
+    train: Sequence[Pair],
+    val: Sequence[Pair],
+    out: str | os.PathLike,
+    fmt: PromptFormat | None = None,
+    tokenizer: str = "bpe",
+    vocab_size: int | None = 4096,
+    preset: str = "gpt-nano",
+    model_overrides: dict | None = None,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    max_minutes: float | None = None,
+    epochs: float | None = None,
+    warmup_iters: int = 100,
+    weight_decay: float = 0.0,
+    eval_interval: int = 200,
+    seed: int = 0,
+    on_eval=None,
+) -> dict:
     """Train a translation model from scratch on pairs and write the run folder `out` (model folder: out/best).
 
     The tokenizer is trained on the formatted training pairs; a randomly initialised `preset` model (vocabulary
@@ -237,8 +258,9 @@ def train_translator(train: Sequence[Pair], val: Sequence[Pair], out: str | os.P
     fmt = fmt.with_end_for(tok)
     train_ex = [pair_example(tok, fmt, p.src, p.tgt) for p in train]
     val_ex = [pair_example(tok, fmt, p.src, p.tgt) for p in val]
-    config = ModelConfig.from_name(preset, **{"block_size": 128, **(model_overrides or {}),
-                                              "vocab_size": tok.vocab_size})
+    config = ModelConfig.from_name(
+        preset, **{"block_size": 128, **(model_overrides or {}), "vocab_size": tok.vocab_size}
+    )
     torch.manual_seed(seed)
     init = out / "init"
     save_model(init, Transformer(config), tok)
@@ -259,18 +281,35 @@ def train_translator(train: Sequence[Pair], val: Sequence[Pair], out: str | os.P
         if epochs is not None:
             max_iters = min(max_iters, math.ceil(epochs * len(train_ex) / batch_size))
         max_minutes = left / 60
-    ft = FinetuneConfig(base=str(init), out=str(out), method="full", lr=lr, epochs=epochs, max_iters=max_iters,
-                        max_minutes=max_minutes, batch_size=batch_size, eval_interval=eval_interval,
-                        warmup_iters=warmup_iters, weight_decay=weight_decay, seed=seed)
+    ft = FinetuneConfig(
+        base=str(init),
+        out=str(out),
+        method="full",
+        lr=lr,
+        epochs=epochs,
+        max_iters=max_iters,
+        max_minutes=max_minutes,
+        batch_size=batch_size,
+        eval_interval=eval_interval,
+        warmup_iters=warmup_iters,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
     summary = finetune(ft, train_ex, val_ex or None, on_eval=on_eval)
     shutil.rmtree(init, ignore_errors=True)  # the random start: reproducible from the seed
     fmt.save(summary["model_dir"])
-    return {**summary, "train_minutes": (time.time() - t0) / 60, "train_pairs": len(train),
-            "params": summary["total_params"], "vocab_size": tok.vocab_size,
-            "tokens_per_pair": sum(len(e.ids) for e in train_ex) / len(train_ex)}
+    return {
+        **summary,
+        "train_minutes": (time.time() - t0) / 60,
+        "train_pairs": len(train),
+        "params": summary["total_params"],
+        "vocab_size": tok.vocab_size,
+        "tokens_per_pair": sum(len(e.ids) for e in train_ex) / len(train_ex),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ decoding
+
 
 def clean_output(text: str) -> str:
     """A decoded translation up to its first newline (the prompt format's line structure), stripped."""
@@ -278,8 +317,16 @@ def clean_output(text: str) -> str:
 
 
 @torch.inference_mode()
-def translate(model, tokenizer, fmt: PromptFormat, sources: Sequence[str], beam: int = 0,
-              max_tokens: int = 64, length_penalty: float = 1.0, batch_size: int = 64) -> list[str]:
+def translate(
+    model,
+    tokenizer,
+    fmt: PromptFormat,
+    sources: Sequence[str],
+    beam: int = 0,
+    max_tokens: int = 64,
+    length_penalty: float = 1.0,
+    batch_size: int = 64,
+) -> list[str]:
     """Translate sources: greedy in length-sorted batches (beam=0), or beam search with `beam` beams each.
 
     Beam width 1 gives the greedy translation. Each output stops at the format's end token, after
@@ -297,8 +344,10 @@ def translate(model, tokenizer, fmt: PromptFormat, sources: Sequence[str], beam:
     block = model.config.block_size
     for i, p in enumerate(prompts):
         if len(p) >= block:
-            raise ValueError(f"source {i} ({sources[i][:40]!r}...) makes a prompt of {len(p)} tokens; the model's "
-                             f"context is {block}, so it cannot be translated: split the sentence")
+            raise ValueError(
+                f"source {i} ({sources[i][:40]!r}...) makes a prompt of {len(p)} tokens; the model's "
+                f"context is {block}, so it cannot be translated: split the sentence"
+            )
     outputs: list[list[int]] = [[] for _ in prompts]
     if beam >= 1:
         for i, p in enumerate(prompts):
@@ -307,10 +356,11 @@ def translate(model, tokenizer, fmt: PromptFormat, sources: Sequence[str], beam:
     else:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+            chunk = order[start : start + batch_size]
             n = min(max_tokens, block - max(len(prompts[i]) for i in chunk) + 1)
-            done = generate(model, [prompts[i] for i in chunk], SamplingParams(max_tokens=n, temperature=0.0),
-                            eos_id=end)
+            done = generate(
+                model, [prompts[i] for i in chunk], SamplingParams(max_tokens=n, temperature=0.0), eos_id=end
+            )
             for i, c in zip(chunk, done):
                 outputs[i] = c.tokens
     return [clean_output(tokenizer.decode(t)) for t in outputs]
@@ -329,6 +379,7 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
 
 # ------------------------------------------------------------------------------------------------ loading, CLI
 
+
 def load_translator(model: str, dtype: str = "float32"):
     """(model, tokenizer, PromptFormat) from a translation model folder or its run folder."""
     from lmforge.checkpoint import resolve_model_dir
@@ -343,8 +394,14 @@ def load_translator(model: str, dtype: str = "float32"):
     return net, tok, fmt
 
 
-def translate_command(model: str, text: str = "", file: str | None = None, beam: int = 0,
-                      max_tokens: int = 64, length_penalty: float = 1.0) -> int:
+def translate_command(
+    model: str,
+    text: str = "",
+    file: str | None = None,
+    beam: int = 0,
+    max_tokens: int = 64,
+    length_penalty: float = 1.0,
+) -> int:
     """Translate a sentence (or a file of them) with a translation model folder.
 
     Args:

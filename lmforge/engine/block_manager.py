@@ -43,8 +43,10 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"the KV pool needs num_blocks >= 1 and block_size >= 1, got num_blocks={num_blocks}, "
-                             f"block_size={block_size}")
+            raise ValueError(
+                f"the KV pool needs num_blocks >= 1 and block_size >= 1, got num_blocks={num_blocks}, "
+                f"block_size={block_size}"
+            )
         self.num_blocks, self.block_size = num_blocks, block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block: dict[int, int] = {}  # hash of a full computed block -> its block id
@@ -94,7 +96,7 @@ class BlockManager:
         """
         bs, parent, hits = self.block_size, self.root(salt), []
         for i in range((len(token_ids) - 1) // bs):
-            chunk = tuple(token_ids[i * bs:(i + 1) * bs])
+            chunk = tuple(token_ids[i * bs : (i + 1) * bs])
             parent = self.chain_hash(parent, chunk)
             block_id = self.hash_to_block.get(parent)
             if block_id is None or self.blocks[block_id].token_ids != chunk:
@@ -107,7 +109,7 @@ class BlockManager:
         bs, table = self.block_size, seq.block_table
         for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // bs):
             parent = self.blocks[table[i - 1]].hash if i else self.root(getattr(seq, "prefix_salt", None))
-            chunk = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            chunk = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             block = self.blocks[table[i]]
             block.hash, block.token_ids = self.chain_hash(parent, chunk), chunk
             self.hash_to_block.setdefault(block.hash, block.block_id)  # a twin computed concurrently keeps the first

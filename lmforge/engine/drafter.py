@@ -32,15 +32,20 @@ from lmforge.infer.speculative import NgramIndex, SpeculativeError, draw, one_ho
 class Drafter:
     def __init__(self, model, target_config, num_blocks: int, block_size: int, k: int):
         if k < 1:
-            raise SpeculativeError(f"num_speculative_tokens={k} is out of range: the draft must propose >= 1 "
-                                   f"token per step")
+            raise SpeculativeError(
+                f"num_speculative_tokens={k} is out of range: the draft must propose >= 1 token per step"
+            )
         V, Vd = target_config.vocab_size, model.config.vocab_size
         if V != Vd:
-            raise SpeculativeError(f"the draft's vocabulary has {Vd} tokens but the target's has {V}: the two "
-                                   f"models must share one tokenizer")
+            raise SpeculativeError(
+                f"the draft's vocabulary has {Vd} tokens but the target's has {V}: the two "
+                f"models must share one tokenizer"
+            )
         if model.config.pos != "sinusoidal" and model.config.block_size < target_config.block_size:
-            raise SpeculativeError(f"the draft's context ({model.config.block_size}) is shorter than the target's "
-                                   f"({target_config.block_size})")
+            raise SpeculativeError(
+                f"the draft's context ({model.config.block_size}) is shorter than the target's "
+                f"({target_config.block_size})"
+            )
         p = next(model.parameters())
         self.model, self.k, self.device = model.eval(), k, p.device
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=p.dtype, device=p.device)
@@ -70,15 +75,14 @@ class Drafter:
         feeds = [s.token_ids[a:] for s, a in zip(seqs, starts)]
         active = list(range(len(seqs)))
         for i in range(max(ks)):
-            logits = self._forward([seqs[b] for b in active], [feeds[b] for b in active],
-                                   [starts[b] for b in active])
+            logits = self._forward([seqs[b] for b in active], [feeds[b] for b in active], [starts[b] for b in active])
             for row, b in enumerate(active):
                 s = seqs[b]
                 context = s.token_ids + drafted[b]
                 if s.generator is None:  # greedy: the argmax, no distribution
-                    token = int(processed(logits[row:row + 1], s.params, context, s.prompt_len)[0].argmax())
+                    token = int(processed(logits[row : row + 1], s.params, context, s.prompt_len)[0].argmax())
                 else:
-                    q = token_probs(logits[row:row + 1], s.params, context, s.prompt_len)[0]
+                    q = token_probs(logits[row : row + 1], s.params, context, s.prompt_len)[0]
                     token = draw(q, s.generator)
                     q_rows[b].append(q)
                 drafted[b].append(token)
@@ -118,8 +122,9 @@ class NgramProposer:
 
     def __init__(self, vocab_size: int, k: int, n_min: int = 2, n_max: int = 4):
         if k < 1:
-            raise SpeculativeError(f"num_speculative_tokens={k} is out of range: prompt lookup proposes >= 1 "
-                                   f"token per step")
+            raise SpeculativeError(
+                f"num_speculative_tokens={k} is out of range: prompt lookup proposes >= 1 token per step"
+            )
         NgramIndex(n_min, n_max)  # checks the sizes now, not at the first request
         self.vocab_size, self.k, self.n_min, self.n_max = vocab_size, k, n_min, n_max
         self._lookups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -138,8 +143,9 @@ class NgramProposer:
         tokens = seq.token_ids
         if look.last is not None and len(tokens) > look.last[0]:  # the target has checked the last proposal
             at, proposed = look.last
-            kept = next((i for i, t in enumerate(proposed) if at + i >= len(tokens) or tokens[at + i] != t),
-                        len(proposed))
+            kept = next(
+                (i for i, t in enumerate(proposed) if at + i >= len(tokens) or tokens[at + i] != t), len(proposed)
+            )
             self._adapt(look, len(proposed), kept)
         look.last = None
         if look.wait > 0:

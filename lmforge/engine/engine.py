@@ -77,11 +77,24 @@ class Engine:
             model): a request names one (`adapter=`), and rows of different adapters share every step.
     """
 
-    def __init__(self, model, tokenizer=None, *, num_blocks: int | None = None, block_size: int = 16,
-                 max_num_seqs: int = 32, max_num_batched_tokens: int = 256, eos_id: int | Seq[int] | None = None,
-                 draft=None, speculative: str | None = None, num_speculative_tokens: int = 4,
-                 prompt_lookup_min: int = 2, prompt_lookup_max: int = 4, kv_dtype: torch.dtype | None = None,
-                 adapters: AdapterBank | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 256,
+        eos_id: int | Seq[int] | None = None,
+        draft=None,
+        speculative: str | None = None,
+        num_speculative_tokens: int = 4,
+        prompt_lookup_min: int = 2,
+        prompt_lookup_max: int = 4,
+        kv_dtype: torch.dtype | None = None,
+        adapters: AdapterBank | None = None,
+    ):
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
         if adapters is not None and adapters.model is not model:
             raise AdapterError("the adapter bank was made for another model: make it with AdapterBank(model)")
@@ -95,30 +108,44 @@ class Engine:
         self.fused = fused if fused is not None and fused.accepts(self.cache) else None
         self.block_manager = BlockManager(num_blocks, block_size)
         if speculative not in (None, "ngram") or (speculative == "ngram" and draft is not None):
-            raise SpeculativeError(f"speculative={speculative!r}: choose 'ngram' (prompt lookup, no draft model) or "
-                                   f"None (speculate with the draft model, when one is given)")
-        self.drafter = (NgramProposer(self.config.vocab_size, num_speculative_tokens, prompt_lookup_min,
-                                      prompt_lookup_max) if speculative == "ngram"
-                        else Drafter(draft, self.config, num_blocks, block_size, num_speculative_tokens)
-                        if draft is not None else None)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
-                                   num_speculative_tokens if self.drafter is not None else 0,
-                                   recompute_at=long_rope_switch(self.config),
-                                   window=self.config.sliding_window if self.config.all_windowed and draft is None
-                                   else None)  # a draft model reads the same blocks without a window
+            raise SpeculativeError(
+                f"speculative={speculative!r}: choose 'ngram' (prompt lookup, no draft model) or "
+                f"None (speculate with the draft model, when one is given)"
+            )
+        self.drafter = (
+            NgramProposer(self.config.vocab_size, num_speculative_tokens, prompt_lookup_min, prompt_lookup_max)
+            if speculative == "ngram"
+            else Drafter(draft, self.config, num_blocks, block_size, num_speculative_tokens)
+            if draft is not None
+            else None
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs,
+            max_num_batched_tokens,
+            num_speculative_tokens if self.drafter is not None else 0,
+            recompute_at=long_rope_switch(self.config),
+            window=self.config.sliding_window if self.config.all_windowed and draft is None else None,
+        )  # a draft model reads the same blocks without a window
         self.eos_ids = end_tokens(tokenizer, eos_id)
         # Whether step() decodes text and finds stop strings itself; a consumer that does both off the engine's
         # thread (lmforge.engine.loop's streams) turns it off and ends sequences by their stop strings with `stop`.
         self.detokenize = True
         self.requests: dict[str, list[Sequence]] = {}  # live requests -> their sequences
-        self.counters = dict(prompt_tokens=0, generated_tokens=0, computed_tokens=0, steps=0,
-                             draft_proposed=0, draft_accepted=0)
+        self.counters = dict(
+            prompt_tokens=0, generated_tokens=0, computed_tokens=0, steps=0, draft_proposed=0, draft_accepted=0
+        )
         self.ttft_s: deque[float] = deque(maxlen=1000)  # of recently finished requests
         self.itl_s: deque[float] = deque(maxlen=1000)
 
     # ---- requests ------------------------------------------------------------------------------
-    def make_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
-                     request_id: str | None = None, adapter: str | None = None) -> list[Sequence]:
+    def make_request(
+        self,
+        prompt_ids: Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        adapter: str | None = None,
+    ) -> list[Sequence]:
         """Check a request and build its sequences (n per prompt), without queueing them. `adapter` names a LoRA
         adapter of `self.adapters` (None: the base model)."""
         params = params if params is not None else SamplingParams()
@@ -126,9 +153,11 @@ class Engine:
         salt = self._check_adapter(adapter)
         need = len(prompt) + params.max_tokens - 1  # positions fed to the model
         if self.block_manager.blocks_needed(need) > self.block_manager.num_blocks:
-            raise RequestError(f"the request needs {self.block_manager.blocks_needed(need)} KV blocks but the pool "
-                               f"has {self.block_manager.num_blocks}; raise num_blocks or lower max_tokens",
-                               "max_tokens")
+            raise RequestError(
+                f"the request needs {self.block_manager.blocks_needed(need)} KV blocks but the pool "
+                f"has {self.block_manager.num_blocks}; raise num_blocks or lower max_tokens",
+                "max_tokens",
+            )
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
@@ -146,16 +175,19 @@ class Engine:
             return None
         if self.adapters is None or name not in self.adapters.adapters:
             loaded = ", ".join(self.adapters.adapters) if self.adapters is not None else ""
-            raise AdapterError(f"no LoRA adapter named {name!r} is loaded" + (f" (loaded: {loaded})" if loaded else ""),
-                               param="adapter")
+            raise AdapterError(
+                f"no LoRA adapter named {name!r} is loaded" + (f" (loaded: {loaded})" if loaded else ""),
+                param="adapter",
+            )
         return self.adapters.ids[name]
 
     def remove_adapter(self, name: str) -> None:
         """Stop serving an adapter; refused while a request uses it (between steps: the engine loop's thread)."""
         users = sum(1 for seqs in self.requests.values() for s in seqs if s.adapter == name and not s.finished)
         if users:
-            raise AdapterError(f"adapter {name!r} is in use by {users} running request(s); unload it when they end",
-                               param="name")
+            raise AdapterError(
+                f"adapter {name!r} is in use by {users} running request(s); unload it when they end", param="name"
+            )
         if self.adapters is None:
             raise AdapterError(f"no LoRA adapter named {name!r} is loaded", param="name")
         self.adapters.remove(name)
@@ -166,16 +198,20 @@ class Engine:
 
     def enqueue(self, seqs: list[Sequence]) -> str:
         if seqs[0].adapter_salt != self._check_adapter(seqs[0].adapter):  # unloaded (and maybe reloaded) meanwhile
-            raise AdapterError(f"adapter {seqs[0].adapter!r} was unloaded after the request was made",
-                               param="adapter")
+            raise AdapterError(f"adapter {seqs[0].adapter!r} was unloaded after the request was made", param="adapter")
         self.requests[seqs[0].request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
         self.counters["prompt_tokens"] += seqs[0].prompt_len
         return seqs[0].request_id
 
-    def add_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, adapter: str | None = None) -> str:
+    def add_request(
+        self,
+        prompt_ids: Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        adapter: str | None = None,
+    ) -> str:
         """Queue a prompt; it joins the running batch at the next step with room. Returns its request id."""
         return self.enqueue(self.make_request(prompt_ids, params, request_id, adapter))
 
@@ -185,8 +221,15 @@ class Engine:
         for seq in self.requests.pop(request_id, []):
             if not seq.finished:
                 self.scheduler.abort(seq)
-                outs.append(RequestOutput(seq.request_id, seq.index, finish_reason="abort",
-                                          num_cached_tokens=seq.num_cached_tokens, metrics=self._metrics(seq)))
+                outs.append(
+                    RequestOutput(
+                        seq.request_id,
+                        seq.index,
+                        finish_reason="abort",
+                        num_cached_tokens=seq.num_cached_tokens,
+                        metrics=self._metrics(seq),
+                    )
+                )
         return outs
 
     def stop(self, request_id: str, index: int) -> bool:
@@ -209,13 +252,26 @@ class Engine:
     def fail(self, request_id: str, error: Exception) -> list[RequestOutput]:
         """End a request with `error`: each of its sequences gets a final output with finish_reason "error" and
         the exception, and its KV blocks are freed. The engine and every other request go on."""
-        log.warning("request %s failed in the engine and ends alone: %s: %s", request_id, type(error).__name__,
-                    error, exc_info=error)
+        log.warning(
+            "request %s failed in the engine and ends alone: %s: %s",
+            request_id,
+            type(error).__name__,
+            error,
+            exc_info=error,
+        )
         outs = []
         for seq in self.requests.pop(request_id, []):
             self.scheduler.finish(seq, "error")
-            outs.append(RequestOutput(seq.request_id, seq.index, finish_reason="error", error=error,
-                                      num_cached_tokens=seq.num_cached_tokens, metrics=self._metrics(seq)))
+            outs.append(
+                RequestOutput(
+                    seq.request_id,
+                    seq.index,
+                    finish_reason="error",
+                    error=error,
+                    num_cached_tokens=seq.num_cached_tokens,
+                    metrics=self._metrics(seq),
+                )
+            )
         return outs
 
     def fail_all(self, error: Exception) -> list[RequestOutput]:
@@ -269,21 +325,29 @@ class Engine:
         prefills = [(s, n) for s, n in out.scheduled if n > 1]
         if self.drafter is not None:
             self.drafter.mirror(decodes + prefills)
-        logits, seqs, sampled, lps = [], [], {}, {}
+        logits: list[torch.Tensor] = []
+        seqs: list[Sequence] = []
+        sampled: dict[int, list[int]] = {}
+        lps: dict = {}
         if proposals:  # decoding rows with slots to spare ride along in the proposals' check: one call, not two
             riders = [s for s, _ in decodes if s in spare]
             decodes = [(s, n) for s, n in decodes if s not in spare]
             checked = list(proposals)
             sampled, lps, rider_logits = self._speculate(
-                checked, [proposals[s][0] for s in checked], [proposals[s][1] for s in checked],
-                [proposals[s][2] for s in checked], riders, [spare[s] for s in riders])
+                checked,
+                [proposals[s][0] for s in checked],
+                [proposals[s][1] for s in checked],
+                [proposals[s][2] for s in checked],
+                riders,
+                [spare[s] for s in riders],
+            )
             logits, seqs = ([rider_logits], riders) if riders else ([], [])
         groups = [g for g in (decodes, prefills) if g]
         for group in groups:
             pick = [b for b, (s, n) in enumerate(group) if out.samples(s, n)]
             tables = [s.block_table for s, _ in group]
             starts = [s.num_computed_tokens for s, _ in group]
-            feeds = [s.token_ids[a:a + n] for (s, n), a in zip(group, starts)]
+            feeds = [s.token_ids[a : a + n] for (s, n), a in zip(group, starts)]
             long = self._long_rope([s for s, _ in group])
             lora = self._lora([s for s, _ in group])
             if group is decodes:  # one token a row: the fused step where the model has one
@@ -291,7 +355,8 @@ class Engine:
                 logits += [rows if len(pick) == len(group) else rows[pick]] if pick else []
             else:  # prompt chunks: the head only where a row samples
                 last = forward.hidden(self.model, self.cache, tables, feeds, starts, long, lora)[
-                    torch.arange(len(group)), torch.tensor([n for _, n in group]) - 1]
+                    torch.arange(len(group)), torch.tensor([n for _, n in group]) - 1
+                ]
                 if pick:  # last: (B, C)
                     logits.append(forward.head(self.model, last[pick], lora.select(pick) if lora else None))
             seqs += [group[b][0] for b in pick]
@@ -308,8 +373,9 @@ class Engine:
             return None
         return [s.cache_salt == "long" for s in seqs]
 
-    def _propose(self, seqs: list[Sequence], lookahead: dict[int, int]
-                 ) -> tuple[dict[Sequence, tuple[list[int], object, int]], dict[Sequence, int]]:
+    def _propose(
+        self, seqs: list[Sequence], lookahead: dict[int, int]
+    ) -> tuple[dict[Sequence, tuple[list[int], object, int]], dict[Sequence, int]]:
         """Proposals (tokens, q, the KV slots reserved for them) of the speculating rows, and the slots reserved
         for the rows that proposed nothing: those lose their lookahead and decode as plain rows in this step (no
         verification work for them)."""
@@ -321,23 +387,36 @@ class Engine:
                 lookahead[s.seq_id] = len(d)
             else:
                 del lookahead[s.seq_id]
-        return ({s: (d, qs, r) for s, d, qs, r in zip(seqs, drafted, q, room) if d},
-                {s: r for s, d, r in zip(seqs, drafted, room) if not d})
+        return (
+            {s: (d, qs, r) for s, d, qs, r in zip(seqs, drafted, q, room) if d},
+            {s: r for s, d, r in zip(seqs, drafted, room) if not d},
+        )
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[dict[int, list[int]], dict]:
         """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG, all
         rows in one pass (greedy and sampled alike)."""
         params = [s.params for s in seqs]
-        tokens = sample_next(logits, params, [s.token_ids for s in seqs], [s.prompt_len for s in seqs],
-                             [s.generator for s in seqs])
+        tokens = sample_next(
+            logits, params, [s.token_ids for s in seqs], [s.prompt_len for s in seqs], [s.generator for s in seqs]
+        )
         lps: dict = {}
         if any(p.logprobs is not None for p in params):
-            lps = {s.seq_id: [lp] for s, lp in zip(seqs, token_logprobs(logits, tokens, [p.logprobs for p in params]))
-                   if lp is not None}
+            lps = {
+                s.seq_id: [lp]
+                for s, lp in zip(seqs, token_logprobs(logits, tokens, [p.logprobs for p in params]))
+                if lp is not None
+            }
         return {s.seq_id: [t] for s, t in zip(seqs, tokens.tolist())}, lps
 
-    def _speculate(self, seqs: list[Sequence], drafted: list[list[int]], q: list, room: list[int],
-                   riders: list[Sequence], rider_room: list[int]) -> tuple[dict[int, list[int]], dict, torch.Tensor]:
+    def _speculate(
+        self,
+        seqs: list[Sequence],
+        drafted: list[list[int]],
+        q: list,
+        room: list[int],
+        riders: list[Sequence],
+        rider_room: list[int],
+    ) -> tuple[dict[int, list[int]], dict, torch.Tensor]:
         """Check each row's proposal drafted[b] (drawn from q[b]) in one target forward, keep what the rule keeps;
         the same forward gives the plain decoding rows `riders` their next-token logits (returned, (J, V)).
 
@@ -352,25 +431,31 @@ class Engine:
         feeds = [s.token_ids[-1:] + d + d[-1:] * (min(longest, r) - len(d)) for s, d, r in zip(seqs, drafted, room)]
         feeds += [s.token_ids[-1:] * (1 + min(longest, r)) for s, r in zip(riders, rider_room)]
         rows = seqs + riders
-        all_logits = forward.logits(self.model, self.cache, [s.block_table for s in rows], feeds,  # (B, T, V)
-                                    [s.num_computed_tokens for s in rows], every_position=True,
-                                    long_rope=self._long_rope(rows), lora=self._lora(rows))
+        all_logits = forward.logits(
+            self.model,
+            self.cache,
+            [s.block_table for s in rows],
+            feeds,  # (B, T, V)
+            [s.num_computed_tokens for s in rows],
+            every_position=True,
+            long_rope=self._long_rope(rows),
+            lora=self._lora(rows),
+        )
         sampled, lps = {}, {}
         for b, s in enumerate(seqs):
-            logits = all_logits[b, :ks[b] + 1]  # (k + 1, V): the target after each fed token
+            logits = all_logits[b, : ks[b] + 1]  # (k + 1, V): the target after each fed token
             context, q_b = s.token_ids + drafted[b], q[b]
             if s.generator is None or q_b is None:  # greedy (the drafter keeps no distribution for it)
                 new = accept_greedy(drafted[b], processed(logits, s.params, context, s.prompt_len).argmax(-1).tolist())
             else:
-                new = accept_reject(drafted[b], q_b, token_probs(logits, s.params, context, s.prompt_len),
-                                    s.generator)
+                new = accept_reject(drafted[b], q_b, token_probs(logits, s.params, context, s.prompt_len), s.generator)
             s.num_draft_computed = s.num_tokens + min(len(new) - 1, ks[b] - 1)
             self.counters["draft_proposed"] += ks[b]
             self.counters["draft_accepted"] += len(new) - 1
             sampled[s.seq_id] = new
             if s.params.logprobs is not None:
-                lps[s.seq_id] = token_logprobs(logits[:len(new)], torch.tensor(new), [s.params.logprobs] * len(new))
-        return sampled, lps, all_logits[len(seqs):, 0]
+                lps[s.seq_id] = token_logprobs(logits[: len(new)], torch.tensor(new), [s.params.logprobs] * len(new))
+        return sampled, lps, all_logits[len(seqs) :, 0]
 
     def _outputs(self, advanced: list[Sequence], logprobs: dict) -> list[RequestOutput]:
         """Turn each advanced sequence's new tokens into a RequestOutput; stop strings end sequences here. A
@@ -389,7 +474,7 @@ class Engine:
 
     def _output(self, seq: Sequence, now: float, lp: list | None) -> RequestOutput:
         """One advanced sequence's RequestOutput: its new tokens and the text now safe to show."""
-        new = seq.token_ids[seq.prompt_len + seq.num_emitted:]
+        new = seq.token_ids[seq.prompt_len + seq.num_emitted :]
         seq.num_emitted += len(new)
         seq.token_times.extend([now] * len(new))
         self.counters["generated_tokens"] += len(new)
@@ -398,8 +483,15 @@ class Engine:
             text = seq.stops.update(self.tokenizer.decode(seq.output_ids), final=seq.finished)
             if seq.stops.stopped and not seq.finished:
                 self.scheduler.finish(seq, "stop")
-        out = RequestOutput(seq.request_id, seq.index, new, text, lp[:len(new)] if lp is not None else None,
-                            seq.finish_reason, seq.num_cached_tokens)
+        out = RequestOutput(
+            seq.request_id,
+            seq.index,
+            new,
+            text,
+            lp[: len(new)] if lp is not None else None,
+            seq.finish_reason,
+            seq.num_cached_tokens,
+        )
         if seq.finished:
             out.metrics = self._metrics(seq)
             seqs = self.requests.get(seq.request_id, [])
@@ -409,8 +501,11 @@ class Engine:
 
     def _metrics(self, seq: Sequence) -> dict:
         t = seq.token_times
-        m = dict(output_tokens=len(t), ttft_s=t[0] - seq.arrival_time if t else None,
-                 itl_s=(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None)
+        m = dict(
+            output_tokens=len(t),
+            ttft_s=t[0] - seq.arrival_time if t else None,
+            itl_s=(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None,
+        )
         if m["ttft_s"] is not None:
             self.ttft_s.append(m["ttft_s"])
         if m["itl_s"] is not None:
@@ -424,16 +519,30 @@ class Engine:
         live = sum(s.num_computed_tokens for s in list(sched.running))
         used_bytes = bm.num_used_blocks * self.cache.bytes_per_block
         median = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
-        return dict(waiting=len(sched.waiting), running=len(sched.running), kv_blocks_total=bm.num_blocks,
-                    kv_blocks_used=bm.num_used_blocks, kv_blocks_free=bm.num_free_blocks,
-                    kv_blocks_cached=bm.num_cached_free_blocks, kv_block_bytes=self.cache.bytes_per_block,
-                    live_tokens=live, kv_bytes_per_live_token=used_bytes / live if live else None,
-                    kv_bytes_per_token_ideal=self.cache.bytes_per_token, prefix_hit_tokens=sched.num_prefix_hit_tokens,
-                    preemptions=sched.num_preemptions, ttft_s_median=median(list(self.ttft_s)),
-                    itl_s_median=median(list(self.itl_s)), **self.counters)
+        return dict(
+            waiting=len(sched.waiting),
+            running=len(sched.running),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_free=bm.num_free_blocks,
+            kv_blocks_cached=bm.num_cached_free_blocks,
+            kv_block_bytes=self.cache.bytes_per_block,
+            live_tokens=live,
+            kv_bytes_per_live_token=used_bytes / live if live else None,
+            kv_bytes_per_token_ideal=self.cache.bytes_per_token,
+            prefix_hit_tokens=sched.num_prefix_hit_tokens,
+            preemptions=sched.num_preemptions,
+            ttft_s_median=median(list(self.ttft_s)),
+            itl_s_median=median(list(self.itl_s)),
+            **self.counters,
+        )
 
-    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
-                 adapters: Seq[str | None] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Seq[Seq[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        adapters: Seq[str | None] | None = None,
+    ) -> list[Completion]:
         """Run prompts to the end: one `Completion` per output (prompt-major, n each), as infer.generate does;
         adapters[i] names prompt i's LoRA adapter (None: the base)."""
         plist = per_prompt_params(params if params is not None else SamplingParams(), len(prompts))

@@ -20,9 +20,15 @@ from lmforge.engine.paged_cache import PagedKVCache, block_table_tensor
 from lmforge.infer.multi_lora import LoRABatch
 
 
-def hidden(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], feeds: Sequence[Sequence[int]],
-           starts: Sequence[int], long_rope: Sequence[bool] | None = None, lora: LoRABatch | None = None
-           ) -> torch.Tensor:
+def hidden(
+    model,
+    cache: PagedKVCache,
+    block_tables: Sequence[Sequence[int]],
+    feeds: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    long_rope: Sequence[bool] | None = None,
+    lora: LoRABatch | None = None,
+) -> torch.Tensor:
     """Hidden states (B, T, C) of the model's forward over the rows, right-padded to the longest feed T.
 
     long_rope: which rows' sequences are past LongRoPE's original context (lmforge.rope.long_rope_rows); None
@@ -30,7 +36,7 @@ def hidden(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], fe
     lengths = [len(f) for f in feeds]
     tokens = torch.zeros(len(feeds), max(lengths), dtype=torch.long)
     for b, f in enumerate(feeds):
-        tokens[b, :len(f)] = torch.as_tensor(f)
+        tokens[b, : len(f)] = torch.as_tensor(f)
     long = None if long_rope is None else list(long_rope)
     cache.prepare([list(t) for t in block_tables], list(starts), lengths, long)
     with lora or contextlib.nullcontext():
@@ -44,9 +50,16 @@ def head(model, hidden_states: torch.Tensor, lora: LoRABatch | None = None) -> t
         return model.logits(hidden_states)
 
 
-def logits(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], feeds: Sequence[Sequence[int]],
-           starts: Sequence[int], every_position: bool = False, long_rope: Sequence[bool] | None = None,
-           lora: LoRABatch | None = None) -> torch.Tensor:
+def logits(
+    model,
+    cache: PagedKVCache,
+    block_tables: Sequence[Sequence[int]],
+    feeds: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    every_position: bool = False,
+    long_rope: Sequence[bool] | None = None,
+    lora: LoRABatch | None = None,
+) -> torch.Tensor:
     """Logits at each row's last fed token (B, V), or with every_position at each fed token (B, T, V), rows
     shorter than the longest feed T padded with zeros."""
     lengths = [len(f) for f in feeds]
@@ -61,16 +74,22 @@ def logits(model, cache: PagedKVCache, block_tables: Sequence[Sequence[int]], fe
     for b, n in enumerate(lengths):
         groups.setdefault(n, []).append(b)
     if len(groups) == 1:  # the usual case: one call, no reassembly
-        out = fused.paged(feeds, cache, block_table_tensor(block_tables), starts, T if every_position else 1,
-                          long_rope, lora=lora)
+        out = fused.paged(
+            feeds, cache, block_table_tensor(block_tables), starts, T if every_position else 1, long_rope, lora=lora
+        )
         return out if every_position else out[:, 0]
     out = None
     for n, rows in groups.items():
-        part = fused.paged([feeds[b] for b in rows], cache, block_table_tensor([block_tables[b] for b in rows]),
-                           [starts[b] for b in rows], n if every_position else 1,
-                           None if long_rope is None else [long_rope[b] for b in rows],
-                           lora=lora.select(rows) if lora is not None else None)
+        part = fused.paged(
+            [feeds[b] for b in rows],
+            cache,
+            block_table_tensor([block_tables[b] for b in rows]),
+            [starts[b] for b in rows],
+            n if every_position else 1,
+            None if long_rope is None else [long_rope[b] for b in rows],
+            lora=lora.select(rows) if lora is not None else None,
+        )
         if out is None:
             out = part.new_zeros((len(feeds), T if every_position else 1, part.shape[-1]))
-        out[rows, :part.shape[1]] = part
+        out[rows, : part.shape[1]] = part
     return out if every_position else out[:, 0]

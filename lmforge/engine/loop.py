@@ -64,9 +64,12 @@ class OutputText:
         if not self.stops.stopped or out.finished:
             return False
         out.finish_reason, self.ended = "stop", True
-        t = self.seq.token_times[:len(self.ids)]  # (appended by the engine thread; a slice is one atomic read)
-        out.metrics = dict(output_tokens=len(t), ttft_s=t[0] - self.seq.arrival_time if t else None,
-                           itl_s=(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None)
+        t = self.seq.token_times[: len(self.ids)]  # (appended by the engine thread; a slice is one atomic read)
+        out.metrics = dict(
+            output_tokens=len(t),
+            ttft_s=t[0] - self.seq.arrival_time if t else None,
+            itl_s=(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None,
+        )
         return True
 
 
@@ -79,8 +82,13 @@ class RequestStream:
     the text; `on_stop(request_id, index)` is called when a stop string ends a sequence.
     """
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None,
-                 texts: list[OutputText] | None = None, on_stop: Callable[[str, int], None] | None = None):
+    def __init__(
+        self,
+        request_id: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+        texts: list[OutputText] | None = None,
+        on_stop: Callable[[str, int], None] | None = None,
+    ):
         self.request_id, self._loop, self._texts, self._on_stop = request_id, loop, texts, on_stop
         self._queue: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop else queue.SimpleQueue()
 
@@ -169,8 +177,13 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
-               request_id: str | None = None, adapter: str | None = None) -> RequestStream:
+    def submit(
+        self,
+        prompt_ids: Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        adapter: str | None = None,
+    ) -> RequestStream:
         """Queue a request (checked here, so bad input raises in the caller) and return its output stream;
         `adapter` names a LoRA adapter of the engine's (None: the base model)."""
         if not self.alive:
@@ -258,7 +271,9 @@ class EngineLoop:
             self.last_stats = self.engine.stats()
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
-        items = [(self._streams[out.request_id], out) for out in outs if out.request_id in self._streams]
+        items: list[tuple[RequestStream, object]] = [
+            (self._streams[out.request_id], out) for out in outs if out.request_id in self._streams
+        ]
         # A request's stream ends after all of this step's outputs: its n samples may finish together.
         for request_id in dict.fromkeys(out.request_id for out in outs):
             if request_id not in self.engine.requests and request_id in self._streams:

@@ -44,15 +44,15 @@ def block_table_tensor(block_tables: Sequence[Sequence[int]], device="cpu") -> t
     the time for the 32 rows of a decode step."""
     lengths = np.fromiter(map(len, block_tables), np.int64, len(block_tables))
     table = np.zeros((len(block_tables), int(lengths.max())), np.int64)
-    table[np.arange(table.shape[1]) < lengths[:, None]] = np.fromiter(itertools.chain.from_iterable(block_tables),
-                                                                      np.int64, int(lengths.sum()))
+    table[np.arange(table.shape[1]) < lengths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(block_tables), np.int64, int(lengths.sum())
+    )
     np.maximum(table, 0, out=table)  # released entries (negative) read as block 0
     return torch.from_numpy(table).to(device)
 
 
 class PagedKVCache:
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, dtype=torch.float32,
-                 device="cpu"):
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, dtype=torch.float32, device="cpu"):
         shape = (config.n_layer, num_blocks, block_size, config.n_kv_head, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -68,8 +68,9 @@ class PagedKVCache:
         """The ideal: 2 * n_layer * kv_dim * dtype bytes, as if no block were partly empty."""
         return self.bytes_per_block // self.block_size
 
-    def prepare(self, block_tables: list[list[int]], starts: list[int], lengths: list[int],
-                long_rope: list[bool] | None = None) -> None:
+    def prepare(
+        self, block_tables: list[list[int]], starts: list[int], lengths: list[int], long_rope: list[bool] | None = None
+    ) -> None:
         """Set up the next forward: row b feeds lengths[b] tokens at positions starts[b], starts[b] + 1, ...
 
         block_tables[b] must already hold slots for starts[b] + lengths[b] tokens. long_rope: which rows turn by

@@ -56,11 +56,20 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 32, max_num_batched_tokens: int = 256,
-                 num_lookahead_tokens: int = 0, recompute_at: int | None = None, window: int | None = None):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 256,
+        num_lookahead_tokens: int = 0,
+        recompute_at: int | None = None,
+        window: int | None = None,
+    ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or num_lookahead_tokens < 0:
-            raise ValueError(f"max_num_seqs={max_num_seqs} and max_num_batched_tokens={max_num_batched_tokens} "
-                             f"must both be >= 1 and num_lookahead_tokens={num_lookahead_tokens} >= 0")
+            raise ValueError(
+                f"max_num_seqs={max_num_seqs} and max_num_batched_tokens={max_num_batched_tokens} "
+                f"must both be >= 1 and num_lookahead_tokens={num_lookahead_tokens} >= 0"
+            )
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.num_lookahead_tokens = num_lookahead_tokens
@@ -93,8 +102,9 @@ class Scheduler:
                 self._release(seq)
                 continue
             n = min(seq.num_to_compute, budget)
-            ahead = self._lookahead(seq, budget - n) if self.num_lookahead_tokens and n == seq.num_to_compute == 1 \
-                else 0
+            ahead = (
+                self._lookahead(seq, budget - n) if self.num_lookahead_tokens and n == seq.num_to_compute == 1 else 0
+            )
             while not bm.allocate_slots(seq, n + ahead):
                 victim = self._pick_victim(seq, out)
                 self._preempt(victim, out)
@@ -174,7 +184,7 @@ class Scheduler:
             tokens = sampled[seq.seq_id]
             advanced.append(seq)
             stop = next((i for i, t in enumerate(tokens) if t in seq.stop_ids), None) if seq.stop_ids else None
-            keep = tokens[:stop][:seq.params.max_tokens - (seq.num_tokens - seq.prompt_len)]
+            keep = tokens[:stop][: seq.params.max_tokens - (seq.num_tokens - seq.prompt_len)]
             seq.token_ids += keep
             seq.num_computed_tokens += min(len(keep), len(tokens) - 1)  # the accepted draft tokens
             self._computed(seq)

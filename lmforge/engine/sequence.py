@@ -35,9 +35,16 @@ class Sequence:
     values, in order) and num_hashed_blocks (how many of them are named in the prefix cache).
     """
 
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, index: int = 0,
-                 eos_id: int | Collection[int] | None = None, adapter: str | None = None,
-                 adapter_salt: int | None = None):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        index: int = 0,
+        eos_id: int | Collection[int] | None = None,
+        adapter: str | None = None,
+        adapter_salt: int | None = None,
+    ):
         self.seq_id = next(_seq_ids)  # also the arrival order: lower ids are older
         self.request_id, self.index, self.params = request_id, index, params
         self.token_ids = list(prompt_ids)
@@ -78,15 +85,17 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
+        return self.token_ids[self.prompt_len :]
 
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request_id!r}#{self.index}, {self.status.value}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed_tokens}, blocks={self.block_table})")
+        return (
+            f"Sequence({self.request_id!r}#{self.index}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={self.block_table})"
+        )
 
 
 @dataclass

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from lmforge.infer.sampling import SamplingParams
 from lmforge.errors import LmforgeError
+from lmforge.infer.sampling import SamplingParams
 
 MAX_BIAS = 100.0  # OpenAI's logit_bias range, as SamplingParams checks it
 
@@ -66,10 +66,16 @@ class ControlSpec:
         for word, bias in self.logit_bias.items():
             if not isinstance(word, str) or not word.strip():
                 raise ControlsError(f"{where}: logit_bias word {word!r} must be a non-empty string")
-            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias) \
-                    or not -MAX_BIAS <= bias <= MAX_BIAS:
-                raise ControlsError(f"{where}: logit_bias for {word!r} is {bias!r}; it must be a number in "
-                                    f"[-{MAX_BIAS:g}, {MAX_BIAS:g}]")
+            if (
+                isinstance(bias, bool)
+                or not isinstance(bias, (int, float))
+                or not math.isfinite(bias)
+                or not -MAX_BIAS <= bias <= MAX_BIAS
+            ):
+                raise ControlsError(
+                    f"{where}: logit_bias for {word!r} is {bias!r}; it must be a number in "
+                    f"[-{MAX_BIAS:g}, {MAX_BIAS:g}]"
+                )
         if not isinstance(self.ignore_case, bool):
             raise ControlsError(f"{where}: ignore_case must be true or false, got {self.ignore_case!r}")
         if not self.banned_phrases and not self.logit_bias:
@@ -78,6 +84,7 @@ class ControlSpec:
 
 
 # ---------------------------------------------------------------------------------- reading files
+
 
 def load_controls(path: str | Path) -> ControlSpec:
     """Read a controls file (JSON if it ends in .json, else the line format); ControlsError names what is wrong."""
@@ -121,8 +128,9 @@ def _parse_lines(text: str, path: Path) -> ControlSpec:
         key, sep, rest = line.partition(":")
         key, rest = key.strip().lower(), rest.strip()
         if not sep or key not in ("ban", "bias", "ignore_case"):
-            raise ControlsError(f"{where}: expected 'ban: PHRASE', 'bias: NUMBER WORD' or 'ignore_case: "
-                                f"true|false', got {raw!r}")
+            raise ControlsError(
+                f"{where}: expected 'ban: PHRASE', 'bias: NUMBER WORD' or 'ignore_case: true|false', got {raw!r}"
+            )
         if key == "ban":
             spec.banned_phrases.append(_text_value(rest, where))
         elif key == "ignore_case":
@@ -134,8 +142,9 @@ def _parse_lines(text: str, path: Path) -> ControlSpec:
             try:
                 bias = float(number_text)
             except ValueError:
-                raise ControlsError(f"{where}: 'bias:' needs a number then a word (bias: -5 word), got "
-                                    f"{rest!r}") from None
+                raise ControlsError(
+                    f"{where}: 'bias:' needs a number then a word (bias: -5 word), got {rest!r}"
+                ) from None
             spec.logit_bias[_text_value(word.strip(), where)] = bias
     return spec
 
@@ -157,6 +166,7 @@ def _text_value(text: str, where: str) -> str:
 
 # ---------------------------------------------------------------------------------- bound to a tokenizer
 
+
 class Controls:
     """A ControlSpec bound to a tokenizer: the token ids each bias word covers, and per-request guards.
 
@@ -168,8 +178,10 @@ class Controls:
 
     def __init__(self, spec: ControlSpec, tokenizer, vocab_size: int):
         if tokenizer is None:
-            raise ControlsError("controls need the model's tokenizer (to decode text and tokenize words); this model "
-                                "has none: pass --tokenizer PATH")
+            raise ControlsError(
+                "controls need the model's tokenizer (to decode text and tokenize words); this model "
+                "has none: pass --tokenizer PATH"
+            )
         self.spec, self.tokenizer, self.vocab_size = spec, tokenizer, vocab_size
         self.word_tokens = {word: self._word_tokens(word) for word in spec.logit_bias}
         self.token_bias: dict[int, float] = {}  # token id -> summed bias of the words holding it
@@ -202,16 +214,21 @@ class Controls:
                     ids.append(t)
         unk = getattr(self.tokenizer, "unk_id", None)
         if unk is not None and unk in ids:
-            raise ControlsError(f"logit_bias word {word!r} is not in the tokenizer's vocabulary (it encodes to "
-                                f"<unk>); remove it or use a word the model knows")
+            raise ControlsError(
+                f"logit_bias word {word!r} is not in the tokenizer's vocabulary (it encodes to "
+                f"<unk>); remove it or use a word the model knows"
+            )
         bad = [t for t in ids if t >= self.vocab_size]
         if not ids or bad:
-            raise ControlsError(f"logit_bias word {word!r} tokenizes to {ids}, which the model's vocabulary of "
-                                f"{self.vocab_size} cannot bias")
+            raise ControlsError(
+                f"logit_bias word {word!r} tokenizes to {ids}, which the model's vocabulary of "
+                f"{self.vocab_size} cannot bias"
+            )
         return ids
 
-    def attach(self, params: SamplingParams, on_fire: Callable[[str, str], None] | None = None,
-               eos_id: int | None = None) -> ControlGuard:
+    def attach(
+        self, params: SamplingParams, on_fire: Callable[[str, str], None] | None = None, eos_id: int | None = None
+    ) -> ControlGuard:
         """Apply the controls to one request's params (in place) and return its guard, which counts the fires.
 
         The controls' biases are added to the request's own logit_bias (sums clipped to [-100, 100]);
@@ -237,8 +254,13 @@ class ControlGuard:
     of it) are always accepted.
     """
 
-    def __init__(self, controls: Controls, free_tokens: set[int], end_token: int | None,
-                 on_fire: Callable[[str, str], None] | None = None):
+    def __init__(
+        self,
+        controls: Controls,
+        free_tokens: set[int],
+        end_token: int | None,
+        on_fire: Callable[[str, str], None] | None = None,
+    ):
         self.controls, self.free, self.end_token, self.on_fire = controls, free_tokens, end_token, on_fire
         spec = controls.spec
         self.phrases = [p.lower() for p in spec.banned_phrases] if spec.ignore_case else list(spec.banned_phrases)
@@ -264,8 +286,12 @@ class ControlGuard:
         """True when appending `token` to the output would make a banned phrase occur (once more) in its text."""
         if not self.phrases or token in self.free:
             return False
-        hits = {i for before, after in self._texts(context, prompt_len, token)
-                for i, phrase in enumerate(self.phrases) if after.count(phrase) > before.count(phrase)}
+        hits = {
+            i
+            for before, after in self._texts(context, prompt_len, token)
+            for i, phrase in enumerate(self.phrases)
+            if after.count(phrase) > before.count(phrase)
+        }
         for i in sorted(hits):
             self._fire("banned_phrase", self.controls.spec.banned_phrases[i])
         return bool(hits)

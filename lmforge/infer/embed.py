@@ -41,18 +41,18 @@ def check_inputs(inputs: Sequence[Sequence[int]], vocab_size: int, context: int 
         if len(ids) == 0:
             raise EmbeddingError(f"input {i} is empty: there is nothing to embed", param="input")
         if context is not None and len(ids) > context:
-            raise EmbeddingError(f"input {i} has {len(ids)} tokens but the model's context is {context}; shorten "
-                                 f"it", param="input")
+            raise EmbeddingError(
+                f"input {i} has {len(ids)} tokens but the model's context is {context}; shorten it", param="input"
+            )
         if min(ids) < 0 or max(ids) >= vocab_size:
-            raise EmbeddingError(f"input {i} holds token ids outside the vocabulary 0..{vocab_size - 1}",
-                                 param="input")
+            raise EmbeddingError(f"input {i} holds token ids outside the vocabulary 0..{vocab_size - 1}", param="input")
 
 
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, T, C) right-padded states, (B,) real lengths -> (B, C) pooled, L2-normalised, float32."""
     hidden = hidden.float()
     if pooling == "mean":
-        real = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None])  # (B, T)
+        real = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]  # (B, T)
         vectors = (hidden * real[..., None]).sum(1) / lengths[:, None]
     elif pooling == "last":
         vectors = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
@@ -62,8 +62,9 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Ten
 
 
 @torch.inference_mode()
-def embed(model, inputs: Sequence[Sequence[int]], pooling: str = DEFAULT_POOLING,
-          max_batch_tokens: int = 4096) -> torch.Tensor:
+def embed(
+    model, inputs: Sequence[Sequence[int]], pooling: str = DEFAULT_POOLING, max_batch_tokens: int = 4096
+) -> torch.Tensor:
     """Embeddings (N, C), float32, of N token-id lists, in their order.
 
     Args:
@@ -88,7 +89,7 @@ def embed(model, inputs: Sequence[Sequence[int]], pooling: str = DEFAULT_POOLING
         lengths = torch.tensor([len(inputs[i]) for i in rows])
         tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
         for b, i in enumerate(rows):
-            tokens[b, :len(inputs[i])] = torch.as_tensor(list(inputs[i]))
+            tokens[b, : len(inputs[i])] = torch.as_tensor(list(inputs[i]))
         hidden = model.hidden(tokens.to(device))  # (B, T, C), causal: padding after an input never reaches it
         out[rows] = pool(hidden, lengths.to(device), pooling).cpu()
         start = end

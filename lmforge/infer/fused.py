@@ -74,12 +74,16 @@ def _load_extension():
             if failures:
                 _build_error = f"the fused decode step did not load ({'; '.join(failures)})"
             elif fused_build.built_modules():
-                _build_error = ("the fused decode step was built from another fused_decode.cpp or torch: "
-                                "rebuild it with `make ext` (or pip install --no-build-isolation lmforge again)")
+                _build_error = (
+                    "the fused decode step was built from another fused_decode.cpp or torch: "
+                    "rebuild it with `make ext` (or pip install --no-build-isolation lmforge again)"
+                )
             else:
-                _build_error = ("the fused decode step was not built when lmforge was installed (no C++ compiler "
-                                "then?): install one and run `make ext` (or pip install --no-build-isolation "
-                                "lmforge again)")
+                _build_error = (
+                    "the fused decode step was not built when lmforge was installed (no C++ compiler "
+                    "then?): install one and run `make ext` (or pip install --no-build-isolation "
+                    "lmforge again)"
+                )
             log.warning("lmforge: %s; decoding with packed linear layers instead", _build_error)
     return _extension
 
@@ -90,23 +94,30 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return f"{type(model).__name__} is not an lmforge Transformer"
     c = model.config
     if c.norm_placement == "post" or c.pos not in ("learned", "rope") or c.mlp not in _ACT:
-        return (f"norm_placement={c.norm_placement!r}, pos={c.pos!r}, mlp={c.mlp!r}: the fused step runs models "
-                f"with norms before or on their sublayers, learned or rotary positions and a {'/'.join(_ACT)} MLP")
+        return (
+            f"norm_placement={c.norm_placement!r}, pos={c.pos!r}, mlp={c.mlp!r}: the fused step runs models "
+            f"with norms before or on their sublayers, learned or rotary positions and a {'/'.join(_ACT)} MLP"
+        )
     if not c.final_norm:
         return f"final_norm={c.final_norm} is not fused"
     if c.qk_norm is not None and c.norm != "rmsnorm":
         return f"qk_norm={c.qk_norm!r} with norm={c.norm!r}: the fused step norms q and k with RMSNorm"
     for module in model.modules():
         if type(module).__module__.startswith("lmforge.infer") and type(module).__name__ not in (
-                "Int8Linear", "Int4Linear", "PackedLinear", "GemmLinear"):
+            "Int8Linear",
+            "Int4Linear",
+            "PackedLinear",
+            "GemmLinear",
+        ):
             return f"{type(module).__name__} layers are not fused"
         if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16:
             return "bfloat16 linear layers run packed for oneDNN (prepare_for_decoding packs them where it can)"
         params, buffers = list(module.parameters(recurse=False)), list(module.buffers(recurse=False))
         quantized = type(module).__name__ in ("Int8Linear", "Int4Linear")  # lmforge.infer.quantize's
         floats = params if quantized else params + buffers  # the kernel checks quantized weights and scales
-        if (any(t.dtype not in (torch.float32, torch.bfloat16) for t in floats)
-                or any(t.device.type != "cpu" for t in params + buffers)):
+        if any(t.dtype not in (torch.float32, torch.bfloat16) for t in floats) or any(
+            t.device.type != "cpu" for t in params + buffers
+        ):
             return "the fused step runs float32, bfloat16 (or int8- or 4-bit-weight) models on the CPU"
     if _load_extension() is None:
         return _build_error
@@ -130,8 +141,12 @@ class FusedDecoder:
         c = model.config
         self.n_head, self.eps, self.act = c.n_head, float(c.norm_eps), _ACT[c.mlp]
         self.windows = [c.layer_window(i) or 0 for i in range(c.n_layer)]
-        self.scalars = [c.attn_scale or 0.0, c.attn_softcap or 0.0, c.logit_softcap or 0.0,
-                        c.n_embd ** 0.5 if c.embed_scale else 0.0]
+        self.scalars = [
+            c.attn_scale or 0.0,
+            c.attn_softcap or 0.0,
+            c.logit_softcap or 0.0,
+            c.n_embd**0.5 if c.embed_scale else 0.0,
+        ]
         self.long_from = long_rope_switch(c)  # LongRoPE: rows whose sequence reaches it turn by the long tables
         none = torch.Tensor()  # an empty tensor marks an absent bias or scale
 
@@ -150,18 +165,36 @@ class FusedDecoder:
         self.norms: list[torch.Tensor] = []  # per layer: q_norm, k_norm, post_norm1 (w, b), post_norm2 (w, b)
         for block in model.blocks:
             assert isinstance(block, Block)  # what the Transformer is made of (for the type checker)
-            self.params += [*norm(block.norm1), *linear(block.attn.qkv), *linear(block.attn.proj),
-                            *norm(block.norm2), *linear(block.mlp.fc), *linear(block.mlp.proj)]
+            self.params += [
+                *norm(block.norm1),
+                *linear(block.attn.qkv),
+                *linear(block.attn.proj),
+                *norm(block.norm2),
+                *linear(block.mlp.fc),
+                *linear(block.mlp.proj),
+            ]
             attn = block.attn
-            self.norms += [tensor(attn.q_norm.weight) if attn.qk_norm else none,
-                           tensor(attn.k_norm.weight) if attn.qk_norm else none,
-                           *norm(block.post_norm1), *norm(block.post_norm2)]
-        self.params += [model.tok_emb.weight.detach(), tensor(None if model.pos_emb is None else model.pos_emb.weight),
-                        *norm(model.norm_f), *linear(model.lm_head)]
+            self.norms += [
+                tensor(attn.q_norm.weight) if attn.qk_norm else none,
+                tensor(attn.k_norm.weight) if attn.qk_norm else none,
+                *norm(block.post_norm1),
+                *norm(block.post_norm2),
+            ]
+        self.params += [
+            model.tok_emb.weight.detach(),
+            tensor(None if model.pos_emb is None else model.pos_emb.weight),
+            *norm(model.norm_f),
+            *linear(model.lm_head),
+        ]
         self.rms = c.norm == "rmsnorm"
-        self.ropes = [tensor(getattr(model, f"rope{which}_{part}", None)) for which in ("", "_local", "_long")
-                      for part in ("cos", "sin")]  # empty where the model has no such table
-        self.params = [p if p.is_mkldnn else p.contiguous() for p in self.params]  # a no-op for the usual, contiguous weights
+        self.ropes = [
+            tensor(getattr(model, f"rope{which}_{part}", None))
+            for which in ("", "_local", "_long")
+            for part in ("cos", "sin")
+        ]  # empty where the model has no such table
+        self.params = [
+            p if p.is_mkldnn else p.contiguous() for p in self.params
+        ]  # a no-op for the usual, contiguous weights
         self.norms = [p.contiguous() for p in self.norms]
         self.ropes = [p.contiguous() for p in self.ropes]
         self.extension = _load_extension()
@@ -169,18 +202,41 @@ class FusedDecoder:
     def accepts(self, cache, new_tokens: int = 1) -> bool:
         """Whether `cache` (a contiguous KVCache or the engine's PagedKVCache) can take `new_tokens` per row here."""
         known = type(cache).__name__ in ("KVCache", "PagedKVCache")  # exactly the layouts the kernel addresses
-        return (known and cache.k.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                and cache.v.dtype == cache.k.dtype
-                and cache.k.is_contiguous() and cache.v.is_contiguous() and new_tokens <= self.MAX_TOKENS)
+        return (
+            known
+            and cache.k.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and cache.v.dtype == cache.k.dtype
+            and cache.k.is_contiguous()
+            and cache.v.is_contiguous()
+            and new_tokens <= self.MAX_TOKENS
+        )
 
     def _run(self, tokens, lo, start, last, cache, block_table, long_rows=None, lora=None):
         if long_rows is None and self.long_from is not None:  # rows whose last new position is past the switch
             long_rows = start + tokens.shape[1] - 1 - lo >= self.long_from
         long_rows = torch.Tensor() if long_rows is None else torch.as_tensor(long_rows, dtype=torch.bool)
         stacks, slots = (lora.bank.fused_stacks, lora.slots) if lora is not None else ([], torch.Tensor())
-        return self.extension.forward_step(tokens, lo, start, last, cache.k, cache.v, block_table, self.params,
-                                           self.norms, self.n_head, self.eps, self.act, self.rms, self.ropes,
-                                           long_rows.contiguous(), self.windows, self.scalars, stacks, slots)
+        return self.extension.forward_step(
+            tokens,
+            lo,
+            start,
+            last,
+            cache.k,
+            cache.v,
+            block_table,
+            self.params,
+            self.norms,
+            self.n_head,
+            self.eps,
+            self.act,
+            self.rms,
+            self.ropes,
+            long_rows.contiguous(),
+            self.windows,
+            self.scalars,
+            stacks,
+            slots,
+        )
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, last: int = 1) -> torch.Tensor:
@@ -194,8 +250,17 @@ class FusedDecoder:
         return logits[:, 0] if step else logits
 
     @torch.no_grad()
-    def paged(self, feeds: Sequence[Sequence[int]], cache, block_table: torch.Tensor, starts: Sequence[int],
-              last: int = 1, long_rope: Sequence[bool] | None = None, *, lora=None) -> torch.Tensor:
+    def paged(
+        self,
+        feeds: Sequence[Sequence[int]],
+        cache,
+        block_table: torch.Tensor,
+        starts: Sequence[int],
+        last: int = 1,
+        long_rope: Sequence[bool] | None = None,
+        *,
+        lora=None,
+    ) -> torch.Tensor:
         """Rows of the serving engine's pool (lmforge.engine.forward): row b feeds the tokens feeds[b] (every row
         the same number) at positions starts[b].. (its cached tokens), its blocks block_table[b] ((B, blocks)
         int64, as lmforge.engine.paged_cache.block_table_tensor lays them out). Logits (B, last, V) of each row's
@@ -204,8 +269,9 @@ class FusedDecoder:
         adapter, added after each of its products in the step."""
         tokens = torch.tensor(feeds, dtype=torch.long)
         lo = torch.zeros(len(feeds), dtype=torch.long)
-        return self._run(tokens, lo, torch.tensor(starts, dtype=torch.long), last, cache, block_table, long_rope,
-                         lora=lora)
+        return self._run(
+            tokens, lo, torch.tensor(starts, dtype=torch.long), last, cache, block_table, long_rope, lora=lora
+        )
 
 
 def prepare_for_decoding(model: nn.Module) -> nn.Module:

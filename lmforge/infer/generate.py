@@ -68,6 +68,7 @@ def end_tokens(tokenizer=None, eos_id: int | Collection[int] | None = None) -> s
 
 # ---------------------------------------------------------------------------------- cache rows
 
+
 def select_cache_rows(cache, index: torch.Tensor) -> None:
     """Keep (and reorder or repeat) the batch rows of a `KVCache` given by index (B',): k, v and padding.
 
@@ -90,7 +91,7 @@ def prefill(model, prompts: Sequence[Sequence[int]], max_len: int):
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
     tokens = torch.zeros(len(prompts), L, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
-        tokens[b, L - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        tokens[b, L - len(p) :] = torch.as_tensor(p, dtype=torch.long)
     cache = model.new_cache(len(prompts), max_len, pad=pad)
     hidden = model.hidden(tokens, kv_cache=cache)[:, -1]  # (B, C)
     return model.logits(hidden), cache
@@ -106,8 +107,8 @@ def recompute_row(model, cache, row: int, tokens: Sequence[int]) -> torch.Tensor
     hidden = model.hidden(torch.tensor([list(tokens)], device=device), kv_cache=fresh)[0, -1]
     first = int(cache.pad[row]) if cache.pad is not None else 0  # the row's slots: first .. cache.length - 1
     assert first + len(tokens) == cache.length, "the row's tokens must be the ones its cache holds"
-    cache.k[:, row, :, first:cache.length] = fresh.k[:, 0, :, :len(tokens)]
-    cache.v[:, row, :, first:cache.length] = fresh.v[:, 0, :, :len(tokens)]
+    cache.k[:, row, :, first : cache.length] = fresh.k[:, 0, :, : len(tokens)]
+    cache.v[:, row, :, first : cache.length] = fresh.v[:, 0, :, : len(tokens)]
     return model.logits(hidden)
 
 
@@ -122,12 +123,15 @@ def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------- prompts
 
+
 def prompt_tokens(tokenizer, text: str) -> list[int]:
     """Encode a prompt; an empty one starts from BOS (else EOS, else a newline for char/word models)."""
     if text:
         if tokenizer is None:
-            raise ValueError("this model has no tokenizer to encode the prompt; pass --tokenizer PATH "
-                             "(a tokenizer.json or a folder holding one)")
+            raise ValueError(
+                "this model has no tokenizer to encode the prompt; pass --tokenizer PATH "
+                "(a tokenizer.json or a folder holding one)"
+            )
         return tokenizer.encode(text)
     for start in (getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)):
         if start is not None:
@@ -140,8 +144,9 @@ def prompt_tokens(tokenizer, text: str) -> list[int]:
     return [0]
 
 
-def check_prompt(prompt: Sequence[int], params: SamplingParams, config, *, has_tokenizer: bool,
-                 name: str = "the prompt") -> list[int]:
+def check_prompt(
+    prompt: Sequence[int], params: SamplingParams, config, *, has_tokenizer: bool, name: str = "the prompt"
+) -> list[int]:
     """The checks every way of generating makes before any work (`stream`/`generate` here, the serving engine's
     requests): the prompt is not empty and its ids are in the vocabulary, the sampling settings fit the
     vocabulary, stop strings come with a tokenizer to read them, and the prompt plus max_tokens fits the model's
@@ -156,23 +161,35 @@ def check_prompt(prompt: Sequence[int], params: SamplingParams, config, *, has_t
         raise LmforgeError(f"{name} holds token ids outside the model's vocabulary 0..{V - 1}", param="prompt")
     params.check_vocab(V)
     if params.stop and not has_tokenizer:
-        raise LmforgeError("stop strings need a tokenizer to decode text; pass tokenizer=... or use stop_token_ids",
-                           param="stop")
+        raise LmforgeError(
+            "stop strings need a tokenizer to decode text; pass tokenizer=... or use stop_token_ids", param="stop"
+        )
     need = len(prompt) + params.max_tokens - 1  # positions fed to the model
     if config.pos != "sinusoidal" and need > ctx:
-        raise LmforgeError(f"{name} ({len(prompt)} tokens) plus max_tokens={params.max_tokens} needs {need + 1} "
-                           f"positions but the model's context is {ctx}; shorten the prompt or lower max_tokens",
-                           param="max_tokens")
+        raise LmforgeError(
+            f"{name} ({len(prompt)} tokens) plus max_tokens={params.max_tokens} needs {need + 1} "
+            f"positions but the model's context is {ctx}; shorten the prompt or lower max_tokens",
+            param="max_tokens",
+        )
     return prompt
 
 
 # ---------------------------------------------------------------------------------- the decoding loop
 
+
 class _Row:
     """The state of one output sequence during decoding."""
 
-    def __init__(self, index: int, prompt_index: int, sample_index: int, prompt: Sequence[int],
-                 params: SamplingParams, stop_ids: set[int], device):
+    def __init__(
+        self,
+        index: int,
+        prompt_index: int,
+        sample_index: int,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        stop_ids: set[int],
+        device,
+    ):
         self.index, self.prompt_index, self.sample_index = index, prompt_index, sample_index
         self.params = params
         self.context = list(prompt)  # prompt + generated, what penalties and bans look at
@@ -183,17 +200,17 @@ class _Row:
 
     @property
     def generated(self) -> list[int]:
-        return self.context[self.prompt_len:]
+        return self.context[self.prompt_len :]
 
     def text(self, tokenizer) -> str:
-        return continuation_text(tokenizer, self.context[:self.prompt_len], self.generated)
+        return continuation_text(tokenizer, self.context[: self.prompt_len], self.generated)
 
 
 def continuation_text(tokenizer, prompt: Sequence[int], generated: Sequence[int]) -> str:
     """Generated text decoded after the prompt's last token, so that context-dependent decoding (no space after
     BOS, word spacing) comes out as it would in the whole sequence."""
     anchor = list(prompt[-1:])
-    return tokenizer.decode(anchor + list(generated))[len(tokenizer.decode(anchor)):]
+    return tokenizer.decode(anchor + list(generated))[len(tokenizer.decode(anchor)) :]
 
 
 def per_prompt_params(params: Sequence[SamplingParams] | SamplingParams, n: int) -> list[SamplingParams]:
@@ -201,8 +218,9 @@ def per_prompt_params(params: Sequence[SamplingParams] | SamplingParams, n: int)
     if isinstance(params, SamplingParams):
         return [params] * n
     if len(params) != n:
-        raise LmforgeError(f"got {n} prompts but {len(params)} SamplingParams; pass one per prompt or a single one "
-                           f"for all")
+        raise LmforgeError(
+            f"got {n} prompts but {len(params)} SamplingParams; pass one per prompt or a single one for all"
+        )
     return list(params)
 
 
@@ -211,14 +229,22 @@ def _normalise(model, prompts, params, has_tokenizer: bool) -> tuple[list[list[i
     if not prompts:
         raise LmforgeError("generate needs at least one prompt", param="prompt")
     params = per_prompt_params(params, len(prompts))
-    prompts = [check_prompt(p, sp, model.config, has_tokenizer=has_tokenizer, name=f"prompt {i}")
-               for i, (p, sp) in enumerate(zip(prompts, params))]
+    prompts = [
+        check_prompt(p, sp, model.config, has_tokenizer=has_tokenizer, name=f"prompt {i}")
+        for i, (p, sp) in enumerate(zip(prompts, params))
+    ]
     return prompts, params
 
 
 @torch.inference_mode()
-def stream(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams] | SamplingParams, *,
-           tokenizer=None, eos_id: int | Collection[int] | None = None) -> Iterator[Event]:
+def stream(
+    model,
+    prompts: Sequence[Sequence[int]],
+    params: Sequence[SamplingParams] | SamplingParams,
+    *,
+    tokenizer=None,
+    eos_id: int | Collection[int] | None = None,
+) -> Iterator[Event]:
     """Generate for every prompt at once, yielding an `Event` per row per step as tokens are chosen.
 
     Args:
@@ -243,8 +269,10 @@ def stream(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingPar
     max_len = max(len(p) for p in prompts) + max(sp.max_tokens for sp in params) - 1
     block = model.config.block_size
     if model.config.pos != "sinusoidal" and max_len > block:
-        raise ValueError(f"the longest prompt plus max_tokens needs {max_len + 1} positions but the model's context "
-                         f"is {block}; shorten the prompt or lower max_tokens")
+        raise ValueError(
+            f"the longest prompt plus max_tokens needs {max_len + 1} positions but the model's context "
+            f"is {block}; shorten the prompt or lower max_tokens"
+        )
 
     logits, cache = prefill(model, prompts, max_len)
     if len(rows) > len(prompts):  # n > 1: the samples of a prompt share its prefill
@@ -255,8 +283,13 @@ def stream(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingPar
     want_logprobs = any(sp.logprobs is not None for sp in params)
     switch = long_rope_switch(model.config)
     while True:
-        tokens = sample_next(logits, [r.params for r in live], [r.context for r in live],
-                             [r.prompt_len for r in live], [r.generator for r in live])
+        tokens = sample_next(
+            logits,
+            [r.params for r in live],
+            [r.context for r in live],
+            [r.prompt_len for r in live],
+            [r.generator for r in live],
+        )
         lps = token_logprobs(logits, tokens, [r.params.logprobs for r in live]) if want_logprobs else None
         keep = []
         for b, (row, token) in enumerate(zip(live, tokens.tolist())):
@@ -290,8 +323,14 @@ def _advance(row: _Row, token: int, logprob: TokenLogprob | None, tokenizer) -> 
     return Event(row.index, token, text, logprob, "length" if done else None)
 
 
-def generate(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams] | SamplingParams, *,
-             tokenizer=None, eos_id: int | Collection[int] | None = None) -> list[Completion]:
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    params: Sequence[SamplingParams] | SamplingParams,
+    *,
+    tokenizer=None,
+    eos_id: int | Collection[int] | None = None,
+) -> list[Completion]:
     """Run `stream` to the end: one `Completion` per output row (prompt-major, n samples per prompt)."""
     out: dict[int, Completion] = {}
     for ev in stream(model, prompts, params, tokenizer=tokenizer, eos_id=eos_id):
@@ -317,10 +356,16 @@ def generate(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingP
 
 # ---------------------------------------------------------------------------------- beam search
 
+
 @torch.inference_mode()
-def beam_search(model, prompt: Sequence[int], beam_width: int = 4, max_tokens: int = 64,
-                length_penalty: float = 1.0,
-                eos_id: int | Collection[int] | None = None) -> list[tuple[list[int], float]]:
+def beam_search(
+    model,
+    prompt: Sequence[int],
+    beam_width: int = 4,
+    max_tokens: int = 64,
+    length_penalty: float = 1.0,
+    eos_id: int | Collection[int] | None = None,
+) -> list[tuple[list[int], float]]:
     """The beam_width best continuations of one prompt, best first, as (tokens, score).
 
     score = sum of token logprobs / (number of generated tokens ** length_penalty), as Hugging Face scores
@@ -343,7 +388,7 @@ def beam_search(model, prompt: Sequence[int], beam_width: int = 4, max_tokens: i
     W = beam_width
 
     def normalised(total: float, length: int) -> float:
-        return total / (length ** length_penalty)
+        return total / (length**length_penalty)
 
     for step in range(1, max_tokens + 1):
         cand = (scores[:, None] + torch.log_softmax(logits.float(), dim=-1)).flatten()  # (W * V,)

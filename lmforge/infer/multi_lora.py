@@ -68,12 +68,15 @@ class AdapterBank:
     def add(self, name: str, adapter: Adapter) -> None:
         """Serve `adapter` under `name` (checked against the model and, when both are known, the base digest)."""
         if not name or name in self.adapters:
-            raise AdapterError(f"an adapter named {name!r} is already loaded" if name else "an adapter needs a name",
-                               param="name")
+            raise AdapterError(
+                f"an adapter named {name!r} is already loaded" if name else "an adapter needs a name", param="name"
+            )
         digest = self.base_digest() if self.check_base and adapter.base_digest is not None else None
         if digest is not None and adapter.base_digest != digest:
-            raise AdapterError(f"adapter {name!r} ({adapter.source}) was trained on a different base model "
-                               f"({adapter.base}): its recorded weight digest does not match this model's")
+            raise AdapterError(
+                f"adapter {name!r} ({adapter.source}) was trained on a different base model "
+                f"({adapter.base}): its recorded weight digest does not match this model's"
+            )
         adapter.check(self.model, check_base=False)
         self.adapters[name] = adapter
         self.ids[name] = next(self._ids)
@@ -81,8 +84,11 @@ class AdapterBank:
 
     def base_digest(self) -> str | None:
         """The served weights' digest (lmforge.lora.base_digest), when they are the float32 weights as stored."""
-        if self._digest is None and all(type(m) is nn.Linear and m.weight.dtype == torch.float32
-                                        for m in self.model.modules() if hasattr(m, "in_features")):
+        if self._digest is None and all(
+            type(m) is nn.Linear and m.weight.dtype == torch.float32
+            for m in self.model.modules()
+            if hasattr(m, "in_features")
+        ):
             self._digest = base_digest(self.model)
         return self._digest
 
@@ -124,8 +130,8 @@ class AdapterBank:
         Bt = torch.zeros(len(names) + 1, r, m.out_features, dtype=dtype)
         for i, w in enumerate(weights):
             if w is not None:
-                A[i, :w.rank] = w.A.to(dtype)
-                Bt[i, :w.rank] = (w.B.to(dtype) * w.scale).T
+                A[i, : w.rank] = w.A.to(dtype)
+                Bt[i, : w.rank] = (w.B.to(dtype) * w.scale).T
         return A, Bt
 
     # ---- rows ----------------------------------------------------------------------------------
@@ -159,6 +165,7 @@ class AdapterBank:
             low = torch.bmm(xs, A[self._rows].transpose(1, 2))  # (B, T, r): each row by its own adapter's A
             y += torch.bmm(low, Bt[self._rows]).reshape(y.shape).to(y.dtype)
             return y
+
         return hook
 
     def close(self) -> None:

@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 GEMM_ROWS = 16  # from this many rows on, a product goes to oneDNN's GEMM (fewer: its per-call reorder dominates)
 
 
@@ -39,8 +38,11 @@ def bf16_gemm_available() -> bool:
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) @ weight (out, in).T + bias through oneDNN, weight unpacked (float32 or bfloat16, on the CPU)."""
-    if torch.backends.mkldnn.is_available() and x.dtype == weight.dtype and (
-            x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and bf16_gemm_available())):
+    if (
+        torch.backends.mkldnn.is_available()
+        and x.dtype == weight.dtype
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and bf16_gemm_available()))
+    ):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

@@ -67,8 +67,7 @@ class QuantizationError(LmforgeError):
 
 def check_mode(mode: str | None) -> str:
     if mode not in MODES:
-        raise QuantizationError(f"quantization mode {mode!r} is not supported; choose one of {MODES}",
-                                param="mode")
+        raise QuantizationError(f"quantization mode {mode!r} is not supported; choose one of {MODES}", param="mode")
     return mode
 
 
@@ -130,8 +129,9 @@ class Int8Linear(nn.Module):
     weight: torch.Tensor
     scales: torch.Tensor
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32,
-                 device=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32, device=None
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
@@ -210,15 +210,17 @@ class Int4Linear(nn.Module):
     weight: torch.Tensor
     scales: torch.Tensor
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32,
-                 device=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32, device=None
+    ):
         super().__init__()
         if in_features % Q4_BLOCK:
             raise QuantizationError(f"4-bit blocks take {Q4_BLOCK} inputs; in_features={in_features} does not split")
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, in_features // Q4_BLOCK, dtype=torch.float16,
-                                                   device=device))
+        self.register_buffer(
+            "scales", torch.empty(out_features, in_features // Q4_BLOCK, dtype=torch.float16, device=device)
+        )
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
@@ -260,8 +262,12 @@ def _quantized_class(mode: str, linear: nn.Linear) -> type[Int4Linear] | type[In
 
 def _swap_linears(model: nn.Module, make) -> int:
     """Replace every nn.Linear below `model` by make(linear); returns how many were replaced."""
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, nn.Linear)]
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
     for parent, name, child in targets:
         setattr(parent, name, make(child))
     return len(targets)
@@ -295,8 +301,9 @@ def convert_for_runtime(model: nn.Module, mode: str) -> nn.Module:
 
     def empty(linear: nn.Linear) -> nn.Module:
         w = linear.weight
-        return _quantized_class(mode, linear)(linear.in_features, linear.out_features, linear.bias is not None,
-                                              w.dtype, w.device)
+        return _quantized_class(mode, linear)(
+            linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device
+        )
 
     _swap_linears(model, empty)
     _record_mode(model, mode)

@@ -75,8 +75,9 @@ class SamplingParams:
     n: int = 1  # independent samples of this prompt (they share its prefill)
     logprobs: int | None = None  # None: no logprobs; N: the chosen token's logprob plus the top-N alternatives
     # Constrained decoding: called with the row's output ids so far, returns the token ids allowed next (None: any).
-    allowed_tokens: Callable[[Sequence[int]], Sequence[int] | None] | None = field(default=None, repr=False,
-                                                                                   compare=False)
+    allowed_tokens: Callable[[Sequence[int]], Sequence[int] | None] | None = field(
+        default=None, repr=False, compare=False
+    )
     # Text-level checks (lmforge.infer.controls.ControlGuard): `rejects(context, prompt_len, token)` vetoes a chosen
     # token, which is then masked and the row drawn again; `observe(logits)` sees each step's raw logits (B=1 row).
     guard: TokenGuard | None = field(default=None, repr=False, compare=False)
@@ -88,36 +89,53 @@ class SamplingParams:
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         checks = [
             ("max_tokens", self.max_tokens >= 1, ">= 1"),
-            ("temperature", 0 <= self.temperature <= MAX_TEMPERATURE,
-             f"in [0, {MAX_TEMPERATURE:g}] (below {GREEDY_TEMPERATURE:g} is greedy)"),
+            (
+                "temperature",
+                0 <= self.temperature <= MAX_TEMPERATURE,
+                f"in [0, {MAX_TEMPERATURE:g}] (below {GREEDY_TEMPERATURE:g} is greedy)",
+            ),
             ("top_k", self.top_k >= 0, ">= 0 (0 disables it)"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
-            ("repetition_penalty", REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <=
-             REPETITION_PENALTY_RANGE[1], "in [{:g}, {:g}] (1 disables it)".format(*REPETITION_PENALTY_RANGE)),
+            (
+                "repetition_penalty",
+                REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1],
+                "in [{:g}, {:g}] (1 disables it)".format(*REPETITION_PENALTY_RANGE),
+            ),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
             ("n", self.n >= 1, ">= 1"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-             f"None or in [0, {MAX_LOGPROBS}]"),
+            (
+                "logprobs",
+                self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                f"None or in [0, {MAX_LOGPROBS}]",
+            ),
         ]
         for name, ok, allowed in checks:
             if not ok:
-                raise SamplingError(f"sampling setting {name}={getattr(self, name)!r} is out of range: "
-                                    f"it must be {allowed}", name)
+                raise SamplingError(
+                    f"sampling setting {name}={getattr(self, name)!r} is out of range: it must be {allowed}", name
+                )
         for token, bias in self.logit_bias.items():
             if token < 0 or not -100 <= bias <= 100:
-                raise SamplingError(f"sampling setting logit_bias={{{token}: {bias}}} is out of range: token ids "
-                                    f"must be >= 0 and biases in [-100, 100]", "logit_bias")
+                raise SamplingError(
+                    f"sampling setting logit_bias={{{token}: {bias}}} is out of range: token ids "
+                    f"must be >= 0 and biases in [-100, 100]",
+                    "logit_bias",
+                )
         for seq in self.banned_sequences:
             if not seq or min(seq) < 0:
-                raise SamplingError(f"sampling setting banned_sequences holds {seq!r}: each banned sequence "
-                                    f"must be a non-empty list of token ids >= 0", "banned_sequences")
+                raise SamplingError(
+                    f"sampling setting banned_sequences holds {seq!r}: each banned sequence "
+                    f"must be a non-empty list of token ids >= 0",
+                    "banned_sequences",
+                )
         if any(not s for s in self.stop):
             raise SamplingError("sampling setting stop holds an empty string: stop strings must be non-empty", "stop")
         if any(t < 0 for t in self.stop_token_ids):
-            raise SamplingError(f"sampling setting stop_token_ids={self.stop_token_ids} holds a negative id",
-                                "stop_token_ids")
+            raise SamplingError(
+                f"sampling setting stop_token_ids={self.stop_token_ids} holds a negative id", "stop_token_ids"
+            )
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids in the settings must exist in the model's vocabulary, and logprobs' alternatives too."""
@@ -125,11 +143,17 @@ class SamplingParams:
         ids += [("banned_sequences", t) for seq in self.banned_sequences for t in seq]
         for name, t in ids:
             if t >= vocab_size:
-                raise SamplingError(f"sampling setting {name} names token id {t}, but the model's vocabulary "
-                                    f"has ids 0..{vocab_size - 1}", name)
+                raise SamplingError(
+                    f"sampling setting {name} names token id {t}, but the model's vocabulary "
+                    f"has ids 0..{vocab_size - 1}",
+                    name,
+                )
         if self.logprobs is not None and self.logprobs > vocab_size:
-            raise SamplingError(f"sampling setting logprobs={self.logprobs} asks for more alternatives than the "
-                                f"model's vocabulary of {vocab_size} tokens holds", "logprobs")
+            raise SamplingError(
+                f"sampling setting logprobs={self.logprobs} asks for more alternatives than the "
+                f"model's vocabulary of {vocab_size} tokens holds",
+                "logprobs",
+            )
 
     @property
     def greedy(self) -> bool:
@@ -138,9 +162,15 @@ class SamplingParams:
     @property
     def plain(self) -> bool:
         """True when the processed logits equal the raw ones (no penalty, bias or ban), the fast path."""
-        return (self.repetition_penalty == 1 and self.presence_penalty == 0 and self.frequency_penalty == 0
-                and not self.logit_bias and not self.banned_sequences and self.allowed_tokens is None
-                and self.guard is None)
+        return (
+            self.repetition_penalty == 1
+            and self.presence_penalty == 0
+            and self.frequency_penalty == 0
+            and not self.logit_bias
+            and not self.banned_sequences
+            and self.allowed_tokens is None
+            and self.guard is None
+        )
 
 
 def make_generator(seed: int | None, sample_index: int = 0, device="cpu") -> torch.Generator:
@@ -158,8 +188,10 @@ def make_generator(seed: int | None, sample_index: int = 0, device="cpu") -> tor
 # ---------------------------------------------------------------------------------- logit processors
 # Each takes logits (B, V) and per-row settings, returns new logits (B, V); none modifies its input.
 
-def token_counts(contexts: Sequence[Sequence[int]], starts: Sequence[int], vocab_size: int,
-                 device="cpu") -> torch.Tensor:
+
+def token_counts(
+    contexts: Sequence[Sequence[int]], starts: Sequence[int], vocab_size: int, device="cpu"
+) -> torch.Tensor:
     """counts (B, V): how often each token occurs in contexts[b][starts[b]:] (float, for vectorised penalties)."""
     counts = torch.zeros(len(contexts), vocab_size, device=device)
     for b, (ctx, start) in enumerate(zip(contexts, starts)):
@@ -169,8 +201,14 @@ def token_counts(contexts: Sequence[Sequence[int]], starts: Sequence[int], vocab
     return counts
 
 
-def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor,
-                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    generated: torch.Tensor,
+    repetition: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+) -> torch.Tensor:
     """Repetition, presence and frequency penalties, one value of each per row (B,).
 
     seen (B, V): tokens anywhere in the context (prompt and output) -- what the repetition penalty of
@@ -203,15 +241,20 @@ def apply_logit_bias(logits: torch.Tensor, biases: Sequence[dict[int, float]]) -
     return out
 
 
-def ban_sequences(logits: torch.Tensor, contexts: Sequence[Sequence[int]],
-                  banned: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
+def ban_sequences(
+    logits: torch.Tensor, contexts: Sequence[Sequence[int]], banned: Sequence[Sequence[Sequence[int]]]
+) -> torch.Tensor:
     """Mask the last token of each banned sequence whose other tokens end the row's context.
 
     A banned sequence [a, b, c] sets logits[row, c] = -inf whenever the context ends with [a, b], so it can
     never be completed; a one-token sequence [c] bans c outright.
     """
-    hits = [(b, seq[-1]) for b, (ctx, seqs) in enumerate(zip(contexts, banned)) for seq in seqs
-            if len(seq) == 1 or (len(ctx) >= len(seq) - 1 and list(ctx[len(ctx) - len(seq) + 1:]) == list(seq[:-1]))]
+    hits = [
+        (b, seq[-1])
+        for b, (ctx, seqs) in enumerate(zip(contexts, banned))
+        for seq in seqs
+        if len(seq) == 1 or (len(ctx) >= len(seq) - 1 and list(ctx[len(ctx) - len(seq) + 1 :]) == list(seq[:-1]))
+    ]
     if not hits:
         return logits
     out = logits.clone()
@@ -283,6 +326,7 @@ def min_p_filter(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------- the composed step
 
+
 def _column(params: Sequence[SamplingParams], name: str, device, dtype=torch.float32) -> torch.Tensor:
     return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
 
@@ -292,8 +336,12 @@ def _top_k_column(params: Sequence[SamplingParams], vocab_size: int, device) -> 
     return torch.tensor([min(p.top_k, vocab_size) for p in params], dtype=torch.long, device=device)
 
 
-def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], contexts: Sequence[Sequence[int]],
-                   prompt_lens: Sequence[int]) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    contexts: Sequence[Sequence[int]],
+    prompt_lens: Sequence[int],
+) -> torch.Tensor:
     """The distribution each row samples from, as logits (B, V) with -inf for removed tokens.
 
     logits: the model's raw next-token logits (B, V), any float dtype (computed in float32).
@@ -306,13 +354,23 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], conte
             V = logits.shape[-1]
             generated = token_counts(contexts, prompt_lens, V, device)
             seen = token_counts(contexts, [0] * len(contexts), V, device)
-            logits = apply_penalties(logits, seen, generated, _column(params, "repetition_penalty", device),
-                                     _column(params, "presence_penalty", device),
-                                     _column(params, "frequency_penalty", device))
+            logits = apply_penalties(
+                logits,
+                seen,
+                generated,
+                _column(params, "repetition_penalty", device),
+                _column(params, "presence_penalty", device),
+                _column(params, "frequency_penalty", device),
+            )
         logits = apply_logit_bias(logits, [p.logit_bias for p in params])
         logits = ban_sequences(logits, contexts, [p.banned_sequences for p in params])
-        logits = mask_disallowed(logits, [p.allowed_tokens(ctx[n:]) if p.allowed_tokens is not None else None
-                                          for p, ctx, n in zip(params, contexts, prompt_lens)])
+        logits = mask_disallowed(
+            logits,
+            [
+                p.allowed_tokens(ctx[n:]) if p.allowed_tokens is not None else None
+                for p, ctx, n in zip(params, contexts, prompt_lens)
+            ],
+        )
     if all(p.greedy for p in params):
         return logits  # argmax is unchanged by temperature and by filters that keep the top token
     logits = apply_temperature(logits, _column(params, "temperature", device))
@@ -349,10 +407,11 @@ def sample(logits: torch.Tensor, greedy: Sequence[bool], generators: Sequence[to
         cdf = chosen.float().softmax(dim=-1).cumsum(dim=-1, dtype=torch.float64)  # (S, V)
         total = cdf[:, -1]
         if not bool(torch.isfinite(total).all()) or bool((total <= 0).any()):
-            raise SamplingError("the model's probabilities hold NaN or infinity, or no token is allowed: there is "
-                                "nothing to sample from")
-        u = torch.cat([torch.rand(1, dtype=torch.float64, generator=generators[b], device=logits.device)
-                       for b in rows])
+            raise SamplingError(
+                "the model's probabilities hold NaN or infinity, or no token is allowed: there is "
+                "nothing to sample from"
+            )
+        u = torch.cat([torch.rand(1, dtype=torch.float64, generator=generators[b], device=logits.device) for b in rows])
         drawn = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0]
         if bool((drawn == cdf.shape[-1]).any()):  # u * total rounded up to the total: the last possible token
             drawn = torch.minimum(drawn, (cdf < total[:, None]).sum(dim=-1))
@@ -360,8 +419,13 @@ def sample(logits: torch.Tensor, greedy: Sequence[bool], generators: Sequence[to
     return tokens
 
 
-def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], contexts: Sequence[Sequence[int]],
-                prompt_lens: Sequence[int], generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    contexts: Sequence[Sequence[int]],
+    prompt_lens: Sequence[int],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
     """One decoding step for a batch of rows with different settings: raw logits (B, V) -> tokens (B,)."""
     if all(p.greedy and p.plain for p in params):
         return argmax(logits)  # the hot path: nothing to process
@@ -372,9 +436,15 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], contexts
     return tokens
 
 
-def apply_guards(logits: torch.Tensor, processed: torch.Tensor, tokens: torch.Tensor,
-                 params: Sequence[SamplingParams], contexts: Sequence[Sequence[int]], prompt_lens: Sequence[int],
-                 generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def apply_guards(
+    logits: torch.Tensor,
+    processed: torch.Tensor,
+    tokens: torch.Tensor,
+    params: Sequence[SamplingParams],
+    contexts: Sequence[Sequence[int]],
+    prompt_lens: Sequence[int],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
     """Redraw each guarded row's token until its guard accepts it.
 
     A rejected token is masked (-inf) and the row drawn again from what is left of its processed distribution
@@ -401,8 +471,9 @@ def apply_guards(logits: torch.Tensor, processed: torch.Tensor, tokens: torch.Te
     return tokens
 
 
-def _first_accepted(logits: torch.Tensor, p: SamplingParams, guard: TokenGuard, context: Sequence[int],
-                    prompt_len: int, tried: set[int]) -> int:
+def _first_accepted(
+    logits: torch.Tensor, p: SamplingParams, guard: TokenGuard, context: Sequence[int], prompt_len: int, tried: set[int]
+) -> int:
     """The most likely token (after penalties, biases, bans and allowed tokens) that p's guard accepts."""
     hard = process_logits(logits[None], [replace(p, temperature=0.0, n=1)], [context], [prompt_len])[0]
     for token in hard.argsort(descending=True).tolist():
@@ -412,8 +483,11 @@ def _first_accepted(logits: torch.Tensor, p: SamplingParams, guard: TokenGuard, 
             return token
     if guard.end_token is not None:
         return guard.end_token
-    raise SamplingError("sampling setting guard rejects every token allowed at this step: each would complete a "
-                        "banned phrase (lmforge.infer.controls); the output cannot continue", "banned_phrases")
+    raise SamplingError(
+        "sampling setting guard rejects every token allowed at this step: each would complete a "
+        "banned phrase (lmforge.infer.controls); the output cannot continue",
+        "banned_phrases",
+    )
 
 
 @dataclass
@@ -425,8 +499,9 @@ class TokenLogprob:
     top: dict[int, float]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
-                   top_n: Sequence[int | None]) -> list[TokenLogprob | None]:
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, top_n: Sequence[int | None]
+) -> list[TokenLogprob | None]:
     """Per row: log_softmax(raw logits)[token] and the top_n[b] most likely alternatives; None where top_n is None."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
     chosen = logp.gather(-1, tokens.view(-1, 1))[:, 0].tolist()
@@ -443,6 +518,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------- stop strings
+
 
 class StopStrings:
     """Incremental stop-string detection on decoded text, for one sequence.
@@ -468,7 +544,7 @@ class StopStrings:
         hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             self.stopped = True
-            self.text = text[:min(hits)]
+            self.text = text[: min(hits)]
             safe = len(self.text)
         else:
             self.text = text
@@ -481,6 +557,6 @@ class StopStrings:
                             safe = min(safe, len(body) - k)
                             break
         safe = max(safe, self.emitted)
-        delta = text[self.emitted:safe]
+        delta = text[self.emitted : safe]
         self.emitted = safe
         return delta

@@ -48,7 +48,7 @@ def processed(logits: torch.Tensor, params: SamplingParams, context: Sequence[in
     N = logits.shape[0]
     if params.plain and params.greedy:
         return logits  # nothing to apply: the argmax is the raw one
-    contexts = [context] * N if params.plain else [context[:len(context) - N + 1 + i] for i in range(N)]
+    contexts = [context] * N if params.plain else [context[: len(context) - N + 1 + i] for i in range(N)]
     return process_logits(logits, [params] * N, contexts, [prompt_len] * N)
 
 
@@ -69,8 +69,9 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator)[0])
 
 
-def accept_reject(draft_tokens: Sequence[int], q: torch.Tensor, p: torch.Tensor,
-                  generator: torch.Generator) -> list[int]:
+def accept_reject(
+    draft_tokens: Sequence[int], q: torch.Tensor, p: torch.Tensor, generator: torch.Generator
+) -> list[int]:
     """The tokens one round yields: the accepted prefix of the draft, then one token drawn for the target.
 
     draft_tokens: x_1..x_k, drawn from the draft's distributions q (k, V); p (k+1, V): the target's
@@ -115,19 +116,19 @@ class NgramIndex:
         L = len(tokens)
         for end in range(self._indexed, L - 1):  # every n-gram that ends before the last token
             for n in range(self.n_min, min(self.n_max, end + 1) + 1):
-                self._end[tuple(tokens[end - n + 1:end + 1])] = end
+                self._end[tuple(tokens[end - n + 1 : end + 1])] = end
         self._indexed = max(self._indexed, L - 1)
         for n in range(min(self.n_max, L), self.n_min - 1, -1):
-            last = self._end.get(tuple(tokens[L - n:]))
+            last = self._end.get(tuple(tokens[L - n :]))
             if last is not None:
-                return list(tokens[last + 1:last + 1 + k])
+                return list(tokens[last + 1 : last + 1 + k])
         return []
 
 
 def feed(model, cache, sequence: Sequence[int], last: int) -> torch.Tensor:
     """Run the tokens of `sequence` that `cache` lacks through `model`; logits (last, V) of its last positions."""
     device = next(model.parameters()).device
-    new = torch.tensor(sequence[cache.length:], dtype=torch.long, device=device)[None]  # (1, T)
+    new = torch.tensor(sequence[cache.length :], dtype=torch.long, device=device)[None]  # (1, T)
     fused = getattr(model, "fused_decoder", None)  # lmforge.infer.fused: a few tokens in one call
     if fused is not None and fused.accepts(cache, new.shape[1]):
         return fused(new, cache, last)[0]
@@ -140,21 +141,26 @@ def _check(target, draft, prompt: list[int], params: SamplingParams, k: int) -> 
         raise SpeculativeError(f"speculative k={k} is out of range: the draft must propose >= 1 token per round")
     V = target.config.vocab_size
     if not isinstance(draft, NgramIndex) and draft.config.vocab_size != V:
-        raise SpeculativeError(f"the draft's vocabulary has {draft.config.vocab_size} tokens but the target's has "
-                               f"{V}: the two models must share one tokenizer")
+        raise SpeculativeError(
+            f"the draft's vocabulary has {draft.config.vocab_size} tokens but the target's has "
+            f"{V}: the two models must share one tokenizer"
+        )
     if not prompt:
         raise SpeculativeError("the prompt is empty; start it with the tokenizer's BOS/EOS token")
     if min(prompt) < 0 or max(prompt) >= V:
         raise SpeculativeError(f"the prompt holds token ids outside the vocabulary 0..{V - 1}")
     for name, bad in (("n", params.n != 1), ("stop", bool(params.stop)), ("logprobs", params.logprobs is not None)):
         if bad:
-            raise SpeculativeError(f"sampling setting {name}={getattr(params, name)!r} is not supported by "
-                                   f"speculative decoding (one sample, stop token ids only, no logprobs)")
+            raise SpeculativeError(
+                f"sampling setting {name}={getattr(params, name)!r} is not supported by "
+                f"speculative decoding (one sample, stop token ids only, no logprobs)"
+            )
     params.check_vocab(V)
 
 
-def _draft(draft, cache, context: list[int], k: int, params: SamplingParams, prompt_len: int,
-           generator) -> tuple[list[int], torch.Tensor | None]:
+def _draft(
+    draft, cache, context: list[int], k: int, params: SamplingParams, prompt_len: int, generator
+) -> tuple[list[int], torch.Tensor | None]:
     """k tokens from the draft model, one forward each, and (sampling) the distributions q (k, V) they came from."""
     drafted: list[int] = []
     q_rows: list[torch.Tensor] = []  # the draft's distribution at each drafted token (sampled rows)
@@ -171,8 +177,15 @@ def _draft(draft, cache, context: list[int], k: int, params: SamplingParams, pro
 
 
 @torch.inference_mode()
-def speculative_generate(target, draft, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                         k: int = 4, *, eos_id: int | Collection[int] | None = None) -> tuple[list[int], dict]:
+def speculative_generate(
+    target,
+    draft,
+    prompt_ids: Sequence[int],
+    params: SamplingParams | None = None,
+    k: int = 4,
+    *,
+    eos_id: int | Collection[int] | None = None,
+) -> tuple[list[int], dict]:
     """Continue one prompt with the target's distribution, drafting up to k tokens per target forward.
 
     Args:
@@ -228,8 +241,13 @@ def speculative_generate(target, draft, prompt_ids: Sequence[int], params: Sampl
         if draft_cache is not None:
             draft_cache.crop(len(context) - 1)
 
-    generated = context[len(prompt):]
-    stats = {"acceptance_rate": accepted / proposed if proposed else 0.0, "proposed": proposed,
-             "accepted": accepted, "rounds": rounds, "tokens_per_round": len(generated) / max(rounds, 1),
-             "finish_reason": finish_reason}
+    generated = context[len(prompt) :]
+    stats = {
+        "acceptance_rate": accepted / proposed if proposed else 0.0,
+        "proposed": proposed,
+        "accepted": accepted,
+        "rounds": rounds,
+        "tokens_per_round": len(generated) / max(rounds, 1),
+        "finish_reason": finish_reason,
+    }
     return generated, stats

@@ -74,11 +74,15 @@ Q4_0_BLOCK_BYTES = 18  # float16 d, then 16 bytes of nibbles
 BYTE_PIECE = re.compile(rb"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback piece, as llama.cpp reads it
 SPIECE_SPACE = "\u2581"  # SentencePiece's visible space, which llama.cpp's "llama" tokenizer expects in pieces
 # Llama 3's pre-tokenizer regex (tokenizer.json Split pattern) -> llama.cpp's "llama-bpe" pre-tokenizer.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # Qwen2/2.5/3's (single digits): transformers' tokenization_qwen2.PRETOKENIZE_REGEX -> llama.cpp's "qwen2".
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}  # tokenizer.json Split regex -> llama.cpp pre-tokenizer
 
 
@@ -115,8 +119,17 @@ def half_split_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # llama.cpp's architecture for each Hugging Face family lmforge exports (convert_hf_to_gguf.py's classes). Only
 # "llama" rotates adjacent pairs (q and k rows permuted); the others rotate halves, as lmforge does ("NEOX").
-ARCHS = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-         "gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2"}
+ARCHS = {
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "olmo2": "olmo2",
+}
 # llama.cpp architectures whose sliding windows it applies (its phi3 reads the key but attends over the whole
 # context: checked against llama-cpp-python 0.3.36, tests/test_families.py).
 SWA_ARCHS = ("gemma2", "gemma3")
@@ -135,9 +148,11 @@ def gguf_problems(config, arch: str) -> list[str]:
         fixed = [i for i in range(c.n_layer) if (i + 1) % pattern]
         if c.sliding_window is not None and (c.window_layers or list(range(c.n_layer))) != fixed:
             problems.append(f"window_layers={c.window_layers} (llama.cpp's {arch} windows layers {fixed})")
-        if c.attn_scale is not None and abs(c.attn_scale - c.head_dim ** -0.5) > 1e-7 * c.attn_scale:
-            problems.append(f"attn_scale={c.attn_scale:.6g} (llama.cpp's {arch} scales scores by "
-                            f"head_dim^-1/2 = {c.head_dim ** -0.5:.6g}: query_pre_attn_scalar must be head_dim)")
+        if c.attn_scale is not None and abs(c.attn_scale - c.head_dim**-0.5) > 1e-7 * c.attn_scale:
+            problems.append(
+                f"attn_scale={c.attn_scale:.6g} (llama.cpp's {arch} scales scores by "
+                f"head_dim^-1/2 = {c.head_dim**-0.5:.6g}: query_pre_attn_scalar must be head_dim)"
+            )
     if arch == "gemma3" and c.rope_local_base not in (None, 10000.0):
         problems.append(f"rope_local_base={c.rope_local_base} (llama.cpp's gemma3 local layers turn at 10000)")
     return problems
@@ -151,8 +166,9 @@ def gguf_arch(model: Transformer) -> str:
     arch = ARCHS[family]
     problems = gguf_problems(model.config, arch)
     if problems:
-        raise UnsupportedModelError(f"GGUF export as llama.cpp's {arch!r} would change this model: "
-                                    f"{'; '.join(problems)}")
+        raise UnsupportedModelError(
+            f"GGUF export as llama.cpp's {arch!r} would change this model: {'; '.join(problems)}"
+        )
     return arch
 
 
@@ -167,8 +183,9 @@ def rope_factor_tensors(config) -> dict[str, torch.Tensor]:
         scaled, _ = rope_frequencies(config, config.rope_base, scaling)
         return {"rope_freqs": base / scaled}
     if scaling.get("type") == "longrope":
-        return {f"rope_factors_{k}": torch.tensor(scaling[f"{k}_factor"], dtype=torch.float32)
-                for k in ("short", "long")}
+        return {
+            f"rope_factors_{k}": torch.tensor(scaling[f"{k}_factor"], dtype=torch.float32) for k in ("short", "long")
+        }
     return {}
 
 
@@ -192,9 +209,11 @@ def _weights(model: Transformer) -> dict[str, torch.Tensor]:
     known by their `scales`): 4-bit ones (uint8) as Q4_0 rows, int8 ones (one scale per row) dequantized."""
     sd = {k: v.detach().cpu() for k, v in model_tensors(model).items()}
     for key in [k for k in sd if k.endswith(".scales")]:
-        scales, name = sd.pop(key), key[:-len("scales")] + "weight"
+        scales, name = sd.pop(key), key[: -len("scales")] + "weight"
         weight = sd[name]
-        sd[name] = q4_0_rows(weight, scales) if weight.dtype == torch.uint8 else weight.float() * scales.float()[:, None]
+        sd[name] = (
+            q4_0_rows(weight, scales) if weight.dtype == torch.uint8 else weight.float() * scales.float()[:, None]
+        )
     return {k: v if v.dtype == torch.uint8 else v.float() for k, v in sd.items()}
 
 
@@ -225,14 +244,26 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     for i in range(c.n_layer):
         p = f"blocks.{i}."
         if arch == "gpt2":
-            parts = {T.ATTN_NORM: "norm1", T.ATTN_QKV: "attn.qkv", T.ATTN_OUT: "attn.proj", T.FFN_NORM: "norm2",
-                     T.FFN_UP: "mlp.fc", T.FFN_DOWN: "mlp.proj"}
+            parts = {
+                T.ATTN_NORM: "norm1",
+                T.ATTN_QKV: "attn.qkv",
+                T.ATTN_OUT: "attn.proj",
+                T.FFN_NORM: "norm2",
+                T.FFN_UP: "mlp.fc",
+                T.FFN_DOWN: "mlp.proj",
+            }
             for tensor, ours in parts.items():
                 put(tensor, f"{p}{ours}.weight", bid=i)
                 put(tensor, f"{p}{ours}.bias", "bias", bid=i)
             continue
-        norms = {T.ATTN_NORM: "norm1", T.ATTN_POST_NORM: "post_norm1", T.FFN_NORM: "norm2",
-                 T.FFN_POST_NORM: "post_norm2", T.ATTN_Q_NORM: "attn.q_norm", T.ATTN_K_NORM: "attn.k_norm"}
+        norms = {
+            T.ATTN_NORM: "norm1",
+            T.ATTN_POST_NORM: "post_norm1",
+            T.FFN_NORM: "norm2",
+            T.FFN_POST_NORM: "post_norm2",
+            T.ATTN_Q_NORM: "attn.q_norm",
+            T.ATTN_K_NORM: "attn.k_norm",
+        }
         for tensor, ours in norms.items():  # the ones this model has (Gemma's already hold w + 1, as llama.cpp's)
             if f"{p}{ours}.weight" in sd:
                 put(tensor, f"{p}{ours}.weight", bid=i)
@@ -311,7 +342,8 @@ def add_hparams(writer, model: Transformer, arch: str, name: str) -> None:
     elif kind == "longrope":
         ratio = scaling.get("factor") or c.block_size / scaling["original_context"]
         factor = scaling.get("attention_factor") or (
-            1.0 if ratio <= 1 else math.sqrt(1 + math.log(ratio) / math.log(scaling["original_context"])))
+            1.0 if ratio <= 1 else math.sqrt(1 + math.log(ratio) / math.log(scaling["original_context"]))
+        )
         writer.add_rope_scaling_attn_factors(factor)
         writer.add_rope_scaling_orig_ctx_len(scaling["original_context"])
     if c.sliding_window is not None:
@@ -326,8 +358,10 @@ def _padded(tokens: list[str], types: list[int], vocab_size: int, what: str) -> 
     """Fill a vocabulary up to the model's embedding rows with unused "[PAD{i}]" tokens (convert_hf_to_gguf.py)."""
     gguf = _gguf()
     if len(tokens) > vocab_size:
-        raise UnsupportedModelError(f"the {what} tokenizer has {len(tokens)} tokens but the model only "
-                                    f"{vocab_size} embedding rows; they do not belong together")
+        raise UnsupportedModelError(
+            f"the {what} tokenizer has {len(tokens)} tokens but the model only "
+            f"{vocab_size} embedding rows; they do not belong together"
+        )
     extra = range(len(tokens), vocab_size)
     return tokens + [f"[PAD{i}]" for i in extra], types + [int(gguf.TokenType.UNUSED)] * len(extra)
 
@@ -341,8 +375,9 @@ def add_llama2c_tokenizer(writer, tok: Llama2cTokenizer, vocab_size: int) -> Non
         try:
             text = piece.decode("utf-8")
         except UnicodeDecodeError:
-            raise UnsupportedModelError(f"llama2.c token {i} ({piece!r}) is not valid UTF-8; GGUF stores pieces "
-                                        f"as text") from None
+            raise UnsupportedModelError(
+                f"llama2.c token {i} ({piece!r}) is not valid UTF-8; GGUF stores pieces as text"
+            ) from None
         if i == 0:
             text, kind = "<unk>", TT.UNKNOWN
         elif i == tok.bos_id:
@@ -380,9 +415,11 @@ def bpe_pre_tokenizer(spec: dict | None) -> str:
         split = SPLITS.get(steps[0].get("pattern", {}).get("Regex")) if steps else None
         if kinds == ["Split", "ByteLevel"] and split and not steps[1].get("use_regex", True):
             return split
-    raise UnsupportedModelError(f"the tokenizer.json pre-tokenizer {json.dumps(spec)[:200]} has no llama.cpp "
-                                f"equivalent lmforge knows (it maps GPT-2's ByteLevel regex to 'gpt-2', "
-                                f"Llama 3's split to 'llama-bpe' and Qwen2's to 'qwen2')")
+    raise UnsupportedModelError(
+        f"the tokenizer.json pre-tokenizer {json.dumps(spec)[:200]} has no llama.cpp "
+        f"equivalent lmforge knows (it maps GPT-2's ByteLevel regex to 'gpt-2', "
+        f"Llama 3's split to 'llama-bpe' and Qwen2's to 'qwen2')"
+    )
 
 
 def add_bpe_tokenizer(writer, tok: BPETokenizer, vocab_size: int, chat_template: str | None = None) -> None:
@@ -391,10 +428,12 @@ def add_bpe_tokenizer(writer, tok: BPETokenizer, vocab_size: int, chat_template:
     spec = json.loads(tok.tok.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        what = f"{model.get('type')} model" + (" with byte fallback (SentencePiece-style)"
-                                               if model.get("byte_fallback") else "")
-        raise UnsupportedModelError(f"tokenizer.json holds a {what}; GGUF export takes byte-level BPE (GPT-2 "
-                                    f"style) or a llama2.c tokenizer")
+        what = f"{model.get('type')} model" + (
+            " with byte fallback (SentencePiece-style)" if model.get("byte_fallback") else ""
+        )
+        raise UnsupportedModelError(
+            f"tokenizer.json holds a {what}; GGUF export takes byte-level BPE (GPT-2 style) or a llama2.c tokenizer"
+        )
     pre = bpe_pre_tokenizer(spec.get("pre_tokenizer"))
     vocab = tok.tok.get_vocab(with_added_tokens=True)
     by_id = {i: t for t, i in vocab.items()}
@@ -404,8 +443,10 @@ def add_bpe_tokenizer(writer, tok: BPETokenizer, vocab_size: int, chat_template:
         raise UnsupportedModelError(f"tokenizer.json has no token with id {missing[0]}; GGUF needs ids 0..{n - 1}")
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     TT = gguf.TokenType
-    types = [int(TT.NORMAL if i not in added else TT.CONTROL if added[i].get("special") else TT.USER_DEFINED)
-             for i in range(n)]
+    types = [
+        int(TT.NORMAL if i not in added else TT.CONTROL if added[i].get("special") else TT.USER_DEFINED)
+        for i in range(n)
+    ]
     tokens, types = _padded([by_id[i] for i in range(n)], types, vocab_size, "BPE")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
@@ -446,8 +487,14 @@ def chat_template_of(extras: dict[str, bytes] | None) -> str | None:
 # -------------------------------------------------------------------------------------------- export
 
 
-def export_gguf(model: Transformer, tokenizer, path: str | os.PathLike, ftype: str | None = None,
-                extras: dict[str, bytes] | None = None, name: str | None = None) -> GGUFExport:
+def export_gguf(
+    model: Transformer,
+    tokenizer,
+    path: str | os.PathLike,
+    ftype: str | None = None,
+    extras: dict[str, bytes] | None = None,
+    name: str | None = None,
+) -> GGUFExport:
     """Write `model` (Llama or GPT-2 architecture) and `tokenizer` to the GGUF file `path`, atomically.
 
     `ftype` is the type of 2-D weights: "f32", "f16", "q8_0" or "q4_0"; None is the model's own (f16 for a float
@@ -466,13 +513,21 @@ def export_gguf(model: Transformer, tokenizer, path: str | os.PathLike, ftype: s
     c = model.config
     result = GGUFExport(path, arch, "none")
     if arch == "gpt2" and c.mlp == "gelu":
-        result.notes.append("the model uses exact (erf) GELU; llama.cpp's gpt2 computes the tanh approximation, "
-                            "so its outputs differ slightly")
+        result.notes.append(
+            "the model uses exact (erf) GELU; llama.cpp's gpt2 computes the tanh approximation, "
+            "so its outputs differ slightly"
+        )
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         add_hparams(writer, model, arch, name or c.name)
-        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[ftype])
+        writer.add_file_type(
+            {
+                "f32": gguf.LlamaFileType.ALL_F32,
+                "f16": gguf.LlamaFileType.MOSTLY_F16,
+                "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+            }[ftype]
+        )
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if isinstance(tokenizer, Llama2cTokenizer):
             add_llama2c_tokenizer(writer, tokenizer, c.vocab_size)
@@ -483,14 +538,20 @@ def export_gguf(model: Transformer, tokenizer, path: str | os.PathLike, ftype: s
         else:
             writer.add_tokenizer_model("none")
             kind = getattr(tokenizer, "kind", None)
-            result.notes.append(f"a {kind} tokenizer has no GGUF form; the file holds no vocabulary (llama.cpp "
-                                f"runs it on token ids)" if kind else "no tokenizer found; the file holds no "
-                                "vocabulary")
-        embeddings = {f"{gguf.TENSOR_NAMES[e]}.weight" for e in (gguf.MODEL_TENSOR.TOKEN_EMBD,
-                                                                   gguf.MODEL_TENSOR.POS_EMBD)}
+            result.notes.append(
+                f"a {kind} tokenizer has no GGUF form; the file holds no vocabulary (llama.cpp runs it on token ids)"
+                if kind
+                else "no tokenizer found; the file holds no vocabulary"
+            )
+        embeddings = {
+            f"{gguf.TENSOR_NAMES[e]}.weight" for e in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.POS_EMBD)
+        }
         for tensor_name, t in gguf_tensors(model).items():
-            own = ftype if not (model.config.quantization and tensor_name in embeddings) else (
-                "f32" if ftype == "f32" else "f16")  # a quantized model's embeddings are float in lmforge
+            own = (
+                ftype
+                if not (model.config.quantization and tensor_name in embeddings)
+                else ("f32" if ftype == "f32" else "f16")
+            )  # a quantized model's embeddings are float in lmforge
             data, raw_dtype, kind = encode_tensor(t.numpy(), own)
             writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
             result.tensor_types[tensor_name] = kind
@@ -499,11 +560,16 @@ def export_gguf(model: Transformer, tokenizer, path: str | os.PathLike, ftype: s
         writer.write_tensors_to_file()
         writer.close()
     if model.config.quantization == "int8" and ftype == "q8_0":
-        result.notes.append("int8 weights (one scale per row) were re-blocked into Q8_0 (one scale per 32 values): "
-                            "a value may move by one rounding step")
-    fell_back = [n for n, k in result.tensor_types.items() if ftype in ("q8_0", "q4_0") and k == "f16"
-                 and n not in embeddings]
+        result.notes.append(
+            "int8 weights (one scale per row) were re-blocked into Q8_0 (one scale per 32 values): "
+            "a value may move by one rounding step"
+        )
+    fell_back = [
+        n for n, k in result.tensor_types.items() if ftype in ("q8_0", "q4_0") and k == "f16" and n not in embeddings
+    ]
     if fell_back:
-        result.notes.append(f"{len(fell_back)} weights have rows not a multiple of 32 and are f16, not {ftype}: "
-                            f"{', '.join(fell_back[:4])}{'...' if len(fell_back) > 4 else ''}")
+        result.notes.append(
+            f"{len(fell_back)} weights have rows not a multiple of 32 and are f16, not {ftype}: "
+            f"{', '.join(fell_back[:4])}{'...' if len(fell_back) > 4 else ''}"
+        )
     return result

@@ -54,8 +54,14 @@ ARCHS: dict[str, Arch] = {
     "qwen3": Arch("qwen3", dict(_ROPE, qk_norm="head")),
     "phi3": Arch("phi3", _ROPE, fused_qkv=True, fused_gate_up=True),
     "gemma2": Arch("gemma2", _GEMMA, window_pattern=2, gemma_scale=True, uses_window=True, attn_softcap=True),
-    "gemma3": Arch("gemma3_text", dict(_GEMMA, qk_norm="head"), window_pattern=6, local_base=10000.0,
-                   gemma_scale=True, uses_window=True),
+    "gemma3": Arch(
+        "gemma3_text",
+        dict(_GEMMA, qk_norm="head"),
+        window_pattern=6,
+        local_base=10000.0,
+        gemma_scale=True,
+        uses_window=True,
+    ),
     "olmo2": Arch("olmo2", dict(_ROPE, norm_placement="output", qk_norm="proj")),
     "gpt2": Arch("gpt2", dict(norm="layernorm", mlp="gelu_tanh", pos="learned", bias=True), fused_qkv=True),
 }
@@ -78,8 +84,10 @@ class Metadata:
     def need(self, key: str):
         value = self.get(key)
         if value is None:
-            raise GGUFImportError(f"the GGUF file has no {key.replace('{arch}', self.arch)!r}; it is needed for "
-                                  f"a {self.arch} model", param=key.replace("{arch}", self.arch))
+            raise GGUFImportError(
+                f"the GGUF file has no {key.replace('{arch}', self.arch)!r}; it is needed for a {self.arch} model",
+                param=key.replace("{arch}", self.arch),
+            )
         return value
 
     def scalar(self, key: str, default=None):
@@ -102,19 +110,31 @@ def config_from_gguf(meta: Metadata, tensors: dict, name: str) -> ModelConfig:
     head_dim = meta.scalar("{arch}.attention.key_length") or n_embd // n_head
     value_dim = meta.scalar("{arch}.attention.value_length") or head_dim
     if value_dim != head_dim:
-        raise GGUFImportError(f"{meta.arch}.attention.value_length={value_dim} differs from key_length={head_dim}",
-                              param=f"{meta.arch}.attention.value_length")
+        raise GGUFImportError(
+            f"{meta.arch}.attention.value_length={value_dim} differs from key_length={head_dim}",
+            param=f"{meta.arch}.attention.value_length",
+        )
     emb = tensors["token_embd.weight"]
     output = tensors.get("output.weight")
     tied = output is None or (output.tensor_type == emb.tensor_type and np.array_equal(output.data, emb.data))
-    eps_key = "{arch}.attention.layer_norm_epsilon" if a.fixed["norm"] == "layernorm" else \
-        "{arch}.attention.layer_norm_rms_epsilon"
+    eps_key = (
+        "{arch}.attention.layer_norm_epsilon"
+        if a.fixed["norm"] == "layernorm"
+        else "{arch}.attention.layer_norm_rms_epsilon"
+    )
     fields = dict(
-        a.fixed, name=name, vocab_size=int(emb.shape[1]), block_size=meta.scalar("{arch}.context_length", 2048),
-        n_layer=meta.need("{arch}.block_count"), n_head=n_head,
-        n_kv_head=meta.scalar("{arch}.attention.head_count_kv") or n_head, n_embd=n_embd,
-        intermediate_size=meta.scalar("{arch}.feed_forward_length"), norm_eps=float(meta.need(eps_key)),
-        tie_embeddings=tied, head_size=head_dim if head_dim * n_head != n_embd else None,
+        a.fixed,
+        name=name,
+        vocab_size=int(emb.shape[1]),
+        block_size=meta.scalar("{arch}.context_length", 2048),
+        n_layer=meta.need("{arch}.block_count"),
+        n_head=n_head,
+        n_kv_head=meta.scalar("{arch}.attention.head_count_kv") or n_head,
+        n_embd=n_embd,
+        intermediate_size=meta.scalar("{arch}.feed_forward_length"),
+        norm_eps=float(meta.need(eps_key)),
+        tie_embeddings=tied,
+        head_size=head_dim if head_dim * n_head != n_embd else None,
         extra={"imported_from": "gguf", "model_type": a.model_type},
     )
     if a.fixed["pos"] == "rope":
@@ -125,8 +145,10 @@ def config_from_gguf(meta: Metadata, tensors: dict, name: str) -> ModelConfig:
 
 def _rope_fields(meta: Metadata, tensors: dict, head_dim: int, context: int) -> dict:
     rotary = meta.scalar("{arch}.rope.dimension_count") or head_dim
-    fields = {"rope_base": float(meta.scalar("{arch}.rope.freq_base", 10000.0)),
-              "rope_dim": rotary if rotary != head_dim else None}
+    fields = {
+        "rope_base": float(meta.scalar("{arch}.rope.freq_base", 10000.0)),
+        "rope_dim": rotary if rotary != head_dim else None,
+    }
     kind = meta.get("{arch}.rope.scaling.type", "none")
     original = meta.get("{arch}.rope.scaling.original_context_length")
     factor = meta.get("{arch}.rope.scaling.factor")
@@ -135,18 +157,24 @@ def _rope_fields(meta: Metadata, tensors: dict, head_dim: int, context: int) -> 
         short = factors.get("rope_factors_short.weight", factors.get("rope_freqs.weight"))
         long = factors.get("rope_factors_long.weight", short)
         attn = meta.get("{arch}.rope.scaling.attn_factor")
-        fields["rope_scaling"] = {"type": "longrope", "short_factor": np.asarray(short, np.float64).tolist(),
-                                  "long_factor": np.asarray(long, np.float64).tolist(),
-                                  "original_context": int(original or context),
-                                  "attention_factor": float(attn) if attn else 1.0}
+        fields["rope_scaling"] = {
+            "type": "longrope",
+            "short_factor": np.asarray(short, np.float64).tolist(),
+            "long_factor": np.asarray(long, np.float64).tolist(),
+            "original_context": int(original or context),
+            "attention_factor": float(attn) if attn else 1.0,
+        }
     elif kind == "linear" and factor:
         fields["rope_scaling"] = {"type": "linear", "factor": float(factor)}
     elif kind == "yarn" and factor:
         fields["rope_scaling"] = {"type": "yarn", "factor": float(factor), "original_context": int(original or context)}
     elif kind not in ("none", "linear", "yarn") or (kind != "none" and not factor):
         key = f"{meta.arch}.rope.scaling.type"
-        raise GGUFImportError(f"{key}={kind!r} (factor {factor}) is not supported; lmforge reads 'none', 'linear', "
-                              f"'yarn' and the rope_freqs / rope_factors tensors", param=key)
+        raise GGUFImportError(
+            f"{key}={kind!r} (factor {factor}) is not supported; lmforge reads 'none', 'linear', "
+            f"'yarn' and the rope_freqs / rope_factors tensors",
+            param=key,
+        )
     return fields
 
 
@@ -161,7 +189,7 @@ def _attention_fields(meta: Metadata, a: Arch, n_layer: int, head_dim: int) -> d
     if a.local_base is not None:
         fields["rope_local_base"] = a.local_base
     if a.gemma_scale:
-        fields["attn_scale"] = head_dim ** -0.5
+        fields["attn_scale"] = head_dim**-0.5
     keys = {"{arch}.final_logit_softcapping": "logit_softcap"}
     if a.attn_softcap:
         keys["{arch}.attn_logit_softcapping"] = "attn_softcap"

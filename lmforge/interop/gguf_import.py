@@ -50,8 +50,9 @@ def _gguf():
     try:
         import gguf  # llama.cpp's package; imported when used so that `lmforge --help` stays fast
     except ModuleNotFoundError:
-        raise GGUFImportError("reading a .gguf file needs llama.cpp's gguf package: pip install 'lmforge[gguf]'",
-                              param="model") from None
+        raise GGUFImportError(
+            "reading a .gguf file needs llama.cpp's gguf package: pip install 'lmforge[gguf]'", param="model"
+        ) from None
     return gguf
 
 
@@ -59,9 +60,17 @@ EMBEDDINGS = ("tok_emb.weight", "pos_emb.weight")  # float in every lmforge mode
 Q4_0_BLOCK = 32  # values in a Q4_0 block
 
 # Per-layer tensors that map one to one (GGUF blk.{i}.<name> -> blocks.{i}.<ours>), weight and bias alike.
-LAYER_TENSORS = {"attn_norm": "norm1", "ffn_norm": "norm2", "post_attention_norm": "post_norm1",
-                 "post_ffw_norm": "post_norm2", "attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm",
-                 "attn_qkv": "attn.qkv", "attn_output": "attn.proj", "ffn_down": "mlp.proj"}
+LAYER_TENSORS = {
+    "attn_norm": "norm1",
+    "ffn_norm": "norm2",
+    "post_attention_norm": "post_norm1",
+    "post_ffw_norm": "post_norm2",
+    "attn_q_norm": "attn.q_norm",
+    "attn_k_norm": "attn.k_norm",
+    "attn_qkv": "attn.qkv",
+    "attn_output": "attn.proj",
+    "ffn_down": "mlp.proj",
+}
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -106,8 +115,9 @@ class Weights:
         try:
             values = _gguf().quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            raise GGUFImportError(f"tensor {name!r} has type {t.tensor_type.name}, which gguf.quants cannot "
-                                  f"dequantize") from None
+            raise GGUFImportError(
+                f"tensor {name!r} has type {t.tensor_type.name}, which gguf.quants cannot dequantize"
+            ) from None
         return torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: the file is mapped read-only
 
     def put(self, out: dict, ours: str, *names: str, heads: list | None = None) -> None:
@@ -160,8 +170,10 @@ def lmforge_tensors(w: Weights, c: ModelConfig, arch: Arch) -> dict[str, torch.T
                 w.put(out, f"{p}mlp.fc.{part}", f"{b}ffn_up.{part}")
     left = sorted(set(w.tensors) - w.used)
     if left:
-        raise GGUFImportError(f"the GGUF file holds tensors lmforge's {arch.model_type} would ignore: {left[:5]}"
-                              f"{'...' if len(left) > 5 else ''}")
+        raise GGUFImportError(
+            f"the GGUF file holds tensors lmforge's {arch.model_type} would ignore: {left[:5]}"
+            f"{'...' if len(left) > 5 else ''}"
+        )
     return out
 
 
@@ -220,8 +232,10 @@ def _open(path: Path):
     arch_field = reader.fields.get("general.architecture")
     arch = arch_field.contents() if arch_field is not None else None
     if arch not in ARCHS:
-        raise GGUFImportError(f"general.architecture={arch!r} is not supported; lmforge reads "
-                              f"{', '.join(ARCHS)}", param="general.architecture")
+        raise GGUFImportError(
+            f"general.architecture={arch!r} is not supported; lmforge reads {', '.join(ARCHS)}",
+            param="general.architecture",
+        )
     return reader, Metadata(reader, arch), {t.name: t for t in reader.tensors}
 
 
@@ -247,9 +261,11 @@ def read_gguf(path: str | os.PathLike) -> GGUFImport:
         result.fates[(kind, _fate(kind, head) + ", the tied head")] += 1
     scaling = config.rope_scaling or {}
     if scaling.get("type") == "longrope" and scaling["short_factor"] != scaling["long_factor"]:
-        result.notes.append(f"LongRoPE: lmforge turns a sequence by the long factors once it passes "
-                            f"{scaling['original_context']} tokens (as transformers does); llama.cpp does from the "
-                            f"start whenever its context is longer than that")
+        result.notes.append(
+            f"LongRoPE: lmforge turns a sequence by the long factors once it passes "
+            f"{scaling['original_context']} tokens (as transformers does); llama.cpp does from the "
+            f"start whenever its context is longer than that"
+        )
     if not ARCHS[arch].uses_window and meta.get("{arch}.attention.sliding_window"):
         result.notes.append(f"{arch}.attention.sliding_window is ignored, as llama.cpp's {arch} does")
     result.tokenizer, result.extras = read_vocab(meta, config.vocab_size)

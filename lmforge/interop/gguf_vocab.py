@@ -35,14 +35,21 @@ BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": Tr
 
 
 def _split(regex: str) -> dict:
-    return {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
-        dict(BYTE_LEVEL, use_regex=False)]}
+    return {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            dict(BYTE_LEVEL, use_regex=False),
+        ],
+    }
 
 
 # tokenizer.ggml.pre -> (tokenizer.json pre_tokenizer, ignore_merges)
-PRE_TOKENIZERS = {"gpt-2": (BYTE_LEVEL, False), "llama-bpe": (_split(LLAMA3_SPLIT), True),
-                  "qwen2": (_split(QWEN2_SPLIT), False)}
+PRE_TOKENIZERS = {
+    "gpt-2": (BYTE_LEVEL, False),
+    "llama-bpe": (_split(LLAMA3_SPLIT), True),
+    "qwen2": (_split(QWEN2_SPLIT), False),
+}
 
 
 class GGUFTokenizerError(LmforgeError):
@@ -55,8 +62,10 @@ def _tokens(meta, vocab_size: int) -> tuple[list[str], list[int]]:
     while tokens and types[-1] == UNUSED:
         tokens.pop(), types.pop()
     if len(tokens) > vocab_size:
-        raise GGUFTokenizerError(f"tokenizer.ggml.tokens holds {len(tokens)} tokens but token_embd only "
-                                 f"{vocab_size} rows", param="tokenizer.ggml.tokens")
+        raise GGUFTokenizerError(
+            f"tokenizer.ggml.tokens holds {len(tokens)} tokens but token_embd only {vocab_size} rows",
+            param="tokenizer.ggml.tokens",
+        )
     return tokens, types
 
 
@@ -68,35 +77,66 @@ def bpe_tokenizer(meta, vocab_size: int):
 
     pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in PRE_TOKENIZERS:
-        raise GGUFTokenizerError(f"tokenizer.ggml.pre={pre!r} is not supported; lmforge reads "
-                                 f"{', '.join(PRE_TOKENIZERS)}", param="tokenizer.ggml.pre")
+        raise GGUFTokenizerError(
+            f"tokenizer.ggml.pre={pre!r} is not supported; lmforge reads {', '.join(PRE_TOKENIZERS)}",
+            param="tokenizer.ggml.pre",
+        )
     pre_tokenizer, ignore_merges = PRE_TOKENIZERS[pre]
     tokens, types = _tokens(meta, vocab_size)
     merges = [m.split(" ", 1) for m in meta.get("tokenizer.ggml.merges") or []]
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": kind == CONTROL} for i, (t, kind) in enumerate(zip(tokens, types))
-             if kind in (CONTROL, USER_DEFINED)]
+    added = [
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": kind == CONTROL,
+        }
+        for i, (t, kind) in enumerate(zip(tokens, types))
+        if kind in (CONTROL, USER_DEFINED)
+    ]
     spec = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": pre_tokenizer, "post_processor": None,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": ignore_merges, "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": ignore_merges,
+            "vocab": {t: i for i, t in enumerate(tokens)},
+            "merges": merges,
+        },
     }
     try:
         tok = Tokenizer.from_str(json.dumps(spec))
     except Exception as e:  # the Rust side raises a bare Exception on a bad document
-        raise GGUFTokenizerError(f"the embedded BPE vocabulary does not build a tokenizer ({e})",
-                                 param="tokenizer.ggml.tokens") from None
+        raise GGUFTokenizerError(
+            f"the embedded BPE vocabulary does not build a tokenizer ({e})", param="tokenizer.ggml.tokens"
+        ) from None
 
     def text(key: str) -> str | None:
         i = meta.get(key)
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     ends = [meta.get(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")]
-    return BPETokenizer(tok, text("tokenizer.ggml.eos_token_id"), text("tokenizer.ggml.bos_token_id"),
-                        [i for i in ends if i is not None])
+    return BPETokenizer(
+        tok,
+        text("tokenizer.ggml.eos_token_id"),
+        text("tokenizer.ggml.bos_token_id"),
+        [i for i in ends if i is not None],
+    )
 
 
 def llama_tokenizer(meta, vocab_size: int):
@@ -105,24 +145,34 @@ def llama_tokenizer(meta, vocab_size: int):
 
     tokens, _ = _tokens(meta, vocab_size)
     scores = list(meta.get("tokenizer.ggml.scores") or [])
-    layout = {"tokenizer.ggml.bos_token_id": LLAMA2C_BOS_ID, "tokenizer.ggml.eos_token_id": LLAMA2C_EOS_ID,
-              "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_space_prefix": True}
+    layout = {
+        "tokenizer.ggml.bos_token_id": LLAMA2C_BOS_ID,
+        "tokenizer.ggml.eos_token_id": LLAMA2C_EOS_ID,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_space_prefix": True,
+    }
     for key, want in layout.items():
         value = meta.get(key, want)
         if value != want:
-            raise GGUFTokenizerError(f"{key}={value!r}: lmforge's SentencePiece-style tokenizer has the Llama 2 "
-                                     f"layout ({key}={want!r})", param=key)
+            raise GGUFTokenizerError(
+                f"{key}={value!r}: lmforge's SentencePiece-style tokenizer has the Llama 2 layout ({key}={want!r})",
+                param=key,
+            )
     bytes_ok = len(tokens) >= LLAMA_BYTES + 256 and all(
-        tokens[LLAMA_BYTES + b].upper() == f"<0X{b:02X}>" for b in range(256))
+        tokens[LLAMA_BYTES + b].upper() == f"<0X{b:02X}>" for b in range(256)
+    )
     if not bytes_ok:
-        raise GGUFTokenizerError("tokenizer.ggml.tokens: the 256 byte pieces <0x00>..<0xFF> are not at ids 3..258 "
-                                 "(the Llama 2 layout lmforge's SentencePiece-style tokenizer has)",
-                                 param="tokenizer.ggml.tokens")
+        raise GGUFTokenizerError(
+            "tokenizer.ggml.tokens: the 256 byte pieces <0x00>..<0xFF> are not at ids 3..258 "
+            "(the Llama 2 layout lmforge's SentencePiece-style tokenizer has)",
+            param="tokenizer.ggml.tokens",
+        )
     if len(scores) < len(tokens):
-        raise GGUFTokenizerError(f"tokenizer.ggml.scores has {len(scores)} values for {len(tokens)} tokens",
-                                 param="tokenizer.ggml.scores")
+        raise GGUFTokenizerError(
+            f"tokenizer.ggml.scores has {len(scores)} values for {len(tokens)} tokens", param="tokenizer.ggml.scores"
+        )
     pieces = [t.replace(SPIECE_SPACE, " ").encode("utf-8") for t in tokens]
-    return Llama2cTokenizer(pieces, scores[:len(tokens)], max(len(p) for p in pieces))
+    return Llama2cTokenizer(pieces, scores[: len(tokens)], max(len(p) for p in pieces))
 
 
 def read_vocab(meta, vocab_size: int) -> tuple[Tokenizer | None, dict[str, bytes]]:
@@ -130,8 +180,11 @@ def read_vocab(meta, vocab_size: int) -> tuple[Tokenizer | None, dict[str, bytes
     kind = meta.get("tokenizer.ggml.model", "none")
     readers = {"gpt2": bpe_tokenizer, "llama": llama_tokenizer}
     if kind not in readers and kind != "none":
-        raise GGUFTokenizerError(f"tokenizer.ggml.model={kind!r} is not supported; lmforge reads 'gpt2' (byte-level "
-                                 f"BPE), 'llama' (SentencePiece-style) and 'none'", param="tokenizer.ggml.model")
+        raise GGUFTokenizerError(
+            f"tokenizer.ggml.model={kind!r} is not supported; lmforge reads 'gpt2' (byte-level "
+            f"BPE), 'llama' (SentencePiece-style) and 'none'",
+            param="tokenizer.ggml.model",
+        )
     tok = readers[kind](meta, vocab_size) if kind in readers else None
     extras: dict[str, bytes] = {}
     template = meta.get("tokenizer.chat_template")

@@ -29,8 +29,19 @@ from lmforge.model import Transformer
 # chat_template.jinja, which transformers 5 writes and which wins) and generation_config.json's stop tokens.
 KEPT_FILES = ("tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
-__all__ = ["UnsupportedModelError", "FAMILIES", "config_from_hf", "hf_family", "hf_config_from", "import_hf",
-           "export_hf", "eos_ids", "load_hf_state_dict", "convert_hf_to_lmforge", "convert_lmforge_to_hf"]
+__all__ = [
+    "UnsupportedModelError",
+    "FAMILIES",
+    "config_from_hf",
+    "hf_family",
+    "hf_config_from",
+    "import_hf",
+    "export_hf",
+    "eos_ids",
+    "load_hf_state_dict",
+    "convert_hf_to_lmforge",
+    "convert_lmforge_to_hf",
+]
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -50,12 +61,21 @@ def hf_family(config: ModelConfig) -> str:
     return family_for(config).model_type
 
 
-def hf_config_from(config: ModelConfig, dtype: torch.dtype = torch.float32, bos_id: int | None = None,
-                   eos_id: int | list[int] | None = None) -> dict:
+def hf_config_from(
+    config: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    bos_id: int | None = None,
+    eos_id: int | list[int] | None = None,
+) -> dict:
     """The Hugging Face config.json dict for our config, in the family it was imported from (or GPT-2, Llama)."""
     dtype_name = str(dtype).removeprefix("torch.")
-    return family_for(config).hf_config(config) | {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": None,
-                                                   "dtype": dtype_name, "torch_dtype": dtype_name}
+    return family_for(config).hf_config(config) | {
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": None,
+        "dtype": dtype_name,
+        "torch_dtype": dtype_name,
+    }
 
 
 def eos_ids(generation_config: bytes | str | None, fallback: int | None = None) -> list[int]:
@@ -79,7 +99,11 @@ def eos_ids(generation_config: bytes | str | None, fallback: int | None = None) 
 def load_hf_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face folder: model.safetensors, a sharded safetensors index, or pytorch_model.bin."""
     folder = Path(folder)
-    single, index, pt = folder / "model.safetensors", folder / "model.safetensors.index.json", folder / "pytorch_model.bin"
+    single, index, pt = (
+        folder / "model.safetensors",
+        folder / "model.safetensors.index.json",
+        folder / "pytorch_model.bin",
+    )
     if single.is_file():
         files = [single]
     elif index.is_file():
@@ -93,8 +117,9 @@ def load_hf_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as e:  # a damaged zip/pickle raises many kinds
             raise CheckpointError(f"{pt} cannot be read ({type(e).__name__}: {e}); it may be truncated") from None
     else:
-        raise CheckpointError(f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json "
-                              f"or pytorch_model.bin")
+        raise CheckpointError(
+            f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.is_file():
@@ -109,7 +134,7 @@ def load_hf_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _strip(name: str) -> str:
     for prefix in ("transformer.", "model."):
         if name.startswith(prefix):
-            return name[len(prefix):]
+            return name[len(prefix) :]
     return name
 
 
@@ -125,20 +150,26 @@ def convert_hf_to_lmforge(state_dict: dict[str, torch.Tensor], config: ModelConf
 
     def take(name: str) -> torch.Tensor:
         if name not in sd:
-            raise CheckpointError(f"Hugging Face weights lack {name!r} (needed for a {family.model_type} model with "
-                                  f"{config.n_layer} layers); is config.json from the same model?")
+            raise CheckpointError(
+                f"Hugging Face weights lack {name!r} (needed for a {family.model_type} model with "
+                f"{config.n_layer} layers); is config.json from the same model?"
+            )
         used.add(name)
         return sd[name]
 
     out = family.to_ours(take, config)
     head, emb = sd.get("lm_head.weight"), out["tok_emb.weight"]
     if config.tie_embeddings and head is not None and not torch.equal(head, emb):
-        raise CheckpointError("config.json says tie_word_embeddings=true but lm_head.weight differs from the token "
-                              "embedding; the config does not describe these weights")
+        raise CheckpointError(
+            "config.json says tie_word_embeddings=true but lm_head.weight differs from the token "
+            "embedding; the config does not describe these weights"
+        )
     left = sorted(k for k in sd if k not in used and k != "lm_head.weight" and not k.endswith(family.derived))
     if left:
-        raise CheckpointError(f"Hugging Face weights hold tensors lmforge would ignore: {left[:5]}"
-                              f"{'...' if len(left) > 5 else ''}; the config may not describe these weights")
+        raise CheckpointError(
+            f"Hugging Face weights hold tensors lmforge would ignore: {left[:5]}"
+            f"{'...' if len(left) > 5 else ''}; the config may not describe these weights"
+        )
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -188,8 +219,12 @@ def import_hf(folder: str | os.PathLike):
     return model.eval(), tokenizer, extras
 
 
-def export_hf(model: Transformer, tokenizer=None, out_dir: str | os.PathLike = "hf_model",
-              extra_files: dict[str, bytes] | None = None) -> Path:
+def export_hf(
+    model: Transformer,
+    tokenizer=None,
+    out_dir: str | os.PathLike = "hf_model",
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
     """Write `model` as a Hugging Face folder (config.json, model.safetensors, generation_config.json, and for a
     BPE tokenizer tokenizer.json + tokenizer_config.json), atomically. `extra_files` (e.g. the
     tokenizer_config.json / generation_config.json kept at import) are written as given, replacing generated ones.
@@ -210,10 +245,14 @@ def export_hf(model: Transformer, tokenizer=None, out_dir: str | os.PathLike = "
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
         if getattr(tokenizer, "kind", None) == "bpe":
             tokenizer.save(tmp)
-            special = {f"{n}_token": tokenizer.tok.id_to_token(i) for n, i in (("bos", bos), ("eos", eos))
-                       if i is not None}
-            tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size,
-                          **special}
+            special = {
+                f"{n}_token": tokenizer.tok.id_to_token(i) for n, i in (("bos", bos), ("eos", eos)) if i is not None
+            }
+            tok_config = {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": model.config.block_size,
+                **special,
+            }
             (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)

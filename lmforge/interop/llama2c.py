@@ -42,9 +42,11 @@ def tokenizer_beside(model_file: Path) -> Path:
     for name in TOKENIZER_NAMES:
         if (model_file.parent / name).is_file():
             return model_file.parent / name
-    raise FileNotFoundError(f"no tokenizer for the llama2.c model {model_file}: none of "
-                            f"{', '.join(TOKENIZER_NAMES)} is beside it; pass --tokenizer PATH "
-                            f"(the llama2.c tokenizer .bin the model was trained with)")
+    raise FileNotFoundError(
+        f"no tokenizer for the llama2.c model {model_file}: none of "
+        f"{', '.join(TOKENIZER_NAMES)} is beside it; pass --tokenizer PATH "
+        f"(the llama2.c tokenizer .bin the model was trained with)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -55,18 +57,29 @@ def read_header(path: Path, data: bytes) -> dict:
     if len(data) < HEADER.size:
         raise CheckpointError(f"{path} is {len(data)} bytes, too short for the {HEADER.size}-byte llama2.c header")
     if struct.unpack_from("<I", data)[0] == MAGIC:
-        raise CheckpointError(f"{path} is a versioned llama2.c export (magic 'ak42'); lmforge reads the legacy "
-                              f"format (llama2.c export.py --version 0)")
+        raise CheckpointError(
+            f"{path} is a versioned llama2.c export (magic 'ak42'); lmforge reads the legacy "
+            f"format (llama2.c export.py --version 0)"
+        )
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = HEADER.unpack_from(data)
-    h = dict(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
-             vocab_size=abs(vocab), seq_len=seq_len, shared=vocab > 0)
+    h = dict(
+        dim=dim,
+        hidden_dim=hidden,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        vocab_size=abs(vocab),
+        seq_len=seq_len,
+        shared=vocab > 0,
+    )
     limit = 1 << 20
     bad = [f"{k}={v}" for k, v in h.items() if k != "shared" and not 0 < v <= limit]
     if bad or dim % n_heads or n_heads % n_kv or (dim // n_heads) % 2:
         raise CheckpointError(
             f"{path} does not start with a llama2.c header: read {', '.join(f'{k}={v}' for k, v in h.items())} "
             f"(each must be in 1..{limit}, dim divisible by n_heads, n_heads by n_kv_heads, head size even)"
-            + (f"; out of range: {', '.join(bad)}" if bad else ""))
+            + (f"; out of range: {', '.join(bad)}" if bad else "")
+        )
     return h
 
 
@@ -75,9 +88,20 @@ def tensor_shapes(h: dict) -> list[tuple[str, tuple[int, ...]]]:
     C, H, L, V = h["dim"], h["hidden_dim"], h["n_layers"], h["vocab_size"]
     hs = C // h["n_heads"]
     kv = h["n_kv_heads"] * hs
-    shapes = [("tok_emb", (V, C)), ("norm1", (L, C)), ("wq", (L, C, C)), ("wk", (L, kv, C)), ("wv", (L, kv, C)),
-              ("wo", (L, C, C)), ("norm2", (L, C)), ("w1", (L, H, C)), ("w2", (L, C, H)), ("w3", (L, H, C)),
-              ("norm_f", (C,)), ("rope", (2, h["seq_len"] * hs // 2))]
+    shapes = [
+        ("tok_emb", (V, C)),
+        ("norm1", (L, C)),
+        ("wq", (L, C, C)),
+        ("wk", (L, kv, C)),
+        ("wv", (L, kv, C)),
+        ("wo", (L, C, C)),
+        ("norm2", (L, C)),
+        ("w1", (L, H, C)),
+        ("w2", (L, C, H)),
+        ("w3", (L, H, C)),
+        ("norm_f", (C,)),
+        ("rope", (2, h["seq_len"] * hs // 2)),
+    ]
     if not h["shared"]:
         shapes.append(("classifier", (V, C)))
     return shapes
@@ -92,10 +116,23 @@ def interleaved_to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def config_from_header(h: dict, name: str, source: str) -> ModelConfig:
     return ModelConfig(
-        name=name, vocab_size=h["vocab_size"], block_size=h["seq_len"], n_layer=h["n_layers"], n_head=h["n_heads"],
-        n_kv_head=h["n_kv_heads"], n_embd=h["dim"], intermediate_size=h["hidden_dim"], norm="rmsnorm",
-        norm_eps=1e-5, mlp="swiglu", pos="rope", rope_base=10000.0, bias=False, tie_embeddings=h["shared"],
-        extra={"imported_from": "llama2.c", "source_file": source})
+        name=name,
+        vocab_size=h["vocab_size"],
+        block_size=h["seq_len"],
+        n_layer=h["n_layers"],
+        n_head=h["n_heads"],
+        n_kv_head=h["n_kv_heads"],
+        n_embd=h["dim"],
+        intermediate_size=h["hidden_dim"],
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        mlp="swiglu",
+        pos="rope",
+        rope_base=10000.0,
+        bias=False,
+        tie_embeddings=h["shared"],
+        extra={"imported_from": "llama2.c", "source_file": source},
+    )
 
 
 def read_llama2c_model(path: str | os.PathLike, verify: bool = True) -> Transformer:
@@ -117,7 +154,8 @@ def read_llama2c_model(path: str | os.PathLike, verify: bool = True) -> Transfor
         raise CheckpointError(
             f"{path} is {what}: the header (dim={h['dim']}, hidden_dim={h['hidden_dim']}, n_layers={h['n_layers']}, "
             f"n_heads={h['n_heads']}, n_kv_heads={h['n_kv_heads']}, vocab_size={h['vocab_size']}, "
-            f"seq_len={h['seq_len']}) implies {expected} bytes, the file has {len(data)}; re-download or re-export it")
+            f"seq_len={h['seq_len']}) implies {expected} bytes, the file has {len(data)}; re-download or re-export it"
+        )
     if verify and (problem := published_digest_mismatch(path, PUBLISHED_SHA256)):
         raise CheckpointError(problem)
 
@@ -125,7 +163,7 @@ def read_llama2c_model(path: str | os.PathLike, verify: bool = True) -> Transfor
     t, offset = {}, 0
     for key, shape in shapes:
         n = int(np.prod(shape))
-        t[key] = floats[offset:offset + n].view(shape)
+        t[key] = floats[offset : offset + n].view(shape)
         offset += n
 
     config = config_from_header(h, path.stem, path.name)

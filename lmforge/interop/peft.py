@@ -45,11 +45,19 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 PREFIX = "base_model.model."  # PEFT's wrapper around the model: PeftModel.base_model (LoraModel).model
 DIGEST_KEY = "lmforge_base_sha256"
 # PEFT settings whose update is not a plain LoRA product of lora_A/lora_B: refused rather than silently dropped.
-UNSUPPORTED = ("use_dora", "lora_bias", "bias", "modules_to_save", "layer_replication", "trainable_token_indices",
-               "target_parameters")
+UNSUPPORTED = (
+    "use_dora",
+    "lora_bias",
+    "bias",
+    "modules_to_save",
+    "layer_replication",
+    "trainable_token_indices",
+    "target_parameters",
+)
 
 
 # ------------------------------------------------------------------------------------------ module names
+
 
 def module_map(config: ModelConfig) -> dict[str, list[tuple[str, int]]]:
     """Each adaptable layer of an lmforge model (full path) -> the modules that hold its output rows in the
@@ -66,21 +74,36 @@ def module_map(config: ModelConfig) -> dict[str, list[tuple[str, int]]]:
         ours = {t: f"blocks.{i}.{t}" for t in BLOCK_TARGETS}
         if family == "gpt2":
             h = f"transformer.h.{i}."
-            parts = {"attn.qkv": [(h + "attn.c_attn", c.qkv_dim)], "attn.proj": [(h + "attn.c_proj", c.n_embd)],
-                     "mlp.fc": [(h + "mlp.c_fc", fc_rows)], "mlp.proj": [(h + "mlp.c_proj", c.n_embd)]}
+            parts = {
+                "attn.qkv": [(h + "attn.c_attn", c.qkv_dim)],
+                "attn.proj": [(h + "attn.c_proj", c.n_embd)],
+                "mlp.fc": [(h + "mlp.c_fc", fc_rows)],
+                "mlp.proj": [(h + "mlp.c_proj", c.n_embd)],
+            }
         elif family is not None:  # the Llama-shaped families (Phi-3 fuses q/k/v and gate/up as lmforge does)
             h = f"model.layers.{i}."
             fused = family == "phi3"
-            parts = {"attn.qkv": [(h + "self_attn.qkv_proj", c.qkv_dim)] if fused else
-                     [(h + "self_attn.q_proj", q_dim), (h + "self_attn.k_proj", c.kv_dim),
-                      (h + "self_attn.v_proj", c.kv_dim)],
-                     "attn.proj": [(h + "self_attn.o_proj", c.n_embd)],
-                     "mlp.fc": [(h + "mlp.gate_up_proj", fc_rows)] if fused else
-                     [(h + "mlp.gate_proj", c.intermediate_size), (h + "mlp.up_proj", c.intermediate_size)],
-                     "mlp.proj": [(h + "mlp.down_proj", c.n_embd)]}
+            parts = {
+                "attn.qkv": [(h + "self_attn.qkv_proj", c.qkv_dim)]
+                if fused
+                else [
+                    (h + "self_attn.q_proj", q_dim),
+                    (h + "self_attn.k_proj", c.kv_dim),
+                    (h + "self_attn.v_proj", c.kv_dim),
+                ],
+                "attn.proj": [(h + "self_attn.o_proj", c.n_embd)],
+                "mlp.fc": [(h + "mlp.gate_up_proj", fc_rows)]
+                if fused
+                else [(h + "mlp.gate_proj", c.intermediate_size), (h + "mlp.up_proj", c.intermediate_size)],
+                "mlp.proj": [(h + "mlp.down_proj", c.n_embd)],
+            }
         else:
-            parts = {"attn.qkv": [(ours["attn.qkv"], c.qkv_dim)], "attn.proj": [(ours["attn.proj"], c.n_embd)],
-                     "mlp.fc": [(ours["mlp.fc"], fc_rows)], "mlp.proj": [(ours["mlp.proj"], c.n_embd)]}
+            parts = {
+                "attn.qkv": [(ours["attn.qkv"], c.qkv_dim)],
+                "attn.proj": [(ours["attn.proj"], c.n_embd)],
+                "mlp.fc": [(ours["mlp.fc"], fc_rows)],
+                "mlp.proj": [(ours["mlp.proj"], c.n_embd)],
+            }
         out.update({ours[t]: parts[t] for t in BLOCK_TARGETS})
     out["lm_head"] = [("lm_head", c.vocab_size)]
     return out
@@ -88,8 +111,12 @@ def module_map(config: ModelConfig) -> dict[str, list[tuple[str, int]]]:
 
 def _suffix(module: str) -> str:
     """The target_modules entry for a module: its name without the layer prefix (attn.c_attn, q_proj, lm_head)."""
-    for prefix in (r"transformer\.h\.\d+\.", r"model\.layers\.\d+\.self_attn\.", r"model\.layers\.\d+\.mlp\.",
-                   r"blocks\.\d+\."):
+    for prefix in (
+        r"transformer\.h\.\d+\.",
+        r"model\.layers\.\d+\.self_attn\.",
+        r"model\.layers\.\d+\.mlp\.",
+        r"blocks\.\d+\.",
+    ):
         if re.match(prefix, module):
             return re.sub(prefix, "", module, count=1)
     return module
@@ -97,8 +124,10 @@ def _suffix(module: str) -> str:
 
 # ------------------------------------------------------------------------------------------ writing
 
-def save_adapter(folder: str | os.PathLike, model, *, base: str, digest: str | None,
-                 extra_files: dict[str, bytes] | None = None) -> Path:
+
+def save_adapter(
+    folder: str | os.PathLike, model, *, base: str, digest: str | None, extra_files: dict[str, bytes] | None = None
+) -> Path:
     """Write the LoRA layers of `model` (lmforge.lora.add_lora) as a PEFT adapter folder, atomically."""
     adapter = adapter_of(model)
     dropout = next((float(getattr(m.dropout, "p", 0.0)) for m in lora_layers(model).values()), 0.0)
@@ -111,7 +140,7 @@ def save_adapter(folder: str | os.PathLike, model, *, base: str, digest: str | N
         row = 0
         for module, rows in names[path]:
             tensors[f"{PREFIX}{module}.lora_A.weight"] = w.A.float().clone()  # each part its own copy of A
-            tensors[f"{PREFIX}{module}.lora_B.weight"] = w.B[row:row + rows].float().contiguous()
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = w.B[row : row + rows].float().contiguous()
             row += rows
             targets.add(_suffix(module))
             if w.rank != r:
@@ -122,11 +151,21 @@ def save_adapter(folder: str | os.PathLike, model, *, base: str, digest: str | N
         family = hf_family(model.config)
     except UnsupportedModelError:
         family = None
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "r": r,
-              "lora_alpha": alpha, "lora_dropout": dropout,
-              "target_modules": sorted(targets), "fan_in_fan_out": family == "gpt2", "bias": "none",
-              "use_rslora": False, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-              "inference_mode": True}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(targets),
+        "fan_in_fan_out": family == "gpt2",
+        "bias": "none",
+        "use_rslora": False,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "inference_mode": True,
+    }
     metadata = {"format": "pt", **({DIGEST_KEY: digest} if digest is not None else {})}
 
     def write(tmp: Path) -> None:
@@ -140,6 +179,7 @@ def save_adapter(folder: str | os.PathLike, model, *, base: str, digest: str | N
 
 # ------------------------------------------------------------------------------------------ reading
 
+
 def resolve_adapter_dir(path: str | os.PathLike) -> Path:
     """An adapter folder, or a fine-tuning run folder holding one in adapter/."""
     path = Path(path)
@@ -148,8 +188,10 @@ def resolve_adapter_dir(path: str | os.PathLike) -> Path:
     for folder in (path, path / "adapter"):
         if (folder / ADAPTER_CONFIG).is_file():
             return folder
-    raise CheckpointError(f"{path} holds no {ADAPTER_CONFIG}: not a LoRA adapter folder (make one with "
-                          f"`lmforge finetune BASE --method lora --out DIR`, or with peft)")
+    raise CheckpointError(
+        f"{path} holds no {ADAPTER_CONFIG}: not a LoRA adapter folder (make one with "
+        f"`lmforge finetune BASE --method lora --out DIR`, or with peft)"
+    )
 
 
 def _read_tensors(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -171,15 +213,17 @@ def read_adapter(path: str | os.PathLike, config: ModelConfig) -> Adapter:
     if settings.get("method") == "lora":
         return _read_lmforge(folder, settings, tensors)
     if settings.get("peft_type") != "LORA":
-        raise CheckpointError(f"{folder / ADAPTER_CONFIG} is a {settings.get('peft_type')!r} adapter; lmforge reads "
-                              f"LoRA adapters (peft_type \"LORA\")")
+        raise CheckpointError(
+            f"{folder / ADAPTER_CONFIG} is a {settings.get('peft_type')!r} adapter; lmforge reads "
+            f'LoRA adapters (peft_type "LORA")'
+        )
     for key in UNSUPPORTED:
         if settings.get(key) not in (None, False, "none", [], {}):
-            raise CheckpointError(f"{folder / ADAPTER_CONFIG} sets {key}={settings[key]!r}: lmforge applies plain "
-                                  f"LoRA updates only")
+            raise CheckpointError(
+                f"{folder / ADAPTER_CONFIG} sets {key}={settings[key]!r}: lmforge applies plain LoRA updates only"
+            )
     parts = _peft_parts(folder, settings, tensors, config)
-    return Adapter(_fuse(parts, config), settings.get("base_model_name_or_path"), metadata.get(DIGEST_KEY),
-                   str(folder))
+    return Adapter(_fuse(parts, config), settings.get("base_model_name_or_path"), metadata.get(DIGEST_KEY), str(folder))
 
 
 def _pattern(patterns: dict, module: str, default):
@@ -204,16 +248,20 @@ def _peft_parts(folder: Path, settings: dict, tensors: dict, config: ModelConfig
     for name, t in tensors.items():
         m = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.lora_([AB])(?:\.\w+)?\.weight", name)
         if m is None:
-            raise CheckpointError(f"{folder / ADAPTER_WEIGHTS} holds {name!r}, which is not a LoRA layer's A or B "
-                                  f"(embedding LoRA and saved modules are not supported)")
+            raise CheckpointError(
+                f"{folder / ADAPTER_WEIGHTS} holds {name!r}, which is not a LoRA layer's A or B "
+                f"(embedding LoRA and saved modules are not supported)"
+            )
         found.setdefault(m.group(1), {})[m.group(2)] = t
     parts: dict[str, list] = {}
     alpha, rslora = settings.get("lora_alpha", 8), bool(settings.get("use_rslora"))
     for module, ab in sorted(found.items()):
         if module not in where:
-            raise CheckpointError(f"adapter {folder} adapts {module}, which a {config.n_layer}-layer "
-                                  f"{config.extra.get('model_type', config.name)} model does not have (or lmforge "
-                                  f"cannot adapt: its linear layers only)")
+            raise CheckpointError(
+                f"adapter {folder} adapts {module}, which a {config.n_layer}-layer "
+                f"{config.extra.get('model_type', config.name)} model does not have (or lmforge "
+                f"cannot adapt: its linear layers only)"
+            )
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"adapter {folder}: {module} has lora_{'A' if 'A' in ab else 'B'} without its pair")
         path, row, rows = where[module]
@@ -222,8 +270,10 @@ def _peft_parts(folder: Path, settings: dict, tensors: dict, config: ModelConfig
         a = _pattern(settings.get("alpha_pattern") or {}, module, alpha)
         scale = a / (math.sqrt(rank) if rslora else rank)
         if B.shape[0] != rows or B.shape[1] != rank:
-            raise CheckpointError(f"adapter {folder}: {module}.lora_B has shape {tuple(B.shape)}, the model's layer "
-                                  f"needs ({rows}, {rank})")
+            raise CheckpointError(
+                f"adapter {folder}: {module}.lora_B has shape {tuple(B.shape)}, the model's layer "
+                f"needs ({rows}, {rank})"
+            )
         parts.setdefault(path, []).append((row, rows, A, B, scale))
     if not parts:
         raise CheckpointError(f"{folder / ADAPTER_WEIGHTS} holds no LoRA tensors")
@@ -243,7 +293,7 @@ def _fuse(parts: dict[str, list], config: ModelConfig) -> dict[str, LoRAWeights]
         B = torch.zeros(out_rows[path], A.shape[0])
         col = 0
         for row, rows, a, b, scale in ps:
-            B[row:row + rows, col:col + a.shape[0]] = b * scale
+            B[row : row + rows, col : col + a.shape[0]] = b * scale
             col += a.shape[0]
         layers[path] = LoRAWeights(A, B, 1.0)
     return layers

@@ -22,9 +22,13 @@ router = APIRouter()
 
 def require_admin(server) -> None:
     if not server.api_keys:
-        raise ApiError(403, "adapters are loaded and unloaded at run time only on a server started with --api-key "
-                            "(or --api-key-file); start it with one, or give adapters with --lora NAME=PATH",
-                       type="permission_error", code="admin_needs_api_key")
+        raise ApiError(
+            403,
+            "adapters are loaded and unloaded at run time only on a server started with --api-key "
+            "(or --api-key-file); start it with one, or give adapters with --lora NAME=PATH",
+            type="permission_error",
+            code="admin_needs_api_key",
+        )
 
 
 @router.post("/v1/load_lora_adapter")

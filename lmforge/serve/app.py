@@ -40,8 +40,13 @@ async def lifespan(app: FastAPI):
         server.adapters.close()  # the model's LoRA hooks go with the server
 
 
-def create_app(model, tokenizer, settings: ServeSettings | None = None,
-               model_folder: str | Path | ChatTemplate | None = None, draft=None) -> FastAPI:
+def create_app(
+    model,
+    tokenizer,
+    settings: ServeSettings | None = None,
+    model_folder: str | Path | ChatTemplate | None = None,
+    draft=None,
+) -> FastAPI:
     """The FastAPI app serving `model` (an lmforge Transformer) with `tokenizer`. `model_folder` is where the chat
     template is looked for (tokenizer_config.json), or the template itself (a model file's embedded one); `draft`,
     a smaller model sharing the tokenizer, turns on speculative decoding in the engine."""
@@ -66,8 +71,13 @@ def load_model(path: str, settings: ServeSettings, adapter: str | None = None):
     `serve` loads weights."""
     from lmforge.loader import load
 
-    return load(path, dtype=settings.dtype, quantize=None if settings.quantize == "none" else settings.quantize,
-                adapter=adapter, tokenizer=settings.tokenizer)
+    return load(
+        path,
+        dtype=settings.dtype,
+        quantize=None if settings.quantize == "none" else settings.quantize,
+        adapter=adapter,
+        tokenizer=settings.tokenizer,
+    )
 
 
 def serve_command(settings: ServeSettings) -> int:

@@ -49,9 +49,13 @@ class ChatSettings:
             parsed = cast(value)
         except ValueError:
             raise ChatError(f"{name}={value!r} is not a{'n integer' if cast is int else ' number'}") from None
-        allowed = {"temperature": (parsed >= 0, ">= 0 (0 is greedy)"), "max_tokens": (parsed >= 1, ">= 1"),
-                   "top_p": (0 < parsed <= 1, "in (0, 1]"), "top_k": (parsed >= 0, ">= 0 (0 keeps all)"),
-                   "seed": (True, "")}
+        allowed = {
+            "temperature": (parsed >= 0, ">= 0 (0 is greedy)"),
+            "max_tokens": (parsed >= 1, ">= 1"),
+            "top_p": (0 < parsed <= 1, "in (0, 1]"),
+            "top_k": (parsed >= 0, ">= 0 (0 keeps all)"),
+            "seed": (True, ""),
+        }
         ok, rule = allowed[name]
         if not ok:
             raise ChatError(f"{name}={value} is out of range: it must be {rule}")
@@ -60,11 +64,13 @@ class ChatSettings:
 
 # ---------------------------------------------------------------------------------- backends
 
+
 class LocalBackend:
     """A model folder loaded in this process; the conversation is re-rendered and re-prefilled every turn."""
 
-    def __init__(self, model: str, adapter: str | None = None, controls: str | None = None,
-                 quantize: str | None = None):
+    def __init__(
+        self, model: str, adapter: str | None = None, controls: str | None = None, quantize: str | None = None
+    ):
         from lmforge.loader import load
 
         loaded = load(model, dtype="float32", adapter=adapter, quantize=quantize)
@@ -74,8 +80,9 @@ class LocalBackend:
         self.template = loaded.chat_template()
         # Where the assistant's turn ends: the plain template's next "User:" line, else the template's EOS text
         # (ChatML's <|im_end|> when it is not the tokenizer's EOS token, which already ends a row).
-        self.stop = ["\nUser:"] if self.template.is_plain else (["<|im_end|>"] if "<|im_end|>" in self.template.source
-                                                                else [])
+        self.stop = (
+            ["\nUser:"] if self.template.is_plain else (["<|im_end|>"] if "<|im_end|>" in self.template.source else [])
+        )
         self.name = model
         self.controls = None  # banned phrases and word biases (lmforge.infer.controls), and their fires so far
         self.control_counts: dict = {}
@@ -89,10 +96,12 @@ class LocalBackend:
         prompt plus max_tokens fits the model's context."""
         budget = self.model.config.block_size - max_tokens
         if budget < 1:
-            raise ChatError(f"max_tokens={max_tokens} leaves no room for the prompt in the model's context of "
-                            f"{self.model.config.block_size}; /set max_tokens lower")
+            raise ChatError(
+                f"max_tokens={max_tokens} leaves no room for the prompt in the model's context of "
+                f"{self.model.config.block_size}; /set max_tokens lower"
+            )
         system = [m for m in messages[:1] if m["role"] == "system"]
-        turns = messages[len(system):]
+        turns = messages[len(system) :]
         while True:
             ids = self.tokenizer.encode(self.template.render(system + turns))
             if len(ids) <= budget or len(turns) <= 1:
@@ -105,13 +114,20 @@ class LocalBackend:
         from lmforge.infer.generate import stream
         from lmforge.infer.sampling import SamplingParams
 
-        params = SamplingParams(max_tokens=settings.max_tokens, temperature=settings.temperature,
-                                top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed, stop=self.stop)
+        params = SamplingParams(
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            seed=settings.seed,
+            stop=self.stop,
+        )
         guard = self.controls.attach(params) if self.controls is not None else None
         try:
             with torch.inference_mode():
-                for event in stream(self.model, [self.prompt(messages, settings.max_tokens)], params,
-                                    tokenizer=self.tokenizer):
+                for event in stream(
+                    self.model, [self.prompt(messages, settings.max_tokens)], params, tokenizer=self.tokenizer
+                ):
                     if event.text:
                         yield event.text
         finally:
@@ -156,8 +172,14 @@ class RemoteBackend:
     def reply(self, messages: list[dict], settings: ChatSettings) -> Iterator[str]:
         import httpx
 
-        body = {"model": self.name, "messages": messages, "stream": True, "temperature": settings.temperature,
-                "max_tokens": settings.max_tokens, "top_p": settings.top_p}
+        body = {
+            "model": self.name,
+            "messages": messages,
+            "stream": True,
+            "temperature": settings.temperature,
+            "max_tokens": settings.max_tokens,
+            "top_p": settings.top_p,
+        }
         if settings.top_k:
             body["top_k"] = settings.top_k  # a vLLM-style extra; OpenAI itself has no top_k
         if settings.seed is not None:
@@ -206,8 +228,7 @@ HELP = """commands:
 class ChatSession:
     """The conversation (system prompt + turns), the settings, and what each input line does."""
 
-    def __init__(self, backend, system: str = "", settings: ChatSettings | None = None,
-                 out: TextIO | None = None):
+    def __init__(self, backend, system: str = "", settings: ChatSettings | None = None, out: TextIO | None = None):
         self.backend = backend
         self.system = system
         self.settings = settings or ChatSettings()
@@ -299,9 +320,18 @@ class ChatSession:
                 return
 
 
-def chat_command(model: str | None = None, /, url: str | None = None, system: str = "", temperature: float = 0.7,
-                 max_tokens: int = 256, api_key: str | None = None, adapter: str | None = None,
-                 controls: str | None = None, quantize: Literal["int8", "int4"] | None = None) -> int:
+def chat_command(
+    model: str | None = None,
+    /,
+    url: str | None = None,
+    system: str = "",
+    temperature: float = 0.7,
+    max_tokens: int = 256,
+    api_key: str | None = None,
+    adapter: str | None = None,
+    controls: str | None = None,
+    quantize: Literal["int8", "int4"] | None = None,
+) -> int:
     """Chat with a model in the terminal: answers stream as they are generated; /help lists the commands.
 
     Args:

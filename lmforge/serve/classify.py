@@ -61,8 +61,9 @@ class ClassifierService:
         if not texts:
             raise ApiError(400, "input is empty: give a text or a list of texts", "input")
         if len(texts) > MAX_INPUTS:
-            raise ApiError(400, f"input has {len(texts)} texts; at most {MAX_INPUTS} are classified per request",
-                           "input")
+            raise ApiError(
+                400, f"input has {len(texts)} texts; at most {MAX_INPUTS} are classified per request", "input"
+            )
         seqs = []
         for i, text in enumerate(texts):
             where = "input" if isinstance(req.input, str) else f"input[{i}]"
@@ -70,9 +71,13 @@ class ClassifierService:
                 raise ApiError(400, f"{where} is an empty text", "input")
             ids = self.encoder.ids(text)
             if len(ids) > self.encoder.max_tokens:
-                raise ApiError(400, f"{where} is {len(ids)} tokens; this classifier reads at most "
-                                    f"{self.encoder.max_tokens}: shorten it", "input",
-                               code="context_length_exceeded")
+                raise ApiError(
+                    400,
+                    f"{where} is {len(ids)} tokens; this classifier reads at most "
+                    f"{self.encoder.max_tokens}: shorten it",
+                    "input",
+                    code="context_length_exceeded",
+                )
             seqs.append(ids)
         return seqs
 
@@ -82,8 +87,15 @@ class ClassifierService:
         with self.lock:
             probs = predict_ids(self.clf, seqs).tolist()
         labels = self.clf.labels
-        return [{"object": "classification", "index": i, "label": labels[max(range(len(p)), key=p.__getitem__)],
-                 "probabilities": dict(zip(labels, p))} for i, p in enumerate(probs)]
+        return [
+            {
+                "object": "classification",
+                "index": i,
+                "label": labels[max(range(len(p)), key=p.__getitem__)],
+                "probabilities": dict(zip(labels, p)),
+            }
+            for i, p in enumerate(probs)
+        ]
 
 
 def get_classifier(request: Request) -> ClassifierService | None:
@@ -96,14 +108,27 @@ router = APIRouter()
 @router.post("/v1/classify")
 async def classify(req: ClassifyRequest, service: Annotated[ClassifierService | None, Depends(get_classifier)]):
     if service is None:
-        raise ApiError(404, "this server has no classifier: start it with `lmforge serve MODEL --classifier "
-                            "DIR` (DIR made by `lmforge classify train`)", type="not_found_error",
-                       code="classifier_not_loaded")
+        raise ApiError(
+            404,
+            "this server has no classifier: start it with `lmforge serve MODEL --classifier "
+            "DIR` (DIR made by `lmforge classify train`)",
+            type="not_found_error",
+            code="classifier_not_loaded",
+        )
     if req.model is not None and req.model not in service.names:
-        raise ApiError(404, f"the model {req.model!r} does not exist; the classifier here is "
-                            f"{service.name!r}", "model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"the model {req.model!r} does not exist; the classifier here is {service.name!r}",
+            "model",
+            code="model_not_found",
+        )
     seqs = service.token_ids(req)
     data = await asyncio.to_thread(service.classify, seqs)
     tokens = sum(map(len, seqs))
-    return {"object": "list", "model": service.name, "created": int(time.time()), "data": data,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {
+        "object": "list",
+        "model": service.name,
+        "created": int(time.time()),
+        "data": data,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

@@ -19,15 +19,32 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge.serve.errors import ApiError
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
-METRIC_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
-                 "/metrics", "/", "/v1/classify", "/v1/embeddings", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+METRIC_ROUTES = {
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/tokenize",
+    "/detokenize",
+    "/health",
+    "/metrics",
+    "/",
+    "/v1/classify",
+    "/v1/embeddings",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+}
 # The web chat (/ and /static/) is served under a Content-Security-Policy. The page loads its script and
 # stylesheet from /static, talks to this origin only, sets styles through the CSSOM (allowed by
 # style-src 'self'), and its favicon is an empty data: URL.
-PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-                    (b"referrer-policy", b"no-referrer")]
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
 
 
 class Metrics:
@@ -35,22 +52,36 @@ class Metrics:
 
     def __init__(self):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("lmforge_requests", "HTTP requests by route and status", ["route", "status"],
-                                registry=r)
+        self.requests = Counter(
+            "lmforge_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
         self.prompt_tokens = Counter("lmforge_prompt_tokens", "prompt tokens of admitted requests", registry=r)
         self.generated_tokens = Counter("lmforge_generated_tokens", "tokens generated", registry=r)
         self.queue = Gauge("lmforge_queue_length", "sequences waiting for a batch slot", registry=r)
         self.running = Gauge("lmforge_running_batch_size", "sequences in the running batch", registry=r)
         self.kv_used = Gauge("lmforge_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_free = Gauge("lmforge_kv_blocks_free", "KV cache blocks free", registry=r)
-        self.ttft = Histogram("lmforge_time_to_first_token_seconds", "time to first token", registry=r,
-                              buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.itl = Histogram("lmforge_inter_token_latency_seconds", "mean time between output tokens", registry=r,
-                             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
-        self.controls_fired = Counter("lmforge_control_fired", "--controls entries that fired, by kind "
-                                      "(banned_phrase, logit_bias) and entry", ["kind", "control"], registry=r)
-        self.request_errors = Counter("lmforge_request_errors", "requests that failed inside the engine (each "
-                                      "failed alone)", registry=r)
+        self.ttft = Histogram(
+            "lmforge_time_to_first_token_seconds",
+            "time to first token",
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.itl = Histogram(
+            "lmforge_inter_token_latency_seconds",
+            "mean time between output tokens",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+        )
+        self.controls_fired = Counter(
+            "lmforge_control_fired",
+            "--controls entries that fired, by kind (banned_phrase, logit_bias) and entry",
+            ["kind", "control"],
+            registry=r,
+        )
+        self.request_errors = Counter(
+            "lmforge_request_errors", "requests that failed inside the engine (each failed alone)", registry=r
+        )
 
     def control_fired(self, kind: str, control: str) -> None:
         """One fire of a --controls entry (labels come from the operator's file, so their number is bounded)."""
@@ -96,17 +127,27 @@ class RateLimiter:
         if self.limit <= 0:
             return None
         if tokens > self.limit:
-            raise ApiError(400, f"this request may use up to {tokens} tokens (prompt plus max_tokens x n for each "
-                                f"prompt), more than this API key's limit of {self.limit} tokens per minute; lower "
-                                f"max_tokens or n", param, code="rate_limit_exceeded")
+            raise ApiError(
+                400,
+                f"this request may use up to {tokens} tokens (prompt plus max_tokens x n for each "
+                f"prompt), more than this API key's limit of {self.limit} tokens per minute; lower "
+                f"max_tokens or n",
+                param,
+                code="rate_limit_exceeded",
+            )
         now = time.monotonic()
         used = self._used(key, now)
         if used + tokens > self.limit:
             window = self.spent[key]
             retry = max(1, int(60 - (now - window[0][0])) + 1) if window else 1
-            raise ApiError(429, f"rate limit of {self.limit} tokens per minute reached for this API key ({used} "
-                                f"used or reserved, this request may use {tokens}); retry in {retry} s",
-                           type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+            raise ApiError(
+                429,
+                f"rate limit of {self.limit} tokens per minute reached for this API key ({used} "
+                f"used or reserved, this request may use {tokens}); retry in {retry} s",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(retry)},
+            )
         entry = [now, tokens]
         self.spent[key].append(entry)
         return entry
@@ -122,7 +163,7 @@ def host_name(value: str) -> str:
     """The name in a Host header, lower case, without its port ("[::1]:8000" -> "::1")."""
     value = value.strip().lower()
     if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value[1:]
+        return value[1 : value.find("]")] if "]" in value else value[1:]
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
@@ -144,8 +185,9 @@ class EdgeMiddleware:
         path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         status = {"code": 500}
-        extra = SECURITY_HEADERS + ([(b"content-security-policy", PAGE_POLICY.encode())]
-                                    if path == "/" or path.startswith("/static/") else [])
+        extra = SECURITY_HEADERS + (
+            [(b"content-security-policy", PAGE_POLICY.encode())] if path == "/" or path.startswith("/static/") else []
+        )
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -172,15 +214,20 @@ class EdgeMiddleware:
         else:
             await self.app(scope, receive_limited, send_with_headers)
         finally:  # a fixed set of route labels: a client cannot grow the metrics by inventing paths
-            route = path if path in METRIC_ROUTES else "/v1/models/{model}" if path.startswith("/v1/models/") \
-                else "other"
+            route = (
+                path if path in METRIC_ROUTES else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+            )
             self.server.metrics.requests.labels(route, str(status["code"])).inc()
 
     def check(self, scope, path: str, headers: dict[str, str]) -> None:
         """Host, declared body size and API key; the key that matched is left in scope["lmforge.api_key"]."""
         if self.hosts is not None and host_name(headers.get("host", "")) not in self.hosts:
-            raise ApiError(400, "the Host header names a host this server does not answer for; start it with "
-                                "--allowed-hosts NAME to accept that name", code="invalid_host")
+            raise ApiError(
+                400,
+                "the Host header names a host this server does not answer for; start it with "
+                "--allowed-hosts NAME to accept that name",
+                code="invalid_host",
+            )
         try:
             size = int(headers.get("content-length") or 0)
         except ValueError:
@@ -192,6 +239,10 @@ class EdgeMiddleware:
             given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
             match = [k for k in self.keys if hmac.compare_digest(given.encode(), k.encode())]
             if not match:
-                raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
-                               type="authentication_error", code="invalid_api_key")
+                raise ApiError(
+                    401,
+                    "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                    type="authentication_error",
+                    code="invalid_api_key",
+                )
             scope["lmforge.api_key"] = match[0]

@@ -37,19 +37,25 @@ async def embeddings(req: EmbeddingRequest, http: Request, server: ServerDep):
     adapter = server.check_model(req.model)
     width = server.engine.config.n_embd
     if req.dimensions is not None and req.dimensions > width:
-        raise ApiError(400, f"dimensions={req.dimensions} is more than the model's {width}; ask for at most "
-                            f"{width}", "dimensions")
+        raise ApiError(
+            400, f"dimensions={req.dimensions} is more than the model's {width}; ask for at most {width}", "dimensions"
+        )
     inputs = await input_ids(server, req.input)
     tokens = sum(map(len, inputs))
     reservation = server.rate.reserve(http.scope["lmforge.api_key"], tokens, "input")
     vectors = await embed_on_engine(server, inputs, adapter)
     server.rate.settle(reservation, tokens)
     if req.dimensions is not None:
-        vectors = F.normalize(vectors[:, :req.dimensions], dim=-1)
-    data = [{"object": "embedding", "index": i, "embedding": encoded(v, req.encoding_format)}
-            for i, v in enumerate(vectors)]
-    return {"object": "list", "data": data, "model": req.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        vectors = F.normalize(vectors[:, : req.dimensions], dim=-1)
+    data = [
+        {"object": "embedding", "index": i, "embedding": encoded(v, req.encoding_format)} for i, v in enumerate(vectors)
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "model": req.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 async def input_ids(server, value) -> list[list[int]]:
@@ -68,11 +74,16 @@ async def input_ids(server, value) -> list[list[int]]:
         if not ids:
             raise ApiError(400, f"input[{i}] is empty: there is nothing to embed", f"input[{i}]")
         if len(ids) > server.max_model_len:
-            raise ApiError(400, f"input[{i}] is {len(ids)} tokens; the model takes at most {server.max_model_len}",
-                           f"input[{i}]", code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"input[{i}] is {len(ids)} tokens; the model takes at most {server.max_model_len}",
+                f"input[{i}]",
+                code="context_length_exceeded",
+            )
         if min(ids) < 0 or max(ids) >= server.vocab_size:
-            raise ApiError(400, f"input[{i}] holds token ids outside the vocabulary 0..{server.vocab_size - 1}",
-                           f"input[{i}]")
+            raise ApiError(
+                400, f"input[{i}] holds token ids outside the vocabulary 0..{server.vocab_size - 1}", f"input[{i}]"
+            )
         out.append(ids)
     return out
 

@@ -24,8 +24,15 @@ log = logging.getLogger("lmforge.serve")
 class ApiError(LmforgeError):
     """An error the client sees as OpenAI's JSON, with an HTTP status and optional headers (Retry-After)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message, param)
         self.status, self.message, self.type, self.code, self.headers = status, message, type, code, headers
 
@@ -36,12 +43,21 @@ class ApiError(LmforgeError):
             return e
         if isinstance(e, LmforgeError):
             return cls(400, str(e), e.param or param)
-        return cls(500, f"internal error while serving this request: {type(e).__name__}; other requests are "
-                        f"unaffected", type="server_error")
+        return cls(
+            500,
+            f"internal error while serving this request: {type(e).__name__}; other requests are unaffected",
+            type="server_error",
+        )
 
     def body(self) -> dict:
-        return {"error": {"message": encodable(self.message), "type": self.type,
-                          "param": None if self.param is None else encodable(self.param), "code": self.code}}
+        return {
+            "error": {
+                "message": encodable(self.message),
+                "type": self.type,
+                "param": None if self.param is None else encodable(self.param),
+                "code": self.code,
+            }
+        }
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)

@@ -23,7 +23,7 @@ MAX_COUNT = 1000  # the largest repeat count (lengths, item counts, pattern quan
 # exponentially (measured: a 12-digit bound before a closing brace, seconds; 16 digits, minutes). A bound
 # further out is moved inward to +-(10**MAX_DIGITS - 1), which only narrows the range; an unbounded side stays so.
 MAX_DIGITS = 8
-LIMIT = 10 ** MAX_DIGITS - 1
+LIMIT = 10**MAX_DIGITS - 1
 
 
 class StructuredOutputError(LmforgeError):
@@ -50,6 +50,7 @@ def alternation(options: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------- integers
+
 
 def _digits(a: str, b: str) -> list[str]:
     """Alternatives matching every digit string of len(a) from a to b (a <= b, equal lengths)."""
@@ -78,7 +79,7 @@ def _naturals(lo: int, hi: int | None) -> list[str]:
     for width in range(len(str(lo)), (last or len(str(lo))) + 1):
         a = max(lo, 10 ** (width - 1) if width > 1 else 0)
         b = 10**width - 1 if hi is None else min(hi, 10**width - 1)
-        if width > 1 and a == 10 ** (width - 1) and b == 10 ** width - 1:
+        if width > 1 and a == 10 ** (width - 1) and b == 10**width - 1:
             whole.append(width)
         elif a <= b:
             out += _digits(str(a), str(b))
@@ -109,23 +110,29 @@ def multiples(k: int, lo: int | None, hi: int | None) -> list[str]:
         return integers(lo, hi)
     if lo is not None and hi is not None and (hi // k) - (-(-lo // k)) + 1 <= MAX_COUNT:
         return [str(m * k) for m in range(-(-lo // k), hi // k + 1)]
-    t = next((t for t in range(1, 4) if 10 ** t % k == 0), None)
+    t = next((t for t in range(1, 4) if 10**t % k == 0), None)
     if t is None:
-        raise SchemaKeywordError(f"multipleOf {k} is enforced only with minimum and maximum around at most "
-                                 f"{MAX_COUNT} multiples, or when it divides 1000 (then the last digits decide)",
-                                 "multipleOf")
+        raise SchemaKeywordError(
+            f"multipleOf {k} is enforced only with minimum and maximum around at most "
+            f"{MAX_COUNT} multiples, or when it divides 1000 (then the last digits decide)",
+            "multipleOf",
+        )
     out = []
     if hi is None or hi >= 0:
         out += _multiples_natural(k, t, max(lo, 0) if lo is not None else 0, hi)
     if lo is None or lo < 0:
-        out += ["-" + alternation(_multiples_natural(k, t, max(-hi, 1) if hi is not None else 1,
-                                                     -lo if lo is not None else None))]
+        out += [
+            "-"
+            + alternation(
+                _multiples_natural(k, t, max(-hi, 1) if hi is not None else 1, -lo if lo is not None else None)
+            )
+        ]
     return out
 
 
 def _multiples_natural(k: int, t: int, lo: int, hi: int | None) -> list[str]:
     """Multiples of k (k divides 10**t) in [lo, hi], 0 <= lo: n = q * 10**t + r with r a multiple of k."""
-    block = 10 ** t
+    block = 10**t
     endings = alternation([f"{r:0{t}d}" for r in range(0, block, k)])
     q_lo, q_hi = -(-lo // block), None if hi is None else (hi + 1) // block - 1  # the blocks wholly inside
     q_lo = max(q_lo, 1)  # block 0 is written below: its numbers have no leading zeros
@@ -133,8 +140,9 @@ def _multiples_natural(k: int, t: int, lo: int, hi: int | None) -> list[str]:
     if hi is None or q_lo <= q_hi:
         out.append(alternation(integers(q_lo, q_hi)) + endings)
     edges = range(lo, min(hi + 1, q_lo * block) if hi is not None else q_lo * block)  # below the whole blocks
-    tail = range(max(lo, (q_hi + 1) * block), hi + 1) if hi is not None and q_hi is not None and q_lo <= q_hi \
-        else range(0)
+    tail = (
+        range(max(lo, (q_hi + 1) * block), hi + 1) if hi is not None and q_hi is not None and q_lo <= q_hi else range(0)
+    )
     if hi is not None and q_hi is not None and q_lo > q_hi:  # no whole block: every multiple is an edge
         edges = range(lo, hi + 1)
     out += [str(n) for n in (*edges, *tail) if n % k == 0]
@@ -143,8 +151,10 @@ def _multiples_natural(k: int, t: int, lo: int, hi: int | None) -> list[str]:
 
 # ---------------------------------------------------------------------------------- numbers
 
-def number_range(kind: str, lo: Fraction | None, lo_excl: bool, hi: Fraction | None, hi_excl: bool,
-                 multiple: Fraction | None) -> str:
+
+def number_range(
+    kind: str, lo: Fraction | None, lo_excl: bool, hi: Fraction | None, hi_excl: bool, multiple: Fraction | None
+) -> str:
     """The regex of `kind` ("integer" or "number") values within the bounds and multiple of `multiple`.
 
     Integers are written exactly. Numbers are integers plus fractions `I.F` whose whole unit [I, I+1] lies inside
@@ -156,9 +166,11 @@ def number_range(kind: str, lo: Fraction | None, lo_excl: bool, hi: Fraction | N
     ihi = None if hi is None else min(LIMIT, math.ceil(hi) - 1 if hi_excl else math.floor(hi))
     if multiple is not None:
         if multiple.denominator != 1:
-            raise SchemaKeywordError(f"multipleOf {float(multiple):g} is not an integer, and jsonschema checks it "
-                                     f"in binary floating point, where decimal fractions are not exact multiples",
-                                     "multipleOf")
+            raise SchemaKeywordError(
+                f"multipleOf {float(multiple):g} is not an integer, and jsonschema checks it "
+                f"in binary floating point, where decimal fractions are not exact multiples",
+                "multipleOf",
+            )
         return alternation(multiples(int(multiple), ilo, ihi) or _empty("multipleOf"))
     options = integers(ilo, ihi)
     if kind == "number":  # fractions of the units [I, I+1] that lie wholly inside the bounds
@@ -175,16 +187,25 @@ def number_range(kind: str, lo: Fraction | None, lo_excl: bool, hi: Fraction | N
 
 
 def _empty(keyword: str) -> list[str]:
-    raise SchemaKeywordError("no number this server writes satisfies the bounds (it writes integers, and fractions "
-                             "only within whole units that lie inside the bounds)", keyword)
+    raise SchemaKeywordError(
+        "no number this server writes satisfies the bounds (it writes integers, and fractions "
+        "only within whole units that lie inside the bounds)",
+        keyword,
+    )
 
 
 # ---------------------------------------------------------------------------------- string patterns
 
 _UNSAFE = set(range(0x20)) | {ord('"'), ord("\\")}  # what a JSON string cannot hold raw
 _ASCII = [c for c in range(0x20, 0x7F) if c not in _UNSAFE]
-_CATEGORY = {sre.CATEGORY_DIGIT: r"\d", sre.CATEGORY_NOT_DIGIT: r"\D", sre.CATEGORY_WORD: r"\w",
-             sre.CATEGORY_NOT_WORD: r"\W", sre.CATEGORY_SPACE: r"\s", sre.CATEGORY_NOT_SPACE: r"\S"}
+_CATEGORY = {
+    sre.CATEGORY_DIGIT: r"\d",
+    sre.CATEGORY_NOT_DIGIT: r"\D",
+    sre.CATEGORY_WORD: r"\w",
+    sre.CATEGORY_NOT_WORD: r"\W",
+    sre.CATEGORY_SPACE: r"\s",
+    sre.CATEGORY_NOT_SPACE: r"\S",
+}
 
 
 def _char(c: int) -> str:
@@ -195,8 +216,11 @@ def _class(codes: set[int], ranges: list[tuple[int, int]] = ()) -> str:
     """A character class of `codes` plus non-ASCII `ranges`, none of them unsafe."""
     parts = [_char(c) for c in sorted(codes)] + [f"{_char(a)}-{_char(b)}" for a, b in ranges]
     if not parts:
-        raise SchemaKeywordError("it needs a character a JSON string cannot hold unescaped (a quote, backslash or "
-                                 "control character), which this server does not write", "pattern")
+        raise SchemaKeywordError(
+            "it needs a character a JSON string cannot hold unescaped (a quote, backslash or "
+            "control character), which this server does not write",
+            "pattern",
+        )
     return "[" + "".join(parts) + "]"
 
 
@@ -252,12 +276,21 @@ def _emit(pattern, top: bool = False) -> str:
             if lo > MAX_COUNT or (hi is not sre.MAXREPEAT and hi > MAX_COUNT):
                 raise SchemaKeywordError(f"repeat counts above {MAX_COUNT} are not supported", "pattern")
             out.append("(?:" + _emit(sub) + ")" + (f"{{{lo},}}" if hi is sre.MAXREPEAT else f"{{{lo},{hi}}}"))
-        elif op is sre.AT and top and ((i == 0 and av in (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING)) or
-                                       (i == len(items) - 1 and av in (sre.AT_END, sre.AT_END_STRING))):
+        elif (
+            op is sre.AT
+            and top
+            and (
+                (i == 0 and av in (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING))
+                or (i == len(items) - 1 and av in (sre.AT_END, sre.AT_END_STRING))
+            )
+        ):
             continue  # the whole string is matched anyway
         else:
-            raise SchemaKeywordError(f"{'an anchor inside it' if op is sre.AT else str(op).lower()} cannot be "
-                                     f"enforced; use characters, classes, groups, alternation and repeats", "pattern")
+            raise SchemaKeywordError(
+                f"{'an anchor inside it' if op is sre.AT else str(op).lower()} cannot be "
+                f"enforced; use characters, classes, groups, alternation and repeats",
+                "pattern",
+            )
     return "".join(out)
 
 

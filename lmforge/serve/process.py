@@ -16,7 +16,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, *flags: str, host: str = "127.0.0.1", timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: str, *flags: str, host: str = "127.0.0.1", timeout: float = 60.0
+) -> tuple[subprocess.Popen, str]:
     """Start `python -m lmforge serve MODEL --port P *flags`; return (process, base URL) once /health answers.
 
     The server's output goes to a temporary file (a pipe nobody reads would fill up and stall the server); a
@@ -26,8 +28,12 @@ def start_server(model: str, *flags: str, host: str = "127.0.0.1", timeout: floa
 
     port = free_port(host)
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model), "--host", host,
-                             "--port", str(port), *flags], stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge", "serve", str(model), "--host", host, "--port", str(port), *flags],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
     def output() -> str:
         log.seek(0)

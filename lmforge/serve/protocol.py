@@ -21,13 +21,21 @@ from lmforge.infer.sampling import (
 )
 from lmforge.serve.errors import ApiError
 
-TEMPERATURE = Field(default=1.0, description=f"sampling temperature in [0, {MAX_TEMPERATURE:g}]; 0, or anything "
-                    f"below {GREEDY_TEMPERATURE:g} (too small to divide by), is greedy decoding")
-TOP_K = Field(default=None, description="keep the k most likely tokens; 0 or none keeps all, as does any k at least "
-                                        "the vocabulary's size")
-REPETITION_PENALTY = Field(default=None, description="divide the positive logits (multiply the negative ones) of "
-                                                     "tokens already in the prompt or output, in [{:g}, {:g}]; 1 is "
-                                                     "off".format(*REPETITION_PENALTY_RANGE))
+TEMPERATURE = Field(
+    default=1.0,
+    description=f"sampling temperature in [0, {MAX_TEMPERATURE:g}]; 0, or anything "
+    f"below {GREEDY_TEMPERATURE:g} (too small to divide by), is greedy decoding",
+)
+TOP_K = Field(
+    default=None,
+    description="keep the k most likely tokens; 0 or none keeps all, as does any k at least the vocabulary's size",
+)
+REPETITION_PENALTY = Field(
+    default=None,
+    description="divide the positive logits (multiply the negative ones) of "
+    "tokens already in the prompt or output, in [{:g}, {:g}]; 1 is "
+    "off".format(*REPETITION_PENALTY_RANGE),
+)
 
 
 MAX_STOP = 16  # stop strings per request; each is checked against the output after every token
@@ -45,8 +53,10 @@ def check_text(value, where: str = "") -> None:
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise ValueError(f"{at + ' ' if at else ''}holds a lone UTF-16 surrogate (U+{ord(v[e.start]):04X} at "
-                                 f"character {e.start}); send valid Unicode text") from None
+                raise ValueError(
+                    f"{at + ' ' if at else ''}holds a lone UTF-16 surrogate (U+{ord(v[e.start]):04X} at "
+                    f"character {e.start}); send valid Unicode text"
+                ) from None
         elif isinstance(v, dict):
             stack += [(k, at) for k in v] + [(x, f"{at}.{k}" if at else str(k)) for k, x in v.items()]
         elif isinstance(v, (list, tuple)):
@@ -100,12 +110,20 @@ class _Extras(CheckedModel):
         except ValueError:
             raise ApiError(400, "logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
         return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-            top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p, min_p=self.min_p or 0.0,
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=self.top_k or 0,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            min_p=self.min_p or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            logit_bias=bias, stop=stop, seed=self.seed,
-            n=1 if self.n is None else self.n, logprobs=logprobs)
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=bias,
+            stop=stop,
+            seed=self.seed,
+            n=1 if self.n is None else self.n,
+            logprobs=logprobs,
+        )
 
 
 class CompletionRequest(_Extras):
@@ -187,8 +205,7 @@ class ChatMessage(CheckedModel):
         parts = []
         for part in self.content:
             if part.get("type") != "text":
-                raise ApiError(400, f"content part type {part.get('type')!r} is not supported; only 'text'",
-                               "messages")
+                raise ApiError(400, f"content part type {part.get('type')!r} is not supported; only 'text'", "messages")
             parts.append(str(part.get("text", "")))
         return "".join(parts)
 
@@ -232,8 +249,11 @@ class ChatCompletionRequest(_Extras):
 
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         if self.functions is not None or self.function_call is not None:
-            raise ApiError(400, "functions and function_call are OpenAI's deprecated form of tools; send tools and "
-                                "tool_choice", "functions" if self.functions is not None else "function_call")
+            raise ApiError(
+                400,
+                "functions and function_call are OpenAI's deprecated form of tools; send tools and tool_choice",
+                "functions" if self.functions is not None else "function_call",
+            )
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)

@@ -35,19 +35,31 @@ router = APIRouter()
 
 # ---------------------------------------------------------------------------------- generation
 
+
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, http: Request, server: ServerDep):
     adapter = server.check_model(req.model)
     prompts = await server.prompts(req.prompt, req.n or 1)
-    params = req.to_sampling_params(server.max_tokens(req.max_tokens, max(map(len, prompts)), 16, "max_tokens",
-                                                      "prompt"))
+    params = req.to_sampling_params(
+        server.max_tokens(req.max_tokens, max(map(len, prompts)), 16, "max_tokens", "prompt")
+    )
     constraint = await server.attach_constraint(req, params)
     guard = server.attach_controls(params, req.banned_phrases)
     slot = server.admit(http.scope["lmforge.api_key"], prompts, params)
     streams = server.submit(prompts, params, slot, adapter)
     echo = [server.tokenizer.decode(p) for p in prompts] if req.echo else None
-    reply = Reply(server, http, CompletionShape(server, echo), streams, slot, params.n, sum(map(len, prompts)), guard,
-                  constraint, adapter)
+    reply = Reply(
+        server,
+        http,
+        CompletionShape(server, echo),
+        streams,
+        slot,
+        params.n,
+        sum(map(len, prompts)),
+        guard,
+        constraint,
+        adapter,
+    )
     if req.stream:
         return reply.stream(bool(req.stream_options and req.stream_options.include_usage))
     return await reply.whole()
@@ -62,9 +74,14 @@ async def chat_completions(req: ChatCompletionRequest, http: Request, server: Se
     fmt = tool_format(server.template.source, server.template.is_default) if answers_calls else None
     prompt = await server.chat_prompt(req.messages, tools)
     params = req.to_sampling_params(
-        server.max_tokens(req.requested_max_tokens(), len(prompt), None,
-                          "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
-                          "messages"))
+        server.max_tokens(
+            req.requested_max_tokens(),
+            len(prompt),
+            None,
+            "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
+            "messages",
+        )
+    )
     constraint = await server.attach_constraint(req, params, tools)
     if constraint is None:  # a constrained output ends by its format, not by a turn marker
         params.stop += [s for s in server.template.turn_stops if s not in params.stop]
@@ -79,6 +96,7 @@ async def chat_completions(req: ChatCompletionRequest, http: Request, server: Se
 
 
 # ---------------------------------------------------------------------------------- models and tokens
+
 
 @router.get("/v1/models")
 async def models(server: ServerDep):
@@ -114,14 +132,20 @@ async def detokenize(req: DetokenizeRequest, server: ServerDep):
 
 # ---------------------------------------------------------------------------------- the operator's routes
 
+
 @router.get("/health")
 async def health(server: ServerDep):
     loop = server.loop
     ok = loop is not None and loop.alive
-    body = {"status": "ok" if ok else "error", "model": server.settings.model_name,
-            "active_requests": server.active, "active_sequences": server.sequences,
-            "max_sequences": server.max_sequences, "speculative": server.settings.draft is not None,
-            "engine": loop.last_stats if loop else None}
+    body = {
+        "status": "ok" if ok else "error",
+        "model": server.settings.model_name,
+        "active_requests": server.active,
+        "active_sequences": server.sequences,
+        "max_sequences": server.max_sequences,
+        "speculative": server.settings.draft is not None,
+        "engine": loop.last_stats if loop else None,
+    }
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -135,5 +159,7 @@ async def index(server: ServerDep):
     page = STATIC_DIR / "index.html"
     if page.is_file():
         return FileResponse(page)
-    return HTMLResponse("<!doctype html><title>lmforge</title><p>lmforge is serving "
-                        f"{server.settings.model_name}: POST /v1/chat/completions.</p>")
+    return HTMLResponse(
+        "<!doctype html><title>lmforge</title><p>lmforge is serving "
+        f"{server.settings.model_name}: POST /v1/chat/completions.</p>"
+    )

@@ -40,18 +40,58 @@ from lmforge.serve.jsonregex import (
     string_pattern,
 )
 
-ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id", "$anchor",
-               "$dynamicAnchor", "$vocabulary", "deprecated", "readOnly", "writeOnly", "contentMediaType",
-               "contentEncoding", "contentSchema", "$defs", "definitions"}
-REFUSED = {"not", "if", "then", "else", "contains", "minContains", "maxContains", "patternProperties",
-           "propertyNames", "dependentRequired", "dependentSchemas", "dependencies", "unevaluatedItems",
-           "unevaluatedProperties", "additionalItems", "$dynamicRef", "$recursiveRef", "$recursiveAnchor"}
-FAMILIES = {"object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties"},
-            "array": {"items", "prefixItems", "minItems", "maxItems", "uniqueItems"},
-            "string": {"minLength", "maxLength", "pattern", "format"},
-            "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
-KNOWN = ANNOTATIONS | REFUSED | set().union(*FAMILIES.values()) | {"type", "enum", "const", "allOf", "anyOf",
-                                                                   "oneOf", "$ref"}
+ANNOTATIONS = {
+    "title",
+    "description",
+    "default",
+    "examples",
+    "$comment",
+    "$schema",
+    "$id",
+    "$anchor",
+    "$dynamicAnchor",
+    "$vocabulary",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "contentMediaType",
+    "contentEncoding",
+    "contentSchema",
+    "$defs",
+    "definitions",
+}
+REFUSED = {
+    "not",
+    "if",
+    "then",
+    "else",
+    "contains",
+    "minContains",
+    "maxContains",
+    "patternProperties",
+    "propertyNames",
+    "dependentRequired",
+    "dependentSchemas",
+    "dependencies",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+    "additionalItems",
+    "$dynamicRef",
+    "$recursiveRef",
+    "$recursiveAnchor",
+}
+FAMILIES = {
+    "object": {"properties", "required", "additionalProperties", "minProperties", "maxProperties"},
+    "array": {"items", "prefixItems", "minItems", "maxItems", "uniqueItems"},
+    "string": {"minLength", "maxLength", "pattern", "format"},
+    "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"},
+}
+KNOWN = (
+    ANNOTATIONS
+    | REFUSED
+    | set().union(*FAMILIES.values())
+    | {"type", "enum", "const", "allOf", "anyOf", "oneOf", "$ref"}
+)
 FORMATS = {"date-time", "date", "uuid"}  # outlines-core's regex for each writes only valid JSON strings
 STRING = r'"[^"\\\x00-\x1F\x7F-\x9F]{%d,%s}"'  # characters without escapes: a string's length is its characters
 SCALARS = [{"type": "boolean"}, {"type": "null"}, {"type": "number"}, {"type": "string"}]
@@ -62,12 +102,14 @@ MAX_SIZE = 5000  # estimated automaton states; outlines-core's build time grows 
 
 def refuse(keyword: str, why: str, where: str = "") -> SchemaKeywordError:
     at = f" at {where}" if where else ""
-    return SchemaKeywordError(f"response_format: the JSON schema keyword {keyword!r}{at} cannot be enforced during "
-                              f"decoding: {why}", keyword)
+    return SchemaKeywordError(
+        f"response_format: the JSON schema keyword {keyword!r}{at} cannot be enforced during decoding: {why}", keyword
+    )
 
 
 def canonical(value) -> str:
     """A value's identity under JSON Schema equality (1 == 1.0, true != 1), for enum filtering and uniqueness."""
+
     def norm(v):
         if isinstance(v, float) and v.is_integer():
             return int(v)
@@ -76,6 +118,7 @@ def canonical(value) -> str:
         if isinstance(v, dict):
             return {k: norm(x) for k, x in v.items()}
         return [v] if isinstance(v, bool) else v  # keeps true apart from 1
+
     return json.dumps(norm(value), sort_keys=True)
 
 
@@ -86,11 +129,14 @@ def _check_value(schema) -> None:
     while stack:
         value, where, depth = stack.pop()
         if depth > MAX_NESTING:
-            raise SchemaKeywordError(f"response_format: the JSON schema nests deeper than {MAX_NESTING} levels",
-                                     "response_format")
+            raise SchemaKeywordError(
+                f"response_format: the JSON schema nests deeper than {MAX_NESTING} levels", "response_format"
+            )
         if isinstance(value, float) and not math.isfinite(value):
-            raise SchemaKeywordError(f"response_format: the JSON schema holds {value} at {where or '/'}; JSON has "
-                                     f"no such number", "response_format")
+            raise SchemaKeywordError(
+                f"response_format: the JSON schema holds {value} at {where or '/'}; JSON has no such number",
+                "response_format",
+            )
         children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         stack += [(child, f"{where}/{key}", depth + 1) for key, child in children]
 
@@ -105,8 +151,10 @@ class SchemaRegex:
             cls.check_schema(schema)
         except jsonschema.SchemaError as e:
             where = "/" + "/".join(map(str, e.absolute_path))
-            raise SchemaKeywordError(f"response_format: the JSON schema is invalid at {where}: {e.message}",
-                                     str(e.absolute_path[-1]) if e.absolute_path else "response_format") from None
+            raise SchemaKeywordError(
+                f"response_format: the JSON schema is invalid at {where}: {e.message}",
+                str(e.absolute_path[-1]) if e.absolute_path else "response_format",
+            ) from None
         self.root, self.validator = schema, cls(schema)
         self.token = f"LMFORGE{uuid.uuid4().hex}X"
         self.spliced: dict[str, str] = {}
@@ -114,13 +162,17 @@ class SchemaRegex:
     def regex(self) -> str:
         rewritten, size = self.node(self.root, "", 0, top=True)
         if size > MAX_SIZE:
-            raise refuse("maxItems", f"the schema's automaton would hold about {size} states (at most {MAX_SIZE}); "
-                                 f"lower maxItems, maxLength or minItems, or nest fewer bounded arrays")
+            raise refuse(
+                "maxItems",
+                f"the schema's automaton would hold about {size} states (at most {MAX_SIZE}); "
+                f"lower maxItems, maxLength or minItems, or nest fewer bounded arrays",
+            )
         try:
             regex = build_regex_from_schema(json.dumps(rewritten))
         except Exception as e:  # the Rust side raises plain exceptions (external $ref, unknown format, ...)
-            raise SchemaKeywordError(f"response_format: the JSON schema cannot be enforced ({e})",
-                                     "response_format") from e
+            raise SchemaKeywordError(
+                f"response_format: the JSON schema cannot be enforced ({e})", "response_format"
+            ) from e
         for key, piece in self.spliced.items():
             regex = regex.replace(f'"{key}"', f"(?:{piece})")
         return regex
@@ -135,8 +187,9 @@ class SchemaRegex:
     def node(self, s, where: str, depth: int, top: bool = False) -> tuple[dict, int]:
         """(the rewritten schema object, its estimated automaton size)."""
         if depth > MAX_DEPTH:
-            raise refuse("$ref" if "$ref" in str(s) else "items", f"the schema nests deeper than {MAX_DEPTH} levels",
-                         where)
+            raise refuse(
+                "$ref" if "$ref" in str(s) else "items", f"the schema nests deeper than {MAX_DEPTH} levels", where
+            )
         if s is True or s == {}:
             return self.free(top)
         if s is False:
@@ -151,17 +204,25 @@ class SchemaRegex:
         keys = set(s) & KNOWN - ANNOTATIONS
         refused = sorted(keys & REFUSED)
         if refused:
-            raise refuse(refused[0], "only properties, items, prefixItems, anyOf, oneOf over disjoint types, $ref, "
-                                     "enum/const and the type keywords are enforced", where)
+            raise refuse(
+                refused[0],
+                "only properties, items, prefixItems, anyOf, oneOf over disjoint types, $ref, "
+                "enum/const and the type keywords are enforced",
+                where,
+            )
         if "$ref" in s:
             if keys - {"$ref"}:
-                raise refuse(sorted(keys - {"$ref"})[0], "keywords beside $ref are not applied by the translation; "
-                                                         "move them into the referenced schema", where)
+                raise refuse(
+                    sorted(keys - {"$ref"})[0],
+                    "keywords beside $ref are not applied by the translation; move them into the referenced schema",
+                    where,
+                )
             return {"$ref": s["$ref"]}, 50
         if "enum" in s or "const" in s:
             values = self.values(s, where)
-            return self.splice(alternation([literal(json.dumps(v, ensure_ascii=False, separators=(",", ":")))
-                                            for v in values])), len(values) + 2
+            return self.splice(
+                alternation([literal(json.dumps(v, ensure_ascii=False, separators=(",", ":"))) for v in values])
+            ), len(values) + 2
         if "allOf" in s:
             if len(s["allOf"]) != 1 or keys - {"allOf"}:
                 raise refuse("allOf", "only a single subschema with nothing beside it is enforced", where)
@@ -169,8 +230,11 @@ class SchemaRegex:
         for key in ("anyOf", "oneOf"):
             if key in s:
                 if keys - {key}:
-                    raise refuse(sorted(keys - {key})[0], f"keywords beside {key} are not applied by the "
-                                                          f"translation; move them into each branch", where)
+                    raise refuse(
+                        sorted(keys - {key})[0],
+                        f"keywords beside {key} are not applied by the translation; move them into each branch",
+                        where,
+                    )
                 if key == "oneOf":
                     self.check_disjoint(s["oneOf"], where)
                 branches = [self.node(b, f"{where}/{key}/{i}", depth + 1) for i, b in enumerate(s[key])]
@@ -186,8 +250,9 @@ class SchemaRegex:
     def free(self, top: bool) -> tuple[dict, int]:
         """Any JSON value: scalars, and objects and arrays of scalars (one level deeper at the top)."""
         depth = 1 if top else 0
-        return {"anyOf": SCALARS + [{"type": "object", "depth": depth}, {"type": "array", "depth": depth}]}, \
-            1000 if top else 100
+        return {
+            "anyOf": SCALARS + [{"type": "object", "depth": depth}, {"type": "array", "depth": depth}]
+        }, 1000 if top else 100
 
     def types(self, s: dict) -> list[str] | None:
         """The JSON types a schema object asks for: its `type`, else the families its keywords belong to (None:
@@ -213,10 +278,24 @@ class SchemaRegex:
         different JSON types, or lists of values with none in common."""
         kinds = [self.kinds(b) for b in branches]
         for (i, a), (j, b) in itertools.combinations(enumerate(kinds), 2):
-            if a is None or b is None or (a & b and not (isinstance(branches[i], dict) and isinstance(branches[j], dict)
-                                                         and self.value_sets_disjoint(branches[i], branches[j]))):
-                raise refuse("oneOf", f"branches {i} and {j} could both match one value (only branches of different "
-                                      f"types, or of disjoint enum/const values, are enforced); use anyOf", where)
+            if (
+                a is None
+                or b is None
+                or (
+                    a & b
+                    and not (
+                        isinstance(branches[i], dict)
+                        and isinstance(branches[j], dict)
+                        and self.value_sets_disjoint(branches[i], branches[j])
+                    )
+                )
+            ):
+                raise refuse(
+                    "oneOf",
+                    f"branches {i} and {j} could both match one value (only branches of different "
+                    f"types, or of disjoint enum/const values, are enforced); use anyOf",
+                    where,
+                )
 
     def kinds(self, s, hops: int = 0) -> set[str] | None:
         if not isinstance(s, dict) or hops > 8:
@@ -239,8 +318,12 @@ class SchemaRegex:
     @staticmethod
     def value_sets_disjoint(a: dict, b: dict) -> bool:
         def vals(s):
-            return None if not ("enum" in s or "const" in s) else \
-                {canonical(v) for v in ([s["const"]] if "const" in s else s["enum"])}
+            return (
+                None
+                if not ("enum" in s or "const" in s)
+                else {canonical(v) for v in ([s["const"]] if "const" in s else s["enum"])}
+            )
+
         va, vb = vals(a), vals(b)
         return va is not None and vb is not None and not va & vb
 
@@ -289,22 +372,31 @@ class SchemaRegex:
         if kinds:
             lo, hi = s.get("minLength", 0), s.get("maxLength")
             if max(lo, hi or 0) > MAX_COUNT:
-                raise refuse("maxLength" if (hi or 0) > MAX_COUNT else "minLength",
-                             f"lengths above {MAX_COUNT} characters are not enforced", where)
+                raise refuse(
+                    "maxLength" if (hi or 0) > MAX_COUNT else "minLength",
+                    f"lengths above {MAX_COUNT} characters are not enforced",
+                    where,
+                )
             return self.splice(STRING % (lo, "" if hi is None else hi)), 2 + (hi if hi is not None else lo + 1)
         return {"type": "string"}, 3
 
     def array(self, s: dict, where: str, depth: int) -> tuple[dict, int]:
         lo, hi = s.get("minItems", 0), s.get("maxItems")
         if max(lo, hi or 0) > MAX_COUNT:
-            raise refuse("maxItems" if (hi or 0) > MAX_COUNT else "minItems",
-                         f"item counts above {MAX_COUNT} are not enforced", where)
+            raise refuse(
+                "maxItems" if (hi or 0) > MAX_COUNT else "minItems",
+                f"item counts above {MAX_COUNT} are not enforced",
+                where,
+            )
         unique = s.get("uniqueItems") is True and (hi is None or hi > 1)
         if "prefixItems" in s:
             n = len(s["prefixItems"])
             if not lo <= n <= (hi if hi is not None else n) or (unique and n > 1):
-                raise refuse("minItems" if lo > n else "maxItems" if hi is not None and hi < n else "uniqueItems",
-                             f"with prefixItems the array is written with exactly its {n} items", where)
+                raise refuse(
+                    "minItems" if lo > n else "maxItems" if hi is not None and hi < n else "uniqueItems",
+                    f"with prefixItems the array is written with exactly its {n} items",
+                    where,
+                )
             items = [self.node(p, f"{where}/prefixItems/{i}", depth + 1) for i, p in enumerate(s["prefixItems"])]
             return {"prefixItems": [p for p, _ in items]}, sum(n for _, n in items) + 2
         item_schema = s.get("items", True)
@@ -321,17 +413,24 @@ class SchemaRegex:
         values = None
         if isinstance(item_schema, dict) and ("enum" in item_schema or "const" in item_schema):
             values = self.values(item_schema, f"{where}/items")
-        elif isinstance(item_schema, dict) and item_schema.get("type") in ("boolean", "null") and \
-                len(item_schema) == 1:
+        elif isinstance(item_schema, dict) and item_schema.get("type") in ("boolean", "null") and len(item_schema) == 1:
             values = [True, False] if item_schema["type"] == "boolean" else [None]
         if values is None:
-            raise refuse("uniqueItems", "an automaton cannot remember which items came before; it is enforced with "
-                                        "maxItems 1, or over items from a short enum", where)
+            raise refuse(
+                "uniqueItems",
+                "an automaton cannot remember which items came before; it is enforced with "
+                "maxItems 1, or over items from a short enum",
+                where,
+            )
         top = len(values) if hi is None else min(hi, len(values))
         count = sum(math.perm(len(values), k) for k in range(lo, top + 1))
         if count > MAX_COUNT or lo > top:
-            raise refuse("uniqueItems", f"the distinct arrangements of its {len(values)} values number "
-                                        f"{count if lo <= top else 0}; at most {MAX_COUNT} are written", where)
+            raise refuse(
+                "uniqueItems",
+                f"the distinct arrangements of its {len(values)} values number "
+                f"{count if lo <= top else 0}; at most {MAX_COUNT} are written",
+                where,
+            )
         texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
         arrays = ["[" + ",".join(p) + "]" for k in range(lo, top + 1) for p in itertools.permutations(texts, k)]
         return self.splice(alternation([literal(a) for a in arrays])), count + 2
@@ -340,8 +439,12 @@ class SchemaRegex:
         lo, hi = s.get("minProperties", 0), s.get("maxProperties")
         if "properties" not in s and "required" not in s:
             if lo or hi is not None:
-                raise refuse("minProperties" if lo else "maxProperties", "an object whose keys are free may repeat "
-                             "a key, which JSON parsing collapses; declare its properties", where)
+                raise refuse(
+                    "minProperties" if lo else "maxProperties",
+                    "an object whose keys are free may repeat "
+                    "a key, which JSON parsing collapses; declare its properties",
+                    where,
+                )
             extra = s.get("additionalProperties", True)
             if extra is False:
                 return {"type": "object", "properties": {}}, 2
@@ -355,16 +458,20 @@ class SchemaRegex:
             props.setdefault(name, True)
         for name in props:
             if any(c in name for c in '"\\') or any(ord(c) < 0x20 for c in name):
-                raise refuse("properties", f"the property name {name!r} holds a quote, backslash or control "
-                                           f"character, which the translation writes unescaped", where)
+                raise refuse(
+                    "properties",
+                    f"the property name {name!r} holds a quote, backslash or control "
+                    f"character, which the translation writes unescaped",
+                    where,
+                )
         optional = [p for p in props if p not in required]
-        required += optional[:max(0, lo - len(required))]  # minProperties: make the first optional ones required
+        required += optional[: max(0, lo - len(required))]  # minProperties: make the first optional ones required
         if len(required) < lo:
             raise refuse("minProperties", f"only {len(props)} properties are declared", where)
         if hi is not None:
             if len(required) > hi:
                 raise refuse("maxProperties", f"{len(required)} properties are required", where)
-            keep = set(required) | set([p for p in props if p not in required][:hi - len(required)])
+            keep = set(required) | set([p for p in props if p not in required][: hi - len(required)])
             props = {k: v for k, v in props.items() if k in keep}
         rewritten = {name: self.node(sub, f"{where}/properties/{name}", depth + 1) for name, sub in props.items()}
         out = {"type": "object", "properties": {k: v for k, (v, _) in rewritten.items()}}
@@ -374,8 +481,15 @@ class SchemaRegex:
 
 
 def _kind(value) -> str:
-    return {bool: "boolean", type(None): "null", int: "number", float: "number", str: "string", list: "array",
-            dict: "object"}[type(value)]
+    return {
+        bool: "boolean",
+        type(None): "null",
+        int: "number",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }[type(value)]
 
 
 def _bound(s: dict, inclusive: str, exclusive: str, tighter) -> tuple[Fraction | None, bool]:

@@ -44,8 +44,12 @@ from lmforge.templates import ChatTemplate
 
 def engine_unavailable(error: BaseException) -> ApiError:
     """503 for a request the engine cannot serve because the engine loop has stopped."""
-    return ApiError(503, f"the engine has stopped ({error}); the server cannot generate until it is restarted",
-                    type="server_error", code="engine_unavailable")
+    return ApiError(
+        503,
+        f"the engine has stopped ({error}); the server cannot generate until it is restarted",
+        type="server_error",
+        code="engine_unavailable",
+    )
 
 
 class Slot:
@@ -56,8 +60,13 @@ class Slot:
     was reserved."""
 
     def __init__(self, server: Server, sequences: int, reservation: list | None):
-        self.server, self.sequences, self.reservation, self.tokens, self.released = \
-            server, sequences, reservation, 0, False
+        self.server, self.sequences, self.reservation, self.tokens, self.released = (
+            server,
+            sequences,
+            reservation,
+            0,
+            False,
+        )
         self.request_ids: list[str] = []
 
     def release(self) -> None:
@@ -73,11 +82,18 @@ class Slot:
 class Server:
     """One model served: engine loop, tokenizer, chat template, structured-output compiler, admission."""
 
-    def __init__(self, model, tokenizer, settings: ServeSettings,
-                 model_folder: str | Path | ChatTemplate | None = None, draft=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        settings: ServeSettings,
+        model_folder: str | Path | ChatTemplate | None = None,
+        draft=None,
+    ):
         if tokenizer is None:
-            raise LmforgeError("serving needs a tokenizer: the model folder has none; pass --tokenizer PATH",
-                               "tokenizer")
+            raise LmforgeError(
+                "serving needs a tokenizer: the model folder has none; pass --tokenizer PATH", "tokenizer"
+            )
         self.settings, self.tokenizer = settings, tokenizer
         ctx = model.config.block_size
         self.max_model_len = min(ctx, settings.max_model_len or ctx)
@@ -85,19 +101,27 @@ class Server:
         for name, path in settings.lora.items():
             self.adapters.add(name, read_adapter(path, model.config))
         self.adapter_paths = dict(settings.lora)
-        self.engine = Engine(model, tokenizer, max_num_seqs=settings.max_batch,
-                             max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_batch),
-                             draft=draft, speculative=settings.speculative,
-                             num_speculative_tokens=settings.num_speculative_tokens,
-                             kv_dtype=None if settings.kv_dtype == "auto" else getattr(torch, settings.kv_dtype),
-                             adapters=self.adapters)
+        self.engine = Engine(
+            model,
+            tokenizer,
+            max_num_seqs=settings.max_batch,
+            max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_batch),
+            draft=draft,
+            speculative=settings.speculative,
+            num_speculative_tokens=settings.num_speculative_tokens,
+            kv_dtype=None if settings.kv_dtype == "auto" else getattr(torch, settings.kv_dtype),
+            adapters=self.adapters,
+        )
         self.vocab_size = model.config.vocab_size
-        self.template = ChatTemplate(Path(settings.chat_template).read_text(encoding="utf-8"), tokenizer) \
-            if settings.chat_template else model_folder if isinstance(model_folder, ChatTemplate) \
+        self.template = (
+            ChatTemplate(Path(settings.chat_template).read_text(encoding="utf-8"), tokenizer)
+            if settings.chat_template
+            else model_folder
+            if isinstance(model_folder, ChatTemplate)
             else ChatTemplate.for_model(model_folder, tokenizer)
+        )
         self.compiler = ConstraintCompiler(tokenizer, self.vocab_size)
-        self.controls = Controls.from_file(settings.controls, tokenizer, self.vocab_size) if settings.controls \
-            else None
+        self.controls = Controls.from_file(settings.controls, tokenizer, self.vocab_size) if settings.controls else None
         self.api_keys = settings.api_keys()
         self.metrics = Metrics()
         self.rate = RateLimiter(settings.rate_limit_tpm)
@@ -116,11 +140,15 @@ class Server:
         """400 for a request that could never be admitted (more sequences than the whole bound); checked before
         its prompts are tokenized, so a long list of prompts costs nothing."""
         if num_prompts * n > self.max_sequences:
-            raise ApiError(400, f"this request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} "
-                                f"sequences; the server holds at most {self.max_sequences} (max_batch "
-                                f"{self.settings.max_batch} + max_queue {self.settings.max_queue}): send fewer "
-                                f"prompts or a smaller n", "n" if num_prompts <= self.max_sequences else "prompt",
-                           code="request_too_large")
+            raise ApiError(
+                400,
+                f"this request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} "
+                f"sequences; the server holds at most {self.max_sequences} (max_batch "
+                f"{self.settings.max_batch} + max_queue {self.settings.max_queue}): send fewer "
+                f"prompts or a smaller n",
+                "n" if num_prompts <= self.max_sequences else "prompt",
+                code="request_too_large",
+            )
 
     def admit(self, key: str, prompts: list[list[int]], params: SamplingParams) -> Slot:
         """Take a place for a request of len(prompts) x n sequences (429 when the server cannot hold them now),
@@ -130,10 +158,15 @@ class Server:
         self.check_size(num_prompts, n)
         wanted = num_prompts * n
         if self.sequences + wanted > self.max_sequences:
-            raise ApiError(429, f"the server is full: {self.sequences} sequences in flight and this request adds "
-                                f"{wanted} (at most {self.max_sequences}: max_batch {self.settings.max_batch} + "
-                                f"max_queue {self.settings.max_queue}); retry shortly",
-                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+            raise ApiError(
+                429,
+                f"the server is full: {self.sequences} sequences in flight and this request adds "
+                f"{wanted} (at most {self.max_sequences}: max_batch {self.settings.max_batch} + "
+                f"max_queue {self.settings.max_queue}); retry shortly",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
         reservation = self.rate.reserve(key, sum(map(len, prompts)) + wanted * params.max_tokens)
         self.active += 1
         self.sequences += wanted
@@ -146,13 +179,19 @@ class Server:
         if name in self.adapters.adapters:
             return name
         served = ", ".join(repr(n) for n in [self.settings.model_name, *self.adapters.adapters])
-        raise ApiError(404, f"the model {name!r} does not exist; this server serves {served}", "model",
-                       code="model_not_found")
+        raise ApiError(
+            404, f"the model {name!r} does not exist; this server serves {served}", "model", code="model_not_found"
+        )
 
     def model_card(self, name: str | None = None) -> dict:
         """/v1/models' entry for the model, or for one of its adapters (whose `parent` is the model)."""
-        card = {"id": name or self.settings.model_name, "object": "model", "created": self.created,
-                "owned_by": "lmforge", "max_model_len": self.max_model_len}
+        card = {
+            "id": name or self.settings.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "lmforge",
+            "max_model_len": self.max_model_len,
+        }
         return card | ({"parent": self.settings.model_name, "root": self.adapter_paths.get(name)} if name else {})
 
     def model_cards(self) -> list[dict]:
@@ -194,8 +233,11 @@ class Server:
         self.check_size(len(prompt), n)
         out = []
         for p in prompt:
-            ids = (await self.encode(p, "prompt") if p else prompt_tokens(self.tokenizer, "")) if isinstance(p, str) \
+            ids = (
+                (await self.encode(p, "prompt") if p else prompt_tokens(self.tokenizer, ""))
+                if isinstance(p, str)
                 else list(p)
+            )
             if not ids or min(ids) < 0 or max(ids) >= self.vocab_size:
                 raise ApiError(400, f"prompt token ids must be in 0..{self.vocab_size - 1}", "prompt")
             out.append(ids)
@@ -210,18 +252,27 @@ class Server:
     async def chat_prompt(self, messages, tools: ToolRequest | None = None) -> list[int]:
         return await self.encode(await self.render(messages, tools), "messages") or prompt_tokens(self.tokenizer, "")
 
-    def max_tokens(self, requested: int | None, prompt_len: int, default: int | None, param: str,
-                   prompt_param: str) -> int:
+    def max_tokens(
+        self, requested: int | None, prompt_len: int, default: int | None, param: str, prompt_param: str
+    ) -> int:
         """The request's output budget: what it asked for (or `default`, or all the room left), checked to fit."""
         room = self.max_model_len - prompt_len
         if room < 1:
-            raise ApiError(400, f"the prompt is {prompt_len} tokens but max_model_len is {self.max_model_len}; "
-                                f"shorten it", prompt_param, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt is {prompt_len} tokens but max_model_len is {self.max_model_len}; shorten it",
+                prompt_param,
+                code="context_length_exceeded",
+            )
         wanted = requested if requested is not None else (default if default is not None else room)
         if wanted > room:
-            raise ApiError(400, f"{param}={wanted} plus the prompt's {prompt_len} tokens exceeds max_model_len "
-                                f"{self.max_model_len}; lower {param} to at most {room}", param,
-                           code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"{param}={wanted} plus the prompt's {prompt_len} tokens exceeds max_model_len "
+                f"{self.max_model_len}; lower {param} to at most {room}",
+                param,
+                code="context_length_exceeded",
+            )
         return wanted
 
     def constraint_regex(self, req, tools: ToolRequest | None = None) -> tuple[str, str] | None:
@@ -236,11 +287,18 @@ class Server:
         if len(chosen) > 1:
             raise ApiError(400, f"give at most one output format; got {', '.join(chosen)}", chosen[1])
         if chosen and req.stop:  # the answer must run to the end of its format
-            raise ApiError(400, f"stop strings cannot be combined with {chosen[0]}: a stop string would cut the "
-                                f"answer before its format is complete", "stop")
+            raise ApiError(
+                400,
+                f"stop strings cannot be combined with {chosen[0]}: a stop string would cut the "
+                f"answer before its format is complete",
+                "stop",
+            )
         if chosen and getattr(req, "echo", False):
-            raise ApiError(400, f"echo cannot be combined with {chosen[0]}: the prompt before the answer would not "
-                                f"match the format", "echo")
+            raise ApiError(
+                400,
+                f"echo cannot be combined with {chosen[0]}: the prompt before the answer would not match the format",
+                "echo",
+            )
         if tools is not None and tools.constrained:
             return regex_for_json_schema(tools.schema(), "tools"), "tool_choice"
         if req.regex is not None:
@@ -251,13 +309,13 @@ class Server:
             return regex_for_json_schema(JSON_OBJECT_SCHEMA), "response_format"
         if fmt is not None and fmt.type == "json_schema":
             if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-                raise ApiError(400, "response_format of type json_schema needs json_schema.schema",
-                               "response_format")
+                raise ApiError(400, "response_format of type json_schema needs json_schema.schema", "response_format")
             return regex_for_json_schema(fmt.json_schema.schema_), "response_format"
         return None
 
-    async def attach_constraint(self, req, params: SamplingParams,
-                                tools: ToolRequest | None = None) -> TokenConstraint | None:
+    async def attach_constraint(
+        self, req, params: SamplingParams, tools: ToolRequest | None = None
+    ) -> TokenConstraint | None:
         """The request's output format as a token mask on its params (compiled in a worker thread), or None."""
         spec = self.constraint_regex(req, tools)
         if spec is not None:
@@ -272,8 +330,11 @@ class Server:
         if not phrases:
             return self.controls.attach(params, self.metrics.control_fired) if self.controls is not None else None
         base = self.controls.spec if self.controls is not None else ControlSpec()
-        spec = ControlSpec(base.banned_phrases + [p for p in phrases if p not in base.banned_phrases],
-                           dict(base.logit_bias), base.ignore_case)
+        spec = ControlSpec(
+            base.banned_phrases + [p for p in phrases if p not in base.banned_phrases],
+            dict(base.logit_bias),
+            base.ignore_case,
+        )
         operator = set(base.banned_phrases)
 
         def on_fire(kind: str, control: str) -> None:
@@ -283,8 +344,9 @@ class Server:
         return Controls(spec, self.tokenizer, self.vocab_size).attach(params, on_fire)
 
     # -- running
-    def submit(self, prompts: list[list[int]], params: SamplingParams, slot: Slot,
-               adapter: str | None = None) -> list[RequestStream]:
+    def submit(
+        self, prompts: list[list[int]], params: SamplingParams, slot: Slot, adapter: str | None = None
+    ) -> list[RequestStream]:
         """Queue one engine request per prompt (all or none: a bad one aborts the others, 400 naming the cause),
         with the LoRA adapter `adapter` (None: the model itself)."""
         base = uuid.uuid4().hex

@@ -16,6 +16,7 @@ from lmforge.errors import LmforgeError
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
+
 class ServeSettingsError(LmforgeError):
     """A serve setting out of range or a file it names that cannot be read; `param` names the setting."""
 
@@ -99,15 +100,23 @@ class ServeSettings:
     lmforge_control_fired_total."""
 
     def __post_init__(self) -> None:
-        for name, low in (("max_batch", 1), ("max_queue", 0), ("port", 0), ("num_speculative_tokens", 1),
-                          ("max_num_batched_tokens", 1), ("rate_limit_tpm", 0), ("max_body_bytes", 1)):
+        for name, low in (
+            ("max_batch", 1),
+            ("max_queue", 0),
+            ("port", 0),
+            ("num_speculative_tokens", 1),
+            ("max_num_batched_tokens", 1),
+            ("rate_limit_tpm", 0),
+            ("max_body_bytes", 1),
+        ):
             if getattr(self, name) < low:
                 raise ServeSettingsError(f"{{param}}={getattr(self, name)} is out of range: it must be >= {low}", name)
         if self.speculative is not None and self.draft is not None:
             raise ServeSettingsError("{param} ngram and --draft are two ways to draft: give one", "speculative")
         if self.model_name in self.lora:
-            raise ServeSettingsError(f"{{param}}: an adapter may not be named {self.model_name!r}, the served "
-                                     f"model's own name", "lora")
+            raise ServeSettingsError(
+                f"{{param}}: an adapter may not be named {self.model_name!r}, the served model's own name", "lora"
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ServeSettingsError(f"{{param}}={self.max_model_len} is too small; it must be >= 2", "max_model_len")
 

@@ -51,8 +51,9 @@ class SSEResponse(StreamingResponse):
             self.slot.release()
 
 
-async def engine_outputs(server, streams: list[RequestStream], http: Request
-                         ) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def engine_outputs(
+    server, streams: list[RequestStream], http: Request
+) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, RequestOutput) as the engine produces them; ends early when the client disconnects. An
     output carrying the engine's error for this request raises it as an ApiError (streaming sends it as an event).
     One prompt's stream is read as it is; several are merged by one task each."""
@@ -120,6 +121,7 @@ def finish_reason(reason: str | None) -> str | None:
 
 # ---------------------------------------------------------------------------------- the two shapes
 
+
 class CompletionShape:
     """/v1/completions: `text` per choice, the prompt echoed before a choice's first text, logprobs with offsets."""
 
@@ -147,8 +149,9 @@ class CompletionShape:
         return []
 
     def chunks(self, index: int, text: str, lp: dict | None, finish: str | None) -> list[list[dict]]:
-        return [[{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]] if text or finish or lp \
-            else []
+        return (
+            [[{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]] if text or finish or lp else []
+        )
 
     def choice(self, index: int) -> dict:
         return {"index": index, "text": "", "logprobs": None, "finish_reason": None}
@@ -182,25 +185,42 @@ class ChatShape:
 
     def logprobs(self, lps) -> dict:
         def entry(token: int, logprob: float) -> dict:
-            return {"token": self.server.token_text(token), "logprob": logprob,
-                    "bytes": list(self.server.token_bytes(token))}
-        return {"content": [dict(entry(lp.token, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top.items()])
-                            for lp in lps], "refusal": None}
+            return {
+                "token": self.server.token_text(token),
+                "logprob": logprob,
+                "bytes": list(self.server.token_bytes(token)),
+            }
+
+        return {
+            "content": [
+                dict(entry(lp.token, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top.items()]) for lp in lps
+            ],
+            "refusal": None,
+        }
 
     def opening(self, num_choices: int) -> list[list[dict]]:
-        return [[{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                  "finish_reason": None}] for j in range(num_choices)]
+        return [
+            [{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            for j in range(num_choices)
+        ]
 
     def chunks(self, index: int, text: str, lp: dict | None, finish: str | None) -> list[list[dict]]:
-        out = [[{"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}]] \
-            if text or lp else []
+        out = (
+            [[{"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}]]
+            if text or lp
+            else []
+        )
         if finish:
             out.append([{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish}])
         return out
 
     def choice(self, index: int) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": "", "refusal": None}, "logprobs": None,
-                "finish_reason": None}
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": "", "refusal": None},
+            "logprobs": None,
+            "finish_reason": None,
+        }
 
     def add(self, choice: dict, text: str, lp: dict | None) -> None:
         choice["message"]["content"] += text
@@ -213,6 +233,7 @@ class ChatShape:
 
 
 # ---------------------------------------------------------------------------------- one request's answer
+
 
 class Reply:
     """One generation request's answer, from its engine streams to OpenAI's JSON (`whole`) or events (`stream`).
@@ -232,8 +253,19 @@ class Reply:
         model: the name the answer reports (a LoRA adapter's, when the request named one); default: the model's.
     """
 
-    def __init__(self, server, http: Request, shape, streams: list[RequestStream], slot, n: int,
-                 prompt_tokens: int, guard=None, constraint=None, model: str | None = None):
+    def __init__(
+        self,
+        server,
+        http: Request,
+        shape,
+        streams: list[RequestStream],
+        slot,
+        n: int,
+        prompt_tokens: int,
+        guard=None,
+        constraint=None,
+        model: str | None = None,
+    ):
         self.server, self.http, self.shape, self.streams, self.slot = server, http, shape, streams, slot
         self.model = model or server.settings.model_name
         self.n, self.prompt_tokens, self.guard, self.constraint = n, prompt_tokens, guard, constraint
@@ -244,13 +276,22 @@ class Reply:
         slot.tokens = prompt_tokens
 
     def chunk(self, choices: list[dict], usage: dict | None = None, whole: bool = False) -> dict:
-        return {"id": self.id, "object": self.shape.whole_object if whole else self.shape.chunk_object,
-                "created": self.created, "model": self.model, "choices": choices,
-                "usage": usage, "system_fingerprint": None}
+        return {
+            "id": self.id,
+            "object": self.shape.whole_object if whole else self.shape.chunk_object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage,
+            "system_fingerprint": None,
+        }
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
     def extra(self) -> dict:
         """The lmforge-only field: how often each --controls entry fired for this request (so far, on a stream's
@@ -302,4 +343,5 @@ class Reply:
             if include_usage:
                 yield sse(self.chunk([], self.usage()))
             yield "data: [DONE]\n\n"
+
         return SSEResponse(events(), self.slot)

@@ -30,8 +30,15 @@ from outlines_core import Index, Vocabulary
 from lmforge.serve.jsonregex import StructuredOutputError
 from lmforge.serve.schema import regex_for_schema
 
-__all__ = ["StructuredOutputError", "ConstraintCompiler", "TokenConstraint", "regex_for_json_schema",
-           "regex_for_choice", "check_regex", "token_bytes"]
+__all__ = [
+    "StructuredOutputError",
+    "ConstraintCompiler",
+    "TokenConstraint",
+    "regex_for_json_schema",
+    "regex_for_choice",
+    "check_regex",
+    "token_bytes",
+]
 
 
 # ---------------------------------------------------------------------------------- formats -> one regex
@@ -66,6 +73,7 @@ def check_regex(pattern: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- the vocabulary as bytes
+
 
 def _gpt2_byte_decoder() -> dict[str, int]:
     """GPT-2's printable symbol for each byte, inverted (the table byte-level BPE vocabularies are written in)."""
@@ -113,16 +121,20 @@ def token_bytes(tokenizer) -> dict[int, bytes]:
         return out
     raise StructuredOutputError(
         f"structured output needs a tokenizer whose tokens spell text on their own (char, byte-level BPE, "
-        f"SentencePiece, llama2.c); this model's {kind!r} tokenizer joins tokens with spaces", "response_format")
+        f"SentencePiece, llama2.c); this model's {kind!r} tokenizer joins tokens with spaces",
+        "response_format",
+    )
 
 
 def build_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
     """outlines-core's Vocabulary (bytes -> ids) of the tokens the model can emit, with the tokenizer's EOS."""
     eos = getattr(tokenizer, "eos_id", None)
     if eos is None:
-        raise StructuredOutputError("structured output needs a tokenizer with an end-of-sequence token so the "
-                                    "output can end when it is complete; this model's tokenizer has none",
-                                    "response_format")
+        raise StructuredOutputError(
+            "structured output needs a tokenizer with an end-of-sequence token so the "
+            "output can end when it is complete; this model's tokenizer has none",
+            "response_format",
+        )
     groups: dict[bytes, list[int]] = {}
     for i, b in token_bytes(tokenizer).items():
         if i < vocab_size and i != eos and b:
@@ -131,6 +143,7 @@ def build_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
 
 
 # ---------------------------------------------------------------------------------- the per-request hook
+
 
 class TokenConstraint:
     """`allowed_tokens(output_ids) -> ids` for SamplingParams: walks the automaton along the output so far.
@@ -189,21 +202,29 @@ def build_index(pattern: str, vocabulary: Vocabulary, param: str, timeout: float
     with every few characters), and Rust code in a thread cannot be stopped; a process can. A fresh interpreter
     (not a fork) copies none of the server's threads; Index and Vocabulary travel pickled.
     """
-    proc = subprocess.Popen([sys.executable, "-c", _BUILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BUILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         out, err = proc.communicate(pickle.dumps((pattern, vocabulary)), timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        raise StructuredOutputError(f"{param}: the format's automaton did not build within {timeout:g} s "
-                                    f"(outlines-core's build grows very large for some patterns: long bounded "
-                                    f"repeats, overlapping counted alternatives); simplify it", param) from None
-    status, value = pickle.loads(out) if proc.returncode == 0 else \
-        ("error", f"the build process failed: {err.decode(errors='replace').strip().splitlines()[-1:]}")
+        raise StructuredOutputError(
+            f"{param}: the format's automaton did not build within {timeout:g} s "
+            f"(outlines-core's build grows very large for some patterns: long bounded "
+            f"repeats, overlapping counted alternatives); simplify it",
+            param,
+        ) from None
+    status, value = (
+        pickle.loads(out)
+        if proc.returncode == 0
+        else ("error", f"the build process failed: {err.decode(errors='replace').strip().splitlines()[-1:]}")
+    )
     if status != "ok":
-        raise StructuredOutputError(f"{param}: the format cannot be built over this model's vocabulary ({value})",
-                                    param)
+        raise StructuredOutputError(
+            f"{param}: the format cannot be built over this model's vocabulary ({value})", param
+        )
     return value
 
 

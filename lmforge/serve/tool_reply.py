@@ -35,23 +35,30 @@ class ToolStream:
         self.text += delta
         if self.holding:
             return ""
-        pending = self.text[self.sent:]
+        pending = self.text[self.sent :]
         for start in self.format.starts:
             at = pending.find(start)
             if at >= 0 and (start != "{" or not pending[:at].strip()):  # Llama's "{" only opens an answer
                 self.holding = True
                 out, self.sent = pending[:at], self.sent + at
                 return out
-        keep = max((k for start in self.format.starts for k in range(1, len(start))
-                    if pending.endswith(start[:k]) and (start != "{" or not pending[:-k].strip())), default=0)
-        out = pending[:len(pending) - keep]
+        keep = max(
+            (
+                k
+                for start in self.format.starts
+                for k in range(1, len(start))
+                if pending.endswith(start[:k]) and (start != "{" or not pending[:-k].strip())
+            ),
+            default=0,
+        )
+        out = pending[: len(pending) - keep]
         self.sent += len(out)
         return out
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """(content not sent yet, the calls): the held text's calls when it is valid calls
         (`ToolRequest.answer`), else no calls and the held text as content."""
-        return self.request.answer(self.format, self.text[self.sent:])
+        return self.request.answer(self.format, self.text[self.sent :])
 
 
 def call_deltas(calls: list[ToolCall]) -> list[dict]:
@@ -108,10 +115,25 @@ class ToolChatShape(ChatShape):
         if self.request.forced is not None:  # the text is the arguments: each piece is a fragment
             if state.call is None:
                 state.call = ToolCall(self.request.forced.name, "")
-                out.append([{"index": index, "delta": {"tool_calls": [{
-                    "index": 0, "id": state.call.id, "type": "function",
-                    "function": {"name": state.call.name, "arguments": ""}}]}, "logprobs": None,
-                    "finish_reason": None}])
+                out.append(
+                    [
+                        {
+                            "index": index,
+                            "delta": {
+                                "tool_calls": [
+                                    {
+                                        "index": 0,
+                                        "id": state.call.id,
+                                        "type": "function",
+                                        "function": {"name": state.call.name, "arguments": ""},
+                                    }
+                                ]
+                            },
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
             if text:
                 delta = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
         elif self.request.constrained:  # "required": the JSON array is sent as calls when complete
@@ -136,7 +158,7 @@ class ToolChatShape(ChatShape):
         if self.request.constrained:
             content, calls = self.calls(state.text, finish)
         else:
-            content, calls = state.stream.finish() if finish == "stop" else (state.text[state.stream.sent:], [])
+            content, calls = state.stream.finish() if finish == "stop" else (state.text[state.stream.sent :], [])
         out = [chunk({"content": content})] if content else []
         if calls:
             out.append(chunk({"tool_calls": call_deltas(calls)}))

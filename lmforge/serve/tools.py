@@ -69,8 +69,11 @@ class ToolRequest:
     @property
     def forced(self) -> Tool | None:
         """The named function a `tool_choice` of {"type": "function", ...} asks for."""
-        return next((t for t in self.tools if t.name == self.choice), None) if self.choice not in (
-            "none", "auto", "required") else None
+        return (
+            next((t for t in self.tools if t.name == self.choice), None)
+            if self.choice not in ("none", "auto", "required")
+            else None
+        )
 
     @property
     def constrained(self) -> bool:
@@ -85,8 +88,15 @@ class ToolRequest:
         """The JSON schema a constrained answer follows (see the module docstring)."""
         if self.forced is not None:
             return self.forced.parameters
-        calls = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
-                  "required": ["name", "arguments"], "additionalProperties": False} for t in self.tools]
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for t in self.tools
+        ]
         items = calls[0] if len(calls) == 1 else {"anyOf": calls}
         return {"type": "array", "items": items, "minItems": 1, **({} if self.parallel else {"maxItems": 1})}
 
@@ -95,8 +105,9 @@ class ToolRequest:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ToolError(f"the tool call was cut off before it was complete ({e}); raise max_tokens",
-                            param="max_tokens") from None
+            raise ToolError(
+                f"the tool call was cut off before it was complete ({e}); raise max_tokens", param="max_tokens"
+            ) from None
         if self.forced is not None:
             return [ToolCall(self.forced.name, json.dumps(value, ensure_ascii=False))]
         return [ToolCall(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in value]
@@ -125,44 +136,58 @@ def tool_request(tools: list[dict] | None, tool_choice, parallel_tool_calls: boo
     """Check a request's tool fields (plain JSON values) into a ToolRequest; None when it has no tools."""
     if not tools:
         if tool_choice not in (None, "none"):
-            raise ToolError("tool_choice is given but tools is empty: give the tools the model may call",
-                            param="tool_choice")
+            raise ToolError(
+                "tool_choice is given but tools is empty: give the tools the model may call", param="tool_choice"
+            )
         return None
     parsed: list[Tool] = []
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
-            raise ToolError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}; lmforge "
-                            f"serves function tools only", param=f"tools[{i}]")
+            raise ToolError(
+                f'tools[{i}] must be {{"type": "function", "function": {{...}}}}; lmforge serves function tools only',
+                param=f"tools[{i}]",
+            )
         name = fn.get("name")
         if not isinstance(name, str) or not NAME.match(name):
-            raise ToolError(f"tools[{i}].function.name={name!r} must be 1-64 letters, digits, '_' or '-'",
-                            param=f"tools[{i}].function.name")
+            raise ToolError(
+                f"tools[{i}].function.name={name!r} must be 1-64 letters, digits, '_' or '-'",
+                param=f"tools[{i}].function.name",
+            )
         if any(p.name == name for p in parsed):
             raise ToolError(f"two tools are named {name!r}; names must be unique", param=f"tools[{i}].function.name")
         params = fn.get("parameters", EMPTY_PARAMETERS)
         if not isinstance(params, dict):
-            raise ToolError(f"tools[{i}].function.parameters must be a JSON schema object",
-                            param=f"tools[{i}].function.parameters")
+            raise ToolError(
+                f"tools[{i}].function.parameters must be a JSON schema object", param=f"tools[{i}].function.parameters"
+            )
         try:
             jsonschema.Draft202012Validator.check_schema(params)
         except jsonschema.SchemaError as e:
-            raise ToolError(f"tools[{i}].function.parameters is not a valid JSON schema: {e.message}",
-                            param=f"tools[{i}].function.parameters") from None
+            raise ToolError(
+                f"tools[{i}].function.parameters is not a valid JSON schema: {e.message}",
+                param=f"tools[{i}].function.parameters",
+            ) from None
         parsed.append(Tool(name, params, {"type": "function", **t}))
     choice = "auto" if tool_choice is None else tool_choice
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
         if name is None:
-            raise ToolError("tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
-                            "\"function\": {\"name\": ...}}", param="tool_choice")
+            raise ToolError(
+                'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+                param="tool_choice",
+            )
         if all(t.name != name for t in parsed):
-            raise ToolError(f"tool_choice names the function {name!r}, which is not among the tools "
-                            f"({', '.join(t.name for t in parsed)})", param="tool_choice")
+            raise ToolError(
+                f"tool_choice names the function {name!r}, which is not among the tools "
+                f"({', '.join(t.name for t in parsed)})",
+                param="tool_choice",
+            )
         choice = name
     elif choice not in ("none", "auto", "required"):
-        raise ToolError(f"tool_choice={choice!r} must be \"none\", \"auto\", \"required\" or a named function",
-                        param="tool_choice")
+        raise ToolError(
+            f'tool_choice={choice!r} must be "none", "auto", "required" or a named function', param="tool_choice"
+        )
     return ToolRequest(parsed, choice, True if parallel_tool_calls is None else bool(parallel_tool_calls))
 
 
@@ -176,8 +201,11 @@ def template_messages(messages: list[dict]) -> list[dict]:
         m = {k: v for k, v in m.items() if v is not None}
         m.setdefault("content", "")
         if m["role"] == "tool" and m.get("tool_call_id") not in call_ids:
-            raise ToolError(f"messages[{i}] is a tool message answering tool_call_id={m.get('tool_call_id')!r}, "
-                            f"which no earlier assistant message called", param=f"messages[{i}].tool_call_id")
+            raise ToolError(
+                f"messages[{i}] is a tool message answering tool_call_id={m.get('tool_call_id')!r}, "
+                f"which no earlier assistant message called",
+                param=f"messages[{i}].tool_call_id",
+            )
         call_ids |= {c.get("id") for c in m.get("tool_calls") or []}
         if m.get("tool_calls"):
             calls = []
@@ -188,8 +216,10 @@ def template_messages(messages: list[dict]) -> list[dict]:
                     try:
                         fn["arguments"] = json.loads(args) if args.strip() else {}
                     except json.JSONDecodeError:
-                        raise ToolError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {args!r}",
-                                        param=f"messages[{i}].tool_calls[{j}].function.arguments") from None
+                        raise ToolError(
+                            f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {args!r}",
+                            param=f"messages[{i}].tool_calls[{j}].function.arguments",
+                        ) from None
                 calls.append({**call, "function": fn})
             m["tool_calls"] = calls
         out.append(m)
@@ -197,6 +227,7 @@ def template_messages(messages: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- formats
+
 
 @dataclass
 class ToolFormat:
@@ -232,9 +263,11 @@ def tool_format(template_source: str, lmforge_default: bool) -> ToolFormat:
     if lmforge_default:
         return FORMATS["lmforge"]
     if "tools" not in template_source:
-        raise ToolError("this model's chat template does not show tools to the model (it never reads `tools`), "
-                        "so tool calls cannot be honoured; serve a model whose template supports tools",
-                        param="tools")
+        raise ToolError(
+            "this model's chat template does not show tools to the model (it never reads `tools`), "
+            "so tool calls cannot be honoured; serve a model whose template supports tools",
+            param="tools",
+        )
     if "[TOOL_CALLS]" in template_source:
         return FORMATS["mistral"]
     if "<tool_call>" in template_source:

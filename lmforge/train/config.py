@@ -131,14 +131,35 @@ class TrainConfig:
         check_choices(self, TrainConfigError)
         if self.preset not in PRESETS:
             raise TrainConfigError(f"{{param}}={self.preset!r} is not one of: {', '.join(PRESETS)}", param="preset")
-        positive = ("batch_size", "grad_accum", "lr", "log_interval", "n_layer", "n_head", "n_embd", "block_size",
-                    "max_iters", "epochs", "max_minutes", "eval_batch_size", "patience", "num_threads")
+        positive = (
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "log_interval",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "block_size",
+            "max_iters",
+            "epochs",
+            "max_minutes",
+            "eval_batch_size",
+            "patience",
+            "num_threads",
+        )
         for key in positive:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise TrainConfigError(f"{{param}}={value} must be > 0", param=key)
-        non_negative = ("warmup_iters", "min_lr", "weight_decay", "momentum", "grad_clip", "eval_interval",
-                        "eval_iters")
+        non_negative = (
+            "warmup_iters",
+            "min_lr",
+            "weight_decay",
+            "momentum",
+            "grad_clip",
+            "eval_interval",
+            "eval_iters",
+        )
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise TrainConfigError(f"{{param}}={getattr(self, key)} must be >= 0", param=key)
@@ -147,18 +168,25 @@ class TrainConfig:
             if value is not None and not 0 <= value < 1:
                 raise TrainConfigError(f"{{param}}={value} must be in [0, 1)", param=key)
         if self.max_iters is None and self.epochs is None and self.max_minutes is None:
-            raise TrainConfigError("no budget: set max_iters, epochs or max_minutes (on the command line "
-                                   "--max-iters, --epochs or --max-minutes)", param="max_iters")
+            raise TrainConfigError(
+                "no budget: set max_iters, epochs or max_minutes (on the command line "
+                "--max-iters, --epochs or --max-minutes)",
+                param="max_iters",
+            )
         if self.eval_mode == "random" and self.eval_iters < 1:
             raise TrainConfigError("{param} must be >= 1 with eval_mode='random'", param="eval_iters")
         if self.resume and self.overwrite:
-            raise TrainConfigError("{param} and resume contradict each other: keep the run or replace it",
-                                   param="overwrite")
+            raise TrainConfigError(
+                "{param} and resume contradict each other: keep the run or replace it", param="overwrite"
+            )
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
-    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
-                 if getattr(cfg, k) is not None}
+    overrides = {
+        k: getattr(cfg, k)
+        for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+        if getattr(cfg, k) is not None
+    }
     return ModelConfig.from_name(cfg.preset, vocab_size=vocab_size, **overrides)
 
 
@@ -193,30 +221,44 @@ def device_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_fits(cfg: TrainConfig, model_config: ModelConfig, T: int, splits: dict[str, int], device: torch.device,
-               resumed_from: str | None = None) -> None:
+def check_fits(
+    cfg: TrainConfig,
+    model_config: ModelConfig,
+    T: int,
+    splits: dict[str, int],
+    device: torch.device,
+    resumed_from: str | None = None,
+) -> None:
     """Refuse, before anything is allocated, a run that cannot work: windows longer than a split holds, or than
     the position table of the model resumed, or a step whose memory (at the least) is more than the device has."""
     if resumed_from is not None and T > model_config.block_size:
-        raise TrainConfigError(f"{{param}}={T} is longer than the context of the model in {resumed_from} "
-                               f"({model_config.block_size} positions); use {model_config.block_size} or less",
-                               param="block_size")
+        raise TrainConfigError(
+            f"{{param}}={T} is longer than the context of the model in {resumed_from} "
+            f"({model_config.block_size} positions); use {model_config.block_size} or less",
+            param="block_size",
+        )
     needed = {"train": T + 1, **({"val": T + 1} if cfg.eval_mode == "random" else {})}
     for split, n in needed.items():
         if splits[split] < n:
-            raise TrainConfigError(f"{{param}}={T} needs windows of {n} tokens, but the {split} split of {cfg.data} "
-                                   f"holds {splits[split]}: lower it, or prepare more data", param="block_size")
+            raise TrainConfigError(
+                f"{{param}}={T} needs windows of {n} tokens, but the {split} split of {cfg.data} "
+                f"holds {splits[split]}: lower it, or prepare more data",
+                param="block_size",
+            )
     have = device_memory(device)
     need = step_memory_lower_bound(model_config, cfg, T)
     if have is not None and need > have:
         longer = cfg.block_size is not None and cfg.block_size > ModelConfig.from_name(cfg.preset).block_size
-        param, other = ("block_size", f"batch_size={cfg.batch_size}") if longer else (
-            "batch_size", f"block_size={T}")  # the flag named: a context longer than the preset's, else the batch
+        param, other = (
+            ("block_size", f"batch_size={cfg.batch_size}") if longer else ("batch_size", f"block_size={T}")
+        )  # the flag named: a context longer than the preset's, else the batch
         raise TrainConfigError(
             f"{{param}}={getattr(cfg, param)} with {other} needs at least {need / 2**30:.1f} GiB for one training "
             f"step ({model_config.n_layer} layers x {cfg.batch_size * T:,} tokens x width {model_config.n_embd}), "
             f"but this {device.type} has {have / 2**30:.1f} GiB: lower block_size or batch_size (grad_accum keeps "
-            "the tokens per step)", param=param)
+            "the tokens per step)",
+            param=param,
+        )
 
 
 def iters_per_epoch(cfg: TrainConfig, n_train: int, T: int, world: int = 1) -> int:

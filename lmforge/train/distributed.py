@@ -79,8 +79,10 @@ def setup(device: str = "cpu") -> Dist:
     if world <= 1:
         return Dist(device=dev)
     if dev.type == "mps":
-        raise ValueError("multi-process training on MPS is not supported by PyTorch's process groups; "
-                         "use --device cpu (gloo) or cuda (NCCL)")
+        raise ValueError(
+            "multi-process training on MPS is not supported by PyTorch's process groups; "
+            "use --device cpu (gloo) or cuda (NCCL)"
+        )
     owns = not dist.is_initialized()
     if owns:
         if dev.type == "cuda":  # NCCL, bound to this rank's GPU (barriers then need no guess)
@@ -88,8 +90,7 @@ def setup(device: str = "cpu") -> Dist:
             dist.init_process_group("nccl", device_id=dev)
         else:
             dist.init_process_group("gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=dev,
-                owns_group=owns)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=dev, owns_group=owns)
 
 
 def teardown(env: Dist) -> None:
@@ -131,8 +132,9 @@ def gather_objects(obj, env: Dist) -> list:
 # ---------------------------------------------------------------------------------------------- batches
 
 
-def random_batch_shard(data: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
-                       env: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+def random_batch_shard(
+    data: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator, env: Dist
+) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's rows of `data.random_batch(data, batch_size * world, ...)`: the same draw from `generator`
     on every rank (so the generators stay in step), then only rows rank*B..(rank+1)*B are read."""
     ix = torch.randint(len(data) - block_size, (batch_size * env.world,), generator=generator)
@@ -178,10 +180,17 @@ def wrap(model: nn.Module, env: Dist, fsdp: bool) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # the only buffers (rope tables) are constants: synced once at init, not before every forward
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                      else {"broadcast_buffers": False})  # the older name, deprecated since
-    return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-               gradient_as_bucket_view=True, **no_buffer_sync)
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DDP).parameters
+        else {"broadcast_buffers": False}
+    )  # the older name, deprecated since
+    return DDP(
+        model,
+        device_ids=[env.device.index] if env.device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        **no_buffer_sync,
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -271,8 +280,15 @@ def consolidate(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
     return save_model(out, model, tokenizer)
 
 
-def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer, train_state: dict,
-                    env: Dist, sharded: bool = False) -> None:
+def save_checkpoint(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokenizer,
+    train_state: dict,
+    env: Dist,
+    sharded: bool = False,
+) -> None:
     """Write a resumable model folder: rank 0 writes it, from the replica (plain, DDP), the gathered weights
     (FSDP consolidated: `load_model` reads it) or every rank's shards (FSDP sharded). Every rank calls this."""
     from lmforge.checkpoint import CONFIG_FILE, TRAIN_STATE_FILE, save_model, write_folder
@@ -284,6 +300,7 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     if sharded:
         scratch = save_sharded(folder, model, optimizer, env)
         if env.is_main:
+
             def write(tmp: Path) -> None:
                 (tmp / CONFIG_FILE).write_text(model.config.to_json(), encoding="utf-8")
                 if tokenizer is not None:
@@ -309,10 +326,15 @@ def restore_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Opt
     saved = state.get("optimizer_format", "torch")  # torch: optimizer.state_dict() of a replica
     running = ("sharded", "fsdp-full") if is_fsdp(model) else ("torch",)
     if saved not in running:
-        kinds = {"torch": "a single-process or DDP run", "fsdp-full": "an FSDP run (consolidated)",
-                 "sharded": "an FSDP run (sharded)"}
-        raise ValueError(f"{folder} was saved by {kinds[saved]}; resume it the same way (with{'out' if saved == 'torch' else ''} "
-                         f"--fsdp), or start a new run from its weights")
+        kinds = {
+            "torch": "a single-process or DDP run",
+            "fsdp-full": "an FSDP run (consolidated)",
+            "sharded": "an FSDP run (sharded)",
+        }
+        raise ValueError(
+            f"{folder} was saved by {kinds[saved]}; resume it the same way (with{'out' if saved == 'torch' else ''} "
+            f"--fsdp), or start a new run from its weights"
+        )
     if saved == "sharded":
         load_sharded(folder, model, optimizer)
     elif saved == "fsdp-full":

@@ -28,8 +28,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from lmforge.errors import LmforgeError
 
@@ -59,11 +59,27 @@ class Loop:
             sees the same elapsed time and stop request and stops at the same step.
     """
 
-    def __init__(self, *, max_iters: int | None = None, max_minutes: float | None = None, eval_interval: int = 1,
-                 patience: int | None = None, mode: str = "min", start: int = 0, best: float | None = None,
-                 bad_evals: int = 0, elapsed_s: float = 0.0, stop: threading.Event | None = None,
-                 agree: Callable[[list[float]], list[float]] | None = None):
-        self.max_iters, self.max_minutes, self.eval_interval, self.patience = max_iters, max_minutes, eval_interval, patience
+    def __init__(
+        self,
+        *,
+        max_iters: int | None = None,
+        max_minutes: float | None = None,
+        eval_interval: int = 1,
+        patience: int | None = None,
+        mode: str = "min",
+        start: int = 0,
+        best: float | None = None,
+        bad_evals: int = 0,
+        elapsed_s: float = 0.0,
+        stop: threading.Event | None = None,
+        agree: Callable[[list[float]], list[float]] | None = None,
+    ):
+        self.max_iters, self.max_minutes, self.eval_interval, self.patience = (
+            max_iters,
+            max_minutes,
+            eval_interval,
+            patience,
+        )
         self.mode, self.it, self.start, self.bad_evals = mode, start, start, bad_evals
         self.best = best if best is not None else (math.inf if mode == "min" else -math.inf)
         self.elapsed_before, self.stop, self.agree = elapsed_s, stop, agree
@@ -153,8 +169,12 @@ def stop_on_signals(what: str = "training") -> Iterator[StopRequest]:
         stop.signum = signum
         stop.set()
         if not quiet:
-            print(f"\n{signal.Signals(signum).name}: {what} stops after this step and saves it "
-                  "(Ctrl-C again to quit at once, saving nothing)", file=sys.stderr, flush=True)
+            print(
+                f"\n{signal.Signals(signum).name}: {what} stops after this step and saves it "
+                "(Ctrl-C again to quit at once, saving nothing)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -167,8 +187,14 @@ def stop_on_signals(what: str = "training") -> Iterator[StopRequest]:
 # ---------------------------------------------------------------------------------------------- the run folder
 
 
-def claim_run_folder(out: str | os.PathLike, outputs: tuple[str, ...], *, resume: bool = False,
-                     overwrite: bool = False, can_resume: bool = True) -> None:
+def claim_run_folder(
+    out: str | os.PathLike,
+    outputs: tuple[str, ...],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    can_resume: bool = True,
+) -> None:
     """Refuse to start a run in a folder that holds an earlier run's `outputs` (or, with no `outputs` named,
     anything: the folder is the output) unless resuming it or told to overwrite it. Files that are not a run's
     outputs lose nothing and do not count. Reads only: under torchrun every rank calls it before any writes."""
@@ -180,8 +206,11 @@ def claim_run_folder(out: str | os.PathLike, outputs: tuple[str, ...], *, resume
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
         keep = "continue that run with --resume, or " if can_resume else ""
         replaced = f"deletes {', '.join(outputs)} there" if outputs else "replaces it"
-        raise RunFolderError(f"{out} holds an earlier run ({shown}): {keep}start over with --overwrite (which "
-                             f"{replaced}), or choose another folder", param="out")
+        raise RunFolderError(
+            f"{out} holds an earlier run ({shown}): {keep}start over with --overwrite (which "
+            f"{replaced}), or choose another folder",
+            param="out",
+        )
 
 
 def prepare_run_folder(out: str | os.PathLike, outputs: tuple[str, ...], *, overwrite: bool = False) -> None:

@@ -33,10 +33,14 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise LmforgeError("{param} tensorboard needs the tensorboard package: pip install tensorboard "
-                                   "(or lmforge[tensorboard])", param="logger") from None
-            self.writer = SummaryWriter(str(self.path.parent / TENSORBOARD_DIR),
-                                        purge_step=keep_until + 1 if keep_until else None)
+                raise LmforgeError(
+                    "{param} tensorboard needs the tensorboard package: pip install tensorboard "
+                    "(or lmforge[tensorboard])",
+                    param="logger",
+                ) from None
+            self.writer = SummaryWriter(
+                str(self.path.parent / TENSORBOARD_DIR), purge_step=keep_until + 1 if keep_until else None
+            )
         elif logger is not None:
             raise LmforgeError(f"{{param}}={logger!r} is not one of: {', '.join(LOGGERS)}", param="logger")
 
@@ -50,8 +54,12 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
-                if key != "iter" and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and math.isfinite(value):
+                if (
+                    key != "iter"
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and math.isfinite(value)
+                ):
                     self.writer.add_scalar(key, value, record["iter"])
 
     def close(self) -> None:

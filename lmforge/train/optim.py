@@ -18,6 +18,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+
 from lmforge.errors import LmforgeError
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -53,8 +54,14 @@ def fused_adamw_available() -> bool:
     return True
 
 
-def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                   betas: tuple[float, float] = (0.9, 0.95), momentum: float = 0.0) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    momentum: float = 0.0,
+) -> torch.optim.Optimizer:
     """AdamW over `param_groups`, or SGD (with optional momentum) over every parameter.
 
     AdamW uses the fused step (one kernel per parameter group instead of a dozen small ops per tensor) where
@@ -68,8 +75,9 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: f
         if not all(0 <= b < 1 for b in betas):
             raise OptimConfigError(f"AdamW betas {betas} must each be in [0, 1)")
         fused = fused_adamw_available() and all(p.device.type == "cpu" or p.is_cuda for p in model.parameters())
-        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas,
-                                 fused=fused or None, foreach=None if fused else True)
+        return torch.optim.AdamW(
+            param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused or None, foreach=None if fused else True
+        )
     if name == "sgd":
         if not 0 <= momentum < 1:
             raise OptimConfigError(f"SGD momentum={momentum} must be in [0, 1)")

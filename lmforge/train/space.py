@@ -25,7 +25,6 @@ class TuneError(LmforgeError):
     """A bad search space, fixed option or study; the message names it and what is allowed."""
 
 
-
 def option_types() -> dict[str, type]:
     """TrainConfig option -> its value type (int, float, bool or str), Optional unwrapped."""
     types = {}
@@ -42,8 +41,10 @@ def _check_name(name: str, what: str) -> type:
     if name not in types:
         close = difflib.get_close_matches(name, list(types), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise TuneError(f"{what}: unknown option {name!r}; {hint}TrainConfig options: "
-                        f"{', '.join(n for n in types if n not in MANAGED)}")
+        raise TuneError(
+            f"{what}: unknown option {name!r}; {hint}TrainConfig options: "
+            f"{', '.join(n for n in types if n not in MANAGED)}"
+        )
     return types[name]
 
 
@@ -101,8 +102,11 @@ def make_distribution(name: str, spec, what: str):
         if "choices" in spec:
             spec = list(spec["choices"])
         elif "low" in spec and "high" in spec:
-            parts = [spec["low"], spec["high"]] + (["log"] if spec.get("log") else []) + (
-                [spec["step"]] if spec.get("step") is not None else [])
+            parts = (
+                [spec["low"], spec["high"]]
+                + (["log"] if spec.get("log") else [])
+                + ([spec["step"]] if spec.get("step") is not None else [])
+            )
             return _range(name, tp, parts, what)
         else:
             raise TuneError(f"{what}: a dict spec needs low and high, or choices")
@@ -196,8 +200,10 @@ def grid_values(name: str, dist) -> list:
     if dist.step is not None and not dist.log:
         n = math.floor((dist.high - dist.low) / dist.step + 1e-9)
         return [round(dist.low + i * dist.step, 12) for i in range(n + 1)]
-    raise TuneError(f"grid search: {name} is a continuous{' log' if dist.log else ''} range; give choices "
-                    f"({name}=A,B,C) or a step ({name}=LOW:HIGH:STEP)")
+    raise TuneError(
+        f"grid search: {name} is a continuous{' log' if dist.log else ''} range; give choices "
+        f"({name}=A,B,C) or a step ({name}=LOW:HIGH:STEP)"
+    )
 
 
 def suggest(trial, name: str, dist):
@@ -219,8 +225,10 @@ def check_settings(data: str, fixed: dict, space: dict) -> None:
         raise TuneError(f"{', '.join(clash)} is both searched and fixed; give it in one place")
     if not space:
         raise TuneError("empty search space: give --space NAME=SPEC ... or --space-file")
-    ends = {name: dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
-            for name, dist in space.items()}
+    ends = {
+        name: dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
+        for name, dist in space.items()
+    }
     base = {**fixed, **{name: values[0] for name, values in ends.items()}, "data": data, "out": ""}
     try:
         TrainConfig(**base).check()

@@ -51,12 +51,22 @@ from lmforge.data import load_meta, load_split, random_batch, sequential_batches
 from lmforge.model import Transformer
 from lmforge.settings import write_config
 from lmforge.train import distributed
-from lmforge.train.config import (RUN_CONFIG_FILE, RUN_OUTPUTS, TrainConfig, TrainConfigError,  # noqa: F401
-                                  build_model_config, check_fits, iters_per_epoch)
+from lmforge.train.config import (
+    RUN_CONFIG_FILE,
+    RUN_OUTPUTS,
+    TrainConfig,
+    TrainConfigError,  # noqa: F401
+    build_model_config,
+    check_fits,
+    iters_per_epoch,
+)
 from lmforge.train.distributed import Dist
 from lmforge.train.loop import Loop, budget_steps, claim_run_folder, prepare_run_folder, stop_on_signals
 from lmforge.train.metrics import MetricsLog, plot_losses  # noqa: F401  (re-exported)
 from lmforge.train.optim import Schedule, make_optimizer, set_lr
+
+ALONE = Dist()  # a single process (not under torchrun)
+CPU = torch.device("cpu")
 
 # ---------------------------------------------------------------------------------------------- the steps
 
@@ -77,8 +87,7 @@ def batches(train: np.ndarray, cfg: TrainConfig, T: int, generator: torch.Genera
 
 
 @torch.no_grad()
-def estimate_loss(model: Transformer, val: np.ndarray, cfg: TrainConfig, T: int, autocast,
-                  env: Dist = Dist()) -> float:
+def estimate_loss(model: Transformer, val: np.ndarray, cfg: TrainConfig, T: int, autocast, env: Dist = ALONE) -> float:
     """Mean validation loss (no dropout, no label smoothing) over the batches `cfg.eval_mode` names.
 
     Under torchrun each rank scores its rows of every global batch (eval batch size * world rows) and the sums
@@ -117,8 +126,9 @@ def estimate_loss(model: Transformer, val: np.ndarray, cfg: TrainConfig, T: int,
     return float(total) / max(count, 1)
 
 
-def train_step(model, wrapped, stream, optimizer, params: list, cfg: TrainConfig, autocast, scaler,
-               env: Dist) -> torch.Tensor:
+def train_step(
+    model, wrapped, stream, optimizer, params: list, cfg: TrainConfig, autocast, scaler, env: Dist
+) -> torch.Tensor:
     """One optimizer step: grad_accum micro-batches (gradients all-reduced on the last), clip, step. Returns the
     mean training loss as a tensor (read back only at log time: no device sync every step)."""
     loss_sum = torch.zeros((), device=env.device)
@@ -146,15 +156,19 @@ def train_step(model, wrapped, stream, optimizer, params: list, cfg: TrainConfig
     return loss_sum / cfg.grad_accum
 
 
-def rng_state(generator: torch.Generator, device: torch.device = torch.device("cpu")) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-             "data": generator.get_state()}
+def rng_state(generator: torch.Generator, device: torch.device = CPU) -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "data": generator.get_state(),
+    }
     if device.type == "cuda":  # dropout on the GPU draws from the device's generator
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator, device: torch.device = torch.device("cpu")) -> None:
+def set_rng_state(state: dict, generator: torch.Generator, device: torch.device = CPU) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -182,8 +196,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, env: Dist, on_eval=None, stop: threading.Event | None = None):
         if cfg.fsdp and env.world == 1:
-            raise TrainConfigError("{param}=True shards the model across processes: launch with torchrun "
-                                   "--nproc_per_node N (N > 1), or drop --fsdp", param="fsdp")
+            raise TrainConfigError(
+                "{param}=True shards the model across processes: launch with torchrun "
+                "--nproc_per_node N (N > 1), or drop --fsdp",
+                param="fsdp",
+            )
         self.cfg, self.env, self.on_eval, self.run_dir = cfg, env, on_eval, Path(cfg.out)
         claim_run_folder(self.run_dir, RUN_OUTPUTS, resume=cfg.resume, overwrite=cfg.overwrite)
         self.meta = load_meta(cfg.data)
@@ -198,32 +215,46 @@ class Trainer:
             torch.manual_seed(cfg.seed + env.rank)  # dropout masks differ between ranks, as between rows
         self.per_epoch = iters_per_epoch(cfg, len(self.train_data), self.T, env.world)
         max_iters = budget_steps(cfg.max_iters, cfg.epochs, self.per_epoch)
-        self.optimizer = make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                        cfg.momentum)
+        self.optimizer = make_optimizer(
+            self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.momentum
+        )
         # get_lr; with only a wall-clock budget the cosine decays over the minutes, ending when the time does
-        self.schedule = Schedule(cfg.schedule, cfg.lr, cfg.warmup_iters, cfg.lr_decay_iters or max_iters or 0,
-                                 min(cfg.min_lr, cfg.lr))
+        self.schedule = Schedule(
+            cfg.schedule, cfg.lr, cfg.warmup_iters, cfg.lr_decay_iters or max_iters or 0, min(cfg.min_lr, cfg.lr)
+        )
         self.decay_by_time = cfg.schedule == "cosine" and not cfg.lr_decay_iters
         self.pending: list[torch.Tensor] = []  # training losses since the last metrics line
         where = self.restore(state) if state is not None else {}
         agree = (lambda values: distributed.max_over_ranks(values, env)) if env.world > 1 else None
-        self.loop = Loop(max_iters=max_iters, max_minutes=cfg.max_minutes, eval_interval=cfg.eval_interval or
-                         self.per_epoch, patience=cfg.patience, stop=stop, agree=agree, **where)
+        self.loop = Loop(
+            max_iters=max_iters,
+            max_minutes=cfg.max_minutes,
+            eval_interval=cfg.eval_interval or self.per_epoch,
+            patience=cfg.patience,
+            stop=stop,
+            agree=agree,
+            **where,
+        )
         distributed.barrier(env)  # every rank has read last/ before rank 0 may overwrite it
         self.metrics = None
         if env.is_main:
             prepare_run_folder(self.run_dir, RUN_OUTPUTS, overwrite=cfg.overwrite)
-            write_config(self.run_dir / RUN_CONFIG_FILE, cfg, exclude=("resume", "overwrite"),
-                         header=f"lmforge train: the settings of this run. `lmforge train --config "
-                                f"{self.run_dir / RUN_CONFIG_FILE}` runs them again; add --resume to continue it")
+            write_config(
+                self.run_dir / RUN_CONFIG_FILE,
+                cfg,
+                exclude=("resume", "overwrite"),
+                header=f"lmforge train: the settings of this run. `lmforge train --config "
+                f"{self.run_dir / RUN_CONFIG_FILE}` runs them again; add --resume to continue it",
+            )
             self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until=self.loop.start, logger=cfg.logger)
         self.step_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.eval_model = distributed.unwrap(self.wrapped)  # DDP's replica (no hooks); FSDP's sharded model itself
         amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
         self.autocast = torch.autocast(env.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
         self.scaler = torch.amp.GradScaler(env.device.type) if cfg.dtype == "float16" else None
-        self.stream = batches(self.train_data, cfg, self.T, self.data_gen, skip=self.loop.start * cfg.grad_accum,
-                              env=env)
+        self.stream = batches(
+            self.train_data, cfg, self.T, self.data_gen, skip=self.loop.start * cfg.grad_accum, env=env
+        )
         self.tokens_per_iter = cfg.batch_size * env.world * self.T * cfg.grad_accum
         self.params = list(self.model.parameters())
 
@@ -234,13 +265,24 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: the same global batch
-        config = ModelConfig.from_file(last / CONFIG_FILE) if resume else build_model_config(cfg, self.meta["vocab_size"])
+        config = (
+            ModelConfig.from_file(last / CONFIG_FILE) if resume else build_model_config(cfg, self.meta["vocab_size"])
+        )
         if self.meta["vocab_size"] > config.vocab_size:
-            raise TrainConfigError(f"the data in {cfg.data} has {self.meta['vocab_size']} token ids but the model's "
-                                   f"vocabulary is {config.vocab_size}", param="data")
+            raise TrainConfigError(
+                f"the data in {cfg.data} has {self.meta['vocab_size']} token ids but the model's "
+                f"vocabulary is {config.vocab_size}",
+                param="data",
+            )
         self.T = cfg.block_size or config.block_size
-        check_fits(cfg, config, self.T, {"train": len(self.train_data), "val": len(self.val_data)},
-                   self.env.device, resumed_from=str(last) if resume else None)
+        check_fits(
+            cfg,
+            config,
+            self.T,
+            {"train": len(self.train_data), "val": len(self.val_data)},
+            self.env.device,
+            resumed_from=str(last) if resume else None,
+        )
         if not resume or (last / distributed.SHARDED_DIR).is_dir():  # sharded weights come with the optimizer state
             model = Transformer(config)
         else:
@@ -261,28 +303,50 @@ class Trainer:
         pending = state.get("pending_losses")
         if pending and len(pending) == env.world:
             self.pending = [torch.tensor(v, device=env.device) for v in pending[env.rank]]
-        return {"start": state["iter"], "best": state["best_val_loss"], "bad_evals": state["bad_evals"],
-                "elapsed_s": state["elapsed_s"]}
+        return {
+            "start": state["iter"],
+            "best": state["best_val_loss"],
+            "bad_evals": state["bad_evals"],
+            "elapsed_s": state["elapsed_s"],
+        }
 
     def checkpoint(self, folder: str) -> None:
         """Save a resumable model folder RUN/`folder` at the current step. Every rank calls it; rank 0 writes."""
         env, loop = self.env, self.loop
         rng = rng_state(self.data_gen, env.device)
-        state = {"iter": loop.it, "schedule": self.schedule.state_dict(), "rng": rng, "best_val_loss": loop.best,
-                 "bad_evals": loop.bad_evals, "elapsed_s": loop.elapsed(), "world_size": env.world,
-                 "train_config": dataclasses.asdict(self.cfg),
-                 "pending_losses": distributed.gather_objects([float(v) for v in self.pending], env)}
+        state = {
+            "iter": loop.it,
+            "schedule": self.schedule.state_dict(),
+            "rng": rng,
+            "best_val_loss": loop.best,
+            "bad_evals": loop.bad_evals,
+            "elapsed_s": loop.elapsed(),
+            "world_size": env.world,
+            "train_config": dataclasses.asdict(self.cfg),
+            "pending_losses": distributed.gather_objects([float(v) for v in self.pending], env),
+        }
         if env.world > 1:
             state["rng_per_rank"] = distributed.gather_objects(rng, env)
-        distributed.save_checkpoint(self.run_dir / folder, self.wrapped, self.optimizer, self.tokenizer, state, env,
-                                    sharded=self.cfg.fsdp_checkpoint == "sharded")
+        distributed.save_checkpoint(
+            self.run_dir / folder,
+            self.wrapped,
+            self.optimizer,
+            self.tokenizer,
+            state,
+            env,
+            sharded=self.cfg.fsdp_checkpoint == "sharded",
+        )
 
     def evaluate(self) -> float:
         """Validation loss at the current step: logged, checkpointed (best when it improves, and last), plotted."""
         loop, it = self.loop, self.loop.it
         val = estimate_loss(self.eval_model, self.val_data, self.cfg, self.T, self.autocast, self.env)
-        record = {"iter": it, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
-                  "elapsed_s": round(loop.elapsed(), 2)}
+        record = {
+            "iter": it,
+            "val_loss": val,
+            "val_ppl": math.exp(min(val, 50.0)),
+            "elapsed_s": round(loop.elapsed(), 2),
+        }
         if self.meta.get("tokenizer") == "char":
             record["val_bpc"] = val / math.log(2)
         if self.schedule.observe(val):
@@ -316,16 +380,32 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, loop = self.cfg, self.loop
-        self.bar = tqdm(total=loop.max_iters, initial=loop.start, disable=not (cfg.progress and self.env.is_main),
-                        unit="it", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=loop.max_iters,
+            initial=loop.start,
+            disable=not (cfg.progress and self.env.is_main),
+            unit="it",
+            dynamic_ncols=True,
+        )
         train_time, last_val, t_log = 0.0, None, perf_counter()
         try:
             while loop.running():
                 t_step = perf_counter()
                 lr = self.schedule.lr_at(loop.it, loop.time_fraction() if self.decay_by_time else None)
                 set_lr(self.optimizer, lr)
-                self.pending.append(train_step(self.step_model, self.wrapped, self.stream, self.optimizer,
-                                               self.params, cfg, self.autocast, self.scaler, self.env))
+                self.pending.append(
+                    train_step(
+                        self.step_model,
+                        self.wrapped,
+                        self.stream,
+                        self.optimizer,
+                        self.params,
+                        cfg,
+                        self.autocast,
+                        self.scaler,
+                        self.env,
+                    )
+                )
                 train_time += perf_counter() - t_step
                 loop.step_done()
                 self.bar.update(1)
@@ -340,7 +420,7 @@ class Trainer:
             if loop.final_eval_due():  # the budget ran out between evaluations: the annealed end is often the best
                 last_val = self.evaluate()
             if loop.evaluated_at != loop.it or loop.it == loop.start:  # diverged, stopped, or no step: save where
-                self.checkpoint("last")                                 # it ended
+                self.checkpoint("last")  # it ended
                 if self.metrics is not None:
                     plot_losses(self.metrics, self.run_dir / "loss.png")
             if not math.isfinite(loop.best) and (self.env.world > 1 or not (self.run_dir / "best").exists()):
@@ -350,12 +430,19 @@ class Trainer:
             self.bar.close()
             if self.metrics is not None:
                 self.metrics.close()
-        return {"run_dir": str(self.run_dir), "iters": loop.it, "stop_reason": loop.stop_reason,
-                "best_val_loss": loop.best, "last_val_loss": last_val,
-                "train_tokens_per_s": (loop.it - loop.start) * self.tokens_per_iter / max(train_time, 1e-9),
-                "wall_s": loop.elapsed() - loop.elapsed_before, "params": self.model.num_params(),
-                "tokens_per_iter": self.tokens_per_iter, "iters_per_epoch": self.per_epoch,
-                "world_size": self.env.world}
+        return {
+            "run_dir": str(self.run_dir),
+            "iters": loop.it,
+            "stop_reason": loop.stop_reason,
+            "best_val_loss": loop.best,
+            "last_val_loss": last_val,
+            "train_tokens_per_s": (loop.it - loop.start) * self.tokens_per_iter / max(train_time, 1e-9),
+            "wall_s": loop.elapsed() - loop.elapsed_before,
+            "params": self.model.num_params(),
+            "tokens_per_iter": self.tokens_per_iter,
+            "iters_per_epoch": self.per_epoch,
+            "world_size": self.env.world,
+        }
 
 
 def train(config: TrainConfig, on_eval=None, stop: threading.Event | None = None) -> dict:
@@ -393,7 +480,10 @@ def train_command(config: TrainConfig) -> int:
         print(json.dumps(summary))
     if summary["stop_reason"] == "interrupted":
         if main:
-            print(f"interrupted at iteration {summary['iters']}: {Path(config.out) / 'last'} holds it. Resume with:\n"
-                  f"  {resume_command(Path(config.out), summary['world_size'])}", file=sys.stderr)
+            print(
+                f"interrupted at iteration {summary['iters']}: {Path(config.out) / 'last'} holds it. Resume with:\n"
+                f"  {resume_command(Path(config.out), summary['world_size'])}",
+                file=sys.stderr,
+            )
         return 128 + (stop.signum or 2)
     return 0

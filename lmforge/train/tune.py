@@ -36,8 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.settings import write_config
-from lmforge.train.space import (TuneError, check_settings, grid_values, load_space_file, make_distribution,
-                                 parse_fixed, suggest)
+from lmforge.train.space import (
+    TuneError,
+    check_settings,
+    grid_values,
+    load_space_file,
+    make_distribution,
+    parse_fixed,
+    suggest,
+)
 from lmforge.train.trainer import TrainConfig, train
 from lmforge.train.tune_report import plot_study, print_table, results_table, trial_line
 
@@ -73,12 +80,20 @@ def recover_interrupted(study, out: Path) -> int:
         study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     requeued = set(study.user_attrs.get("requeued", []))
-    interrupted = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-                   if t.user_attrs.get("interrupted") and t.number not in requeued]
+    interrupted = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if t.user_attrs.get("interrupted") and t.number not in requeued
+    ]
     for t in interrupted:  # as optuna's RetryFailedTrialCallback, less the user attributes
-        study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=t.params,
-                                                  distributions=t.distributions,
-                                                  system_attrs={**t.system_attrs, "failed_trial": t.number}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=t.params,
+                distributions=t.distributions,
+                system_attrs={**t.system_attrs, "failed_trial": t.number},
+            )
+        )
         shutil.rmtree(out / "trials" / str(t.number), ignore_errors=True)
     if interrupted:
         study.set_user_attr("requeued", sorted(requeued | {t.number for t in interrupted}))
@@ -107,10 +122,22 @@ def make_sampler(kind: str, space: dict, seed: int, startup_trials: int, offset:
     return optuna.samplers.TPESampler(seed=seed + offset, n_startup_trials=startup_trials)
 
 
-def tune(data: str, out: str, space: dict, fixed: dict | None = None, trials: int = 20, sampler: str = "tpe",
-         seed: int = 0, startup_trials: int = 10, prune: bool = True, pruner_startup_trials: int = 5,
-         pruner_warmup_steps: int = 0, storage: str | None = None, study_name: str = "lmforge-tune",
-         verbose: bool = True) -> dict:
+def tune(
+    data: str,
+    out: str,
+    space: dict,
+    fixed: dict | None = None,
+    trials: int = 20,
+    sampler: str = "tpe",
+    seed: int = 0,
+    startup_trials: int = 10,
+    prune: bool = True,
+    pruner_startup_trials: int = 5,
+    pruner_warmup_steps: int = 0,
+    storage: str | None = None,
+    study_name: str = "lmforge-tune",
+    verbose: bool = True,
+) -> dict:
     """Run (or resume) a search until `trials` trials have completed or been pruned; return a summary.
 
     `space` maps TrainConfig options to optuna distributions (parse_spec, load_space_file); `fixed` holds the
@@ -122,9 +149,12 @@ def tune(data: str, out: str, space: dict, fixed: dict | None = None, trials: in
     fixed = dict(fixed or {})
     if sampler not in SAMPLERS:
         raise TuneError(f"sampler {sampler!r} is not one of: {', '.join(SAMPLERS)}")
-    for key, value, least in (("trials", trials, 1), ("startup_trials", startup_trials, 0),
-                              ("pruner_startup_trials", pruner_startup_trials, 0),
-                              ("pruner_warmup_steps", pruner_warmup_steps, 0)):
+    for key, value, least in (
+        ("trials", trials, 1),
+        ("startup_trials", startup_trials, 0),
+        ("pruner_startup_trials", pruner_startup_trials, 0),
+        ("pruner_warmup_steps", pruner_warmup_steps, 0),
+    ):
         if value < least:
             raise TuneError(f"{key}={value} must be >= {least}")
     check_settings(data, fixed, space)
@@ -138,25 +168,43 @@ def tune(data: str, out: str, space: dict, fixed: dict | None = None, trials: in
         url = f"sqlite:///{Path(url).resolve()}"
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # trial_line reports each trial
-    identity = {"data": str(Path(data).resolve()), "space": {n: distribution_to_json(d) for n, d in space.items()},
-                "fixed": fixed}
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=pruner_warmup_steps)
-              if prune else optuna.pruners.NopPruner())
-    study = optuna.create_study(study_name=study_name, storage=url, load_if_exists=True, direction="minimize",
-                                pruner=pruner)
+    identity = {
+        "data": str(Path(data).resolve()),
+        "space": {n: distribution_to_json(d) for n, d in space.items()},
+        "fixed": fixed,
+    }
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=pruner_warmup_steps)
+        if prune
+        else optuna.pruners.NopPruner()
+    )
+    study = optuna.create_study(
+        study_name=study_name, storage=url, load_if_exists=True, direction="minimize", pruner=pruner
+    )
     if study.user_attrs.get("identity") is None:
         study.set_user_attr("identity", identity)
     elif study.user_attrs["identity"] != json.loads(json.dumps(identity)):
-        raise TuneError(f"study {study_name!r} in {url} was made with other data, space or fixed options "
-                        f"({json.dumps(study.user_attrs['identity'])}); rerun with those, or use another out "
-                        "folder or --study name")
+        raise TuneError(
+            f"study {study_name!r} in {url} was made with other data, space or fixed options "
+            f"({json.dumps(study.user_attrs['identity'])}); rerun with those, or use another out "
+            "folder or --study name"
+        )
     recovered = recover_interrupted(study, out_dir)
     study.sampler = make_sampler(sampler, space, seed, startup_trials, offset=len(study.trials))
 
     def run_trial(trial) -> float:
         params = {name: suggest(trial, name, dist) for name, dist in space.items()}
-        cfg = TrainConfig(**{**fixed, **params, "data": data, "out": str(out_dir / "trials" / str(trial.number)),
-                             "progress": False, "resume": False, "overwrite": True})
+        cfg = TrainConfig(
+            **{
+                **fixed,
+                **params,
+                "data": data,
+                "out": str(out_dir / "trials" / str(trial.number)),
+                "progress": False,
+                "resume": False,
+                "overwrite": True,
+            }
+        )
 
         def on_eval(iteration: int, val_loss: float) -> None:
             trial.report(val_loss, iteration)
@@ -192,8 +240,11 @@ def tune(data: str, out: str, space: dict, fixed: dict | None = None, trials: in
     t_start = time.perf_counter()
     complete, pruned, failed = _count(study)
     if verbose:
-        print(f"study {study_name!r} in {url}: {complete + pruned}/{target} trials done"
-              + (f", {recovered} interrupted trial(s) queued again" if recovered else ""), flush=True)
+        print(
+            f"study {study_name!r} in {url}: {complete + pruned}/{target} trials done"
+            + (f", {recovered} interrupted trial(s) queued again" if recovered else ""),
+            flush=True,
+        )
     while complete + pruned < target:
         waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
         if sampler == "grid" and not waiting and study.sampler.is_exhausted(study):
@@ -206,8 +257,16 @@ def tune(data: str, out: str, space: dict, fixed: dict | None = None, trials: in
             last = errors[-1] if errors else "?"
             raise TuneError(f"{target - before} trial(s) in a row failed; the last said: {last}")
     summary = finish(study, out_dir, space, fixed, data)
-    summary.update(study=study_name, storage=url, sampler=sampler, wall_s=round(time.perf_counter() - t_start, 2),
-                   trials=complete + pruned, complete=complete, pruned=pruned, failed=failed)
+    summary.update(
+        study=study_name,
+        storage=url,
+        sampler=sampler,
+        wall_s=round(time.perf_counter() - t_start, 2),
+        trials=complete + pruned,
+        complete=complete,
+        pruned=pruned,
+        failed=failed,
+    )
     return summary
 
 
@@ -221,13 +280,23 @@ def finish(study, out: Path, space: dict, fixed: dict, data: str) -> dict:
         return {"best_val_loss": None, "best_params": None, "plot": str(out / "tune.png")}
     run = out / "trials" / str(best.number)
     config = TrainConfig(**{**fixed, **best.params, "data": data, "out": str(out / BEST_RUN)})
-    write_config(out / BEST_CONFIG, config, exclude=("resume", "overwrite"),
-                 header=f"lmforge tune: the best of {len(study.trials)} trials, trial {best.number} (validation loss "
-                        f"{best.value:.6g}, checkpoints in {run}),\nsearched: "
-                        + ", ".join(f"{k}={v}" for k, v in best.params.items())
-                        + f"\n`lmforge train --config {out / BEST_CONFIG}` trains it again into {out / BEST_RUN}")
-    return {"best_trial": best.number, "best_val_loss": best.value, "best_params": best.params,
-            "best_run": str(run), "best_config": str(out / BEST_CONFIG), "plot": str(out / "tune.png")}
+    write_config(
+        out / BEST_CONFIG,
+        config,
+        exclude=("resume", "overwrite"),
+        header=f"lmforge tune: the best of {len(study.trials)} trials, trial {best.number} (validation loss "
+        f"{best.value:.6g}, checkpoints in {run}),\nsearched: "
+        + ", ".join(f"{k}={v}" for k, v in best.params.items())
+        + f"\n`lmforge train --config {out / BEST_CONFIG}` trains it again into {out / BEST_RUN}",
+    )
+    return {
+        "best_trial": best.number,
+        "best_val_loss": best.value,
+        "best_params": best.params,
+        "best_run": str(run),
+        "best_config": str(out / BEST_CONFIG),
+        "plot": str(out / "tune.png"),
+    }
 
 
 @dataclass
@@ -276,7 +345,7 @@ def tune_command(config: TuneConfig) -> int:
 
     The best trial's settings are written to OUT/best.yaml: `lmforge train --config OUT/best.yaml` trains them.
     """
-    search, extra = (load_space_file(config.space_file) if config.space_file else ({}, {}))
+    search, extra = load_space_file(config.space_file) if config.space_file else ({}, {})
     for name, spec in config.space.items():
         if name in search:
             raise TuneError(f"space {name}: it is already in the search space (from {config.space_file})")
@@ -284,12 +353,27 @@ def tune_command(config: TuneConfig) -> int:
     settings = {**extra, **config.fixed}
     check_settings(config.data, settings, search)  # before anything is written
     Path(config.out).mkdir(parents=True, exist_ok=True)
-    write_config(Path(config.out) / "tune.yaml", config, header="lmforge tune: the settings of this search "
-                 "(`lmforge tune --config` reads them; the same search again resumes it)")
-    summary = tune(config.data, config.out, search, settings, trials=config.trials, sampler=config.sampler,
-                   seed=config.seed, startup_trials=config.startup_trials, prune=config.prune,
-                   pruner_startup_trials=config.pruner_startup_trials,
-                   pruner_warmup_steps=config.pruner_warmup_steps, storage=config.storage, study_name=config.study)
+    write_config(
+        Path(config.out) / "tune.yaml",
+        config,
+        header="lmforge tune: the settings of this search "
+        "(`lmforge tune --config` reads them; the same search again resumes it)",
+    )
+    summary = tune(
+        config.data,
+        config.out,
+        search,
+        settings,
+        trials=config.trials,
+        sampler=config.sampler,
+        seed=config.seed,
+        startup_trials=config.startup_trials,
+        prune=config.prune,
+        pruner_startup_trials=config.pruner_startup_trials,
+        pruner_warmup_steps=config.pruner_warmup_steps,
+        storage=config.storage,
+        study_name=config.study,
+    )
     import optuna
 
     loaded = optuna.load_study(study_name=config.study, storage=summary["storage"])

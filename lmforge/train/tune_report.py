@@ -10,7 +10,6 @@ import numpy as np
 from lmforge.fsutil import atomic_path
 
 
-
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -43,9 +42,16 @@ def results_table(study, space: dict) -> list[list[str]]:
         state = t.state.name.lower()
         state = "best" if t.number == best else "interrupted" if t.user_attrs.get("interrupted") else state
         iters = t.user_attrs.get("iters", t.last_step)
-        rows.append([str(t.number), state, "-" if t.value is None else f"{t.value:.4f}",
-                     "-" if iters is None else str(iters), *(_fmt(t.params.get(n, "-")) for n in space),
-                     _fmt(t.user_attrs.get("wall_s", "-"))])
+        rows.append(
+            [
+                str(t.number),
+                state,
+                "-" if t.value is None else f"{t.value:.4f}",
+                "-" if iters is None else str(iters),
+                *(_fmt(t.params.get(n, "-")) for n in space),
+                _fmt(t.user_attrs.get("wall_s", "-")),
+            ]
+        )
     return rows
 
 
@@ -84,12 +90,18 @@ def plot_study(study, png: Path) -> None:
     if complete:
         hist.plot([t.number for t in complete], [t.value for t in complete], "o", label="complete")
     if pruned:
-        hist.plot([t.number for t in pruned], [t.value for t in pruned], "x", color="tab:red",
-                  label="pruned (last report)")
+        hist.plot(
+            [t.number for t in pruned], [t.value for t in pruned], "x", color="tab:red", label="pruned (last report)"
+        )
     if complete:
         ordered = sorted(complete, key=lambda t: t.number)
-        hist.step([t.number for t in ordered], np.minimum.accumulate([t.value for t in ordered]), where="post",
-                  color="tab:green", label="best so far")
+        hist.step(
+            [t.number for t in ordered],
+            np.minimum.accumulate([t.value for t in ordered]),
+            where="post",
+            color="tab:green",
+            label="best so far",
+        )
     hist.set_xlabel("trial")
     hist.set_ylabel("validation loss")
     hist.set_title("optimization history")
