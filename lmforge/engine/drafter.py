@@ -149,7 +149,8 @@ class NgramProposer:
 
     def propose(self, seqs, ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         drafted = [self._propose_one(s, k) for s, k in zip(seqs, ks)]
-        return drafted, [None if s.generator is None else one_hot(d, self.vocab_size) for s, d in zip(seqs, drafted)]
+        q = [one_hot(d, self.vocab_size) if s.generator is not None and d else None for s, d in zip(seqs, drafted)]
+        return drafted, q  # no distributions for an empty proposal: most rows' most steps, where text does not repeat
 
     def _propose_one(self, seq, room: int) -> list[int]:
         look = self._lookups.get(seq)
