@@ -93,13 +93,19 @@ class Drafter:
 
 
 class _Lookup:
-    """One sequence's prompt lookup: its n-gram index, how long its proposals may be now, and its last proposal
-    (the position it was proposed at and the tokens), to see next time how much of it the target kept."""
+    """One sequence's prompt lookup: its n-gram index, its record of how often the target's next token was the
+    one lookup predicted (counts that fade, so recent text weighs most), and its last prediction (the position it
+    was made at and the tokens), to see next time how much of it the target's tokens bear out."""
 
-    def __init__(self, index: NgramIndex, length: int):
-        self.index, self.length = index, length
+    def __init__(self, index: NgramIndex):
+        self.index = index
+        self.kept, self.tried = 0.0, 1.0  # a prior of one miss: a sequence proposes once lookup has been right
         self.last: tuple[int, list[int]] | None = None
-        self.wait, self.backoff = 0, 1  # steps to sit out, and the next pause's length
+
+    @property
+    def rate(self) -> float:
+        """The estimated chance that the target's next token is lookup's, given the ones before it were."""
+        return self.kept / self.tried
 
 
 class NgramProposer:
@@ -109,24 +115,33 @@ class NgramProposer:
     sequence (a weak reference), so finished requests leave nothing behind. A sampled row's proposal comes with
     one-hot distributions, so the engine's one accept/reject rule checks it (and keeps the target's distribution).
 
-    Proposal lengths adapt per sequence, since every rejected token is a position computed for nothing: after a
-    proposal the target kept whole, the next may be 2 tokens longer (up to k); after one it cut short, the next is
-    one longer than what it kept. A sequence whose 1-token proposal is rejected stops proposing for 1, 2, 4 .. 16
-    steps (reset by the next kept token), so text that does not repeat itself decodes as plain rows do. How much the
-    target kept is read off the sequence's tokens at the next call (an accepted token equals the proposed one, the
-    token after them does not: accept_greedy and accept_reject give the target's own choice there), so nothing
-    else has to report back. Which tokens are proposed never changes the output, only the work.
+    A proposal is made only where it is expected to pay. Checking a token costs a position in the target's
+    forward whether it is kept or not (on a small model on CPU a step's cost grows with the tokens it feeds: four
+    rows of 9 tokens cost 7x four rows of 1, and rows are padded to the longest proposal), while a kept token
+    saves a step. So every step lookup predicts each sequence's next tokens, proposed or not, and the next call
+    compares the prediction with the tokens the target then chose (one for a plain step, those it kept and its
+    own after them for a checked proposal): each predicted token the target chose counts as kept, the first one it
+    did not as tried too (both counts fade by `DECAY` a step). That measures, at no cost in the forward, the rate
+    a at which a predicted token is the target's given the ones before it were, so a proposal's i-th token is kept
+    with chance a**i; a proposal is as long as the tokens whose chance is at least `check_cost` (the cost of
+    checking a token relative to the step a kept one saves), and empty where even the first falls short: text
+    that does not repeat itself decodes as plain rows do, text that starts to repeat is noticed by the
+    predictions. (For a sampled row the chance that the target's token equals the prediction is the chance that
+    accept_reject keeps the one-hot proposal.) Which tokens are proposed never changes the output, only the work.
     """
 
-    MAX_BACKOFF = 16
+    DECAY = 0.8
 
-    def __init__(self, vocab_size: int, k: int, n_min: int = 2, n_max: int = 4):
+    def __init__(self, vocab_size: int, k: int, n_min: int = 2, n_max: int = 4, check_cost: float = 0.5):
         if k < 1:
             raise SpeculativeError(
                 f"num_speculative_tokens={k} is out of range: prompt lookup proposes >= 1 token per step"
             )
+        if not 0 < check_cost < 1:
+            raise SpeculativeError(f"prompt lookup check_cost={check_cost} is out of range: need 0 < check_cost < 1")
         NgramIndex(n_min, n_max)  # checks the sizes now, not at the first request
         self.vocab_size, self.k, self.n_min, self.n_max = vocab_size, k, n_min, n_max
+        self.check_cost = check_cost
         self._lookups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def mirror(self, rows) -> None:
@@ -134,34 +149,28 @@ class NgramProposer:
 
     def propose(self, seqs, ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         drafted = [self._propose_one(s, k) for s, k in zip(seqs, ks)]
-        return drafted, [None if s.generator is None else one_hot(d, self.vocab_size) for s, d in zip(seqs, drafted)]
+        q = [one_hot(d, self.vocab_size) if s.generator is not None and d else None for s, d in zip(seqs, drafted)]
+        return drafted, q  # no distributions for an empty proposal: most rows' most steps, where text does not repeat
 
     def _propose_one(self, seq, room: int) -> list[int]:
         look = self._lookups.get(seq)
         if look is None:
-            look = self._lookups[seq] = _Lookup(NgramIndex(self.n_min, self.n_max), self.k)
+            look = self._lookups[seq] = _Lookup(NgramIndex(self.n_min, self.n_max))
         tokens = seq.token_ids
-        if look.last is not None and len(tokens) > look.last[0]:  # the target has checked the last proposal
-            at, proposed = look.last
-            kept = next(
-                (i for i, t in enumerate(proposed) if at + i >= len(tokens) or tokens[at + i] != t), len(proposed)
-            )
-            self._adapt(look, len(proposed), kept)
-        look.last = None
-        if look.wait > 0:
-            look.wait -= 1
-            return []
-        drafted = look.index.propose(tokens, min(room, look.length))
-        if drafted:
-            look.last = (len(tokens), drafted)
-        return drafted
+        if look.last is not None and len(tokens) > look.last[0]:  # the target has chosen since the prediction
+            at, predicted = look.last
+            seen = tokens[at : at + len(predicted)]
+            kept = next((i for i, (p, t) in enumerate(zip(predicted, seen)) if p != t), len(seen))
+            look.kept = self.DECAY * look.kept + kept
+            look.tried = self.DECAY * look.tried + kept + (kept < len(seen))
+        length = self._length(look.rate)
+        predicted = look.index.propose(tokens, max(1, min(room, length)))
+        look.last = (len(tokens), predicted) if predicted else None
+        return predicted[:length]
 
-    def _adapt(self, look: _Lookup, proposed: int, kept: int) -> None:
-        if kept == proposed:
-            look.length = min(self.k, look.length + 2)
-        else:
-            look.length = kept + 1
-        if kept:
-            look.backoff = 1
-        elif proposed == 1:  # nothing kept of the shortest proposal: sit out a while, longer each time
-            look.wait, look.backoff = look.backoff, min(self.MAX_BACKOFF, 2 * look.backoff)
+    def _length(self, rate: float) -> int:
+        """The tokens worth checking: those the target keeps with chance rate**i >= check_cost."""
+        length, chance = 0, rate
+        while length < self.k and chance >= self.check_cost:
+            length, chance = length + 1, chance * rate
+        return length
