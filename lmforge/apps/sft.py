@@ -51,7 +51,7 @@ def encode_piece(tokenizer, text: str, first: bool) -> list[int]:
     """Tokens of one piece of a sequence. A llama2.c tokenizer adds BOS and its dummy-prefix space only to the
     first piece; later pieces are its bare merges of the text (what decoding after the prompt yields)."""
     if getattr(tokenizer, "kind", None) == "llama2c" and not first:
-        from lmforge.tokenizer import LLAMA2C_BYTE_OFFSET as BYTE_OFFSET
+        from lmforge.tokenizer.llama2c import LLAMA2C_BYTE_OFFSET as BYTE_OFFSET
 
         ids: list[int] = []
         for ch in text:

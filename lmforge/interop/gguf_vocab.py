@@ -141,7 +141,7 @@ def bpe_tokenizer(meta, vocab_size: int):
 
 def llama_tokenizer(meta, vocab_size: int):
     """tokenizer.ggml.model "llama" -> lmforge's Llama2cTokenizer (the same SentencePiece-style BPE)."""
-    from lmforge.tokenizer import LLAMA2C_BOS_ID, LLAMA2C_EOS_ID, Llama2cTokenizer
+    from lmforge.tokenizer.llama2c import LLAMA2C_BOS_ID, LLAMA2C_EOS_ID, Llama2cTokenizer
 
     tokens, _ = _tokens(meta, vocab_size)
     scores = list(meta.get("tokenizer.ggml.scores") or [])

@@ -1,0 +1,67 @@
+"""What every tokenizer shares: the folder's file names, the special tokens imported files spell, the error, the
+protocol the rest of lmforge relies on, and the id check."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from lmforge.errors import LmforgeError
+from lmforge.fsutil import atomic_write_text
+
+LMFORGE_TOKENIZER_FILE = "lmforge_tokenizer.json"  # char and word tokenizers
+HF_TOKENIZER_FILE = "tokenizer.json"  # byte-level BPE, and any imported Hugging Face tokenizer
+LLAMA2C_TOKENIZER_FILE = "llama2c_tokenizer.bin"  # an imported llama2.c tokenizer
+TOKENIZER_FILES = (LMFORGE_TOKENIZER_FILE, HF_TOKENIZER_FILE, LLAMA2C_TOKENIZER_FILE)  # what a model folder may carry
+KINDS = ("char", "word", "bpe")
+DEFAULT_BPE_VOCAB_SIZE = 4096  # small enough to train in seconds on a few MB, big enough to beat chars
+EOS, UNK = "<eos>", "<unk>"  # the word tokenizer's two special words (WikiText-2 spelling)
+BPE_EOS = "<|endoftext|>"  # GPT-2's document separator, the one special token of a trained BPE
+# How imported tokenizer.json files spell their special tokens, most common first.
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>", "<eos>", "[SEP]")
+BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "[CLS]")
+
+
+class TokenizerError(LmforgeError):
+    """Bad tokenizer input: an unknown character, an unreadable tokenizer file, a vocabulary size out of range."""
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the rest of lmforge relies on. `encode` adds no special tokens: callers add `bos_id`/`eos_id`."""
+
+    kind: str
+    vocab_size: int
+    eos_id: int | None
+    bos_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def save(self, folder: str | os.PathLike) -> Path: ...
+
+
+def _check_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise TokenizerError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
+def _save_own_format(folder: str | os.PathLike, kind: str, vocab: list[str]) -> Path:
+    """Write `lmforge_tokenizer.json` and drop a stale `tokenizer.json`, so the folder holds one tokenizer."""
+    folder = Path(folder)
+    path = folder / LMFORGE_TOKENIZER_FILE
+    atomic_write_text(path, json.dumps({"kind": kind, "vocab": vocab}, ensure_ascii=False))
+    for stale in (HF_TOKENIZER_FILE, LLAMA2C_TOKENIZER_FILE):
+        (folder / stale).unlink(missing_ok=True)
+    return path
