@@ -194,3 +194,54 @@ def test_unknown_kind_and_bad_ids():
         train_tokenizer("sentencepiece", ["abc"])
     with pytest.raises(TokenizerError, match="outside the vocabulary"):
         train_tokenizer("char", ["abc"]).decode([3])
+
+
+def _sentencepiece_style(tmp_path):
+    """A Llama-2-style tokenizer.json (Metaspace pre-tokenizer and decoder: the leading space of a decode's first
+    token is dropped), trained here by `tokenizers`."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator([ENGLISH, HARD_TEXT], vocab_size=300, show_progress=False)
+    sp.save(str(tmp_path / "tokenizer.json"))
+    return BPETokenizer.from_file(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("kind", ["char", "word", "bpe", "sentencepiece", "llama2c"])
+def test_incremental_decoding_gives_the_whole_decode_after_every_push(kind, tmp_path):
+    """What a stream shows is IncrementalDecoder's text: after every push it must be the whole decode of the ids so
+    far (or that decode less an unfinished multi-byte character), and exactly the whole decode at the end, for
+    random ids in random chunks, invalid byte sequences included."""
+    import random
+
+    from lmforge.tokenizer import IncrementalDecoder
+
+    if kind == "sentencepiece":
+        tok = _sentencepiece_style(tmp_path)
+    elif kind == "llama2c":
+        from pathlib import Path
+
+        path = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K" / "tok512.bin"
+        if not path.is_file():
+            pytest.skip(f"llama2c tokenizer not found at {path} (shared models folder absent)")
+        from lmforge.tokenizer import Llama2cTokenizer
+
+        tok = Llama2cTokenizer.from_file(path)
+    else:
+        tok = train_tokenizer(kind, [ENGLISH + HARD_TEXT], vocab_size=400 if kind == "bpe" else None)
+    rng = random.Random(0)
+    for trial in range(20):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 60))]
+        if trial % 2:  # real text too: multi-byte characters split over byte tokens
+            ids = tok.encode(HARD_TEXT)[: rng.randrange(1, 40)] + ids[:5]
+        decoder, n = IncrementalDecoder(tok), 0
+        while n < len(ids):
+            step = rng.randrange(1, 4)
+            final = n + step >= len(ids)
+            text = decoder.push(ids[n : n + step], final=final)
+            n += step
+            whole = tok.decode(ids[:n])
+            if final or not whole.endswith("\ufffd"):
+                assert text == whole, (kind, trial, ids[:n])
+            else:
+                assert whole.startswith(text)

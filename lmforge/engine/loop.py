@@ -35,6 +35,7 @@ from lmforge.engine.engine import Engine
 from lmforge.engine.sequence import RequestOutput, Sequence
 from lmforge.errors import LmforgeError
 from lmforge.infer.sampling import SamplingParams, StopStrings
+from lmforge.tokenizer import IncrementalDecoder
 
 log = logging.getLogger("lmforge.engine")
 
@@ -45,26 +46,27 @@ class OutputText:
     """One sequence's text, made by its consumer: the output so far decoded, stop strings searched in it.
 
     `apply` fills an output's `text` with what is newly safe to show, exactly as the engine's own detokenization
-    does (lmforge.infer.sampling.StopStrings over the whole decoded output). A stop string ends the output there:
-    finish_reason "stop", the metrics of the tokens kept; the engine is told to stop the sequence and the outputs
-    it made meanwhile are dropped (`ended`).
+    does (lmforge.infer.sampling.StopStrings over the whole decoded output), decoding only the new tokens
+    (lmforge.tokenizer.IncrementalDecoder: a step costs the same at the 500th token as at the 5th). A stop string
+    ends the output there: finish_reason "stop", the metrics of the tokens kept; the engine is told to stop the
+    sequence and the outputs it made meanwhile are dropped (`ended`).
     """
 
     def __init__(self, tokenizer, seq: Sequence):
-        self.tokenizer, self.seq = tokenizer, seq
-        self.ids: list[int] = []
+        self.seq = seq
+        self.decoder = IncrementalDecoder(tokenizer)
         self.stops = StopStrings(seq.params.stop)
         self.ended = False
 
     def apply(self, out: RequestOutput) -> bool:
         """Fill out.text; True when a stop string ended the sequence with this output."""
-        self.ids += out.new_token_ids
-        out.text = self.stops.update(self.tokenizer.decode(self.ids), final=out.finished)
+        text = self.decoder.push(out.new_token_ids, final=out.finished)
+        out.text = self.stops.update(text, final=out.finished)
         self.ended = out.finished
         if not self.stops.stopped or out.finished:
             return False
         out.finish_reason, self.ended = "stop", True
-        t = self.seq.token_times[: len(self.ids)]  # (appended by the engine thread; a slice is one atomic read)
+        t = self.seq.token_times[: len(self.decoder.ids)]  # (appended by the engine thread; a slice is one atomic read)
         out.metrics = dict(
             output_tokens=len(t),
             ttft_s=t[0] - self.seq.arrival_time if t else None,

@@ -37,6 +37,7 @@ from lmforge.tokenizer.base import (
     LLAMA2C_TOKENIZER_FILE,
     LMFORGE_TOKENIZER_FILE,
     TOKENIZER_FILES,
+    IncrementalDecoder,
     Tokenizer,
     TokenizerError,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "TOKENIZER_FILES",
     "BPETokenizer",
     "CharTokenizer",
+    "IncrementalDecoder",
     "Llama2cTokenizer",
     "Tokenizer",
     "TokenizerError",

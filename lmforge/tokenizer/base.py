@@ -65,3 +65,31 @@ def _save_own_format(folder: str | os.PathLike, kind: str, vocab: list[str]) -> 
     for stale in (HF_TOKENIZER_FILE, LLAMA2C_TOKENIZER_FILE):
         (folder / stale).unlink(missing_ok=True)
     return path
+
+
+class IncrementalDecoder:
+    """One output's text, decoded a few tokens at a time instead of whole after every token.
+
+    `push(ids)` appends token ids and returns the whole text so far, equal to `tokenizer.decode(all ids)`: each
+    call decodes only a window from `prefix` (the start of the last piece already read, so a tokenizer that
+    treats a window's first token specially, e.g. SentencePiece's leading space, treats it the same in both
+    decodes) and adds what the window decodes to beyond what its read part decoded to. A window ending inside a
+    multi-byte character (U+FFFD) waits for the next token; `final=True` flushes it as the whole decode would.
+    (vLLM's detokenize_incrementally, with prefix and read offsets.)
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix = self.read = 0  # the window starts at prefix; ids before read are in self.text
+
+    def push(self, ids: Iterable[int], final: bool = False) -> str:
+        self.ids += ids
+        if self.read < len(self.ids):
+            known = self.tokenizer.decode(self.ids[self.prefix : self.read])
+            window = self.tokenizer.decode(self.ids[self.prefix :])
+            if final or (len(window) > len(known) and not window.endswith("\ufffd")):
+                self.text += window[len(known) :]
+                self.prefix, self.read = self.read, len(self.ids)
+        return self.text
