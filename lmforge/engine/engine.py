@@ -44,6 +44,7 @@ from lmforge.infer.multi_lora import AdapterBank, AdapterError, LoRABatch
 from lmforge.infer.sampling import SamplingParams, StopStrings, make_generator, sample_next, token_logprobs
 from lmforge.infer.speculative import SpeculativeError, accept_greedy, accept_reject, processed, token_probs
 from lmforge.rope import long_rope_switch
+from lmforge.tokenizer import IncrementalDecoder
 
 log = logging.getLogger("lmforge.engine")
 
@@ -165,7 +166,8 @@ class Engine:
         for i in range(params.n):
             seq = Sequence(request_id, prompt, params, i, self.eos_ids, adapter, salt)
             seq.generator = None if params.greedy else make_generator(params.seed, i, self.device)
-            seq.stops = StopStrings(params.stop) if self.tokenizer is not None else None
+            if self.tokenizer is not None:
+                seq.stops, seq.decoder = StopStrings(params.stop), IncrementalDecoder(self.tokenizer)
             seqs.append(seq)
         return seqs
 
@@ -479,8 +481,8 @@ class Engine:
         seq.token_times.extend([now] * len(new))
         self.counters["generated_tokens"] += len(new)
         text = ""
-        if seq.stops is not None and self.detokenize:
-            text = seq.stops.update(self.tokenizer.decode(seq.output_ids), final=seq.finished)
+        if seq.stops is not None and seq.decoder is not None and self.detokenize:
+            text = seq.stops.update(seq.decoder.push(new, final=seq.finished), final=seq.finished)
             if seq.stops.stopped and not seq.finished:
                 self.scheduler.finish(seq, "stop")
         out = RequestOutput(

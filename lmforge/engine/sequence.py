@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.infer.sampling import SamplingParams, StopStrings, TokenLogprob
+from lmforge.tokenizer import IncrementalDecoder
 
 
 class Status(enum.Enum):
@@ -64,6 +65,7 @@ class Sequence:
         self.cache_salt: str | None = None  # "long": its keys turn by LongRoPE's long factors (a hash chain of its own)
         self.generator: torch.Generator | None = None  # of a sampled (non-greedy) sequence; set by the engine
         self.stops: StopStrings | None = None  # over the decoded output, when the engine has a tokenizer
+        self.decoder: IncrementalDecoder | None = None  # the output's text, a few tokens decoded a step
         self.num_emitted = 0  # output tokens already reported in a RequestOutput
         self.arrival_time = time.perf_counter()
         self.token_times: list[float] = []  # when each output token was chosen (TTFT, inter-token latency)

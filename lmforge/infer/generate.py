@@ -29,6 +29,7 @@ from lmforge.infer.sampling import (
     token_logprobs,
 )
 from lmforge.rope import long_rope_switch
+from lmforge.tokenizer import IncrementalDecoder
 
 
 @dataclass
@@ -197,13 +198,23 @@ class _Row:
         self.generator = None if params.greedy else make_generator(params.seed, sample_index, device)
         self.stop_ids = stop_ids
         self.stops = StopStrings(params.stop)
+        self.decoder: IncrementalDecoder | None = None  # the prompt's last token + the output, decoded as it grows
+        self.anchor_len = 0  # characters the prompt's last token decodes to alone
+        self.pushed = 0  # output tokens in the decoder
 
     @property
     def generated(self) -> list[int]:
         return self.context[self.prompt_len :]
 
-    def text(self, tokenizer) -> str:
-        return continuation_text(tokenizer, self.context[: self.prompt_len], self.generated)
+    def text(self, tokenizer, final: bool) -> str:
+        """continuation_text of the output so far, decoding only the tokens new since the last call."""
+        if self.decoder is None:
+            anchor = self.context[self.prompt_len - 1 : self.prompt_len]
+            self.decoder, self.anchor_len = IncrementalDecoder(tokenizer), len(tokenizer.decode(anchor))
+            self.decoder.push(anchor)
+        new = self.context[self.prompt_len + self.pushed :]
+        self.pushed += len(new)
+        return self.decoder.push(new, final=final)[self.anchor_len :]
 
 
 def continuation_text(tokenizer, prompt: Sequence[int], generated: Sequence[int]) -> str:
@@ -313,11 +324,11 @@ def stream(
 def _advance(row: _Row, token: int, logprob: TokenLogprob | None, tokenizer) -> Event:
     """Append one chosen token to a row and decide whether the row is finished."""
     if token in row.stop_ids:
-        text = row.stops.update(row.text(tokenizer), final=True) if tokenizer else ""
+        text = row.stops.update(row.text(tokenizer, final=True), final=True) if tokenizer else ""
         return Event(row.index, None, text, logprob, "stop")
     row.context.append(token)
     done = len(row.context) - row.prompt_len >= row.params.max_tokens
-    text = row.stops.update(row.text(tokenizer), final=done) if tokenizer else ""
+    text = row.stops.update(row.text(tokenizer, final=done), final=done) if tokenizer else ""
     if row.stops.stopped:
         return Event(row.index, token, text, logprob, "stop")
     return Event(row.index, token, text, logprob, "length" if done else None)

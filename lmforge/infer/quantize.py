@@ -123,30 +123,48 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
     return y if bias is None else y + bias
 
 
-class Int8Linear(nn.Module):
-    """A Linear with int8 weight (out, in) and float scales (out,) as buffers; the bias (if any) stays float."""
+class QuantizedLinear(nn.Module):
+    """What Int8Linear and Int4Linear share: the sizes, a float bias (if any), and `from_linear`, which fills the
+    subclass's `weight` and `scales` buffers with its `quantize` of the float weight."""
 
     weight: torch.Tensor
     scales: torch.Tensor
 
-    def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32, device=None
-    ):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight buffer, scales buffer) for a float weight (out, in)."""
+        raise NotImplementedError
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear) -> QuantizedLinear:
         w = linear.weight
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device)
-        q.weight, q.scales = quantize_int8(w)
+        q.weight, q.scales = cls.quantize(w)
         if q.bias is not None:  # exactly when the linear has one
             q.bias.copy_(linear.bias)
         return q
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(QuantizedLinear):
+    """A Linear with int8 weight (out, in) and float scales (out,) as buffers; the bias (if any) stays float."""
+
+    quantize = staticmethod(quantize_int8)
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32, device=None
+    ):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.weight, self.scales, self.bias)
@@ -154,9 +172,6 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The float weight (out, in) this module stands for (for tests and inspection)."""
         return self.weight.to(self.scales.dtype) * self.scales[:, None]
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 # ------------------------------------------------------------------------------------------------ int4
@@ -203,35 +218,22 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bia
     return F.linear(x, w.to(x.dtype), bias)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """A Linear with 4-bit weight packed as Q4_0 (out, in/2) uint8 and float16 block scales (out, in/32) as
     buffers; the bias (if any) stays float. The scales stay float16 when the model is cast (`model.to(dtype)`)."""
 
-    weight: torch.Tensor
-    scales: torch.Tensor
+    quantize = staticmethod(quantize_int4)
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32, device=None
     ):
-        super().__init__()
         if in_features % Q4_BLOCK:
             raise QuantizationError(f"4-bit blocks take {Q4_BLOCK} inputs; in_features={in_features} does not split")
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, dtype, device)
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer(
             "scales", torch.empty(out_features, in_features // Q4_BLOCK, dtype=torch.float16, device=device)
         )
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-
-    @classmethod
-    @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear) -> Int4Linear:
-        w = linear.weight
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device)
-        q.weight, q.scales = quantize_int4(w)
-        if q.bias is not None:  # exactly when the linear has one
-            q.bias.copy_(linear.bias)
-        return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int4_linear(x, self.weight, self.scales, self.bias)
@@ -248,14 +250,11 @@ class Int4Linear(nn.Module):
         self._buffers["scales"] = moved if moved.dtype == torch.float16 else scales.to(moved.device)
         return self
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
 
 # ------------------------------------------------------------------------------------------- the model
 
 
-def _quantized_class(mode: str, linear: nn.Linear) -> type[Int4Linear] | type[Int8Linear]:
+def _quantized_class(mode: str, linear: nn.Linear) -> type[QuantizedLinear]:
     """The module a Linear becomes: int4 where its input width splits into 32-value blocks, else int8."""
     return Int4Linear if mode == "int4" and linear.in_features % Q4_BLOCK == 0 else Int8Linear
 
@@ -279,7 +278,7 @@ def _record_mode(model: nn.Module, mode: str) -> None:
 
 
 def _check_unquantized(model: nn.Module) -> None:
-    if any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise QuantizationError("the model is already quantized; quantize the float checkpoint instead")
 
 
