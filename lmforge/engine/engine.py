@@ -54,6 +54,23 @@ class RequestError(LmforgeError):
     the request field at fault."""
 
 
+def check_request(
+    prompt_ids: Seq[int], params: SamplingParams, config, *, has_tokenizer: bool, num_blocks: int, block_size: int
+) -> list[int]:
+    """The prompt as a list, once the request is known to fit an engine with these limits (RequestError, or
+    check_prompt's error, naming the field otherwise): what `Engine.make_request` checks, and what a server checks
+    before it sends a request to an engine in another process (lmforge.engine.remote)."""
+    prompt = check_prompt(prompt_ids, params, config, has_tokenizer=has_tokenizer)
+    need = len(prompt) + params.max_tokens - 1  # positions fed to the model
+    blocks = -(-need // block_size)
+    if blocks > num_blocks:
+        raise RequestError(
+            f"the request needs {blocks} KV blocks but the pool has {num_blocks}; raise num_blocks or lower max_tokens",
+            "max_tokens",
+        )
+    return prompt
+
+
 class Engine:
     """Continuous batching over one model.
 
@@ -150,15 +167,15 @@ class Engine:
         """Check a request and build its sequences (n per prompt), without queueing them. `adapter` names a LoRA
         adapter of `self.adapters` (None: the base model)."""
         params = params if params is not None else SamplingParams()
-        prompt = check_prompt(prompt_ids, params, self.config, has_tokenizer=self.tokenizer is not None)
+        prompt = check_request(
+            prompt_ids,
+            params,
+            self.config,
+            has_tokenizer=self.tokenizer is not None,
+            num_blocks=self.block_manager.num_blocks,
+            block_size=self.block_manager.block_size,
+        )
         salt = self._check_adapter(adapter)
-        need = len(prompt) + params.max_tokens - 1  # positions fed to the model
-        if self.block_manager.blocks_needed(need) > self.block_manager.num_blocks:
-            raise RequestError(
-                f"the request needs {self.block_manager.blocks_needed(need)} KV blocks but the pool "
-                f"has {self.block_manager.num_blocks}; raise num_blocks or lower max_tokens",
-                "max_tokens",
-            )
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")

@@ -26,13 +26,14 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from lmforge.engine.engine import Engine
-from lmforge.engine.sequence import RequestOutput, Sequence
+from lmforge.engine.sequence import RequestOutput
 from lmforge.errors import LmforgeError
 from lmforge.infer.sampling import SamplingParams, StopStrings
 from lmforge.tokenizer import IncrementalDecoder
@@ -48,28 +49,30 @@ class OutputText:
     `apply` fills an output's `text` with what is newly safe to show, exactly as the engine's own detokenization
     does (lmforge.infer.sampling.StopStrings over the whole decoded output), decoding only the new tokens
     (lmforge.tokenizer.IncrementalDecoder: a step costs the same at the 500th token as at the 5th). A stop string
-    ends the output there: finish_reason "stop", the metrics of the tokens kept; the engine is told to stop the
-    sequence and the outputs it made meanwhile are dropped (`ended`).
+    ends the output there: finish_reason "stop", the metrics of the tokens kept (timed as they reach the reader);
+    the engine is told to stop the sequence and the outputs it made meanwhile are dropped (`ended`).
     """
 
-    def __init__(self, tokenizer, seq: Sequence):
-        self.seq = seq
+    def __init__(self, tokenizer, stop: Seq[str], arrival_time: float):
         self.decoder = IncrementalDecoder(tokenizer)
-        self.stops = StopStrings(seq.params.stop)
+        self.stops = StopStrings(list(stop))
+        self.arrival_time = arrival_time
+        self.token_times: list[float] = []
         self.ended = False
 
     def apply(self, out: RequestOutput) -> bool:
         """Fill out.text; True when a stop string ended the sequence with this output."""
+        self.token_times += [time.perf_counter()] * len(out.new_token_ids)
         text = self.decoder.push(out.new_token_ids, final=out.finished)
         out.text = self.stops.update(text, final=out.finished)
         self.ended = out.finished
         if not self.stops.stopped or out.finished:
             return False
         out.finish_reason, self.ended = "stop", True
-        t = self.seq.token_times[: len(self.decoder.ids)]  # (appended by the engine thread; a slice is one atomic read)
+        t = self.token_times[: len(self.decoder.ids)]
         out.metrics = dict(
             output_tokens=len(t),
-            ttft_s=t[0] - self.seq.arrival_time if t else None,
+            ttft_s=t[0] - self.arrival_time if t else None,
             itl_s=(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None,
         )
         return True
@@ -159,6 +162,22 @@ def _put_all(items: list) -> None:
         q.put_nowait(item)
 
 
+def hand_over(items: list) -> None:
+    """Put (stream, item) pairs: each event loop gets all of its streams' items in one call_soon_threadsafe,
+    a thread's stream each at once."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for stream, item in items:
+        if stream._loop is None:
+            stream.put(item)
+        else:
+            by_loop.setdefault(stream._loop, []).append((stream._queue, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # that event loop is closed: nobody is listening any more
+            pass
+
+
 class EngineLoop:
     """Runs `Engine.step()` in a background thread while there is work; submit and abort from any thread.
 
@@ -196,7 +215,7 @@ class EngineLoop:
         except RuntimeError:
             loop = None
         tokenizer = self.engine.tokenizer
-        texts = [OutputText(tokenizer, seq) for seq in seqs] if tokenizer is not None else None
+        texts = None if tokenizer is None else [OutputText(tokenizer, s.params.stop, s.arrival_time) for s in seqs]
         stream = RequestStream(seqs[0].request_id, loop, texts, self.stop)
         self._command("add", seqs, stream)
         if self.error is not None:  # it died meanwhile, perhaps before it could take the command (a second
@@ -218,13 +237,14 @@ class EngineLoop:
         step)."""
         self._command("stop", request_id, index)
 
-    def call(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
-        """Run fn(engine) on the engine's thread between two steps; its result or exception comes in the future
-        (`asyncio.wrap_future` awaits it)."""
+    def call(self, fn: Callable[..., object], *args) -> concurrent.futures.Future:
+        """Run fn(engine, *args) on the engine's thread between two steps; its result or exception comes in the
+        future (`asyncio.wrap_future` awaits it). fn is a module-level function and args plain data, so that the
+        same call reaches an engine in another process (lmforge.engine.remote)."""
         if not self.alive:
             raise EngineStopped(f"the engine loop has stopped ({self.error or 'closed'}); start a new one")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._command("call", fn, future)
+        self._command("call", (lambda engine: fn(engine, *args)) if args else fn, future)
         return future
 
     def close(self) -> None:
@@ -270,7 +290,7 @@ class EngineLoop:
             else:
                 self._deliver(self.engine.abort(args[0]))
         if applied:  # an abort frees blocks even when no step follows
-            self.last_stats = self.engine.stats()
+            self._publish(self.engine.stats())
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
         items: list[tuple[RequestStream, object]] = [
@@ -282,21 +302,13 @@ class EngineLoop:
                 items.append((self._streams.pop(request_id), None))
         self._hand_over(items)
 
-    @staticmethod
-    def _hand_over(items: list[tuple[RequestStream, object]]) -> None:
-        """Put (stream, item) pairs: each event loop gets all of its streams' items in one call_soon_threadsafe,
-        a thread's stream each at once."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for stream, item in items:
-            if stream._loop is None:
-                stream.put(item)
-            else:
-                by_loop.setdefault(stream._loop, []).append((stream._queue, item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:  # that event loop is closed: nobody is listening any more
-                pass
+    def _publish(self, stats: dict) -> None:
+        """The engine's stats after a step or a command (an engine in another process sends them with the step's
+        outputs)."""
+        self.last_stats = stats
+
+    def _hand_over(self, items: list) -> None:
+        hand_over(items)
 
     def _run_call(self) -> None:
         """The oldest queued call, if any (one between two steps: decoding goes on between them)."""
@@ -309,7 +321,7 @@ class EngineLoop:
             future.set_result(fn(self.engine))
         except Exception as e:  # the caller's failure, not the engine's
             future.set_exception(e)
-        self.last_stats = self.engine.stats()
+        self._publish(self.engine.stats())
 
     def _run(self) -> None:
         try:
@@ -327,7 +339,7 @@ class EngineLoop:
                     log.exception("an engine step failed; every request in flight ends with the error")
                     outs = self.engine.fail_all(e)
                 self._deliver(outs)
-                self.last_stats = self.engine.stats()
+                self._publish(self.engine.stats())
         except BaseException as e:  # the engine cannot even end its requests (or the thread is being torn down):
             # stop, ending every open stream and every one still queued with the error, so no reader waits forever
             self.error = e

@@ -272,6 +272,11 @@ class ControlGuard:
         self.bias: Counter[str] = Counter({w: 0 for w in spec.logit_bias})
         self._vector: torch.Tensor | None = None
 
+    def __getstate__(self) -> dict:
+        """To an engine in another process without its hook (it reports fires back to this guard:
+        lmforge.engine.remote) or its cached vector."""
+        return self.__dict__ | {"on_fire": None, "_vector": None}
+
     def counts(self) -> dict:
         """{"banned_phrases": {phrase: fires}, "logit_bias": {word: fires}} (every control listed, 0 if silent)."""
         return {"banned_phrases": dict(self.banned), "logit_bias": dict(self.bias)}

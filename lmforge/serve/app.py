@@ -11,33 +11,40 @@ JSON), protocol.py (request models), structured.py (output formats -> token mask
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import gc
+import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from lmforge.apps.classifier import CLASSIFY_FILE
-from lmforge.engine.loop import EngineLoop
+from lmforge.engine.engine import Engine
 from lmforge.infer.controls import load_controls
 from lmforge.serve import adapters, classify, embeddings, errors, routes
 from lmforge.serve.edge import EdgeMiddleware
-from lmforge.serve.server import Server
+from lmforge.serve.server import Server, build_engine
 from lmforge.serve.settings import ServeSettings
 from lmforge.templates import JINJA_FILE, ChatTemplate
 
-__all__ = ["ServeSettings", "create_app", "serve_command"]
+__all__ = ["ServeSettings", "create_app", "engine_from_settings", "serve_command"]
+
+log = logging.getLogger("lmforge.serve")
 
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
     server: Server = app.state.server
-    server.loop = EngineLoop(server.engine)
+    server.loop = await asyncio.to_thread(server.start_engine, app.state.on_engine_exit)
     try:
         yield
     finally:  # uvicorn runs this on SIGTERM/SIGINT after open responses end
-        server.loop.close()
-        server.adapters.close()  # the model's LoRA hooks go with the server
+        server.close_engine()
 
 
 def create_app(
@@ -46,13 +53,18 @@ def create_app(
     settings: ServeSettings | None = None,
     model_folder: str | Path | ChatTemplate | None = None,
     draft=None,
+    engine_process: Callable[[], Engine] | None = None,
+    on_engine_exit: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `model` (an lmforge Transformer) with `tokenizer`. `model_folder` is where the chat
     template is looked for (tokenizer_config.json), or the template itself (a model file's embedded one); `draft`,
-    a smaller model sharing the tokenizer, turns on speculative decoding in the engine."""
+    a smaller model sharing the tokenizer, turns on speculative decoding in the engine. With `engine_process` (a
+    picklable callable building the engine, e.g. functools.partial(engine_from_settings, settings)) the engine
+    runs in its own process and `model` only lends its config; `on_engine_exit` is called if that process dies."""
     settings = settings or ServeSettings(model="")
     app = FastAPI(title="lmforge", version="1", lifespan=lifespan)
-    app.state.server = server = Server(model, tokenizer, settings, model_folder, draft)
+    app.state.server = server = Server(model, tokenizer, settings, model_folder, draft, engine_process)
+    app.state.on_engine_exit = on_engine_exit
     app.state.classifier = None
     if settings.classifier:
         app.state.classifier = classify.ClassifierService(settings.classifier, (settings.model_name,))
@@ -80,6 +92,14 @@ def load_model(path: str, settings: ServeSettings, adapter: str | None = None):
     )
 
 
+def engine_from_settings(settings: ServeSettings) -> Engine:
+    """The engine `lmforge serve` runs, built from its settings alone: what its own process calls
+    (lmforge.engine.remote), loading the model there."""
+    loaded = load_model(settings.model, settings, settings.adapter)
+    draft = load_model(settings.draft, settings).model if settings.draft else None
+    return build_engine(loaded.model, loaded.tokenizer, settings, draft)
+
+
 def serve_command(settings: ServeSettings) -> int:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) and a web chat."""
     import uvicorn
@@ -91,8 +111,29 @@ def serve_command(settings: ServeSettings) -> int:
     if settings.classifier is None and (path / CLASSIFY_FILE).is_file():
         settings.classifier = settings.model
     loaded = load_model(settings.model, settings, settings.adapter)
-    draft = load_model(settings.draft, settings).model if settings.draft else None
+    in_process = settings.engine == "thread"
+    draft = load_model(settings.draft, settings).model if settings.draft and in_process else None
     embedded = loaded.chat_template() if loaded.template_folder is None and JINJA_FILE in loaded.extras else None
-    app = create_app(loaded.model, loaded.tokenizer, settings, embedded or loaded.template_folder or path.parent, draft)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    server = uvicorn.Server(uvicorn.Config(None, host=settings.host, port=settings.port, log_level=settings.log_level))
+    lost = threading.Event()
+
+    def on_engine_exit() -> None:  # the engine process died: stop serving, exit non-zero (a supervisor restarts)
+        lost.set()
+        server.should_exit = True
+
+    server.config.app = create_app(
+        loaded.model,
+        loaded.tokenizer,
+        settings,
+        embedded or loaded.template_folder or path.parent,
+        draft,
+        engine_process=None if in_process else functools.partial(engine_from_settings, settings),
+        on_engine_exit=on_engine_exit,
+    )
+    del loaded, draft  # with the engine in its own process, this one keeps the tokenizer and config only
+    gc.collect()
+    server.run()
+    if lost.is_set():
+        log.error("the engine process died; the server stopped")
+        return 1
     return 0

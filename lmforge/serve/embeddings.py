@@ -35,7 +35,7 @@ router = APIRouter()
 @router.post("/v1/embeddings")
 async def embeddings(req: EmbeddingRequest, http: Request, server: ServerDep):
     adapter = server.check_model(req.model)
-    width = server.engine.config.n_embd
+    width = server.config.n_embd
     if req.dimensions is not None and req.dimensions > width:
         raise ApiError(
             400, f"dimensions={req.dimensions} is more than the model's {width}; ask for at most {width}", "dimensions"
@@ -91,9 +91,9 @@ async def input_ids(server, value) -> list[list[int]]:
 async def embed_on_engine(server, inputs: list[list[int]], adapter: str | None) -> torch.Tensor:
     """Vectors (N, C) of the inputs, batches of similar length (up to the engine's per-step token budget, or
     one input) each computed between two engine steps."""
-    budget = max(server.engine.scheduler.max_num_batched_tokens, max(map(len, inputs)))
+    budget = max(server.max_num_batched_tokens, max(map(len, inputs)))
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-    out = torch.empty(len(inputs), server.engine.config.n_embd)
+    out = torch.empty(len(inputs), server.config.n_embd)
     start = 0
     while start < len(order):
         end = start + 1  # sorted: rows x the longest so far is the batch's padded size
@@ -101,15 +101,17 @@ async def embed_on_engine(server, inputs: list[list[int]], adapter: str | None) 
             end += 1
         rows = order[start:end]
         batch = [inputs[i] for i in rows]
-
-        def work(engine, batch=batch):
-            lora = engine.adapters.batch([adapter] * len(batch)) if engine.adapters is not None else None
-            with lora or contextlib.nullcontext():
-                return embed(engine.model, batch, server.settings.embedding_pooling, max_batch_tokens=budget)
-
-        out[rows] = await asyncio.wrap_future(server.loop.call(work))
+        work = server.loop.call(embed_batch, batch, adapter, server.settings.embedding_pooling, budget)
+        out[rows] = await asyncio.wrap_future(work)
         start = end
     return out
+
+
+def embed_batch(engine, batch: list[list[int]], adapter: str | None, pooling: str, budget: int) -> torch.Tensor:
+    """(On the engine's thread, wherever it runs) the vectors of one batch, through its LoRA adapter if any."""
+    lora = engine.adapters.batch([adapter] * len(batch)) if engine.adapters is not None else None
+    with lora or contextlib.nullcontext():
+        return embed(engine.model, batch, pooling, max_batch_tokens=budget)
 
 
 def encoded(vector: torch.Tensor, encoding_format: str):

@@ -145,6 +145,7 @@ async def health(server: ServerDep):
         "max_sequences": server.max_sequences,
         "speculative": server.settings.draft is not None,
         "engine": loop.last_stats if loop else None,
+        "engine_pid": getattr(loop, "pid", None),  # the engine's own process (--engine process), if it has one
     }
     return JSONResponse(body, status_code=200 if ok else 503)
 

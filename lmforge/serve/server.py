@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from lmforge.engine.engine import Engine
 from lmforge.engine.loop import EngineLoop, EngineStopped, RequestStream
+from lmforge.engine.remote import EngineProcess
 from lmforge.errors import LmforgeError
 from lmforge.infer.controls import Controls, ControlSpec
 from lmforge.infer.generate import prompt_tokens
@@ -79,8 +81,38 @@ class Slot:
             self.server.rate.settle(self.reservation, self.tokens)
 
 
+def build_engine(model, tokenizer, settings: ServeSettings, draft=None) -> Engine:
+    """The engine `settings` describe over `model`, serving --lora's adapters beside it (in the server's process,
+    or in the engine's own: lmforge.serve.app.engine_from_settings)."""
+    adapters = AdapterBank(model)  # --lora's, and those loaded at run time
+    for name, path in settings.lora.items():
+        adapters.add(name, read_adapter(path, model.config))
+    return Engine(
+        model,
+        tokenizer,
+        max_num_seqs=settings.max_batch,
+        max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_batch),
+        draft=draft,
+        speculative=settings.speculative,
+        num_speculative_tokens=settings.num_speculative_tokens,
+        kv_dtype=None if settings.kv_dtype == "auto" else getattr(torch, settings.kv_dtype),
+        adapters=adapters,
+    )
+
+
+def add_adapter(engine: Engine, name: str, adapter) -> None:
+    """(On the engine's thread, wherever it runs) serve one more LoRA adapter."""
+    assert engine.adapters is not None  # every served engine has a bank (build_engine)
+    engine.adapters.add(name, adapter)
+
+
 class Server:
-    """One model served: engine loop, tokenizer, chat template, structured-output compiler, admission."""
+    """One model served: engine loop, tokenizer, chat template, structured-output compiler, admission.
+
+    The engine runs on a thread of this process over `model`, or, given `engine_process` (a picklable callable
+    that builds the engine: lmforge.serve.app.engine_from_settings), in its own process (lmforge.engine.remote),
+    when `model` only lends its config.
+    """
 
     def __init__(
         self,
@@ -89,29 +121,19 @@ class Server:
         settings: ServeSettings,
         model_folder: str | Path | ChatTemplate | None = None,
         draft=None,
+        engine_process: Callable[[], Engine] | None = None,
     ):
         if tokenizer is None:
             raise LmforgeError(
                 "serving needs a tokenizer: the model folder has none; pass --tokenizer PATH", "tokenizer"
             )
-        self.settings, self.tokenizer = settings, tokenizer
+        self.settings, self.tokenizer, self.config = settings, tokenizer, model.config
         ctx = model.config.block_size
         self.max_model_len = min(ctx, settings.max_model_len or ctx)
-        self.adapters = AdapterBank(model)  # --lora's, and those loaded at run time
-        for name, path in settings.lora.items():
-            self.adapters.add(name, read_adapter(path, model.config))
-        self.adapter_paths = dict(settings.lora)
-        self.engine = Engine(
-            model,
-            tokenizer,
-            max_num_seqs=settings.max_batch,
-            max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_batch),
-            draft=draft,
-            speculative=settings.speculative,
-            num_speculative_tokens=settings.num_speculative_tokens,
-            kv_dtype=None if settings.kv_dtype == "auto" else getattr(torch, settings.kv_dtype),
-            adapters=self.adapters,
-        )
+        self.max_num_batched_tokens = max(settings.max_num_batched_tokens, settings.max_batch)
+        self.engine_process = engine_process
+        self.engine = build_engine(model, tokenizer, settings, draft) if engine_process is None else None
+        self.adapter_paths = dict(settings.lora)  # the adapters served, by name
         self.vocab_size = model.config.vocab_size
         self.template = (
             ChatTemplate(Path(settings.chat_template).read_text(encoding="utf-8"), tokenizer)
@@ -125,11 +147,24 @@ class Server:
         self.api_keys = settings.api_keys()
         self.metrics = Metrics()
         self.rate = RateLimiter(settings.rate_limit_tpm)
-        self.loop: EngineLoop | None = None  # started by the app's lifespan
+        self.loop: EngineLoop | EngineProcess | None = None  # started by the app's lifespan (start_engine)
         self._token_bytes: dict[int, bytes] | None = None
         self.active = 0  # HTTP generation requests in flight
         self.sequences = 0  # their engine sequences (prompts x n each), bounded by max_batch + max_queue
         self.created = int(time.time())
+
+    def start_engine(self, on_exit: Callable[[], None] | None = None) -> EngineLoop | EngineProcess:
+        """The engine loop: on a thread over the model, or in its own process (`on_exit`: called if it dies)."""
+        if self.engine_process is None:
+            assert self.engine is not None
+            return EngineLoop(self.engine)
+        return EngineProcess(self.engine_process, self.tokenizer, on_exit=on_exit)
+
+    def close_engine(self) -> None:
+        if self.loop is not None:
+            self.loop.close()
+        if self.engine is not None and self.engine.adapters is not None:
+            self.engine.adapters.close()  # the model's LoRA hooks go with the server
 
     # -- admission: by work, the engine sequences a request adds (its prompts x n)
     @property
@@ -176,9 +211,9 @@ class Server:
         """The LoRA adapter a request's `model` names (None: the served model itself); 404 for any other name."""
         if name is None or name == self.settings.model_name:
             return None
-        if name in self.adapters.adapters:
+        if name in self.adapter_paths:
             return name
-        served = ", ".join(repr(n) for n in [self.settings.model_name, *self.adapters.adapters])
+        served = ", ".join(repr(n) for n in [self.settings.model_name, *self.adapter_paths])
         raise ApiError(
             404, f"the model {name!r} does not exist; this server serves {served}", "model", code="model_not_found"
         )
@@ -195,20 +230,24 @@ class Server:
         return card | ({"parent": self.settings.model_name, "root": self.adapter_paths.get(name)} if name else {})
 
     def model_cards(self) -> list[dict]:
-        return [self.model_card()] + [self.model_card(name) for name in self.adapters.adapters]
+        return [self.model_card()] + [self.model_card(name) for name in self.adapter_paths]
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Serve the adapter folder at `path` as `name` (read in a worker thread, added between engine steps)."""
-        if name == self.settings.model_name or name in self.adapters.adapters:
+        if name == self.settings.model_name or name in self.adapter_paths:
             raise ApiError(400, f"the name {name!r} is taken; unload it first or choose another", "lora_name")
-        adapter = await asyncio.to_thread(read_adapter, path, self.engine.config)
-        await asyncio.wrap_future(self.loop.call(lambda engine: engine.adapters.add(name, adapter)))
+        adapter = await asyncio.to_thread(read_adapter, path, self.config)
+        await asyncio.wrap_future(self._engine().call(add_adapter, name, adapter))
         self.adapter_paths[name] = path
 
     async def unload_adapter(self, name: str) -> None:
         """Stop serving an adapter (between engine steps); 400 while requests use it."""
-        await asyncio.wrap_future(self.loop.call(lambda engine: engine.remove_adapter(name)))
+        await asyncio.wrap_future(self._engine().call(Engine.remove_adapter, name))
         self.adapter_paths.pop(name, None)
+
+    def _engine(self) -> EngineLoop | EngineProcess:
+        assert self.loop is not None, "the engine starts with the app's lifespan"
+        return self.loop
 
     # -- requests -> engine inputs
     async def encode(self, text: str, param: str) -> list[int]:

@@ -69,6 +69,9 @@ class ServeSettings:
     """the KV cache's dtype: auto is the model's; float16 under a float32 model halves the bytes per token (twice
     the context in the same memory, faster attention at many requests) and rounds keys and values to 11
     significant bits."""
+    engine: Literal["process", "thread"] = "process"
+    """where the engine runs: in its own process (the HTTP layer and the engine's step never wait on one Python
+    lock; the model is loaded there) or on a thread of the server's process."""
     served_model_name: str | None = None
     """the model id clients send (default: the model folder's name)."""
     chat_template: str | None = None

@@ -158,6 +158,12 @@ class TokenConstraint:
         self._allowed: dict[int, list[int]] = {}  # state -> allowed ids (a string state may allow most tokens)
         self._lock = threading.RLock()
 
+    def __getstate__(self) -> dict:  # to an engine in another process: the automaton, not the memo or the lock
+        return {"index": self.index}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["index"])
+
     def state(self, output_ids: Sequence[int]) -> int | None:
         """The automaton state after output_ids, or None when they left the language (cannot happen when masked)."""
         key = tuple(output_ids)
