@@ -20,9 +20,9 @@ process, with no HTTP: the same model folder and settings, the same prompts (cha
 with its turn stops), the same max_tokens (a dropped request's as many tokens as the client read before hanging
 up), temperature 0.8, at most --concurrency in flight, each finished request replaced by the next. The summary's
 `http_efficiency` is tok_s / engine_tok_s: what the HTTP layer keeps of the engine's rate. The load generator
-runs in this process and the server in its own; `loadgen_cpu_share` and `server_cpu_share` are each process's
-CPU seconds over the load phase's wall time x the machine's CPUs, so a load generator that competes with the
-server for the cores shows.
+runs in this process and the server in its own (its engine in a third, with --engine process, the default);
+`loadgen_cpu_share`, `server_cpu_share` and `engine_process_cpu_share` are each process's CPU seconds over the load
+phase's wall time x the machine's CPUs, so a load generator that competes with the server for the cores shows.
 
 Prints one JSON line per phase and ends with the summary line: requests, errors_5xx, leaked_blocks, tok_s,
 sequential_tok_s, speedup, engine_tok_s, http_efficiency, ttft_p50_ms, ttft_p99_ms (and more).
@@ -255,6 +255,12 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         help="the served weights' dtype (`lmforge serve --dtype`), the engine-alone run's too",
     )
+    ap.add_argument(
+        "--engine",
+        default="process",
+        choices=["process", "thread"],
+        help="where the server runs its engine (`lmforge serve --engine`): its own process or a thread",
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -273,6 +279,8 @@ def main() -> None:
             str(args.max_model_len),
             "--dtype",
             args.dtype,
+            "--engine",
+            args.engine,
             "--log-level",
             "warning",
             timeout=120.0,
@@ -297,11 +305,14 @@ def main() -> None:
                 flush=True,
             )
 
-            cpu0, server_cpu0 = time.process_time(), process_cpu_seconds(proc.pid)
+            engine_pid = httpx.get(url + "/health", timeout=10).json()["engine_pid"]  # None: on a thread
+            pids = [proc.pid] + ([engine_pid] if engine_pid else [])
+            cpu0, server_cpu0 = time.process_time(), [process_cpu_seconds(p) for p in pids]
             results, wall = asyncio.run(run_all(url, model_id, jobs, args.concurrency, args.timeout))
             cpus = wall * (os.cpu_count() or 1)
             loadgen_cpu = (time.process_time() - cpu0) / cpus
-            server_cpu = (process_cpu_seconds(proc.pid) - server_cpu0) / cpus
+            shares = [(process_cpu_seconds(p) - c0) / cpus for p, c0 in zip(pids, server_cpu0)]
+            server_cpu, engine_cpu = shares[0], sum(shares[1:])
             leaked = settled_blocks_used(url)
         finally:
             stop_server(proc)
@@ -322,6 +333,7 @@ def main() -> None:
                 "requests": len(results),
                 "concurrency": args.concurrency,
                 "dtype": args.dtype,
+                "engine": args.engine,
                 "dropped_mid_stream": sum(j.kind == "drop" for j in jobs),
                 "statuses": statuses,
                 "errors_5xx": sum(r.status >= 500 for r in results),
@@ -337,6 +349,7 @@ def main() -> None:
                 "http_efficiency": round(tok_s / engine_rate, 3),
                 "loadgen_cpu_share": round(loadgen_cpu, 3),
                 "server_cpu_share": round(server_cpu, 3),
+                "engine_process_cpu_share": round(engine_cpu, 3),
                 "cpus": os.cpu_count(),
                 "ttft_p50_ms": round(statistics.median(ttfts), 1) if ttfts else None,
                 "ttft_p99_ms": round(percentile(ttfts, 0.99), 1) if ttfts else None,

@@ -40,6 +40,7 @@ from lmforge.tokenizer import IncrementalDecoder
 
 log = logging.getLogger("lmforge.engine")
 
+STATS_EVERY_S = 0.05  # how fresh last_stats is kept while the engine is busy
 _INTERRUPT = object()  # ends an async stream's iteration early (RequestStream.interrupt)
 
 
@@ -194,7 +195,8 @@ class EngineLoop:
         self._calls: deque[tuple[Callable[[Engine], object], concurrent.futures.Future]] = deque()
         self._closed = False
         self.error: BaseException | None = None  # what stopped the loop thread, if it failed
-        self.last_stats = engine.stats()  # refreshed after every step, safe to read from any thread
+        self.last_stats = engine.stats()  # refreshed after steps and commands, safe to read from any thread
+        self._stats_time = 0.0
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
         self._thread.start()
 
@@ -302,10 +304,20 @@ class EngineLoop:
                 items.append((self._streams.pop(request_id), None))
         self._hand_over(items)
 
-    def _publish(self, stats: dict) -> None:
-        """The engine's stats after a step or a command (an engine in another process sends them with the step's
-        outputs)."""
-        self.last_stats = stats
+    def _stats_due(self) -> dict | None:
+        """The engine's stats after a step: at most every STATS_EVERY_S while it is busy (they hold medians of the
+        last thousand latencies, a tenth of a small model's step), always once it is idle."""
+        now = time.perf_counter()
+        if now - self._stats_time < STATS_EVERY_S and self.engine.has_unfinished():
+            return None
+        self._stats_time = now
+        return self.engine.stats()
+
+    def _publish(self, stats: dict | None) -> None:
+        """The engine's stats after a step (None: unchanged) or a command (an engine in another process sends
+        them with the step's outputs)."""
+        if stats is not None:
+            self.last_stats = stats
 
     def _hand_over(self, items: list) -> None:
         hand_over(items)
@@ -339,7 +351,7 @@ class EngineLoop:
                     log.exception("an engine step failed; every request in flight ends with the error")
                     outs = self.engine.fail_all(e)
                 self._deliver(outs)
-                self._publish(self.engine.stats())
+                self._publish(self._stats_due())
         except BaseException as e:  # the engine cannot even end its requests (or the thread is being torn down):
             # stop, ending every open stream and every one still queued with the error, so no reader waits forever
             self.error = e

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import logging
@@ -115,8 +116,8 @@ class _ChildLoop(EngineLoop):
             finally:
                 os._exit(70)
 
-    def _publish(self, stats: dict) -> None:
-        self.last_stats = stats
+    def _publish(self, stats: dict | None) -> None:
+        super()._publish(stats)
         self.outbox.flush(stats)
 
     def add(self, request_id: str, prompt: list[int], params: SamplingParams, adapter: str | None) -> None:
@@ -260,7 +261,7 @@ class EngineProcess:
     ) -> RequestStream:
         """As EngineLoop.submit: the request is checked here (bad input raises in the caller) and queued."""
         if not self.alive:
-            raise EngineStopped(f"the engine process has stopped ({self.error or 'closed'})")
+            raise self._stopped()
         params = params if params is not None else SamplingParams()
         prompt = check_request(prompt_ids, params, **self.limits)
         request_id = request_id if request_id is not None else uuid.uuid4().hex
@@ -280,16 +281,19 @@ class EngineProcess:
         return stream
 
     def abort(self, request_id: str) -> None:
-        self._send("abort", request_id)
+        """As EngineLoop.abort; nothing to do once the engine process is gone (its blocks went with it)."""
+        with contextlib.suppress(EngineStopped):
+            self._send("abort", request_id)
 
     def stop(self, request_id: str, index: int) -> None:
-        self._send("stop", request_id, index)
+        with contextlib.suppress(EngineStopped):
+            self._send("stop", request_id, index)
 
     def call(self, fn: Callable[..., object], *args) -> concurrent.futures.Future:
         """fn(engine, *args) in the engine process between two steps (fn and args are pickled: a module-level
         function and plain data)."""
         if not self.alive:
-            raise EngineStopped(f"the engine process has stopped ({self.error or 'closed'})")
+            raise self._stopped()
         future: concurrent.futures.Future = concurrent.futures.Future()
         call_id = next(self._call_ids)
         with self._lock:
@@ -319,12 +323,15 @@ class EngineProcess:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _stopped(self) -> EngineStopped:
+        return EngineStopped(str(self.error) if self.error is not None else "the engine process is not running")
+
     def _send(self, *message) -> None:
         try:
             with self._send_lock:
                 self._conn.send(message)
-        except (OSError, ValueError) as e:  # the pipe is closed: the engine process is gone
-            raise EngineStopped(f"the engine process has stopped ({self.error or e})") from None
+        except (OSError, ValueError):  # the pipe is closed: the engine process is gone
+            raise self._stopped() from None
 
     def _read(self) -> None:
         """The reader thread: each message from the child to its streams (one hand-over per step) or callers."""
@@ -370,9 +377,9 @@ class EngineProcess:
             return
         self.process.join(5)
         code = self.process.exitcode
-        self.error = self.error or EngineStopped(f"the engine process exited (code {code})")
-        log.error("the engine process has stopped (exit code %s); ending every open request", code)
-        stopped = EngineStopped(f"the engine stopped: {self.error}")
+        self.error = self.error or EngineStopped(f"the engine process exited with code {code}")
+        log.error("the engine process exited with code %s; ending every open request", code)
+        stopped = self._stopped()
         with self._lock:
             streams, self._streams = self._streams, {}
             calls, self._calls = self._calls, {}
