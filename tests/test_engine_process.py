@@ -161,3 +161,21 @@ def test_a_killed_engine_process_ends_open_streams_gets_503_and_the_server_exits
     finally:
         if proc.poll() is None:
             stop_server(proc)
+
+
+def test_a_killed_server_leaves_no_engine_process_behind(folder):
+    proc, url = start(folder, "process")
+    pid = httpx.get(url + "/health").json()["engine_pid"]
+    proc.kill()  # SIGKILL: no shutdown runs; the engine sees its pipe close
+    proc.wait()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 15:
+        try:
+            with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped) is gone as far as work goes
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the engine process outlived its server")

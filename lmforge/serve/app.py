@@ -16,6 +16,7 @@ import contextlib
 import functools
 import gc
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,8 @@ log = logging.getLogger("lmforge.serve")
 async def lifespan(app: FastAPI):
     server: Server = app.state.server
     server.loop = await asyncio.to_thread(server.start_engine, app.state.on_engine_exit)
+    if app.state.yield_to_engine:
+        yield_to_engine()
     try:
         yield
     finally:  # uvicorn runs this on SIGTERM/SIGINT after open responses end
@@ -65,6 +68,7 @@ def create_app(
     app = FastAPI(title="lmforge", version="1", lifespan=lifespan)
     app.state.server = server = Server(model, tokenizer, settings, model_folder, draft, engine_process)
     app.state.on_engine_exit = on_engine_exit
+    app.state.yield_to_engine = False  # lmforge serve's own process turns it on
     app.state.classifier = None
     if settings.classifier:
         app.state.classifier = classify.ClassifierService(settings.classifier, (settings.model_name,))
@@ -90,6 +94,21 @@ def load_model(path: str, settings: ServeSettings, adapter: str | None = None):
         adapter=adapter,
         tokenizer=settings.tokenizer,
     )
+
+
+HTTP_NICE = 5  # how far the HTTP layer's threads stand back from the engine's
+
+
+def yield_to_engine() -> None:
+    """Lower the priority of this thread (the event loop) and of the threads it starts later, not the engine's.
+
+    On a machine with as many cores as the engine has threads, the HTTP work and the step compete for them, and a
+    step's threads meet at every parallel region: one of them preempted by the event loop holds up the other, so
+    each millisecond of HTTP work cost the engine a millisecond of both cores. Niced, the event loop runs where the
+    engine leaves a core free (between and inside steps) and still gets its share under full load (Linux: the
+    nice value is per thread; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(HTTP_NICE)
 
 
 def engine_from_settings(settings: ServeSettings) -> Engine:
@@ -121,7 +140,7 @@ def serve_command(settings: ServeSettings) -> int:
         lost.set()
         server.should_exit = True
 
-    server.config.app = create_app(
+    app = create_app(
         loaded.model,
         loaded.tokenizer,
         settings,
@@ -130,6 +149,8 @@ def serve_command(settings: ServeSettings) -> int:
         engine_process=None if in_process else functools.partial(engine_from_settings, settings),
         on_engine_exit=on_engine_exit,
     )
+    app.state.yield_to_engine = True
+    server.config.app = app
     del loaded, draft  # with the engine in its own process, this one keeps the tokenizer and config only
     gc.collect()
     server.run()
