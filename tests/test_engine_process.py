@@ -17,11 +17,11 @@ import openai
 import pytest
 import torch
 
+from lmforge.checkpoint import save_model
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
 from lmforge.serve.process import start_server, stop_server
 from lmforge.tokenizer import train_tokenizer
-from lmforge.checkpoint import save_model
 
 CORPUS = ["the cat sat on the mat and the dog sat on the log.\n", "hello world, how are you today?\n"] * 60
 
@@ -144,8 +144,10 @@ def test_a_killed_engine_process_ends_open_streams_gets_503_and_the_server_exits
         os.kill(pid, signal.SIGKILL)
         reader.join(30)
         assert not reader.is_alive(), "the stream hung after the engine died"
-        assert got.get("error") is not None or got["lines"][-1] != "data: [DONE]" or any(
-            "error" in line for line in got["lines"]
+        assert (
+            got.get("error") is not None
+            or got["lines"][-1] != "data: [DONE]"
+            or any("error" in line for line in got["lines"])
         )
         statuses = []
         t0 = time.monotonic()
