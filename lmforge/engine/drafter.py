@@ -22,8 +22,6 @@ it after the target has accepted or rejected the proposals (lmforge.infer.specul
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from lmforge.engine import forward
@@ -117,8 +115,8 @@ class _Lookup:
 class NgramProposer:
     """Prompt lookup (lmforge.infer.speculative.NgramIndex) for every decoding row: no model, no KV cache.
 
-    Each sequence gets its own index the first time it is asked for a proposal; the index lives as long as the
-    sequence (a weak reference), so finished requests leave nothing behind. A sampled row's proposal comes with
+    Each sequence gets its own index the first time it is asked for a proposal, kept on the sequence
+    (`Sequence.lookup`), so finished requests leave nothing behind. A sampled row's proposal comes with
     one-hot distributions, so the engine's one accept/reject rule checks it (and keeps the target's distribution).
 
     A proposal is made only where it is expected to pay. Checking a token costs a position in the target's
@@ -149,7 +147,6 @@ class NgramProposer:
         NgramIndex(n_min, n_max)  # checks the sizes now, not at the first request
         self.vocab_size, self.k, self.n_min, self.n_max = vocab_size, k, n_min, n_max
         self.check_cost = check_cost
-        self._lookups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def lookahead(self, seq) -> int:
         """The tokens worth checking for seq this step, by its rate (0: it decodes as a plain row)."""
@@ -169,9 +166,9 @@ class NgramProposer:
 
     def _observe(self, seq) -> _Lookup:
         """seq's lookup, its rate updated by the tokens the target chose since its last prediction."""
-        look = self._lookups.get(seq)
+        look = seq.lookup
         if look is None:
-            look = self._lookups[seq] = _Lookup(NgramIndex(self.n_min, self.n_max))
+            look = seq.lookup = _Lookup(NgramIndex(self.n_min, self.n_max))
         tokens = seq.token_ids
         if look.last is not None and len(tokens) > look.last[0]:  # the target has chosen since the prediction
             at, predicted = look.last
