@@ -369,6 +369,54 @@ def test_bfloat16_model_decodes_through_onednn_within_bfloat16_rounding(ext, pre
             tokens = want.argmax(-1)
 
 
+@pytest.mark.parametrize("preset", ["gpt-nano", "llama-nano"])
+def test_rows_of_different_lengths_share_one_call_and_each_gets_what_it_gets_alone(ext, preset):
+    """A ragged paged call (a speculative check of 4 and 2 tokens beside a plain 1-token row): each row's logits and
+    the keys and values it writes are bit-identical to a call of that row alone, its logits match the model's own
+    forward, and no slot past a row's own tokens is written (its padding is not computed)."""
+    from lmforge.engine.paged_cache import PagedKVCache, block_table_tensor
+
+    torch.manual_seed(3)
+    model = Transformer(ModelConfig.from_name(preset, vocab_size=97, n_layer=2)).eval()
+    fused = prepare_for_decoding(copy.deepcopy(model)).fused_decoder
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 21, 4)]
+    feeds = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (4, 1, 2)]
+    tables = [[3, 0], [5, 1], [7]]  # blocks of 16 slots
+    starts = [len(p) for p in prompts]
+
+    def prefilled():
+        cache = PagedKVCache(model.config, 8, 16)
+        cache.k.fill_(7.0), cache.v.fill_(7.0)  # a value no step writes: slots left alone keep it
+        with torch.no_grad():
+            cache.prepare(tables, [0] * 3, starts)
+            tokens = torch.zeros(3, max(starts), dtype=torch.long)
+            for b, p in enumerate(prompts):
+                tokens[b, : len(p)] = torch.tensor(p)
+            model.hidden(tokens, kv_cache=cache)
+        return cache
+
+    together = prefilled()
+    got = fused.paged(feeds, together, block_table_tensor(tables), starts, last=4)  # (3, 4, V)
+    assert got.shape == (3, 4, 97)
+    for b in range(3):
+        alone = prefilled()
+        want = fused.paged([feeds[b]], alone, block_table_tensor([tables[b]]), [starts[b]], last=len(feeds[b]))[0]
+        n = len(feeds[b])
+        assert torch.equal(got[b, :n], want) and not got[b, n:].any()  # the row's logits first, zeros after
+        slots = [tables[b][s // 16] * 16 + s % 16 for s in range(starts[b], starts[b] + 4)]
+        for name in ("k", "v"):
+            pool, own = getattr(together, name).flatten(1, 2), getattr(alone, name).flatten(1, 2)
+            assert torch.equal(pool[:, slots[:n]], own[:, slots[:n]])
+            assert (pool[:, slots[n:]] == 7.0).all()  # past the row's tokens: untouched
+        with torch.no_grad():
+            full = model(torch.tensor([prompts[b] + feeds[b]]))
+            full = full[0] if isinstance(full, tuple) else full
+        torch.testing.assert_close(got[b, :n], full[0, starts[b] :], rtol=0, atol=1e-4)
+    last_only = fused.paged(feeds, prefilled(), block_table_tensor(tables), starts)[:, 0]
+    assert torch.equal(last_only, torch.stack([got[0, 3], got[1, 0], got[2, 1]]))  # each row's last token
+
+
 @bf16_packs
 def test_serving_engine_runs_bfloat16_models_through_the_fused_step(ext):
     """Paged pools in bfloat16 and float16 under a bfloat16 model: the engine's decoding rows take the fused step and

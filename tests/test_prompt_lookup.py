@@ -288,3 +288,37 @@ def test_rows_without_a_proposal_share_the_proposals_check_instead_of_a_second_f
     steps = spec.stats()["steps"]
     assert spec.stats()["draft_proposed"] > 0
     assert len(calls) == steps - 1  # the prompts' step runs none; each decoding step one, whoever proposed
+
+
+def test_only_rows_lookup_expects_to_propose_for_hold_lookahead_slots():
+    """The scheduler reserves lookahead slots (and budget) for a row only where prompt lookup expects to propose:
+    random sampled text gets (almost) none, a greedy row that repeats its prompt gets them, and each reservation
+    is a proposal checked. The rows without slots keep their lookup's rate current (its `mirror`), so the repeating
+    row starts proposing as soon as lookup has been right."""
+    model = tiny("llama-nano", vocab_size=31, block_size=128)
+    spec = Engine(model, block_size=4, num_blocks=160, max_num_seqs=4, speculative="ngram", num_speculative_tokens=4)
+    prompts = [list(range(20)), list(range(5, 28)), repetitive(31, 40, 3)]
+    row = {tuple(p): i for i, p in enumerate(prompts)}
+    reserved, proposed = [0, 0, 0], [0, 0, 0]  # per row: steps it held lookahead slots, steps it proposed
+    schedule, propose = spec.scheduler.schedule, spec.drafter.propose
+
+    def spy_schedule():
+        out = schedule()
+        for seq, _ in out.scheduled:
+            reserved[row[tuple(seq.token_ids[: seq.prompt_len])]] += seq.seq_id in out.lookahead
+        return out
+
+    def spy_propose(seqs, ks):
+        drafted, q = propose(seqs, ks)
+        for seq, d in zip(seqs, drafted):
+            proposed[row[tuple(seq.token_ids[: seq.prompt_len])]] += bool(d)
+        return drafted, q
+
+    spec.scheduler.schedule, spec.drafter.propose = spy_schedule, spy_propose
+    params = [SamplingParams(max_tokens=40, temperature=1.5, seed=i) for i in range(2)]
+    params.append(SamplingParams(max_tokens=40, temperature=0))
+    got = run(spec, prompts, params)
+    assert got[2] == greedy_alone(model, prompts[2], 40)
+    assert reserved[0] + reserved[1] <= 4  # random text (39 decoding steps a row): (almost) no slots held
+    assert reserved[2] >= 3 and proposed[2] >= 3  # the repeating row proposes
+    assert sum(reserved) <= sum(proposed) + 2  # a reservation is (nearly always) a proposal checked

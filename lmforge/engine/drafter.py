@@ -1,8 +1,10 @@
 """The proposers of speculative decoding inside the engine: a draft model, or prompt lookup (n-grams).
 
-Both have `mirror(rows)` (keep up with what the target computes without speculating) and `propose(seqs, ks)` (up
-to ks[b] tokens for seqs[b], and the distributions q they were drawn from, None where the row is greedy). A
-proposal may be shorter than asked, or empty: the engine decodes a row without a proposal as a plain row.
+Both have `lookahead(seq)` (the most tokens it may propose for seq this step: the scheduler reserves KV slots and
+budget for those only), `mirror(rows)` (keep up with what the target computes without speculating) and
+`propose(seqs, ks)` (up to ks[b] tokens for seqs[b], and the distributions q they were drawn from, None where the
+row is greedy). A proposal may be shorter than asked, or empty: the engine decodes a row without a proposal as a
+plain row.
 
 The draft model (`Drafter`):
 
@@ -19,8 +21,6 @@ it after the target has accepted or rejected the proposals (lmforge.infer.specul
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 
@@ -49,6 +49,10 @@ class Drafter:
         p = next(model.parameters())
         self.model, self.k, self.device = model.eval(), k, p.device
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=p.dtype, device=p.device)
+
+    def lookahead(self, seq) -> int:
+        """Every decoding row gets k drafted tokens."""
+        return self.k
 
     def _forward(self, seqs, feeds: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Feed feeds[b] at positions starts[b].. of seqs[b]; logits (B, V) at each row's last fed token."""
@@ -111,8 +115,8 @@ class _Lookup:
 class NgramProposer:
     """Prompt lookup (lmforge.infer.speculative.NgramIndex) for every decoding row: no model, no KV cache.
 
-    Each sequence gets its own index the first time it is asked for a proposal; the index lives as long as the
-    sequence (a weak reference), so finished requests leave nothing behind. A sampled row's proposal comes with
+    Each sequence gets its own index the first time it is asked for a proposal, kept on the sequence
+    (`Sequence.lookup`), so finished requests leave nothing behind. A sampled row's proposal comes with
     one-hot distributions, so the engine's one accept/reject rule checks it (and keeps the target's distribution).
 
     A proposal is made only where it is expected to pay. Checking a token costs a position in the target's
@@ -125,7 +129,8 @@ class NgramProposer:
     a at which a predicted token is the target's given the ones before it were, so a proposal's i-th token is kept
     with chance a**i; a proposal is as long as the tokens whose chance is at least `check_cost` (the cost of
     checking a token relative to the step a kept one saves), and empty where even the first falls short: text
-    that does not repeat itself decodes as plain rows do, text that starts to repeat is noticed by the
+    that does not repeat itself decodes as plain rows do (the scheduler holds no lookahead slots for it:
+    `lookahead` is 0, and `mirror` makes its prediction), text that starts to repeat is noticed by the
     predictions. (For a sampled row the chance that the target's token equals the prediction is the chance that
     accept_reject keeps the one-hot proposal.) Which tokens are proposed never changes the output, only the work.
     """
@@ -142,20 +147,28 @@ class NgramProposer:
         NgramIndex(n_min, n_max)  # checks the sizes now, not at the first request
         self.vocab_size, self.k, self.n_min, self.n_max = vocab_size, k, n_min, n_max
         self.check_cost = check_cost
-        self._lookups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def lookahead(self, seq) -> int:
+        """The tokens worth checking for seq this step, by its rate (0: it decodes as a plain row)."""
+        return self._length(self._observe(seq).rate)
 
     def mirror(self, rows) -> None:
-        """Nothing to keep up with: the index reads each sequence's tokens when it proposes."""
+        """The prediction (not proposed) of each decoding row that `propose` did not see this step, so that its
+        rate keeps up with the text: a row that stops proposing can start again."""
+        for seq, n in rows:
+            if n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens:  # it chooses a token this step
+                self._propose_one(seq, 0)
 
     def propose(self, seqs, ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         drafted = [self._propose_one(s, k) for s, k in zip(seqs, ks)]
         q = [one_hot(d, self.vocab_size) if s.generator is not None and d else None for s, d in zip(seqs, drafted)]
         return drafted, q  # no distributions for an empty proposal: most rows' most steps, where text does not repeat
 
-    def _propose_one(self, seq, room: int) -> list[int]:
-        look = self._lookups.get(seq)
+    def _observe(self, seq) -> _Lookup:
+        """seq's lookup, its rate updated by the tokens the target chose since its last prediction."""
+        look = seq.lookup
         if look is None:
-            look = self._lookups[seq] = _Lookup(NgramIndex(self.n_min, self.n_max))
+            look = seq.lookup = _Lookup(NgramIndex(self.n_min, self.n_max))
         tokens = seq.token_ids
         if look.last is not None and len(tokens) > look.last[0]:  # the target has chosen since the prediction
             at, predicted = look.last
@@ -163,8 +176,17 @@ class NgramProposer:
             kept = next((i for i, (p, t) in enumerate(zip(predicted, seen)) if p != t), len(seen))
             look.kept = self.DECAY * look.kept + kept
             look.tried = self.DECAY * look.tried + kept + (kept < len(seen))
-        length = self._length(look.rate)
-        predicted = look.index.propose(tokens, max(1, min(room, length)))
+            look.last = None  # counted once
+        return look
+
+    def _propose_one(self, seq, room: int) -> list[int]:
+        """Predict seq's next tokens (once a step) and propose the first min(room, worth checking) of them."""
+        look = self._observe(seq)
+        tokens = seq.token_ids
+        if look.last is not None and look.last[0] == len(tokens):  # predicted already at this length
+            return []
+        length = min(room, self._length(look.rate))
+        predicted = look.index.propose(tokens, max(1, length))
         look.last = (len(tokens), predicted) if predicted else None
         return predicted[:length]
 

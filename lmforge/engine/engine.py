@@ -144,6 +144,7 @@ class Engine:
             num_speculative_tokens if self.drafter is not None else 0,
             recompute_at=long_rope_switch(self.config),
             window=self.config.sliding_window if self.config.all_windowed and draft is None else None,
+            proposes=self.drafter.lookahead if self.drafter is not None else None,
         )  # a draft model reads the same blocks without a window
         self.eos_ids = end_tokens(tokenizer, eos_id)
         # Whether step() decodes text and finds stop strings itself; a consumer that does both off the engine's
@@ -338,7 +339,7 @@ class Engine:
     def _execute(self, out: SchedulerOutput) -> tuple[dict[int, list[int]], dict]:
         """Run the model over the scheduled rows; choose the next token(s) of each row that caught up."""
         speculative = [(s, n) for s, n in out.scheduled if s.seq_id in out.lookahead]
-        proposals, spare = self._propose([s for s, _ in speculative], out.lookahead) if speculative else ({}, {})
+        proposals = self._propose([s for s, _ in speculative], out.lookahead) if speculative else {}
         self.counters["computed_tokens"] += out.num_batched_tokens  # lookahead now: the tokens proposed
         decodes = [(s, n) for s, n in out.scheduled if n == 1 and s.seq_id not in out.lookahead]
         prefills = [(s, n) for s, n in out.scheduled if n > 1]
@@ -348,17 +349,12 @@ class Engine:
         seqs: list[Sequence] = []
         sampled: dict[int, list[int]] = {}
         lps: dict = {}
-        if proposals:  # decoding rows with slots to spare ride along in the proposals' check: one call, not two
-            riders = [s for s, _ in decodes if s in spare]
-            decodes = [(s, n) for s, n in decodes if s not in spare]
+        if proposals:  # the decoding rows ride along in the proposals' check: one call, not two
+            riders = [s for s, n in decodes if out.samples(s, n)]
+            decodes = [(s, n) for s, n in decodes if not out.samples(s, n)]
             checked = list(proposals)
             sampled, lps, rider_logits = self._speculate(
-                checked,
-                [proposals[s][0] for s in checked],
-                [proposals[s][1] for s in checked],
-                [proposals[s][2] for s in checked],
-                riders,
-                [spare[s] for s in riders],
+                checked, [proposals[s][0] for s in checked], [proposals[s][1] for s in checked], riders
             )
             logits, seqs = ([rider_logits], riders) if riders else ([], [])
         groups = [g for g in (decodes, prefills) if g]
@@ -392,24 +388,17 @@ class Engine:
             return None
         return [s.cache_salt == "long" for s in seqs]
 
-    def _propose(
-        self, seqs: list[Sequence], lookahead: dict[int, int]
-    ) -> tuple[dict[Sequence, tuple[list[int], object, int]], dict[Sequence, int]]:
-        """Proposals (tokens, q, the KV slots reserved for them) of the speculating rows, and the slots reserved
-        for the rows that proposed nothing: those lose their lookahead and decode as plain rows in this step (no
-        verification work for them)."""
+    def _propose(self, seqs: list[Sequence], lookahead: dict[int, int]) -> dict[Sequence, tuple[list[int], object]]:
+        """Proposals (tokens, q) of the speculating rows; the rows that proposed nothing lose their lookahead and
+        decode as plain rows in this step (no verification work for them)."""
         assert self.drafter is not None  # the scheduler looks ahead only for an engine with a proposer
-        room = [lookahead[s.seq_id] for s in seqs]
-        drafted, q = self.drafter.propose(seqs, room)
+        drafted, q = self.drafter.propose(seqs, [lookahead[s.seq_id] for s in seqs])
         for s, d in zip(seqs, drafted):
             if d:
                 lookahead[s.seq_id] = len(d)
             else:
                 del lookahead[s.seq_id]
-        return (
-            {s: (d, qs, r) for s, d, qs, r in zip(seqs, drafted, q, room) if d},
-            {s: r for s, d, r in zip(seqs, drafted, room) if not d},
-        )
+        return {s: (d, qs) for s, d, qs in zip(seqs, drafted, q) if d}
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[dict[int, list[int]], dict]:
         """The one place tokens are chosen: lmforge.infer.sampling over rows with their own settings and RNG, all
@@ -432,23 +421,17 @@ class Engine:
         seqs: list[Sequence],
         drafted: list[list[int]],
         q: list,
-        room: list[int],
         riders: list[Sequence],
-        rider_room: list[int],
     ) -> tuple[dict[int, list[int]], dict, torch.Tensor]:
         """Check each row's proposal drafted[b] (drawn from q[b]) in one target forward, keep what the rule keeps;
         the same forward gives the plain decoding rows `riders` their next-token logits (returned, (J, V)).
 
-        Shorter proposals are padded (with their last token) up to the longest, as far as their reserved slots
-        room[b] allow, so that rows of different proposal lengths share one call of the fused step (which feeds
-        every row the same number of tokens); a rider is its last token, padded the same way. A padding token's
-        keys and values land in a slot past everything its row attends to, which the row's next tokens overwrite,
-        and its logits are never read.
+        Rows of different lengths (proposals of any length, riders of one token) share the forward without
+        padding: the fused step computes each row's own tokens (lmforge.engine.forward), as the model's own
+        forward writes only real tokens' keys and values.
         """
         ks = [len(d) for d in drafted]
-        longest = max(ks)
-        feeds = [s.token_ids[-1:] + d + d[-1:] * (min(longest, r) - len(d)) for s, d, r in zip(seqs, drafted, room)]
-        feeds += [s.token_ids[-1:] * (1 + min(longest, r)) for s, r in zip(riders, rider_room)]
+        feeds = [s.token_ids[-1:] + d for s, d in zip(seqs, drafted)] + [s.token_ids[-1:] for s in riders]
         rows = seqs + riders
         all_logits = forward.logits(
             self.model,

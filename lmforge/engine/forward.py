@@ -1,8 +1,8 @@
 """The model over rows of the paged KV pool: row b feeds feeds[b] at positions starts[b], starts[b] + 1, ...
 
 The engine and its drafter run every forward through here. Rows whose feeds are short (a decode, a draft step,
-a speculative check of k + 1 tokens) take the model's fused decode step (lmforge.infer.fused) when it has one,
-grouped by feed length since one call feeds every row the same number of tokens; anything else (prompt chunks,
+a speculative check of k + 1 tokens) take the model's fused decode step (lmforge.infer.fused) when it has one, all
+in one call whatever their lengths (each row computes its own tokens, no padding); anything else (prompt chunks,
 models without the fused step) is one forward of the model over the rows right-padded to the longest.
 
 `lora` (lmforge.infer.multi_lora.LoRABatch, None when every row is the base) gives each row its LoRA adapter, in
@@ -70,26 +70,7 @@ def logits(
         if not every_position:
             h = h[torch.arange(len(feeds)), torch.tensor(lengths) - 1]
         return head(model, h, lora)
-    groups: dict[int, list[int]] = {}
-    for b, n in enumerate(lengths):
-        groups.setdefault(n, []).append(b)
-    if len(groups) == 1:  # the usual case: one call, no reassembly
-        out = fused.paged(
-            feeds, cache, block_table_tensor(block_tables), starts, T if every_position else 1, long_rope, lora=lora
-        )
-        return out if every_position else out[:, 0]
-    out = None
-    for n, rows in groups.items():
-        part = fused.paged(
-            [feeds[b] for b in rows],
-            cache,
-            block_table_tensor([block_tables[b] for b in rows]),
-            [starts[b] for b in rows],
-            n if every_position else 1,
-            None if long_rope is None else [long_rope[b] for b in rows],
-            lora=lora.select(rows) if lora is not None else None,
-        )
-        if out is None:
-            out = part.new_zeros((len(feeds), T if every_position else 1, part.shape[-1]))
-        out[rows, : part.shape[1]] = part
+    out = fused.paged(
+        feeds, cache, block_table_tensor(block_tables), starts, T if every_position else 1, long_rope, lora=lora
+    )  # rows of different lengths in one call, none of them padded (the fused step's `lengths`)
     return out if every_position else out[:, 0]

@@ -11,8 +11,9 @@ Continuous batching: between two steps, finished sequences leave (their blocks a
 while there is budget, room under `max_num_seqs` and KV blocks for their first chunk.
 
 Speculative decoding (`num_lookahead_tokens` > 0): a decoding sequence also gets KV slots and budget for the
-draft tokens the target checks in the same forward (as many as its max_tokens still allows), and a step may then
-give it several tokens.
+draft tokens the target checks in the same forward (as many as its max_tokens still allows, and as the proposer
+may propose for it this step: `proposes`, where prompt lookup expects to propose nothing no slots are held), and a
+step may then give it several tokens.
 
 Preemption by recomputation: when a running sequence needs a block and none is free, the newest other running
 sequence gives all its blocks back and returns to the front of the waiting queue; when it is admitted again it
@@ -31,6 +32,7 @@ The scheduler needs no model: tests drive `schedule()` and `update_from_output()
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lmforge.engine.block_manager import BlockManager
@@ -64,6 +66,7 @@ class Scheduler:
         num_lookahead_tokens: int = 0,
         recompute_at: int | None = None,
         window: int | None = None,
+        proposes: Callable[[Sequence], int] | None = None,
     ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or num_lookahead_tokens < 0:
             raise ValueError(
@@ -73,6 +76,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.num_lookahead_tokens = num_lookahead_tokens
+        self.proposes = proposes  # the most draft tokens the proposer may propose for a sequence this step
         self.recompute_at = recompute_at  # LongRoPE's switch: sequences longer than this are computed "long"
         self.window = window  # every layer's sliding window: blocks behind it go back to the pool as sequences run
         self.waiting: deque[Sequence] = deque()
@@ -139,7 +143,10 @@ class Scheduler:
         if seq.params.guard is not None:  # text-level controls vet each token as it is sampled: no drafts
             return 0
         room = seq.params.max_tokens - (seq.num_tokens - seq.prompt_len) - 1
-        return max(0, min(self.num_lookahead_tokens, room, budget))
+        if room <= 0 or budget <= 0:
+            return 0
+        wanted = self.proposes(seq) if self.proposes is not None else self.num_lookahead_tokens
+        return max(0, min(self.num_lookahead_tokens, wanted, room, budget))
 
     def _pick_victim(self, seq: Sequence, out: SchedulerOutput) -> Sequence:
         """The newest running sequence not already given work this step; `seq` itself when there is none."""

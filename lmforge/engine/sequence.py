@@ -59,6 +59,7 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.num_computed_tokens = 0
         self.num_draft_computed = 0  # tokens in a draft model's KV cache (speculative decoding; lmforge.engine.drafter)
+        self.lookup: object | None = None  # prompt lookup's index and record for it (lmforge.engine.drafter), if used
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at the last admission
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0

@@ -211,13 +211,15 @@ class FusedDecoder:
             and new_tokens <= self.MAX_TOKENS
         )
 
-    def _run(self, tokens, lo, start, last, cache, block_table, long_rows=None, lora=None):
+    def _run(self, tokens, lo, start, last, cache, block_table, long_rows=None, lora=None, lengths=None):
         if long_rows is None and self.long_from is not None:  # rows whose last new position is past the switch
-            long_rows = start + tokens.shape[1] - 1 - lo >= self.long_from
+            fed = lengths if lengths is not None else tokens.shape[1]
+            long_rows = start + fed - 1 - lo >= self.long_from
         long_rows = torch.Tensor() if long_rows is None else torch.as_tensor(long_rows, dtype=torch.bool)
         stacks, slots = (lora.bank.fused_stacks, lora.slots) if lora is not None else ([], torch.Tensor())
         return self.extension.forward_step(
             tokens,
+            torch.Tensor() if lengths is None else lengths,
             lo,
             start,
             last,
@@ -261,17 +263,26 @@ class FusedDecoder:
         *,
         lora=None,
     ) -> torch.Tensor:
-        """Rows of the serving engine's pool (lmforge.engine.forward): row b feeds the tokens feeds[b] (every row
-        the same number) at positions starts[b].. (its cached tokens), its blocks block_table[b] ((B, blocks)
-        int64, as lmforge.engine.paged_cache.block_table_tensor lays them out). Logits (B, last, V) of each row's
-        last `last` tokens. long_rope: the rows that turn by LongRoPE's long factors (default: those whose last
-        new position is past the original context). `lora` (lmforge.infer.multi_lora.LoRABatch): row b's LoRA
-        adapter, added after each of its products in the step."""
-        tokens = torch.tensor(feeds, dtype=torch.long)
+        """Rows of the serving engine's pool (lmforge.engine.forward): row b feeds the tokens feeds[b] at
+        positions starts[b].. (its cached tokens), its blocks block_table[b] ((B, blocks) int64, as
+        lmforge.engine.paged_cache.block_table_tensor lays them out). Logits (B, last, V) of each row's last `last`
+        tokens; a row of n < last tokens has the logits of all n first, zeros after them. Rows of different
+        lengths share the call without computing padding (a speculative check beside plain decoding rows).
+        long_rope: the rows that turn by LongRoPE's long factors (default: those whose last new position is past
+        the original context). `lora` (lmforge.infer.multi_lora.LoRABatch): row b's LoRA adapter, added after
+        each of its products in the step."""
+        lengths = [len(f) for f in feeds]
+        T = max(lengths)
+        if min(lengths) == T:
+            tokens, fed = torch.tensor(feeds, dtype=torch.long), None
+        else:
+            tokens = torch.zeros(len(feeds), T, dtype=torch.long)
+            for b, f in enumerate(feeds):
+                tokens[b, : len(f)] = torch.as_tensor(f, dtype=torch.long)
+            fed = torch.tensor(lengths, dtype=torch.long)
         lo = torch.zeros(len(feeds), dtype=torch.long)
-        return self._run(
-            tokens, lo, torch.tensor(starts, dtype=torch.long), last, cache, block_table, long_rope, lora=lora
-        )
+        starts_t = torch.tensor(starts, dtype=torch.long)
+        return self._run(tokens, lo, starts_t, last, cache, block_table, long_rope, lora=lora, lengths=fed)
 
 
 def prepare_for_decoding(model: nn.Module) -> nn.Module:

@@ -820,7 +820,7 @@ inline void store(const float* x, int64_t n, at::BFloat16* out) { std::copy(x, x
 // Working memory kept between calls: floats(i, n) and ints(i, n) are buffer i, grown to at least n (never shrunk,
 // never cleared).
 struct Scratch {
-  std::vector<float> f[7];
+  std::vector<float> f[8];
   std::vector<int64_t> i[2];
   float* floats(int k, int64_t n) {
     if (static_cast<int64_t>(f[k].size()) < n) f[k].resize(n);
@@ -877,9 +877,9 @@ struct Lora {
 
   bool on(int64_t i) const { return slots != nullptr && present((*stacks)[2 * i]); }
 
-  // y[r, :] += (x[r, :] . A_s^T) Bt_s for the rows r of layer product i whose slot s = slots[r / per] >= 0,
+  // y[r, :] += (x[r, :] . A_s^T) Bt_s for the rows r of layer product i whose slot s = slots[request[r]] >= 0,
   // grouped by adapter (Punica's SGMV): each rank-row of A_s and of Bt_s is read once for all of s's rows.
-  void add(int64_t i, const float* x, int64_t R, int64_t per, int64_t K, float* y, int64_t ldy) const {
+  void add(int64_t i, const float* x, int64_t R, const int64_t* request, int64_t K, float* y, int64_t ldy) const {
     if (!on(i)) return;
     const at::Tensor& A = (*stacks)[2 * i];
     const at::Tensor& Bt = (*stacks)[2 * i + 1];
@@ -889,8 +889,8 @@ struct Lora {
                 "LoRA stacks do not fit layer product ", i, ": A ", A.sizes(), ", Bt ", Bt.sizes(), ", K ", K);
     std::vector<std::vector<int64_t>> rows(N);  // each adapter's rows, in order
     for (int64_t r = 0; r < R; ++r) {
-      const int64_t s = slots[r / per];
-      TORCH_CHECK(s < N, "LoRA slot ", s, " of row ", r / per, " is past the ", N, " adapters stacked");
+      const int64_t s = slots[request[r]];
+      TORCH_CHECK(s < N, "LoRA slot ", s, " of row ", request[r], " is past the ", N, " adapters stacked");
       if (s >= 0) rows[s].push_back(r);
     }
     const float* a = A.data_ptr<float>();
@@ -927,20 +927,25 @@ struct Lora {
 // windows: per layer, a query sees the last windows[l] slots up to itself (0: all).
 // scalars: [attention score scale (0: 1 / sqrt(head_dim)), attention soft-cap (0: none), logit soft-cap (0: none),
 // embedding multiplier (0: none)].
-// tokens: (B, T) new tokens per row. New token t of row b goes to the row's slot start[b] + t, sits at position
-// start[b] + t - lo[b] and attends to the row's slots lo[b]..start[b] + t (a slot before lo[b] sees itself only).
+// tokens: (B, T) new tokens per row, of which row b feeds its first lengths[b] (lengths empty: all T; rows of
+// different lengths share the call without computing their padding: the speculative check of proposals of
+// different lengths beside plain one-token rows). New token t of row b goes to the row's slot start[b] + t, sits
+// at position start[b] + t - lo[b] and attends to the row's slots lo[b]..start[b] + t (a slot before lo[b] sees
+// itself only).
 // The KV cache is lmforge's contiguous one, kcache/vcache (n_layer, B, n_kv_head, max_len, head_dim), with an empty
 // block_table; or the serving engine's paged pool, (n_layer, num_blocks, block_size, n_kv_head, head_dim), where
 // block_table (B, blocks) lists each row's blocks in order. Returns the logits of each row's last `last` tokens,
-// (B, last, vocab). `lora`: LoRA adapters added per row (struct Lora), or none.
+// (B, last, vocab); a row of n < last tokens has logits of all n at 0..n - 1, zeros after them. `lora`: LoRA
+// adapters added per row (struct Lora), or none.
 template <typename KV>
-at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const at::Tensor& start, int64_t last,
+at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lengths, const at::Tensor& lo,
+                           const at::Tensor& start, int64_t last,
                         at::Tensor kcache, at::Tensor vcache, const at::Tensor& block_table,
                         const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& norms, int64_t n_head,
                         double eps, int64_t act, bool rms, const std::vector<at::Tensor>& ropes,
                         const at::Tensor& long_rows, const std::vector<int64_t>& windows,
                         const std::vector<double>& scalars, const Lora& lora) {
-  const int64_t B = tokens.size(0), T = tokens.size(1), R = B * T;  // R rows: (b, t), b-major
+  const int64_t B = tokens.size(0), T = tokens.size(1);
   const bool paged = present(block_table);
   const int64_t L = kcache.size(0), nkv = kcache.size(paged ? 3 : 2), hs = kcache.size(4);
   const at::Tensor* top = params.data() + 16 * L;  // tok_emb, pos_emb, lnf w, b, head w, s, b
@@ -964,6 +969,19 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
   TORCH_CHECK(last >= 1 && last <= T, "last=", last, " must be in 1..", T);
   const int64_t* lp = lo.data_ptr<int64_t>();
   const int64_t* sp = start.data_ptr<int64_t>();
+  TORCH_CHECK(!present(lengths) || (lengths.numel() == B && lengths.scalar_type() == at::kLong &&
+                                     lengths.is_contiguous()), "lengths wants an int64 per row");
+  std::vector<int64_t> len(B, T);  // each row's new tokens
+  if (present(lengths))
+    for (int64_t b = 0; b < B; ++b) {
+      len[b] = lengths.data_ptr<int64_t>()[b];
+      TORCH_CHECK(len[b] >= 1 && len[b] <= T, "row ", b, " feeds ", len[b], " tokens: must be in 1..", T);
+    }
+  // The step's rows r are the fed tokens (b, t), b-major: row_b[r], row_t[r]; padding is no row.
+  std::vector<int64_t> row_b, row_t;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < len[b]; ++t) row_b.push_back(b), row_t.push_back(t);
+  const int64_t R = static_cast<int64_t>(row_b.size());
   const int64_t vocab = tok_emb.size(0);
   const int64_t max_pos = present(pos_emb) ? pos_emb.size(0) : rope ? ropes[0].size(0) : INT64_MAX;
 
@@ -977,7 +995,7 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
   const int64_t* table = paged ? block_table.data_ptr<int64_t>() : nullptr;
   int64_t width = 0;  // the longest row's slots
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = sp[b] + T;
+    const int64_t n = sp[b] + len[b];
     TORCH_CHECK(n <= capacity, "KV cache is full: ", n, " tokens do not fit in ", capacity, " slots");
     TORCH_CHECK(n - lp[b] <= max_pos, "positions up to ", n - lp[b], " exceed the model's context of ", max_pos);
     width = std::max(width, n);
@@ -985,9 +1003,11 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
   TORCH_CHECK(!present(long_rows) || (long_rows.numel() == B && long_rows.scalar_type() == at::kBool &&
                                        present(ropes[4])), "long_rows wants a bool per row and long rope tables");
   const bool* long_row = present(long_rows) ? long_rows.data_ptr<bool>() : nullptr;
-  const int64_t* tp = tokens.data_ptr<int64_t>();
-  for (int64_t r = 0; r < R; ++r)
-    TORCH_CHECK(tp[r] >= 0 && tp[r] < vocab, "token id ", tp[r], " is outside the vocabulary 0..", vocab - 1);
+  std::vector<int64_t> ids(R);  // the rows' token ids
+  for (int64_t r = 0; r < R; ++r) {
+    ids[r] = tokens.data_ptr<int64_t>()[row_b[r] * T + row_t[r]];
+    TORCH_CHECK(ids[r] >= 0 && ids[r] < vocab, "token id ", ids[r], " is outside the vocabulary 0..", vocab - 1);
+  }
 
   // The step's working memory, this thread's and kept between calls: a step allocates and zero-fills nothing
   // (every buffer is written in full before it is read).
@@ -1002,13 +1022,10 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
   int64_t* pos = scratch.ints(0, R);
   int64_t* slot_of = scratch.ints(1, B * width);  // row b's slots: slot_of[b * width + s]
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t s = 0; s < sp[b] + T; ++s)
+    for (int64_t s = 0; s < sp[b] + len[b]; ++s)
       slot_of[b * width + s] = (paged ? table[b * blocks + s / bs] : b * nkv) * bs + s % bs;
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t b = r / T, t = r % T;
-    pos[r] = std::max<int64_t>(sp[b] + t - lp[b], 0);
-  }
-  embed_rows(tok_emb, tp, R, C, x, false);
+  for (int64_t r = 0; r < R; ++r) pos[r] = std::max<int64_t>(sp[row_b[r]] + row_t[r] - lp[row_b[r]], 0);
+  embed_rows(tok_emb, ids.data(), R, C, x, false);
   if (embed_scale > 0)
     for (int64_t i = 0; i < R * C; ++i) x[i] *= embed_scale;
   if (present(pos_emb)) embed_rows(pos_emb, pos, R, C, x, true);
@@ -1021,7 +1038,7 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
     const int64_t window = windows[l];
     norm(x, R, C, P[0], P[1], eps, rms, h);
     linear(h, R, C, P[2], P[3], P[4], qkv);
-    lora.add(4 * l, h, R, T, C, qkv, qkv_dim);
+    lora.add(4 * l, h, R, row_b.data(), C, qkv, qkv_dim);
     if (present(N[0])) {  // q and k normed per head (a weight of hs) or over each projection
       const bool per_head = N[0].numel() == hs;
       for (int64_t r = 0; r < R; ++r) {
@@ -1033,7 +1050,7 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
     if (rope) {
       const bool local = window > 0 && present(ropes[2]);
       for (int64_t r = 0; r < R; ++r) {  // queries and keys turned by their positions
-        const int64_t which = local ? 2 : long_row && long_row[r / T] ? 4 : 0;
+        const int64_t which = local ? 2 : long_row && long_row[row_b[r]] ? 4 : 0;
         const float* c = ropes[which].data_ptr<float>() + pos[r] * (rot / 2);
         const float* sn = ropes[which + 1].data_ptr<float>() + pos[r] * (rot / 2);
         rotate(qkv + r * qkv_dim, n_head + nkv, hs, rot, c, sn);
@@ -1042,7 +1059,7 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
     KV* kl = kc + l * layer_stride;
     KV* vl = vc + l * layer_stride;
     for (int64_t r = 0; r < R; ++r) {  // the new keys and values into the cache
-      const int64_t b = r / T, t = r % T, off = slot_of[b * width + sp[b] + t] * row_stride;
+      const int64_t b = row_b[r], off = slot_of[b * width + sp[b] + row_t[r]] * row_stride;
       for (int64_t kvh = 0; kvh < nkv; ++kvh) {
         const float* kn = qkv + r * qkv_dim + A + kvh * hs;
         store(kn, hs, kl + off + kvh * head_stride);
@@ -1059,7 +1076,7 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
       float* inv = local.floats(1, per);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t r = task / groups, h0 = task % groups * per, h1 = std::min(n_head, h0 + per);
-        const int64_t b = r / T, self = sp[b] + r % T;
+        const int64_t b = row_b[r], self = sp[b] + row_t[r];
         const int64_t first = window > 0 ? std::max(lp[b], self - window + 1) : lp[b];  // the window's first slot
         attend(qkv + r * qkv_dim, kl, vl, slot_of + b * width, row_stride, head_stride, std::min(first, self), self,
                h0, h1, group, hs, attn_scale, attn_softcap, score, capacity, inv, att + r * A);
@@ -1067,53 +1084,62 @@ at::Tensor forward_step_kv(const at::Tensor& tokens, const at::Tensor& lo, const
     });
     if (present(N[2])) {  // the attention output normed before its residual add
       linear(att, R, A, P[5], P[6], P[7], out);
-      lora.add(4 * l + 1, att, R, T, A, out, C);
+      lora.add(4 * l + 1, att, R, row_b.data(), A, out, C);
       norm(out, R, C, N[2], N[3], eps, rms, out);
       for (int64_t i = 0; i < R * C; ++i) x[i] += out[i];
     } else {
       linear(att, R, A, P[5], P[6], P[7], x, /*accumulate=*/true);
-      lora.add(4 * l + 1, att, R, T, A, x, C);
+      lora.add(4 * l + 1, att, R, row_b.data(), A, x, C);
     }
     norm(x, R, C, P[8], P[9], eps, rms, h);
     float* mlp_out = present(N[4]) ? out : x;
     if (gate) {
       linear(h, R, C, P[10], P[11], P[12], ff);
-      lora.add(4 * l + 2, h, R, T, C, ff, ffn);
+      lora.add(4 * l + 2, h, R, row_b.data(), C, ff, ffn);
       gated(ff, R, inner, gated_ff, static_cast<int>(act));
       linear(gated_ff, R, inner, P[13], P[14], P[15], mlp_out, /*accumulate=*/!present(N[4]));
-      lora.add(4 * l + 3, gated_ff, R, T, inner, mlp_out, C);
+      lora.add(4 * l + 3, gated_ff, R, row_b.data(), inner, mlp_out, C);
     } else {
       const bool fc_lora = lora.on(4 * l + 2);  // the adapter's product goes in before the activation
       linear(h, R, C, P[10], P[11], P[12], ff, false, fc_lora ? kNone : static_cast<int>(act));
       if (fc_lora) {
-        lora.add(4 * l + 2, h, R, T, C, ff, ffn);
+        lora.add(4 * l + 2, h, R, row_b.data(), C, ff, ffn);
         activate(ff, R * ffn, static_cast<int>(act));
       }
       linear(ff, R, ffn, P[13], P[14], P[15], mlp_out, /*accumulate=*/!present(N[4]));
-      lora.add(4 * l + 3, ff, R, T, ffn, mlp_out, C);
+      lora.add(4 * l + 3, ff, R, row_b.data(), ffn, mlp_out, C);
     }
     if (present(N[4])) {  // the MLP output normed before its residual add
       norm(out, R, C, N[4], N[5], eps, rms, out);
       for (int64_t i = 0; i < R * C; ++i) x[i] += out[i];
     }
   }
-  float* tail = att;  // the rows that go through the head (att is free now)
-  for (int64_t b = 0; b < B; ++b)
-    std::copy(x + (b * T + T - last) * C, x + (b * T + T) * C, tail + b * last * C);
-  norm(tail, B * last, C, top[2], top[3], eps, rms, h);
-  at::Tensor logits = at::empty({B, last, top[4].size(0)}, tokens.options().dtype(at::kFloat));
-  linear(h, B * last, C, top[4], top[5], top[6], logits.data_ptr<float>());
-  lora.add(4 * L, h, B * last, last, C, logits.data_ptr<float>(), logits.size(2));  // before the soft-cap
-  if (logit_softcap > 0) {
-    float* lg = logits.data_ptr<float>();
-    for (int64_t i = 0; i < logits.numel(); ++i) lg[i] = std::tanh(lg[i] / logit_softcap) * logit_softcap;
-  }
+  float* tail = att;  // the rows that go through the head (att is free now): each row's last min(last, len) tokens
+  std::vector<int64_t> head_b, head_at;  // a head row's request, and where its logits go in (B, last)
+  for (int64_t b = 0, first = 0; b < B; first += len[b], ++b)
+    for (int64_t j = 0, n = std::min(last, len[b]); j < n; ++j) {
+      std::copy(x + (first + len[b] - n + j) * C, x + (first + len[b] - n + j + 1) * C, tail + head_b.size() * C);
+      head_b.push_back(b), head_at.push_back(b * last + j);
+    }
+  const int64_t H = static_cast<int64_t>(head_b.size()), V = top[4].size(0);
+  norm(tail, H, C, top[2], top[3], eps, rms, h);
+  const bool dense = H == B * last;  // every row has `last` tokens: the logits are written in place
+  const auto options = tokens.options().dtype(at::kFloat);
+  at::Tensor logits = dense ? at::empty({B, last, V}, options) : at::zeros({B, last, V}, options);
+  float* lg = dense ? logits.data_ptr<float>() : scratch.floats(7, H * V);
+  linear(h, H, C, top[4], top[5], top[6], lg);
+  lora.add(4 * L, h, H, head_b.data(), C, lg, V);  // before the soft-cap
+  if (logit_softcap > 0)
+    for (int64_t i = 0; i < H * V; ++i) lg[i] = std::tanh(lg[i] / logit_softcap) * logit_softcap;
+  if (!dense)
+    for (int64_t i = 0; i < H; ++i) std::copy(lg + i * V, lg + (i + 1) * V, logits.data_ptr<float>() + head_at[i] * V);
   return logits;
 }
 
 // lora_stacks: empty, or per layer [A, Bt] of qkv, proj, fc, mlp_proj (an empty A where no adapter adapts that
 // product), then the head's [A, Bt] (struct Lora); lora_slots (B,) int64, each row's adapter slot (-1: none).
-at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at::Tensor& start, int64_t last,
+at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lengths, const at::Tensor& lo,
+                        const at::Tensor& start, int64_t last,
                         at::Tensor kcache, at::Tensor vcache, const at::Tensor& block_table,
                         const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& norms, int64_t n_head,
                         double eps, int64_t act, bool rms, const std::vector<at::Tensor>& ropes,
@@ -1133,7 +1159,7 @@ at::Tensor forward_step(const at::Tensor& tokens, const at::Tensor& lo, const at
     lora.stacks = &lora_stacks;
     lora.slots = lora_slots.data_ptr<int64_t>();
   }
-  return step(tokens, lo, start, last, kcache, vcache, block_table, params, norms, n_head, eps, act, rms, ropes,
+  return step(tokens, lengths, lo, start, last, kcache, vcache, block_table, params, norms, n_head, eps, act, rms, ropes,
               long_rows, windows, scalars, lora);
 }
 
