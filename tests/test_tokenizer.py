@@ -245,3 +245,29 @@ def test_incremental_decoding_gives_the_whole_decode_after_every_push(kind, tmp_
                 assert text == whole, (kind, trial, ids[:n])
             else:
                 assert whole.startswith(text)
+
+
+def test_a_byte_level_tokenizer_is_read_a_token_at_a_time_and_still_gives_the_whole_decode(tmp_path):
+    """Byte-level BPE decodes to its tokens' bytes read as UTF-8, so IncrementalDecoder reads its bytes a token at
+    a time (BPETokenizer.utf8_pieces); Metaspace's leading-space rule is not that, so it keeps the windowed
+    decodes. The byte reading must equal the Rust decoder's whole decode on random ids (lone continuation bytes,
+    split characters, the special end token) after every final push, and be a prefix of it before."""
+    import random
+
+    from lmforge.tokenizer import IncrementalDecoder
+
+    tok = train_tokenizer("bpe", [ENGLISH + HARD_TEXT], vocab_size=400)
+    assert tok.utf8_pieces is not None and _sentencepiece_style(tmp_path).utf8_pieces is None
+    rng = random.Random(1)
+    hard = tok.encode(HARD_TEXT)
+    for trial in range(300):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 30))]
+        if trial % 3 == 0:
+            start = rng.randrange(len(hard))
+            ids = hard[start : start + rng.randrange(1, 30)] + ids[: rng.randrange(3)] + [tok.eos_id]
+        decoder = IncrementalDecoder(tok)
+        assert decoder.utf8 is not None
+        for n in range(1, len(ids) + 1):
+            text = decoder.push(ids[n - 1 : n], final=n == len(ids))
+            whole = tok.decode(ids[:n])
+            assert text == whole if n == len(ids) else whole.startswith(text), (trial, ids[:n])

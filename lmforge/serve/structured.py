@@ -29,6 +29,7 @@ from outlines_core import Index, Vocabulary
 
 from lmforge.serve.jsonregex import StructuredOutputError
 from lmforge.serve.schema import regex_for_schema
+from lmforge.tokenizer.bpe import gpt2_byte_decoder
 
 __all__ = [
     "StructuredOutputError",
@@ -75,18 +76,6 @@ def check_regex(pattern: str) -> str:
 # ---------------------------------------------------------------------------------- the vocabulary as bytes
 
 
-def _gpt2_byte_decoder() -> dict[str, int]:
-    """GPT-2's printable symbol for each byte, inverted (the table byte-level BPE vocabularies are written in)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = list(bs), 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -107,7 +96,7 @@ def token_bytes(tokenizer) -> dict[int, bytes]:
         tok = tokenizer.tok
         special = set(tok.get_added_tokens_decoder())
         byte_level = '"ByteLevel"' in json.dumps(json.loads(tok.to_str()).get("decoder"))
-        table = _gpt2_byte_decoder() if byte_level else None
+        table = gpt2_byte_decoder() if byte_level else None
         out = {}
         for token, i in tok.get_vocab(with_added_tokens=False).items():
             if i in special:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -48,6 +50,18 @@ def _generation_eos_ids(path: Path) -> list[int]:
     ids = read_json(path, "generation config", TokenizerError, "fix or remove it").get("eos_token_id")
     ids = [ids] if isinstance(ids, int) else ids if isinstance(ids, list) else []
     return [i for i in ids if isinstance(i, int)]
+
+
+def gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's printable symbol for each byte, inverted (the table byte-level BPE vocabularies are written in)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = list(bs), 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 class BPETokenizer:
@@ -119,6 +133,25 @@ class BPETokenizer:
             _configured_token(config, "bos_token"),
             _generation_eos_ids(path.parent / "generation_config.json"),
         )
+
+    @functools.cached_property
+    def utf8_pieces(self) -> list[bytes] | None:
+        """Each id's bytes in the text, where a decode is exactly their concatenation read as UTF-8 (errors
+        replaced): a tokenizer whose only decoder is ByteLevel (GPT-2, Llama 3, Qwen, lmforge's own), added tokens
+        spelled as they are. lmforge.tokenizer.IncrementalDecoder then reads a token at a time instead of
+        decoding twice a token. None for any other decoder (Metaspace's dropped leading space, word joins)."""
+        decoder = json.loads(self.tok.to_str()).get("decoder") or {}
+        if decoder.get("type") != "ByteLevel":
+            return None
+        table = gpt2_byte_decoder()
+        pieces = [b""] * self.vocab_size
+        for token, i in self.tok.get_vocab(with_added_tokens=False).items():
+            if not all(ch in table for ch in token):
+                return None
+            pieces[i] = bytes(table[ch] for ch in token)
+        for i, added in self.tok.get_added_tokens_decoder().items():
+            pieces[i] = added.content.encode("utf-8")
+        return pieces
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
