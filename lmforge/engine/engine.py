@@ -184,7 +184,7 @@ class Engine:
         for i in range(params.n):
             seq = Sequence(request_id, prompt, params, i, self.eos_ids, adapter, salt)
             seq.generator = None if params.greedy else make_generator(params.seed, i, self.device)
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and self.detokenize:  # (a loop whose streams make the text: not here)
                 seq.stops, seq.decoder = StopStrings(params.stop), IncrementalDecoder(self.tokenizer)
             seqs.append(seq)
         return seqs
@@ -481,7 +481,7 @@ class Engine:
         seq.token_times.extend([now] * len(new))
         self.counters["generated_tokens"] += len(new)
         text = ""
-        if seq.stops is not None and seq.decoder is not None and self.detokenize:
+        if seq.stops is not None and seq.decoder is not None and self.detokenize:  # (set together)
             text = seq.stops.update(seq.decoder.push(new, final=seq.finished), final=seq.finished)
             if seq.stops.stopped and not seq.finished:
                 self.scheduler.finish(seq, "stop")

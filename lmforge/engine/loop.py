@@ -163,6 +163,14 @@ def _put_all(items: list) -> None:
         q.put_nowait(item)
 
 
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The caller's running event loop, which a stream made now is fed through (None: a plain thread)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def hand_over(items: list) -> None:
     """Put (stream, item) pairs: each event loop gets all of its streams' items in one call_soon_threadsafe,
     a thread's stream each at once."""
@@ -212,10 +220,7 @@ class EngineLoop:
         if not self.alive:
             raise EngineStopped(f"the engine loop has stopped ({self.error or 'closed'}); start a new one")
         seqs = self.engine.make_request(prompt_ids, params, request_id or uuid.uuid4().hex, adapter)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = running_loop()
         tokenizer = self.engine.tokenizer
         texts = None if tokenizer is None else [OutputText(tokenizer, s.params.stop, s.arrival_time) for s in seqs]
         stream = RequestStream(seqs[0].request_id, loop, texts, self.stop)

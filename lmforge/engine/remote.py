@@ -24,7 +24,6 @@ offers the server the loop's own interface (submit, abort, stop, call, alive, er
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import functools
@@ -41,7 +40,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from lmforge.engine.engine import Engine, check_request
-from lmforge.engine.loop import EngineLoop, EngineStopped, OutputText, RequestStream, hand_over
+from lmforge.engine.loop import EngineLoop, EngineStopped, OutputText, RequestStream, hand_over, running_loop
 from lmforge.engine.sequence import RequestOutput
 from lmforge.errors import LmforgeError
 from lmforge.infer.controls import ControlGuard
@@ -265,13 +264,9 @@ class EngineProcess:
         params = params if params is not None else SamplingParams()
         prompt = check_request(prompt_ids, params, **self.limits)
         request_id = request_id if request_id is not None else uuid.uuid4().hex
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
         now = time.perf_counter()
         texts = [OutputText(self.tokenizer, params.stop, now) for _ in range(params.n)]
-        stream = RequestStream(request_id, loop, texts, self.stop)
+        stream = RequestStream(request_id, running_loop(), texts, self.stop)
         with self._lock:
             if request_id in self._streams:
                 raise LmforgeError(f"request id {request_id!r} is already in use")

@@ -82,16 +82,18 @@ def create_app(
     return app
 
 
-def load_model(path: str, settings: ServeSettings, adapter: str | None = None):
+def load_model(path: str, settings: ServeSettings, adapter: str | None = None, ready: bool = True):
     """The model ready to serve, with its tokenizer and chat template folder (lmforge.loader.Loaded): the one place
-    `serve` loads weights."""
+    `serve` loads weights. ready=False leaves the weights as stored (no dtype change, quantization or decoding
+    preparation): for a process that needs only the model's config, tokenizer and template."""
     from lmforge.loader import load
 
     return load(
         path,
-        dtype=settings.dtype,
-        quantize=None if settings.quantize == "none" else settings.quantize,
+        dtype=settings.dtype if ready else None,
+        quantize=None if settings.quantize == "none" or not ready else settings.quantize,
         adapter=adapter,
+        prepare=ready,
         tokenizer=settings.tokenizer,
     )
 
@@ -129,8 +131,8 @@ def serve_command(settings: ServeSettings) -> int:
     path = Path(settings.model)
     if settings.classifier is None and (path / CLASSIFY_FILE).is_file():
         settings.classifier = settings.model
-    loaded = load_model(settings.model, settings, settings.adapter)
     in_process = settings.engine == "thread"
+    loaded = load_model(settings.model, settings, settings.adapter, ready=in_process)  # else the engine's loads it
     draft = load_model(settings.draft, settings).model if settings.draft and in_process else None
     embedded = loaded.chat_template() if loaded.template_folder is None and JINJA_FILE in loaded.extras else None
     server = uvicorn.Server(uvicorn.Config(None, host=settings.host, port=settings.port, log_level=settings.log_level))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -140,8 +139,9 @@ class BPETokenizer:
         replaced): a tokenizer whose only decoder is ByteLevel (GPT-2, Llama 3, Qwen, lmforge's own), added tokens
         spelled as they are. lmforge.tokenizer.IncrementalDecoder then reads a token at a time instead of
         decoding twice a token. None for any other decoder (Metaspace's dropped leading space, word joins)."""
-        decoder = json.loads(self.tok.to_str()).get("decoder") or {}
-        if decoder.get("type") != "ByteLevel":
+        from tokenizers import decoders
+
+        if not isinstance(self.tok.decoder, decoders.ByteLevel):  # (a Sequence holding one is not just its bytes)
             return None
         table = gpt2_byte_decoder()
         pieces = [b""] * self.vocab_size
